@@ -1,0 +1,152 @@
+// dms_ext public C++ API: parameter structs shared by the CUDA kernels and the CPU twins.
+// No torch, no CUDA headers: an engine that owns its memory fills these with raw pointers.
+//
+// KV layout (SPEC section 3), per layer:
+//   k_cache, v_cache  [num_blocks, block_size, head_dim]   contiguous, dtype `dtype`
+//   block_table       int32 [rows, num_kv_heads, max_blocks_per_head]
+//   seq_lens          int32 [rows, num_kv_heads]   slots in use of (row, kv head)
+//   Slot i of (row, g) lives at row i % block_size of block block_table[row, g, i / block_size].
+// DMS bookkeeping state (owned by the cache, updated by dms::append):
+//   ring              int32 [max_seqs, num_kv_heads, window + 1]
+//                     entry for the token at position p is ring[.., p % (window + 1)] =
+//                     (slot << 1) | flag, flag = eviction decision d_p (set when p + 1 arrives).
+//                     Holds the last min(n, window + 1) positions of a sequence with n tokens.
+//   num_tokens        int32 [max_seqs]        tokens seen so far (positions 0 .. n-1)
+//   free_stack        int32 [num_blocks]      free block ids in free_stack[0 .. *free_top)
+//   free_top          int32 [1]               number of free blocks
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace dms {
+
+enum class Status : int {
+  kSuccess = 0,
+  kInvalidArgument = 1,  // a size, pointer or stride is out of contract
+  kUnsupported = 2,      // a valid request this build does not implement (e.g. head_dim 96)
+  kCudaError = 3,        // a CUDA call or a launch failed
+  kOutOfBlocks = 4,      // the free list ran dry (the caller's reservation was wrong)
+};
+
+const char* status_string(Status s);
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// o[b, h] = softmax(scale * q[b, h] . K[b, h / G]) V[b, h / G] over the slots of (b, h / G).
+struct SparseDecodeParams {
+  const void* q = nullptr;            // [B, Hq, D], element strides q_stride_b, q_stride_h, 1
+  const void* k_cache = nullptr;      // [num_blocks, block_size, D] contiguous
+  const void* v_cache = nullptr;      // [num_blocks, block_size, D] contiguous
+  const int32_t* block_table = nullptr;  // [B, Hkv, max_blocks_per_head] contiguous
+  const int32_t* seq_lens = nullptr;     // [B, Hkv] contiguous
+  void* out = nullptr;                // [B, Hq, D], strides o_stride_b, o_stride_h, 1
+  float* lse = nullptr;               // optional [B, Hq] natural-log sum-exp of the scaled scores
+  int64_t q_stride_b = 0, q_stride_h = 0;
+  int64_t o_stride_b = 0, o_stride_h = 0;
+  int batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0;
+  float scale = 1.f;
+  DType dtype = DType::kBFloat16;
+  // CUDA only: split-KV scratch. Size from sparse_decode_workspace_bytes(); may be null when
+  // that returns 0.
+  void* workspace = nullptr;
+  int max_splits = 0;     // 0: chosen by the library from the grid size and SM count
+  int min_chunk = 0;      // 0: library default (keys per split at least this)
+};
+
+// Borrowed-neuron logits (SPEC section 2) + channel zeroing + rotate-half RoPE, in place.
+struct EvictionRopeParams {
+  void* q = nullptr;                 // [T, Hq, D] contiguous
+  void* k = nullptr;                 // [T, Hkv, D] contiguous
+  const void* positions = nullptr;   // [T], int32 or int64 (positions_is_int64)
+  bool positions_is_int64 = false;
+  const float* cos_sin_cache = nullptr;  // [max_position, D]: D/2 cos then D/2 sin
+  float* logits = nullptr;           // [T, Hkv] out
+  int num_tokens = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0, max_position = 0;
+  float alpha_scale = 100.f, alpha_offset = 5.f;
+  DType dtype = DType::kBFloat16;
+};
+
+// Appends packed chunks to sequences with the delayed-eviction rule (SPEC section 1):
+// for each token t of a chunk, set d_{t-1} = (logit_t > 0) in the ring; if the token
+// t - (window + 1) is flagged, t takes over its slot; else t goes to slot seq_len (a new
+// block is popped from the free stack when the slot opens a block). K and V are written.
+struct AppendParams {
+  const void* k = nullptr;           // [T, Hkv, D] contiguous
+  const void* v = nullptr;           // [T, Hkv, D] contiguous
+  const float* logits = nullptr;     // [T, Hkv] contiguous
+  const int32_t* seq_slots = nullptr;   // [n] rows of the state tensors
+  const int32_t* cu_seqlens = nullptr;  // [n + 1]
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int32_t* block_table = nullptr;    // [max_seqs, Hkv, max_blocks_per_head]
+  int32_t* seq_lens = nullptr;       // [max_seqs, Hkv]
+  int32_t* ring = nullptr;           // [max_seqs, Hkv, window + 1]
+  int32_t* num_tokens = nullptr;     // [max_seqs]
+  int32_t* free_stack = nullptr;     // [num_blocks]
+  int32_t* free_top = nullptr;       // [1]
+  int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
+  int num_seqs = 0, total_tokens = 0, max_seqs = 0;
+  int num_kv_heads = 0, head_dim = 0, block_size = 0, max_blocks_per_head = 0, num_blocks = 0;
+  int window = 0;
+  DType dtype = DType::kBFloat16;
+};
+
+// Prefill attention of packed chunks: query i of chunk c (position p = num_tokens[row] + i)
+// attends to (a) the slots row already holds: older survivors always, ring tokens by the
+// rule (position q - p <= window or not flagged; the flag of position num_tokens-1 comes
+// from the chunk's first logit), and (b) the chunk itself, causally, with the same rule
+// (d_j = logits[j + 1] > 0 inside the chunk). The cache is read, never written.
+struct SparsePrefillParams {
+  const void* q = nullptr;           // [T, Hq, D] contiguous
+  const void* k = nullptr;           // [T, Hkv, D] contiguous
+  const void* v = nullptr;           // [T, Hkv, D] contiguous
+  const float* logits = nullptr;     // [T, Hkv]
+  const int32_t* seq_slots = nullptr;   // [n]
+  const int32_t* cu_seqlens = nullptr;  // [n + 1]
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  const int32_t* block_table = nullptr;
+  const int32_t* seq_lens = nullptr;
+  const int32_t* ring = nullptr;
+  const int32_t* num_tokens = nullptr;
+  void* out = nullptr;               // [T, Hq, D]
+  int num_seqs = 0, total_tokens = 0, max_seqs = 0;
+  int num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0, window = 0;
+  float scale = 1.f;
+  DType dtype = DType::kBFloat16;
+};
+
+// Copy of a sequence's whole state (fork): new blocks from the free stack, K/V copied.
+struct ForkParams {
+  int src = 0, dst = 0;              // rows of the state tensors
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int32_t* block_table = nullptr;
+  int32_t* seq_lens = nullptr;
+  int32_t* ring = nullptr;
+  int32_t* num_tokens = nullptr;
+  int32_t* free_stack = nullptr;
+  int32_t* free_top = nullptr;
+  int max_seqs = 0, num_kv_heads = 0, head_dim = 0, block_size = 0;
+  int max_blocks_per_head = 0, num_blocks = 0, window = 0;
+  DType dtype = DType::kBFloat16;
+};
+
+// Returns every block of a row to the free stack and clears its state.
+struct ReleaseParams {
+  int row = 0;
+  int32_t* block_table = nullptr;
+  int32_t* seq_lens = nullptr;
+  int32_t* ring = nullptr;
+  int32_t* num_tokens = nullptr;
+  int32_t* free_stack = nullptr;
+  int32_t* free_top = nullptr;
+  int max_seqs = 0, num_kv_heads = 0, block_size = 0, max_blocks_per_head = 0;
+  int num_blocks = 0, window = 0;
+};
+
+inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace dms

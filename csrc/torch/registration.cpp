@@ -1,0 +1,60 @@
+// The one registration block of the dms op library: every schema, each with its contract.
+// CPU impls live in ops_cpu.cpp, CUDA impls in ops_cuda.cpp, fake (meta) impls in
+// dms_ext/ops.py. Tensors named in a schema follow csrc/include/dms/params.h.
+#include <Python.h>
+#include <torch/library.h>
+
+// dms_ext._C is imported only for its side effect of running this block.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dms, m) {
+  // Paged per-head variable-length decode attention. q [B, Hq, D]; k_cache, v_cache
+  // [num_blocks, block_size, D]; block_table int32 [B, Hkv, max_blocks]; seq_lens int32
+  // [B, Hkv]. Query head h reads KV head h // (Hq / Hkv). Returns out [B, Hq, D] (q's dtype);
+  // seq_lens[b, g] == 0 gives zeros.
+  m.def(
+      "sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+      "Tensor seq_lens, float scale) -> Tensor");
+  // sparse_decode that also returns lse float32 [B, Hq] (natural log of the softmax
+  // denominator of the scaled scores; -inf for an empty head), for merging with other states.
+  m.def(
+      "sparse_decode_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+      "Tensor seq_lens, float scale) -> (Tensor, Tensor)");
+  // Borrowed-neuron eviction logits + channel zeroing + rotate-half RoPE, in place on q [T, Hq, D]
+  // and k [T, Hkv, D]. logit[t, g] = q[t, g*G, D-1] * alpha_scale - alpha_offset, read after the
+  // optional per-head RMSNorm (q_norm_weight / k_norm_weight [D], Qwen3) and before RoPE.
+  // positions int32/int64 [T]; cos_sin_cache float32 [max_position, D]. Returns float32 [T, Hkv].
+  m.def(
+      "eviction_rope(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin_cache, "
+      "float alpha_scale, float alpha_offset, Tensor? q_norm_weight=None, "
+      "Tensor? k_norm_weight=None, float norm_eps=1e-6) -> Tensor");
+  // Appends packed chunks (k, v [T, Hkv, D], logits float32 [T, Hkv], chunk i = rows
+  // cu_seqlens[i]..cu_seqlens[i+1] continues state row seq_slots[i]) with DMS delayed eviction:
+  // sets the previous token's flag, reuses the slot of a flagged token leaving the window,
+  // else appends (popping blocks from free_stack), writes K/V, updates every state tensor.
+  m.def(
+      "append(Tensor k, Tensor v, Tensor logits, Tensor seq_slots, Tensor cu_seqlens, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_table, Tensor(d!) seq_lens, "
+      "Tensor(e!) ring, Tensor(f!) num_tokens, Tensor(g!) free_stack, Tensor(h!) free_top) -> ()");
+  // Prefill attention of packed chunks over (what each sequence already holds) + (the chunk,
+  // causal), both with the DMS visibility rule. Reads the cache, writes nothing there; call
+  // append afterwards. q [T, Hq, D]; returns out [T, Hq, D].
+  m.def(
+      "sparse_prefill(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor seq_slots, "
+      "Tensor cu_seqlens, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor ring, Tensor num_tokens, float scale) -> Tensor");
+  // Copies state row src into the empty row dst: new blocks from free_stack, K/V copied.
+  m.def(
+      "fork(int src, int dst, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_table, "
+      "Tensor(d!) seq_lens, Tensor(e!) ring, Tensor(f!) num_tokens, Tensor(g!) free_stack, "
+      "Tensor(h!) free_top) -> ()");
+  // Pushes every block of state row `row` back on free_stack and clears the row.
+  m.def(
+      "release(int row, Tensor(a!) block_table, Tensor(b!) seq_lens, Tensor(c!) ring, "
+      "Tensor(d!) num_tokens, Tensor(e!) free_stack, Tensor(f!) free_top) -> ()");
+}
