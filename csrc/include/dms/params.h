@@ -65,6 +65,11 @@ struct EvictionRopeParams {
   int num_tokens = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0, max_position = 0;
   float alpha_scale = 100.f, alpha_offset = 5.f;
   DType dtype = DType::kBFloat16;
+  // Optional per-head RMSNorm (Qwen3 q_norm / k_norm) applied before the logit is read:
+  // x * rsqrt(mean(x^2) + norm_eps) * weight, weight [D] in `dtype`; null skips that norm.
+  const void* q_norm_weight = nullptr;
+  const void* k_norm_weight = nullptr;
+  float norm_eps = 1e-6f;
 };
 
 // Appends packed chunks to sequences with the delayed-eviction rule (SPEC section 1):
