@@ -1,0 +1,429 @@
+// dms::sparse_decode: paged, per-(sequence, KV head) variable-length decode attention.
+//
+// Work item: (row = (b, g), head tile of up to 16 query heads of g's GQA group, KV split).
+// The whole group rides in the M dimension of one m16n8k16 tensor-core MMA, so each K/V byte
+// is read from HBM once per group (decode is memory-bound: ~4 FLOP per byte at G = 4, the
+// tensor cores idle most of the time; what matters is keeping enough bytes in flight).
+// Split-KV is decided per row on the device from seq_lens (num_splits_for below), so a step
+// needs no host plan and no sync, and graph replays may change every length. Rows that fit in
+// one split write the output directly; the others write (o, lse) partials that a small merge
+// kernel combines in fp32.
+//
+// Pipeline: 4 warps, 64-key tiles (16 keys per warp), K and V rows gathered through the block
+// table with 16-byte cp.async into XOR-swizzled shared memory (conflict-free ldmatrix),
+// STAGES deep. Each warp keeps its own online-softmax state; the 4 states merge at the end.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "dms/dms.h"
+
+namespace dms {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline stage
+constexpr int kHeadTile = 16;           // query heads per CTA (MMA M)
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> struct MmaAtom;
+template <> struct MmaAtom<__nv_bfloat16> { using Op = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
+template <> struct MmaAtom<__half> { using Op = cute::SM80_16x8x16_F32F16F16F32_TN; };
+
+__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16*) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float a, float b, __half*) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* p) { *p = __float2bfloat16(x); }
+__device__ __forceinline__ void from_float(float x, __half* p) { *p = __float2half(x); }
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy; src_bytes = 0 zero-fills (rows past the split end must hold zeros, not
+// stale bits: P = 0 times a NaN pattern would still poison the PV product).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+               "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Row r of a [rows][D] tile, 16-byte chunk c: chunks are XOR-swizzled by r % 8 so the 8 rows an
+// ldmatrix phase touches land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
+}
+
+// Splits for a row of L keys: at least min_chunk keys each, at most max_splits, whole tiles.
+__device__ __forceinline__ int split_chunk(int L, int max_splits, int min_chunk) {
+  int n = (L + min_chunk - 1) / min_chunk;
+  n = n < 1 ? 1 : (n > max_splits ? max_splits : n);
+  int chunk = (L + n - 1) / n;
+  return (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
+}
+__device__ __forceinline__ int num_splits_for(int L, int chunk) {
+  return L <= 0 ? 1 : (L + chunk - 1) / chunk;
+}
+
+template <int D> struct Cfg {
+  static constexpr int kStages = D <= 128 ? 3 : 2;
+  static constexpr int kTileElems = kTileKeys * D;  // one K (or V) tile
+  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kTileElems) * 2;
+  static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
+  static_assert(kMergeBytes <= kStages * 2 * kTileElems * 2, "merge scratch must fit the stages");
+};
+
+struct Geometry {
+  int row, b, g, h0, nh, L, split, chunk, nsplit, kbeg, kend;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+sparse_decode_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, int head_tiles) {
+  using Op = typename MmaAtom<T>::Op;
+  constexpr int kStages = Cfg<D>::kStages;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sKV = sQ + kHeadTile * D;  // stage s: K at sKV + s*2*tile, V right after
+
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int row = blockIdx.x;  // b * Hkv + g: grid.x, so the row count has no 65535 limit
+  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int ht = blockIdx.z;
+  const int h0 = ht * kHeadTile;
+  const int nh = min(kHeadTile, G - h0);
+  const int L = p.seq_lens[row];
+  const int chunk = split_chunk(L, max_splits, min_chunk);
+  const int nsplit = num_splits_for(L, chunk);
+  const int split = blockIdx.y;
+  if (split >= nsplit) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int qh0 = g * G + h0;  // first query head of this CTA
+
+  if (L <= 0) {  // empty head: zeros (and lse -inf), SPEC section 4
+    for (int i = tid; i < nh * D; i += kThreads) {
+      int r = i / D, d = i % D;
+      T* o = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+      from_float(0.f, o);
+    }
+    if (p.lse && tid < nh) p.lse[(int64_t)b * p.num_q_heads + qh0 + tid] = -INFINITY;
+    return;
+  }
+  const int kbeg = split * chunk;
+  const int kend = min(L, kbeg + chunk);
+  const int ntiles = (kend - kbeg + kTileKeys - 1) / kTileKeys;
+
+  const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
+  const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
+  const int32_t* __restrict__ bt = p.block_table + (int64_t)row * p.max_blocks_per_head;
+
+  // Q tile: rows beyond the group are zero so their scores are finite and simply unused.
+  {
+    const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
+    for (int i = tid; i < kHeadTile * kChunks; i += kThreads) {
+      int r = i / kChunks, c = i % kChunks;
+      cp_async16(sQ + swz<D>(r, c), r < nh ? q + r * p.q_stride_h + c * 8 : q, r < nh);
+    }
+  }
+  auto load_tile = [&](int t) {
+    const int stage = t % kStages;
+    T* sK = sKV + stage * 2 * Cfg<D>::kTileElems;
+    T* sV = sK + Cfg<D>::kTileElems;
+    const int s0 = kbeg + t * kTileKeys;
+#pragma unroll
+    for (int i = tid; i < kTileKeys * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int slot = s0 + r;
+      const bool valid = slot < kend;
+      int64_t off = 0;
+      if (valid) {
+        const int blk = __ldg(bt + slot / p.block_size);
+        off = ((int64_t)blk * p.block_size + slot % p.block_size) * D + c * 8;
+      }
+      cp_async16(sK + swz<D>(r, c), kc + off, valid);
+      cp_async16(sV + swz<D>(r, c), vc + off, valid);
+    }
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < ntiles) load_tile(t);
+    cp_async_commit();  // the Q copies ride in group 0
+  }
+
+  // Per-warp state. Accumulator layout (m16n8): c0,c1 -> row lane/4, c2,c3 -> row lane/4 + 8.
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  uint32_t qa[D / 16][4];
+  const float sl2 = p.scale * kLog2e;
+
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (t == 0) {
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swz<D>(r, c)),
+                                      qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+      }
+    }
+    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+    cp_async_commit();
+
+    const int stage = t % kStages;
+    const T* sK = sKV + stage * 2 * Cfg<D>::kTileElems;
+    const T* sV = sK + Cfg<D>::kTileElems;
+    const int key0 = kbeg + t * kTileKeys + warp * 16;  // first key of this warp's 16
+    if (key0 >= kend) continue;  // this warp has nothing in the tail tile
+
+    // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      uint32_t b0, b1, b2, b3;
+      const int r = (lane & 7) + (lane >> 4) * 8;          // key within the warp's 16
+      const int c = 2 * k + ((lane >> 3) & 1);              // 16-byte chunk along D
+      const int wr = warp * 16 + r;                          // row in the tile (swizzle key)
+      cute::SM75_U32x4_LDSM_N::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sK + swz<D>(wr, c)), b0, b1, b2, b3);
+      Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1,
+              s[0][0], s[0][1], s[0][2], s[0][3]);
+      Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3,
+              s[1][0], s[1][1], s[1][2], s[1][3]);
+    }
+    // Scale into the log2 domain, mask keys past the split end, online softmax per head row.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
+        s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(m_run[i], mx[i]);  // finite: key0 < kend gives one real key
+      alpha[i] = exp2f(m_run[i] - m_new);
+      m_run[i] = m_new;
+      l_run[i] *= alpha[i];
+    }
+    uint32_t pa[4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const float p0 = exp2f(s[n][0] - m_run[0]), p1 = exp2f(s[n][1] - m_run[0]);
+      const float p2 = exp2f(s[n][2] - m_run[1]), p3 = exp2f(s[n][3] - m_run[1]);
+      l_run[0] += p0 + p1;
+      l_run[1] += p2 + p3;
+      pa[2 * n] = pack2(p0, p1, (T*)nullptr);      // A fragment: rows lane/4, keys 8n + ...
+      pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);  // rows lane/4 + 8
+    }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+    }
+    // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
+#pragma unroll
+    for (int j = 0; j < D / 16; ++j) {
+      uint32_t b0, b1, b2, b3;
+      const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int c = 2 * j + (lane >> 4);
+      const int wr = warp * 16 + r;
+      cute::SM75_U16x8_LDSM_T::copy(
+          *reinterpret_cast<const cute::uint128_t*>(sV + swz<D>(wr, c)), b0, b1, b2, b3);
+      Op::fma(o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0, b1,
+              o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3]);
+      Op::fma(o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3], pa[0], pa[1], pa[2],
+              pa[3], b2, b3, o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // stages are free: reuse them for the cross-warp merge
+
+  // Row sums were kept per lane; finish them across the quad.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+  float* sO = reinterpret_cast<float*>(sKV);               // [warp][16][D]
+  float* sM = sO + kWarps * kHeadTile * D;                  // [warp][16]
+  float* sL = sM + kWarps * kHeadTile;                      // [warp][16]
+  {
+    float* wo = sO + warp * kHeadTile * D;
+    const int r = lane >> 2, c = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(o[j][0], o[j][1]);
+      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(o[j][2], o[j][3]);
+    }
+    if ((lane & 3) == 0) {
+      sM[warp * kHeadTile + r] = m_run[0];
+      sM[warp * kHeadTile + r + 8] = m_run[1];
+      sL[warp * kHeadTile + r] = l_run[0];
+      sL[warp * kHeadTile + r + 8] = l_run[1];
+    }
+  }
+  __syncthreads();
+
+  const bool direct = nsplit == 1;
+  const int64_t ws_row = ((int64_t)(row * head_tiles + ht) * max_splits + split) * kHeadTile;
+  float* ws_o = reinterpret_cast<float*>(p.workspace);
+  float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
+  for (int i = tid; i < nh * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kHeadTile + r]);
+    float acc = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(sM[w * kHeadTile + r] - M);  // a warp with no keys has m = -inf: f = 0
+      acc += f * sO[(w * kHeadTile + r) * D + d];
+      l += f * sL[w * kHeadTile + r];
+    }
+    if (direct) {
+      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+      from_float(acc / l, out);
+      if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = (M + log2f(l)) / kLog2e;
+    } else {
+      ws_o[(ws_row + r) * D + d] = acc / l;
+      if (d == 0) ws_lse[ws_row + r] = M + log2f(l);  // log2 domain
+    }
+  }
+}
+
+// Merges the split partials of rows that needed more than one split.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+sparse_decode_merge_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, int head_tiles) {
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int row = blockIdx.x, ht = blockIdx.z;
+  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int L = p.seq_lens[row];
+  const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk));
+  if (nsplit <= 1) return;
+  const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+  const float* ws_o = reinterpret_cast<const float*>(p.workspace);
+  const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
+  const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile;
+  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, ws_lse[base + s * kHeadTile + r]);
+    float acc = 0.f, l = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+      const float f = exp2f(ws_lse[base + s * kHeadTile + r] - M);
+      acc += f * ws_o[(base + s * kHeadTile + r) * D + d];
+      l += f;
+    }
+    T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+    from_float(acc / l, out);
+    if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = (M + log2f(l)) / kLog2e;
+  }
+}
+
+struct Resolved {
+  int max_splits, min_chunk, head_tiles, rows;
+};
+
+Resolved resolve(const SparseDecodeParams& p, int num_sms) {
+  Resolved r;
+  const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
+  r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
+  r.rows = p.batch * p.num_kv_heads;
+  const int64_t work_items = (int64_t)r.rows * r.head_tiles;
+  // Enough CTAs for ~8 per SM when every row is long; short rows simply use fewer splits.
+  int ms = p.max_splits > 0 ? p.max_splits
+                            : (int)((8LL * num_sms + work_items - 1) / (work_items > 0 ? work_items : 1));
+  const int cap = (p.max_blocks_per_head * p.block_size + kTileKeys - 1) / kTileKeys;
+  r.max_splits = ms < 1 ? 1 : (ms > 64 ? 64 : ms);
+  if (r.max_splits > cap && cap > 0) r.max_splits = cap;
+  r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 128;
+  return r;
+}
+
+int device_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return n;
+}
+
+template <typename T, int D>
+Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
+  constexpr int smem = Cfg<D>::kSmemBytes;
+  static bool attr_set = false;  // per instantiation; the attribute is per function
+  if (!attr_set) {
+    if (cudaFuncSetAttribute(sparse_decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem) != cudaSuccess)
+      return Status::kCudaError;
+    attr_set = true;
+  }
+  dim3 grid(r.rows, r.max_splits, r.head_tiles);
+  sparse_decode_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, r.max_splits, r.min_chunk, r.head_tiles);
+  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  if (r.max_splits > 1) {
+    dim3 mgrid(r.rows, 1, r.head_tiles);
+    sparse_decode_merge_kernel<T, D><<<mgrid, kThreads, 0, stream>>>(p, r.max_splits, r.min_chunk, r.head_tiles);
+    if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  }
+  return Status::kSuccess;
+}
+
+template <typename T>
+Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, r, s);
+    case 128: return launch<T, 128>(p, r, s);
+    case 256: return launch<T, 256>(p, r, s);
+    default: return Status::kUnsupported;
+  }
+}
+
+}  // namespace
+
+size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms) {
+  const Resolved r = resolve(p, num_sms);
+  if (r.max_splits <= 1) return 0;
+  return (size_t)r.rows * r.head_tiles * r.max_splits * kHeadTile * (p.head_dim + 1) * sizeof(float);
+}
+
+Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
+  if (p.batch < 0 || p.num_kv_heads <= 0 || p.num_q_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
+      p.block_size <= 0 || p.max_blocks_per_head <= 0 || !p.q || !p.k_cache || !p.v_cache ||
+      !p.block_table || !p.seq_lens || !p.out)
+    return Status::kInvalidArgument;
+  if (p.dtype == DType::kFloat32) return Status::kUnsupported;
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::kUnsupported;
+  if (p.batch == 0) return Status::kSuccess;
+  const Resolved r = resolve(p, device_sms());
+  if (r.max_splits > 1 && !p.workspace) return Status::kInvalidArgument;
+  if (r.head_tiles > 65535) return Status::kUnsupported;  // grid z limit
+  return p.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
+                                     : dispatch_dim<__half>(p, r, stream);
+}
+
+}  // namespace dms
