@@ -53,8 +53,10 @@ TORCH_LIBRARY(dms, m) {
       "fork(int src, int dst, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_table, "
       "Tensor(d!) seq_lens, Tensor(e!) ring, Tensor(f!) num_tokens, Tensor(g!) free_stack, "
       "Tensor(h!) free_top) -> ()");
-  // Pushes every block of state row `row` back on free_stack and clears the row.
+  // Pushes every block of state row `row` back on free_stack and clears the row (seq_lens,
+  // num_tokens and ring to 0, block_table row to -1). block_size (the pool's dim 1) says how many
+  // blocks a head holds: ceil(seq_len / block_size); no other argument carries it.
   m.def(
       "release(int row, Tensor(a!) block_table, Tensor(b!) seq_lens, Tensor(c!) ring, "
-      "Tensor(d!) num_tokens, Tensor(e!) free_stack, Tensor(f!) free_top) -> ()");
+      "Tensor(d!) num_tokens, Tensor(e!) free_stack, Tensor(f!) free_top, int block_size) -> ()");
 }
