@@ -16,6 +16,9 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
 Status eviction_rope(const EvictionRopeParams& p, cudaStream_t stream);
 Status append(const AppendParams& p, cudaStream_t stream);
+// Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,
+// num_kv_heads, window, max_blocks_per_head * block_size only.
+size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
 Status fork(const ForkParams& p, cudaStream_t stream);
 Status release(const ReleaseParams& p, cudaStream_t stream);

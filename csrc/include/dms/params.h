@@ -121,6 +121,9 @@ struct SparsePrefillParams {
   int block_size = 0, max_blocks_per_head = 0, num_blocks = 0, window = 0;
   float scale = 1.f;
   DType dtype = DType::kBFloat16;
+  // CUDA only: scratch for the compacted key lists. Size from sparse_prefill_workspace_bytes()
+  // (sizes only, never data); may be null when that returns 0. The CPU twin ignores it.
+  void* workspace = nullptr;
 };
 
 // Copy of a sequence's whole state (fork): new blocks from the free stack, K/V copied.
