@@ -1,0 +1,572 @@
+// Sparse prefill attention with the DMS visibility rule (SPEC section 1), on tensor cores.
+//
+// Why it is cheaper than dense causal: for a query tile whose first token is i0, a chunk key
+// j < i0 - w is outside the window of every query of the tile, so it is visible to all of them
+// iff it was kept (d_j == 0). Those keys are attended through a compacted index list, with no
+// per-pair mask; only the band [i0 - w, i1) needs the per-pair rule. The cached keys split the
+// same way: survivors (always visible) and the ring of the last w + 1 positions, of which only
+// the flagged entries need the rule (and only for queries i < w).
+//
+// Two launches on the caller's stream, no host sync, no allocation:
+//   prepare_kernel  one CTA per (chunk, kv head): compacted list + prefix counts of the kept
+//                   chunk keys, a bitmap of the flagged ring slots and a list of them with their
+//                   positions. Everything lives in the caller's workspace.
+//   prefill_kernel  one CTA per (query tile, kv head). Rows of a tile are (token, head in the
+//                   GQA group) pairs, row = token * G + head, so each K/V tile feeds the whole
+//                   group. FA2-style: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate),
+//                   ldmatrix from XOR-swizzled shared memory, cp.async loads (gathered rows),
+//                   online softmax in fp32. Key tiles come from four segments, in this order:
+//                     0 cached slots [0, seq_len)          flagged ring slots masked out
+//                     1 flagged ring slots (list)          visible iff t - p <= w
+//                     2 kept chunk keys j < i0 - w (list)  always visible
+//                     3 band j in [max(0, i0 - w), i1)     j <= i and (i - j <= w or !d_j)
+//                   Every key of a tile carries [a, b]: query i sees it iff a <= i <= b.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "dms/dms.h"
+
+namespace dms {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBM = 16 * kWarps;  // query rows (token, head) per CTA: 16 per warp
+constexpr int kBN = 64;           // keys per tile
+constexpr int kPrepThreads = 1024;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Workspace layout, from sizes only (never from device data), so a caller can size it on the
+// host: cnt [Hkv][T + n] int32 (chunk c at cu[c] + c, L + 1 prefix counts of kept keys),
+// idx [Hkv][T] int32 (chunk c at cu[c]), bitmap [n][Hkv][cap_words] uint32 (flagged ring slots),
+// flist [n][Hkv][w + 1] int2 (slot, position), fcount [n][Hkv] int32.
+struct WsLayout {
+  size_t cnt = 0, idx = 0, bitmap = 0, flist = 0, fcount = 0, total = 0;
+  long long cnt_stride = 0;
+  long long cap_words = 0;
+};
+
+inline size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
+
+WsLayout ws_layout(const SparsePrefillParams& p) {
+  WsLayout l;
+  const long long T = p.total_tokens, n = p.num_seqs, H = p.num_kv_heads;
+  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
+  l.cnt_stride = T + n;
+  l.cap_words = (cap + 31) / 32;
+  size_t off = 0;
+  l.cnt = off;    off = align_up(off + sizeof(int32_t) * H * (T + n));
+  l.idx = off;    off = align_up(off + sizeof(int32_t) * H * T);
+  l.bitmap = off; off = align_up(off + sizeof(uint32_t) * n * H * l.cap_words);
+  l.flist = off;  off = align_up(off + sizeof(int2) * n * H * (long long)(p.window + 1));
+  l.fcount = off; off = align_up(off + sizeof(int32_t) * n * H);
+  l.total = off;
+  return l;
+}
+
+struct WsPtrs {
+  int32_t* cnt;
+  int32_t* idx;
+  uint32_t* bitmap;
+  int2* flist;
+  int32_t* fcount;
+  long long cnt_stride;
+  long long cap_words;
+};
+
+WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
+  char* base = static_cast<char*>(p.workspace);
+  return WsPtrs{reinterpret_cast<int32_t*>(base + l.cnt), reinterpret_cast<int32_t*>(base + l.idx),
+                reinterpret_cast<uint32_t*>(base + l.bitmap), reinterpret_cast<int2*>(base + l.flist),
+                reinterpret_cast<int32_t*>(base + l.fcount), l.cnt_stride, l.cap_words};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per (chunk, kv head) preparation.
+
+__global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefillParams p, WsPtrs ws) {
+  const int c = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+  const int H = p.num_kv_heads, w = p.window;
+  const long long ch = (long long)c * H + g;
+  __shared__ int s_fcount;
+  __shared__ int s_warp[kPrepThreads / 32];
+  __shared__ int s_running;
+  if (tid == 0) { s_fcount = 0; s_running = 0; }
+
+  const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
+  const int r = p.seq_slots[c];
+  const bool ok = start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.max_seqs;
+  if (!ok) {  // malformed chunk: the main kernel skips it too
+    if (tid == 0) ws.fcount[ch] = 0;
+    return;
+  }
+  const int L = end - start;
+  const int n = p.num_tokens[r];
+  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
+  const int sl = (int)min((long long)max(p.seq_lens[(long long)r * H + g], 0), cap);
+
+  // Cached side. The ring holds positions max(0, n-w-1) .. n-1; the flag of n-1 is decided by
+  // this chunk's first logit. Unflagged ring entries behave like survivors for every query of
+  // the chunk (t >= n), so only flagged ones are listed.
+  uint32_t* bm = ws.bitmap + ch * ws.cap_words;
+  int2* fl = ws.flist + ch * (long long)(w + 1);
+  const int words = (sl + 31) >> 5;
+  for (int i = tid; i < words; i += kPrepThreads) bm[i] = 0u;
+  __syncthreads();
+  if (L > 0 && n > 0) {
+    const int32_t* ring = p.ring + ((long long)r * H + g) * (w + 1);
+    const bool last_flag = p.logits[(long long)start * H + g] > 0.f;
+    for (int pos = max(0, n - w - 1) + tid; pos < n; pos += kPrepThreads) {
+      const int e = ring[pos % (w + 1)];
+      const int slot = e >> 1;
+      const bool flag = (pos == n - 1) ? last_flag : (e & 1) != 0;
+      if (flag && slot >= 0 && slot < sl) {
+        atomicOr(&bm[slot >> 5], 1u << (slot & 31));
+        const int k = atomicAdd(&s_fcount, 1);
+        fl[k] = make_int2(slot, pos);
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) ws.fcount[ch] = s_fcount;
+
+  // Chunk side: key j is kept iff d_j == 0, d_j = logits[start + j + 1] > 0. The last token
+  // has no decision yet; it is never in a compacted list (it is in its own band).
+  int32_t* cnt = ws.cnt + (long long)g * ws.cnt_stride + start + c;
+  int32_t* idx = ws.idx + (long long)g * p.total_tokens + start;
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int base = 0; base < L; base += kPrepThreads) {
+    const int j = base + tid;
+    const bool kept = j < L - 1 && !(p.logits[(long long)(start + j + 1) * H + g] > 0.f);
+    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+    if (lane == 0) s_warp[warp] = __popc(ballot);
+    __syncthreads();
+    int before = s_running;
+    for (int k = 0; k < warp; ++k) before += s_warp[k];
+    before += __popc(ballot & ((1u << lane) - 1u));
+    if (j < L) cnt[j] = before;
+    if (kept) idx[before] = j;
+    __syncthreads();  // everyone has read s_running and s_warp
+    if (tid == kPrepThreads - 1) s_running = before + (kept ? 1 : 0);
+    __syncthreads();
+  }
+  if (tid == 0) cnt[L] = s_running;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core helpers (sm_80+ instructions; fine on sm_90a).
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// 16-byte async copy; src-size 0 zero-fills, so masked keys never bring NaN garbage into P.V.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Element offset of (row, 16-byte chunk ch) in a [rows][D] tile: chunk index XOR (row % 8), so
+// the 8 rows one ldmatrix phase reads land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int row, int ch) {
+  return row * D + ((ch ^ (row & 7)) << 3);
+}
+
+template <int D>
+constexpr int smem_bytes() {
+  return (kBM + 2 * kBN) * D * 2 + kBN * (int)(sizeof(int) + sizeof(int2));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillParams p, WsPtrs ws) {
+  constexpr int CPR = D / 8;              // 16-byte chunks per row
+  constexpr int RPP = kThreads / CPR;     // key rows per loader pass
+  constexpr int KS = D / 16;              // k-steps of Q.K^T
+  constexpr int NT = kBN / 8;             // 8-key n-tiles of S
+  constexpr int DT = D / 8;               // 8-dim n-tiles of O
+  static_assert(kBN % RPP == 0 && (kBM * CPR) % kThreads == 0, "tile shapes");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBM * D;
+  T* sV = sK + kBN * D;
+  int* sRow = reinterpret_cast<int*>(sV + kBN * D);
+  int2* sMeta = reinterpret_cast<int2*>(sRow + kBN);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = blockIdx.y;
+  const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, w = p.window;
+
+  // Tile -> chunk without a host plan: chunk c owns tile slots starting at
+  // floor(cu[c] * G / kBM) + c, which is strictly increasing in c and leaves room for
+  // ceil(L * G / kBM) tiles; the grid covers floor(T * G / kBM) + n slots. Heavy tiles (late in
+  // a chunk, more keys) are launched first.
+  const long long b = (long long)gridDim.x - 1 - blockIdx.x;
+  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kBM + c; };
+  if (tstart(0) > b) return;
+  int lo = 0, hi = p.num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tstart(mid) <= b) lo = mid; else hi = mid - 1;
+  }
+  const int c = lo;
+  const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
+  const int r = p.seq_slots[c];
+  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.max_seqs) return;
+  const int L = end - start;
+  const long long rows_total = (long long)L * G;
+  const long long r0 = (b - tstart(c)) * kBM;
+  if (r0 >= rows_total) return;
+
+  const int n = p.num_tokens[r];
+  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
+  const int sl = (int)min((long long)max(p.seq_lens[(long long)r * H + g], 0), cap);
+  const int i0 = (int)(r0 / G);
+  const int i1 = (int)min((long long)L, (r0 + kBM - 1) / G + 1);
+  const long long ch = (long long)c * H + g;
+
+  // Key segments of this tile.
+  const int nf = i0 < w ? ws.fcount[ch] : 0;  // flagged ring keys matter only to queries i < w
+  const int nc = i0 - w > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + (i0 - w)] : 0;
+  const int jb0 = max(0, i0 - w);
+  const int t1 = (sl + kBN - 1) / kBN;
+  const int t2 = t1 + (nf + kBN - 1) / kBN;
+  const int t3 = t2 + (nc + kBN - 1) / kBN;
+  const int ntiles = t3 + (i1 - jb0 + kBN - 1) / kBN;
+
+  const int32_t* bt = p.block_table + ((long long)r * H + g) * p.max_blocks_per_head;
+  const uint32_t* bm = ws.bitmap + ch * ws.cap_words;
+  const int2* fl = ws.flist + ch * (long long)(w + 1);
+  const int32_t* cidx = ws.idx + (long long)g * p.total_tokens + start;
+  const float* lg = p.logits;
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kk = static_cast<const T*>(p.k);
+  const T* vv = static_cast<const T*>(p.v);
+
+  auto cache_row = [&](int s) -> int {
+    const int blk = bt[s / p.block_size];
+    return (blk >= 0 && blk < p.num_blocks) ? blk * p.block_size + s % p.block_size : -1;
+  };
+
+  // Issues the K tile `tile` and records, per key, its source row and visibility interval.
+  auto load_k = [&](int tile) {
+    const int ch16 = tid % CPR;
+    const bool from_cache = tile < t2;
+    const T* src = from_cache ? kc : kk;
+#pragma unroll
+    for (int pass = 0; pass < kBN / RPP; ++pass) {
+      const int key = tid / CPR + pass * RPP;
+      int row = -1, a = INT_MAX, bnd = INT_MIN;
+      if (tile < t1) {
+        const int s = tile * kBN + key;
+        if (s < sl) {
+          row = cache_row(s);
+          if (row >= 0 && !((bm[s >> 5] >> (s & 31)) & 1u)) { a = 0; bnd = INT_MAX; }
+        }
+      } else if (tile < t2) {
+        const int m = (tile - t1) * kBN + key;
+        if (m < nf) {
+          const int2 e = fl[m];
+          row = cache_row(e.x);
+          if (row >= 0) { a = 0; bnd = e.y + w - n; }  // t - p <= w  <=>  i <= p + w - n
+        }
+      } else if (tile < t3) {
+        const int m = (tile - t2) * kBN + key;
+        if (m < nc) {
+          row = (start + cidx[m]) * H + g;
+          a = 0; bnd = INT_MAX;
+        }
+      } else {
+        const int j = jb0 + (tile - t3) * kBN + key;
+        if (j < i1) {
+          row = (start + j) * H + g;
+          const bool flagged = j < L - 1 && lg[(long long)(start + j + 1) * H + g] > 0.f;
+          a = j; bnd = flagged ? j + w : INT_MAX;
+        }
+      }
+      const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
+      cp_async16(smem_u32(sK + swz<D>(key, ch16)), gp, row >= 0);
+      if (ch16 == 0) { sRow[key] = row; sMeta[key] = make_int2(a, bnd); }
+    }
+  };
+  // V rows are the ones recorded by the K load of the same tile (visible after a barrier).
+  auto load_v = [&](int tile) {
+    const int ch16 = tid % CPR;
+    const T* src = tile < t2 ? vc : vv;
+#pragma unroll
+    for (int pass = 0; pass < kBN / RPP; ++pass) {
+      const int key = tid / CPR + pass * RPP;
+      const int row = sRow[key];
+      const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
+      cp_async16(smem_u32(sV + swz<D>(key, ch16)), gp, row >= 0);
+    }
+  };
+
+  // Q rows: row = token * G + head; rows past the chunk are zero-filled and never stored.
+#pragma unroll
+  for (int it = 0; it < kBM * CPR / kThreads; ++it) {
+    const int e = tid + it * kThreads;
+    const int row = e / CPR, ch16 = e % CPR;
+    const long long R = r0 + row;
+    const bool valid = R < rows_total;
+    const T* gp = q;
+    if (valid) {
+      const int i = (int)(R / G), hh = (int)(R % G);
+      gp = q + ((long long)(start + i) * Hq + (long long)g * G + hh) * D + ch16 * 8;
+    }
+    cp_async16(smem_u32(sQ + swz<D>(row, ch16)), gp, valid);
+  }
+  load_k(0);
+  cp_commit();
+
+  // This thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its warp's 16).
+  int qi[2];
+#pragma unroll
+  for (int rs = 0; rs < 2; ++rs) {
+    const long long R = r0 + warp * 16 + (lane >> 2) + rs * 8;
+    qi[rs] = R < rows_total ? (int)(R / G) : -1;  // -1: every key masked, row never stored
+  }
+  const float sl2 = p.scale * kLog2e;
+
+  cp_wait_all();
+  __syncthreads();
+
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int row = warp * 16 + (lane & 15);
+    ldsm_x4(smem_u32(sQ + swz<D>(row, ks * 2 + (lane >> 4))), qf[ks]);
+  }
+
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    if (tile > 0) {
+      cp_wait_all();
+      __syncthreads();  // K(tile) landed; every warp is done with V(tile - 1)
+    }
+    load_v(tile);
+    cp_commit();
+
+    float s[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+      for (int pr = 0; pr < NT / 2; ++pr) {
+        uint32_t bfr[4];
+        const int key = pr * 16 + ((lane >> 4) << 3) + (lane & 7);
+        ldsm_x4(smem_u32(sK + swz<D>(key, ks * 2 + ((lane >> 3) & 1))), bfr);
+        Mma<T>::run(s[2 * pr], qf[ks], bfr[0], bfr[1]);
+        Mma<T>::run(s[2 * pr + 1], qf[ks], bfr[2], bfr[3]);
+      }
+    }
+
+    // Mask + scale into the log2 domain; masked scores are -inf.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int2 ab = sMeta[t * 8 + ((lane & 3) << 1) + e2];
+#pragma unroll
+        for (int rs = 0; rs < 2; ++rs) {
+          const bool vis = ab.x <= qi[rs] && qi[rs] <= ab.y;
+          float& x = s[t][rs * 2 + e2];
+          x = vis ? x * sl2 : -INFINITY;
+          mx[rs] = fmaxf(mx[rs], x);
+        }
+      }
+    }
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) {
+      mx[rs] = fmaxf(mx[rs], __shfl_xor_sync(0xffffffffu, mx[rs], 1));
+      mx[rs] = fmaxf(mx[rs], __shfl_xor_sync(0xffffffffu, mx[rs], 2));
+      const float m_new = fmaxf(m_run[rs], mx[rs]);
+      // A row with nothing visible yet keeps base 0, so exp2(-inf - 0) = 0 and no NaN appears.
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = ex2(m_run[rs] - base);
+      m_run[rs] = m_new;
+      l_run[rs] *= alpha;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) { o[d][rs * 2] *= alpha; o[d][rs * 2 + 1] *= alpha; }
+      mx[rs] = base;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[t][e] = ex2(s[t][e] - mx[e >> 1]);
+        l_run[e >> 1] += s[t][e];
+      }
+    }
+
+    cp_wait_all();
+    __syncthreads();  // V(tile) landed; every warp is done with K(tile) and its metadata
+    if (tile + 1 < ntiles) {
+      load_k(tile + 1);
+      cp_commit();
+    }
+
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      uint32_t a[4];
+      a[0] = Mma<T>::pack(s[2 * ks][0], s[2 * ks][1]);
+      a[1] = Mma<T>::pack(s[2 * ks][2], s[2 * ks][3]);
+      a[2] = Mma<T>::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      a[3] = Mma<T>::pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+      for (int pr = 0; pr < DT / 2; ++pr) {
+        uint32_t bfr[4];
+        const int key = ks * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
+        ldsm_x4_t(smem_u32(sV + swz<D>(key, pr * 2 + (lane >> 4))), bfr);
+        Mma<T>::run(o[2 * pr], a, bfr[0], bfr[1]);
+        Mma<T>::run(o[2 * pr + 1], a, bfr[2], bfr[3]);
+      }
+    }
+  }
+
+  // Epilogue: normalise, stage this warp's rows in its own part of sQ, store 16-byte chunks.
+#pragma unroll
+  for (int rs = 0; rs < 2; ++rs) {
+    l_run[rs] += __shfl_xor_sync(0xffffffffu, l_run[rs], 1);
+    l_run[rs] += __shfl_xor_sync(0xffffffffu, l_run[rs], 2);
+    l_run[rs] = l_run[rs] > 0.f ? 1.f / l_run[rs] : 0.f;
+  }
+#pragma unroll
+  for (int d = 0; d < DT; ++d) {
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) {
+      const int row = warp * 16 + (lane >> 2) + rs * 8;
+      const uint32_t v = Mma<T>::pack(o[d][rs * 2] * l_run[rs], o[d][rs * 2 + 1] * l_run[rs]);
+      *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + ((lane & 3) << 1)) = v;
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int it = 0; it < kBM * CPR / kThreads; ++it) {
+    const int e = tid + it * kThreads;
+    const int row = e / CPR, ch16 = e % CPR;
+    const long long R = r0 + row;
+    if (R < rows_total) {
+      const int i = (int)(R / G), hh = (int)(R % G);
+      T* gp = out + ((long long)(start + i) * Hq + (long long)g * G + hh) * D + ch16 * 8;
+      *reinterpret_cast<uint4*>(gp) = *reinterpret_cast<const uint4*>(sQ + swz<D>(row, ch16));
+    }
+  }
+}
+
+template <typename T, int D>
+Status launch(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes<D>();
+  // Above 48 KiB the kernel must opt in (per device, so on every call; it is cheap).
+  if (cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           bytes) != cudaSuccess)
+    return Status::kCudaError;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const long long slots = (long long)p.total_tokens * G / kBM + p.num_seqs;
+  if (slots > INT_MAX) return Status::kUnsupported;
+  prefill_kernel<T, D><<<dim3((unsigned)slots, p.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
+  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+}
+
+template <typename T>
+Status launch_d(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, ws, stream);
+    case 128: return launch<T, 128>(p, ws, stream);
+    default: return Status::kUnsupported;
+  }
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p) {
+  if (p.total_tokens <= 0 || p.num_seqs <= 0 || p.num_kv_heads <= 0 || p.window < 1) return 0;
+  return ws_layout(p).total;
+}
+
+Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
+  if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 ||
+      p.num_q_heads % p.num_kv_heads != 0 || p.window < 1 || p.block_size < 1 ||
+      p.max_blocks_per_head < 0 || p.num_blocks < 0 || p.max_seqs < 0 || p.head_dim <= 0)
+    return Status::kInvalidArgument;
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return Status::kUnsupported;
+  if (p.head_dim != 64 && p.head_dim != 128) return Status::kUnsupported;
+  if (p.total_tokens == 0 || p.num_seqs == 0) return Status::kSuccess;
+  if (!p.q || !p.k || !p.v || !p.logits || !p.seq_slots || !p.cu_seqlens || !p.k_cache ||
+      !p.v_cache || !p.block_table || !p.seq_lens || !p.ring || !p.num_tokens || !p.out ||
+      !p.workspace)
+    return Status::kInvalidArgument;
+  // Rows are moved as 16-byte chunks.
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.k_cache) ||
+      !aligned16(p.v_cache) || !aligned16(p.out) || !aligned16(p.workspace))
+    return Status::kInvalidArgument;
+
+  const WsLayout l = ws_layout(p);
+  const WsPtrs ws = ws_ptrs(p, l);
+  prepare_kernel<<<dim3(p.num_seqs, p.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
+  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  return p.dtype == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
+                                     : launch_d<__half>(p, ws, stream);
+}
+
+}  // namespace dms
