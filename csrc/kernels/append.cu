@@ -1,0 +1,268 @@
+// dms::append: appends packed chunks with the DMS delayed-eviction rule (SPEC section 1).
+//
+// The rule is a serial recurrence per (row, KV head) over cheap ints; the K/V writes are the
+// bytes. Two shapes:
+// * decode (every chunk one token, the graph-captured hot path): ONE launch, a CTA per row
+//   with a warp per KV head. Lane 0 runs the rule while the warp's loads of the token's K/V
+//   rows are in flight; then the warp stores them at the slot. num_tokens of the row is bumped
+//   by the CTA after all its warps read it.
+// * chunks (prefill, mixed batches): a CTA per (chunk, KV head) takes the chunk in batches of
+//   S = min(256, w + 1) tokens. Within a batch, token t reads only ring entries of tokens
+//   <= t - (w+1), i.e. written before the batch, so the whole batch is decided at once: a
+//   CTA-wide prefix count of the appended tokens gives their slots, and the blocks they open
+//   are popped with one atomic. Then all 256 threads copy the batch's K/V rows. A second tiny
+//   kernel bumps num_tokens, since other heads' CTAs of the same row read it.
+// Blocks come off the shared free stack with atomics, so block ids may differ from the CPU
+// twin; the logical state (seq_lens, ring, num_tokens, K/V per slot) is identical.
+#include "dms/dms.h"
+#include "kernels/step.cuh"
+
+namespace dms {
+namespace {
+
+constexpr int kChunkThreads = 256;
+constexpr int kMaxDecodeWarps = 8;
+
+inline bool kv_vec16(const AppendParams& p) {
+  return (int64_t(p.head_dim) * dtype_size(p.dtype)) % 16 == 0 && dev::aligned16(p.k) &&
+         dev::aligned16(p.v) && dev::aligned16(p.k_cache) && dev::aligned16(p.v_cache);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one token per chunk.
+
+__global__ void append_decode_kernel(AppendParams p, bool vec16) {
+  const int c = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const int row = p.seq_slots[c];
+  const int tok = c;  // one token per chunk: cu_seqlens[c] == c
+  const int t = p.num_tokens[row];
+  const int H = p.num_kv_heads, D = p.head_dim, es = dev::elem_bytes(p.dtype);
+  const int row_bytes = D * es;
+  for (int g = warp; g < H; g += nwarps) {
+    const int64_t rg = int64_t(row) * H + g;
+    const char* ksrc = static_cast<const char*>(p.k) + (int64_t(tok) * H + g) * row_bytes;
+    const char* vsrc = static_cast<const char*>(p.v) + (int64_t(tok) * H + g) * row_bytes;
+    // Prefetch: K/V rows do not depend on the slot, so their latency overlaps the rule's.
+    const int nvec = vec16 ? row_bytes / 16 : 0;
+    constexpr int kPre = 4;
+    uint4 pre[kPre];
+    const bool prefetch = vec16 && 2 * nvec <= 32 * kPre;
+    if (prefetch) {
+#pragma unroll
+      for (int j = 0; j < kPre; ++j) {
+        const int i = lane + 32 * j;
+        if (i < 2 * nvec) {
+          pre[j] = i < nvec ? reinterpret_cast<const uint4*>(ksrc)[i]
+                            : reinterpret_cast<const uint4*>(vsrc)[i - nvec];
+        }
+      }
+    }
+    int64_t cache_row = -1;
+    if (lane == 0) {
+      dev::HeadState s{p.ring + rg * (p.window + 1), p.seq_lens + rg,
+                       p.block_table + rg * p.max_blocks_per_head};
+      cache_row = dev::step_token(s, t, p.logits[int64_t(tok) * H + g], p.window, p.block_size,
+                                  p.max_blocks_per_head, p.num_blocks, p.free_stack,
+                                  p.free_top, p.error);
+    }
+    cache_row = __shfl_sync(0xffffffffu, cache_row, 0);
+    if (cache_row < 0) continue;
+    char* kdst = static_cast<char*>(p.k_cache) + cache_row * row_bytes;
+    char* vdst = static_cast<char*>(p.v_cache) + cache_row * row_bytes;
+    if (prefetch) {
+#pragma unroll
+      for (int j = 0; j < kPre; ++j) {
+        const int i = lane + 32 * j;
+        if (i < nvec) reinterpret_cast<uint4*>(kdst)[i] = pre[j];
+        else if (i < 2 * nvec) reinterpret_cast<uint4*>(vdst)[i - nvec] = pre[j];
+      }
+    } else {
+      dev::copy_row(kdst, ksrc, row_bytes, vec16, lane, 32);
+      dev::copy_row(vdst, vsrc, row_bytes, vec16, lane, 32);
+    }
+  }
+  __syncthreads();  // every warp has read num_tokens[row]
+  if (threadIdx.x == 0) p.num_tokens[row] = t + 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunks.
+
+// Exclusive prefix count of `flag` over the CTA and the total, with warp ballots.
+__device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) s_warp[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kChunkThreads / 32; ++w) {
+    const int n = s_warp[w];
+    before += w < warp ? n : 0;
+    sum += n;
+  }
+  __syncthreads();  // s_warp may be reused by the next call
+  *total = sum;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+__global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParams p, bool vec16) {
+  __shared__ int s_warp[kChunkThreads / 32];
+  __shared__ int s_base;
+  __shared__ int64_t s_cache_row[kChunkThreads];
+  const int H = p.num_kv_heads, D = p.head_dim, es = dev::elem_bytes(p.dtype);
+  const int c = blockIdx.x / H, g = blockIdx.x % H;
+  const int row = p.seq_slots[c];
+  const int start = p.cu_seqlens[c], len = p.cu_seqlens[c + 1] - start;
+  const int t0 = p.num_tokens[row];
+  const int R = p.window + 1, bs = p.block_size, M = p.max_blocks_per_head;
+  const int64_t rg = int64_t(row) * H + g;
+  int32_t* ring = p.ring + rg * R;
+  int32_t* blocks = p.block_table + rg * M;
+  const float* logits = p.logits + int64_t(start) * H + g;  // logits[i * H]: token i of the chunk
+  const int S = R < kChunkThreads ? R : kChunkThreads;
+  const int i = threadIdx.x;
+  int seq_len = p.seq_lens[rg];
+
+  // The chunk's first logit decides the previous call's last token.
+  if (i == 0 && t0 >= 1 && len > 0) {
+    int32_t& e = ring[(t0 - 1) % R];
+    e = (e & ~1) | int32_t(logits[0] > 0.f);
+  }
+  __syncthreads();
+
+  const int row_bytes = D * es;
+  for (int b0 = 0; b0 < len; b0 += S) {
+    const int nb = min(S, len - b0);
+    const bool active = i < nb;
+    const int t = t0 + b0 + i;
+    bool reuse = false;
+    int slot = 0;
+    if (active && t >= R) {
+      const int32_t old = ring[t % R];
+      reuse = old & 1;
+      slot = old >> 1;
+    }
+    int fresh;
+    const int rank = block_prefix_count(active && !reuse, s_warp, &fresh);
+    if (active && !reuse) slot = seq_len + rank;
+    // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples of
+    // bs among them, popped together by one atomic.
+    const int have = (seq_len + bs - 1) / bs, need_total = (seq_len + fresh + bs - 1) / bs;
+    const int nblk = need_total - have;
+    if (i == 0) {
+      int base = 0;
+      if (need_total > M) {
+        dev::set_error(p.error, Status::kInvalidArgument);
+        base = -1;
+      } else if (nblk > 0) {
+        base = atomicSub(p.free_top, nblk);
+        if (base < nblk) {
+          atomicAdd(p.free_top, nblk);
+          dev::set_error(p.error, Status::kOutOfBlocks);
+          base = -1;
+        }
+      }
+      s_base = base;
+    }
+    __syncthreads();
+    const int base = s_base;
+    if (active && !reuse && slot % bs == 0 && base >= 0) {
+      blocks[slot / bs] = p.free_stack[base - 1 - (slot / bs - have)];
+    }
+    if (active) {
+      if (reuse && (slot < 0 || slot >= seq_len)) dev::set_error(p.error, Status::kInvalidArgument);
+      // Decision of token t comes with token t+1; the chunk's last token waits for the next call.
+      const bool d = b0 + i + 1 < len && logits[int64_t(b0 + i + 1) * H] > 0.f;
+      ring[t % R] = (slot << 1) | int32_t(d);
+    }
+    __syncthreads();  // popped block ids visible to the whole CTA
+    if (active) {
+      int64_t cr = -1;
+      const bool ok = base >= 0 && slot >= 0 && slot < seq_len + fresh;
+      if (ok) {
+        const int32_t blk = blocks[slot / bs];
+        if (blk >= 0 && blk < p.num_blocks) cr = int64_t(blk) * bs + slot % bs;
+        else dev::set_error(p.error, Status::kInvalidArgument);
+      }
+      s_cache_row[i] = cr;
+    }
+    seq_len += base >= 0 ? fresh : 0;
+    __syncthreads();
+    // All threads copy the batch's 2 * nb rows.
+    if (vec16) {
+      const int nvec = row_bytes / 16, per_tok = 2 * nvec;
+      for (int j = i; j < nb * per_tok; j += kChunkThreads) {
+        const int k = j / per_tok, r = j % per_tok;
+        const int64_t cr = s_cache_row[k];
+        if (cr < 0) continue;
+        const int64_t src = (int64_t(start) + b0 + k) * H + g;
+        const bool is_k = r < nvec;
+        const int v = is_k ? r : r - nvec;
+        const uint4* sp = reinterpret_cast<const uint4*>(static_cast<const char*>(is_k ? p.k : p.v) +
+                                                         src * row_bytes);
+        uint4* dp = reinterpret_cast<uint4*>(static_cast<char*>(is_k ? p.k_cache : p.v_cache) +
+                                             cr * row_bytes);
+        dp[v] = sp[v];
+      }
+    } else {
+      for (int k = i / 32; k < nb; k += kChunkThreads / 32) {
+        const int64_t cr = s_cache_row[k];
+        if (cr < 0) continue;
+        const int64_t src = ((int64_t(start) + b0 + k) * H + g) * row_bytes;
+        dev::copy_row(static_cast<char*>(p.k_cache) + cr * row_bytes,
+                      static_cast<const char*>(p.k) + src, row_bytes, false, i % 32, 32);
+        dev::copy_row(static_cast<char*>(p.v_cache) + cr * row_bytes,
+                      static_cast<const char*>(p.v) + src, row_bytes, false, i % 32, 32);
+      }
+    }
+    __syncthreads();  // s_cache_row and ring entries are rewritten by the next batch
+  }
+  if (i == 0) p.seq_lens[rg] = seq_len;
+}
+
+__global__ void advance_num_tokens_kernel(const int32_t* seq_slots, const int32_t* cu_seqlens,
+                                          int32_t* num_tokens, int n) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c < n) num_tokens[seq_slots[c]] += cu_seqlens[c + 1] - cu_seqlens[c];
+}
+
+}  // namespace
+
+Status append(const AppendParams& p, cudaStream_t stream) {
+  if (p.num_seqs < 0 || p.total_tokens < 0 || p.max_seqs < 0 || p.num_kv_heads <= 0 ||
+      p.head_dim <= 0 || p.block_size <= 0 || p.max_blocks_per_head < 0 || p.num_blocks < 0 ||
+      p.window < 1 || (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 &&
+                       p.dtype != DType::kBFloat16)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
+  if (p.total_tokens < p.num_seqs) return Status::kInvalidArgument;  // chunks hold >= 1 token
+  if (!p.seq_slots || !p.cu_seqlens || !p.block_table || !p.seq_lens || !p.ring ||
+      !p.num_tokens || !p.free_stack || !p.free_top || !p.k || !p.v || !p.logits ||
+      !p.k_cache || !p.v_cache) {
+    return Status::kInvalidArgument;
+  }
+  // Slots are stored as slot << 1 in the ring.
+  if (int64_t(p.max_blocks_per_head) * p.block_size > (int64_t(1) << 30)) {
+    return Status::kUnsupported;
+  }
+  const bool vec16 = kv_vec16(p);
+  if (p.total_tokens == p.num_seqs) {
+    // Every chunk has exactly one token (each has at least one): the decode shape.
+    const int warps = p.num_kv_heads < kMaxDecodeWarps ? p.num_kv_heads : kMaxDecodeWarps;
+    append_decode_kernel<<<p.num_seqs, warps * 32, 0, stream>>>(p, vec16);
+    DMS_LAUNCH_CHECK();
+    return Status::kSuccess;
+  }
+  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads;
+  if (grid > INT32_MAX) return Status::kUnsupported;
+  append_chunk_kernel<<<unsigned(grid), kChunkThreads, 0, stream>>>(p, vec16);
+  DMS_LAUNCH_CHECK();
+  advance_num_tokens_kernel<<<(p.num_seqs + 255) / 256, 256, 0, stream>>>(
+      p.seq_slots, p.cu_seqlens, p.num_tokens, p.num_seqs);
+  DMS_LAUNCH_CHECK();
+  return Status::kSuccess;
+}
+
+}  // namespace dms
