@@ -13,6 +13,7 @@ Status append(const AppendParams& p);
 Status sparse_prefill(const SparsePrefillParams& p);
 Status fork(const ForkParams& p);
 Status release(const ReleaseParams& p);
+Status decode_step(const DecodeStepParams& p);
 
 }  // namespace cpu
 }  // namespace dms

@@ -22,5 +22,6 @@ size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
 Status fork(const ForkParams& p, cudaStream_t stream);
 Status release(const ReleaseParams& p, cudaStream_t stream);
+Status decode_step(const DecodeStepParams& p, cudaStream_t stream);
 
 }  // namespace dms

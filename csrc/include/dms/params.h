@@ -155,6 +155,40 @@ struct ReleaseParams {
   int num_blocks = 0, window = 0;
 };
 
+// The fused decode step (one token per sequence): eviction_rope + append in one kernel.
+// q, k, v are the projections BEFORE norm / RoPE. The position of row b is num_tokens[row]
+// (read on the device), row = seq_slots[b]. q is normed and roped in place; k is normed and
+// roped on the way into the cache (the k buffer is not written); v is copied. Logits come
+// from the borrowed neuron (logits_in null: q's channel D-1 of head g*G, zeroed around RoPE)
+// or from the caller (logits_in [B, Hkv]: adapter variant, q keeps all its channels); either
+// way they are written to logits. Same state updates as dms::append.
+struct DecodeStepParams {
+  void* q = nullptr;                 // [B, Hq, D] contiguous, in place
+  const void* k = nullptr;           // [B, Hkv, D] contiguous
+  const void* v = nullptr;           // [B, Hkv, D] contiguous
+  const float* cos_sin_cache = nullptr;  // [max_position, D]: D/2 cos then D/2 sin
+  const int32_t* seq_slots = nullptr;    // [B] distinct rows of the state tensors
+  const float* logits_in = nullptr;  // optional [B, Hkv]
+  float* logits = nullptr;           // [B, Hkv] out
+  const void* q_norm_weight = nullptr;   // optional [D], dtype `dtype`
+  const void* k_norm_weight = nullptr;   // optional [D], dtype `dtype`
+  float norm_eps = 1e-6f;
+  float alpha_scale = 100.f, alpha_offset = 5.f;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int32_t* block_table = nullptr;    // [max_seqs, Hkv, max_blocks_per_head]
+  int32_t* seq_lens = nullptr;       // [max_seqs, Hkv]
+  int32_t* ring = nullptr;           // [max_seqs, Hkv, window + 1]
+  int32_t* num_tokens = nullptr;     // [max_seqs]
+  int32_t* free_stack = nullptr;     // [num_blocks]
+  int32_t* free_top = nullptr;       // [1]
+  int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
+  int batch = 0, max_seqs = 0, max_position = 0;
+  int num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0, window = 0;
+  DType dtype = DType::kBFloat16;
+};
+
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace dms
