@@ -1,0 +1,460 @@
+#include "torch/tensor_params.h"
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace dms {
+namespace torch_ext {
+
+namespace {
+
+constexpr int64_t kAny = -1;
+
+std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+std::string expect_str(const std::vector<int64_t>& e) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < e.size(); ++i) {
+    o << (i ? ", " : "");
+    if (e[i] == kAny) o << "*"; else o << e[i];
+  }
+  o << "]";
+  return o.str();
+}
+
+// `what` names the dims, e.g. "[T, Hkv, D]"; `e` holds the sizes already fixed by other
+// arguments (kAny where this argument is the one that defines them).
+void check_shape(const char* op, const at::Tensor& t, const char* name, const char* what,
+                 const std::vector<int64_t>& e) {
+  bool ok = t.dim() == int64_t(e.size());
+  for (size_t i = 0; ok && i < e.size(); ++i) ok = e[i] == kAny || t.size(i) == e[i];
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have shape ", what, " = ", expect_str(e),
+                    ", got ", shape_str(t.sizes()));
+}
+
+void check_device(const char* op, const at::Tensor& t, const char* name, const at::Device& d,
+                  const char* ref) {
+  TORCH_CHECK_VALUE(t.device() == d, op, ": ", name, " must be on the same device as ", ref,
+                    " (", d, "), got ", t.device());
+}
+
+void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType s) {
+  TORCH_CHECK_VALUE(t.scalar_type() == s, op, ": ", name, " must have dtype ", s, ", got ",
+                    t.scalar_type());
+}
+
+void check_contiguous(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// One helper for the common "int32, contiguous, this shape, this device" state tensors.
+void check_index(const char* op, const at::Tensor& t, const char* name, const char* what,
+                 const std::vector<int64_t>& e, const at::Device& d, const char* ref) {
+  check_device(op, t, name, d, ref);
+  check_dtype(op, t, name, at::kInt);
+  check_shape(op, t, name, what, e);
+  check_contiguous(op, t, name);
+}
+
+int to_int(const char* op, int64_t v, const char* what) {
+  TORCH_CHECK_VALUE(v >= 0 && v <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ",
+                    v, " does not fit in int32");
+  return int(v);
+}
+
+// Element offsets are int64 in the kernels, but every size must be an int.
+void check_numel(const char* op, const at::Tensor& t, const char* name) {
+  for (int64_t i = 0; i < t.dim(); ++i) to_int(op, t.size(i), name);
+}
+
+void check_float_tensor(const char* op, const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", s);
+}
+
+void check_scale(const char* op, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+// The KV pool: [num_blocks, block_size, D], both caches alike.
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& ref, const char* ref_name, int64_t D) {
+  check_device(op, k_cache, "k_cache", ref.device(), ref_name);
+  check_device(op, v_cache, "v_cache", ref.device(), ref_name);
+  check_dtype(op, k_cache, "k_cache", ref.scalar_type());
+  check_dtype(op, v_cache, "v_cache", ref.scalar_type());
+  check_shape(op, k_cache, "k_cache", "[num_blocks, block_size, D]", {kAny, kAny, D});
+  check_shape(op, v_cache, "v_cache", "[num_blocks, block_size, D] (as k_cache)",
+              {k_cache.size(0), k_cache.size(1), D});
+  check_contiguous(op, k_cache, "k_cache");
+  check_contiguous(op, v_cache, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1, op, ": k_cache block_size (dim 1) must be >= 1");
+  check_numel(op, k_cache, "k_cache size");
+}
+
+}  // namespace
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_VALUE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, const at::Tensor& block_table,
+                                        const at::Tensor& seq_lens, double scale) {
+  const char* op = "sparse_decode";
+  check_float_tensor(op, q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [B, Hq, D], got ", shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(q.size(2) == 1 || q.stride(2) == 1, op, ": q must have unit stride in its last dim");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK_VALUE(D >= 1, op, ": q head_dim must be >= 1");
+  check_caches(op, k_cache, v_cache, q, "q", D);
+  check_device(op, block_table, "block_table", q.device(), "q");
+  check_dtype(op, block_table, "block_table", at::kInt);
+  check_shape(op, block_table, "block_table", "[B, Hkv, max_blocks_per_head]", {B, kAny, kAny});
+  check_contiguous(op, block_table, "block_table");
+  const int64_t Hkv = block_table.size(1);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads (", Hq,
+                    ") must be a multiple of block_table's KV heads (", Hkv, ")");
+  check_index(op, seq_lens, "seq_lens", "[B, Hkv]", {B, Hkv}, q.device(), "q");
+  check_scale(op, scale);
+  check_numel(op, q, "q size");
+  check_numel(op, block_table, "block_table size");
+  SparseDecodeParams p;
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.batch = int(B);
+  p.num_q_heads = int(Hq);
+  p.num_kv_heads = int(Hkv);
+  p.head_dim = int(D);
+  p.block_size = int(k_cache.size(1));
+  p.max_blocks_per_head = int(block_table.size(2));
+  p.num_blocks = int(k_cache.size(0));
+  p.scale = float(scale);
+  p.dtype = dtype_of(q, "q");
+  return p;
+}
+
+EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions,
+                                        const at::Tensor& cos_sin_cache, double alpha_scale,
+                                        double alpha_offset,
+                                        const std::optional<at::Tensor>& q_norm_weight,
+                                        const std::optional<at::Tensor>& k_norm_weight,
+                                        double norm_eps) {
+  const char* op = "eviction_rope";
+  check_float_tensor(op, q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [T, Hq, D], got ", shape_str(q.sizes()));
+  check_contiguous(op, q, "q");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": q head_dim must be even (rotate-half RoPE), got ", D);
+  check_device(op, k, "k", q.device(), "q");
+  check_dtype(op, k, "k", q.scalar_type());
+  check_shape(op, k, "k", "[T, Hkv, D]", {T, kAny, D});
+  check_contiguous(op, k, "k");
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads (", Hq,
+                    ") must be a multiple of k heads (", Hkv, ")");
+  check_device(op, positions, "positions", q.device(), "q");
+  TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
+                    op, ": positions must be int32 or int64, got ", positions.scalar_type());
+  check_shape(op, positions, "positions", "[T]", {T});
+  check_contiguous(op, positions, "positions");
+  check_device(op, cos_sin_cache, "cos_sin_cache", q.device(), "q");
+  check_dtype(op, cos_sin_cache, "cos_sin_cache", at::kFloat);
+  check_shape(op, cos_sin_cache, "cos_sin_cache", "[max_position, D]", {kAny, D});
+  check_contiguous(op, cos_sin_cache, "cos_sin_cache");
+  TORCH_CHECK_VALUE(std::isfinite(alpha_scale) && std::isfinite(alpha_offset), op,
+                    ": alpha_scale and alpha_offset must be finite");
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op,
+                    ": norm_eps must be finite and >= 0, got ", norm_eps);
+  auto weight = [&](const std::optional<at::Tensor>& w, const char* name) -> const void* {
+    if (!w.has_value()) return nullptr;
+    check_device(op, *w, name, q.device(), "q");
+    check_dtype(op, *w, name, q.scalar_type());
+    check_shape(op, *w, name, "[D]", {D});
+    check_contiguous(op, *w, name);
+    return w->data_ptr();
+  };
+  check_numel(op, q, "q size");
+  check_numel(op, cos_sin_cache, "cos_sin_cache size");
+  EvictionRopeParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.positions = positions.data_ptr();
+  p.positions_is_int64 = positions.scalar_type() == at::kLong;
+  p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
+  p.num_tokens = int(T);
+  p.num_q_heads = int(Hq);
+  p.num_kv_heads = int(Hkv);
+  p.head_dim = int(D);
+  p.max_position = int(cos_sin_cache.size(0));
+  p.alpha_scale = float(alpha_scale);
+  p.alpha_offset = float(alpha_offset);
+  p.dtype = dtype_of(q, "q");
+  p.q_norm_weight = weight(q_norm_weight, "q_norm_weight");
+  p.k_norm_weight = weight(k_norm_weight, "k_norm_weight");
+  p.norm_eps = float(norm_eps);
+  return p;
+}
+
+namespace {
+
+// Checks shared by append and sparse_prefill: the packed chunk tensors and the per-row state.
+struct Packed {
+  int64_t T, Hkv, D, n, S, M, W;
+};
+
+Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& logits, const at::Tensor& seq_slots,
+                    const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& block_table,
+                    const at::Tensor& seq_lens, const at::Tensor& ring,
+                    const at::Tensor& num_tokens) {
+  check_float_tensor(op, k, "k");
+  TORCH_CHECK_VALUE(k.dim() == 3, op, ": k must have shape [T, Hkv, D], got ", shape_str(k.sizes()));
+  check_contiguous(op, k, "k");
+  Packed s{};
+  s.T = k.size(0);
+  s.Hkv = k.size(1);
+  s.D = k.size(2);
+  TORCH_CHECK_VALUE(s.Hkv >= 1 && s.D >= 1, op, ": k must have Hkv >= 1 and D >= 1, got ",
+                    shape_str(k.sizes()));
+  const auto dev = k.device();
+  check_device(op, v, "v", dev, "k");
+  check_dtype(op, v, "v", k.scalar_type());
+  check_shape(op, v, "v", "[T, Hkv, D]", {s.T, s.Hkv, s.D});
+  check_contiguous(op, v, "v");
+  check_device(op, logits, "logits", dev, "k");
+  check_dtype(op, logits, "logits", at::kFloat);
+  check_shape(op, logits, "logits", "[T, Hkv]", {s.T, s.Hkv});
+  check_contiguous(op, logits, "logits");
+  check_index(op, seq_slots, "seq_slots", "[n]", {kAny}, dev, "k");
+  s.n = seq_slots.size(0);
+  check_index(op, cu_seqlens, "cu_seqlens", "[n + 1]", {s.n + 1}, dev, "k");
+  check_caches(op, k_cache, v_cache, k, "k", s.D);
+  check_index(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
+              {kAny, s.Hkv, kAny}, dev, "k");
+  s.S = block_table.size(0);
+  s.M = block_table.size(2);
+  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {s.S, s.Hkv}, dev, "k");
+  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {s.S, s.Hkv, kAny}, dev, "k");
+  s.W = ring.size(2) - 1;
+  TORCH_CHECK_VALUE(s.W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
+                    ring.size(2));
+  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {s.S}, dev, "k");
+  check_numel(op, k, "k size");
+  check_numel(op, block_table, "block_table size");
+  check_numel(op, ring, "ring size");
+  return s;
+}
+
+}  // namespace
+
+AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+                           const at::Tensor& seq_slots, const at::Tensor& cu_seqlens,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& ring, const at::Tensor& num_tokens,
+                           const at::Tensor& free_stack, const at::Tensor& free_top) {
+  const char* op = "append";
+  const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
+                                block_table, seq_lens, ring, num_tokens);
+  check_index(op, free_stack, "free_stack", "[num_blocks]", {k_cache.size(0)}, k.device(), "k");
+  check_index(op, free_top, "free_top", "[1]", {1}, k.device(), "k");
+  AppendParams p;
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.logits = logits.data_ptr<float>();
+  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.free_stack = free_stack.data_ptr<int32_t>();
+  p.free_top = free_top.data_ptr<int32_t>();
+  p.num_seqs = int(s.n);
+  p.total_tokens = int(s.T);
+  p.max_seqs = int(s.S);
+  p.num_kv_heads = int(s.Hkv);
+  p.head_dim = int(s.D);
+  p.block_size = int(k_cache.size(1));
+  p.max_blocks_per_head = int(s.M);
+  p.num_blocks = int(k_cache.size(0));
+  p.window = int(s.W);
+  p.dtype = dtype_of(k, "k");
+  return p;
+}
+
+SparsePrefillParams sparse_prefill_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+    const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+    const at::Tensor& ring, const at::Tensor& num_tokens, double scale) {
+  const char* op = "sparse_prefill";
+  const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
+                                block_table, seq_lens, ring, num_tokens);
+  check_device(op, q, "q", k.device(), "k");
+  check_dtype(op, q, "q", k.scalar_type());
+  check_shape(op, q, "q", "[T, Hq, D]", {s.T, kAny, s.D});
+  check_contiguous(op, q, "q");
+  const int64_t Hq = q.size(1);
+  TORCH_CHECK_VALUE(Hq >= 1 && Hq % s.Hkv == 0, op, ": q heads (", Hq,
+                    ") must be a multiple of k heads (", s.Hkv, ")");
+  check_scale(op, scale);
+  check_numel(op, q, "q size");
+  SparsePrefillParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.logits = logits.data_ptr<float>();
+  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.num_seqs = int(s.n);
+  p.total_tokens = int(s.T);
+  p.max_seqs = int(s.S);
+  p.num_q_heads = int(Hq);
+  p.num_kv_heads = int(s.Hkv);
+  p.head_dim = int(s.D);
+  p.block_size = int(k_cache.size(1));
+  p.max_blocks_per_head = int(s.M);
+  p.num_blocks = int(k_cache.size(0));
+  p.window = int(s.W);
+  p.scale = float(scale);
+  p.dtype = dtype_of(q, "q");
+  return p;
+}
+
+namespace {
+
+struct StateSizes {
+  int64_t S, Hkv, M, W;
+};
+
+StateSizes check_state(const char* op, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                       const at::Tensor& ring, const at::Tensor& num_tokens,
+                       const at::Tensor& free_stack, const at::Tensor& free_top,
+                       int64_t num_blocks) {
+  const auto dev = block_table.device();
+  check_dtype(op, block_table, "block_table", at::kInt);
+  check_shape(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
+              {kAny, kAny, kAny});
+  check_contiguous(op, block_table, "block_table");
+  StateSizes s{block_table.size(0), block_table.size(1), block_table.size(2), 0};
+  TORCH_CHECK_VALUE(s.Hkv >= 1, op, ": block_table must have Hkv >= 1 (dim 1)");
+  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {s.S, s.Hkv}, dev, "block_table");
+  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {s.S, s.Hkv, kAny}, dev,
+              "block_table");
+  s.W = ring.size(2) - 1;
+  TORCH_CHECK_VALUE(s.W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
+                    ring.size(2));
+  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {s.S}, dev, "block_table");
+  check_index(op, free_stack, "free_stack", "[num_blocks]", {num_blocks}, dev, "block_table");
+  check_index(op, free_top, "free_top", "[1]", {1}, dev, "block_table");
+  check_numel(op, block_table, "block_table size");
+  check_numel(op, ring, "ring size");
+  check_numel(op, free_stack, "free_stack size");
+  return s;
+}
+
+}  // namespace
+
+ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& ring,
+                       const at::Tensor& num_tokens, const at::Tensor& free_stack,
+                       const at::Tensor& free_top) {
+  const char* op = "fork";
+  check_float_tensor(op, k_cache, "k_cache");
+  TORCH_CHECK_VALUE(k_cache.dim() == 3, op, ": k_cache must have shape [num_blocks, block_size, D], got ",
+                    shape_str(k_cache.sizes()));
+  check_caches(op, k_cache, v_cache, k_cache, "k_cache", k_cache.size(2));
+  check_device(op, block_table, "block_table", k_cache.device(), "k_cache");
+  const StateSizes s = check_state(op, block_table, seq_lens, ring, num_tokens, free_stack,
+                                   free_top, k_cache.size(0));
+  TORCH_CHECK_VALUE(src >= 0 && src < s.S, op, ": src must be in [0, ", s.S, "), got ", src);
+  TORCH_CHECK_VALUE(dst >= 0 && dst < s.S, op, ": dst must be in [0, ", s.S, "), got ", dst);
+  TORCH_CHECK_VALUE(src != dst, op, ": dst must differ from src, got ", src, " for both");
+  ForkParams p;
+  p.src = int(src);
+  p.dst = int(dst);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.free_stack = free_stack.data_ptr<int32_t>();
+  p.free_top = free_top.data_ptr<int32_t>();
+  p.max_seqs = int(s.S);
+  p.num_kv_heads = int(s.Hkv);
+  p.head_dim = int(k_cache.size(2));
+  p.block_size = int(k_cache.size(1));
+  p.max_blocks_per_head = int(s.M);
+  p.num_blocks = int(k_cache.size(0));
+  p.window = int(s.W);
+  p.dtype = dtype_of(k_cache, "k_cache");
+  return p;
+}
+
+ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
+                             const at::Tensor& seq_lens, const at::Tensor& ring,
+                             const at::Tensor& num_tokens, const at::Tensor& free_stack,
+                             const at::Tensor& free_top, int64_t block_size) {
+  const char* op = "release";
+  TORCH_CHECK_VALUE(free_stack.dim() == 1, op, ": free_stack must have shape [num_blocks], got ",
+                    shape_str(free_stack.sizes()));
+  const StateSizes s = check_state(op, block_table, seq_lens, ring, num_tokens, free_stack,
+                                   free_top, free_stack.size(0));
+  TORCH_CHECK_VALUE(row >= 0 && row < s.S, op, ": row must be in [0, ", s.S, "), got ", row);
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(), op,
+                    ": block_size must be >= 1, got ", block_size);
+  ReleaseParams p;
+  p.row = int(row);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.free_stack = free_stack.data_ptr<int32_t>();
+  p.free_top = free_top.data_ptr<int32_t>();
+  p.max_seqs = int(s.S);
+  p.num_kv_heads = int(s.Hkv);
+  p.block_size = int(block_size);
+  p.max_blocks_per_head = int(s.M);
+  p.num_blocks = int(free_stack.size(0));
+  p.window = int(s.W);
+  return p;
+}
+
+}  // namespace torch_ext
+}  // namespace dms

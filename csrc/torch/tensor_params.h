@@ -1,0 +1,57 @@
+// Tensor -> params struct, shared by the CPU and CUDA impls. Validates what can be checked
+// without reading device memory (dtype, device, shape, contiguity, sizes) and raises
+// ValueError (TORCH_CHECK_VALUE) naming the argument. Data-dependent checks (block ids,
+// lengths, slots) are the CPU impl's business; a CUDA launch must not sync to do them.
+#pragma once
+#include <torch/types.h>
+
+#include <optional>
+
+#include "dms/params.h"
+
+namespace dms {
+namespace torch_ext {
+
+DType dtype_of(const at::Tensor& t, const char* name);
+
+// out / lse are left unset: the caller allocates them after validation.
+SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, const at::Tensor& block_table,
+                                        const at::Tensor& seq_lens, double scale);
+
+// logits is left unset.
+EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions,
+                                        const at::Tensor& cos_sin_cache, double alpha_scale,
+                                        double alpha_offset,
+                                        const std::optional<at::Tensor>& q_norm_weight,
+                                        const std::optional<at::Tensor>& k_norm_weight,
+                                        double norm_eps);
+
+AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+                           const at::Tensor& seq_slots, const at::Tensor& cu_seqlens,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& ring, const at::Tensor& num_tokens,
+                           const at::Tensor& free_stack, const at::Tensor& free_top);
+
+// out is left unset.
+SparsePrefillParams sparse_prefill_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+    const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+    const at::Tensor& ring, const at::Tensor& num_tokens, double scale);
+
+ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& ring,
+                       const at::Tensor& num_tokens, const at::Tensor& free_stack,
+                       const at::Tensor& free_top);
+
+ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
+                             const at::Tensor& seq_lens, const at::Tensor& ring,
+                             const at::Tensor& num_tokens, const at::Tensor& free_stack,
+                             const at::Tensor& free_top, int64_t block_size);
+
+}  // namespace torch_ext
+}  // namespace dms

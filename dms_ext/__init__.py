@@ -1,0 +1,6 @@
+"""dms_ext: kernels and a paged KV cache for Dynamic Memory Sparsification (DMS)."""
+from . import _C  # noqa: F401  (runs the TORCH_LIBRARY block: torch.ops.dms.*)
+from . import ops, reference
+from .cache import DMSCache, OutOfBlocks
+
+__all__ = ["ops", "reference", "DMSCache", "OutOfBlocks"]

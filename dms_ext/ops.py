@@ -1,0 +1,119 @@
+"""Python face of the dms op library: fake (meta) kernels for torch.compile / opcheck, and thin
+wrappers with defaults over torch.ops.dms.*. Schemas and contracts: csrc/torch/registration.cpp.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.dms)
+
+__all__ = [
+    "sparse_decode", "sparse_decode_lse", "eviction_rope", "append", "sparse_prefill", "fork",
+    "release",
+]
+
+
+# Fake kernels: shapes and dtypes only, never data (no sync, graph- and compile-safe).
+
+@torch.library.register_fake("dms::sparse_decode")
+def _sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dms::sparse_decode_lse")
+def _sparse_decode_lse_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("dms::eviction_rope")
+def _eviction_rope_fake(q, k, positions, cos_sin_cache, alpha_scale, alpha_offset,
+                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
+    return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("dms::append")
+def _append_fake(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
+                 ring, num_tokens, free_stack, free_top):
+    return None
+
+
+@torch.library.register_fake("dms::sparse_prefill")
+def _sparse_prefill_fake(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
+                         seq_lens, ring, num_tokens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dms::fork")
+def _fork_fake(src, dst, k_cache, v_cache, block_table, seq_lens, ring, num_tokens, free_stack,
+               free_top):
+    return None
+
+
+@torch.library.register_fake("dms::release")
+def _release_fake(row, block_table, seq_lens, ring, num_tokens, free_stack, free_top, block_size):
+    return None
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Paged per-head decode attention: out [B, Hq, D]; scale defaults to 1/sqrt(D)."""
+    return torch.ops.dms.sparse_decode(q, k_cache, v_cache, block_table, seq_lens,
+                                       _scale(scale, q.shape[-1]))
+
+
+def sparse_decode_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sparse_decode plus lse float32 [B, Hq] (-inf for an empty head)."""
+    return torch.ops.dms.sparse_decode_lse(q, k_cache, v_cache, block_table, seq_lens,
+                                           _scale(scale, q.shape[-1]))
+
+
+def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, alpha_scale: float = 100.0,
+                  alpha_offset: float = 5.0, q_norm_weight: Optional[torch.Tensor] = None,
+                  k_norm_weight: Optional[torch.Tensor] = None,
+                  norm_eps: float = 1e-6) -> torch.Tensor:
+    """In place on q [T, Hq, D] and k [T, Hkv, D]; returns eviction logits float32 [T, Hkv]."""
+    return torch.ops.dms.eviction_rope(q, k, positions, cos_sin_cache, float(alpha_scale),
+                                       float(alpha_offset), q_norm_weight, k_norm_weight,
+                                       float(norm_eps))
+
+
+def append(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens, ring,
+           num_tokens, free_stack, free_top) -> None:
+    """Appends packed chunks with DMS delayed eviction, updating the state tensors in place."""
+    torch.ops.dms.append(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
+                         seq_lens, ring, num_tokens, free_stack, free_top)
+
+
+def sparse_prefill(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
+                   seq_lens, ring, num_tokens, scale: Optional[float] = None) -> torch.Tensor:
+    """Prefill attention of packed chunks over cache + chunk with the DMS rule: out [T, Hq, D]."""
+    return torch.ops.dms.sparse_prefill(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
+                                        block_table, seq_lens, ring, num_tokens,
+                                        _scale(scale, q.shape[-1]))
+
+
+def fork(src: int, dst: int, k_cache, v_cache, block_table, seq_lens, ring, num_tokens,
+         free_stack, free_top) -> None:
+    """Copies state row src into the empty row dst (new blocks, K/V copied)."""
+    torch.ops.dms.fork(int(src), int(dst), k_cache, v_cache, block_table, seq_lens, ring,
+                       num_tokens, free_stack, free_top)
+
+
+def release(row: int, block_table, seq_lens, ring, num_tokens, free_stack, free_top,
+            block_size: int) -> None:
+    """Returns every block of state row `row` to free_stack and clears the row."""
+    torch.ops.dms.release(int(row), block_table, seq_lens, ring, num_tokens, free_stack, free_top,
+                          int(block_size))
