@@ -102,21 +102,20 @@ struct HeadState {
   int32_t* blocks;       // &block_table[row, g, 0]
 };
 
-// The DMS rule for one token at position t of (row, g), run by a single thread: flag the
-// previous token (d_{t-1} = logit_t > 0); take over the slot of token t-(w+1) if it is flagged
-// (it has just left the window of every later query), else append at seq_len, opening a block
-// when the slot starts one. Returns the cache row (block * block_size + slot % block_size) to
-// write, or -1 when the state or the pool is inconsistent (error set, nothing to write).
-__device__ __forceinline__ int64_t step_token(const HeadState& s, int t, float logit, int window,
-                                              int block_size, int max_blocks, int num_blocks,
-                                              int32_t* free_stack, int32_t* free_top,
-                                              int32_t* error) {
+// The DMS rule for one token at position t of (row, g), run by a single thread, except the
+// flag of token t-1 (see step_token): take over the slot of token t-(w+1) if it is flagged (it
+// has just left the window of every later query), else append at seq_len, opening a block when
+// the slot starts one. The decision of t-1 cannot change t's choice (t-1 != t-(w+1) for
+// w >= 1), which lets the fused step run this before the logit exists. Returns the cache row
+// (block * block_size + slot % block_size) to write, or -1 when the state or the pool is
+// inconsistent (error set, nothing to write).
+__device__ __forceinline__ int64_t step_token_slot(const HeadState& s, int t, int window,
+                                                   int block_size, int max_blocks,
+                                                   int num_blocks, int32_t* free_stack,
+                                                   int32_t* free_top, int32_t* error) {
   const int R = window + 1;
-  // Independent loads first: (t-1) % R != t % R since R >= 2.
-  const int32_t prev = t >= 1 ? s.ring[(t - 1) % R] : 0;
   const int32_t old = t >= R ? s.ring[t % R] : 0;
   const int32_t len = *s.seq_len;
-  if (t >= 1) s.ring[(t - 1) % R] = (prev & ~1) | int32_t(logit > 0.f);
   int slot;
   int32_t blk;
   if (t >= R && (old & 1)) {
@@ -146,6 +145,19 @@ __device__ __forceinline__ int64_t step_token(const HeadState& s, int t, float l
     return -1;
   }
   return int64_t(blk) * block_size + slot % block_size;
+}
+
+// The whole rule for one token: d_{t-1} = (logit_t > 0) into the ring, then the slot.
+__device__ __forceinline__ int64_t step_token(const HeadState& s, int t, float logit, int window,
+                                              int block_size, int max_blocks, int num_blocks,
+                                              int32_t* free_stack, int32_t* free_top,
+                                              int32_t* error) {
+  if (t >= 1) {
+    int32_t& e = s.ring[(t - 1) % (window + 1)];
+    e = (e & ~1) | int32_t(logit > 0.f);
+  }
+  return step_token_slot(s, t, window, block_size, max_blocks, num_blocks, free_stack, free_top,
+                         error);
 }
 
 }  // namespace dev
