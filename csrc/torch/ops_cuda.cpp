@@ -1,0 +1,166 @@
+// CUDA impls of every dms op: validate (tensor_params.h; shapes and dtypes only, never device
+// data, so no host sync), allocate outputs, launch on the current stream (anything else breaks
+// CUDA-graph capture), and turn a dms::Status into a Python exception.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "dms/dms.h"
+#include "torch/tensor_params.h"
+
+namespace dms {
+namespace torch_ext {
+namespace {
+
+void check_launch(Status s, const char* op) {
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK_VALUE(s != Status::kInvalidArgument, op, ": ", status_string(s));
+  TORCH_CHECK_NOT_IMPLEMENTED(s != Status::kUnsupported, op, ": ", status_string(s));
+  TORCH_CHECK(s == Status::kSuccess, op, ": ", status_string(s));
+}
+
+int sm_count(const at::Device& d) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d.index()));
+  return n;
+}
+
+void check_cuda(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+void check_half(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": ",
+                    name, " must be bfloat16 or float16 on CUDA, got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const at::Tensor& k_cache,
+                                                      const at::Tensor& v_cache,
+                                                      const at::Tensor& block_table,
+                                                      const at::Tensor& seq_lens, double scale,
+                                                      bool want_lse) {
+  check_cuda("sparse_decode", q, "q");
+  check_half("sparse_decode", q, "q");
+  SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.o_stride_b = out.stride(0);
+  p.o_stride_h = out.stride(1);
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  if (p.batch == 0 || p.num_q_heads == 0) return {out, lse};
+  const int num_sms = sm_count(q.device());
+  const size_t ws = sparse_decode_workspace_bytes(p, num_sms);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({int64_t(ws)}, q.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+  }
+  check_launch(sparse_decode(p, c10::cuda::getCurrentCUDAStream()), "sparse_decode");
+  return {out, lse};
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+  return std::get<0>(sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_lse_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache,
+                                                          const at::Tensor& block_table,
+                                                          const at::Tensor& seq_lens, double scale) {
+  return sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, true);
+}
+
+at::Tensor eviction_rope_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
+                              const at::Tensor& cos_sin_cache, double alpha_scale, double alpha_offset,
+                              const std::optional<at::Tensor>& q_norm_weight,
+                              const std::optional<at::Tensor>& k_norm_weight, double norm_eps) {
+  check_cuda("eviction_rope", q, "q");
+  check_half("eviction_rope", q, "q");
+  EvictionRopeParams p = eviction_rope_params(q, k, positions, cos_sin_cache, alpha_scale,
+                                              alpha_offset, q_norm_weight, k_norm_weight, norm_eps);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor logits = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  p.logits = logits.data_ptr<float>();
+  if (p.num_tokens == 0) return logits;
+  check_launch(eviction_rope(p, c10::cuda::getCurrentCUDAStream()), "eviction_rope");
+  return logits;
+}
+
+void append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+                 const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, at::Tensor& k_cache,
+                 at::Tensor& v_cache, at::Tensor& block_table, at::Tensor& seq_lens, at::Tensor& ring,
+                 at::Tensor& num_tokens, at::Tensor& free_stack, at::Tensor& free_top) {
+  check_cuda("append", k, "k");
+  check_half("append", k, "k");
+  AppendParams p = append_params(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
+                                 seq_lens, ring, num_tokens, free_stack, free_top);
+  const c10::cuda::CUDAGuard guard(k.device());
+  if (p.num_seqs == 0) return;
+  check_launch(append(p, c10::cuda::getCurrentCUDAStream()), "append");
+}
+
+at::Tensor sparse_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& logits, const at::Tensor& seq_slots,
+                               const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_table,
+                               const at::Tensor& seq_lens, const at::Tensor& ring,
+                               const at::Tensor& num_tokens, double scale) {
+  check_cuda("sparse_prefill", q, "q");
+  check_half("sparse_prefill", q, "q");
+  SparsePrefillParams p = sparse_prefill_params(q, k, v, logits, seq_slots, cu_seqlens, k_cache,
+                                                v_cache, block_table, seq_lens, ring, num_tokens, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  p.out = out.data_ptr();
+  if (p.num_seqs == 0) return out;
+  const size_t ws = sparse_prefill_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({int64_t(ws)}, q.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+  }
+  check_launch(sparse_prefill(p, c10::cuda::getCurrentCUDAStream()), "sparse_prefill");
+  return out;
+}
+
+void fork_cuda(int64_t src, int64_t dst, at::Tensor& k_cache, at::Tensor& v_cache,
+               at::Tensor& block_table, at::Tensor& seq_lens, at::Tensor& ring, at::Tensor& num_tokens,
+               at::Tensor& free_stack, at::Tensor& free_top) {
+  check_cuda("fork", k_cache, "k_cache");
+  check_half("fork", k_cache, "k_cache");
+  ForkParams p = fork_params(src, dst, k_cache, v_cache, block_table, seq_lens, ring, num_tokens,
+                             free_stack, free_top);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  check_launch(fork(p, c10::cuda::getCurrentCUDAStream()), "fork");
+}
+
+void release_cuda(int64_t row, at::Tensor& block_table, at::Tensor& seq_lens, at::Tensor& ring,
+                  at::Tensor& num_tokens, at::Tensor& free_stack, at::Tensor& free_top,
+                  int64_t block_size) {
+  check_cuda("release", block_table, "block_table");
+  ReleaseParams p = release_params(row, block_table, seq_lens, ring, num_tokens, free_stack,
+                                   free_top, block_size);
+  const c10::cuda::CUDAGuard guard(block_table.device());
+  check_launch(release(p, c10::cuda::getCurrentCUDAStream()), "release");
+}
+
+}  // namespace
+}  // namespace torch_ext
+}  // namespace dms
+
+TORCH_LIBRARY_IMPL(dms, CUDA, m) {
+  using namespace dms::torch_ext;
+  m.impl("sparse_decode", &sparse_decode_cuda);
+  m.impl("sparse_decode_lse", &sparse_decode_lse_cuda);
+  m.impl("eviction_rope", &eviction_rope_cuda);
+  m.impl("append", &append_cuda);
+  m.impl("sparse_prefill", &sparse_prefill_cuda);
+  m.impl("fork", &fork_cuda);
+  m.impl("release", &release_cuda);
+}
