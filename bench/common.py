@@ -141,7 +141,7 @@ class Ceiling:
 
     def md(self) -> str:
         return (f"read ceiling: torch.sum over {self.read_bytes / 2**30:.0f} GiB bf16 = "
-                f"{self.read_gbs:.0f} GB/s; copy of {self.copy_bytes / 2**30:.0f} GiB = "
+                f"{self.read_gbs:.0f} GB/s; copy of {self.copy_bytes / 2**31:.0f} GiB = "
                 f"{self.copy_gbs:.0f} GB/s (read + write counted); % of ceiling below uses "
                 f"the larger, {self.best_gbs:.0f} GB/s")
 
