@@ -45,7 +45,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   check_cuda("sparse_decode", q, "q");
   check_half("sparse_decode", q, "q");
   SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale);
+  TORCH_CHECK_VALUE(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256,
+                    "sparse_decode: q head_dim must be 64, 128 or 256 on CUDA, got ", p.head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
+  // The kernel moves q rows with 16-byte copies: a view with odd strides or offset is copied.
+  at::Tensor qc = q;
+  if (q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
+    qc = q.contiguous();
+    p.q = qc.data_ptr();
+    p.q_stride_b = qc.stride(0);
+    p.q_stride_h = qc.stride(1);
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
