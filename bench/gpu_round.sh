@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# One GPU round on the H200 machine (torch 2.11 + CUDA 13.0, no network), run from the repo root:
+#
+#   bash bench/gpu_round.sh [stage ...]          default stages: tests decode
+#
+# stages: tests     each tests/test_cuda_*.py in its own pytest (a crash loses one file only)
+#         cputests  the CPU test suite (everything but tests/test_cuda_*.py)
+#         decode    bench/bench_decode.py (FlashInfer JIT runs in the background during the build)
+#         step      bench/bench_step.py          prefill   bench/bench_prefill.py
+#         e2e       bench/bench_e2e.py if present, else python -m dms_ext.demo --device cuda
+#         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
+#         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
+#         all       tests decode step prefill e2e ncu
+# It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext
+# in place for sm_90a, runs the stages (each under `timeout`, continuing past failures) and
+# prints a summary table LAST. $OUT gets: summary.md, build.log, logs.tgz (every stage log) and
+# the bench/results/*.md this round wrote.
+# Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
+# the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
+# DECODE_ARGS (extra bench_decode flags), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+set -u -o pipefail
+
+T0=$(date +%s)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/dms_round}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d /tmp/dms_round_logs.XXXXXX)
+MARK="$LOGS/.start"; touch "$MARK"
+PY=${PYTHON:-python3}
+BUDGET=${ROUND_BUDGET_S:-570}
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests decode)
+if [[ " ${STAGES[*]} " == *" all "* ]]; then STAGES=(tests decode step prefill e2e ncu); fi
+
+ROWS=()      # "stage|rc|seconds|key numbers"
+NOTES=()     # lines printed just above the summary (first errors of failing stages)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+add_row() { ROWS+=("$1|$2|$3|${4//|//}"); }
+want() { [[ " ${STAGES[*]} " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- (a) carried wheels
+SITE=/tmp/site
+t=$(date +%s)
+if [ ! -d "$SITE/cutlass_library" ]; then
+  $PY -m pip install -q --no-index --no-deps --target "$SITE" .carry/*.whl >"$LOGS/install.log" 2>&1
+  rc=$?
+  echo "installed $(ls .carry/*.whl | xargs -n1 basename | tr '\n' ' ')into $SITE" >>"$LOGS/install.log"
+else
+  echo "already installed" >"$LOGS/install.log"; rc=0
+fi
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+add_row install $rc $(( $(date +%s) - t )) "$(tail -n 1 "$LOGS/install.log" | cut -c1-80)"
+
+{ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name())"
+  nvcc --version | tail -n 2; } >"$LOGS/env.log" 2>&1
+
+# ---------------------------------------------------------------- (b) FlashInfer sdist
+FI_NAME=flashinfer_python-0.2.14.post1
+FI_SRC="$ROOT/build/flashinfer_src"
+FI_DIR="$FI_SRC/$FI_NAME"
+export DMS_FLASHINFER_SRC="$FI_SRC"
+export FLASHINFER_WORKSPACE_BASE="$ROOT/build/flashinfer_ws"   # JIT cache survives a warm machine
+FI_PID=""
+if want decode; then
+  if [ ! -d "$FI_DIR/flashinfer" ] && [ -f ".carry/$FI_NAME.tar.gz" ]; then
+    mkdir -p "$FI_SRC" && tar xzf ".carry/$FI_NAME.tar.gz" -C "$FI_SRC"
+  fi
+  if [ -d "$FI_DIR/flashinfer" ]; then
+    mkdir -p "$FI_DIR/flashinfer/data"
+    for pair in cutlass:3rdparty/cutlass spdlog:3rdparty/spdlog csrc:csrc include:include tvm_binding:tvm_binding; do
+      ln -sfn "../../${pair#*:}" "$FI_DIR/flashinfer/data/${pair%%:*}"
+    done
+    # JIT-compile FlashInfer's decode modules while dms_ext builds; the decode stage waits for it.
+    if [ "${FI_WARM:-1}" = 1 ]; then
+      PYTHONPATH="$PYTHONPATH:$FI_DIR" $PY bench/flashinfer_peer.py --warm >"$LOGS/flashinfer_warm.log" 2>&1 &
+      FI_PID=$!
+    fi
+  else
+    echo "no FlashInfer sdist (.carry/$FI_NAME.tar.gz)" >"$LOGS/flashinfer_warm.log"
+  fi
+fi
+
+# ---------------------------------------------------------------- (c) build dms_ext in place
+t=$(date +%s)
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "SKIP_BUILD=1" >"$OUT/build.log"; rc=0
+else
+  MAX_JOBS=$MAX_JOBS DMS_CUDA_ARCH=90a $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  rc=$?
+fi
+key=$($PY -c "
+import torch, dms_ext
+ops = sorted({s.name.split('::')[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith('dms::')})
+cuda = [o for o in ops if torch._C._dispatch_has_kernel_for_dispatch_key('dms::' + o, 'CUDA')]
+print(f'{len(ops)} ops, {len(cuda)} with CUDA kernels; no CUDA: ' + (' '.join(sorted(set(ops) - set(cuda))) or '-'))
+" 2>&1 | tail -n 1 | cut -c1-160)
+add_row build $rc $(( $(date +%s) - t )) "$key"
+if [ $rc -ne 0 ]; then
+  NOTES+=("build failed; first errors:")
+  while IFS= read -r l; do NOTES+=("  $l"); done < <(grep -E "error|Error" "$OUT/build.log" | head -n 15 | cut -c1-240)
+fi
+
+# ---------------------------------------------------------------- (d) stages
+stage_timeout() {  # stage default -> seconds it may run, leaving time for the summary
+  local v="STAGE_TIMEOUT_$1"; local want_s=${!v:-$2}
+  local left=$(( BUDGET - $(elapsed) - 20 ))
+  [ $left -lt $want_s ] && want_s=$left
+  echo $want_s
+}
+
+run_cmd() {  # name default_timeout log command... ; sets RC and SECS
+  local name=$1 tdef=$2 log=$3; shift 3
+  local to; to=$(stage_timeout "$name" "$tdef")
+  if [ "$to" -lt 15 ]; then RC=skip; SECS=0; echo "skipped: round budget spent" >"$log"; return; fi
+  local t=$(date +%s)
+  echo "+ timeout $to $*" >"$log"
+  timeout -k 10 "$to" "$@" >>"$log" 2>&1
+  RC=$?
+  [ $RC -eq 124 ] && RC="124(timeout ${to}s)"
+  SECS=$(( $(date +%s) - t ))
+}
+
+pytest_key() {  # last pytest summary line, e.g. "40 passed, 2 failed in 12.3s"
+  grep -E "(passed|failed|error|skipped|no tests ran)" "$1" | tail -n 1 | sed 's/=//g; s/^ *//' | cut -c1-100
+}
+
+note_failures() {  # first interesting lines of a failing log
+  local name=$1 log=$2 pattern=$3
+  NOTES+=("$name:")
+  while IFS= read -r l; do NOTES+=("  $l"); done < <(grep -E "$pattern" "$log" | head -n 12 | cut -c1-240)
+}
+
+stage_tests() {
+  local f base
+  for f in tests/test_cuda_*.py; do
+    [ -e "$f" ] || { add_row tests 1 0 "no tests/test_cuda_*.py"; return; }
+    base=$(basename "$f" .py)
+    run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} "$f"
+    add_row "$base" "$RC" "$SECS" "$(pytest_key "$LOGS/$base.log")"
+    [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:|Fatal|core dumped"
+  done
+}
+
+stage_cputests() {
+  run_cmd cputests 300 "$LOGS/cputests.log" $PY -m pytest -q -rfE -p no:cacheprovider \
+    --ignore-glob='tests/test_cuda_*' tests
+  add_row cputests "$RC" "$SECS" "$(pytest_key "$LOGS/cputests.log")"
+  [ "$RC" != 0 ] && note_failures cputests "$LOGS/cputests.log" "^(FAILED|ERROR)"
+}
+
+bench_key() {  # the bench's SUMMARY: line if it prints one, else its last line
+  local k; k=$(grep -E "^SUMMARY:" "$1" | tail -n 1 | sed 's/^SUMMARY: *//')
+  [ -z "$k" ] && k=$(grep -v '^\s*$' "$1" | tail -n 1)
+  echo "$k" | cut -c1-400
+}
+
+stage_bench() {  # name script default_timeout [args]
+  local name=$1 script=$2 tdef=$3; shift 3
+  if [ ! -f "$script" ]; then add_row "$name" missing 0 "$script not found"; return; fi
+  run_cmd "$name" "$tdef" "$LOGS/$name.log" $PY "$script" "$@"
+  add_row "$name" "$RC" "$SECS" "$(bench_key "$LOGS/$name.log")"
+  [ "$RC" != 0 ] && note_failures "$name" "$LOGS/$name.log" "Error|error|Traceback|failed"
+}
+
+stage_decode() {
+  local t=$(date +%s)
+  if [ -n "$FI_PID" ]; then wait "$FI_PID"; local frc=$?
+    add_row flashinfer_jit $frc $(( $(date +%s) - t )) "$(tail -n 1 "$LOGS/flashinfer_warm.log" | cut -c1-150)"
+  fi
+  PYTHONPATH="$PYTHONPATH:$FI_DIR" stage_bench decode bench/bench_decode.py 300 ${DECODE_ARGS:-}
+}
+
+find_tool() {  # ncu / compute-sanitizer on PATH or in the usual CUDA folders
+  command -v "$1" 2>/dev/null && return
+  ls /usr/local/cuda/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda/nsight-compute*/"$1" 2>/dev/null | head -n 1
+}
+
+stage_ncu() {
+  local NCU; NCU=$(find_tool ncu)
+  if [ -z "$NCU" ]; then add_row ncu missing 0 "ncu not found"; return; fi
+  rm -f "$LOGS/ncu_metrics.csv"
+  run_cmd ncu 180 "$LOGS/ncu.log" "$NCU" --clock-control none --csv --log-file "$LOGS/ncu_metrics.csv" \
+    --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
+    -k regex:sparse_decode $PY bench/bench_decode.py --ncu
+  local rc=$RC secs=$SECS
+  local key; key=$($PY - "$LOGS/ncu_metrics.csv" <<'EOF' 2>&1 | tail -n 1
+import csv, re, sys, collections
+rows = [l for l in open(sys.argv[1], errors="replace")]
+start = next((i for i, l in enumerate(rows) if l.startswith('"ID"')), None)
+if start is None:
+    print("no ncu csv rows (see ncu.log)"); sys.exit()
+acc = collections.defaultdict(list)
+for r in csv.DictReader(rows[start:]):
+    name = re.sub(r"[<(].*", "", r["Kernel Name"]).split("::")[-1].strip()
+    try:
+        acc[(name, r["Metric Name"])].append(float(r["Metric Value"].replace(",", "")))
+    except ValueError:
+        pass
+short = {"dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram%",
+         "sm__warps_active.avg.pct_of_peak_sustained_active": "occ%",
+         "gpu__time_duration.sum": "time"}
+out = collections.defaultdict(list)
+for (k, m), v in acc.items():
+    mean = sum(v) / len(v)
+    unit = "us" if m == "gpu__time_duration.sum" else ""
+    if m == "gpu__time_duration.sum" and mean > 1e3:  # ncu reports ns for short kernels
+        mean /= 1e3
+    out[k].append(f"{short.get(m, m)} {mean:.1f}{unit} (n={len(v)})")
+print("; ".join(f"{k}: " + ", ".join(sorted(v)) for k, v in out.items()))
+EOF
+)
+  add_row ncu "$rc" "$secs" "$key"
+  [ "$rc" != 0 ] && note_failures ncu "$LOGS/ncu.log" "ERR|Error|error"
+  # The fuller `--set basic` report of the same calls, for the logs only.
+  run_cmd ncu 120 "$LOGS/ncu_basic.log" "$NCU" --clock-control none --set basic -k regex:sparse_decode \
+    -c 4 $PY bench/bench_decode.py --ncu
+}
+
+stage_memcheck() {
+  local CS; CS=$(find_tool compute-sanitizer)
+  if [ -z "$CS" ]; then add_row memcheck missing 0 "compute-sanitizer not found"; return; fi
+  run_cmd memcheck 240 "$LOGS/memcheck.log" "$CS" --tool memcheck --error-exitcode 3 \
+    $PY bench/bench_decode.py --memcheck
+  add_row memcheck "$RC" "$SECS" "$(grep -E "ERROR SUMMARY|bad cases" "$LOGS/memcheck.log" | tr '\n' ' ' | cut -c1-150)"
+  [ "$RC" != 0 ] && note_failures memcheck "$LOGS/memcheck.log" "Invalid|ERROR|BAD|Error"
+}
+
+stage_e2e() {
+  if [ -f bench/bench_e2e.py ]; then stage_bench e2e bench/bench_e2e.py 240; return; fi
+  run_cmd e2e 240 "$LOGS/e2e.log" $PY -m dms_ext.demo --device cuda
+  add_row e2e "$RC" "$SECS" "$(bench_key "$LOGS/e2e.log")"
+  [ "$RC" != 0 ] && note_failures e2e "$LOGS/e2e.log" "Error|error|Traceback"
+}
+
+for s in "${STAGES[@]}"; do
+  case "$s" in
+    tests) stage_tests ;;
+    cputests) stage_cputests ;;
+    decode) stage_decode ;;
+    step) stage_bench step bench/bench_step.py 240 ;;
+    prefill) stage_bench prefill bench/bench_prefill.py 240 ;;
+    e2e) stage_e2e ;;
+    ncu) stage_ncu ;;
+    memcheck) stage_memcheck ;;
+    *) add_row "$s" unknown 0 "unknown stage" ;;
+  esac
+done
+[ -n "$FI_PID" ] && kill "$FI_PID" 2>/dev/null   # still compiling only if decode was not run
+
+# ---------------------------------------------------------------- (e) outputs and summary
+n=0
+while IFS= read -r f; do
+  [ $n -ge 5 ] && break
+  cp "$f" "$OUT/" && n=$((n + 1))
+done < <(find bench/results -name '*.md' -newer "$MARK" 2>/dev/null | sort)
+rm -f "$MARK"
+tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+
+{
+  echo "# GPU round $(date '+%Y-%m-%d %H:%M:%S'), stages: ${STAGES[*]}, $(elapsed) s"
+  grep -E "^torch " "$LOGS/env.log" | head -n 1
+  echo
+  echo "| stage | rc | s | key numbers |"
+  echo "|---|---|---|---|"
+  for r in "${ROWS[@]}"; do
+    IFS='|' read -r a b c d <<<"$r"
+    echo "| $a | $b | $c | $d |"
+  done
+} >"$OUT/summary.md"
+
+if [ ${#NOTES[@]} -gt 0 ]; then
+  echo "---- first errors (full logs in \$OUT/logs.tgz) ----"
+  printf '%s\n' "${NOTES[@]}" | head -n 80
+fi
+echo "---- results: $(ls "$OUT" | tr '\n' ' ')"
+echo "==== SUMMARY ===="
+cat "$OUT/summary.md"
