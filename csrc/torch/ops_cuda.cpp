@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   // The kernel moves q rows with 16-byte copies: a view with odd strides or offset is copied.
   at::Tensor qc = q;
   if (q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
-    qc = q.contiguous();
+    qc = q.clone(at::MemoryFormat::Contiguous);  // contiguous() would keep a misaligned base
     p.q = qc.data_ptr();
     p.q_stride_b = qc.stride(0);
     p.q_stride_h = qc.stride(1);
