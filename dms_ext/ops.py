@@ -12,7 +12,7 @@ from . import _C  # noqa: F401  (registers torch.ops.dms)
 
 __all__ = [
     "sparse_decode", "sparse_decode_lse", "eviction_rope", "append", "sparse_prefill", "fork",
-    "release",
+    "release", "decode_step",
 ]
 
 
@@ -57,6 +57,13 @@ def _fork_fake(src, dst, k_cache, v_cache, block_table, seq_lens, ring, num_toke
 @torch.library.register_fake("dms::release")
 def _release_fake(row, block_table, seq_lens, ring, num_tokens, free_stack, free_top, block_size):
     return None
+
+
+@torch.library.register_fake("dms::decode_step")
+def _decode_step_fake(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache, block_table, seq_lens,
+                      ring, num_tokens, free_stack, free_top, alpha_scale, alpha_offset,
+                      q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, logits=None):
+    return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
 
 
 def _scale(scale: Optional[float], head_dim: int) -> float:
@@ -117,3 +124,16 @@ def release(row: int, block_table, seq_lens, ring, num_tokens, free_stack, free_
     """Returns every block of state row `row` to free_stack and clears the row."""
     torch.ops.dms.release(int(row), block_table, seq_lens, ring, num_tokens, free_stack, free_top,
                           int(block_size))
+
+
+def decode_step(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache, block_table, seq_lens, ring,
+                num_tokens, free_stack, free_top, alpha_scale: float = 100.0,
+                alpha_offset: float = 5.0, q_norm_weight: Optional[torch.Tensor] = None,
+                k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
+                logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused decode step (eviction_rope + append, one token per sequence, positions from
+    num_tokens): q roped in place, k/v written to the cache; returns logits float32 [B, Hkv]."""
+    return torch.ops.dms.decode_step(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache,
+                                     block_table, seq_lens, ring, num_tokens, free_stack,
+                                     free_top, float(alpha_scale), float(alpha_offset),
+                                     q_norm_weight, k_norm_weight, float(norm_eps), logits)

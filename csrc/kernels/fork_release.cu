@@ -3,8 +3,8 @@
 // fork: a CTA per KV head pops that head's blocks with one atomic and copies seq_len and the
 // ring (ring entries hold slots, not block ids, so they stay valid under the new block
 // table); then a grid-stride copy moves the used rows of every block, K and V.
-// release: a CTA per KV head pushes [0, ceil(seq_len / bs)) back with one atomic, sets those
-// block table entries to -1 and clears seq_len and the ring; CTA 0 clears num_tokens.
+// release: a CTA per KV head pushes [0, ceil(seq_len / bs)) back with one atomic, sets that
+// head's block table row to -1 and clears seq_len and the ring; CTA 0 clears num_tokens.
 // Neither can report an error (no error slot in their params): the caller checked capacity
 // (fork) and owns a consistent row (release). A fork that finds the stack short anyway
 // leaves that head of dst empty instead of writing out of bounds.
@@ -75,10 +75,10 @@ __global__ void __launch_bounds__(kThreads) release_kernel(ReleaseParams p) {
   if (threadIdx.x == 0) s_base = n > 0 ? atomicAdd(p.free_top, n) : 0;
   __syncthreads();
   int32_t* bt = p.block_table + rg * M;
-  for (int j = threadIdx.x; j < n; j += kThreads) {
-    p.free_stack[s_base + j] = bt[j];
-    bt[j] = -1;
-  }
+  for (int j = threadIdx.x; j < n; j += kThreads) p.free_stack[s_base + j] = bt[j];
+  __syncthreads();  // the pushes above read bt
+  // -1 everywhere, as the CPU twin: a stale id in a released row never aliases a live block.
+  for (int j = threadIdx.x; j < M; j += kThreads) bt[j] = -1;
   int32_t* ring = p.ring + rg * R;
   for (int j = threadIdx.x; j < R; j += kThreads) ring[j] = 0;
   // Every thread has read seq_lens[rg] above; clear it only after the barrier.

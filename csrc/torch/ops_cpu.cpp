@@ -200,6 +200,41 @@ void release_cpu(int64_t row, at::Tensor& block_table, at::Tensor& seq_lens, at:
   check_status(cpu::release(p), "release");
 }
 
+at::Tensor decode_step_cpu(at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cos_sin_cache, const at::Tensor& seq_slots,
+                           at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& block_table,
+                           at::Tensor& seq_lens, at::Tensor& ring, at::Tensor& num_tokens,
+                           at::Tensor& free_stack, at::Tensor& free_top, double alpha_scale,
+                           double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
+                           const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
+                           const std::optional<at::Tensor>& logits) {
+  DecodeStepParams p = decode_step_params(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache,
+                                          block_table, seq_lens, ring, num_tokens, free_stack,
+                                          free_top, alpha_scale, alpha_offset, q_norm_weight,
+                                          k_norm_weight, norm_eps, logits);
+  const int32_t* slots = seq_slots.data_ptr<int32_t>();
+  const int32_t* nt = num_tokens.data_ptr<int32_t>();
+  std::vector<char> seen(p.max_seqs, 0);
+  std::vector<int> rows;
+  for (int b = 0; b < p.batch; ++b) {
+    const int r = slots[b];
+    TORCH_CHECK_VALUE(r >= 0 && r < p.max_seqs, "decode_step: seq_slots[", b, "] = ", r,
+                      " is not a row in [0, ", p.max_seqs, ")");
+    TORCH_CHECK_VALUE(!seen[r], "decode_step: seq_slots must be distinct, row ", r, " repeats");
+    seen[r] = 1;
+    rows.push_back(r);
+    TORCH_CHECK_VALUE(nt[r] >= 0 && nt[r] < p.max_position, "decode_step: position num_tokens[",
+                      r, "] = ", nt[r], " is outside cos_sin_cache's [0, ", p.max_position, ")");
+  }
+  check_heads("decode_step", rows, block_table, seq_lens, p.block_size, p.num_blocks);
+  check_ring("decode_step", rows, ring, seq_lens, num_tokens);
+  check_free("decode_step", free_stack, free_top);
+  at::Tensor out = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  p.logits = out.data_ptr<float>();
+  check_status(cpu::decode_step(p), "decode_step");
+  return out;
+}
+
 }  // namespace
 }  // namespace torch_ext
 }  // namespace dms
@@ -213,4 +248,5 @@ TORCH_LIBRARY_IMPL(dms, CPU, m) {
   m.impl("sparse_prefill", &sparse_prefill_cpu);
   m.impl("fork", &fork_cpu);
   m.impl("release", &release_cpu);
+  m.impl("decode_step", &decode_step_cpu);
 }

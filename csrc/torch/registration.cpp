@@ -59,4 +59,16 @@ TORCH_LIBRARY(dms, m) {
   m.def(
       "release(int row, Tensor(a!) block_table, Tensor(b!) seq_lens, Tensor(c!) ring, "
       "Tensor(d!) num_tokens, Tensor(e!) free_stack, Tensor(f!) free_top, int block_size) -> ()");
+  // Fused decode step, one token per sequence (eviction_rope + append in one kernel):
+  // q [B, Hq, D], k, v [B, Hkv, D] BEFORE norm / RoPE; row b continues state row seq_slots[b]
+  // at position num_tokens[row] (read on the device). q is normed and roped in place, k normed
+  // and roped into the cache, v copied; the state is updated as append does. Returns the
+  // eviction logits float32 [B, Hkv]: the borrowed neuron, or `logits` (adapter variant, q keeps
+  // every channel) when given.
+  m.def(
+      "decode_step(Tensor(a!) q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor seq_slots, "
+      "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) block_table, Tensor(e!) seq_lens, "
+      "Tensor(f!) ring, Tensor(g!) num_tokens, Tensor(h!) free_stack, Tensor(i!) free_top, "
+      "float alpha_scale, float alpha_offset, Tensor? q_norm_weight=None, "
+      "Tensor? k_norm_weight=None, float norm_eps=1e-6, Tensor? logits=None) -> Tensor");
 }

@@ -456,5 +456,106 @@ ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
   return p;
 }
 
+DecodeStepParams decode_step_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_sin_cache,
+    const at::Tensor& seq_slots, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& ring,
+    const at::Tensor& num_tokens, const at::Tensor& free_stack, const at::Tensor& free_top,
+    double alpha_scale, double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
+    const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
+    const std::optional<at::Tensor>& logits) {
+  const char* op = "decode_step";
+  check_float_tensor(op, q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [B, Hq, D], got ", shape_str(q.sizes()));
+  check_contiguous(op, q, "q");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": q head_dim must be even (rotate-half RoPE), got ", D);
+  const auto dev = q.device();
+  check_device(op, k, "k", dev, "q");
+  check_dtype(op, k, "k", q.scalar_type());
+  check_shape(op, k, "k", "[B, Hkv, D]", {B, kAny, D});
+  check_contiguous(op, k, "k");
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads (", Hq,
+                    ") must be a multiple of k heads (", Hkv, ")");
+  check_device(op, v, "v", dev, "q");
+  check_dtype(op, v, "v", q.scalar_type());
+  check_shape(op, v, "v", "[B, Hkv, D]", {B, Hkv, D});
+  check_contiguous(op, v, "v");
+  check_device(op, cos_sin_cache, "cos_sin_cache", dev, "q");
+  check_dtype(op, cos_sin_cache, "cos_sin_cache", at::kFloat);
+  check_shape(op, cos_sin_cache, "cos_sin_cache", "[max_position, D]", {kAny, D});
+  check_contiguous(op, cos_sin_cache, "cos_sin_cache");
+  check_index(op, seq_slots, "seq_slots", "[B]", {B}, dev, "q");
+  check_caches(op, k_cache, v_cache, q, "q", D);
+  check_index(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
+              {kAny, Hkv, kAny}, dev, "q");
+  const int64_t S = block_table.size(0), M = block_table.size(2);
+  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {S, Hkv}, dev, "q");
+  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {S, Hkv, kAny}, dev, "q");
+  const int64_t W = ring.size(2) - 1;
+  TORCH_CHECK_VALUE(W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
+                    ring.size(2));
+  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {S}, dev, "q");
+  check_index(op, free_stack, "free_stack", "[num_blocks]", {k_cache.size(0)}, dev, "q");
+  check_index(op, free_top, "free_top", "[1]", {1}, dev, "q");
+  TORCH_CHECK_VALUE(std::isfinite(alpha_scale) && std::isfinite(alpha_offset), op,
+                    ": alpha_scale and alpha_offset must be finite");
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op,
+                    ": norm_eps must be finite and >= 0, got ", norm_eps);
+  auto weight = [&](const std::optional<at::Tensor>& w, const char* name) -> const void* {
+    if (!w.has_value()) return nullptr;
+    check_device(op, *w, name, dev, "q");
+    check_dtype(op, *w, name, q.scalar_type());
+    check_shape(op, *w, name, "[D]", {D});
+    check_contiguous(op, *w, name);
+    return w->data_ptr();
+  };
+  const float* logits_in = nullptr;
+  if (logits.has_value()) {
+    check_device(op, *logits, "logits", dev, "q");
+    check_dtype(op, *logits, "logits", at::kFloat);
+    check_shape(op, *logits, "logits", "[B, Hkv]", {B, Hkv});
+    check_contiguous(op, *logits, "logits");
+    logits_in = logits->data_ptr<float>();
+  }
+  check_numel(op, q, "q size");
+  check_numel(op, cos_sin_cache, "cos_sin_cache size");
+  check_numel(op, block_table, "block_table size");
+  check_numel(op, ring, "ring size");
+  DecodeStepParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
+  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.logits_in = logits_in;
+  p.q_norm_weight = weight(q_norm_weight, "q_norm_weight");
+  p.k_norm_weight = weight(k_norm_weight, "k_norm_weight");
+  p.norm_eps = float(norm_eps);
+  p.alpha_scale = float(alpha_scale);
+  p.alpha_offset = float(alpha_offset);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.free_stack = free_stack.data_ptr<int32_t>();
+  p.free_top = free_top.data_ptr<int32_t>();
+  p.batch = int(B);
+  p.max_seqs = int(S);
+  p.max_position = int(cos_sin_cache.size(0));
+  p.num_q_heads = int(Hq);
+  p.num_kv_heads = int(Hkv);
+  p.head_dim = int(D);
+  p.block_size = int(k_cache.size(1));
+  p.max_blocks_per_head = int(M);
+  p.num_blocks = int(k_cache.size(0));
+  p.window = int(W);
+  p.dtype = dtype_of(q, "q");
+  return p;
+}
+
 }  // namespace torch_ext
 }  // namespace dms

@@ -53,5 +53,15 @@ ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
                              const at::Tensor& num_tokens, const at::Tensor& free_stack,
                              const at::Tensor& free_top, int64_t block_size);
 
+// logits (the output) is left unset; logits_in is the optional adapter input.
+DecodeStepParams decode_step_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_sin_cache,
+    const at::Tensor& seq_slots, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& ring,
+    const at::Tensor& num_tokens, const at::Tensor& free_stack, const at::Tensor& free_top,
+    double alpha_scale, double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
+    const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
+    const std::optional<at::Tensor>& logits);
+
 }  // namespace torch_ext
 }  // namespace dms

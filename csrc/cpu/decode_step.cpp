@@ -1,0 +1,116 @@
+// CPU twin of dms::decode_step: literally eviction_rope then append (one token per sequence),
+// so the fused CUDA kernel has a reference that is right by construction. All-or-nothing:
+// q, the logits and the state are written only when every check has passed.
+#include <cstring>
+#include <vector>
+
+#include "dms/cpu.h"
+
+namespace dms {
+namespace cpu {
+
+Status decode_step(const DecodeStepParams& p) {
+  if (p.batch < 0 || p.max_seqs < 0 || p.max_position < 0 || p.num_q_heads <= 0 ||
+      p.num_kv_heads <= 0 || p.head_dim <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
+      (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.batch == 0) return Status::kSuccess;
+  if (!p.q || !p.k || !p.v || !p.seq_slots || !p.num_tokens || !p.logits) {
+    return Status::kInvalidArgument;
+  }
+  const int B = p.batch, Hq = p.num_q_heads, H = p.num_kv_heads, D = p.head_dim;
+  const size_t es = size_t(dtype_size(p.dtype));
+  std::vector<int32_t> positions(B);
+  for (int b = 0; b < B; ++b) {
+    const int row = p.seq_slots[b];
+    if (row < 0 || row >= p.max_seqs) return Status::kInvalidArgument;
+    positions[b] = p.num_tokens[row];
+  }
+  // Work on copies: k is an input, and q must stay untouched if append refuses the batch.
+  const size_t q_bytes = size_t(B) * Hq * D * es, k_bytes = size_t(B) * H * D * es;
+  std::vector<unsigned char> q(q_bytes), k(k_bytes);
+  std::memcpy(q.data(), p.q, q_bytes);
+  std::memcpy(k.data(), p.k, k_bytes);
+  std::vector<float> logits(size_t(B) * H);
+
+  EvictionRopeParams e;
+  e.positions = positions.data();
+  e.positions_is_int64 = false;
+  e.cos_sin_cache = p.cos_sin_cache;
+  e.num_tokens = B;
+  e.head_dim = D;
+  e.max_position = p.max_position;
+  e.alpha_scale = p.alpha_scale;
+  e.alpha_offset = p.alpha_offset;
+  e.dtype = p.dtype;
+  e.norm_eps = p.norm_eps;
+  if (!p.logits_in) {
+    e.q = q.data();
+    e.k = k.data();
+    e.logits = logits.data();
+    e.num_q_heads = Hq;
+    e.num_kv_heads = H;
+    e.q_norm_weight = p.q_norm_weight;
+    e.k_norm_weight = p.k_norm_weight;
+    Status s = eviction_rope(e);
+    if (s != Status::kSuccess) return s;
+  } else {
+    // Adapter logits: q keeps every channel. eviction_rope only borrows from its q argument,
+    // so q and k each go through it in the k role (no donor), with a throwaway q of one head
+    // per KV head.
+    std::memcpy(logits.data(), p.logits_in, sizeof(float) * logits.size());
+    std::vector<float> scratch_logits(size_t(B) * Hq);
+    auto norm_rope = [&](void* x, int heads, const void* weight) {
+      std::vector<unsigned char> dummy(size_t(B) * heads * D * es, 0);
+      EvictionRopeParams f = e;
+      f.q = dummy.data();
+      f.k = x;
+      f.logits = scratch_logits.data();
+      f.num_q_heads = heads;
+      f.num_kv_heads = heads;
+      f.q_norm_weight = nullptr;
+      f.k_norm_weight = weight;
+      return eviction_rope(f);
+    };
+    Status s = norm_rope(q.data(), Hq, p.q_norm_weight);
+    if (s != Status::kSuccess) return s;
+    s = norm_rope(k.data(), H, p.k_norm_weight);
+    if (s != Status::kSuccess) return s;
+  }
+
+  std::vector<int32_t> cu(B + 1);
+  for (int b = 0; b <= B; ++b) cu[b] = b;
+  AppendParams a;
+  a.k = k.data();
+  a.v = p.v;
+  a.logits = logits.data();
+  a.seq_slots = p.seq_slots;
+  a.cu_seqlens = cu.data();
+  a.k_cache = p.k_cache;
+  a.v_cache = p.v_cache;
+  a.block_table = p.block_table;
+  a.seq_lens = p.seq_lens;
+  a.ring = p.ring;
+  a.num_tokens = p.num_tokens;
+  a.free_stack = p.free_stack;
+  a.free_top = p.free_top;
+  a.num_seqs = B;
+  a.total_tokens = B;
+  a.max_seqs = p.max_seqs;
+  a.num_kv_heads = H;
+  a.head_dim = D;
+  a.block_size = p.block_size;
+  a.max_blocks_per_head = p.max_blocks_per_head;
+  a.num_blocks = p.num_blocks;
+  a.window = p.window;
+  a.dtype = p.dtype;
+  Status s = append(a);
+  if (s != Status::kSuccess) return s;
+  std::memcpy(p.q, q.data(), q_bytes);
+  std::memcpy(p.logits, logits.data(), sizeof(float) * logits.size());
+  return Status::kSuccess;
+}
+
+}  // namespace cpu
+}  // namespace dms
