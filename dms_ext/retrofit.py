@@ -1,0 +1,482 @@
+"""Retrofitting DMS into a trained model (SPEC section 2), and evaluating the result.
+
+Training relaxation (``DMSForCausalLM.forward(attention="relaxed")``): every layer's eviction
+logits l get logistic noise, z = (l + noise) / tau (tau 0.1); the score of key j for a query
+more than ``window`` tokens later gets + log(1 - sigmoid(z_{j+1})), so a token that is going to
+be evicted fades out of the attention smoothly and the KL term can push back on its logit.
+
+Loss per step (:func:`dms_loss`): KL(student || teacher) per token, teacher = the frozen model
+with eviction off, plus max(0, target_fraction - mean of the straight-through hard decisions
+(z > 0)); the target compression ratio rises linearly from 1 to ``target_cr``.
+
+Modes (:class:`RetrofitConfig`.mode): ``"full"`` trains every weight; ``"adapter"`` freezes the
+base model and trains only what produces the logits (the donor rows of q_proj for the borrowed
+variant, dms_norm / dms_proj for the adapter variant) plus optional LoRA on the attention
+projections (merged when saving). AdamW; checkpoints are ``DMSForCausalLM.save_pretrained``
+folders; the history is a list of dicts (loss, KL, hinge, decision rate, compression) that
+:func:`write_log` and :func:`plot_history` turn into a TSV and a PNG.
+
+Evaluation on the synthetic task (:func:`associative_recall`): :func:`accuracy_dense` (dense
+forward, modes a / b), :func:`accuracy_cache` (through ``DMSCache`` and the kernels) and
+:func:`accuracy_heuristic` (sliding window, H2O, TOVA at a per-head budget).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .models import DMSForCausalLM, HeuristicCache, st_decisions
+
+__all__ = [
+    "RetrofitConfig", "Recall", "associative_recall", "dms_loss", "target_fraction", "retrofit",
+    "accuracy_dense", "accuracy_cache", "accuracy_heuristic", "write_log", "plot_history",
+    "Progress",
+]
+
+
+# ----------------------------------------------------------------------------- the task
+
+@dataclass
+class Recall:
+    """A batch of the multi-query associative-recall task.
+
+    ids [B, N]; answer [B, N] bool marks positions whose next token is an answer (a query key;
+    the target is ids[:, p + 1]); prefix: length of the context part (queries start there)."""
+    ids: torch.Tensor
+    answer: torch.Tensor
+    prefix: int
+
+
+def associative_recall(batch: int, seq_len: int, pairs: int, queries: Optional[int] = None,
+                       vocab: int = 512, generator: Optional[torch.Generator] = None,
+                       device="cpu") -> Recall:
+    """Multi-query associative recall hidden in filler: token 0 = BOS, then a context of
+    ``seq_len - 2 * queries`` tokens with ``pairs`` (key, value) bigrams at random places among
+    random filler, then ``queries`` (key, value) pairs for keys of the context (each key once,
+    random order). Vocabulary: 0 BOS, keys [1, 1 + V/2), values [1 + V/2, 1 + 3V/4), filler the
+    rest. Keys of one sequence are distinct; only keys and values need to be remembered:
+    2 * pairs tokens of the context."""
+    q = pairs if queries is None else queries
+    if q > pairs:
+        raise ValueError(f"queries: at most pairs={pairs}, got {q}")
+    ctx = seq_len - 2 * q
+    free = ctx - 1 - 2 * pairs              # filler tokens in the context (after BOS)
+    if free < 0:
+        raise ValueError(f"seq_len: {seq_len} is too short for {pairs} pairs and {q} queries")
+    nk = (vocab - 1) // 2
+    nv = (vocab - 1) // 4
+    k0, v0, f0 = 1, 1 + nk, 1 + nk + nv
+    nf = vocab - f0
+    if nk < pairs or nv < 1 or nf < 1:
+        raise ValueError(f"vocab: {vocab} is too small for {pairs} distinct keys")
+    g = generator
+    keys = torch.argsort(torch.rand(batch, nk, generator=g), dim=1)[:, :pairs] + k0
+    vals = torch.randint(v0, v0 + nv, (batch, pairs), generator=g)
+    ids = torch.randint(f0, f0 + nf, (batch, seq_len), generator=g)
+    ids[:, 0] = 0
+    # Pair i goes after the i-th of `pairs` sorted random cut points among the filler slots:
+    # uniform placement without overlap.
+    cuts = torch.sort(torch.argsort(torch.rand(batch, free + pairs, generator=g), dim=1)[:, :pairs],
+                      dim=1).values                          # distinct positions in the merged list
+    kpos = 1 + cuts + torch.arange(pairs)                     # each earlier pair adds one extra token
+    rows = torch.arange(batch)[:, None]
+    ids[rows, kpos] = keys
+    ids[rows, kpos + 1] = vals
+    order = torch.argsort(torch.rand(batch, pairs, generator=g), dim=1)[:, :q]
+    qpos = ctx + 2 * torch.arange(q)
+    ids[rows, qpos] = torch.gather(keys, 1, order)
+    ids[rows, qpos + 1] = torch.gather(vals, 1, order)
+    answer = torch.zeros(batch, seq_len, dtype=torch.bool)
+    answer[:, qpos] = True
+    return Recall(ids.to(device), answer.to(device), ctx)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def target_fraction(cr: float, seq_len: Optional[int] = None, window: Optional[int] = None) -> float:
+    """Fraction of decisions that must be "evict" for compression ratio ``cr``. Without
+    seq_len / window: 1 - 1/cr. With them, the window is accounted for: a sequence of N tokens
+    keeps (N - w - 1) * (1 - f) + w + 1 tokens, which must equal N / cr."""
+    if cr <= 1:
+        return 0.0
+    if seq_len is None or window is None:
+        return 1.0 - 1.0 / cr
+    old = seq_len - window - 1
+    if old <= 0:
+        return 0.0
+    return float(min(max(1.0 - (seq_len / cr - window - 1) / old, 0.0), 1.0))
+
+
+def dms_loss(student: torch.Tensor, teacher: torch.Tensor, zs: Sequence[torch.Tensor],
+             target: float, token_weights: Optional[torch.Tensor] = None,
+             hinge_weight: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """KL(student || teacher) per token (mean, or weighted by token_weights [B, N]) +
+    hinge_weight * max(0, target - mean straight-through decision). zs: per-layer z [B, N, Hkv];
+    z[:, t] decides about token t-1, so z[:, 0] carries no decision and is left out."""
+    ls = F.log_softmax(student.float(), dim=-1)
+    lt = F.log_softmax(teacher.float(), dim=-1)
+    kl_tok = (ls.exp() * (ls - lt)).sum(-1)
+    if token_weights is None:
+        kl = kl_tok.mean()
+    else:
+        w = token_weights.to(kl_tok.dtype)
+        kl = (kl_tok * w).sum() / w.sum().clamp_min(1e-9)
+    if zs:
+        d = torch.cat([st_decisions(z[:, 1:].float()).reshape(-1) for z in zs]).mean()
+    else:
+        d = kl.new_zeros(())
+    hinge = torch.clamp(target - d, min=0.0)
+    loss = kl + hinge_weight * hinge
+    return loss, {"kl": float(kl.detach()), "hinge": float(hinge.detach()), "decisions": float(d.detach())}
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@dataclass
+class RetrofitConfig:
+    """target_cr: final compression ratio; the target rises linearly from CR 1 at step 0 to
+    target_cr at step ``ramp_steps`` (default 3/4 of ``steps``), then stays.
+    window_aware: translate CR into an eviction fraction with :func:`target_fraction` counting
+    the window (so tokens / live tokens reaches target_cr), else 1 - 1/CR of the decisions.
+    target_margin: added to the eviction fraction (the hinge is one-sided, KL pulls below it).
+    mode: "full" or "adapter" (base frozen; eviction parameters + LoRA of rank ``lora_rank``)."""
+    target_cr: float = 8.0
+    steps: int = 1000
+    ramp_steps: Optional[int] = None
+    window_aware: bool = True
+    target_margin: float = 0.0
+    mode: str = "full"
+    lora_rank: int = 8
+    lr: float = 3e-4
+    evict_lr: Optional[float] = None      # default: lr
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    tau: float = 0.1
+    hinge_weight: float = 1.0
+    grad_clip: float = 1.0
+    flex: Optional[bool] = None           # FlexAttention for the relaxation (default: on CUDA)
+    autocast: bool = True                 # bf16 autocast on CUDA
+    log_every: int = 10
+    ckpt_every: int = 0                   # 0: only the final checkpoint
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("full", "adapter"):
+            raise ValueError(f"mode: expected 'full' or 'adapter', got {self.mode!r}")
+        if self.target_cr < 1:
+            raise ValueError(f"target_cr: expected >= 1, got {self.target_cr}")
+        if self.steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {self.steps}")
+        if self.tau <= 0:
+            raise ValueError(f"tau: expected > 0, got {self.tau}")
+
+    def cr_at(self, step: int) -> float:
+        ramp = self.ramp_steps if self.ramp_steps is not None else max(1, (3 * self.steps) // 4)
+        return 1.0 + (self.target_cr - 1.0) * min(1.0, step / max(ramp, 1))
+
+
+class Progress:
+    """A dependency-free progress bar (one line, redrawn on a terminal, every 10% otherwise)."""
+
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+        self.n = 0
+        self._last_dec = -1
+        self._last_t = 0.0
+
+    def update(self, n: int = 1, **info) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        dec = (10 * self.n) // max(self.total, 1)
+        done = self.n >= self.total
+        if self.tty and now - self._last_t < 0.2 and not done:
+            return
+        if not self.tty and dec == self._last_dec and not done:
+            return
+        self._last_dec, self._last_t = dec, now
+        el = now - self.t0
+        frac = self.n / max(self.total, 1)
+        eta = el / frac - el if frac > 0 else 0.0
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        line = f"{self.desc} [{bar}] {self.n}/{self.total} {el:.0f}s<{eta:.0f}s {extra}"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
+    evict = model.eviction_parameters()
+    evict_lr = cfg.evict_lr if cfg.evict_lr is not None else cfg.lr
+    hooks = []
+    if cfg.mode == "full":
+        ev_ids = {id(p) for _, p, rows in evict if rows is None}
+        base = [p for p in model.parameters() if id(p) not in ev_ids]
+        groups = [{"params": base, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        ev = [p for _, p, rows in evict if rows is None]
+        if ev:
+            groups.append({"params": ev, "lr": evict_lr, "weight_decay": 0.0})
+        return groups, hooks
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups = []
+    ev = []
+    for _, p, rows in evict:
+        p.requires_grad_(True)
+        if rows is not None:
+            # Only the donor rows of q_proj are eviction parameters; the rest of the matrix is
+            # base model and stays frozen (its gradient is masked, and no weight decay).
+            mask = rows[:, None].to(p.dtype)
+            hooks.append(p.register_hook(lambda g, m=mask: g * m))
+        ev.append(p)
+    groups.append({"params": ev, "lr": evict_lr, "weight_decay": 0.0})
+    if cfg.lora_rank > 0:
+        lora = model.add_lora(cfg.lora_rank)
+        groups.append({"params": lora, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    return groups, hooks
+
+
+def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
+             data: Callable[[int], Tuple[torch.Tensor, Optional[torch.Tensor]]],
+             cfg: RetrofitConfig, ckpt_dir: Optional[str] = None,
+             generator: Optional[torch.Generator] = None,
+             desc: str = "retrofit") -> List[dict]:
+    """Trains ``model`` (a DMS variant, e.g. from :func:`dms_ext.models.convert_to_dms`) to
+    follow the frozen ``teacher`` at compression ``cfg.target_cr``.
+
+    data(step) -> (input_ids [B, N], token_weights [B, N] or None). Returns the history: one dict
+    per step (step, loss, kl, hinge, decisions, target_cr, target, evict_hard (noise-free
+    fraction of l > 0), cr_est (the compression that fraction gives at this N and window),
+    lr, seconds). In "adapter" mode the LoRA weights are merged into the model at the end."""
+    if model.cfg.variant == "none":
+        raise ValueError("model: needs a DMS variant ('borrowed' or 'adapter'); see convert_to_dms")
+    dev = next(model.parameters()).device
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model.train()
+    groups, hooks = _param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, betas=cfg.betas, fused=dev.type == "cuda")
+    base_lrs = [g["lr"] for g in groups]
+    use_amp = cfg.autocast and dev.type == "cuda"
+    w = model.cfg.window
+    hist: List[dict] = []
+    bar = Progress(cfg.steps, desc, cfg.progress)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        ids, weights = data(step)
+        n = ids.shape[1]
+        cr = cfg.cr_at(step)
+        tgt = target_fraction(cr, n, w) if cfg.window_aware else target_fraction(cr)
+        tgt = min(tgt + (cfg.target_margin if cr > 1 else 0.0), 1.0)
+        scale = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.no_grad():
+                t_logits = teacher(ids, attention="causal")
+            s_logits, aux = model(ids, attention="relaxed", tau=cfg.tau, flex=cfg.flex,
+                                  generator=generator, return_aux=True)
+        loss, parts = dms_loss(s_logits, t_logits, aux["z"], tgt, weights, cfg.hinge_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            ev = torch.cat([l[:, 1:].reshape(-1) > 0 for l in aux["logits"]]).float().mean().item()
+        old = max(n - w - 1, 0)
+        live = old * (1 - ev) + min(n, w + 1)
+        rec = {"step": step + 1, "loss": float(loss.detach()), **parts, "target_cr": cr,
+               "target": tgt, "evict_hard": ev, "cr_est": n / live, "grad_norm": float(gn),
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        hist.append(rec)
+        bar.update(1, kl=rec["kl"], d=rec["decisions"], cr=rec["cr_est"], tgt=cr)
+        if ckpt_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            model.save_pretrained(os.path.join(ckpt_dir, f"step{step + 1}"))
+    bar.close()
+    for h in hooks:
+        h.remove()
+    model.merge_lora()
+    model.eval()
+    if ckpt_dir:
+        model.save_pretrained(ckpt_dir)
+    return hist
+
+
+def write_log(hist: Sequence[dict], path: str) -> None:
+    """TSV of the history (one row per step)."""
+    if not hist:
+        return
+    keys = list(hist[0])
+    with open(path, "w") as f:
+        f.write("\t".join(keys) + "\n")
+        for r in hist:
+            f.write("\t".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n")
+
+
+def plot_history(runs: Dict[str, Sequence[dict]], path: str) -> bool:
+    """PNG of loss / KL and compression curves of one or more runs; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for name, hist in runs.items():
+        if not hist:
+            continue
+        s = [r["step"] for r in hist]
+        if "kl" in hist[0]:
+            ax[0].plot(s, [r["kl"] for r in hist], label=f"{name} KL", lw=0.8)
+        else:
+            ax[0].plot(s, [r["loss"] for r in hist], label=f"{name} loss", lw=0.8)
+        if "cr_est" in hist[0]:
+            ax[1].plot(s, [r["cr_est"] for r in hist], label=f"{name} CR (l > 0)", lw=0.8)
+            ax[1].plot(s, [r["target_cr"] for r in hist], "--", label=f"{name} target", lw=0.8)
+            ax[2].plot(s, [r["hinge"] for r in hist], label=f"{name} hinge", lw=0.8)
+        if "acc" in hist[0]:
+            ax[2].plot(s, [r["acc"] for r in hist], label=f"{name} answer acc", lw=0.8)
+    ax[0].set_yscale("log")
+    ax[0].set_title("loss (pretraining) / KL(student || teacher)")
+    ax[1].set_title("compression ratio")
+    ax[2].set_title("hinge / accuracy")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _answers(logits: torch.Tensor, task: Recall) -> Tuple[int, int]:
+    pred = logits[:, :-1].argmax(-1)
+    tgt = task.ids[:, 1:]
+    m = task.answer[:, :-1]
+    return int((pred == tgt)[m].sum()), int(m.sum())
+
+
+@torch.no_grad()
+def accuracy_dense(model: DMSForCausalLM, task: Recall, attention: str = "causal",
+                   batch: int = 16) -> float:
+    """Fraction of answers right (greedy next token at the answer positions), dense forward."""
+    model.eval()
+    dev = next(model.parameters()).device
+    right = total = 0
+    for i in range(0, task.ids.shape[0], batch):
+        sub = Recall(task.ids[i:i + batch], task.answer[i:i + batch], task.prefix)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(sub.ids, attention=attention)
+        r, t = _answers(logits.float(), sub)
+        right, total = right + r, total + t
+    return right / max(total, 1)
+
+
+@torch.no_grad()
+def accuracy_cache(model: DMSForCausalLM, task: Recall, *, batch: int = 16, block_size: int = 64,
+                   dtype: Optional[torch.dtype] = None, device=None,
+                   use_kernel: bool = True) -> Dict[str, float]:
+    """Through ``DMSCache``: prefill the context in one chunk per sequence (packed), then decode
+    the query part one token per step. Returns acc, cr (tokens / live tokens at the end, over
+    layers, heads and sequences), live (mean live tokens per head at the end), live_max."""
+    from .cache import DMSCache
+    model.eval()
+    mdev = next(model.parameters()).device
+    cdev = torch.device(device) if device is not None else mdev
+    if dtype is None:
+        dtype = torch.bfloat16 if cdev.type == "cuda" else torch.float32
+    c = model.cfg
+    n_all, n = task.ids.shape
+    right = total = 0
+    live_sum = live_cnt = 0
+    live_max = 0
+    t0 = time.perf_counter()
+    for i in range(0, n_all, batch):
+        ids = task.ids[i:i + batch]
+        b = ids.shape[0]
+        blocks = b * c.kv_heads * (-(-n // block_size)) + b * c.kv_heads
+        cache = DMSCache(c.layers, c.kv_heads, c.head_dim, window=c.window, block_size=block_size,
+                         num_blocks=blocks, max_seqs=b, dtype=dtype, device=cdev)
+        sids = [cache.add_sequence() for _ in range(b)]
+        p = task.prefix
+        cu = torch.arange(b + 1, dtype=torch.int32) * p
+        flat = ids[:, :p].reshape(-1)
+        pos = torch.arange(p, device=mdev).repeat(b)
+        with torch.autocast(device_type=mdev.type, dtype=torch.bfloat16, enabled=mdev.type == "cuda"):
+            out = [model.forward_cache(cache, sids, cu, flat, pos, use_kernel).view(b, p, -1)[:, -1:]]
+            step_cu = torch.arange(b + 1, dtype=torch.int32)
+            for t in range(p, n - 1):
+                tok = ids[:, t]
+                pos_t = torch.full((b,), t, device=mdev, dtype=torch.long)
+                out.append(model.forward_cache(cache, sids, step_cu, tok, pos_t, use_kernel)[:, None])
+        # out[j] predicts token p + j (j = 0 from the prefill's last position).
+        logits = torch.cat(out, dim=1)                              # [b, n - p, V]
+        pred = logits.argmax(-1)
+        tgt = ids[:, p:]
+        m = task.answer[i:i + b, p - 1:n - 1]
+        right += int((pred == tgt)[m].sum())
+        total += int(m.sum())
+        for layer in range(c.layers):
+            for s in sids:
+                lv = cache.live_tokens(layer, s)
+                live_sum += int(lv.sum())
+                live_cnt += lv.numel()
+                live_max = max(live_max, int(lv.max()))
+    live = live_sum / max(live_cnt, 1)
+    return {"acc": right / max(total, 1), "cr": n / live, "live": live, "live_max": live_max,
+            "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def accuracy_heuristic(model: DMSForCausalLM, task: Recall, policy: str, budget: int, *,
+                       batch: int = 16, recent: Optional[int] = None) -> Dict[str, float]:
+    """Training-free eviction at ``budget`` live tokens per (sequence, KV head), plain torch:
+    the first ``budget`` tokens are one dense chunk (nothing to evict yet), then one token per
+    step with eviction, queries included."""
+    model.eval()
+    dev = next(model.parameters()).device
+    c = model.cfg
+    n_all, n = task.ids.shape
+    right = total = 0
+    live_max = 0
+    t0 = time.perf_counter()
+    for i in range(0, n_all, batch):
+        ids = task.ids[i:i + batch]
+        b = ids.shape[0]
+        hc = HeuristicCache(policy, budget, c.layers, b, c.kv_heads, c.heads, c.head_dim, n, dev,
+                            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                            recent=recent)
+        first = min(budget, n)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = [model.forward_heuristic(hc, ids[:, :first])]
+            for t in range(first, n - 1):
+                out.append(model.forward_heuristic(hc, ids[:, t:t + 1]))
+        live_max = max(live_max, max(int(hc.live(layer).max()) for layer in range(c.layers)))
+        logits = torch.cat(out, dim=1)                              # positions 0 .. n-2 (or n-1)
+        if logits.shape[1] < n:
+            logits = torch.cat([logits, logits[:, -1:]], dim=1)     # the last one predicts nothing
+        sub = Recall(ids, task.answer[i:i + b], task.prefix)
+        r, tt = _answers(logits, sub)
+        right, total = right + r, total + tt
+    return {"acc": right / max(total, 1), "budget": budget, "live_max": live_max,
+            "seconds": time.perf_counter() - t0}
