@@ -160,6 +160,29 @@ void release_cuda(int64_t row, at::Tensor& block_table, at::Tensor& seq_lens, at
   check_launch(release(p, c10::cuda::getCurrentCUDAStream()), "release");
 }
 
+at::Tensor decode_step_cuda(at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cos_sin_cache, const at::Tensor& seq_slots,
+                            at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& block_table,
+                            at::Tensor& seq_lens, at::Tensor& ring, at::Tensor& num_tokens,
+                            at::Tensor& free_stack, at::Tensor& free_top, double alpha_scale,
+                            double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
+                            const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
+                            const std::optional<at::Tensor>& logits) {
+  check_cuda("decode_step", q, "q");
+  check_half("decode_step", q, "q");
+  DecodeStepParams p = decode_step_params(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache,
+                                          block_table, seq_lens, ring, num_tokens, free_stack,
+                                          free_top, alpha_scale, alpha_offset, q_norm_weight,
+                                          k_norm_weight, norm_eps, logits);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  p.logits = out.data_ptr<float>();
+  if (p.batch == 0) return out;
+  // Misaligned pointers take the kernel's scalar path; nothing to copy here (q is in place).
+  check_launch(decode_step(p, at::cuda::getCurrentCUDAStream()), "decode_step");
+  return out;
+}
+
 }  // namespace
 }  // namespace torch_ext
 }  // namespace dms
@@ -173,4 +196,5 @@ TORCH_LIBRARY_IMPL(dms, CUDA, m) {
   m.impl("sparse_prefill", &sparse_prefill_cuda);
   m.impl("fork", &fork_cuda);
   m.impl("release", &release_cuda);
+  m.impl("decode_step", &decode_step_cuda);
 }
