@@ -1,0 +1,359 @@
+"""CUDA sparse_decode / sparse_decode_lse against the float64 oracle (reference.sparse_decode).
+
+Data is fresh random bf16/fp16; block tables are random permutations of the pool; every cache
+row the (row, head) does not own holds a large finite value (K 50, V 1000) so reading one shows
+as a large error, and the last test puts NaN there and -1 in unused table entries. Outputs are
+poisoned with NaN before the kernel writes them (through the caching allocator, or filled in
+place for graph outputs). Tolerance (DESIGN.md): within 2x of what plain PyTorch math in the
+same dtype gets against the same float64 oracle, plus half an ulp of the output's scale. Every case
+prints its errors, so a GPU round shows where a kernel is off.
+"""
+import math
+
+import pytest
+import torch
+
+import dms_ext  # noqa: F401  (registers torch.ops.dms)
+from dms_ext import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+K_GARBAGE, V_GARBAGE = 50.0, 1000.0
+
+
+class Case:
+    def __init__(self, q, k, v, table, lens):
+        self.q, self.k, self.v, self.table, self.lens = q, k, v, table, lens
+
+    @property
+    def args(self):
+        return self.q, self.k, self.v, self.table, self.lens
+
+
+def make_case(lens, G, D, bs, dtype, *, max_blocks=None, num_blocks=None, unused="garbage",
+              device="cuda"):
+    """Random q/K/V in a shuffled pool. lens: [B, Hkv] slots per (row, kv head).
+
+    unused = "garbage": cache rows no head owns hold K 50 / V 1000, unused table entries point
+    at real (spare) blocks; "nan": those rows are NaN and unused table entries are -1.
+    """
+    lens = torch.as_tensor(lens, dtype=torch.int32).reshape(len(lens), -1)
+    B, hkv = lens.shape
+    nb = (lens.long() + bs - 1) // bs
+    need = int(nb.sum())
+    maxb = max_blocks if max_blocks is not None else max(1, int(nb.max()))
+    nblk = num_blocks if num_blocks is not None else need + 3
+    assert maxb >= int(nb.max()) and nblk >= need
+    perm = torch.randperm(nblk).to(torch.int32)
+    owned = torch.arange(maxb)[None, None, :] < nb[..., None]
+    if unused == "nan":
+        table = torch.full((B, hkv, maxb), -1, dtype=torch.int32)
+    else:
+        spare = perm[need:] if nblk > need else perm
+        table = spare[torch.randint(0, spare.numel(), (B, hkv, maxb))].clone()
+    table[owned] = perm[:need]
+
+    k = torch.randn(nblk, bs, D)
+    v = torch.randn(nblk, bs, D)
+    used = torch.zeros(nblk, bs, dtype=torch.bool)
+    s = torch.arange(maxb * bs)
+    live = s[None, None, :] < lens[..., None].long()
+    blk = table.long().clamp(min=0)[:, :, s // bs]
+    used[blk[live], (s % bs).expand_as(live)[live]] = True
+    if unused == "nan":
+        k[~used] = float("nan")
+        v[~used] = float("nan")
+    else:
+        sign = torch.randint(0, 2, (int((~used).sum()), D)).float() * 2 - 1
+        k[~used] = K_GARBAGE * sign
+        v[~used] = V_GARBAGE * sign
+    q = torch.randn(B, G * hkv, D)
+    return Case(q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device),
+                table.to(device), lens.to(device))
+
+
+def padded_kv(c: Case, dtype):
+    """K, V [B, Hkv, Lmax, D] in `dtype` with rows past each length zeroed, and the mask."""
+    B, hkv, maxb = c.table.shape
+    bs, D = c.k.shape[1], c.k.shape[2]
+    lmax = max(1, int(c.lens.max()))
+    s = torch.arange(lmax, device=c.k.device)
+    blk = c.table.long().clamp(min=0)[:, :, (s // bs).clamp(max=maxb - 1)]
+    rows = blk * bs + s % bs
+    mask = s[None, None, :] < c.lens[..., None]
+    K = c.k.view(-1, D)[rows].to(dtype).masked_fill(~mask[..., None], 0)
+    V = c.v.view(-1, D)[rows].to(dtype).masked_fill(~mask[..., None], 0)
+    return K, V, mask
+
+
+def torch_baseline(c: Case, scale):
+    """What plain PyTorch gets in q's dtype (matmul, softmax, matmul), zeros for empty heads."""
+    B, hq, D = c.q.shape
+    hkv = c.lens.shape[1]
+    K, V, mask = padded_kv(c, c.q.dtype)
+    qg = c.q.view(B, hkv, hq // hkv, D)
+    sc = torch.matmul(qg, K.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~mask[:, :, None, :], float("-inf"))
+    p = torch.softmax(sc, dim=-1)
+    o = torch.matmul(p, V)
+    o = torch.where((c.lens > 0)[:, :, None, None], o, torch.zeros_like(o))
+    return o.reshape(B, hq, D)
+
+
+def ref_lse(c: Case, scale):
+    """float64 [B, Hq] natural-log sum-exp of the scaled scores, -inf for empty heads."""
+    B, hq, D = c.q.shape
+    hkv = c.lens.shape[1]
+    K, _, mask = padded_kv(c, torch.float64)
+    sc = torch.matmul(c.q.double().view(B, hkv, hq // hkv, D), K.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~mask[:, :, None, :], float("-inf"))
+    return torch.logsumexp(sc, dim=-1).reshape(B, hq)
+
+
+def poison_allocator(*shapes_dtypes):
+    """Frees NaN-filled blocks of the sizes the op is about to allocate, so outputs it fails to
+    write read back as NaN (the caching allocator hands the same blocks out again)."""
+    held = [torch.full(shape, float("nan"), dtype=dt, device="cuda") for shape, dt in shapes_dtypes]
+    del held
+
+
+def run_op(c: Case, scale, with_lse=False):
+    B, hq, D = c.q.shape
+    poison_allocator(((B, hq, D), c.q.dtype), ((B, hq), torch.float32))
+    if with_lse:
+        return torch.ops.dms.sparse_decode_lse(*c.args, scale)
+    return torch.ops.dms.sparse_decode(*c.args, scale)
+
+
+def check_out(out, c: Case, scale, label=""):
+    B, hq, D = c.q.shape
+    assert out.shape == (B, hq, D) and out.dtype == c.q.dtype and out.device == c.q.device
+    ref = reference.sparse_decode(*c.args, scale).to(out.device)
+    base = torch_baseline(c, scale)
+    base_err = (base.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
+    # Half an ulp of the largest output: the final rounding alone costs that, and a case with
+    # few elements (or length-1 heads, where torch is exact) can leave 2x torch below it.
+    floor = 0.5 * torch.finfo(c.q.dtype).eps * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    tol = 2 * base_err + floor
+    nonfinite = int((~torch.isfinite(out)).sum())
+    print(f"{label} lens {int(c.lens.min()) if c.lens.numel() else 0}..{int(c.lens.max()) if c.lens.numel() else 0}: "
+          f"max err {err:.3e}, torch {str(c.q.dtype)[6:]} err {base_err:.3e}, tol {tol:.3e}, "
+          f"non-finite {nonfinite}")
+    assert nonfinite == 0, f"{label}: {nonfinite} non-finite outputs (unwritten or stale rows read)"
+    hkv = c.lens.shape[1]
+    empty = (c.lens == 0).repeat_interleave(hq // hkv, dim=1)
+    assert bool((out[empty] == 0).all()), f"{label}: empty heads must give exact zeros"
+    if ref.numel():
+        where = ((out.double() - ref).abs() > tol).nonzero()
+        assert err <= tol, (f"{label}: max err {err:.3e} > tol {tol:.3e} (torch {base_err:.3e}); "
+                            f"first bad [b, h, d] {where[:4].tolist()}")
+    return err
+
+
+def check_lse(lse, c: Case, scale, label=""):
+    B, hq, _ = c.q.shape
+    assert lse.shape == (B, hq) and lse.dtype == torch.float32
+    want = ref_lse(c, scale)
+    empty = torch.isneginf(want)
+    assert bool(torch.isneginf(lse[empty]).all()), f"{label}: lse of an empty head must be -inf"
+    if (~empty).any():
+        diff = (lse.double()[~empty] - want[~empty]).abs()
+        tol = 1e-3 + 1e-4 * want[~empty].abs()
+        print(f"{label} lse max err {diff.max().item():.3e}")
+        assert bool((diff <= tol).all()), f"{label}: lse max err {diff.max().item():.3e}"
+
+
+def random_lens(B, hkv, lo, hi, specials=()):
+    lens = torch.randint(lo, hi + 1, (B, hkv), dtype=torch.int32)
+    flat = lens.view(-1)
+    for i, n in enumerate(specials):
+        flat[i % flat.numel()] = n
+    return lens
+
+
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("G", [1, 3, 4, 5, 6, 7, 8, 16])
+def test_groups_head_dims_dtypes(G, D, dtype):
+    bs = 64
+    lens = random_lens(3, 2, 1, 700, specials=(0, bs, 1, 2 * bs + 1))
+    c = make_case(lens, G, D, bs, DTYPES[dtype], max_blocks=14)
+    check_out(run_op(c, D ** -0.5), c, D ** -0.5, f"G{G} D{D} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bs", [16, 32, 64, 128, 256])
+def test_block_sizes_and_edge_lengths(bs, dtype):
+    maxb = 5
+    full = maxb * bs
+    edges = [0, 1, bs - 1, bs, bs + 1, 2 * bs + 7, full, 3 * bs - 1]
+    lens = torch.tensor(edges, dtype=torch.int32).view(2, 4)
+    c = make_case(lens, 4, 128, bs, DTYPES[dtype], max_blocks=maxb)
+    check_out(run_op(c, 128 ** -0.5), c, 128 ** -0.5, f"bs{bs} {dtype}")
+
+
+@pytest.mark.parametrize("G,D,dtype", [(4, 128, "bf16"), (1, 64, "bf16"), (7, 256, "fp16"),
+                                       (16, 128, "fp16"), (5, 64, "fp16"), (8, 256, "bf16")])
+def test_long_heads_split_kv(G, D, dtype):
+    # Few rows and long heads: the launcher splits the keys over many CTAs and merges partials;
+    # short and empty heads ride in the same launch.
+    lens = torch.tensor([[5000, 0], [20011, 1], [8191, 300]], dtype=torch.int32)
+    c = make_case(lens, G, D, 64, DTYPES[dtype])
+    check_out(run_op(c, D ** -0.5), c, D ** -0.5, f"long G{G} D{D} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_one_very_long_head_many_splits(dtype):
+    c = make_case([[65536 + 17]], 8, 128, 64, DTYPES[dtype])
+    check_out(run_op(c, 128 ** -0.5), c, 128 ** -0.5, f"65k {dtype}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_peaky_scores_merge_across_splits(dtype):
+    # scale 1: scores spread over ~+-40, so the running max moves a lot between tiles and
+    # splits; a wrong rescale in the online softmax or the merge shows up here.
+    lens = torch.tensor([[12000, 7], [4097, 3000]], dtype=torch.int32)
+    c = make_case(lens, 4, 128, 64, DTYPES[dtype])
+    check_out(run_op(c, 1.0), c, 1.0, f"peaky {dtype}")
+
+
+def test_all_heads_empty_give_zeros_and_neg_inf_lse():
+    c = make_case(torch.zeros(3, 4, dtype=torch.int32), 4, 128, 64, torch.bfloat16, max_blocks=3,
+                  num_blocks=5)
+    out, lse = run_op(c, 0.1, with_lse=True)
+    torch.cuda.synchronize()
+    assert bool((out == 0).all())
+    assert bool(torch.isneginf(lse).all())
+
+
+def test_empty_batch():
+    c = make_case(torch.zeros(1, 2, dtype=torch.int32), 4, 128, 64, torch.bfloat16, num_blocks=2)
+    q = c.q[:0]
+    out = torch.ops.dms.sparse_decode(q, c.k, c.v, c.table[:0], c.lens[:0], 0.1)
+    assert out.shape == (0, 8, 128)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("G,D", [(4, 128), (1, 64), (7, 256)])
+def test_lse_matches_logsumexp(G, D, dtype):
+    lens = torch.tensor([[0, 1, 63, 64], [65, 9000, 700, 2]], dtype=torch.int32)
+    c = make_case(lens, G, D, 64, DTYPES[dtype])
+    scale = D ** -0.5
+    out, lse = run_op(c, scale, with_lse=True)
+    check_out(out, c, scale, f"lse G{G} D{D} {dtype}")
+    check_lse(lse, c, scale, f"lse G{G} D{D} {dtype}")
+    # Same output with and without lse.
+    out2 = run_op(c, scale)
+    assert torch.equal(out, out2)
+
+
+def test_cuda_graph_replays_follow_in_place_metadata_changes():
+    B, hkv, G, D, bs, maxb = 4, 2, 4, 128, 64, 160
+    nblk = B * hkv * maxb + 8
+    dtype = torch.bfloat16
+    scale = D ** -0.5
+    scenarios = [
+        random_lens(B, hkv, 1, 300),
+        torch.tensor([[9000, 0], [1, 64], [maxb * bs, 5000], [65, 700]], dtype=torch.int32),
+        torch.zeros(B, hkv, dtype=torch.int32),
+        random_lens(B, hkv, 0, maxb * bs),
+        random_lens(B, hkv, 1, 40),
+    ]
+    first = make_case(scenarios[0], G, D, bs, dtype, max_blocks=maxb, num_blocks=nblk)
+    q, k, v, table, lens = (x.clone() for x in first.args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.dms.sparse_decode(q, k, v, table, lens, scale)
+        torch.ops.dms.sparse_decode_lse(q, k, v, table, lens, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.dms.sparse_decode(q, k, v, table, lens, scale)
+        out2, lse = torch.ops.dms.sparse_decode_lse(q, k, v, table, lens, scale)
+    for i, sl in enumerate(scenarios):
+        c = make_case(sl, G, D, bs, dtype, max_blocks=maxb, num_blocks=nblk)
+        for dst, src in zip((q, k, v, table, lens), c.args):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        out2.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check_out(out, c, scale, f"replay {i}")
+        check_out(out2, c, scale, f"replay {i} (lse op)")
+        check_lse(lse, c, scale, f"replay {i}")
+
+
+@pytest.mark.parametrize("op", ["sparse_decode", "sparse_decode_lse"])
+def test_opcheck(op):
+    lens = torch.tensor([[0, 5], [64, 130]], dtype=torch.int32)
+    c = make_case(lens, 3, 64, 32, torch.bfloat16)
+    torch.library.opcheck(getattr(torch.ops.dms, op).default, (*c.args, 0.125))
+
+
+def test_large_batch_beyond_992_rows():
+    # B * Hkv = 2048 rows: more rows than FA3 keeps split-KV for; a few long heads among them.
+    B, hkv, G, D = 256, 8, 4, 128
+    lens = random_lens(B, hkv, 1, 400, specials=(0, 1, 64, 65))
+    long_idx = torch.randperm(B * hkv)[:16]
+    lens.view(-1)[long_idx] = torch.randint(3000, 6001, (16,), dtype=torch.int32)
+    c = make_case(lens, G, D, 64, torch.bfloat16)
+    check_out(run_op(c, D ** -0.5), c, D ** -0.5, "B256 x Hkv8")
+
+
+def test_q_views_with_other_strides():
+    lens = torch.tensor([[100, 0, 2000], [1, 64, 65]], dtype=torch.int32)
+    c = make_case(lens, 4, 128, 64, torch.bfloat16)
+    B, hq, D = c.q.shape
+    hkv = 3
+    # q as the head slice of a packed qkv projection (aligned strides) ...
+    qkv = torch.randn(B, hq + 2 * hkv, D, device="cuda").to(torch.bfloat16)
+    qkv[:, :hq] = c.q
+    qv = qkv[:, :hq]
+    assert not qv.is_contiguous()
+    out = torch.ops.dms.sparse_decode(qv, c.k, c.v, c.table, c.lens, D ** -0.5)
+    check_out(out, c, D ** -0.5, "q slice of qkv")
+    # ... and at an odd element offset (not 16-byte aligned).
+    buf = torch.empty(B * hq * D + 1, device="cuda", dtype=torch.bfloat16)
+    qo = buf[1:].view(B, hq, D)
+    qo.copy_(c.q)
+    out = torch.ops.dms.sparse_decode(qo, c.k, c.v, c.table, c.lens, D ** -0.5)
+    check_out(out, c, D ** -0.5, "q at odd offset")
+
+
+def test_head_dim_96_raises_clear_error():
+    c = make_case(torch.tensor([[10, 20]], dtype=torch.int32), 2, 96, 64, torch.bfloat16)
+    with pytest.raises((ValueError, NotImplementedError, RuntimeError), match=r"(?i)head.?dim|96"):
+        torch.ops.dms.sparse_decode(*c.args, 0.1)
+        torch.cuda.synchronize()
+
+
+def test_bad_metadata_raises_value_error_naming_argument():
+    c = make_case(torch.tensor([[10, 20]], dtype=torch.int32), 2, 64, 64, torch.bfloat16)
+    q, k, v, table, lens = c.args
+    with pytest.raises(ValueError, match="block_table"):
+        torch.ops.dms.sparse_decode(q, k, v, table.long(), lens, 0.1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        torch.ops.dms.sparse_decode(q, k, v, table, lens.cpu(), 0.1)
+    with pytest.raises(ValueError, match="v_cache"):
+        torch.ops.dms.sparse_decode(q, k, v.half(), table, lens, 0.1)
+
+
+def test_zz_stale_nan_rows_and_unset_table_entries_are_never_read():
+    # Last in the file on purpose: a kernel that dereferences a -1 table entry faults, and a
+    # CUDA fault ends the process; every other test has already run by then.
+    for bs, G, D in ((16, 4, 128), (64, 1, 64), (64, 7, 256), (256, 4, 128)):
+        lens = torch.tensor([[0, 1, bs - 1], [bs, bs + 1, 3000], [2 * bs, 5, 6000]], dtype=torch.int32)
+        nb = (lens.long() + bs - 1) // bs
+        c = make_case(lens, G, D, bs, torch.bfloat16, max_blocks=int(nb.max()) + 3,
+                      num_blocks=int(nb.sum()) + 5, unused="nan")
+        out, lse = run_op(c, D ** -0.5, with_lse=True)
+        torch.cuda.synchronize()
+        check_out(out, c, D ** -0.5, f"stale NaN bs{bs} G{G} D{D}")
+        check_lse(lse, c, D ** -0.5, f"stale NaN bs{bs} G{G} D{D}")
