@@ -273,6 +273,8 @@ def warm(head_dims, dtypes, tc_head_dims) -> None:
             # The fa2 prefill module is ~10 kernel files: only build it where it is timed.
             specs.append(gen_batch_prefill_module("fa2", dt, dt, dt, torch.int32, d, d, 0,
                                                   False, False, False))
+    print(f"building {len(specs)} modules ({os.environ.get('MAX_JOBS')} jobs): "
+          + ", ".join(sp.name[:40] for sp in specs), flush=True)
     build_jit_specs(specs, verbose=os.environ.get("FLASHINFER_JIT_VERBOSE") == "1")
     print(f"built {len(specs)} modules in {time.time() - t0:.0f} s", flush=True)
     if torch.cuda.is_available():
