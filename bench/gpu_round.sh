@@ -210,11 +210,16 @@ if start is None:
     print("no ncu csv rows (see ncu.log)"); sys.exit()
 acc = collections.defaultdict(list)
 for r in csv.DictReader(rows[start:]):
-    name = re.sub(r"[<(].*", "", r["Kernel Name"]).split("::")[-1].strip()
+    name = re.sub(r"\(anonymous namespace\)::", "", r["Kernel Name"])
+    name = re.split(r"[<(]", name)[0].split("::")[-1].split()[-1]
     try:
-        acc[(name, r["Metric Name"])].append(float(r["Metric Value"].replace(",", "")))
+        v = float(r["Metric Value"].replace(",", ""))
     except ValueError:
-        pass
+        continue
+    # ncu scales units per value (nsecond, usecond, msecond): bring times to microseconds.
+    v *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+          "second": 1e6}.get(r.get("Metric Unit", "").strip(), 1.0)
+    acc[(name, r["Metric Name"])].append(v)
 short = {"dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram%",
          "sm__warps_active.avg.pct_of_peak_sustained_active": "occ%",
          "gpu__time_duration.sum": "time"}
@@ -222,8 +227,6 @@ out = collections.defaultdict(list)
 for (k, m), v in acc.items():
     mean = sum(v) / len(v)
     unit = "us" if m == "gpu__time_duration.sum" else ""
-    if m == "gpu__time_duration.sum" and mean > 1e3:  # ncu reports ns for short kernels
-        mean /= 1e3
     out[k].append(f"{short.get(m, m)} {mean:.1f}{unit} (n={len(v)})")
 print("; ".join(f"{k}: " + ", ".join(sorted(v)) for k, v in out.items()))
 EOF
