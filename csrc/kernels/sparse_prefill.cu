@@ -417,19 +417,31 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       }
     }
 
-    // Mask + scale into the log2 domain; masked scores are -inf.
+    // Mask + scale into the log2 domain; masked scores are -inf. A full tile of compacted keys
+    // is visible to every query (rows past the chunk see it too, harmlessly: never stored).
     float mx[2] = {-INFINITY, -INFINITY};
+    if (tile >= t2 && tile < t3 && (tile - t2 + 1) * kBN <= nc) {
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
+      for (int t = 0; t < NT; ++t) {
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        const int2 ab = sMeta[t * 8 + ((lane & 3) << 1) + e2];
+        for (int e = 0; e < 4; ++e) {
+          s[t][e] *= sl2;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
+        }
+      }
+    } else {
 #pragma unroll
-        for (int rs = 0; rs < 2; ++rs) {
-          const bool vis = ab.x <= qi[rs] && qi[rs] <= ab.y;
-          float& x = s[t][rs * 2 + e2];
-          x = vis ? x * sl2 : -INFINITY;
-          mx[rs] = fmaxf(mx[rs], x);
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int2 ab = sMeta[t * 8 + ((lane & 3) << 1) + e2];
+#pragma unroll
+          for (int rs = 0; rs < 2; ++rs) {
+            const bool vis = ab.x <= qi[rs] && qi[rs] <= ab.y;
+            float& x = s[t][rs * 2 + e2];
+            x = vis ? x * sl2 : -INFINITY;
+            mx[rs] = fmaxf(mx[rs], x);
+          }
         }
       }
     }
