@@ -58,6 +58,7 @@ CASES = [
     Case("B64 x 8k G1", 64, 8192, hq=8),
 ]
 WINDOW = 512
+DEV = "cuda"  # a CPU dry run of run_case's data paths sets this to "cpu"
 
 
 def make_lens(c: Case, cr: float, gen: torch.Generator) -> torch.Tensor:
@@ -75,7 +76,8 @@ def make_lens(c: Case, cr: float, gen: torch.Generator) -> torch.Tensor:
 class Paged:
     """Our layout: one pool, `copies` block tables over disjoint shuffled blocks."""
 
-    def __init__(self, lens_cpu, bs, D, dtype, copies, gen_cpu, gen_dev, device="cuda"):
+    def __init__(self, lens_cpu, bs, D, dtype, copies, gen_cpu, gen_dev, device=None):
+        device = device or DEV
         self.B, self.hkv = lens_cpu.shape
         self.bs, self.D = bs, D
         nb = (lens_cpu.long() + bs - 1) // bs
@@ -122,7 +124,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     dtype = DTYPES[a.dtype]
     es = torch.tensor([], dtype=dtype).element_size()
     gen_cpu = torch.Generator().manual_seed(a.seed)
-    gen_dev = torch.Generator(device="cuda").manual_seed(a.seed)
+    gen_dev = torch.Generator(device=DEV).manual_seed(a.seed)
     G = c.hq // c.hkv
     scale = 1.0 / math.sqrt(c.D)
     lens = make_lens(c, a.cr, gen_cpu)
@@ -133,7 +135,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     print(f"{c.name}: live {lb / 1e6:.1f} MB, lengths {int(lens.min())}..{int(lens.max())}, "
           f"{copies} input copies", flush=True)
     P = Paged(lens, a.block_size, c.D, dtype, copies, gen_cpu, gen_dev)
-    qs = [torch.randn(c.B, c.hq, c.D, device="cuda", dtype=dtype, generator=gen_dev)
+    qs = [torch.randn(c.B, c.hq, c.D, device=DEV, dtype=dtype, generator=gen_dev)
           for _ in range(copies)]
 
     def timed(key, fns, label):
@@ -172,7 +174,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     pad_bytes = c.B * c.hkv * lmax * c.D * 2 * es
     sc = common.copies_to_beat_l2(pad_bytes)
     if a.peers and pad_bytes * sc < a.max_peer_gb * 1e9:
-        mask = (torch.arange(lmax, device="cuda")[None, None, :] < P.lens[..., None])[:, :, None, :]
+        mask = (torch.arange(lmax, device=DEV)[None, None, :] < P.lens[..., None])[:, :, None, :]
         kvp = [P.padded(i % copies, lmax) for i in range(sc)]
         qg = [qs[i % copies].view(c.B, c.hkv, G, c.D) for i in range(sc)]
 
@@ -191,7 +193,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     r["dense_mb"] = dense_bytes / 1e6
     if a.peers and a.dense and dense_bytes < a.max_peer_gb * 1e9:
         dc = common.copies_to_beat_l2(dense_bytes)
-        kd = [torch.randn(c.B, c.hkv, c.ctx, c.D, device="cuda", dtype=dtype, generator=gen_dev)
+        kd = [torch.randn(c.B, c.hkv, c.ctx, c.D, device=DEV, dtype=dtype, generator=gen_dev)
               for _ in range(dc)]
         vd = [torch.randn_like(k) for k in kd]
         qg = [qs[i % copies].view(c.B, c.hkv, G, c.D) for i in range(dc)]
@@ -211,11 +213,11 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
             import flashinfer_peer as fp
             ps = a.block_size
             npg = c.ctx // ps
-            kp = torch.randn(c.B * npg * dc, ps, c.hkv, c.D, device="cuda", dtype=dtype, generator=gen_dev)
+            kp = torch.randn(c.B * npg * dc, ps, c.hkv, c.D, device=DEV, dtype=dtype, generator=gen_dev)
             vp = torch.randn_like(kp)
             perm = torch.randperm(c.B * npg * dc, generator=gen_cpu).to(torch.int32).cuda()
             indptr = (torch.arange(c.B + 1, dtype=torch.int32) * npg).cuda()
-            last = torch.full((c.B,), ps, dtype=torch.int32, device="cuda")
+            last = torch.full((c.B,), ps, dtype=torch.int32, device=DEV)
             for tc in (True, False):
                 if tc and c.D not in fi_tc_dims:
                     continue
