@@ -1,0 +1,365 @@
+"""DMSCache (SPEC section 5) on the CPU against dms_ext.reference, on random schedules."""
+import math
+import random
+
+import pytest
+import torch
+
+import dms_ext
+from dms_ext import reference
+from dms_ext.cache import DMSCache, OutOfBlocks, _Layer
+
+
+def make_logits(n, hkv, rate, gen):
+    """Eviction logits, positive (flag the previous token) with probability `rate`."""
+    mag = torch.rand(n, hkv, generator=gen, dtype=torch.float64) * 4 + 0.05
+    pos = torch.rand(n, hkv, generator=gen, dtype=torch.float64) < rate
+    return torch.where(pos, mag, -mag).float()
+
+
+class Model:
+    """Drives a cache and keeps each sequence's full history per layer for the reference."""
+
+    def __init__(self, cache, hq, rate, seed, scale=None):
+        self.c, self.hq, self.rate, self.scale = cache, hq, rate, scale
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hist = {}  # seq id -> per layer list of (q, k, v, logits) chunks
+
+    def add(self):
+        sid = self.c.add_sequence()
+        self.hist[sid] = [[] for _ in range(self.c.num_layers)]
+        return sid
+
+    def fork(self, sid):
+        new = self.c.fork(sid)
+        self.hist[new] = [list(h) for h in self.hist[sid]]
+        return new
+
+    def release(self, sid):
+        self.c.release(sid)
+        del self.hist[sid]
+
+    def inputs(self, lens, dtype=None):
+        c, dtype = self.c, dtype or self.c.dtype
+        T = sum(lens)
+        g = self.gen
+        q = torch.randn(T, self.hq, c.head_dim, generator=g).to(dtype)
+        k = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dtype)
+        v = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dtype)
+        lg = make_logits(T, c.num_kv_heads, self.rate, g)
+        cu = torch.tensor([0] + list(lens), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cu, q, k, v, lg
+
+    def step(self, sids, lens, layers=None, check=True, atol=1e-5, rtol=1e-5):
+        """One forward pass: attend on every layer with fresh inputs; check against the reference."""
+        outs = []
+        for layer in (range(self.c.num_layers) if layers is None else layers):
+            cu, q, k, v, lg = self.inputs(lens)
+            out = self.c.attend(layer, sids, cu, q, k, v, lg, scale=self.scale)
+            assert out.shape == q.shape and out.dtype == q.dtype
+            for i, sid in enumerate(sids):
+                a, b = int(cu[i]), int(cu[i + 1])
+                self.hist[sid][layer].append((q[a:b], k[a:b], v[a:b], lg[a:b]))
+            if check:
+                self.check(layer, sids, cu, out, atol, rtol)
+            outs.append(out)
+        return outs
+
+    def full(self, sid, layer):
+        return [torch.cat(x) for x in zip(*self.hist[sid][layer])]
+
+    def check(self, layer, sids, cu, out, atol, rtol):
+        w = self.c.window
+        for i, sid in enumerate(sids):
+            q, k, v, lg = self.full(sid, layer)
+            n = int(cu[i + 1] - cu[i])
+            ref = reference.dms_attention(q.double(), k.double(), v.double(), lg, w, scale=self.scale)
+            torch.testing.assert_close(out[int(cu[i]):int(cu[i + 1])].double(), ref[-n:],
+                                       atol=atol, rtol=rtol)
+            live = self.c.live_tokens(layer, sid)
+            assert live.tolist() == reference.live_counts(lg, w).tolist(), (layer, sid)
+
+
+def poison_free(cache):
+    """NaN in every free slot, so reading a slot the cache does not own shows up in outputs."""
+    for lay in cache._layers:
+        lay.k_cache.fill_(float("nan"))
+        lay.v_cache.fill_(float("nan"))
+
+
+CONFIGS = [  # (hkv, G, head_dim, block_size)
+    (2, 1, 16, 4), (1, 3, 32, 8), (2, 5, 16, 16), (3, 7, 8, 4), (2, 2, 64, 64),
+]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("window", [1, 2, 5, 16])
+def test_chunking_invariance_random_schedule(window, rate):
+    seed = window * 10 + int(rate * 10)
+    rng = random.Random(seed)
+    hkv, G, d, bs = CONFIGS[seed % len(CONFIGS)]
+    cache = DMSCache(2, hkv, d, window=window, block_size=bs, num_blocks=400, max_seqs=4,
+                     dtype=torch.float32, device="cpu")
+    poison_free(cache)
+    m = Model(cache, hkv * G, rate, seed)
+    sids = [m.add() for _ in range(3)]
+    for _ in range(9):
+        active = rng.sample(sids, rng.randint(1, len(sids)))
+        if rng.random() < 0.4:
+            lens = [1] * len(active)                       # decode step
+        else:
+            lens = [rng.choice([1, 2, 3, bs - 1 or 1, bs, bs + 1, rng.randint(1, 40)]) for _ in active]
+        m.step(active, lens)
+    # A later turn on one sequence while others decode is a prefill call with mixed chunks.
+    m.step(sids, [17, 1, 1])
+
+
+def test_decode_many_steps_matches_reference_and_never_syncs_with_room(monkeypatch):
+    syncs = []
+    orig = _Layer.sync
+    monkeypatch.setattr(_Layer, "sync", lambda self, rows: (syncs.append(1), orig(self, rows)))
+    cache = DMSCache(3, 2, 16, window=4, block_size=4, num_blocks=200, max_seqs=3,
+                     dtype=torch.float32, device="cpu")
+    m = Model(cache, 6, 0.6, 1)
+    sids = [m.add() for _ in range(3)]
+    m.step(sids, [5, 9, 2])
+    for _ in range(40):
+        m.step(sids, [1, 1, 1])
+    assert not syncs
+
+
+def test_first_chunk_of_one_token_and_reordered_seq_ids():
+    cache = DMSCache(1, 2, 16, window=3, block_size=4, num_blocks=64, max_seqs=3,
+                     dtype=torch.float32, device="cpu")
+    m = Model(cache, 4, 0.5, 2)
+    a, b, c = m.add(), m.add(), m.add()
+    m.step([c, a], [1, 1])
+    m.step([b, c, a], [1, 6, 1])
+    m.step([a, b], [1, 1])
+    m.step([a], [5])
+
+
+def test_bf16_and_fp16_close_to_float64_reference():
+    for dtype in (torch.bfloat16, torch.float16):
+        cache = DMSCache(2, 2, 32, window=6, block_size=8, num_blocks=128, max_seqs=2,
+                         dtype=dtype, device="cpu")
+        m = Model(cache, 6, 0.7, 3)
+        sids = [m.add(), m.add()]
+        m.step(sids, [20, 7], atol=2e-2, rtol=2e-2)
+        for _ in range(6):
+            m.step(sids, [1, 1], atol=2e-2, rtol=2e-2)
+        m.step(sids, [9, 1], atol=2e-2, rtol=2e-2)
+
+
+def test_custom_scale():
+    cache = DMSCache(1, 1, 16, window=2, block_size=4, num_blocks=32, max_seqs=1,
+                     dtype=torch.float32, device="cpu")
+    m = Model(cache, 3, 0.5, 4, scale=0.37)
+    s = m.add()
+    m.step([s], [7])
+    m.step([s], [1])
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.9])
+def test_fork_is_independent(rate):
+    cache = DMSCache(2, 2, 16, window=3, block_size=4, num_blocks=200, max_seqs=4,
+                     dtype=torch.float32, device="cpu")
+    poison_free(cache)
+    m = Model(cache, 6, rate, 5)
+    a = m.add()
+    m.step([a], [11])
+    free_before = cache.num_free_blocks
+    b = m.fork(a)
+    used_by_a = sum(math.ceil(n / 4) for layer in range(2) for n in cache.live_tokens(layer, a).tolist())
+    assert cache.num_free_blocks == free_before - used_by_a
+    for layer in range(2):
+        assert cache.live_tokens(layer, b).tolist() == cache.live_tokens(layer, a).tolist()
+    # Different continuations; each must equal the reference of its own history.
+    m.step([a, b], [1, 1])
+    m.step([b], [6])
+    m.step([a, b], [3, 1])
+    c = m.fork(b)
+    m.release(a)
+    m.step([c, b], [1, 2])
+    m.step([c], [1])
+
+
+def test_release_returns_every_block():
+    cache = DMSCache(2, 3, 8, window=2, block_size=4, num_blocks=60, max_seqs=4,
+                     dtype=torch.float32, device="cpu")
+    start = cache.num_free_blocks
+    assert start == 120
+    m = Model(cache, 3, 0.3, 6)
+    sids = [m.add() for _ in range(3)]
+    m.step(sids, [13, 1, 6])
+    m.step(sids, [1, 1, 1])
+    f = m.fork(sids[0])
+    assert cache.num_free_blocks < start
+    for s in sids + [f]:
+        m.release(s)
+    assert cache.num_free_blocks == start
+    assert len(cache) == 0
+    # Rows are reusable and come back clean.
+    s = m.add()
+    m.step([s], [9])
+
+
+def test_add_sequence_beyond_max_seqs_raises():
+    cache = DMSCache(1, 1, 8, window=2, block_size=4, num_blocks=8, max_seqs=2,
+                     dtype=torch.float32, device="cpu")
+    a = cache.add_sequence()
+    cache.add_sequence()
+    with pytest.raises(RuntimeError, match="max_seqs"):
+        cache.add_sequence()
+    with pytest.raises(RuntimeError, match="max_seqs"):
+        cache.fork(a)
+    cache.release(a)
+    assert cache.add_sequence() not in (a,)  # ids are never reused
+
+
+def snapshot(cache):
+    return [[t.clone() for t in lay.state()] for lay in cache._layers]
+
+
+def assert_same_state(a, b):
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.nan_to_num(7.), y.nan_to_num(7.)))
+
+
+def _twin_caches():
+    kw = dict(window=3, block_size=4, num_blocks=64, max_seqs=3, dtype=torch.float32, device="cpu")
+    caches = [DMSCache(2, 2, 16, **kw), DMSCache(2, 2, 16, **kw)]
+    for c in caches:
+        poison_free(c)
+    return caches
+
+
+def test_malformed_arguments_raise_value_error_and_change_nothing():
+    good, bad = _twin_caches()
+    ma, mb = Model(good, 6, 0.5, 7), Model(bad, 6, 0.5, 7)
+    sa, sb = [ma.add(), ma.add()], [mb.add(), mb.add()]
+    ma.step(sa, [5, 3])
+    mb.step(sb, [5, 3])
+    gone = bad.add_sequence()
+    bad.release(gone)
+
+    cu, q, k, v, lg = mb.inputs([2, 1])
+    ma.inputs([2, 1])  # keeps both input streams in step
+    f16 = torch.float16
+    cases = {
+        "layer": [dict(layer=-1), dict(layer=2), dict(layer="0"), dict(layer=1.0), dict(layer=True)],
+        "seq_ids": [dict(seq_ids=[sb[0], sb[0]]), dict(seq_ids=[sb[0], 999]),
+                    dict(seq_ids=[sb[0], gone]), dict(seq_ids=7), dict(seq_ids=[sb[0], "1"])],
+        "cu_seqlens": [dict(cu_seqlens=cu.float()), dict(cu_seqlens=cu[:2]),
+                       dict(cu_seqlens=torch.tensor([1, 2, 3], dtype=torch.int32)),
+                       dict(cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)),
+                       dict(cu_seqlens=torch.tensor([0, 0, 3], dtype=torch.int32)),
+                       dict(cu_seqlens=torch.tensor([0, 3, 3], dtype=torch.int32)),
+                       dict(cu_seqlens=torch.tensor([0, 2, 1], dtype=torch.int32)),
+                       dict(cu_seqlens=cu[None]), dict(cu_seqlens=[0, 2, 3]),
+                       dict(cu_seqlens=cu.to("meta"))],
+        "q": [dict(q=q.to(f16)), dict(q=q[..., :8].contiguous()), dict(q=q[:, :5].contiguous()),
+              dict(q=q[0]), dict(q=q.to("meta")), dict(q=q.numpy())],
+        "k": [dict(k=k.to(f16)), dict(k=k[:2]), dict(k=k[:, :1].contiguous()), dict(k=k[..., :8]),
+              dict(k=k.to("meta"))],
+        "v": [dict(v=v.to(f16)), dict(v=v[:2]), dict(v=v[:, :1].contiguous()), dict(v=v.to("meta"))],
+        "eviction_logits": [dict(eviction_logits=lg[:2]), dict(eviction_logits=lg[:, :1]),
+                            dict(eviction_logits=lg > 0), dict(eviction_logits=lg.to(torch.int32)),
+                            dict(eviction_logits=lg.to("meta")), dict(eviction_logits=lg[:, :, None])],
+        "scale": [dict(scale="x"), dict(scale=float("nan")), dict(scale=[1.0])],
+    }
+    base = dict(layer=0, seq_ids=sb, cu_seqlens=cu, q=q, k=k, v=v, eviction_logits=lg, scale=None)
+    before = snapshot(bad)
+    for name, variants in cases.items():
+        for change in variants:
+            args = {**base, **change}
+            with pytest.raises(ValueError, match=name):
+                bad.attend(**args)
+            assert_same_state(snapshot(bad), before)
+    for name, fn in {"seq_id": lambda: bad.fork(999), "seq_id ": lambda: bad.release(gone),
+                     "layer": lambda: bad.live_tokens(5, sb[0])}.items():
+        with pytest.raises(ValueError, match=name.strip()):
+            fn()
+    assert_same_state(snapshot(bad), before)
+    # The cache that saw every bad call gives the same outputs as one that never did.
+    for layers in ([0, 1], [1, 0]):
+        oa = ma.step(sa, [2, 1], layers=layers)
+        ob = mb.step(sb, [2, 1], layers=layers)
+        for x, y in zip(oa, ob):
+            assert torch.equal(x, y)
+    assert_same_state(snapshot(good), snapshot(bad))
+
+
+def test_constructor_rejects_bad_arguments():
+    kw = dict(num_blocks=8, max_seqs=2, device="cpu", dtype=torch.float32)
+    for name, args in {"num_layers": (0, 1, 8), "num_kv_heads": (1, 0, 8), "head_dim": (1, 1, -8)}.items():
+        with pytest.raises(ValueError, match=name):
+            DMSCache(*args, **kw)
+    for name in ("window", "block_size", "num_blocks", "max_seqs", "max_blocks_per_head"):
+        with pytest.raises(ValueError, match=name):
+            DMSCache(1, 1, 8, **{**kw, name: 0})
+    with pytest.raises(ValueError, match="dtype"):
+        DMSCache(1, 1, 8, **{**kw, "dtype": torch.int32})
+    with pytest.raises(ValueError, match="device"):
+        DMSCache(1, 1, 8, **{**kw, "device": "nonsense"})
+
+
+def test_empty_call_returns_empty():
+    cache = DMSCache(1, 2, 16, window=3, block_size=4, num_blocks=16, max_seqs=2,
+                     dtype=torch.float32, device="cpu")
+    e = torch.empty(0, 2, 16)
+    out = cache.attend(0, [], torch.zeros(1, dtype=torch.int32), torch.empty(0, 4, 16), e, e,
+                       torch.empty(0, 2))
+    assert out.shape == (0, 4, 16)
+
+
+def test_out_of_blocks_leaves_sequences_intact_and_release_retry_works():
+    # Pool of 6 blocks of 4 tokens per layer, 2 heads, nothing evicted (rate 0).
+    cache = DMSCache(2, 2, 16, window=2, block_size=4, num_blocks=6, max_seqs=3,
+                     dtype=torch.float32, device="cpu")
+    poison_free(cache)
+    m = Model(cache, 4, 0.0, 8)
+    a, b = m.add(), m.add()
+    m.step([a], [8])                      # 2 blocks per head: 4 of 6 used
+    before = snapshot(cache)
+    free = cache.num_free_blocks
+    with pytest.raises(OutOfBlocks):
+        m.step([a, b], [1, 5], layers=[0])  # b needs 2 x 2 blocks, a one more per head
+    assert_same_state(snapshot(cache), before)
+    assert cache.num_free_blocks == free
+    # Model.step records a chunk only after attend returns, so the history still matches.
+    m.step([a], [1])                       # a still equals its reference (fits: opens block 3)
+    with pytest.raises(OutOfBlocks):
+        m.step([b], [5], layers=[1])
+    m.release(a)
+    m.step([b], [5])                       # release + retry
+    m.step([b], [1])
+    assert issubclass(OutOfBlocks, RuntimeError)
+    assert dms_ext.OutOfBlocks is OutOfBlocks
+
+
+def test_out_of_blocks_when_a_head_outgrows_its_block_table():
+    cache = DMSCache(1, 1, 8, window=1, block_size=4, num_blocks=32, max_seqs=2,
+                     dtype=torch.float32, device="cpu", max_blocks_per_head=2)
+    m = Model(cache, 1, 0.0, 9)
+    s = m.add()
+    m.step([s], [6])
+    before = snapshot(cache)
+    with pytest.raises(OutOfBlocks, match="max_blocks_per_head"):
+        m.step([s], [3])
+    assert_same_state(snapshot(cache), before)
+    m.step([s], [2])                      # exactly fills the table
+
+
+def test_reservation_syncs_instead_of_failing_when_evictions_keep_the_cache_small():
+    # Every token flagged, window 2: each head keeps 3 tokens (1 block) however long it runs,
+    # while the worst-case bound grows by a block every 4 steps: syncs must absorb that.
+    cache = DMSCache(2, 2, 8, window=2, block_size=4, num_blocks=2, max_seqs=1,
+                     dtype=torch.float32, device="cpu", max_blocks_per_head=1)
+    m = Model(cache, 2, 1.0, 10)
+    s = m.add()
+    m.step([s], [3])
+    for _ in range(30):
+        m.step([s], [1])
+    assert cache.live_tokens(0, s).tolist() == [3, 3]
