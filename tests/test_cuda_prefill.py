@@ -273,3 +273,42 @@ def test_empty_cache_tensors_shapes_and_repeatability():
     a = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *st.tensors(), 0.125)
     b = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *st.tensors(), 0.125)
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def _small_inputs(seed=0, T=(40, 1, 90), hkv=2, group=3, d=64, window=8):
+    gen = torch.Generator().manual_seed(seed)
+    st = State(len(T) + 1, hkv, d, window, 16, 64, 8, torch.bfloat16, "cuda", gen)
+    n = sum(T)
+    # A short history for rows 0 and 2, so cached keys and the ring take part.
+    kh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).cuda()
+    vh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).cuda()
+    lh = make_logits(50, hkv, 0.5, gen).cuda()
+    st.append(kh, vh, lh, [0, 2], [20, 30])
+    q = torch.randn(n, hkv * group, d, generator=gen).to(torch.bfloat16).cuda()
+    k = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).cuda()
+    lg = make_logits(n, hkv, 0.5, gen).cuda()
+    cu = torch.tensor([0] + list(T), dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    slots = torch.tensor([2, 3, 0], dtype=torch.int32, device="cuda")
+    return (q, k, v, lg, slots, cu, *st.tensors(), 1.0 / math.sqrt(d))
+
+
+def test_cuda_graph_capture_and_replay():
+    args = _small_inputs(1)
+    eager = torch.ops.dms.sparse_prefill(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.dms.sparse_prefill(*args)                  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dms.sparse_prefill(*args)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.dms.sparse_prefill, _small_inputs(2))
