@@ -54,7 +54,7 @@ else
   echo "already installed" >"$LOGS/install.log"; rc=0
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-add_row install $rc $(( $(date +%s) - t )) "$(tail -n 1 "$LOGS/install.log" | cut -c1-80)"
+add_row install "$rc" $(( $(date +%s) - t )) "$(tail -n 1 "$LOGS/install.log" | cut -c1-80)"
 
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name())"
@@ -79,7 +79,7 @@ if want decode; then
     # JIT-compile FlashInfer's decode modules while dms_ext builds; the decode stage waits for it.
     if [ "${FI_WARM:-1}" = 1 ]; then
       # Own session (setsid), so a JIT that runs too long can be stopped with its nvcc children.
-      PYTHONPATH="$PYTHONPATH:$FI_DIR" setsid $PY bench/flashinfer_peer.py --warm >"$LOGS/flashinfer_warm.log" 2>&1 &
+      PYTHONPATH="$PYTHONPATH:$FI_DIR" $(command -v setsid) $PY bench/flashinfer_peer.py --warm >"$LOGS/flashinfer_warm.log" 2>&1 &
       FI_PID=$!
     fi
   else
@@ -92,8 +92,10 @@ t=$(date +%s)
 if [ "${SKIP_BUILD:-0}" = 1 ]; then
   echo "SKIP_BUILD=1" >"$OUT/build.log"; rc=0
 else
-  MAX_JOBS=$MAX_JOBS DMS_CUDA_ARCH=90a $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  to=${STAGE_TIMEOUT_build:-420}; [ $(( BUDGET - $(elapsed) - 40 )) -lt $to ] && to=$(( BUDGET - $(elapsed) - 40 ))
+  MAX_JOBS=$MAX_JOBS DMS_CUDA_ARCH=90a timeout -k 10 $to $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
   rc=$?
+  [ $rc -eq 124 ] && rc="124(timeout ${to}s)"
 fi
 key=$($PY -c "
 import torch, dms_ext
@@ -101,8 +103,8 @@ ops = sorted({s.name.split('::')[1] for s in torch._C._jit_get_all_schemas() if 
 cuda = [o for o in ops if torch._C._dispatch_has_kernel_for_dispatch_key('dms::' + o, 'CUDA')]
 print(f'{len(ops)} ops, {len(cuda)} with CUDA kernels; no CUDA: ' + (' '.join(sorted(set(ops) - set(cuda))) or '-'))
 " 2>&1 | tail -n 1 | cut -c1-160)
-add_row build $rc $(( $(date +%s) - t )) "$key"
-if [ $rc -ne 0 ]; then
+add_row build "$rc" $(( $(date +%s) - t )) "$key"
+if [ "$rc" != 0 ]; then
   NOTES+=("build failed; first errors:")
   while IFS= read -r l; do NOTES+=("  $l"); done < <(grep -E "error|Error" "$OUT/build.log" | head -n 15 | cut -c1-240)
 fi
