@@ -170,11 +170,14 @@ def test_float_to_half_rounds_to_nearest_even_like_torch(dtype):
         torch.tensor([finfo.max, -finfo.max, finfo.max * 1.0001, 0.0, -0.0, 1e-30, 65519.0,
                       65520.0, float("inf"), -float("inf")]),
     ])
-    # Exact ties: halfway between neighbouring representable values.
-    a = (torch.randn(1024) * 100).to(dtype)
-    up = torch.nextafter(a.float(), torch.full_like(a.float(), float("inf"))).to(dtype)
-    ties = (a.double() + (up.double() - a.double()) / 2).float()
-    c = torch.cat([c, ties[torch.isfinite(ties)]]).float()
+    # Exact ties halfway between neighbours in `dtype` (bit patterns b and b + 1, same sign),
+    # over the whole range, subnormals included: these decide round-to-nearest-even.
+    bits = torch.randint(0, 0x7C00 if dtype == torch.float16 else 0x7F80, (4096,))
+    bits = torch.cat([bits, torch.arange(0, 64)]).to(torch.int16)
+    a, up = bits.view(dtype), (bits + 1).view(dtype)
+    ties = ((a.double() + up.double()) / 2).float()
+    ties = ties[torch.isfinite(up.float())]
+    c = torch.cat([c, ties, -ties]).float()
     d = 2
     n = c.numel()
     cs = torch.stack([c, torch.zeros(n)], dim=1)                       # [n, D]: cos, sin
