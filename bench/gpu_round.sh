@@ -267,6 +267,12 @@ for s in "${STAGES[@]}"; do
     e2e) stage_e2e ;;
     ncu) stage_ncu ;;
     memcheck) stage_memcheck ;;
+    sweep) run_cmd sweep 200 "$LOGS/sweep.log" $PY bench/sweep_decode.py ${SWEEP_CASES:-}
+           add_row sweep "$RC" "$SECS" "$(grep -c SWEEP "$LOGS/sweep.log") configs"
+           while IFS= read -r l; do NOTES+=("$l"); done < <(grep SWEEP "$LOGS/sweep.log") ;;
+    diag) run_cmd diag 120 "$LOGS/diag.log" bash bench/diag.sh
+          add_row diag "$RC" "$SECS" "see notes"
+          while IFS= read -r l; do NOTES+=("  $l"); done < <(tail -n 40 "$LOGS/diag.log" | cut -c1-200) ;;
     *) add_row "$s" unknown 0 "unknown stage" ;;
   esac
 done

@@ -88,13 +88,15 @@ template <int D> struct Cfg {
   static_assert(kMergeBytes <= kStages * 2 * kTileElems * 2, "merge scratch must fit the stages");
 };
 
-struct Geometry {
-  int row, b, g, h0, nh, L, split, chunk, nsplit, kbeg, kend;
+// Launch shape resolved on the host from sizes only (never from seq_lens).
+struct Resolved {
+  int max_splits, min_chunk, head_tiles, rows, bs_shift;
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-sparse_decode_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, int head_tiles) {
+sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
+  const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
   using Op = typename MmaAtom<T>::Op;
   constexpr int kStages = Cfg<D>::kStages;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -141,30 +143,45 @@ sparse_decode_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, 
       cp_async16(sQ + swz<D>(r, c), r < nh ? q + r * p.q_stride_h + c * 8 : q, r < nh);
     }
   }
+  // Each thread always copies the same 16-byte column c of rows r0, r0 + kRowStep, ... of a
+  // tile. Their block ids are fetched one tile ahead into registers, so the L2 round trip of
+  // the block-table read overlaps the wait instead of delaying the next tile's copies.
+  constexpr int kRowsPerThread = kTileKeys * kChunks / kThreads;
+  constexpr int kRowStep = kThreads / kChunks;
+  const int r0 = tid / kChunks, cc = tid % kChunks;
+  const int bs_shift = rs.bs_shift, bs_mask = p.block_size - 1;
+  int ids[kRowsPerThread];
+  auto fetch_ids = [&](int t) {
+    const int s0 = kbeg + t * kTileKeys + r0;
+#pragma unroll
+    for (int n = 0; n < kRowsPerThread; ++n) {
+      const int slot = s0 + n * kRowStep;
+      ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
+    }
+  };
   auto load_tile = [&](int t) {
     const int stage = t % kStages;
     T* sK = sKV + stage * 2 * Cfg<D>::kTileElems;
     T* sV = sK + Cfg<D>::kTileElems;
-    const int s0 = kbeg + t * kTileKeys;
+    const int s0 = kbeg + t * kTileKeys + r0;
 #pragma unroll
-    for (int i = tid; i < kTileKeys * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int slot = s0 + r;
+    for (int n = 0; n < kRowsPerThread; ++n) {
+      const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
       const bool valid = slot < kend;
-      int64_t off = 0;
-      if (valid) {
-        const int blk = __ldg(bt + slot / p.block_size);
-        off = ((int64_t)blk * p.block_size + slot % p.block_size) * D + c * 8;
-      }
-      cp_async16(sK + swz<D>(r, c), kc + off, valid);
-      cp_async16(sV + swz<D>(r, c), vc + off, valid);
+      const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
+      cp_async16(sK + swz<D>(r, cc), kc + off, valid);
+      cp_async16(sV + swz<D>(r, cc), vc + off, valid);
     }
   };
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < ntiles) load_tile(t);
+    if (t < ntiles) {
+      fetch_ids(t);
+      load_tile(t);
+    }
     cp_async_commit();  // the Q copies ride in group 0
   }
+  if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
 
   // Per-warp state. Accumulator layout (m16n8): c0,c1 -> row lane/4, c2,c3 -> row lane/4 + 8.
   float o[D / 8][4];
@@ -185,7 +202,10 @@ sparse_decode_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, 
                                       qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
       }
     }
-    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+    if (t + kStages - 1 < ntiles) {
+      load_tile(t + kStages - 1);
+      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this tile computes
+    }
     cp_async_commit();
 
     const int stage = t % kStages;
@@ -315,10 +335,15 @@ sparse_decode_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, 
   }
 }
 
-// Merges the split partials of rows that needed more than one split.
+// Merges the split partials of rows that needed more than one split: the split weights of
+// each head go to shared memory once, then each thread streams its columns' partials (the
+// loads are independent, so many are in flight).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-sparse_decode_merge_kernel(const SparseDecodeParams p, int max_splits, int min_chunk, int head_tiles) {
+sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
+  const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
+  __shared__ float s_w[kHeadTile][64];  // max_splits <= 64 (resolve)
+  __shared__ float s_lse[kHeadTile];
   const int G = p.num_q_heads / p.num_kv_heads;
   const int row = blockIdx.x, ht = blockIdx.z;
   const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
@@ -329,25 +354,34 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, int max_splits, int min_c
   const float* ws_o = reinterpret_cast<const float*>(p.workspace);
   const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
   const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < nh; r += kWarps) {
+    const float a = lane < nsplit ? ws_lse[base + lane * kHeadTile + r] : -INFINITY;
+    const float c = lane + 32 < nsplit ? ws_lse[base + (lane + 32) * kHeadTile + r] : -INFINITY;
+    float M = fmaxf(a, c);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float wa = exp2f(a - M), wc = exp2f(c - M);
+    float l = wa + wc;
+#pragma unroll
+    for (int o = 16; o; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    s_w[r][lane] = wa / l;
+    s_w[r][lane + 32] = wc / l;
+    if (lane == 0) s_lse[r] = M + log2f(l);
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
     const int r = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, ws_lse[base + s * kHeadTile + r]);
-    float acc = 0.f, l = 0.f;
-    for (int s = 0; s < nsplit; ++s) {
-      const float f = exp2f(ws_lse[base + s * kHeadTile + r] - M);
-      acc += f * ws_o[(base + s * kHeadTile + r) * D + d];
-      l += f;
-    }
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < nsplit; ++s) acc += s_w[r][s] * ws_o[(base + s * kHeadTile + r) * D + d];
     T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-    from_float(acc / l, out);
-    if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = (M + log2f(l)) / kLog2e;
+    from_float(acc, out);
+    if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = s_lse[r] / kLog2e;
   }
 }
 
-struct Resolved {
-  int max_splits, min_chunk, head_tiles, rows;
-};
+
 
 Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   Resolved r;
@@ -362,6 +396,8 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.max_splits = ms < 1 ? 1 : (ms > 64 ? 64 : ms);
   if (r.max_splits > cap && cap > 0) r.max_splits = cap;
   r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 128;
+  r.bs_shift = 0;
+  while ((1 << r.bs_shift) < p.block_size) ++r.bs_shift;
   return r;
 }
 
@@ -383,11 +419,11 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
     attr_set = true;
   }
   dim3 grid(r.rows, r.max_splits, r.head_tiles);
-  sparse_decode_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, r.max_splits, r.min_chunk, r.head_tiles);
+  sparse_decode_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, r);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (r.max_splits > 1) {
     dim3 mgrid(r.rows, 1, r.head_tiles);
-    sparse_decode_merge_kernel<T, D><<<mgrid, kThreads, 0, stream>>>(p, r.max_splits, r.min_chunk, r.head_tiles);
+    sparse_decode_merge_kernel<T, D><<<mgrid, kThreads, 0, stream>>>(p, r);
     if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   }
   return Status::kSuccess;
@@ -418,6 +454,7 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
     return Status::kInvalidArgument;
   if (p.dtype == DType::kFloat32) return Status::kUnsupported;
   if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::kUnsupported;
+  if ((p.block_size & (p.block_size - 1)) != 0) return Status::kUnsupported;  // slots map by shift
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
   if (r.max_splits > 1 && !p.workspace) return Status::kInvalidArgument;

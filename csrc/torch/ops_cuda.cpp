@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdlib>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -63,6 +65,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   p.o_stride_h = out.stride(1);
   p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
   if (p.batch == 0 || p.num_q_heads == 0) return {out, lse};
+  // Tuning knobs for benchmarks only (bench/sweep_decode.py); unset means the library default.
+  if (const char* e = std::getenv("DMS_DECODE_MAX_SPLITS")) p.max_splits = std::atoi(e);
+  if (const char* e = std::getenv("DMS_DECODE_MIN_CHUNK")) p.min_chunk = std::atoi(e);
   const int num_sms = sm_count(q.device());
   const size_t ws = sparse_decode_workspace_bytes(p, num_sms);
   at::Tensor workspace;

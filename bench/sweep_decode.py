@@ -1,0 +1,42 @@
+"""Sweep sparse_decode's split-KV knobs (DMS_DECODE_MAX_SPLITS / DMS_DECODE_MIN_CHUNK) on the
+bench_decode shapes, our op only; prints one line per (case, knobs). For choosing defaults."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode as bd  # noqa: E402
+import common  # noqa: E402
+
+import dms_ext  # noqa: E402,F401
+
+
+def main():
+    common.require_cuda()
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["B1 x 32k", "B64 x 8k", "B128 x 4k", "B16 x 16k"]
+    knobs = [(0, 0), (1, 128), (2, 128), (4, 128), (8, 128), (16, 64), (32, 64), (64, 64), (0, 64), (0, 256)]
+    gen = torch.Generator().manual_seed(0)
+    gdev = torch.Generator(device="cuda").manual_seed(0)
+    for c in bd.CASES:
+        if c.name not in names:
+            continue
+        lens = bd.make_lens(c, 8.0, gen)
+        live = bd.live_bytes(int(lens.long().sum()), c.D, 2)
+        copies = common.copies_to_beat_l2(live)
+        pg = bd.Paged(lens, 64, c.D, torch.bfloat16, copies, gen, gdev)
+        qs = [torch.randn(c.B, c.hq, c.D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        fns = [lambda i=i: torch.ops.dms.sparse_decode(qs[i], pg.k, pg.v, pg.tables[i], pg.lens, 0.088)
+               for i in range(copies)]
+        for ms, mc in knobs:
+            os.environ["DMS_DECODE_MAX_SPLITS"] = str(ms)
+            os.environ["DMS_DECODE_MIN_CHUNK"] = str(mc)
+            t = common.time_calls(fns, f"sweep {c.name} {ms} {mc}", target_s=0.1)
+            print(f"SWEEP {c.name:10s} max_splits {ms:3d} min_chunk {mc:4d}: {t.us:8.1f} us "
+                  f"{live / t.us / 1e3:7.0f} GB/s", flush=True)
+    os.environ.pop("DMS_DECODE_MAX_SPLITS", None)
+    os.environ.pop("DMS_DECODE_MIN_CHUNK", None)
+
+
+if __name__ == "__main__":
+    main()
