@@ -22,7 +22,8 @@ __host__ __device__ inline int rope_threads_per_row(int head_dim, int vec) {
 // before and after the rotate-half RoPE (cs: D/2 cos then D/2 sin). Result to out (may be in).
 // Called by every lane of the warp (active or not): the norm reduction shuffles across the
 // `tpr` lanes of the group, `gl` is this lane's index in it. Math in float, one rounding at
-// the store.
+// the store. Explicit _rn intrinsics pin every rounding, so that eviction_rope and the fused
+// decode step (different kernels, different contraction choices otherwise) agree bit for bit.
 template <typename T, int VEC>
 __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, const T* w,
                                          float eps, int D, bool active, bool donor,
@@ -36,13 +37,13 @@ __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, c
       load_n<VEC>(in + c * VEC, a);
       load_n<VEC>(in + half + c * VEC, b);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) ss += a[j] * a[j] + b[j] * b[j];
+      for (int j = 0; j < VEC; ++j) ss = __fmaf_rn(b[j], b[j], __fmaf_rn(a[j], a[j], ss));
     }
   }
   // Unconditional, so that groups with and without a norm weight may share a warp.
   for (int o = tpr >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   if (!active) return;
-  const float rinv = rsqrtf(ss / float(D) + eps);
+  const float rinv = rsqrtf(__fadd_rn(__fdiv_rn(ss, float(D)), eps));
   for (int c = gl; c < chunks; c += tpr) {
     const int i0 = c * VEC;
     float a[VEC], b[VEC], co[VEC], si[VEC];
@@ -54,14 +55,14 @@ __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, c
       load_n<VEC>(w + half + i0, wb);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        a[j] = a[j] * rinv * wa[j];
-        b[j] = b[j] * rinv * wb[j];
+        a[j] = __fmul_rn(__fmul_rn(a[j], rinv), wa[j]);
+        b[j] = __fmul_rn(__fmul_rn(b[j], rinv), wb[j]);
       }
     }
     // Channel D-1 is the last element of the last chunk's second half.
     const bool owns_last = donor && i0 + VEC == half;
     if (owns_last) {
-      *logit_dst = b[VEC - 1] * alpha_scale - alpha_offset;
+      *logit_dst = __fmaf_rn(b[VEC - 1], alpha_scale, -alpha_offset);
       b[VEC - 1] = 0.f;
     }
     load_f32_n<VEC>(cs + i0, co);
@@ -69,8 +70,8 @@ __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, c
     float oa[VEC], ob[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      oa[j] = a[j] * co[j] - b[j] * si[j];
-      ob[j] = b[j] * co[j] + a[j] * si[j];
+      oa[j] = __fmaf_rn(a[j], co[j], -__fmul_rn(b[j], si[j]));
+      ob[j] = __fmaf_rn(b[j], co[j], __fmul_rn(a[j], si[j]));
     }
     // RoPE pairs channel D-1 with D/2-1: the zeroed neuron must stay zero after the rotation.
     if (owns_last) ob[VEC - 1] = 0.f;
