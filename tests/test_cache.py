@@ -363,3 +363,13 @@ def test_reservation_syncs_instead_of_failing_when_evictions_keep_the_cache_smal
     for _ in range(30):
         m.step([s], [1])
     assert cache.live_tokens(0, s).tolist() == [3, 3]
+
+
+def test_demo_runs_and_evicts(capsys):
+    from dms_ext import demo
+    assert demo.main(["--layers", "2", "--prompt-len", "48", "--new-tokens", "4", "--window", "8",
+                      "--batch", "2", "--device", "cpu", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    total = [l.split() for l in out.splitlines() if l.strip().startswith("all ")][0]
+    dense, live = int(total[1]), int(total[2])
+    assert dense == 2 * 2 * 2 * (48 + 4 - 1) and 0 < live < dense  # layers x seqs x Hkv x tokens
