@@ -137,6 +137,12 @@ class DMSCache:
         allowed = _CUDA_DTYPES if self.device.type == "cuda" else _CPU_DTYPES
         if dtype not in allowed:
             raise ValueError(f"dtype: expected one of {list(allowed)} on {self.device.type}, got {dtype}")
+        if self.device.type == "cuda":
+            # What the CUDA kernels implement; failing here beats failing in the first attend.
+            if self.head_dim not in (64, 128):
+                raise ValueError(f"head_dim: the CUDA kernels support 64 and 128, got {self.head_dim}")
+            if self.block_size & (self.block_size - 1):
+                raise ValueError(f"block_size: must be a power of two on CUDA, got {self.block_size}")
         self.dtype = dtype
         self._layers = [_Layer(self) for _ in range(self.num_layers)]
         self._rows: Dict[int, int] = {}

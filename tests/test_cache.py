@@ -43,10 +43,11 @@ class Model:
         c, dtype = self.c, dtype or self.c.dtype
         T = sum(lens)
         g = self.gen
-        q = torch.randn(T, self.hq, c.head_dim, generator=g).to(dtype)
-        k = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dtype)
-        v = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dtype)
-        lg = make_logits(T, c.num_kv_heads, self.rate, g)
+        dev = c.device
+        q = torch.randn(T, self.hq, c.head_dim, generator=g).to(dev, dtype)
+        k = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dev, dtype)
+        v = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dev, dtype)
+        lg = make_logits(T, c.num_kv_heads, self.rate, g).to(dev)
         cu = torch.tensor([0] + list(lens), dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cu, q, k, v, lg
 
@@ -59,7 +60,7 @@ class Model:
             assert out.shape == q.shape and out.dtype == q.dtype
             for i, sid in enumerate(sids):
                 a, b = int(cu[i]), int(cu[i + 1])
-                self.hist[sid][layer].append((q[a:b], k[a:b], v[a:b], lg[a:b]))
+                self.hist[sid][layer].append(tuple(x[a:b].cpu() for x in (q, k, v, lg)))
             if check:
                 self.check(layer, sids, cu, out, atol, rtol)
             outs.append(out)
@@ -74,10 +75,10 @@ class Model:
             q, k, v, lg = self.full(sid, layer)
             n = int(cu[i + 1] - cu[i])
             ref = reference.dms_attention(q.double(), k.double(), v.double(), lg, w, scale=self.scale)
-            torch.testing.assert_close(out[int(cu[i]):int(cu[i + 1])].double(), ref[-n:],
+            torch.testing.assert_close(out[int(cu[i]):int(cu[i + 1])].cpu().double(), ref[-n:],
                                        atol=atol, rtol=rtol)
             live = self.c.live_tokens(layer, sid)
-            assert live.tolist() == reference.live_counts(lg, w).tolist(), (layer, sid)
+            assert live.cpu().tolist() == reference.live_counts(lg, w).tolist(), (layer, sid)
 
 
 def poison_free(cache):
@@ -373,3 +374,52 @@ def test_demo_runs_and_evicts(capsys):
     total = [l.split() for l in out.splitlines() if l.strip().startswith("all ")][0]
     dense, live = int(total[1]), int(total[2])
     assert dense == 2 * 2 * 2 * (48 + 4 - 1) and 0 < live < dense  # layers x seqs x Hkv x tokens
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("window", [1, 16, 64])
+def test_cuda_chunking_invariance_random_schedule(window, rate, dtype):
+    seed = window * 10 + int(rate * 10) + (dtype == torch.float16)
+    rng = random.Random(seed)
+    hkv, G, d, bs = [(2, 1, 64, 16), (1, 3, 128, 64), (2, 5, 64, 32), (3, 7, 128, 16)][seed % 4]
+    cache = DMSCache(2, hkv, d, window=window, block_size=bs, num_blocks=300, max_seqs=4,
+                     dtype=dtype, device="cuda")
+    poison_free(cache)
+    m = Model(cache, hkv * G, rate, seed)
+    sids = [m.add() for _ in range(3)]
+    tol = dict(atol=2e-2, rtol=2e-2)
+    for _ in range(10):
+        active = rng.sample(sids, rng.randint(1, len(sids)))
+        if rng.random() < 0.5:
+            lens = [1] * len(active)
+        else:
+            lens = [rng.choice([1, bs - 1, bs, bs + 1, rng.randint(1, 150)]) for _ in active]
+        m.step(active, lens, **tol)
+    f = m.fork(sids[0])
+    m.step([f, sids[0]], [1, 1], **tol)
+    m.step([sids[1], f], [33, 1], **tol)
+    for sid in list(m.hist):
+        m.release(sid)
+    assert cache.num_free_blocks == 2 * 300
+
+
+@pytest.mark.cuda
+def test_cuda_cu_seqlens_on_device_and_out_of_blocks():
+    cache = DMSCache(1, 2, 64, window=4, block_size=16, num_blocks=4, max_seqs=2,
+                     dtype=torch.bfloat16, device="cuda")
+    m = Model(cache, 4, 0.0, 11)
+    a, b = m.add(), m.add()
+    cu, q, k, v, lg = m.inputs([20])
+    out = cache.attend(0, [a], cu.cuda(), q, k, v, lg)
+    m.hist[a][0].append(tuple(x.cpu() for x in (q, k, v, lg)))
+    m.check(0, [a], cu, out, 2e-2, 2e-2)
+    before = snapshot(cache)
+    with pytest.raises(OutOfBlocks):
+        m.step([b], [30])                  # 2 blocks per head; a holds the whole pool
+    assert_same_state(snapshot(cache), before)
+    m.release(a)
+    m.step([b], [30], atol=2e-2, rtol=2e-2)
