@@ -15,7 +15,7 @@ import dms_ext  # noqa: E402,F401
 def main():
     common.require_cuda()
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["B1 x 32k", "B64 x 8k", "B128 x 4k", "B16 x 16k"]
-    knobs = [(0, 0), (1, 128), (2, 128), (4, 128), (8, 128), (16, 64), (32, 64), (64, 64), (0, 64), (0, 256)]
+    knobs = [(w, ms, mc) for w in (4, 2) for ms, mc in ((0, 0), (1, 256), (2, 256), (4, 256), (8, 128), (16, 128))]
     gen = torch.Generator().manual_seed(0)
     gdev = torch.Generator(device="cuda").manual_seed(0)
     for c in bd.CASES:
@@ -28,14 +28,16 @@ def main():
         qs = [torch.randn(c.B, c.hq, c.D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         fns = [lambda i=i: torch.ops.dms.sparse_decode(qs[i], pg.k, pg.v, pg.tables[i], pg.lens, 0.088)
                for i in range(copies)]
-        for ms, mc in knobs:
+        for w, ms, mc in knobs:
+            os.environ["DMS_DECODE_WARPS"] = str(w)
             os.environ["DMS_DECODE_MAX_SPLITS"] = str(ms)
             os.environ["DMS_DECODE_MIN_CHUNK"] = str(mc)
             t = common.time_calls(fns, f"sweep {c.name} {ms} {mc}", target_s=0.1)
-            print(f"SWEEP {c.name:10s} max_splits {ms:3d} min_chunk {mc:4d}: {t.us:8.1f} us "
+            print(f"SWEEP {c.name:10s} warps {w} max_splits {ms:3d} min_chunk {mc:4d}: {t.us:8.1f} us "
                   f"{live / t.us / 1e3:7.0f} GB/s", flush=True)
     os.environ.pop("DMS_DECODE_MAX_SPLITS", None)
     os.environ.pop("DMS_DECODE_MIN_CHUNK", None)
+    os.environ.pop("DMS_DECODE_WARPS", None)
 
 
 if __name__ == "__main__":

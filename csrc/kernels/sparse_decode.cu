@@ -19,6 +19,7 @@
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
@@ -27,9 +28,7 @@
 namespace dms {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline stage
+// NW warps per CTA, 16 keys each per pipeline stage (tile = 16 * NW keys).
 constexpr int kHeadTile = 16;           // query heads per CTA (MMA M)
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -70,7 +69,7 @@ __device__ __forceinline__ int swz(int r, int c) {
 }
 
 // Splits for a row of L keys: at least min_chunk keys each, at most max_splits, whole tiles.
-__device__ __forceinline__ int split_chunk(int L, int max_splits, int min_chunk) {
+__device__ __forceinline__ int split_chunk(int L, int max_splits, int min_chunk, int kTileKeys) {
   int n = (L + min_chunk - 1) / min_chunk;
   n = n < 1 ? 1 : (n > max_splits ? max_splits : n);
   int chunk = (L + n - 1) / n;
@@ -80,7 +79,8 @@ __device__ __forceinline__ int num_splits_for(int L, int chunk) {
   return L <= 0 ? 1 : (L + chunk - 1) / chunk;
 }
 
-template <int D> struct Cfg {
+template <int D, int NW> struct Cfg {
+  static constexpr int kWarps = NW, kThreads = NW * 32, kTileKeys = 16 * NW;
   static constexpr int kStages = D <= 128 ? 3 : 2;
   static constexpr int kTileElems = kTileKeys * D;  // one K (or V) tile
   static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kTileElems) * 2;
@@ -90,15 +90,16 @@ template <int D> struct Cfg {
 
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
-  int max_splits, min_chunk, head_tiles, rows, bs_shift;
+  int max_splits, min_chunk, head_tiles, rows, bs_shift, warps;
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, int NW>
+__global__ void __launch_bounds__(NW * 32)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
   using Op = typename MmaAtom<T>::Op;
-  constexpr int kStages = Cfg<D>::kStages;
+  using C = Cfg<D, NW>;
+  constexpr int kStages = C::kStages, kWarps = C::kWarps, kThreads = C::kThreads, kTileKeys = C::kTileKeys;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -111,7 +112,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int h0 = ht * kHeadTile;
   const int nh = min(kHeadTile, G - h0);
   const int L = p.seq_lens[row];
-  const int chunk = split_chunk(L, max_splits, min_chunk);
+  const int chunk = split_chunk(L, max_splits, min_chunk, 16 * NW);
   const int nsplit = num_splits_for(L, chunk);
   const int split = blockIdx.y;
   if (split >= nsplit) return;
@@ -161,8 +162,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   };
   auto load_tile = [&](int t) {
     const int stage = t % kStages;
-    T* sK = sKV + stage * 2 * Cfg<D>::kTileElems;
-    T* sV = sK + Cfg<D>::kTileElems;
+    T* sK = sKV + stage * 2 * C::kTileElems;
+    T* sV = sK + C::kTileElems;
     const int s0 = kbeg + t * kTileKeys + r0;
 #pragma unroll
     for (int n = 0; n < kRowsPerThread; ++n) {
@@ -209,8 +210,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     cp_async_commit();
 
     const int stage = t % kStages;
-    const T* sK = sKV + stage * 2 * Cfg<D>::kTileElems;
-    const T* sV = sK + Cfg<D>::kTileElems;
+    const T* sK = sKV + stage * 2 * C::kTileElems;
+    const T* sV = sK + C::kTileElems;
     const int key0 = kbeg + t * kTileKeys + warp * 16;  // first key of this warp's 16
     if (key0 >= kend) continue;  // this warp has nothing in the tail tile
 
@@ -338,8 +339,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 // Merges the split partials of rows that needed more than one split: the split weights of
 // each head go to shared memory once, then each thread streams its columns' partials (the
 // loads are independent, so many are in flight).
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, int NW>
+__global__ void __launch_bounds__(128)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
   __shared__ float s_w[kHeadTile][64];  // max_splits <= 64 (resolve)
@@ -348,14 +349,14 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int row = blockIdx.x, ht = blockIdx.z;
   const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
   const int L = p.seq_lens[row];
-  const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk));
+  const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk, 16 * NW));
   if (nsplit <= 1) return;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
   const float* ws_o = reinterpret_cast<const float*>(p.workspace);
   const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
   const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < nh; r += kWarps) {
+  for (int r = warp; r < nh; r += 4) {
     const float a = lane < nsplit ? ws_lse[base + lane * kHeadTile + r] : -INFINITY;
     const float c = lane + 32 < nsplit ? ws_lse[base + (lane + 32) * kHeadTile + r] : -INFINITY;
     float M = fmaxf(a, c);
@@ -388,14 +389,15 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows = p.batch * p.num_kv_heads;
-  const int64_t work_items = (int64_t)r.rows * r.head_tiles;
-  // Enough CTAs for ~8 per SM when every row is long; short rows simply use fewer splits.
-  int ms = p.max_splits > 0 ? p.max_splits
-                            : (int)((8LL * num_sms + work_items - 1) / (work_items > 0 ? work_items : 1));
-  const int cap = (p.max_blocks_per_head * p.block_size + kTileKeys - 1) / kTileKeys;
-  r.max_splits = ms < 1 ? 1 : (ms > 64 ? 64 : ms);
-  if (r.max_splits > cap && cap > 0) r.max_splits = cap;
-  r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 128;
+  r.warps = p.warps == 2 ? 2 : 4;
+  // Measured on H200 (bench/sweep_decode.py): splitting only pays while the rows alone do not
+  // fill one wave of resident CTAs; beyond that every extra split costs its own prologue,
+  // partial write and merge. So: enough splits for about one wave, at least min_chunk keys each.
+  const int64_t work_items = std::max<int64_t>(1, (int64_t)r.rows * r.head_tiles);
+  const int resident = num_sms * (r.warps == 2 ? 4 : 2);
+  const int ms = p.max_splits > 0 ? p.max_splits : (int)((resident + work_items - 1) / work_items);
+  r.max_splits = std::min(std::max(ms, 1), 16);
+  r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.block_size) ++r.bs_shift;
   return r;
@@ -408,22 +410,22 @@ int device_sms() {
   return n;
 }
 
-template <typename T, int D>
+template <typename T, int D, int NW>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
-  constexpr int smem = Cfg<D>::kSmemBytes;
+  constexpr int smem = Cfg<D, NW>::kSmemBytes;
   static bool attr_set = false;  // per instantiation; the attribute is per function
   if (!attr_set) {
-    if (cudaFuncSetAttribute(sparse_decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              smem) != cudaSuccess)
       return Status::kCudaError;
     attr_set = true;
   }
   dim3 grid(r.rows, r.max_splits, r.head_tiles);
-  sparse_decode_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, r);
+  sparse_decode_kernel<T, D, NW><<<grid, NW * 32, smem, stream>>>(p, r);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (r.max_splits > 1) {
     dim3 mgrid(r.rows, 1, r.head_tiles);
-    sparse_decode_merge_kernel<T, D><<<mgrid, kThreads, 0, stream>>>(p, r);
+    sparse_decode_merge_kernel<T, D, NW><<<mgrid, 128, 0, stream>>>(p, r);
     if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   }
   return Status::kSuccess;
@@ -432,9 +434,9 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, r, s);
-    case 128: return launch<T, 128>(p, r, s);
-    case 256: return launch<T, 256>(p, r, s);
+    case 64: return r.warps == 2 ? launch<T, 64, 2>(p, r, s) : launch<T, 64, 4>(p, r, s);
+    case 128: return r.warps == 2 ? launch<T, 128, 2>(p, r, s) : launch<T, 128, 4>(p, r, s);
+    case 256: return launch<T, 256, 4>(p, r, s);
     default: return Status::kUnsupported;
   }
 }
