@@ -1,0 +1,487 @@
+"""bench_e2e: decode throughput of a Qwen3-8B-shaped model, DMS (CR 8) vs dense, equal KV memory.
+
+    python bench/bench_e2e.py [--contexts 8192,32768] [--kv-gib 40] [--cr 8] [--steps 20]
+    python bench/bench_e2e.py --smoke          # tiny shapes on the CPU ops: checks the code path
+
+The model: 36 layers, hidden 4096, Hq 32, Hkv 8, D 128, MLP 12288, vocab 151936, q/k RMSNorm,
+random bf16 weights (about 16 GB), so projections, MLP, lm_head and greedy argmax all run and the
+ratio is honest. One decode step = embedding, 36 layers, final norm, lm_head, argmax, the token
+fed back: captured once as a CUDA graph per path and replayed.
+
+* DMS: per layer ``dms.decode_step`` (q/k norm, borrowed-neuron logit, RoPE, window bookkeeping,
+  K/V write into the paged per-head cache) then ``dms.sparse_decode`` over the live tokens.
+* Dense: the same projections and MLP; q/k norm + RoPE in torch, K/V written into a contiguous
+  cache [B, Hkv, L, D] (the slot of position p is p mod L: a steady state of exactly L tokens),
+  attention by torch SDPA with the fastest of cuDNN / flash / efficient (picked by timing), the
+  GQA group laid out as G query rows per KV head (no repeat of K/V).
+
+Memory: both paths get the same KV budget (--kv-gib, default 40 GiB); each runs the largest batch
+whose cache fits. Dense: B * 36 * 2 * Hkv * L * D * 2 bytes. DMS: the block pools (every layer's
+pool sized for the layer that needs most) plus block tables, rings and lengths, with room for
+each head to grow by one token per timed step.
+
+Prefill is synthetic (what "at context L" means here): every DMS sequence has seen L tokens; each
+(sequence, layer, head) keeps n tokens, n uniform in [0.5, 1.5] x L/CR (at least the window + 1),
+the state tensors are written directly and consistently (block tables from a shuffled pool, the
+ring holding the last window + 1 tokens with flags drawn at the steady-state eviction rate, the
+free stack holding the rest), K/V are random. From there each timed step runs the real
+bookkeeping with the random model's own eviction logits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+@dataclass
+class Shape:
+    layers: int = 36
+    hidden: int = 4096
+    hq: int = 32
+    hkv: int = 8
+    d: int = 128
+    inter: int = 12288
+    vocab: int = 151936
+    eps: float = 1e-6
+    theta: float = 1_000_000.0
+
+    @property
+    def g(self) -> int:
+        return self.hq // self.hkv
+
+
+SMOKE = Shape(layers=2, hidden=256, hq=8, hkv=2, d=32, inter=512, vocab=1000)
+
+
+class Weights:
+    """Random weights of the whole model, Qwen3 layout (q/k RMSNorm on the head dim)."""
+
+    def __init__(self, s: Shape, dtype, device, gen):
+        def mat(o, i):
+            return torch.empty(o, i, dtype=dtype, device=device).normal_(0, 0.02, generator=gen)
+
+        def norm(n):
+            return (1 + 0.1 * torch.randn(n, device=device, generator=gen)).to(dtype)
+
+        self.embed = mat(s.vocab, s.hidden)
+        self.lm_head = mat(s.vocab, s.hidden)
+        self.norm = norm(s.hidden)
+        self.layers = []
+        for _ in range(s.layers):
+            self.layers.append(dict(
+                ln1=norm(s.hidden), wq=mat(s.hq * s.d, s.hidden), wk=mat(s.hkv * s.d, s.hidden),
+                wv=mat(s.hkv * s.d, s.hidden), qn=norm(s.d), kn=norm(s.d),
+                wo=mat(s.hidden, s.hq * s.d), ln2=norm(s.hidden),
+                w_gu=mat(2 * s.inter, s.hidden), w_down=mat(s.hidden, s.inter)))
+
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in (self.embed, self.lm_head, self.norm))
+        for L in self.layers:
+            n += sum(t.numel() * t.element_size() for t in L.values())
+        return n
+
+
+def rope_table(rows: int, d: int, theta: float, device) -> torch.Tensor:
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(rows, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+
+
+def _mlp(x, W, s: Shape):
+    h = F.rms_norm(x, (s.hidden,), W["ln2"], s.eps)
+    gu = h @ W["w_gu"].t()
+    return x + (F.silu(gu[:, : s.inter]) * gu[:, s.inter:]) @ W["w_down"].t()
+
+
+def _head(x, w: Weights, s: Shape, tokens):
+    logits = F.rms_norm(x, (s.hidden,), w.norm, s.eps) @ w.lm_head.t()
+    tokens.copy_(logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- DMS path
+
+class DMSState:
+    """Synthetic prefill of every layer's paged per-head cache (see the module docstring)."""
+
+    def __init__(self, s: Shape, lens: torch.Tensor, L: int, window: int, bs: int, grow: int,
+                 num_blocks: int, dtype, device, gen_cpu, p_evict: float):
+        nl, B, hkv = lens.shape
+        R = window + 1
+        self.B, self.bs, self.window = B, bs, window
+        maxb = int(-(-(int(lens.max()) + grow) // bs))
+        self.layers = []
+        dev = device
+        for li in range(nl):
+            ln = lens[li].to(torch.int64)                                 # [B, hkv]
+            nb = (ln + bs - 1) // bs
+            used = int(nb.sum())
+            perm = torch.randperm(num_blocks, generator=gen_cpu).to(torch.int32)
+            table = torch.full((B, hkv, maxb), -1, dtype=torch.int32)
+            mask = torch.arange(maxb)[None, None, :] < nb[..., None]
+            table[mask] = perm[:used]
+            free = torch.zeros(num_blocks, dtype=torch.int32)
+            free[: num_blocks - used] = perm[used:]
+            # Ring: token t sits at t % R; the window's tokens hold the newest R slots. Their
+            # flags follow the steady-state eviction rate; the newest token's is not decided yet.
+            t = torch.arange(L - R, L)
+            slots = ln[..., None] - R + torch.arange(R)[None, None, :]      # [B, hkv, R]
+            flags = (torch.rand(B, hkv, R, generator=gen_cpu) < p_evict).to(torch.int64)
+            flags[..., -1] = 0
+            ring = torch.zeros(B, hkv, R, dtype=torch.int64)
+            ring[..., t % R] = (slots << 1) | flags
+            kc = torch.empty(num_blocks, bs, s.d, dtype=dtype, device=dev).normal_()
+            vc = torch.empty_like(kc).normal_()
+            self.layers.append(dict(
+                k_cache=kc, v_cache=vc, block_table=table.to(dev), seq_lens=ln.to(torch.int32).to(dev),
+                ring=ring.to(torch.int32).to(dev),
+                num_tokens=torch.full((B,), L, dtype=torch.int32, device=dev),
+                free_stack=free.to(dev),
+                free_top=torch.tensor([num_blocks - used], dtype=torch.int32, device=dev)))
+        self.slots = torch.arange(B, dtype=torch.int32, device=dev)
+        self.pool_bytes = nl * 2 * num_blocks * bs * s.d * torch.tensor([], dtype=dtype).element_size()
+        self.meta_bytes = nl * meta_bytes_per_row(hkv, maxb, R) * B
+
+    def live_tokens(self) -> int:
+        return int(sum(int(L["seq_lens"].sum()) for L in self.layers))
+
+
+def meta_bytes_per_row(hkv: int, maxb: int, R: int) -> int:
+    # block_table + ring + seq_lens (int32) per layer and row, + num_tokens
+    return 4 * (hkv * maxb + hkv * R + hkv + 1)
+
+
+def dms_step(w: Weights, s: Shape, st: DMSState, table, tokens, alpha_scale, alpha_offset):
+    B = tokens.shape[0]
+    x = w.embed[tokens]
+    scale = s.d ** -0.5
+    for W, L in zip(w.layers, st.layers):
+        h = F.rms_norm(x, (s.hidden,), W["ln1"], s.eps)
+        q = (h @ W["wq"].t()).view(B, s.hq, s.d)
+        k = (h @ W["wk"].t()).view(B, s.hkv, s.d)
+        v = (h @ W["wv"].t()).view(B, s.hkv, s.d)
+        torch.ops.dms.decode_step(q, k, v, table, st.slots, L["k_cache"], L["v_cache"],
+                                  L["block_table"], L["seq_lens"], L["ring"], L["num_tokens"],
+                                  L["free_stack"], L["free_top"], alpha_scale, alpha_offset,
+                                  W["qn"], W["kn"], s.eps, None)
+        o = torch.ops.dms.sparse_decode(q, L["k_cache"], L["v_cache"], L["block_table"],
+                                        L["seq_lens"], scale)
+        x = x + o.view(B, s.hq * s.d) @ W["wo"].t()
+        x = _mlp(x, W, s)
+    _head(x, w, s, tokens)
+
+
+# ----------------------------------------------------------------------------- dense path
+
+class DenseState:
+    def __init__(self, s: Shape, B: int, L: int, dtype, device):
+        self.B, self.L = B, L
+        self.k = [torch.empty(B, s.hkv, L, s.d, dtype=dtype, device=device).normal_()
+                  for _ in range(s.layers)]
+        self.v = [torch.empty_like(k).normal_() for k in self.k]
+        self.pos = torch.tensor([L], dtype=torch.int64, device=device)
+        self.bytes = 2 * s.layers * B * s.hkv * L * s.d * torch.tensor([], dtype=dtype).element_size()
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def dense_step(w: Weights, s: Shape, st: DenseState, table, tokens, backend):
+    from torch.nn.attention import sdpa_kernel
+    B = tokens.shape[0]
+    x = w.embed[tokens]
+    cs = table.index_select(0, st.pos).to(x.dtype)                     # [1, D]
+    cos, sin = cs[:, None, : s.d // 2], cs[:, None, s.d // 2:]
+    slot = torch.remainder(st.pos, st.L)
+    scale = s.d ** -0.5
+    for li, W in enumerate(w.layers):
+        h = F.rms_norm(x, (s.hidden,), W["ln1"], s.eps)
+        q = F.rms_norm((h @ W["wq"].t()).view(B, s.hq, s.d), (s.d,), W["qn"], s.eps)
+        k = F.rms_norm((h @ W["wk"].t()).view(B, s.hkv, s.d), (s.d,), W["kn"], s.eps)
+        v = (h @ W["wv"].t()).view(B, s.hkv, 1, s.d)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        st.k[li].index_copy_(2, slot, k.view(B, s.hkv, 1, s.d))
+        st.v[li].index_copy_(2, slot, v)
+        with sdpa_kernel([backend]):
+            o = F.scaled_dot_product_attention(q.view(B, s.hkv, s.g, s.d), st.k[li], st.v[li],
+                                               scale=scale)
+        x = x + o.reshape(B, s.hq * s.d) @ W["wo"].t()
+        x = _mlp(x, W, s)
+    _head(x, w, s, tokens)
+    st.pos.add_(1)
+
+
+def pick_sdpa_backend(s: Shape, B: int, L: int, dtype, device) -> tuple:
+    """The fastest SDPA backend that runs [B, Hkv, G, D] x [B, Hkv, L, D] (eager timing)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(B, s.hkv, s.g, s.d, dtype=dtype, device=device)
+    k = torch.randn(B, s.hkv, L, s.d, dtype=dtype, device=device)
+    best, notes = None, []
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        be = getattr(SDPBackend, name)
+        try:
+            with sdpa_kernel([be]):
+                F.scaled_dot_product_attention(q, k, k)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    F.scaled_dot_product_attention(q, k, k)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                us = (time.perf_counter() - t0) / 5 * 1e6
+        except RuntimeError as e:
+            notes.append(f"{name}: {str(e).splitlines()[0][:60]}")
+            continue
+        notes.append(f"{name} {us:.0f} us")
+        if best is None or us < best[1]:
+            best = (be, us, name)
+        if device.type == "cuda" and name == "EFFICIENT_ATTENTION" and best is not None:
+            break  # MATH is never the fastest on a GPU
+    del q, k
+    return best[0], best[2], "; ".join(notes)
+
+
+# ----------------------------------------------------------------------------- sizing
+
+def dms_lens(s: Shape, B: int, L: int, cr: float, window: int, gen) -> torch.Tensor:
+    mean = L / cr
+    u = torch.rand(s.layers, B, s.hkv, generator=gen) + 0.5
+    return (mean * u).round().clamp(min=min(L, window + 1), max=L).to(torch.int64)
+
+
+def dms_fit(s: Shape, L: int, cr: float, window: int, bs: int, grow: int, budget: int, esize: int,
+            gen) -> tuple:
+    """Largest B whose pools (each layer sized for the most demanding layer) + metadata fit."""
+    block_bytes = 2 * bs * s.d * esize
+    mean_blocks = (L / cr + grow) / bs + 0.5
+    guess = int(budget / (s.layers * (s.hkv * mean_blocks * block_bytes))) + 8
+    lens = dms_lens(s, 2 * guess + 16, L, cr, window, gen)
+    need = ((lens + grow + bs - 1) // bs).cumsum(1)               # [layers, B, hkv] -> prefix sums
+    per_b = need.sum(-1)                                          # blocks of rows [0, b] per layer
+    maxb = int(-(-(int(lens.max()) + grow) // bs))
+
+    def fits(b):
+        blocks = int(per_b[:, b - 1].max())
+        return s.layers * blocks * block_bytes + s.layers * b * meta_bytes_per_row(s.hkv, maxb, window + 1) <= budget, blocks
+
+    lo, hi = 0, lens.shape[1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid)[0]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ValueError("kv budget too small for one DMS sequence")
+    return lo, lens[:, :lo], fits(lo)[1]
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_step(fn, steps: int, device, graph: bool) -> tuple:
+    """Median seconds per decode step: `steps` replays of a one-step CUDA graph (eager on CPU)."""
+    if device.type != "cuda":
+        fn()
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2], "eager (cpu)"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                 # warm-up: cuBLAS / cuDNN plans, workspaces
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    mode = "CUDA graph"
+    run = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        except Exception as e:  # eager timing still means something; say why
+            mode = f"eager ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+            torch.cuda.synchronize()
+    else:
+        mode = "eager"
+    run()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(steps)]
+    for a, b in ev:
+        a.record()
+        run()
+        b.record()
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) * 1e-3 for a, b in ev)
+    return ts[len(ts) // 2], mode
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev) -> dict:
+    esize = torch.tensor([], dtype=dtype).element_size()
+    budget = int(a.kv_gib * 2**30)
+    grow = a.steps + 8                     # tokens a head may gain over warm-up + timed steps
+    table = rope_table(L + grow + 8, s.d, s.theta, device)
+    r = {"L": L}
+
+    # Dense.
+    per_seq = 2 * s.layers * s.hkv * L * s.d * esize
+    Bd = budget // per_seq
+    r["dense_B"] = int(Bd)
+    if Bd >= 1:
+        try:
+            backend, bname, notes = pick_sdpa_backend(s, int(Bd), L, dtype, device)
+            r["dense_backend"], r["dense_backend_notes"] = bname, notes
+            st = DenseState(s, int(Bd), L, dtype, device)
+            tokens = torch.randint(0, s.vocab, (int(Bd),), device=device, generator=gen_dev)
+            t, mode = time_step(lambda: dense_step(w, s, st, table, tokens, backend), a.steps,
+                                device, not a.no_graph)
+            r.update(dense_s=t, dense_mode=mode, dense_kv=st.bytes, dense_tps=Bd / t)
+        except Exception as e:  # report and go on: the DMS row still means something
+            r["dense_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            print(f"L {L} dense failed: {r['dense_error']}", flush=True)
+        st = tokens = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # DMS.
+    Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize, gen_cpu)
+    p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
+    st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu, p_evict)
+    live0 = st.live_tokens()
+    tokens = torch.randint(0, s.vocab, (Bm,), device=device, generator=gen_dev)
+    t, mode = time_step(lambda: dms_step(w, s, st, table, tokens, a.alpha_scale, a.alpha_offset),
+                        a.steps, device, not a.no_graph)
+    live1 = st.live_tokens()
+    ok = all(int(Ly["free_top"]) >= 0 for Ly in st.layers) and bool((tokens >= 0).all())
+    r.update(dms_B=Bm, dms_s=t, dms_mode=mode, dms_pool=st.pool_bytes, dms_meta=st.meta_bytes,
+             dms_live=live0 * 2 * s.d * esize, dms_tps=Bm / t,
+             cr=(Bm * s.layers * s.hkv * L) / live0, live_growth=(live1 - live0) / max(live0, 1),
+             sane=ok)
+    del st, tokens
+    if device.type == "cuda":
+        r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+    r["speedup"] = r["dms_tps"] / r["dense_tps"] if r.get("dense_tps") else None
+    return r
+
+
+def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
+    gib = lambda x: x / 2**30 if x is not None else None  # noqa: E731
+    hdr = ["context", "path", "max batch", "KV GiB (budget " + f"{a.kv_gib:g})", "step ms",
+           "tokens/s", "x dense", "notes"]
+    out = []
+    for r in rows:
+        out.append([r["L"], f"dense ({r.get('dense_backend', '-')})", r.get("dense_B"),
+                    gib(r.get("dense_kv")), (r.get("dense_s") or math.nan) * 1e3, r.get("dense_tps"),
+                    1.0 if r.get("dense_tps") else None,
+                    r.get("dense_error") or r.get("dense_mode", "-")])
+        out.append([r["L"], f"DMS CR {a.cr:g}", r["dms_B"], gib(r["dms_pool"] + r["dms_meta"]),
+                    r["dms_s"] * 1e3, r["dms_tps"], r.get("speedup"),
+                    f"{r['dms_mode']}; live KV {gib(r['dms_live']):.1f} GiB, achieved CR "
+                    f"{r['cr']:.2f}, metadata {r['dms_meta'] / 2**20:.0f} MiB, live grew "
+                    f"{100 * r['live_growth']:.2f}% over the steps{'' if r['sane'] else ', NOT SANE'}"])
+    md = common.md_table(hdr, out)
+    lines = [
+        f"Model: {s.layers} layers, hidden {s.hidden}, Hq {s.hq}, Hkv {s.hkv}, D {s.d}, MLP "
+        f"{s.inter}, vocab {s.vocab}; random {'bf16' if a.dtype == 'bf16' else a.dtype} weights "
+        f"{wbytes / 2**30:.1f} GiB. Window {a.window}, block {a.block_size}, alpha "
+        f"{a.alpha_scale:g}/{a.alpha_offset:g}. Median of {a.steps} decode steps (each one full "
+        f"model step incl. lm_head + argmax).",
+        "",
+        md,
+        "",
+        "Dense: contiguous cache, exactly L tokens per sequence (slot = position mod L), SDPA "
+        "backend picked by timing. DMS: paged per-head cache from a synthetic prefill, per-head "
+        "live lengths uniform in [0.5, 1.5] x L/CR (>= window + 1); KV GiB counts the whole block "
+        "pools (sized for the most demanding layer, with growth room) plus tables and rings.",
+    ]
+    for r in rows:
+        if r.get("dense_backend_notes"):
+            lines.append(f"- L {r['L']}: SDPA backends: {r['dense_backend_notes']}")
+    if rows and rows[-1].get("peak_gib"):
+        lines.append(f"- peak memory allocated: {rows[-1]['peak_gib']:.1f} GiB")
+    lines.append(f"- wall time {wall:.0f} s; GPU {info.get('gpu')}, torch {info.get('torch')}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--kv-gib", type=float, default=40.0)
+    ap.add_argument("--cr", type=float, default=8.0)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--alpha-scale", type=float, default=100.0)
+    ap.add_argument("--alpha-offset", type=float, default=5.0)
+    ap.add_argument("--steps", type=int, default=20, help="timed decode steps per path")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick look)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model on the CPU ops (or --device), 2 contexts, no results file")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--results-dir", default=common.RESULTS_DIR)
+    a = ap.parse_args()
+
+    t0 = time.time()
+    s = Shape()
+    if a.smoke:
+        s = SMOKE
+        a.contexts = "256,640" if a.contexts == "8192,32768" else a.contexts
+        a.kv_gib = min(a.kv_gib, 0.004)
+        a.window, a.block_size, a.steps = 32, 16, min(a.steps, 4)
+        device = torch.device(a.device or "cpu")
+    else:
+        common.require_cuda("bench_e2e")
+        device = torch.device(a.device or "cuda")
+    if a.layers:
+        s = Shape(**{**s.__dict__, "layers": a.layers})
+    import dms_ext  # noqa: F401  registers torch.ops.dms
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    gen_cpu = torch.Generator().manual_seed(a.seed)
+    gen_dev = torch.Generator(device=device).manual_seed(a.seed)
+    info = common.gpu_info() if device.type == "cuda" else {"gpu": "cpu", "torch": torch.__version__}
+    print(f"{info.get('gpu')}, torch {info.get('torch')}: building weights", flush=True)
+    w = Weights(s, dtype, device, gen_dev)
+    rows = []
+    for L in [int(x) for x in a.contexts.split(",")]:
+        r = run_context(L, a, s, w, dtype, device, gen_cpu, gen_dev)
+        print(f"L {L}: dense B {r.get('dense_B')} {r.get('dense_tps', 0):.0f} tok/s | DMS B "
+              f"{r['dms_B']} {r['dms_tps']:.0f} tok/s | x{(r.get('speedup') or 0):.2f} "
+              f"(CR {r['cr']:.2f}, {r['dms_mode']})", flush=True)
+        rows.append(r)
+    body = report(rows, a, s, w.nbytes(), time.time() - t0, info)
+    print(body)
+    print("SUMMARY: " + "; ".join(
+        f"L{r['L']} dense B{r.get('dense_B')} {r.get('dense_tps') or 0:.0f} tok/s, DMS B{r['dms_B']} "
+        f"{r['dms_tps']:.0f} tok/s, x{(r.get('speedup') or 0):.2f}" for r in rows), flush=True)
+    if not a.smoke:
+        path = common.write_results("e2e", "End-to-end decode: DMS vs dense at equal KV memory",
+                                    body, a.results_dir)
+        print(f"wrote {path}")
+    if not all(r["sane"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
