@@ -58,7 +58,7 @@ def test_cuda_append_fork_release_match_cpu_twin(dtype, hkv, dim, window, bs):
     cpu = new_state(rows, hkv, dim, nb, bs, window, max_blocks, dtype, "cpu", gen)
     gpu = clone_state(cpu, DEV)
     rates = [0.0, 0.5, 0.9, 1.0]
-    decode_calls = chunk_calls = forks = releases = 0
+    decode_calls = chunk_calls = long_calls = forks = releases = 0
     for step in range(220):
         nt = cpu["num_tokens"]
         empty = [r for r in range(rows) if int(nt[r]) == 0]
@@ -78,11 +78,15 @@ def test_cuda_append_fork_release_match_cpu_twin(dtype, hkv, dim, window, bs):
             releases += 1
         else:
             decode = u < 0.6
-            n = rng.randint(1, rows)
+            # One long chunk alone: >= 1024 tokens per chunk takes the 1024-thread kernel.
+            long_one = not decode and rng.random() < 0.2
+            n = 1 if long_one else rng.randint(1, rows)
             chosen = rng.sample(range(rows), n)
             chunks, budget = [], int(cpu["free_top"][0])
             for r in chosen:
                 c = 1 if decode else rng.choice([1, rng.randint(2, 40), rng.randint(200, 700)])
+                if long_one:
+                    c = rng.randint(1024, 1400)
                 if int(nt[r]) + c > max_tokens:
                     continue
                 need = blocks_needed(cpu, r, c, bs)
@@ -111,12 +115,14 @@ def test_cuda_append_fork_release_match_cpu_twin(dtype, hkv, dim, window, bs):
                     decode_calls += 1
                 else:
                     chunk_calls += 1
+                    long_calls += t // len(lens) >= 1024
         if step < 20 or step % 4 == 3:
             g = assert_logically_equal(gpu, cpu, where=f"step {step}")
             assert_pool_consistent(g, range(rows), bs)
     g = assert_logically_equal(gpu, cpu, where="end")
     assert_pool_consistent(g, range(rows), bs)
-    assert decode_calls > 20 and chunk_calls > 10 and forks + releases > 5
+    assert decode_calls > 20 and chunk_calls > 10 and long_calls > 0 and forks + releases > 5, \
+        (decode_calls, chunk_calls, long_calls, forks, releases)
 
 
 def test_cuda_append_decode_batch_256_rows():

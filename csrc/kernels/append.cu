@@ -7,10 +7,10 @@
 //   rows are in flight; then the warp stores them at the slot. num_tokens of the row is bumped
 //   by the CTA after all its warps read it.
 // * chunks (prefill, mixed batches): a CTA per (chunk, KV head) takes the chunk in batches of
-//   S = min(256, w + 1) tokens. Within a batch, token t reads only ring entries of tokens
+//   S = min(NT, w + 1) tokens (NT = 256 threads, 1024 for long chunks). Within a batch, token t reads only ring entries of tokens
 //   <= t - (w+1), i.e. written before the batch, so the whole batch is decided at once: a
 //   CTA-wide prefix count of the appended tokens gives their slots, and the blocks they open
-//   are popped with one atomic. Then all 256 threads copy the batch's K/V rows. A second tiny
+//   are popped with one atomic. Then all NT threads copy the batch's K/V rows. A second tiny
 //   kernel bumps num_tokens, since other heads' CTAs of the same row read it.
 // Blocks come off the shared free stack with atomics, so block ids may differ from the CPU
 // twin; the logical state (seq_lens, ring, num_tokens, K/V per slot) is identical.
@@ -20,7 +20,6 @@
 namespace dms {
 namespace {
 
-constexpr int kChunkThreads = 256;
 constexpr int kMaxDecodeWarps = 8;
 
 inline bool kv_vec16(const AppendParams& p) {
@@ -90,13 +89,14 @@ __global__ void append_decode_kernel(AppendParams p, bool vec16) {
 // Chunks.
 
 // Exclusive prefix count of `flag` over the CTA and the total, with warp ballots.
+template <int NT>
 __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int* total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const unsigned ballot = __ballot_sync(0xffffffffu, flag);
   if (lane == 0) s_warp[warp] = __popc(ballot);
   __syncthreads();
   int before = 0, sum = 0;
-  for (int w = 0; w < kChunkThreads / 32; ++w) {
+  for (int w = 0; w < NT / 32; ++w) {
     const int n = s_warp[w];
     before += w < warp ? n : 0;
     sum += n;
@@ -106,10 +106,11 @@ __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int* t
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-__global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParams p, bool vec16) {
-  __shared__ int s_warp[kChunkThreads / 32];
+template <int NT>
+__global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool vec16) {
+  __shared__ int s_warp[NT / 32];
   __shared__ int s_base;
-  __shared__ int64_t s_cache_row[kChunkThreads];
+  __shared__ int64_t s_cache_row[NT];
   const int H = p.num_kv_heads, D = p.head_dim, es = dev::elem_bytes(p.dtype);
   const int c = blockIdx.x / H, g = blockIdx.x % H;
   const int row = p.seq_slots[c];
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParam
   int32_t* ring = p.ring + rg * R;
   int32_t* blocks = p.block_table + rg * M;
   const float* logits = p.logits + int64_t(start) * H + g;  // logits[i * H]: token i of the chunk
-  const int S = R < kChunkThreads ? R : kChunkThreads;
+  const int S = R < NT ? R : NT;
   const int i = threadIdx.x;
   int seq_len = p.seq_lens[rg];
 
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParam
       slot = old >> 1;
     }
     int fresh;
-    const int rank = block_prefix_count(active && !reuse, s_warp, &fresh);
+    const int rank = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);
     if (active && !reuse) slot = seq_len + rank;
     // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples of
     // bs among them, popped together by one atomic.
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParam
     // All threads copy the batch's 2 * nb rows.
     if (vec16) {
       const int nvec = row_bytes / 16, per_tok = 2 * nvec;
-      for (int j = i; j < nb * per_tok; j += kChunkThreads) {
+      for (int j = i; j < nb * per_tok; j += NT) {
         const int k = j / per_tok, r = j % per_tok;
         const int64_t cr = s_cache_row[k];
         if (cr < 0) continue;
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kChunkThreads) append_chunk_kernel(AppendParam
         dp[v] = sp[v];
       }
     } else {
-      for (int k = i / 32; k < nb; k += kChunkThreads / 32) {
+      for (int k = i / 32; k < nb; k += NT / 32) {
         const int64_t cr = s_cache_row[k];
         if (cr < 0) continue;
         const int64_t src = ((int64_t(start) + b0 + k) * H + g) * row_bytes;
@@ -257,7 +258,13 @@ Status append(const AppendParams& p, cudaStream_t stream) {
   }
   const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads;
   if (grid > INT32_MAX) return Status::kUnsupported;
-  append_chunk_kernel<<<unsigned(grid), kChunkThreads, 0, stream>>>(p, vec16);
+  // Long chunks: more tokens per batch and more copies in flight per CTA (prefill of one
+  // sequence has only Hkv CTAs). Short ones (mixed batches): small CTAs, more per SM.
+  if (p.total_tokens / p.num_seqs >= 1024) {
+    append_chunk_kernel<1024><<<unsigned(grid), 1024, 0, stream>>>(p, vec16);
+  } else {
+    append_chunk_kernel<256><<<unsigned(grid), 256, 0, stream>>>(p, vec16);
+  }
   DMS_LAUNCH_CHECK();
   advance_num_tokens_kernel<<<(p.num_seqs + 255) / 256, 256, 0, stream>>>(
       p.seq_slots, p.cu_seqlens, p.num_tokens, p.num_seqs);
