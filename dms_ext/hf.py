@@ -486,10 +486,18 @@ def load_dms_model(path_or_config, *, dtype: Optional[torch.dtype] = None, devic
             raw = json.load(f)
         st = dms_settings(raw, **overrides)
         _check_type(raw.get("model_type"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
-                                                         local_files_only=True)
+        # The adapter tensors are "unexpected" to the plain architecture; they are loaded below,
+        # so transformers' load report would only mislead.
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                             local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
         patch_model(model, st)
         if st.variant == "adapter":
             extra = _read_dms_tensors(path)
