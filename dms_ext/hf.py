@@ -655,27 +655,27 @@ class DMSCacheHF(Cache):
         self._reselect([int(i) for i in torch.as_tensor(beam_idx).reshape(-1).tolist()])
 
     def _reselect(self, rows: List[int]) -> None:
-        """New batch row i = old row rows[i]: first use moves, repeats fork, the rest release."""
+        """New batch row i = old row rows[i]: first use keeps the sequence, repeats fork it, and
+        the unused ones are released first, so their rows and blocks can serve the forks."""
         if not self.seq_ids:
             return
         old = self.seq_ids
         if any(not 0 <= r < len(old) for r in rows):
             raise ValueError(f"indices: expected rows in [0, {len(old)}), got {rows}")
+        keep = {old[r] for r in rows}
+        for sid in old:
+            if sid not in keep:
+                self.dms.release(sid)
+                self.positions.pop(sid, None)
         used = set()
         new = []
         for r in rows:
             sid = old[r]
             if sid in used:
-                nid = self.dms.fork(sid)
-                self.positions[nid] = self.positions[sid]
-                new.append(nid)
+                new.append(self.fork(sid))
             else:
                 used.add(sid)
                 new.append(sid)
-        for sid in old:
-            if sid not in used:
-                self.dms.release(sid)
-                self.positions.pop(sid, None)
         self.seq_ids = new
 
     # -- sequences, for generate() below

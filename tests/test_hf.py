@@ -418,3 +418,16 @@ def test_cuda_bf16_cached_path_matches_dense(model_type, variant):
         err = (ours[b].double().cpu() - ref64).abs().max().item()
         # Within a few times what plain PyTorch bf16 gets against the same float64 oracle.
         assert err <= 4 * base + 1e-3 * ref64.abs().max().item(), f"row {b}: {err} vs torch {base}"
+
+
+def test_hf_beam_search_reorders_by_fork_and_release():
+    """Beam search reorders the cache every step: repeats fork, dropped beams release."""
+    m = make_model(seed=2)
+    p = torch.randint(1, m.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=3, max_tokens=32, block_size=4)
+    got = m.generate(p, past_key_values=cache, max_new_tokens=8, num_beams=3, do_sample=False,
+                     pad_token_id=0)
+    want = m.generate(p, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False,
+                      pad_token_id=0)
+    assert got.tolist() == want.tolist()
+    assert len(cache.dms) == 3
