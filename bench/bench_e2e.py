@@ -360,20 +360,34 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
             torch.cuda.empty_cache()
 
     # DMS.
-    Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize, gen_cpu)
-    p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
-    st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu, p_evict)
-    live0 = st.live_tokens()
-    tokens = torch.randint(0, s.vocab, (Bm,), device=device, generator=gen_dev)
-    t, mode = time_step(lambda: dms_step(w, s, st, table, tokens, a.alpha_scale, a.alpha_offset),
-                        a.steps, device, not a.no_graph)
-    live1 = st.live_tokens()
-    ok = all(int(Ly["free_top"]) >= 0 for Ly in st.layers) and bool((tokens >= 0).all())
-    r.update(dms_B=Bm, dms_s=t, dms_mode=mode, dms_pool=st.pool_bytes, dms_meta=st.meta_bytes,
-             dms_live=live0 * 2 * s.d * esize, dms_tps=Bm / t,
-             cr=(Bm * s.layers * s.hkv * L) / live0, live_growth=(live1 - live0) / max(live0, 1),
-             sane=ok)
-    del st, tokens
+    r.update(dms_B=0, dms_s=math.nan, dms_mode="-", dms_pool=0, dms_meta=0, dms_live=0,
+             dms_tps=0.0, cr=math.nan, live_growth=0.0, sane=False)
+    st = tokens = None
+    try:
+        Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize,
+                                    gen_cpu)
+        p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
+        st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu,
+                      p_evict)
+        live0 = st.live_tokens()
+        tokens = torch.randint(0, s.vocab, (Bm,), device=device, generator=gen_dev)
+        t, mode = time_step(lambda: dms_step(w, s, st, table, tokens, a.alpha_scale,
+                                             a.alpha_offset), a.steps, device, not a.no_graph)
+        live1 = st.live_tokens()
+        cap = st.layers[0]["block_table"].shape[-1] * a.block_size
+        # Every head grows by at most one token a step and never past its block table.
+        ok = (all(int(Ly["free_top"]) >= 0 and int(Ly["seq_lens"].max()) <= cap
+                  for Ly in st.layers)
+              and 0 <= live1 - live0 <= (a.steps + 2) * s.layers * Bm * s.hkv
+              and bool(((tokens >= 0) & (tokens < s.vocab)).all()))
+        r.update(dms_B=Bm, dms_s=t, dms_mode=mode, dms_pool=st.pool_bytes, dms_meta=st.meta_bytes,
+                 dms_live=live0 * 2 * s.d * esize, dms_tps=Bm / t,
+                 cr=(Bm * s.layers * s.hkv * L) / live0,
+                 live_growth=(live1 - live0) / max(live0, 1), sane=ok)
+    except Exception as e:  # report it in the table; the other rows still mean something
+        r["dms_mode"] = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        print(f"L {L} DMS {r['dms_mode']}", flush=True)
+    st = tokens = None
     if device.type == "cuda":
         r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.empty_cache()
