@@ -41,10 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import DMSCache, OutOfBlocks
+from .cache import DMSCache
 
 try:
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as _e:  # pragma: no cover - exercised only without transformers

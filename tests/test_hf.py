@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 
 import pytest
 import torch
@@ -63,7 +61,6 @@ def oracle_logits(model, ids):
     st = hf.dms_settings(cfg)
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.head_dim
-    g = hq // hkv
     n = ids.shape[0]
     eps = cfg.rms_norm_eps
     theta = cfg.rope_parameters["rope_theta"]
