@@ -583,7 +583,12 @@ class DMSCacheHF(Cache):
     of every row into one chunk per sequence. ``get_seq_length`` counts columns (as transformers
     expects for slicing a continued prompt), positions count each sequence's own tokens.
     ``batch_repeat_interleave`` / ``batch_select_indices`` / ``reorder_cache`` fork and release
-    sequences. ``crop`` is impossible (evicted keys are gone) and raises."""
+    sequences. ``crop`` is impossible (evicted keys are gone) and raises.
+
+    Pool exhaustion: each layer's ``DMSCache.attend`` raises ``OutOfBlocks`` before touching
+    that layer, but the layers before it in the same forward have already appended, so after an
+    OutOfBlocks the sequences of that call are inconsistent: release them (size the pool with
+    ``from_model``, which assumes no eviction at all, to never get there)."""
 
     def __init__(self, cache: DMSCache):
         if not isinstance(cache, DMSCache):

@@ -428,3 +428,24 @@ def test_hf_beam_search_reorders_by_fork_and_release():
                       pad_token_id=0)
     assert got.tolist() == want.tolist()
     assert len(cache.dms) == 3
+
+
+def test_nvidia_style_checkpoint_loads_with_library_classes(tmp_path):
+    """config.json as the public nvidia/Qwen3-8B-DMS-8x ships it (its own architecture name,
+    auto_map to remote code, extra dms_* fields): loads as transformers' Qwen3 without running
+    any remote code, with the DMS settings read from the dms_* fields."""
+    m = make_model(seed=26, window=7, alpha_scale=50.0, alpha_offset=2.0)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(architectures=["Qwen3ForCausalLMDMS"], dms_cr=8, dms_tau=0.1,
+               dms_paged_attention_block_size=256,
+               auto_map={"AutoConfig": "configuration_qwen3_dms.Qwen3Config",
+                         "AutoModelForCausalLM": "modeling_qwen3_dms.Qwen3ForCausalLM"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m2 = hf.load_dms_model(str(tmp_path))
+    assert type(m2).__name__ == "Qwen3ForCausalLM"
+    st = hf.dms_settings(m2.config)
+    assert (st.window, st.alpha_scale, st.alpha_offset, st.variant) == (7, 50.0, 2.0, "borrowed")
+    ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(27))
+    with torch.no_grad():
+        assert torch.equal(m(ids, use_cache=False).logits, m2(ids, use_cache=False).logits)
