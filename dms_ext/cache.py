@@ -263,8 +263,12 @@ class DMSCache:
         if n == T:
             # Decode: after appending token t the cache holds exactly the keys query t sees.
             torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state())
+            # Gather only the block-table columns the rows can use (ub_len bounds seq_lens):
+            # the full width is num_blocks by default, and copying it per step would cost more
+            # than the attention itself.
+            cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
             out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache,
-                                              lay.block_table.index_select(0, slots),
+                                              lay.block_table[:, :, :cols].index_select(0, slots),
                                               lay.seq_lens.index_select(0, slots), scale)
         else:
             out = torch.ops.dms.sparse_prefill(q, k, v, logits, slots, cu_dev, lay.k_cache,
