@@ -28,7 +28,8 @@
 namespace dms {
 namespace {
 
-// NW warps per CTA, 16 keys each per pipeline stage (tile = 16 * NW keys).
+// NW warps per CTA, 16 keys each per pipeline stage (tile = 16 * NW keys). Only NW = 4 is
+// instantiated: 2-warp CTAs (4 resident per SM) measured slower on every bench shape.
 constexpr int kHeadTile = 16;           // query heads per CTA (MMA M)
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -90,7 +91,7 @@ template <int D, int NW> struct Cfg {
 
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
-  int max_splits, min_chunk, head_tiles, rows, bs_shift, warps;
+  int max_splits, min_chunk, head_tiles, rows, bs_shift;
 };
 
 template <typename T, int D, int NW>
@@ -193,8 +194,16 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const float sl2 = p.scale * kLog2e;
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
+    // Refill the stage tile t-1 used before waiting for tile t: kStages tiles are in flight
+    // during the wait instead of kStages-1 (decode is bound by bytes in flight per SM).
+    __syncthreads();  // every warp is done with tile t-1
+    if (t + kStages - 1 < ntiles) {
+      load_tile(t + kStages - 1);
+      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this tile computes
+    }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // this thread's copies of tile t (and Q) have landed
+    __syncthreads();               // ... and everyone else's
     if (t == 0) {
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {
@@ -203,11 +212,6 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
                                       qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
       }
     }
-    if (t + kStages - 1 < ntiles) {
-      load_tile(t + kStages - 1);
-      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this tile computes
-    }
-    cp_async_commit();
 
     const int stage = t % kStages;
     const T* sK = sKV + stage * 2 * C::kTileElems;
@@ -389,12 +393,11 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows = p.batch * p.num_kv_heads;
-  r.warps = p.warps == 2 ? 2 : 4;
   // Measured on H200 (bench/sweep_decode.py): splitting only pays while the rows alone do not
   // fill one wave of resident CTAs; beyond that every extra split costs its own prologue,
   // partial write and merge. So: enough splits for about one wave, at least min_chunk keys each.
   const int64_t work_items = std::max<int64_t>(1, (int64_t)r.rows * r.head_tiles);
-  const int resident = num_sms * (r.warps == 2 ? 4 : 2);
+  const int resident = num_sms * 2;  // 2 CTAs of ~100 KB shared memory per SM
   const int ms = p.max_splits > 0 ? p.max_splits : (int)((resident + work_items - 1) / work_items);
   r.max_splits = std::min(std::max(ms, 1), 16);
   r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
@@ -434,8 +437,8 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   switch (p.head_dim) {
-    case 64: return r.warps == 2 ? launch<T, 64, 2>(p, r, s) : launch<T, 64, 4>(p, r, s);
-    case 128: return r.warps == 2 ? launch<T, 128, 2>(p, r, s) : launch<T, 128, 4>(p, r, s);
+    case 64: return launch<T, 64, 4>(p, r, s);
+    case 128: return launch<T, 128, 4>(p, r, s);
     case 256: return launch<T, 256, 4>(p, r, s);
     default: return Status::kUnsupported;
   }

@@ -68,7 +68,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   // Tuning knobs for benchmarks only (bench/sweep_decode.py); unset means the library default.
   if (const char* e = std::getenv("DMS_DECODE_MAX_SPLITS")) p.max_splits = std::atoi(e);
   if (const char* e = std::getenv("DMS_DECODE_MIN_CHUNK")) p.min_chunk = std::atoi(e);
-  if (const char* e = std::getenv("DMS_DECODE_WARPS")) p.warps = std::atoi(e);
   const int num_sms = sm_count(q.device());
   const size_t ws = sparse_decode_workspace_bytes(p, num_sms);
   at::Tensor workspace;

@@ -52,7 +52,6 @@ struct SparseDecodeParams {
   void* workspace = nullptr;
   int max_splits = 0;     // 0: chosen by the library from the grid size and SM count
   int min_chunk = 0;      // 0: library default (keys per split at least this)
-  int warps = 0;          // 0: library default; 2 or 4 warps per CTA (tuning knob)
 };
 
 // Borrowed-neuron logits (SPEC section 2) + channel zeroing + rotate-half RoPE, in place.
