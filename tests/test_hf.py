@@ -449,3 +449,26 @@ def test_nvidia_style_checkpoint_loads_with_library_classes(tmp_path):
     ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(27))
     with torch.no_grad():
         assert torch.equal(m(ids, use_cache=False).logits, m2(ids, use_cache=False).logits)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_generate_and_hf_generate_run_on_the_kernels():
+    m = make_model(seed=28, dtype=torch.bfloat16, device="cuda", heads=8, kv_heads=2,
+                   head_dim=64, window=8)
+    gen = torch.Generator().manual_seed(29)
+    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist() for n in (7, 30)]
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=6, max_tokens=64, block_size=16)
+    free0 = cache.dms.num_free_blocks
+    r = hf.generate(m, prompts, max_new_tokens=12, num_samples=3, do_sample=True, top_k=5,
+                    cache=cache, generator=torch.Generator(device="cuda").manual_seed(30))
+    assert [[len(s) for s in p] for p in r.sequences] == [[12] * 3] * 2
+    assert len(cache.dms) == 0 and cache.dms.num_free_blocks == free0
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 30 - len(p):] = torch.tensor(p)
+        mask[b, 30 - len(p):] = 1
+    out = m.generate(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache,
+                     max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 42)
+    assert [cache.positions[s] for s in cache.seq_ids] == [7 + 11, 30 + 11]
