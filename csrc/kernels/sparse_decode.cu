@@ -340,50 +340,43 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   }
 }
 
-// Merges the split partials of rows that needed more than one split: the split weights of
-// each head go to shared memory once, then each thread streams its columns' partials (the
-// loads are independent, so many are in flight).
+// Merges the split partials of rows that needed more than one split. One CTA per
+// (row, query head), one thread per output column: each thread reads the <= 16 split lse
+// values and its column of partials with independent loads (one latency, not one per split:
+// at B 1 the merge is on the critical path of a ~20 us step).
 template <typename T, int D, int NW>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(D)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
-  __shared__ float s_w[kHeadTile][64];  // max_splits <= 64 (resolve)
-  __shared__ float s_lse[kHeadTile];
   const int G = p.num_q_heads / p.num_kv_heads;
-  const int row = blockIdx.x, ht = blockIdx.z;
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int row = blockIdx.x, r = blockIdx.y, ht = blockIdx.z;
+  const int h0 = ht * kHeadTile;
+  if (h0 + r >= G) return;
   const int L = p.seq_lens[row];
   const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk, 16 * NW));
   if (nsplit <= 1) return;
-  const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads, qh = g * G + h0 + r, d = threadIdx.x;
   const float* ws_o = reinterpret_cast<const float*>(p.workspace);
   const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
-  const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < nh; r += 4) {
-    const float a = lane < nsplit ? ws_lse[base + lane * kHeadTile + r] : -INFINITY;
-    const float c = lane + 32 < nsplit ? ws_lse[base + (lane + 32) * kHeadTile + r] : -INFINITY;
-    float M = fmaxf(a, c);
+  const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile + r;
+  float lse[16], part[16];
 #pragma unroll
-    for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    const float wa = exp2f(a - M), wc = exp2f(c - M);
-    float l = wa + wc;
+  for (int s = 0; s < 16; ++s) {
+    lse[s] = s < nsplit ? ws_lse[base + s * kHeadTile] : -INFINITY;
+    part[s] = s < nsplit ? ws_o[(base + s * kHeadTile) * D + d] : 0.f;
+  }
+  float M = -INFINITY;
 #pragma unroll
-    for (int o = 16; o; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    s_w[r][lane] = wa / l;
-    s_w[r][lane + 32] = wc / l;
-    if (lane == 0) s_lse[r] = M + log2f(l);
+  for (int s = 0; s < 16; ++s) M = fmaxf(M, lse[s]);
+  float acc = 0.f, l = 0.f;
+#pragma unroll
+  for (int s = 0; s < 16; ++s) {
+    const float w = exp2f(lse[s] - M);  // 0 for the unused slots
+    acc += w * part[s];
+    l += w;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < nsplit; ++s) acc += s_w[r][s] * ws_o[(base + s * kHeadTile + r) * D + d];
-    T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-    from_float(acc, out);
-    if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = s_lse[r] / kLog2e;
-  }
+  from_float(acc / l, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + qh * p.o_stride_h + d);
+  if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh] = (M + log2f(l)) / kLog2e;
 }
 
 
@@ -427,8 +420,8 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   sparse_decode_kernel<T, D, NW><<<grid, NW * 32, smem, stream>>>(p, r);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (r.max_splits > 1) {
-    dim3 mgrid(r.rows, 1, r.head_tiles);
-    sparse_decode_merge_kernel<T, D, NW><<<mgrid, 128, 0, stream>>>(p, r);
+    dim3 mgrid(r.rows, kHeadTile, r.head_tiles);
+    sparse_decode_merge_kernel<T, D, NW><<<mgrid, D, 0, stream>>>(p, r);
     if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   }
   return Status::kSuccess;
