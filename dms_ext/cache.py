@@ -220,6 +220,11 @@ class DMSCache:
         q [T, Hq, D], k and v [T, Hkv, D] (RoPE applied), eviction_logits [T, Hkv] (logit of
         token t decides about token t-1); chunk i = rows cu_seqlens[i]:cu_seqlens[i+1]
         continues sequence seq_ids[i]. Returns out [T, Hq, D] in the cache dtype.
+
+        Every argument is checked before anything changes. cu_seqlens may live on the CPU or
+        the cache device; on the device it is read back for that check (a sync), except while
+        a CUDA graph is being captured, where only the decode shape (T == len(seq_ids)) is
+        accepted unread.
         """
         lay = self._layer(layer)
         rows = self._rows_of(seq_ids)
@@ -298,7 +303,7 @@ class DMSCache:
         return self._layers[i]
 
     def _rows_of(self, seq_ids) -> List[int]:
-        if isinstance(seq_ids, torch.Tensor):
+        if isinstance(seq_ids, (torch.Tensor, np.ndarray)) and seq_ids.ndim == 1:
             seq_ids = seq_ids.tolist()
         if not isinstance(seq_ids, (list, tuple, range)):
             raise ValueError(f"seq_ids: expected a list of ints, got {type(seq_ids).__name__}")
