@@ -15,7 +15,9 @@
 //                   GQA group) pairs, row = token * G + head, so each K/V tile feeds the whole
 //                   group. FA2-style: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate),
 //                   ldmatrix from XOR-swizzled shared memory, cp.async loads (gathered rows),
-//                   online softmax in fp32. Key tiles come from four segments, in this order:
+//                   online softmax in fp32. 128 rows per CTA, 32 per warp (two m-tiles
+//                   share every K/V fragment); a key tile visible to the whole query tile
+//                   skips the mask. Key tiles come from four segments, in this order:
 //                     0 cached slots [0, seq_len)          flagged ring slots masked out
 //                     1 flagged ring slots (list)          visible iff t - p <= w
 //                     2 kept chunk keys j < i0 - w (list)  always visible
@@ -35,7 +37,12 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kBM = 16 * kWarps;  // query rows (token, head) per CTA: 16 per warp
+// 32 query rows (token, head) per warp, two 16-row m-tiles: every K/V fragment a warp reads
+// from shared memory feeds two MMAs per n-tile instead of one (the kernel is bound by
+// shared-memory reads, not by the tensor cores).
+constexpr int kMT = 2;
+constexpr int kWR = 16 * kMT;
+constexpr int kBM = kWR * kWarps;  // query rows per CTA
 constexpr int kBN = 64;           // keys per tile
 constexpr int kPrepThreads = 1024;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -219,6 +226,11 @@ __device__ __forceinline__ int swz(int row, int ch) {
   return row * D + ((ch ^ (row & 7)) << 3);
 }
 
+struct TileCtx {
+  long long r0;
+  int start, L, n, sl, nf, nc, jb0, t1, t2, t3, i0, i1, r, c;
+};
+
 template <int D>
 constexpr int smem_bytes() {
   return (kBM + 2 * kBN) * D * 2 + kBN * (int)(sizeof(int) + sizeof(int2));
@@ -230,10 +242,16 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillParams p, WsPtrs ws) {
   constexpr int CPR = D / 8;              // 16-byte chunks per row
   constexpr int RPP = kThreads / CPR;     // key rows per loader pass
+  constexpr int NP = kBN / RPP;           // loader passes per tile
+  constexpr int KPW = 32 / CPR;           // keys per warp per pass
   constexpr int KS = D / 16;              // k-steps of Q.K^T
   constexpr int NT = kBN / 8;             // 8-key n-tiles of S
   constexpr int DT = D / 8;               // 8-dim n-tiles of O
+  // At D 128 Q fragments in registers would not fit next to O and S (32 rows per warp), so
+  // they are re-read from shared memory; at D 64 they fit.
+  constexpr bool kQReg = D <= 64;
   static_assert(kBN % RPP == 0 && (kBM * CPR) % kThreads == 0, "tile shapes");
+  static_assert(NP * KPW <= 32 && NP * KPW * kWarps == kBN, "loader lanes");
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -283,10 +301,16 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   const int t3 = t2 + (nc + kBN - 1) / kBN;
   const int ntiles = t3 + (i1 - jb0 + kBN - 1) / kBN;
 
-  const int32_t* bt = p.block_table + ((long long)r * H + g) * p.max_blocks_per_head;
-  const uint32_t* bm = ws.bitmap + ch * ws.cap_words;
-  const int2* fl = ws.flist + ch * (long long)(w + 1);
-  const int32_t* cidx = ws.idx + (long long)g * p.total_tokens + start;
+  // The tile's scalars live in shared memory: held in registers across the main loop they
+  // would push the O and S accumulators into local memory at D 128. The loader and the
+  // epilogue re-read them (the barriers keep the compiler from hoisting the reads).
+  __shared__ TileCtx s_ctx;
+  if (tid == 0) {
+    s_ctx.start = start; s_ctx.L = L; s_ctx.n = n; s_ctx.sl = sl; s_ctx.nf = nf; s_ctx.nc = nc;
+    s_ctx.jb0 = jb0; s_ctx.t1 = t1; s_ctx.t2 = t2; s_ctx.t3 = t3; s_ctx.i0 = i0; s_ctx.i1 = i1;
+    s_ctx.r = r; s_ctx.c = c; s_ctx.r0 = r0;
+  }
+  __syncthreads();
   const float* lg = p.logits;
   const T* q = static_cast<const T*>(p.q);
   const T* kc = static_cast<const T*>(p.k_cache);
@@ -294,58 +318,105 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   const T* kk = static_cast<const T*>(p.k);
   const T* vv = static_cast<const T*>(p.v);
 
-  auto cache_row = [&](int s) -> int {
-    const int blk = bt[s / p.block_size];
-    return (blk >= 0 && blk < p.num_blocks) ? blk * p.block_size + s % p.block_size : -1;
-  };
-
   // Issues the K tile `tile` and records, per key, its source row and visibility interval.
-  auto load_k = [&](int tile) {
+  // Each key's source is worked out once, by one lane of the warp that copies it (the copies
+  // of one key are CPR lanes of one warp), and handed to the others by shuffles. Returns
+  // whether every key this thread looked at is visible to every query token of the tile.
+  auto load_k = [&](int tile) -> bool {
+    const TileCtx x = s_ctx;
     const int ch16 = tid % CPR;
-    const bool from_cache = tile < t2;
-    const T* src = from_cache ? kc : kk;
-#pragma unroll
-    for (int pass = 0; pass < kBN / RPP; ++pass) {
-      const int key = tid / CPR + pass * RPP;
-      int row = -1, a = INT_MAX, bnd = INT_MIN;
+    const T* src = tile < x.t2 ? kc : kk;
+    int mrow = -1, ma = INT_MAX, mb = INT_MIN;
+    if (lane < NP * KPW) {
+      const int start = x.start, L = x.L, n = x.n, jb0 = x.jb0, i1 = x.i1;
+      const int t1 = x.t1, t2 = x.t2, t3 = x.t3, sl = x.sl, nf = x.nf, nc = x.nc;
+      const long long ch = (long long)x.c * H + g;
+      const int32_t* bt = p.block_table + ((long long)x.r * H + g) * p.max_blocks_per_head;
+      const uint32_t* bm = ws.bitmap + ch * ws.cap_words;
+      const int2* fl = ws.flist + ch * (long long)(w + 1);
+      const int32_t* cidx = ws.idx + (long long)g * p.total_tokens + start;
+      auto cache_row = [&](int s) -> int {
+        const int blk = bt[s / p.block_size];
+        return (blk >= 0 && blk < p.num_blocks) ? blk * p.block_size + s % p.block_size : -1;
+      };
+      const int key = warp * KPW + lane % KPW + (lane / KPW) * RPP;
       if (tile < t1) {
         const int s = tile * kBN + key;
         if (s < sl) {
-          row = cache_row(s);
-          if (row >= 0 && !((bm[s >> 5] >> (s & 31)) & 1u)) { a = 0; bnd = INT_MAX; }
+          mrow = cache_row(s);
+          if (mrow >= 0 && !((bm[s >> 5] >> (s & 31)) & 1u)) { ma = 0; mb = INT_MAX; }
         }
       } else if (tile < t2) {
         const int m = (tile - t1) * kBN + key;
         if (m < nf) {
           const int2 e = fl[m];
-          row = cache_row(e.x);
-          if (row >= 0) { a = 0; bnd = e.y + w - n; }  // t - p <= w  <=>  i <= p + w - n
+          mrow = cache_row(e.x);
+          if (mrow >= 0) { ma = 0; mb = e.y + w - n; }  // t - p <= w  <=>  i <= p + w - n
         }
       } else if (tile < t3) {
         const int m = (tile - t2) * kBN + key;
         if (m < nc) {
-          row = (start + cidx[m]) * H + g;
-          a = 0; bnd = INT_MAX;
+          mrow = (start + cidx[m]) * H + g;
+          ma = 0; mb = INT_MAX;
         }
       } else {
         const int j = jb0 + (tile - t3) * kBN + key;
         if (j < i1) {
-          row = (start + j) * H + g;
+          mrow = (start + j) * H + g;
           const bool flagged = j < L - 1 && lg[(long long)(start + j + 1) * H + g] > 0.f;
-          a = j; bnd = flagged ? j + w : INT_MAX;
+          ma = j; mb = flagged ? j + w : INT_MAX;
         }
       }
+      sRow[key] = mrow;
+      sMeta[key] = make_int2(ma, mb);
+    }
+    const bool all_vis = lane >= NP * KPW || (mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1);
+#pragma unroll
+    for (int pass = 0; pass < NP; ++pass) {
+      const int key = tid / CPR + pass * RPP;
+      const int row = __shfl_sync(0xffffffffu, mrow, pass * KPW + lane / CPR);
       const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
       cp_async16(smem_u32(sK + swz<D>(key, ch16)), gp, row >= 0);
-      if (ch16 == 0) { sRow[key] = row; sMeta[key] = make_int2(a, bnd); }
+    }
+    return all_vis;
+  };
+  // Pulls into L1 the first-level metadata load_k(tile) will read (block table, bitmap, list
+  // entries, logits), so that its reads after the barrier do not wait on L2 in front of P.V.
+  // Prefetches hold no registers; the second-level read (block table of a listed slot) is not
+  // covered.
+  auto prefetch_k = [&](int tile) {
+    if (lane < NP * KPW) {
+      const TileCtx x = s_ctx;
+      const int key = warp * KPW + lane % KPW + (lane / KPW) * RPP;
+      const long long ch = (long long)x.c * H + g;
+      const void* a = nullptr;
+      const void* a2 = nullptr;
+      if (tile < x.t1) {
+        const int s = tile * kBN + key;
+        if (s < x.sl) {
+          a = p.block_table + ((long long)x.r * H + g) * p.max_blocks_per_head + s / p.block_size;
+          a2 = ws.bitmap + ch * ws.cap_words + (s >> 5);
+        }
+      } else if (tile < x.t2) {
+        const int m = (tile - x.t1) * kBN + key;
+        if (m < x.nf) a = ws.flist + ch * (long long)(w + 1) + m;
+      } else if (tile < x.t3) {
+        const int m = (tile - x.t2) * kBN + key;
+        if (m < x.nc) a = ws.idx + (long long)g * p.total_tokens + x.start + m;
+      } else {
+        const int j = x.jb0 + (tile - x.t3) * kBN + key;
+        if (j < x.i1 && j < x.L - 1) a = lg + (long long)(x.start + j + 1) * H + g;
+      }
+      if (a) asm volatile("prefetch.global.L1 [%0];\n" :: "l"(a));
+      if (a2) asm volatile("prefetch.global.L1 [%0];\n" :: "l"(a2));
     }
   };
   // V rows are the ones recorded by the K load of the same tile (visible after a barrier).
   auto load_v = [&](int tile) {
     const int ch16 = tid % CPR;
-    const T* src = tile < t2 ? vc : vv;
+    const T* src = tile < s_ctx.t2 ? vc : vv;
 #pragma unroll
-    for (int pass = 0; pass < kBN / RPP; ++pass) {
+    for (int pass = 0; pass < NP; ++pass) {
       const int key = tid / CPR + pass * RPP;
       const int row = sRow[key];
       const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
@@ -367,68 +438,111 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
     }
     cp_async16(smem_u32(sQ + swz<D>(row, ch16)), gp, valid);
   }
-  load_k(0);
+  bool vis_next = load_k(0);
   cp_commit();
 
-  // This thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its warp's 16).
-  int qi[2];
+  // This warp owns rows warp * 32 + [0, 32): m-tiles mt = 0, 1 of 16 rows. This thread's
+  // accumulator rows in m-tile mt are lane / 4 and lane / 4 + 8.
+  int qi[kMT][2];
 #pragma unroll
-  for (int rs = 0; rs < 2; ++rs) {
-    const long long R = r0 + warp * 16 + (lane >> 2) + rs * 8;
-    qi[rs] = R < rows_total ? (int)(R / G) : -1;  // -1: every key masked, row never stored
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) {
+      const long long R = r0 + warp * kWR + mt * 16 + (lane >> 2) + rs * 8;
+      qi[mt][rs] = R < rows_total ? (int)(R / G) : -1;  // -1: every key masked, row never stored
+    }
   }
   const float sl2 = p.scale * kLog2e;
 
   cp_wait_all();
-  __syncthreads();
+  bool full = __syncthreads_and(vis_next);
 
-  uint32_t qf[KS][4];
+  uint32_t qf[kQReg ? kMT : 1][kQReg ? KS : 1][4];
+  if constexpr (kQReg) {
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int row = warp * 16 + (lane & 15);
-    ldsm_x4(smem_u32(sQ + swz<D>(row, ks * 2 + (lane >> 4))), qf[ks]);
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int row = warp * kWR + mt * 16 + (lane & 15);
+        ldsm_x4(smem_u32(sQ + swz<D>(row, ks * 2 + (lane >> 4))), qf[mt][ks]);
+      }
+    }
   }
 
-  float o[DT][4];
+  float o[kMT][DT][4];
 #pragma unroll
-  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int d = 0; d < DT; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+  float m_run[kMT][2], l_run[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) { m_run[mt][rs] = -INFINITY; l_run[mt][rs] = 0.f; }
+
+  // ldmatrix addresses: swz(row, 2 * x + b) == swz(row, b) ^ (x << 4) (row * D has no bits
+  // below D), so each fragment is a per-thread offset XOR an immediate plus a row step.
+  const uint32_t q_addr = smem_u32(sQ), k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+  const int q_off = swz<D>(warp * kWR + (lane & 15), lane >> 4);
+  const int k_off = swz<D>(((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
+  const int v_off = swz<D>((((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
 
   for (int tile = 0; tile < ntiles; ++tile) {
     if (tile > 0) {
       cp_wait_all();
-      __syncthreads();  // K(tile) landed; every warp is done with V(tile - 1)
+      // K(tile) landed; every warp is done with V(tile - 1). Also: is K(tile) fully visible?
+      full = __syncthreads_and(vis_next);
     }
     load_v(tile);
     cp_commit();
+    if (tile + 1 < ntiles) prefetch_k(tile + 1);
 
-    float s[NT][4];
+    // S = Q.K^T; each K fragment feeds both m-tiles.
+    float s[kMT][NT][4];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+      uint32_t qa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kQReg) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[mt][e] = qf[mt][ks][e];
+        } else {
+          ldsm_x4(q_addr + mt * 16 * D * 2 + ((q_off ^ (ks << 4)) << 1), qa[mt]);
+        }
+      }
 #pragma unroll
       for (int pr = 0; pr < NT / 2; ++pr) {
         uint32_t bfr[4];
-        const int key = pr * 16 + ((lane >> 4) << 3) + (lane & 7);
-        ldsm_x4(smem_u32(sK + swz<D>(key, ks * 2 + ((lane >> 3) & 1))), bfr);
-        Mma<T>::run(s[2 * pr], qf[ks], bfr[0], bfr[1]);
-        Mma<T>::run(s[2 * pr + 1], qf[ks], bfr[2], bfr[3]);
+        ldsm_x4(k_addr + pr * 16 * D * 2 + ((k_off ^ (ks << 4)) << 1), bfr);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(s[mt][2 * pr], qa[mt], bfr[0], bfr[1]);
+          Mma<T>::run(s[mt][2 * pr + 1], qa[mt], bfr[2], bfr[3]);
+        }
       }
     }
 
-    // Mask + scale into the log2 domain; masked scores are -inf. A full tile of compacted keys
-    // is visible to every query (rows past the chunk see it too, harmlessly: never stored).
-    float mx[2] = {-INFINITY, -INFINITY};
-    if (tile >= t2 && tile < t3 && (tile - t2 + 1) * kBN <= nc) {
+    // Mask + scale into the log2 domain; masked scores are -inf. A tile whose keys are all
+    // visible to every query token of the tile needs no mask (rows past the chunk see it too,
+    // harmlessly: never stored).
+    float mx[kMT][2];
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
+    for (int mt = 0; mt < kMT; ++mt) mx[mt][0] = mx[mt][1] = -INFINITY;
+    if (full) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[t][e] *= sl2;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
-        }
-      }
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][t][e] *= sl2;
+            mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], s[mt][t][e]);
+          }
     } else {
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
@@ -436,89 +550,112 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
         for (int e2 = 0; e2 < 2; ++e2) {
           const int2 ab = sMeta[t * 8 + ((lane & 3) << 1) + e2];
 #pragma unroll
-          for (int rs = 0; rs < 2; ++rs) {
-            const bool vis = ab.x <= qi[rs] && qi[rs] <= ab.y;
-            float& x = s[t][rs * 2 + e2];
-            x = vis ? x * sl2 : -INFINITY;
-            mx[rs] = fmaxf(mx[rs], x);
+          for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+            for (int rs = 0; rs < 2; ++rs) {
+              const bool vis = ab.x <= qi[mt][rs] && qi[mt][rs] <= ab.y;
+              float& x = s[mt][t][rs * 2 + e2];
+              x = vis ? x * sl2 : -INFINITY;
+              mx[mt][rs] = fmaxf(mx[mt][rs], x);
+            }
           }
         }
       }
     }
 #pragma unroll
-    for (int rs = 0; rs < 2; ++rs) {
-      mx[rs] = fmaxf(mx[rs], __shfl_xor_sync(0xffffffffu, mx[rs], 1));
-      mx[rs] = fmaxf(mx[rs], __shfl_xor_sync(0xffffffffu, mx[rs], 2));
-      const float m_new = fmaxf(m_run[rs], mx[rs]);
-      // A row with nothing visible yet keeps base 0, so exp2(-inf - 0) = 0 and no NaN appears.
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = ex2(m_run[rs] - base);
-      m_run[rs] = m_new;
-      l_run[rs] *= alpha;
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int d = 0; d < DT; ++d) { o[d][rs * 2] *= alpha; o[d][rs * 2 + 1] *= alpha; }
-      mx[rs] = base;
-    }
+      for (int rs = 0; rs < 2; ++rs) {
+        float m = mx[mt][rs];
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        const float m_new = fmaxf(m_run[mt][rs], m);
+        // A row with nothing visible yet keeps base 0, so exp2(-inf - 0) = 0 and no NaN appears.
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = ex2(m_run[mt][rs] - base);
+        m_run[mt][rs] = m_new;
+        l_run[mt][rs] *= alpha;
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
+        for (int d = 0; d < DT; ++d) { o[mt][d][rs * 2] *= alpha; o[mt][d][rs * 2 + 1] *= alpha; }
+        mx[mt][rs] = base;
+      }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[t][e] = ex2(s[t][e] - mx[e >> 1]);
-        l_run[e >> 1] += s[t][e];
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][t][e] = ex2(s[mt][t][e] - mx[mt][e >> 1]);
+          l_run[mt][e >> 1] += s[mt][t][e];
+        }
       }
     }
 
     cp_wait_all();
     __syncthreads();  // V(tile) landed; every warp is done with K(tile) and its metadata
     if (tile + 1 < ntiles) {
-      load_k(tile + 1);
+      vis_next = load_k(tile + 1);
       cp_commit();
     }
 
+    // O += P.V with P straight from the S accumulators (C layout == A layout); each V fragment
+    // feeds both m-tiles.
 #pragma unroll
     for (int ks = 0; ks < kBN / 16; ++ks) {
-      uint32_t a[4];
-      a[0] = Mma<T>::pack(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = Mma<T>::pack(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = Mma<T>::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = Mma<T>::pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = Mma<T>::pack(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        a[mt][1] = Mma<T>::pack(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        a[mt][2] = Mma<T>::pack(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        a[mt][3] = Mma<T>::pack(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      }
 #pragma unroll
       for (int pr = 0; pr < DT / 2; ++pr) {
         uint32_t bfr[4];
-        const int key = ks * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
-        ldsm_x4_t(smem_u32(sV + swz<D>(key, pr * 2 + (lane >> 4))), bfr);
-        Mma<T>::run(o[2 * pr], a, bfr[0], bfr[1]);
-        Mma<T>::run(o[2 * pr + 1], a, bfr[2], bfr[3]);
+        ldsm_x4_t(v_addr + ks * 16 * D * 2 + ((v_off ^ (pr << 4)) << 1), bfr);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(o[mt][2 * pr], a[mt], bfr[0], bfr[1]);
+          Mma<T>::run(o[mt][2 * pr + 1], a[mt], bfr[2], bfr[3]);
+        }
       }
     }
   }
 
-  // Epilogue: normalise, stage this warp's rows in its own part of sQ, store 16-byte chunks.
+  // Epilogue: normalise, stage this warp's rows in its own part of sQ (only this warp ever
+  // read them), store 16-byte chunks.
+  __syncwarp();
 #pragma unroll
-  for (int rs = 0; rs < 2; ++rs) {
-    l_run[rs] += __shfl_xor_sync(0xffffffffu, l_run[rs], 1);
-    l_run[rs] += __shfl_xor_sync(0xffffffffu, l_run[rs], 2);
-    l_run[rs] = l_run[rs] > 0.f ? 1.f / l_run[rs] : 0.f;
-  }
-#pragma unroll
-  for (int d = 0; d < DT; ++d) {
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
-      const int row = warp * 16 + (lane >> 2) + rs * 8;
-      const uint32_t v = Mma<T>::pack(o[d][rs * 2] * l_run[rs], o[d][rs * 2 + 1] * l_run[rs]);
-      *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + ((lane & 3) << 1)) = v;
+      float l = l_run[mt][rs];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      l_run[mt][rs] = l > 0.f ? 1.f / l : 0.f;
+    }
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+#pragma unroll
+      for (int rs = 0; rs < 2; ++rs) {
+        const int row = warp * kWR + mt * 16 + (lane >> 2) + rs * 8;
+        const uint32_t v = Mma<T>::pack(o[mt][d][rs * 2] * l_run[mt][rs],
+                                        o[mt][d][rs * 2 + 1] * l_run[mt][rs]);
+        *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + ((lane & 3) << 1)) = v;
+      }
     }
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out);
+  const int o_start = s_ctx.start;
+  const long long o_r0 = s_ctx.r0, o_rows = (long long)s_ctx.L * G;
 #pragma unroll
   for (int it = 0; it < kBM * CPR / kThreads; ++it) {
     const int e = tid + it * kThreads;
     const int row = e / CPR, ch16 = e % CPR;
-    const long long R = r0 + row;
-    if (R < rows_total) {
+    const long long R = o_r0 + row;
+    if (R < o_rows) {
       const int i = (int)(R / G), hh = (int)(R % G);
-      T* gp = out + ((long long)(start + i) * Hq + (long long)g * G + hh) * D + ch16 * 8;
+      T* gp = out + ((long long)(o_start + i) * Hq + (long long)g * G + hh) * D + ch16 * 8;
       *reinterpret_cast<uint4*>(gp) = *reinterpret_cast<const uint4*>(sQ + swz<D>(row, ch16));
     }
   }
