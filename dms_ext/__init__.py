@@ -3,6 +3,6 @@ import torch  # noqa: F401  (_C links against libtorch / libc10, which torch loa
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY block: torch.ops.dms.*)
 from . import ops, reference
-from .cache import DMSCache, OutOfBlocks
+from .cache import DecodePlan, DMSCache, OutOfBlocks, RecaptureNeeded
 
-__all__ = ["ops", "reference", "DMSCache", "OutOfBlocks"]
+__all__ = ["ops", "reference", "DMSCache", "DecodePlan", "OutOfBlocks", "RecaptureNeeded"]

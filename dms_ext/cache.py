@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["DMSCache", "OutOfBlocks"]
+__all__ = ["DMSCache", "DecodePlan", "OutOfBlocks", "RecaptureNeeded"]
 
 
 class OutOfBlocks(RuntimeError):
     """The block pool cannot hold the call. Nothing was changed: release sequences and retry."""
+
+
+class RecaptureNeeded(RuntimeError):
+    """A DecodePlan cannot run another step: a head could outgrow the plan's block-table width,
+    or the plan was closed (release of one of its sequences, or a newer plan for the same ids).
+    Nothing was changed: prepare a new plan and capture the step again."""
 
 
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,15 +72,24 @@ class _Layer:
         self.free_known = c.num_blocks
         self.pending = 0
         self.ub_len = np.zeros((c.max_seqs, hkv), dtype=np.int64)
+        # Tokens per head reserved for decode-plan steps not yet enqueued (graph replays the host
+        # never sees): a sync must keep them reserved, or the blocks behind them could be handed
+        # to another call before the replays run. Plans reserve on every layer alike, so all
+        # layers share the cache's one array.
+        self.ahead = c._ahead
+        self.block_size = c.block_size
 
     def sync(self, live_rows: Sequence[int]) -> None:
-        """Replaces the bounds with the device's exact values (a host sync)."""
+        """Replaces the bounds with the device's exact values (a host sync), plan steps kept."""
         self.free_known = int(self.free_top.item())
         self.pending = 0
         self.ub_len[:] = 0
         if live_rows:
             rows = list(live_rows)
-            self.ub_len[rows] = self.seq_lens[rows].cpu().numpy()
+            exact = self.seq_lens[rows].cpu().numpy().astype(np.int64)
+            self.ub_len[rows] = exact + self.ahead[rows, None]
+            bs = self.block_size
+            self.pending = int((_ceil_div(self.ub_len[rows], bs) - _ceil_div(exact, bs)).sum())
 
     def state(self):
         return (self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.ring,
@@ -110,6 +125,33 @@ class DMSCache:
     only when the pool gets tight, roughly once per ``free/need`` steps. :meth:`release` leaves
     the bound low (the freed count is not read back); the next shortage syncs and finds the
     blocks. :meth:`fork` is off the hot path and always syncs to size the copy exactly.
+
+    CUDA graphs of the decode step (one token per sequence, every layer): a replay runs without
+    Python, so the host cannot reserve inside it, and whatever the captured ops read must be a
+    device tensor that outlives the graph. :meth:`prepare_decode` builds a :class:`DecodePlan`
+    outside the capture: the state rows as a device int32 tensor, ``cu_seqlens`` as a device
+    ``arange``, and a block-table gather width fixed for the plan (``max_len`` tokens per head).
+    While a graph is being captured, :meth:`attend` of a decode batch uses only the open plan for
+    exactly those ``seq_ids`` (in that order): no host copy, no read-back, no reservation
+    (``cu_seqlens`` may be a CPU or device tensor; its values are implied). Each replay is one
+    step, paid for beforehand by :meth:`DecodePlan.advance`, which applies the same conservative
+    rule on every layer (each head may grow by one token per step) and raises
+    :class:`OutOfBlocks`, or :class:`RecaptureNeeded` when a head could outgrow the plan's width,
+    before the replay, so a replay never meets an empty pool. Steps reserved but not yet replayed
+    stay reserved across syncs (``_Layer.ahead``). Typical loop::
+
+        plan = cache.prepare_decode(seq_ids, steps=64)     # reserves 64 steps, fixes the width
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for layer in range(L): out[layer] = cache.attend(layer, seq_ids, cu, q, k, v, lg)
+        while generating:
+            plan.advance()      # host only; OutOfBlocks / RecaptureNeeded come here, not later
+            g.replay()
+
+    Keep the plan alive as long as its graph. :meth:`release` of one of its sequences closes it;
+    a plan also closes when a newer one is prepared for the same ``seq_ids``. Outside a capture
+    :meth:`attend` of the plan's batch reserves as usual (a plan does not pay for eager steps)
+    and uses the plan's tensors when the bounds fit its width.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, window: int = 512,
@@ -144,10 +186,12 @@ class DMSCache:
             if self.block_size & (self.block_size - 1):
                 raise ValueError(f"block_size: must be a power of two on CUDA, got {self.block_size}")
         self.dtype = dtype
+        self._ahead = np.zeros(self.max_seqs, dtype=np.int64)  # see _Layer.ahead
         self._layers = [_Layer(self) for _ in range(self.num_layers)]
         self._rows: Dict[int, int] = {}
         self._free_rows: List[int] = list(range(self.max_seqs - 1, -1, -1))
         self._next_id = 0
+        self._plans: List["DecodePlan"] = []  # open decode plans
 
     # ---------------------------------------------------------------- sequences
 
@@ -177,26 +221,30 @@ class DMSCache:
         needs = []
         for i, layer in enumerate(self._layers):
             layer.sync(live)
-            need = int(_ceil_div(layer.ub_len[src], self.block_size).sum())
-            if need > layer.free_known:
+            exact = layer.ub_len[src] - layer.ahead[src]  # right after a sync
+            need = int(_ceil_div(exact, self.block_size).sum())
+            if need > layer.free_known - layer.pending:
                 raise OutOfBlocks(f"fork: layer {i} needs {need} blocks to copy sequence {seq_id}, "
-                                  f"{layer.free_known} are free")
+                                  f"{layer.free_known - layer.pending} are free (not reserved)")
             needs.append(need)
         dst = self._free_rows.pop()
         for layer, need in zip(self._layers, needs):
             torch.ops.dms.fork(src, dst, *layer.state())
             layer.free_known -= need
-            layer.ub_len[dst] = layer.ub_len[src]
+            layer.ub_len[dst] = layer.ub_len[src] - layer.ahead[src]  # the copy has no plan steps
         return self._take_row(dst)
 
     def release(self, seq_id: int) -> None:
         """Drops ``seq_id``; all of its blocks go back to the pool."""
         row = self._row(seq_id, "seq_id")
+        for plan in [p for p in self._plans if row in p._rows]:
+            plan.close()
         for layer in self._layers:
             torch.ops.dms.release(row, layer.block_table, layer.seq_lens, layer.ring,
                                   layer.num_tokens, layer.free_stack, layer.free_top,
                                   self.block_size)
             layer.ub_len[row] = 0
+        self._ahead[row] = 0
         del self._rows[seq_id]
         self._free_rows.append(row)
 
@@ -209,6 +257,43 @@ class DMSCache:
     def num_free_blocks(self) -> int:
         """Free blocks summed over the layers' pools (reads the device)."""
         return sum(int(layer.free_top.item()) for layer in self._layers)
+
+    # ---------------------------------------------------------------- CUDA-graph decode
+
+    def prepare_decode(self, seq_ids: Sequence[int], steps: int = 1, *,
+                       max_len: Optional[int] = None) -> "DecodePlan":
+        """A :class:`DecodePlan` for decode steps of ``seq_ids`` (in this order), with ``steps``
+        steps reserved on every layer; host-side, call it outside any graph capture.
+
+        ``max_len`` (tokens per head) fixes the block-table gather width of graphs captured with
+        the plan; by default it is the most a head may hold after ``steps`` steps, rounded up to
+        whole blocks. Raises :class:`OutOfBlocks` (nothing changed) when the steps might not
+        fit, ValueError when ``max_len`` is already too small. An open plan for the same
+        ``seq_ids`` is closed (its graph must be captured again with the new plan).
+        """
+        rows = self._rows_of(seq_ids)
+        if not rows:
+            raise ValueError("seq_ids: a decode plan needs at least one sequence")
+        steps = _positive(steps, "steps")
+        bs = self.block_size
+        cap = self.max_blocks_per_head * bs
+        width = None
+        if max_len is not None:
+            width = min(-(-_positive(max_len, "max_len") // bs) * bs, cap)
+        try:
+            self._reserve_steps(rows, steps, width)
+        except RecaptureNeeded as e:
+            raise ValueError(f"max_len: {e}") from None
+        if width is None:
+            top = max(int(lay.ub_len[rows].max()) for lay in self._layers)
+            width = min(max(1, -(-top // bs)) * bs, cap)
+        for old in [p for p in self._plans if p._rows == rows]:
+            old.close()
+        ids = {r: s for s, r in self._rows.items()}
+        plan = DecodePlan(self, tuple(ids[r] for r in rows), rows, width // bs, steps)
+        self._ahead[rows] += steps
+        self._plans.append(plan)
+        return plan
 
     # ---------------------------------------------------------------- attention
 
@@ -224,7 +309,8 @@ class DMSCache:
         Every argument is checked before anything changes. cu_seqlens may live on the CPU or
         the cache device; on the device it is read back for that check (a sync), except while
         a CUDA graph is being captured, where only the decode shape (T == len(seq_ids)) is
-        accepted unread.
+        accepted unread, and only for the ``seq_ids`` of an open :class:`DecodePlan`
+        (:meth:`prepare_decode`; see the class docstring).
         """
         lay = self._layer(layer)
         rows = self._rows_of(seq_ids)
@@ -244,6 +330,17 @@ class DMSCache:
             raise ValueError(f"eviction_logits: expected a float dtype, got {eviction_logits.dtype}")
         if list(eviction_logits.shape) != [T, hkv]:
             raise ValueError(f"eviction_logits: expected [{T}, {hkv}], got {list(eviction_logits.shape)}")
+        capturing = self._capturing()
+        plan = self._plan_for(rows) if n == T else None
+        if capturing and n:
+            if n != T:
+                raise ValueError(f"cu_seqlens: only a decode step (one token per sequence, T == "
+                                 f"len(seq_ids)) can be captured in a CUDA graph; got T={T} for "
+                                 f"{n} sequences")
+            if plan is None:
+                raise ValueError("seq_ids: capturing attend in a CUDA graph needs an open plan for "
+                                 "exactly these seq_ids, in this order: call "
+                                 "cache.prepare_decode(seq_ids, steps) before the capture")
         cu_host, cu_dev = self._check_cu_seqlens(cu_seqlens, n, T)
         if scale is None:
             scale = 1.0 / math.sqrt(d)
@@ -257,21 +354,29 @@ class DMSCache:
         if n == 0:
             return q.new_empty((0, hq, d))
 
-        lens = np.diff(cu_host) if cu_host is not None else np.ones(n, dtype=np.int64)
-        self._reserve(lay, layer, rows, lens)
+        if not capturing:
+            # A replay's step is paid by DecodePlan.advance; an eager step pays for itself.
+            lens = np.diff(cu_host) if cu_host is not None else np.ones(n, dtype=np.int64)
+            self._reserve(lay, layer, rows, lens)
+            if plan is not None and int(lay.ub_len[rows].max()) > plan.max_len:
+                plan = None  # this eager step may outgrow the plan's width: gather as below
 
-        slots = self._to_device(np.asarray(rows, dtype=np.int32))
-        if cu_dev is None:
-            cu_dev = self._to_device(cu_host.astype(np.int32))
+        if plan is not None:
+            # Only tensors that outlive a graph of this step, and a width fixed at prepare time.
+            slots, cu_dev, cols = plan.slots, plan.cu_seqlens, plan.cols
+        else:
+            slots = self._to_device(np.asarray(rows, dtype=np.int32))
+            if cu_dev is None:
+                cu_dev = self._to_device(cu_host.astype(np.int32))
+            # Gather only the block-table columns the rows can use (ub_len bounds seq_lens):
+            # the full width is num_blocks by default, and copying it per step would cost more
+            # than the attention itself.
+            cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         logits = eviction_logits.to(torch.float32).contiguous()
         if n == T:
             # Decode: after appending token t the cache holds exactly the keys query t sees.
             torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state())
-            # Gather only the block-table columns the rows can use (ub_len bounds seq_lens):
-            # the full width is num_blocks by default, and copying it per step would cost more
-            # than the attention itself.
-            cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
             out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache,
                                               lay.block_table[:, :, :cols].index_select(0, slots),
                                               lay.seq_lens.index_select(0, slots), scale)
@@ -360,25 +465,126 @@ class DMSCache:
         return t.to(self.device)
 
     def _reserve(self, lay: _Layer, layer_idx: int, rows: List[int], lens: np.ndarray) -> None:
+        c = lens.astype(np.int64)[:, None]
+        need = self._fit(lay, layer_idx, rows, c)
+        lay.pending += need
+        lay.ub_len[rows] += c
+
+    def _reserve_steps(self, rows: List[int], steps: int, width: Optional[int]) -> None:
+        """Reserves ``steps`` tokens per head of ``rows`` on every layer, all or nothing."""
+        needs = [self._fit(lay, i, rows, steps, width) for i, lay in enumerate(self._layers)]
+        for lay, need in zip(self._layers, needs):
+            lay.pending += need
+            lay.ub_len[rows] += steps
+
+    def _fit(self, lay: _Layer, layer_idx: int, rows: List[int], c, width: Optional[int] = None) -> int:
+        """Blocks that ``c`` more tokens per head of ``rows`` may need; raises before any change
+        when they might not fit (the pool, the block table, or a plan's ``width`` in tokens).
+        Syncs the layer once when the bounds alone cannot tell."""
         bs = self.block_size
         cap = self.max_blocks_per_head * bs
-        c = lens.astype(np.int64)[:, None]
 
         def check():
             ub = lay.ub_len[rows]
             need = int((_ceil_div(ub + c, bs) - _ceil_div(ub, bs)).sum())
-            return need, bool(np.all(ub + c <= cap))
+            return need, int((ub + c).max())
 
-        need, fits_table = check()
-        if need > lay.free_known - lay.pending or not fits_table:
+        need, top = check()
+        if need > lay.free_known - lay.pending or top > cap or (width is not None and top > width):
             lay.sync(list(self._rows.values()))
-            need, fits_table = check()
-            if not fits_table:
+            need, top = check()
+            if top > cap:
                 raise OutOfBlocks(
                     f"layer {layer_idx}: a sequence could grow past max_blocks_per_head="
                     f"{self.max_blocks_per_head} blocks ({cap} tokens) per head")
-            if need > lay.free_known:
+            if width is not None and top > width:
+                raise RecaptureNeeded(
+                    f"layer {layer_idx}: a head could hold {top} tokens, more than the decode "
+                    f"plan's block-table width of {width} tokens")
+            if need > lay.free_known - lay.pending:
                 raise OutOfBlocks(f"layer {layer_idx}: the call may need {need} new blocks, "
-                                  f"{lay.free_known} are free")
-        lay.pending += need
-        lay.ub_len[rows] += c
+                                  f"{lay.free_known - lay.pending} are free (not reserved)")
+        return need
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _plan_for(self, rows: List[int]) -> Optional["DecodePlan"]:
+        for plan in self._plans:
+            if plan._rows == rows:
+                return plan
+        return None
+
+
+class DecodePlan:
+    """Device-side constants of a capturable decode step over fixed ``seq_ids`` and the host
+    account of the steps paid for (made by :meth:`DMSCache.prepare_decode`).
+
+    ``slots`` (int32 [n], the state rows), ``cu_seqlens`` (int32 [n + 1], ``0..n``) and ``cols``
+    (block-table columns gathered per step; ``max_len = cols * block_size`` tokens per head) are
+    what a captured :meth:`DMSCache.attend` reads; they never change, so a graph stays valid as
+    long as the plan is open. Call :meth:`advance` right before every replay.
+    """
+
+    def __init__(self, cache: DMSCache, seq_ids: Tuple[int, ...], rows: List[int], cols: int,
+                 steps: int):
+        self._cache = cache
+        self.seq_ids = seq_ids
+        self._rows = list(rows)
+        self.cols = cols
+        self.max_len = cols * cache.block_size
+        self.slots = cache._to_device(np.asarray(rows, dtype=np.int32))
+        self.cu_seqlens = torch.arange(len(rows) + 1, dtype=torch.int32, device=cache.device)
+        self._credit = steps    # steps reserved on every layer and not handed to a replay yet
+        self._inflight = 0      # steps handed out by the last advance (maybe not enqueued yet)
+        self._refill = steps    # steps reserved at once when the credit runs out
+        self.open = True
+
+    @property
+    def steps_reserved(self) -> int:
+        """Steps :meth:`advance` can hand out before it has to reserve (and maybe sync) again."""
+        return self._credit
+
+    def advance(self, steps: int = 1) -> None:
+        """Pays for the next ``steps`` replays (host only). Call it right before replaying, after
+        the previous replay was enqueued. Raises before the replay, changing nothing:
+        :class:`OutOfBlocks` when the pool might not hold the steps (release sequences, then
+        advance again), :class:`RecaptureNeeded` when a head could outgrow ``max_len`` or the
+        plan is closed."""
+        if not self.open:
+            raise RecaptureNeeded(f"decode plan for seq_ids {list(self.seq_ids)} is closed (a "
+                                  f"sequence was released or a newer plan replaced it)")
+        steps = _positive(steps, "steps")
+        c = self._cache
+        # The previous replay was enqueued before this call, so a sync from now on sees it.
+        c._ahead[self._rows] -= self._inflight
+        self._inflight = 0
+        short = steps - self._credit
+        if short > 0:
+            more = max(short, self._refill)
+            try:
+                c._reserve_steps(self._rows, more, self.max_len)
+            except (OutOfBlocks, RecaptureNeeded):
+                if more == short:
+                    raise
+                more = short  # the refill did not fit; the steps asked for still may
+                c._reserve_steps(self._rows, more, self.max_len)
+            self._credit += more
+            c._ahead[self._rows] += more
+        self._credit -= steps
+        self._inflight = steps
+
+    def close(self) -> None:
+        """Ends the plan: its unreplayed steps stop being held across syncs (their blocks come
+        back at the next sync); :meth:`advance` raises :class:`RecaptureNeeded` from now on."""
+        if not self.open:
+            return
+        self.open = False
+        c = self._cache
+        c._ahead[self._rows] -= self._credit + self._inflight
+        self._credit = self._inflight = 0
+        c._plans.remove(self)
+
+    def __repr__(self) -> str:
+        return (f"DecodePlan(seq_ids={list(self.seq_ids)}, max_len={self.max_len}, "
+                f"steps_reserved={self._credit}, open={self.open})")
