@@ -135,7 +135,7 @@ def dms_visibility_mask(logits: torch.Tensor, window: int) -> torch.Tensor:
 def relaxed_bias(z: torch.Tensor) -> torch.Tensor:
     """float32 [B, Hkv, N]: the score penalty of key j beyond the window, log(1 - alpha_j) =
     logsigmoid(-z_{j+1}) (token j+1 decides about j); the newest key has no decision: 0."""
-    pen = F.logsigmoid(-z[:, 1:].float())
+    pen = F.logsigmoid(-z[:, 1:].to(torch.promote_types(z.dtype, torch.float32)))
     pen = torch.cat([pen, pen.new_zeros(z.shape[0], 1, z.shape[2])], dim=1)
     return pen.transpose(1, 2).contiguous()
 
@@ -194,8 +194,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
         return y.to(x.dtype)
 
 
@@ -261,18 +261,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, c.kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        ct = torch.promote_types(q.dtype, torch.float32)     # float32, or float64 in tests
         logits = None
         if c.variant == "borrowed":
-            logits = q[..., :: c.group, c.head_dim - 1].float() * c.alpha_scale - c.alpha_offset
+            logits = q[..., :: c.group, c.head_dim - 1].to(ct) * c.alpha_scale - c.alpha_offset
         elif c.variant == "adapter":
-            logits = self.dms_proj(self.dms_norm(h_in)).float() * c.alpha_scale - c.alpha_offset
-        cs = cos_sin[positions]
+            logits = self.dms_proj(self.dms_norm(h_in)).to(ct) * c.alpha_scale - c.alpha_offset
+        cs = cos_sin[positions].to(ct)
         cos, sin = cs[..., None, : c.head_dim // 2], cs[..., None, c.head_dim // 2:]
-        keep = self.channel_keep.to(torch.float32)
+        keep = self.channel_keep.to(ct)
         # Zero the borrowed channel before RoPE (it is the logit, not a feature) and after it
         # (rotate-half writes channel D/2-1 into D-1).
-        q = _rope(q.float() * keep, cos, sin) * keep
-        k = _rope(k.float(), cos, sin)
+        q = _rope(q.to(ct) * keep, cos, sin) * keep
+        k = _rope(k.to(ct), cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v, logits
 
 
@@ -373,8 +374,11 @@ class DMSForCausalLM(nn.Module):
             if attention == "causal":
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             elif attention == "dms":
+                # K/V expanded to Hq heads: the memory-efficient SDPA kernels take a mask but
+                # not always GQA, and the math fallback would materialise fp32 scores.
                 mask = dms_visibility_mask(logits, c.window).repeat_interleave(c.group, dim=1)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                o = F.scaled_dot_product_attention(q, k.repeat_interleave(c.group, dim=1),
+                                                   v.repeat_interleave(c.group, dim=1), attn_mask=mask)
             else:
                 z = logits
                 if noise:
@@ -407,7 +411,8 @@ class DMSForCausalLM(nn.Module):
         c = self.cfg
         dtype = cache.dtype
         cos_sin = self.cos_sin.float()
-        kernel = (use_kernel and c.variant == "borrowed" and _has_kernel("eviction_rope", input_ids.device))
+        kernel = (use_kernel and c.variant == "borrowed"
+                  and _has_kernel("eviction_rope", input_ids.device))
         x = self.model.embed_tokens(input_ids)
         t = input_ids.shape[0]
         for i, layer in enumerate(self.model.layers):
@@ -425,9 +430,11 @@ class DMSForCausalLM(nn.Module):
                 q, k, v, logits = at.project(hn, x, positions, cos_sin)
                 if logits is None:
                     logits = torch.full((t, c.kv_heads), -1e4, device=x.device)
-            o = cache.attend(i, seq_ids, cu_seqlens, q.to(dtype).contiguous(), k.to(dtype).contiguous(),
-                             v.to(dtype).contiguous(), logits.float())
-            x = x + at.o_proj(o.reshape(t, -1).to(x.dtype))
+            cd = cache.device
+            o = cache.attend(i, seq_ids, cu_seqlens, q.to(cd, dtype).contiguous(),
+                             k.to(cd, dtype).contiguous(), v.to(cd, dtype).contiguous(),
+                             logits.to(cd, torch.float32))
+            x = x + at.o_proj(o.reshape(t, -1).to(x.device, x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x)).float()
 
@@ -528,12 +535,13 @@ def _dense_relaxed(q, k, v, bias, window: int, group: int):
     n = q.shape[2]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    s = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     pos = torch.arange(n, device=q.device)
     dist = pos[:, None] - pos[None, :]
     pen = bias.repeat_interleave(group, dim=1)[:, :, None, :]
     s = torch.where(dist > window, s + pen, s).masked_fill(dist < 0, float("-inf"))
-    return (torch.softmax(s, dim=-1) @ v.float()).to(v.dtype)
+    return (torch.softmax(s.to(ct), dim=-1) @ v.to(ct)).to(v.dtype)
 
 
 def convert_to_dms(model: DMSForCausalLM, variant: str = "borrowed", *,
