@@ -9,9 +9,10 @@
 // one split write the output directly; the others write (o, lse) partials that a small merge
 // kernel combines in fp32.
 //
-// Pipeline: 4 warps, 64-key tiles (16 keys per warp), K and V rows gathered through the block
-// table with 16-byte cp.async into XOR-swizzled shared memory (conflict-free ldmatrix),
-// STAGES deep. Each warp keeps its own online-softmax state; the 4 states merge at the end.
+// Pipeline: 4 warps; each warp streams its own 16-key slice of every 64-key tile (K and V rows
+// gathered through the block table with 16-byte cp.async into XOR-swizzled shared memory, so
+// ldmatrix is conflict-free) through a private STAGES-deep pipeline that syncs only within the
+// warp. Each warp keeps its own online-softmax state; the 4 states merge at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -145,29 +146,34 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       cp_async16(sQ + swz<D>(r, c), r < nh ? q + r * p.q_stride_h + c * 8 : q, r < nh);
     }
   }
-  // Each thread always copies the same 16-byte column c of rows r0, r0 + kRowStep, ... of a
-  // tile. Their block ids are fetched one tile ahead into registers, so the L2 round trip of
-  // the block-table read overlaps the wait instead of delaying the next tile's copies.
-  constexpr int kRowsPerThread = kTileKeys * kChunks / kThreads;
-  constexpr int kRowStep = kThreads / kChunks;
-  const int r0 = tid / kChunks, cc = tid % kChunks;
+  // Each warp streams its own 16-key slice of every 64-key tile through a private kStages-deep
+  // cp.async pipeline and synchronizes only with itself: no CTA-wide barrier in the main loop,
+  // so one slow warp never holds the others' next copies back. A lane always copies the same
+  // 16-byte column cc of rows r0, r0 + kRowStep, ...; their block ids are fetched one slice
+  // ahead into registers so the block-table read overlaps the wait.
+  constexpr int kSliceElems = 16 * D;
+  constexpr int kRowsPerLane = 16 * kChunks / 32;
+  constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
+  const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
   const int bs_shift = rs.bs_shift, bs_mask = p.block_size - 1;
-  int ids[kRowsPerThread];
+  T* const sW = sKV + warp * kStages * 2 * kSliceElems;  // this warp's stages
+  int ids[kRowsPerLane];
+  auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
   auto fetch_ids = [&](int t) {
-    const int s0 = kbeg + t * kTileKeys + r0;
+    const int s0 = slice0(t) + r0;
 #pragma unroll
-    for (int n = 0; n < kRowsPerThread; ++n) {
+    for (int n = 0; n < kRowsPerLane; ++n) {
       const int slot = s0 + n * kRowStep;
       ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
     }
   };
-  auto load_tile = [&](int t) {
-    const int stage = t % kStages;
-    T* sK = sKV + stage * 2 * C::kTileElems;
-    T* sV = sK + C::kTileElems;
-    const int s0 = kbeg + t * kTileKeys + r0;
+  auto load_slice = [&](int t) {
+    if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
+    T* sK = sW + (t % kStages) * 2 * kSliceElems;
+    T* sV = sK + kSliceElems;
+    const int s0 = slice0(t) + r0;
 #pragma unroll
-    for (int n = 0; n < kRowsPerThread; ++n) {
+    for (int n = 0; n < kRowsPerLane; ++n) {
       const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
       const bool valid = slot < kend;
       const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
@@ -179,7 +185,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < ntiles) {
       fetch_ids(t);
-      load_tile(t);
+      load_slice(t);
     }
     cp_async_commit();  // the Q copies ride in group 0
   }
@@ -194,17 +200,17 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const float sl2 = p.scale * kLog2e;
 
   for (int t = 0; t < ntiles; ++t) {
-    // Refill the stage tile t-1 used before waiting for tile t: kStages tiles are in flight
-    // during the wait instead of kStages-1 (decode is bound by bytes in flight per SM).
-    __syncthreads();  // every warp is done with tile t-1
+    // Refill the stage slice t-1 used before waiting for slice t: kStages slices in flight.
+    __syncwarp();  // every lane is done reading slice t-1 (ldmatrix) before it is overwritten
     if (t + kStages - 1 < ntiles) {
-      load_tile(t + kStages - 1);
-      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this tile computes
+      load_slice(t + kStages - 1);
+      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
     }
     cp_async_commit();
-    cp_async_wait<kStages - 1>();  // this thread's copies of tile t (and Q) have landed
-    __syncthreads();               // ... and everyone else's
+    cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
+    __syncwarp();                  // ... and the other lanes'
     if (t == 0) {
+      __syncthreads();  // Q was copied by the whole CTA
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {
         const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
@@ -212,11 +218,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
                                       qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
       }
     }
-
-    const int stage = t % kStages;
-    const T* sK = sKV + stage * 2 * C::kTileElems;
-    const T* sV = sK + C::kTileElems;
-    const int key0 = kbeg + t * kTileKeys + warp * 16;  // first key of this warp's 16
+    const T* sK = sW + (t % kStages) * 2 * kSliceElems;
+    const T* sV = sK + kSliceElems;
+    const int key0 = slice0(t);  // first key of this warp's 16
     if (key0 >= kend) continue;  // this warp has nothing in the tail tile
 
     // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
@@ -226,9 +230,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       uint32_t b0, b1, b2, b3;
       const int r = (lane & 7) + (lane >> 4) * 8;          // key within the warp's 16
       const int c = 2 * k + ((lane >> 3) & 1);              // 16-byte chunk along D
-      const int wr = warp * 16 + r;                          // row in the tile (swizzle key)
       cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sK + swz<D>(wr, c)), b0, b1, b2, b3);
+          *reinterpret_cast<const cute::uint128_t*>(sK + swz<D>(r, c)), b0, b1, b2, b3);
       Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1,
               s[0][0], s[0][1], s[0][2], s[0][3]);
       Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3,
@@ -275,9 +278,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       uint32_t b0, b1, b2, b3;
       const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
       const int c = 2 * j + (lane >> 4);
-      const int wr = warp * 16 + r;
       cute::SM75_U16x8_LDSM_T::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sV + swz<D>(wr, c)), b0, b1, b2, b3);
+          *reinterpret_cast<const cute::uint128_t*>(sV + swz<D>(r, c)), b0, b1, b2, b3);
       Op::fma(o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0, b1,
               o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3]);
       Op::fma(o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3], pa[0], pa[1], pa[2],
