@@ -609,7 +609,7 @@ class Scenario {
     d_logits_->poison(stream_);
     if (graph) {
       if (!graph_exec_) {
-        CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal));
         enqueue_step();
         CUDA_OK(cudaStreamEndCapture(stream_, &graph_));
         CUDA_OK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
