@@ -17,12 +17,13 @@
 
 #include <algorithm>
 #include <cctype>
-#include <cstdlib>
-#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -63,7 +64,9 @@ struct DevBuf {
   T* p = nullptr;
   size_t n = 0;
   DevBuf() = default;
-  explicit DevBuf(size_t count) : n(count) { CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(count, 1) * sizeof(T))); }
+  explicit DevBuf(size_t count) : n(count) {
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(count, 1) * sizeof(T)));
+  }
   DevBuf(const DevBuf&) = delete;
   DevBuf& operator=(const DevBuf&) = delete;
   ~DevBuf() { if (p) cudaFree(p); }
@@ -109,7 +112,7 @@ struct Check {
 };
 
 struct Report {
-  std::vector<Check> checks;
+  std::deque<Check> checks;  // deque: references from get() stay valid as checks are added
   Check& get(const std::string& name, double tol) {
     for (auto& c : checks) if (c.name == name) return c;
     checks.push_back(Check{name, tol});
