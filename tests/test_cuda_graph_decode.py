@@ -133,6 +133,15 @@ def make(layers, hkv, d, window, bs, num_blocks):
     return c
 
 
+def warm_up(hkv, G, d, bs):
+    """Eager decode on a throwaway cache, so kernel attributes and modules load before a capture."""
+    run = Run([make(1, hkv, d, 4, bs, 16)], hkv * G, 0.5, 99)
+    s = run.add()
+    run.eager([s], [3])
+    run.eager([s], [1])
+    torch.cuda.synchronize()
+
+
 def test_cuda_graph_decode_step_replays_match_eager_twin_and_reference():
     L, hkv, G, d, w, bs = 2, 2, 5, 128, 16, 16
     cache, twin = make(L, hkv, d, w, bs, 200), make(L, hkv, d, w, bs, 200)
@@ -161,6 +170,7 @@ def test_cuda_graph_decode_step_replays_match_eager_twin_and_reference():
 def test_cuda_graph_decode_out_of_blocks_before_damage_then_release_and_recapture():
     # 8 blocks of 16 tokens per layer, 2 heads, nothing evicted (rate 0): growth is exact.
     L, hkv, G, d, w, bs = 2, 2, 3, 64, 4, 16
+    warm_up(hkv, G, d, bs)
     cache = make(L, hkv, d, w, bs, 8)
     run = Run([cache], hkv * G, 0.0, 2)
     a, b = run.add(), run.add()
