@@ -139,6 +139,7 @@ struct Config {
   std::vector<int> turn1_rows, turn1_lens, turn2_rows, turn2_lens;
   std::vector<int> decode_rows;   // the decode batch, in batch order (rows of the state)
   int eager_steps, graph_steps_1, graph_steps_2;
+  int min_chunk = 0;              // sparse_decode keys per split; small forces the split + merge path
 };
 
 // The independent model: every token ever appended, per (row, KV head), with its decision.
@@ -279,6 +280,7 @@ class Scenario {
     dp_ = state_step_params(d_q_->p, d_k_->p, d_v_->p, d_slots_->p, d_logits_->p, true);
     sp_ = decode_params(d_q_->p, d_bt_batch_->p, d_sl_batch_->p, d_out_->p, B_, int64_t(Hq_) * D_,
                         int64_t(Hq_) * D_, nullptr, true);
+    sp_.min_chunk = c_.min_chunk;
     // Sized from the sizes alone, for this device's SM count: allocate once, replay forever.
     int dev = 0, sms = 0;
     CUDA_OK(cudaGetDevice(&dev));
@@ -692,6 +694,7 @@ class Scenario {
     dout.poison(stream_);
     dlse.poison(stream_);
     dms::SparseDecodeParams p = decode_params(dq.p, d_bt_->p, d_sl_->p, dout.p, kMaxSeqs, qs, os, dlse.p, true);
+    p.min_chunk = c_.min_chunk;
     DevBuf<uint8_t> ws(dms::sparse_decode_workspace_bytes(p, num_sms_));
     p.workspace = ws.n ? ws.p : nullptr;
     DMS_OK(dms::sparse_decode(p, stream_));
@@ -898,7 +901,10 @@ int main(int argc, char** argv) {
       {"fp16 G5 norm", DType::kFloat16, 64, 3, 5, 8, 21, true,
        {0, 3, 2}, {12, 64, 1}, {2, 0}, {33, 2}, {3, 2, 0}, 4, 10, 8},
       {"bf16 G1 window 1", DType::kBFloat16, 64, 4, 1, 32, 1, true,
-       {3, 2, 0}, {70, 3, 40}, {0}, {17}, {0, 2, 3}, 3, 8, 5},
+       {3, 2, 0}, {70, 3, 40}, {0}, {17}, {0, 2, 3}, 3, 8, 5, 16},
+      // Qwen3-8B heads; heads long enough for several default-sized splits.
+      {"bf16 Qwen3-8B heads", DType::kBFloat16, 128, 8, 4, 64, 32, true,
+       {1, 3}, {700, 260}, {3}, {90}, {3, 1}, 3, 6, 4},
   };
   if (quick) {
     configs.resize(1);
