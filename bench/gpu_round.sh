@@ -274,6 +274,12 @@ for s in "${STAGES[@]}"; do
     sweep) run_cmd sweep 200 "$LOGS/sweep.log" $PY bench/sweep_decode.py ${SWEEP_CASES:-}
            add_row sweep "$RC" "$SECS" "$(grep -c SWEEP "$LOGS/sweep.log") configs"
            while IFS= read -r l; do NOTES+=("$l"); done < <(grep SWEEP "$LOGS/sweep.log") ;;
+    capi) run_cmd capi 240 "$LOGS/capi.log" bash -c 'cmake -S . -B build/capi -G Ninja -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DDMS_CUDA_ARCH=90a -DPython3_EXECUTABLE="$(command -v '"$PY"')" && cmake --build build/capi -j16 && ctest --test-dir build/capi -V'
+          add_row capi "$RC" "$SECS" "$(grep -E "tests passed|tests failed|Total Test" "$LOGS/capi.log" | tr '\n' ' ' | cut -c1-150)"
+          [ "$RC" != 0 ] && note_failures capi "$LOGS/capi.log" "FAIL|rror" ;;
+    retrofit) run_cmd retrofit 560 "$LOGS/retrofit.log" $PY bench/retrofit_experiment.py --seed 0 ${RETROFIT_ARGS:-}
+          add_row retrofit "$RC" "$SECS" "$(bench_key "$LOGS/retrofit.log")"
+          [ "$RC" != 0 ] && note_failures retrofit "$LOGS/retrofit.log" "Error|error|Traceback" ;;
     *) add_row "$s" unknown 0 "unknown stage" ;;
   esac
 done

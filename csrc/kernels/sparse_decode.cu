@@ -411,13 +411,11 @@ int device_sms() {
 template <typename T, int D, int NW>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
   constexpr int smem = Cfg<D, NW>::kSmemBytes;
-  static bool attr_set = false;  // per instantiation; the attribute is per function
-  if (!attr_set) {
-    if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem) != cudaSuccess)
-      return Status::kCudaError;
-    attr_set = true;
-  }
+  // Set on every launch (a cheap host call, legal during capture): the attribute is per
+  // device, so caching it in a static would miss the second GPU.
+  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           smem) != cudaSuccess)
+    return Status::kCudaError;
   dim3 grid(r.rows, r.max_splits, r.head_tiles);
   sparse_decode_kernel<T, D, NW><<<grid, NW * 32, smem, stream>>>(p, r);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
