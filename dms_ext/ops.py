@@ -18,13 +18,27 @@ __all__ = [
 
 # Fake kernels: shapes and dtypes only, never data (no sync, graph- and compile-safe).
 
+
+def _same_device(op, ref_name, ref, **tensors):
+    """A meta tensor among real ones dispatches to the fake kernel, which must then reject it as
+    the real kernels reject a tensor on another device: ValueError naming the argument."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on the same device as {ref_name} "
+                             f"({ref.device}), got {t.device}")
+
+
 @torch.library.register_fake("dms::sparse_decode")
 def _sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+    _same_device("sparse_decode", "q", q, k_cache=k_cache, v_cache=v_cache,
+                 block_table=block_table, seq_lens=seq_lens)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dms::sparse_decode_lse")
 def _sparse_decode_lse_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+    _same_device("sparse_decode_lse", "q", q, k_cache=k_cache, v_cache=v_cache,
+                 block_table=block_table, seq_lens=seq_lens)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
     return out, lse
@@ -33,29 +47,42 @@ def _sparse_decode_lse_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
 @torch.library.register_fake("dms::eviction_rope")
 def _eviction_rope_fake(q, k, positions, cos_sin_cache, alpha_scale, alpha_offset,
                         q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
+    _same_device("eviction_rope", "q", q, k=k, positions=positions, cos_sin_cache=cos_sin_cache,
+                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("dms::append")
 def _append_fake(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
                  ring, num_tokens, free_stack, free_top):
+    _same_device("append", "k", k, v=v, logits=logits, seq_slots=seq_slots, cu_seqlens=cu_seqlens,
+                 k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                 ring=ring, num_tokens=num_tokens, free_stack=free_stack, free_top=free_top)
     return None
 
 
 @torch.library.register_fake("dms::sparse_prefill")
 def _sparse_prefill_fake(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
                          seq_lens, ring, num_tokens, scale):
+    _same_device("sparse_prefill", "k", k, q=q, v=v, logits=logits, seq_slots=seq_slots,
+                 cu_seqlens=cu_seqlens, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                 seq_lens=seq_lens, ring=ring, num_tokens=num_tokens)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dms::fork")
 def _fork_fake(src, dst, k_cache, v_cache, block_table, seq_lens, ring, num_tokens, free_stack,
                free_top):
+    _same_device("fork", "k_cache", k_cache, v_cache=v_cache, block_table=block_table,
+                 seq_lens=seq_lens, ring=ring, num_tokens=num_tokens, free_stack=free_stack,
+                 free_top=free_top)
     return None
 
 
 @torch.library.register_fake("dms::release")
 def _release_fake(row, block_table, seq_lens, ring, num_tokens, free_stack, free_top, block_size):
+    _same_device("release", "block_table", block_table, seq_lens=seq_lens, ring=ring,
+                 num_tokens=num_tokens, free_stack=free_stack, free_top=free_top)
     return None
 
 
@@ -63,6 +90,10 @@ def _release_fake(row, block_table, seq_lens, ring, num_tokens, free_stack, free
 def _decode_step_fake(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache, block_table, seq_lens,
                       ring, num_tokens, free_stack, free_top, alpha_scale, alpha_offset,
                       q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, logits=None):
+    _same_device("decode_step", "q", q, k=k, v=v, cos_sin_cache=cos_sin_cache, seq_slots=seq_slots,
+                 k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                 ring=ring, num_tokens=num_tokens, free_stack=free_stack, free_top=free_top,
+                 q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, logits=logits)
     return q.new_empty((q.shape[0], k.shape[1]), dtype=torch.float32)
 
 
