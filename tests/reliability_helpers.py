@@ -18,6 +18,7 @@ import random
 import torch
 
 from dms_ext import ops, reference
+from dms_ext.cache import DMSCache, OutOfBlocks
 
 # Multiplies every case count (e.g. DMS_DIFF_SCALE=10 for a long local or GPU run).
 SCALE = max(1, int(os.environ.get("DMS_DIFF_SCALE", "1")))
@@ -59,6 +60,11 @@ def assert_rounded(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, wha
         i = bad.nonzero()[0].tolist()
         raise AssertionError(f"{what}: {int(bad.sum())} of {o.numel()} elements off, first at {i}: "
                              f"got {o[tuple(i)].item()!r}, want {r[tuple(i)].item()!r}")
+
+
+def f32(x: float) -> float:
+    """x rounded to float32, so that the op (float params) and the reference (double) agree."""
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def make_logits(gen: torch.Generator, n: int, hkv: int, rate: float, extreme: float = 0.0,
@@ -368,3 +374,71 @@ class SpecState:
         top = int(self.free_top)
         free = self.free_stack[:top].cpu().tolist()
         assert sorted(held + free) == list(range(self.nb)), "a block is lost or owned twice"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class CacheModel:
+    """A DMSCache plus every sequence's full per-layer history; attend outputs and live counts
+    are checked against reference.dms_attention / live_counts after each call."""
+
+    def __init__(self, cache: DMSCache, hq: int, rate: float, extreme: float, gen, scale,
+                 attn_check=assert_rounded):
+        self.c, self.hq, self.rate, self.extreme, self.gen = cache, hq, rate, extreme, gen
+        self.scale, self.attn_check = scale, attn_check
+        self.hist = {}
+
+    def add(self):
+        sid = self.c.add_sequence()
+        self.hist[sid] = [[] for _ in range(self.c.num_layers)]
+        return sid
+
+    def fork(self, sid):
+        new = self.c.fork(sid)
+        self.hist[new] = [list(h) for h in self.hist[sid]]
+        return new
+
+    def release(self, sid):
+        self.c.release(sid)
+        del self.hist[sid]
+
+    def length(self, sid):
+        return sum(x[0].shape[0] for x in self.hist[sid][0])
+
+    def device_state(self):
+        return [[t.clone() for t in lay.state()] for lay in self.c._layers]
+
+    def attend(self, layer, sids, lens):
+        c, g = self.c, self.gen
+        T = sum(lens)
+        dt, dev = c.dtype, c.device
+        q = torch.randn(T, self.hq, c.head_dim, generator=g).to(dt)
+        k = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dt)
+        v = torch.randn(T, c.num_kv_heads, c.head_dim, generator=g).to(dt)
+        lg = make_logits(g, T, c.num_kv_heads, self.rate, self.extreme)
+        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        before = self.device_state()
+        try:
+            out = c.attend(layer, sids, cu, q.to(dev), k.to(dev), v.to(dev), lg.to(dev), scale=self.scale)
+        except OutOfBlocks:
+            after = self.device_state()
+            for la, lb in zip(before, after):
+                for x, y in zip(la, lb):
+                    assert same_bits(x, y), "OutOfBlocks changed the cache"
+            COUNTS["cache_out_of_blocks"] += 1
+            return False
+        out = out.cpu()
+        assert out.dtype == dt and list(out.shape) == [T, self.hq, c.head_dim]
+        w = c.window
+        for i, sid in enumerate(sids):
+            a, b = int(cu[i]), int(cu[i + 1])
+            self.hist[sid][layer].append((q[a:b], k[a:b], v[a:b], lg[a:b]))
+            qa, ka, va, la = (torch.cat(x) for x in zip(*self.hist[sid][layer]))
+            scale = f32(1 / math.sqrt(c.head_dim) if self.scale is None else self.scale)
+            ref = reference.dms_attention(qa, ka, va, la, w, scale=scale)[-(b - a):]
+            self.attn_check(out[a:b], ref, dt, f"attend layer {layer} seq {sid} chunk {b - a}")
+            live = c.live_tokens(layer, sid).cpu()
+            assert live.tolist() == reference.live_counts(la, w).tolist(), (layer, sid)
+        COUNTS["cache_attend"] += 1
+        return True

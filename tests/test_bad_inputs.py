@@ -12,7 +12,6 @@ read device memory back to validate (no host sync).
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 
 import dms_ext  # noqa: F401
 from dms_ext import reference
-from dms_ext.cache import DMSCache, OutOfBlocks, RecaptureNeeded
+from dms_ext.cache import DMSCache, OutOfBlocks
 from reliability_helpers import COUNTS, SpecState, make_logits, same_bits
 
 F32, F16, BF16, F64, I32, I64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -511,7 +510,7 @@ def test_out_of_blocks_loses_nothing_and_release_then_retry_succeeds():
     sequence and retrying the rest of the call succeeds and matches the reference."""
     import random
 
-    from test_differential import CacheModel
+    from reliability_helpers import CacheModel
     gen = torch.Generator().manual_seed(4)
     rng = random.Random(4)
     cache = DMSCache(1, 2, 8, window=2, block_size=2, num_blocks=14, max_seqs=4,
