@@ -10,6 +10,10 @@
 #         e2e       bench/bench_e2e.py if present, else python -m dms_ext.demo --device cuda
 #         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
 #         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
+#         sanitize  bench/sanitize.sh: memcheck, racecheck, initcheck, synccheck over every kernel
+#                   (one row per tool; SANITIZE_TOOLS to pick, whole stage <= 240 s)
+#         reliability  the CUDA parts of the reliability suites (differential, soak, compile,
+#                   bad inputs: pytest -m cuda)
 #         all       tests decode step prefill e2e ncu
 # It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext
 # in place for sm_90a, runs the stages (each under `timeout`, continuing past failures) and
@@ -254,6 +258,32 @@ stage_memcheck() {
   [ "$RC" != 0 ] && note_failures memcheck "$LOGS/memcheck.log" "Invalid|ERROR|BAD|Error"
 }
 
+stage_sanitize() {
+  # Each tool gets an equal share of the stage's time; one summary row per tool.
+  local to; to=$(stage_timeout sanitize 240)
+  local tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck})
+  local per=$(( (to - 5) / ${#tools[@]} ))
+  run_cmd sanitize "$to" "$LOGS/sanitize.log" env SANITIZE_TIMEOUT_S=$per \
+    SANITIZE_LOG_DIR="$LOGS/sanitize" PYTHON="$PY" bash bench/sanitize.sh "${tools[@]}"
+  local l n=0
+  while IFS= read -r l; do
+    local tool=${l#SANITIZE }; tool=${tool%%:*}
+    local verdict=${l#*: }; verdict=${verdict%%;*}
+    add_row "sanitize_$tool" "$([ "$verdict" = clean ] && echo 0 || echo "$verdict" | cut -c1-40)" \
+      "$(echo "$l" | grep -oE '[0-9]+ s$' | cut -d' ' -f1)" "$(echo "${l#*; }" | cut -c1-150)"
+    n=$((n + 1))
+  done < <(grep -E "^SANITIZE [a-z]+:" "$LOGS/sanitize.log")
+  [ $n -eq 0 ] && add_row sanitize "$RC" "$SECS" "$(tail -n 1 "$LOGS/sanitize.log" | cut -c1-150)"
+  [ "$RC" != 0 ] && note_failures sanitize "$LOGS/sanitize.log" "^SANITIZE|^    "
+}
+
+stage_reliability() {
+  run_cmd reliability 300 "$LOGS/reliability.log" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda \
+    ${PYTEST_ARGS:-} tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
+  add_row reliability "$RC" "$SECS" "$(pytest_key "$LOGS/reliability.log")"
+  [ "$RC" != 0 ] && note_failures reliability "$LOGS/reliability.log" "^(FAILED|ERROR)|Error:|error:"
+}
+
 stage_e2e() {
   if [ -f bench/bench_e2e.py ]; then stage_bench e2e bench/bench_e2e.py 240; return; fi
   run_cmd e2e 240 "$LOGS/e2e.log" $PY -m dms_ext.demo --device cuda
@@ -271,6 +301,8 @@ for s in "${STAGES[@]}"; do
     e2e) stage_e2e ;;
     ncu) stage_ncu ;;
     memcheck) stage_memcheck ;;
+    sanitize) stage_sanitize ;;
+    reliability) stage_reliability ;;
     sweep) run_cmd sweep 200 "$LOGS/sweep.log" $PY bench/sweep_decode.py ${SWEEP_CASES:-}
            add_row sweep "$RC" "$SECS" "$(grep -c SWEEP "$LOGS/sweep.log") configs"
            while IFS= read -r l; do NOTES+=("$l"); done < <(grep SWEEP "$LOGS/sweep.log") ;;
