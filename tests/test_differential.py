@@ -11,6 +11,7 @@ DMS_DIFF_SCALE=k multiplies every case count.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -27,10 +28,10 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 HAS_CUDA = torch.cuda.is_available()
 
 # Minimum cases per test on the CPU (asserted, so the README's counts stay true).
-N_DECODE = 3000 * SCALE
-N_ROPE = 2000 * SCALE
+N_DECODE = 5000 * SCALE
+N_ROPE = 3000 * SCALE
 N_STATE_SCHEDULES = 150 * SCALE
-N_CACHE_SCHEDULES = 45 * SCALE
+N_CACHE_SCHEDULES = 100 * SCALE
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,7 +113,8 @@ def reference_lse(q, k_cache, bt, lens, scale):
     return lse
 
 
-def check_decode_case(case, out, lse, label, attn_check=assert_rounded, lse_rtol=3e-7):
+def check_decode_case(case, out, lse, label, attn_check=assert_rounded, lse_rtol=3e-7,
+                      lse_atol=3e-7):
     q, k_cache, v_cache, bt, lens, scale = (x.cpu() if isinstance(x, torch.Tensor) else x for x in case)
     dtype = q.dtype
     assert out.dtype == dtype and list(out.shape) == list(q.shape), label
@@ -126,7 +128,7 @@ def check_decode_case(case, out, lse, label, attn_check=assert_rounded, lse_rtol
     assert torch.equal(torch.isinf(lse), torch.isinf(want)), f"{label}: -inf lse pattern"
     fin = torch.isfinite(want)
     err = (lse.double()[fin] - want[fin]).abs()
-    assert (err <= lse_rtol * want[fin].abs() + 1e-6).all(), f"{label}: lse off by {err.max()}"
+    assert (err <= lse_rtol * want[fin].abs() + lse_atol).all(), f"{label}: lse off by {err.max()}"
 
 
 def test_sparse_decode_random_cases():
@@ -148,9 +150,16 @@ def test_sparse_decode_random_cases():
 # eviction_rope
 
 
+@functools.lru_cache(maxsize=None)
+def rope_table(max_pos: int, dim: int, base: float) -> torch.Tensor:
+    return reference.rope_cache(max_pos, dim, base=base)
+
+
 def rope_case(rng: random.Random, gen: torch.Generator, cuda: bool = False):
     dtype = rng.choice([BF16, F16]) if cuda else rng.choice([F32, BF16, F16])
-    T = 0 if rng.random() < 0.02 else rng.choice([1, 2, 3, 5, 9] + ([64, 257] if cuda else []))
+    T = 0 if rng.random() < 0.02 else rng.choice([1, 2, 3, 5, 9] + ([33] if cuda else []))
+    if cuda and rng.random() < 0.02:
+        T = 257                                      # more than one CTA row of tokens
     hkv = rng.randint(1, 3 if not cuda else 8)
     G = rng.choice([1, 2, 3, 4, 5, 7])
     D = rng.choice([64, 128, 256, 40]) if cuda else rng.choice([2, 4, 6, 8, 16, 32, 64])
@@ -158,7 +167,7 @@ def rope_case(rng: random.Random, gen: torch.Generator, cuda: bool = False):
     if rng.random() < 0.2:
         cs = torch.randn(max_pos, D, generator=gen)       # any float32 table is legal
     else:
-        cs = reference.rope_cache(max_pos, D, base=rng.choice([10000.0, 1e6, 500.0]))
+        cs = rope_table(max_pos, D, rng.choice([10000.0, 1e6, 500.0]))
     edges = [0, max_pos - 1]
     pos = torch.tensor([rng.choice(edges) if rng.random() < 0.3 else rng.randrange(max_pos)
                         for _ in range(T)], dtype=rng.choice([torch.int32, torch.int64]))
@@ -174,7 +183,7 @@ def rope_case(rng: random.Random, gen: torch.Generator, cuda: bool = False):
     return q, k, pos, cs, a_s, a_o, qn, kn, eps
 
 
-def check_rope_case(case, q_out, k_out, logits, label, ulps=1.0, logit_rtol=1e-6):
+def check_rope_case(case, q_out, k_out, logits, label, ulps=1.0, logit_rtol=1e-6, cuda=False):
     q, k, pos, cs, a_s, a_o, qn, kn, eps = case
     dtype = q.dtype
     w = [None if x is None else x.double() for x in (qn, kn)]
@@ -182,9 +191,10 @@ def check_rope_case(case, q_out, k_out, logits, label, ulps=1.0, logit_rtol=1e-6
                                                   w[0], w[1], eps)
     assert logits.dtype == torch.float32 and list(logits.shape) == [q.shape[0], k.shape[1]], label
     torch.testing.assert_close(logits.cpu(), l_ref, rtol=logit_rtol,
-                               atol=1e-9 * (abs(a_o) + 1), msg=lambda m: f"{label}: logits {m}")
-    assert_rounded(q_out.cpu(), q_ref, dtype, f"{label}: q", ulps=ulps)
-    assert_rounded(k_out.cpu(), k_ref, dtype, f"{label}: k", ulps=ulps)
+                               atol=1e-3 if cuda else 1e-9 * (abs(a_o) + 1),
+                               msg=lambda m: f"{label}: logits {m}")
+    assert_rounded(q_out.cpu(), q_ref, dtype, f"{label}: q", ulps=ulps, float_math=cuda)
+    assert_rounded(k_out.cpu(), k_ref, dtype, f"{label}: k", ulps=ulps, float_math=cuda)
     G = q.shape[1] // k.shape[1]
     assert (q_out[:, ::G, -1] == 0).all(), f"{label}: donor channel not zeroed"
 
@@ -234,7 +244,8 @@ def run_state_schedule(seed: int, events: int, device="cpu"):
                    max_blocks=M, dtype=dtype, device=device)
     if cuda:
         st.attn_check = cuda_attention_check
-        st.rope_ulps, st.logit_rtol = 2.0, 1e-5
+        st.rope_ulps, st.float_math = 2.0, True
+        st.logit_rtol, st.logit_atol = 1e-5, 1e-3       # as tests/test_cuda_step.py
     label = (f"seed {seed}: {dtype}, Hkv {hkv}, G {G}, D {d}, window {w}, block {bs}, rows {S}, "
              f"blocks {nb}, rate {rate}, extreme {extreme}")
     for _ in range(events):
@@ -360,7 +371,7 @@ def run_cache_schedule(seed: int, events: int, device="cpu", attn_check=assert_r
 def test_dms_cache_random_schedules():
     for i in range(N_CACHE_SCHEDULES):
         run_cache_schedule(5000 + i, events=30)
-    assert COUNTS["cache_attend"] >= 500
+    assert COUNTS["cache_attend"] >= 1500
     assert COUNTS["cache_out_of_blocks"] >= 5
 
 
@@ -435,7 +446,7 @@ def cuda_attention_check(out, ref, dtype, what):
 def test_cuda_sparse_decode_random_cases():
     rng = random.Random(11)
     gen = torch.Generator().manual_seed(11)
-    for i in range(3 * N_DECODE):
+    for i in range(N_DECODE):             # the CUDA configurations are larger
         case = decode_case(rng, gen, cuda=True)
         q, kc, vc, bt, lens, scale = case
         dev = [x.cuda() for x in (q, kc, vc, bt, lens)]
@@ -444,7 +455,8 @@ def test_cuda_sparse_decode_random_cases():
         assert same_bits(out, out2), f"case {i}: sparse_decode and sparse_decode_lse differ"
         # The CPU twin on the same data is a second opinion with its own rounding.
         check_decode_case(case, out, lse, f"cuda sparse_decode case {i} ({q.dtype}, "
-                          f"q {list(q.shape)}, bs {kc.shape[1]})", cuda_attention_check, 1e-5)
+                          f"q {list(q.shape)}, bs {kc.shape[1]})", cuda_attention_check,
+                          1e-4, 1e-3)              # lse tolerance of tests/test_cuda_decode.py
         COUNTS["cuda_sparse_decode"] += 1
 
 
@@ -452,7 +464,7 @@ def test_cuda_sparse_decode_random_cases():
 def test_cuda_eviction_rope_random_cases():
     rng = random.Random(12)
     gen = torch.Generator().manual_seed(12)
-    for i in range(3 * N_ROPE):
+    for i in range(N_ROPE):
         case = rope_case(rng, gen, cuda=True)
         q, k, pos, cs, a_s, a_o, qn, kn, eps = case
         q_out, k_out = q.cuda(), k.cuda()
@@ -461,13 +473,13 @@ def test_cuda_eviction_rope_random_cases():
                                    None if kn is None else kn.cuda(), eps)
         # float32 math on the device: two units in the last place of the half type.
         check_rope_case(case, q_out, k_out, logits, f"cuda eviction_rope case {i}", ulps=2.0,
-                        logit_rtol=1e-5)
+                        logit_rtol=1e-5, cuda=True)
         COUNTS["cuda_eviction_rope"] += 1
 
 
 @pytest.mark.cuda
 def test_cuda_state_ops_random_schedules():
-    for i in range(3 * N_STATE_SCHEDULES):
+    for i in range(2 * N_STATE_SCHEDULES):
         run_state_schedule(9000 + i, events=25, device="cuda")
 
 

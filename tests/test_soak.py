@@ -119,5 +119,5 @@ def test_state_ops_soak():
 
 @pytest.mark.cuda
 def test_cuda_dms_cache_soak_no_leak_and_equal_to_reference():
-    soak(2, 2 * CYCLES, device="cuda", dtype=torch.bfloat16, head_dim=64,
+    soak(2, CYCLES, device="cuda", dtype=torch.bfloat16, head_dim=64,
          attn_check=cuda_attention_check)
