@@ -201,8 +201,9 @@ def build_cases(dev: str, dtype) -> List[OpCase]:
     fork_specs = {**state_specs, "k_cache": Arg("float", (0, 1, 2), ("v_cache", "free_stack"))}
     cases.append(OpCase("fork", dict(src=0, dst=1, **state), fork_specs,
                         scalars=[("src", 3, ("src",)), ("src", -1, ("src",)), ("dst", 3, ("dst",)),
-                                 ("dst", -2, ("dst",)), ("dst", 2, ("dst",)), ("dst", 0, ("dst",))],
-                        data=[("block id past the pool", set_("block_table", (0, 0, 0), 99), ("block_table",)),
+                                 ("dst", -2, ("dst",)), ("dst", 0, ("dst",))],
+                        data=[("dst row not empty", lambda a: a.update(dst=2), ("dst",)),
+                              ("block id past the pool", set_("block_table", (0, 0, 0), 99), ("block_table",)),
                               ("seq_lens past the table", set_("seq_lens", (0, 0), 17), ("seq_lens",))]
                         + free_data))
     # release
@@ -410,7 +411,7 @@ def cache_sweep(dev, dtype):
                        torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0, -1, 3], dtype=torch.int32),
                        cu.to("meta")],
         "q": [q.to(other), q.to(torch.float64), q.int(), q[..., :8].contiguous(), q[:, :5].contiguous(),
-              q[:, :3].contiguous(), q[0], q[None], q.to(od), q.cpu().numpy(), None, q[:2]],
+              q[:, :3].contiguous(), q[0], q[None], q.to(od), q.float().cpu().numpy(), None, q[:2]],
         "k": [k.to(other), k[:2], k[:, :1].contiguous(), k[..., :8], k.to(od), k[0], k[..., None],
               None, k[:, :, None].expand(T, 2, 2, D)],
         "v": [v.to(other), v[:2], v[:, :1].contiguous(), v[..., :8], v.to(od), v[None], None],
@@ -486,8 +487,14 @@ def cache_sweep(dev, dtype):
         for x, y in zip(oa, ob):
             assert same_bits(x, y)
     for lg_, lb_ in zip(good._layers, bad._layers):
-        for x, y in zip(lg_.state(), lb_.state()):
-            assert same_bits(x, y)
+        if dev == "cpu":
+            for x, y in zip(lg_.state(), lb_.state()):
+                assert same_bits(x, y)
+        else:  # CUDA appends pop blocks with atomics: same content, block ids may differ
+            from step_helpers import assert_same_logical
+            keys = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens",
+                    "free_stack", "free_top")
+            assert_same_logical(dict(zip(keys, lg_.state())), dict(zip(keys, lb_.state())))
     return tried
 
 
