@@ -4,6 +4,8 @@
 # one line per tool, `SANITIZE <tool>: clean|ERRORS|...`, then `SANITIZE: <k>/<n> tools clean`.
 #
 #   bash bench/sanitize.sh [memcheck] [racecheck] [initcheck] [synccheck]     (default: all four)
+#                          [memcheck-graph]   (memcheck of DMSCache with a captured decode step;
+#                                              the caching allocator stays on: capture needs it)
 #
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own cudaMalloc, so an access past a
 # tensor is an access past an allocation (memcheck sees it) and fresh memory is never recycled
@@ -30,7 +32,6 @@ if [ -z "$CS" ]; then
   echo "SANITIZE: compute-sanitizer not found"
   exit 2
 fi
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 DRIVER_ARGS=()
 [ "${SANITIZE_QUICK:-0}" = 1 ] && DRIVER_ARGS+=(--quick)
 # shellcheck disable=SC2206
@@ -39,11 +40,18 @@ DRIVER_ARGS=()
 clean=0
 lines=()
 for tool in "${TOOLS[@]}"; do
-  opts=(--tool "$tool" --error-exitcode 3 --print-limit 30)
-  [ "$tool" != initcheck ] && opts+=(--kernel-name kns=dms)
+  args=("${DRIVER_ARGS[@]}")
+  alloc=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+  t=$tool
+  if [ "$tool" = memcheck-graph ]; then
+    t=memcheck; alloc=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING); args+=(--only cache)
+  fi
+  opts=(--tool "$t" --error-exitcode 3 --print-limit 30)
+  [ "$t" != initcheck ] && opts+=(--kernel-name kns=dms)
   log="$LOGDIR/$tool.log"
   t0=$(date +%s)
-  timeout -k 10 "$TO" "$CS" "${opts[@]}" "$PY" bench/sanitize_driver.py "${DRIVER_ARGS[@]}" >"$log" 2>&1
+  "${alloc[@]}" timeout -k 10 "$TO" "$CS" "${opts[@]}" "$PY" bench/sanitize_driver.py \
+    "${args[@]}" >"$log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - t0 ))
   summary=$(grep -E "(ERROR|RACECHECK|SYNCCHECK|INITCHECK|MEMCHECK) SUMMARY" "$log" | tail -n 1 | sed 's/^=* *//')
