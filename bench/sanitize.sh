@@ -15,7 +15,8 @@
 # see torch's writes to know that memory is initialised.
 # Exit status 0 when every tool ran clean. Env: PYTHON (python3), SANITIZE_TIMEOUT_S (per tool,
 # default 55), SANITIZE_QUICK=1 (fewer configurations), SANITIZE_LOG_DIR (/tmp/dms_sanitize),
-# SANITIZE_ARGS (extra driver flags, e.g. "--only decode,append").
+# SANITIZE_ARGS (extra driver flags, e.g. "--only decode,append"), SANITIZE_FILTER=0 (instrument
+# every kernel in every tool).
 set -u -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -47,7 +48,7 @@ for tool in "${TOOLS[@]}"; do
     t=memcheck; alloc=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING); args+=(--only cache)
   fi
   opts=(--tool "$t" --error-exitcode 3 --print-limit 30)
-  [ "$t" != initcheck ] && opts+=(--kernel-name kns=dms)
+  [ "$t" != initcheck ] && [ "${SANITIZE_FILTER:-1}" = 1 ] && opts+=(--kernel-name kns=dms)
   log="$LOGDIR/$tool.log"
   t0=$(date +%s)
   "${alloc[@]}" timeout -k 10 "$TO" "$CS" "${opts[@]}" "$PY" bench/sanitize_driver.py \
