@@ -392,6 +392,7 @@ def test_adapter_checkpoint_without_adapter_weights_raises(tmp_path):
 
 # ----------------------------------------------------------------------------- CUDA
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type,variant", [("qwen3", "borrowed"), ("llama", "adapter")])
 def test_cuda_bf16_cached_path_matches_dense(model_type, variant):
@@ -451,6 +452,7 @@ def test_nvidia_style_checkpoint_loads_with_library_classes(tmp_path):
         assert torch.equal(m(ids, use_cache=False).logits, m2(ids, use_cache=False).logits)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_generate_and_hf_generate_run_on_the_kernels():
     m = make_model(seed=28, dtype=torch.bfloat16, device="cuda", heads=8, kv_heads=2,
