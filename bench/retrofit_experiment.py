@@ -82,13 +82,14 @@ def pretrain(model, S, dev, gen, steps, lr, desc="pretrain", stop_acc=0.99):
         f = min(1.0, (step + 1) / warm) * min(1.0, max(0.1, (steps - step) / (0.2 * steps)))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        task = associative_recall(b, n, S["pairs"], vocab=S["vocab"], generator=gen, device=dev)
+        task = associative_recall(b, n, S["pairs"], vocab=S["vocab"], generator=gen, device=dev,
+                                  repeat=S.get("repeat", 0.0), value_first=S.get("value_first", False))
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(task.ids)
         ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, S["vocab"]),
                              task.ids[:, 1:].reshape(-1), reduction="none").view(b, -1)
         ans = task.answer[:, :-1]
-        loss = ce[ans].mean() + ce.mean()
+        loss = ce[ans].mean() + S.get("lm_weight", 1.0) * ce.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -66,6 +66,7 @@ class ModelConfig:
     max_position: int = 4096
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v/o_proj (HF Llama / Qwen3 attention_bias)
 
     def __post_init__(self):
         for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "window",
@@ -94,7 +95,7 @@ class ModelConfig:
             "head_dim": self.head_dim, "vocab_size": self.vocab, "rms_norm_eps": self.rms_eps,
             "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position,
             "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "torch_dtype": "float32",
+            "attention_bias": self.attention_bias, "torch_dtype": "float32",
             "dms": {"window": self.window, "alpha_scale": self.alpha_scale,
                     "alpha_offset": self.alpha_offset, "variant": self.variant},
             "dms_ext_config": asdict(self),
@@ -115,7 +116,8 @@ class ModelConfig:
                    qk_norm=d.get("model_type") == "qwen3", rope_theta=d.get("rope_theta", 10000.0),
                    max_position=d.get("max_position_embeddings", 4096),
                    rms_eps=d.get("rms_norm_eps", 1e-6),
-                   tie_embeddings=d.get("tie_word_embeddings", False))
+                   tie_embeddings=d.get("tie_word_embeddings", False),
+                   attention_bias=d.get("attention_bias", False))
 
 
 # ----------------------------------------------------------------------------- DMS pieces
@@ -202,8 +204,8 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear (no bias) with an optional low-rank adapter: W x + (B A x) * scale."""
 
-    def __init__(self, fin: int, fout: int):
-        super().__init__(fin, fout, bias=False)
+    def __init__(self, fin: int, fout: int, bias: bool = False):
+        super().__init__(fin, fout, bias=bias)
         self.lora_A: Optional[nn.Parameter] = None
         self.lora_B: Optional[nn.Parameter] = None
         self.lora_scale = 1.0
@@ -223,7 +225,7 @@ class Linear(nn.Linear):
         self.lora_A = self.lora_B = None
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return y
@@ -234,10 +236,11 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, d = cfg.hidden, cfg.head_dim
-        self.q_proj = Linear(h, cfg.heads * d)
-        self.k_proj = Linear(h, cfg.kv_heads * d)
-        self.v_proj = Linear(h, cfg.kv_heads * d)
-        self.o_proj = Linear(cfg.heads * d, h)
+        b = cfg.attention_bias
+        self.q_proj = Linear(h, cfg.heads * d, b)
+        self.k_proj = Linear(h, cfg.kv_heads * d, b)
+        self.v_proj = Linear(h, cfg.kv_heads * d, b)
+        self.o_proj = Linear(cfg.heads * d, h, b)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_eps)
             self.k_norm = RMSNorm(d, cfg.rms_eps)
@@ -334,6 +337,8 @@ class DMSForCausalLM(nn.Module):
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -487,6 +492,8 @@ class DMSForCausalLM(nn.Module):
                 rows = torch.zeros(c.heads * c.head_dim, dtype=torch.bool, device=at.q_proj.weight.device)
                 rows[torch.arange(c.kv_heads) * c.group * c.head_dim + c.head_dim - 1] = True
                 out.append((f"model.layers.{i}.self_attn.q_proj.weight", at.q_proj.weight, rows))
+                if at.q_proj.bias is not None:
+                    out.append((f"model.layers.{i}.self_attn.q_proj.bias", at.q_proj.bias, rows))
             elif c.variant == "adapter":
                 out.append((f"model.layers.{i}.self_attn.dms_norm.weight", at.dms_norm.weight, None))
                 out.append((f"model.layers.{i}.self_attn.dms_proj.weight", at.dms_proj.weight, None))

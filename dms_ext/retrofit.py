@@ -56,13 +56,18 @@ class Recall:
 
 def associative_recall(batch: int, seq_len: int, pairs: int, queries: Optional[int] = None,
                        vocab: int = 512, generator: Optional[torch.Generator] = None,
-                       device="cpu") -> Recall:
+                       device="cpu", repeat: float = 0.0, value_first: bool = False) -> Recall:
     """Multi-query associative recall hidden in filler: token 0 = BOS, then a context of
     ``seq_len - 2 * queries`` tokens with ``pairs`` (key, value) bigrams at random places among
     random filler, then ``queries`` (key, value) pairs for keys of the context (each key once,
     random order). Vocabulary: 0 BOS, keys [1, 1 + V/2), values [1 + V/2, 1 + 3V/4), filler the
     rest. Keys of one sequence are distinct; only keys and values need to be remembered:
-    2 * pairs tokens of the context."""
+    2 * pairs tokens of the context.
+
+    repeat: probability that a filler token copies the filler token two places back (else it is
+    uniform). Local structure of this kind rewards a previous-token attention head at every
+    filler position, which the recall circuit (previous-token head + induction head) builds on;
+    it needs nothing beyond the last few tokens, so it stays evictable."""
     q = pairs if queries is None else queries
     if q > pairs:
         raise ValueError(f"queries: at most pairs={pairs}, got {q}")
@@ -80,6 +85,16 @@ def associative_recall(batch: int, seq_len: int, pairs: int, queries: Optional[i
     keys = torch.argsort(torch.rand(batch, nk, generator=g), dim=1)[:, :pairs] + k0
     vals = torch.randint(v0, v0 + nv, (batch, pairs), generator=g)
     ids = torch.randint(f0, f0 + nf, (batch, seq_len), generator=g)
+    if repeat > 0:
+        # f[t] = f[t-2] with probability `repeat`: f[t] = u[s] for the last fresh s <= t of
+        # the same parity.
+        fresh = torch.rand(batch, seq_len, generator=g) >= repeat
+        fresh[:, :2] = True
+        pos = torch.arange(seq_len).expand(batch, seq_len)
+        src = torch.where(fresh, pos, torch.zeros_like(pos))
+        for par in (0, 1):
+            src[:, par::2] = torch.cummax(src[:, par::2], dim=1).values
+        ids = torch.gather(ids, 1, src)
     ids[:, 0] = 0
     # Pair i goes after the i-th of `pairs` sorted random cut points among the filler slots:
     # uniform placement without overlap.
@@ -87,8 +102,8 @@ def associative_recall(batch: int, seq_len: int, pairs: int, queries: Optional[i
                       dim=1).values                          # distinct positions in the merged list
     kpos = 1 + cuts + torch.arange(pairs)                     # each earlier pair adds one extra token
     rows = torch.arange(batch)[:, None]
-    ids[rows, kpos] = keys
-    ids[rows, kpos + 1] = vals
+    ids[rows, kpos + int(value_first)] = keys
+    ids[rows, kpos + 1 - int(value_first)] = vals
     order = torch.argsort(torch.rand(batch, pairs, generator=g), dim=1)[:, :q]
     qpos = ctx + 2 * torch.arange(q)
     ids[rows, qpos] = torch.gather(keys, 1, order)
@@ -243,7 +258,7 @@ def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
         if rows is not None:
             # Only the donor rows of q_proj are eviction parameters; the rest of the matrix is
             # base model and stays frozen (its gradient is masked, and no weight decay).
-            mask = rows[:, None].to(p.dtype)
+            mask = (rows[:, None] if p.dim() == 2 else rows).to(p.dtype)
             hooks.append(p.register_hook(lambda g, m=mask: g * m))
         ev.append(p)
     groups.append({"params": ev, "lr": evict_lr, "weight_decay": 0.0})
