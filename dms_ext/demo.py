@@ -30,6 +30,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .cache import DMSCache
+from .models import RMSNorm
+from .reference import rope_cache
 
 
 @dataclass
@@ -50,24 +52,6 @@ class TinyConfig:
     @property
     def hidden_size(self) -> int:
         return self.num_q_heads * self.head_dim
-
-
-def rope_cos_sin(max_position: int, head_dim: int, theta: float) -> torch.Tensor:
-    """float32 [max_position, D]: D/2 cos values then D/2 sin values (rotate-half RoPE)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return torch.cat([ang.cos(), ang.sin()], dim=1).to(torch.float32)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 class DecoderLayer(nn.Module):
@@ -122,7 +106,7 @@ class TinyQwen3(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("cos_sin", rope_cos_sin(cfg.max_position, cfg.head_dim, cfg.rope_theta),
+        self.register_buffer("cos_sin", rope_cache(cfg.max_position, cfg.head_dim, cfg.rope_theta),
                              persistent=False)
         self._init_weights()
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import DMSCache
+from .models import _has_kernel, _rope
 
 try:
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -163,20 +164,6 @@ class _ModelState:
             t = torch.cat([ang.cos() * scale, ang.sin() * scale], dim=1).contiguous()
             self.tables[device] = t
         return t
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dms::{op}", key)
-    except RuntimeError:
-        return False
 
 
 def _adapter_logits(attn, h_pre: torch.Tensor, st: DMSSettings) -> torch.Tensor:
