@@ -103,6 +103,90 @@ void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v
   check_numel(op, k_cache, "k_cache size");
 }
 
+// q [n, Hq, D] and k [n, Hkv, D] of the RoPE ops (eviction_rope: n = T, decode_step: n = B).
+struct QKSizes {
+  int64_t n, Hq, Hkv, D;
+};
+
+QKSizes check_rope_qk(const char* op, const at::Tensor& q, const at::Tensor& k, const char* n) {
+  check_float_tensor(op, q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [", n, ", Hq, D], got ",
+                    shape_str(q.sizes()));
+  check_contiguous(op, q, "q");
+  QKSizes s{q.size(0), q.size(1), 0, q.size(2)};
+  TORCH_CHECK_VALUE(s.D >= 2 && s.D % 2 == 0, op,
+                    ": q head_dim must be even (rotate-half RoPE), got ", s.D);
+  const std::string k_what = std::string("[") + n + ", Hkv, D]";
+  check_device(op, k, "k", q.device(), "q");
+  check_dtype(op, k, "k", q.scalar_type());
+  check_shape(op, k, "k", k_what.c_str(), {s.n, kAny, s.D});
+  check_contiguous(op, k, "k");
+  s.Hkv = k.size(1);
+  TORCH_CHECK_VALUE(s.Hkv >= 1 && s.Hq % s.Hkv == 0, op, ": q heads (", s.Hq,
+                    ") must be a multiple of k heads (", s.Hkv, ")");
+  return s;
+}
+
+void check_cos_sin(const char* op, const at::Tensor& cos_sin_cache, const at::Tensor& q,
+                   int64_t D) {
+  check_device(op, cos_sin_cache, "cos_sin_cache", q.device(), "q");
+  check_dtype(op, cos_sin_cache, "cos_sin_cache", at::kFloat);
+  check_shape(op, cos_sin_cache, "cos_sin_cache", "[max_position, D]", {kAny, D});
+  check_contiguous(op, cos_sin_cache, "cos_sin_cache");
+}
+
+void check_rope_scalars(const char* op, double alpha_scale, double alpha_offset,
+                        double norm_eps) {
+  TORCH_CHECK_VALUE(std::isfinite(alpha_scale) && std::isfinite(alpha_offset), op,
+                    ": alpha_scale and alpha_offset must be finite");
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op,
+                    ": norm_eps must be finite and >= 0, got ", norm_eps);
+}
+
+// The optional q/k RMSNorm weight [D]; nullptr when absent.
+const void* norm_weight(const char* op, const std::optional<at::Tensor>& w, const char* name,
+                        const at::Tensor& q, int64_t D) {
+  if (!w.has_value()) return nullptr;
+  check_device(op, *w, name, q.device(), "q");
+  check_dtype(op, *w, name, q.scalar_type());
+  check_shape(op, *w, name, "[D]", {D});
+  check_contiguous(op, *w, name);
+  return w->data_ptr();
+}
+
+// The per-row DMS state (block_table, seq_lens, ring, num_tokens and, where the op pops or
+// pushes blocks, free_stack / free_top). block_table must be on `dev` (the device of the
+// caller's `table_ref` argument); the other state tensors are reported against `ref`. Hkv is
+// kAny where block_table is the argument that defines it (fork, release).
+struct StateSizes {
+  int64_t S, Hkv, M, W;
+};
+
+StateSizes check_state(const char* op, const at::Device& dev, const char* table_ref,
+                       const char* ref, int64_t Hkv, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, const at::Tensor& ring,
+                       const at::Tensor& num_tokens, const at::Tensor* free_stack,
+                       const at::Tensor* free_top, int64_t num_blocks) {
+  check_index(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
+              {kAny, Hkv, kAny}, dev, table_ref);
+  StateSizes s{block_table.size(0), block_table.size(1), block_table.size(2), 0};
+  TORCH_CHECK_VALUE(s.Hkv >= 1, op, ": block_table must have Hkv >= 1 (dim 1)");
+  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {s.S, s.Hkv}, dev, ref);
+  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {s.S, s.Hkv, kAny}, dev, ref);
+  s.W = ring.size(2) - 1;
+  TORCH_CHECK_VALUE(s.W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
+                    ring.size(2));
+  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {s.S}, dev, ref);
+  if (free_stack) {
+    check_index(op, *free_stack, "free_stack", "[num_blocks]", {num_blocks}, dev, ref);
+    check_index(op, *free_top, "free_top", "[1]", {1}, dev, ref);
+  }
+  check_numel(op, block_table, "block_table size");
+  check_numel(op, ring, "ring size");
+  if (free_stack) check_numel(op, *free_stack, "free_stack size");
+  return s;
+}
+
 }  // namespace
 
 DType dtype_of(const at::Tensor& t, const char* name) {
@@ -164,39 +248,15 @@ EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k
                                         const std::optional<at::Tensor>& k_norm_weight,
                                         double norm_eps) {
   const char* op = "eviction_rope";
-  check_float_tensor(op, q, "q");
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [T, Hq, D], got ", shape_str(q.sizes()));
-  check_contiguous(op, q, "q");
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
-  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": q head_dim must be even (rotate-half RoPE), got ", D);
-  check_device(op, k, "k", q.device(), "q");
-  check_dtype(op, k, "k", q.scalar_type());
-  check_shape(op, k, "k", "[T, Hkv, D]", {T, kAny, D});
-  check_contiguous(op, k, "k");
-  const int64_t Hkv = k.size(1);
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads (", Hq,
-                    ") must be a multiple of k heads (", Hkv, ")");
+  const QKSizes s = check_rope_qk(op, q, k, "T");
+  const int64_t T = s.n, Hq = s.Hq, Hkv = s.Hkv, D = s.D;
   check_device(op, positions, "positions", q.device(), "q");
   TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
                     op, ": positions must be int32 or int64, got ", positions.scalar_type());
   check_shape(op, positions, "positions", "[T]", {T});
   check_contiguous(op, positions, "positions");
-  check_device(op, cos_sin_cache, "cos_sin_cache", q.device(), "q");
-  check_dtype(op, cos_sin_cache, "cos_sin_cache", at::kFloat);
-  check_shape(op, cos_sin_cache, "cos_sin_cache", "[max_position, D]", {kAny, D});
-  check_contiguous(op, cos_sin_cache, "cos_sin_cache");
-  TORCH_CHECK_VALUE(std::isfinite(alpha_scale) && std::isfinite(alpha_offset), op,
-                    ": alpha_scale and alpha_offset must be finite");
-  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op,
-                    ": norm_eps must be finite and >= 0, got ", norm_eps);
-  auto weight = [&](const std::optional<at::Tensor>& w, const char* name) -> const void* {
-    if (!w.has_value()) return nullptr;
-    check_device(op, *w, name, q.device(), "q");
-    check_dtype(op, *w, name, q.scalar_type());
-    check_shape(op, *w, name, "[D]", {D});
-    check_contiguous(op, *w, name);
-    return w->data_ptr();
-  };
+  check_cos_sin(op, cos_sin_cache, q, D);
+  check_rope_scalars(op, alpha_scale, alpha_offset, norm_eps);
   check_numel(op, q, "q size");
   check_numel(op, cos_sin_cache, "cos_sin_cache size");
   EvictionRopeParams p;
@@ -213,8 +273,8 @@ EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k
   p.alpha_scale = float(alpha_scale);
   p.alpha_offset = float(alpha_offset);
   p.dtype = dtype_of(q, "q");
-  p.q_norm_weight = weight(q_norm_weight, "q_norm_weight");
-  p.k_norm_weight = weight(k_norm_weight, "k_norm_weight");
+  p.q_norm_weight = norm_weight(op, q_norm_weight, "q_norm_weight", q, D);
+  p.k_norm_weight = norm_weight(op, k_norm_weight, "k_norm_weight", q, D);
   p.norm_eps = float(norm_eps);
   return p;
 }
@@ -231,7 +291,8 @@ Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, const at::Tensor& ring,
-                    const at::Tensor& num_tokens) {
+                    const at::Tensor& num_tokens, const at::Tensor* free_stack,
+                    const at::Tensor* free_top) {
   check_float_tensor(op, k, "k");
   TORCH_CHECK_VALUE(k.dim() == 3, op, ": k must have shape [T, Hkv, D], got ", shape_str(k.sizes()));
   check_contiguous(op, k, "k");
@@ -254,19 +315,12 @@ Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
   s.n = seq_slots.size(0);
   check_index(op, cu_seqlens, "cu_seqlens", "[n + 1]", {s.n + 1}, dev, "k");
   check_caches(op, k_cache, v_cache, k, "k", s.D);
-  check_index(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
-              {kAny, s.Hkv, kAny}, dev, "k");
-  s.S = block_table.size(0);
-  s.M = block_table.size(2);
-  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {s.S, s.Hkv}, dev, "k");
-  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {s.S, s.Hkv, kAny}, dev, "k");
-  s.W = ring.size(2) - 1;
-  TORCH_CHECK_VALUE(s.W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
-                    ring.size(2));
-  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {s.S}, dev, "k");
+  const StateSizes st = check_state(op, dev, "k", "k", s.Hkv, block_table, seq_lens, ring,
+                                    num_tokens, free_stack, free_top, k_cache.size(0));
+  s.S = st.S;
+  s.M = st.M;
+  s.W = st.W;
   check_numel(op, k, "k size");
-  check_numel(op, block_table, "block_table size");
-  check_numel(op, ring, "ring size");
   return s;
 }
 
@@ -280,9 +334,7 @@ AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::T
                            const at::Tensor& free_stack, const at::Tensor& free_top) {
   const char* op = "append";
   const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
-                                block_table, seq_lens, ring, num_tokens);
-  check_index(op, free_stack, "free_stack", "[num_blocks]", {k_cache.size(0)}, k.device(), "k");
-  check_index(op, free_top, "free_top", "[1]", {1}, k.device(), "k");
+                                block_table, seq_lens, ring, num_tokens, &free_stack, &free_top);
   AppendParams p;
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -317,7 +369,7 @@ SparsePrefillParams sparse_prefill_params(
     const at::Tensor& ring, const at::Tensor& num_tokens, double scale) {
   const char* op = "sparse_prefill";
   const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
-                                block_table, seq_lens, ring, num_tokens);
+                                block_table, seq_lens, ring, num_tokens, nullptr, nullptr);
   check_device(op, q, "q", k.device(), "k");
   check_dtype(op, q, "q", k.scalar_type());
   check_shape(op, q, "q", "[T, Hq, D]", {s.T, kAny, s.D});
@@ -355,40 +407,6 @@ SparsePrefillParams sparse_prefill_params(
   return p;
 }
 
-namespace {
-
-struct StateSizes {
-  int64_t S, Hkv, M, W;
-};
-
-StateSizes check_state(const char* op, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                       const at::Tensor& ring, const at::Tensor& num_tokens,
-                       const at::Tensor& free_stack, const at::Tensor& free_top,
-                       int64_t num_blocks) {
-  const auto dev = block_table.device();
-  check_dtype(op, block_table, "block_table", at::kInt);
-  check_shape(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
-              {kAny, kAny, kAny});
-  check_contiguous(op, block_table, "block_table");
-  StateSizes s{block_table.size(0), block_table.size(1), block_table.size(2), 0};
-  TORCH_CHECK_VALUE(s.Hkv >= 1, op, ": block_table must have Hkv >= 1 (dim 1)");
-  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {s.S, s.Hkv}, dev, "block_table");
-  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {s.S, s.Hkv, kAny}, dev,
-              "block_table");
-  s.W = ring.size(2) - 1;
-  TORCH_CHECK_VALUE(s.W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
-                    ring.size(2));
-  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {s.S}, dev, "block_table");
-  check_index(op, free_stack, "free_stack", "[num_blocks]", {num_blocks}, dev, "block_table");
-  check_index(op, free_top, "free_top", "[1]", {1}, dev, "block_table");
-  check_numel(op, block_table, "block_table size");
-  check_numel(op, ring, "ring size");
-  check_numel(op, free_stack, "free_stack size");
-  return s;
-}
-
-}  // namespace
-
 ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& block_table,
                        const at::Tensor& seq_lens, const at::Tensor& ring,
@@ -399,9 +417,9 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(k_cache.dim() == 3, op, ": k_cache must have shape [num_blocks, block_size, D], got ",
                     shape_str(k_cache.sizes()));
   check_caches(op, k_cache, v_cache, k_cache, "k_cache", k_cache.size(2));
-  check_device(op, block_table, "block_table", k_cache.device(), "k_cache");
-  const StateSizes s = check_state(op, block_table, seq_lens, ring, num_tokens, free_stack,
-                                   free_top, k_cache.size(0));
+  const StateSizes s = check_state(op, k_cache.device(), "k_cache", "block_table", kAny,
+                                   block_table, seq_lens, ring, num_tokens, &free_stack,
+                                   &free_top, k_cache.size(0));
   TORCH_CHECK_VALUE(src >= 0 && src < s.S, op, ": src must be in [0, ", s.S, "), got ", src);
   TORCH_CHECK_VALUE(dst >= 0 && dst < s.S, op, ": dst must be in [0, ", s.S, "), got ", dst);
   TORCH_CHECK_VALUE(src != dst, op, ": dst must differ from src, got ", src, " for both");
@@ -434,8 +452,10 @@ ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
   const char* op = "release";
   TORCH_CHECK_VALUE(free_stack.dim() == 1, op, ": free_stack must have shape [num_blocks], got ",
                     shape_str(free_stack.sizes()));
-  const StateSizes s = check_state(op, block_table, seq_lens, ring, num_tokens, free_stack,
-                                   free_top, free_stack.size(0));
+  // block_table is the reference: its device check cannot fail.
+  const StateSizes s = check_state(op, block_table.device(), "block_table", "block_table", kAny,
+                                   block_table, seq_lens, ring, num_tokens, &free_stack,
+                                   &free_top, free_stack.size(0));
   TORCH_CHECK_VALUE(row >= 0 && row < s.S, op, ": row must be in [0, ", s.S, "), got ", row);
   TORCH_CHECK_VALUE(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(), op,
                     ": block_size must be >= 1, got ", block_size);
@@ -465,52 +485,20 @@ DecodeStepParams decode_step_params(
     const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
     const std::optional<at::Tensor>& logits) {
   const char* op = "decode_step";
-  check_float_tensor(op, q, "q");
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [B, Hq, D], got ", shape_str(q.sizes()));
-  check_contiguous(op, q, "q");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": q head_dim must be even (rotate-half RoPE), got ", D);
+  const QKSizes qk = check_rope_qk(op, q, k, "B");
+  const int64_t B = qk.n, Hq = qk.Hq, Hkv = qk.Hkv, D = qk.D;
   const auto dev = q.device();
-  check_device(op, k, "k", dev, "q");
-  check_dtype(op, k, "k", q.scalar_type());
-  check_shape(op, k, "k", "[B, Hkv, D]", {B, kAny, D});
-  check_contiguous(op, k, "k");
-  const int64_t Hkv = k.size(1);
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads (", Hq,
-                    ") must be a multiple of k heads (", Hkv, ")");
   check_device(op, v, "v", dev, "q");
   check_dtype(op, v, "v", q.scalar_type());
   check_shape(op, v, "v", "[B, Hkv, D]", {B, Hkv, D});
   check_contiguous(op, v, "v");
-  check_device(op, cos_sin_cache, "cos_sin_cache", dev, "q");
-  check_dtype(op, cos_sin_cache, "cos_sin_cache", at::kFloat);
-  check_shape(op, cos_sin_cache, "cos_sin_cache", "[max_position, D]", {kAny, D});
-  check_contiguous(op, cos_sin_cache, "cos_sin_cache");
+  check_cos_sin(op, cos_sin_cache, q, D);
   check_index(op, seq_slots, "seq_slots", "[B]", {B}, dev, "q");
   check_caches(op, k_cache, v_cache, q, "q", D);
-  check_index(op, block_table, "block_table", "[max_seqs, Hkv, max_blocks_per_head]",
-              {kAny, Hkv, kAny}, dev, "q");
-  const int64_t S = block_table.size(0), M = block_table.size(2);
-  check_index(op, seq_lens, "seq_lens", "[max_seqs, Hkv]", {S, Hkv}, dev, "q");
-  check_index(op, ring, "ring", "[max_seqs, Hkv, window + 1]", {S, Hkv, kAny}, dev, "q");
-  const int64_t W = ring.size(2) - 1;
-  TORCH_CHECK_VALUE(W >= 1, op, ": ring must have window + 1 >= 2 entries in dim 2, got ",
-                    ring.size(2));
-  check_index(op, num_tokens, "num_tokens", "[max_seqs]", {S}, dev, "q");
-  check_index(op, free_stack, "free_stack", "[num_blocks]", {k_cache.size(0)}, dev, "q");
-  check_index(op, free_top, "free_top", "[1]", {1}, dev, "q");
-  TORCH_CHECK_VALUE(std::isfinite(alpha_scale) && std::isfinite(alpha_offset), op,
-                    ": alpha_scale and alpha_offset must be finite");
-  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps >= 0, op,
-                    ": norm_eps must be finite and >= 0, got ", norm_eps);
-  auto weight = [&](const std::optional<at::Tensor>& w, const char* name) -> const void* {
-    if (!w.has_value()) return nullptr;
-    check_device(op, *w, name, dev, "q");
-    check_dtype(op, *w, name, q.scalar_type());
-    check_shape(op, *w, name, "[D]", {D});
-    check_contiguous(op, *w, name);
-    return w->data_ptr();
-  };
+  const StateSizes st = check_state(op, dev, "q", "q", Hkv, block_table, seq_lens, ring,
+                                    num_tokens, &free_stack, &free_top, k_cache.size(0));
+  const int64_t S = st.S, M = st.M, W = st.W;
+  check_rope_scalars(op, alpha_scale, alpha_offset, norm_eps);
   const float* logits_in = nullptr;
   if (logits.has_value()) {
     check_device(op, *logits, "logits", dev, "q");
@@ -521,8 +509,6 @@ DecodeStepParams decode_step_params(
   }
   check_numel(op, q, "q size");
   check_numel(op, cos_sin_cache, "cos_sin_cache size");
-  check_numel(op, block_table, "block_table size");
-  check_numel(op, ring, "ring size");
   DecodeStepParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -530,8 +516,8 @@ DecodeStepParams decode_step_params(
   p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
   p.seq_slots = seq_slots.data_ptr<int32_t>();
   p.logits_in = logits_in;
-  p.q_norm_weight = weight(q_norm_weight, "q_norm_weight");
-  p.k_norm_weight = weight(k_norm_weight, "k_norm_weight");
+  p.q_norm_weight = norm_weight(op, q_norm_weight, "q_norm_weight", q, D);
+  p.k_norm_weight = norm_weight(op, k_norm_weight, "k_norm_weight", q, D);
   p.norm_eps = float(norm_eps);
   p.alpha_scale = float(alpha_scale);
   p.alpha_offset = float(alpha_offset);
