@@ -104,14 +104,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
                                                       bool want_lse) {
   SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale);
   check_heads("sparse_decode", all_rows(p.batch), block_table, seq_lens, p.block_size, p.num_blocks);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  p.o_stride_b = out.stride(0);
-  p.o_stride_h = out.stride(1);
-  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  auto outputs = sparse_decode_outputs(p, q, want_lse);
   check_status(cpu::sparse_decode(p), "sparse_decode");
-  return {out, lse};
+  return outputs;
 }
 
 at::Tensor sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -138,7 +133,7 @@ at::Tensor eviction_rope_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& pos
     TORCH_CHECK_VALUE(pos >= 0 && pos < p.max_position, "eviction_rope: positions[", t, "] = ", pos,
                       " is outside cos_sin_cache's [0, ", p.max_position, ")");
   }
-  at::Tensor logits = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor logits = eviction_logits_output(q, k);
   p.logits = logits.data_ptr<float>();
   check_status(cpu::eviction_rope(p), "eviction_rope");
   return logits;
@@ -229,7 +224,7 @@ at::Tensor decode_step_cpu(at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_heads("decode_step", rows, block_table, seq_lens, p.block_size, p.num_blocks);
   check_ring("decode_step", rows, ring, seq_lens, num_tokens);
   check_free("decode_step", free_stack, free_top);
-  at::Tensor out = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor out = eviction_logits_output(q, k);
   p.logits = out.data_ptr<float>();
   check_status(cpu::decode_step(p), "decode_step");
   return out;

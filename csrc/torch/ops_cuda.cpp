@@ -58,13 +58,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
     p.q_stride_b = qc.stride(0);
     p.q_stride_h = qc.stride(1);
   }
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  p.o_stride_b = out.stride(0);
-  p.o_stride_h = out.stride(1);
-  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
-  if (p.batch == 0 || p.num_q_heads == 0) return {out, lse};
+  auto outputs = sparse_decode_outputs(p, q, want_lse);
+  if (p.batch == 0 || p.num_q_heads == 0) return outputs;
   // Tuning knobs for benchmarks only (bench/sweep_decode.py); unset means the library default.
   if (const char* e = std::getenv("DMS_DECODE_MAX_SPLITS")) p.max_splits = std::atoi(e);
   if (const char* e = std::getenv("DMS_DECODE_MIN_CHUNK")) p.min_chunk = std::atoi(e);
@@ -76,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
     p.workspace = workspace.data_ptr();
   }
   check_launch(sparse_decode(p, c10::cuda::getCurrentCUDAStream()), "sparse_decode");
-  return {out, lse};
+  return outputs;
 }
 
 at::Tensor sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -100,7 +95,7 @@ at::Tensor eviction_rope_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& po
   EvictionRopeParams p = eviction_rope_params(q, k, positions, cos_sin_cache, alpha_scale,
                                               alpha_offset, q_norm_weight, k_norm_weight, norm_eps);
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor logits = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor logits = eviction_logits_output(q, k);
   p.logits = logits.data_ptr<float>();
   if (p.num_tokens == 0) return logits;
   check_launch(eviction_rope(p, c10::cuda::getCurrentCUDAStream()), "eviction_rope");
@@ -180,7 +175,7 @@ at::Tensor decode_step_cuda(at::Tensor& q, const at::Tensor& k, const at::Tensor
                                           free_top, alpha_scale, alpha_offset, q_norm_weight,
                                           k_norm_weight, norm_eps, logits);
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor out = eviction_logits_output(q, k);
   p.logits = out.data_ptr<float>();
   if (p.batch == 0) return out;
   // Misaligned pointers take the kernel's scalar path; nothing to copy here (q is in place).

@@ -543,5 +543,20 @@ DecodeStepParams decode_step_params(
   return p;
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_decode_outputs(SparseDecodeParams& p,
+                                                         const at::Tensor& q, bool want_lse) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.o_stride_b = out.stride(0);
+  p.o_stride_h = out.stride(1);
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  return {out, lse};
+}
+
+at::Tensor eviction_logits_output(const at::Tensor& q, const at::Tensor& k) {
+  return at::empty({q.size(0), k.size(1)}, q.options().dtype(at::kFloat));
+}
+
 }  // namespace torch_ext
 }  // namespace dms

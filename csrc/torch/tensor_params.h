@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <tuple>
 
 #include "dms/params.h"
 
@@ -62,6 +63,15 @@ DecodeStepParams decode_step_params(
     double alpha_scale, double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
     const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
     const std::optional<at::Tensor>& logits);
+
+// Outputs, allocated alike on every device once the params have been validated.
+// sparse_decode: out [B, Hq, D] like q and lse float32 [B, Hq]; sets p.out, its strides and
+// p.lse (nullptr unless want_lse: the kernel then skips writing it).
+std::tuple<at::Tensor, at::Tensor> sparse_decode_outputs(SparseDecodeParams& p,
+                                                         const at::Tensor& q, bool want_lse);
+
+// eviction_rope / decode_step: the eviction logits float32 [rows of q, KV heads of k].
+at::Tensor eviction_logits_output(const at::Tensor& q, const at::Tensor& k);
 
 }  // namespace torch_ext
 }  // namespace dms
