@@ -187,6 +187,35 @@ StateSizes check_state(const char* op, const at::Device& dev, const char* table_
   return s;
 }
 
+// Every params struct that touches the state names these fields alike.
+template <typename P>
+void set_state(P& p, const at::Tensor& block_table, const at::Tensor& seq_lens,
+               const at::Tensor& ring, const at::Tensor& num_tokens, int64_t S, int64_t Hkv,
+               int64_t M, int64_t W) {
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.ring = ring.data_ptr<int32_t>();
+  p.num_tokens = num_tokens.data_ptr<int32_t>();
+  p.max_seqs = int(S);
+  p.num_kv_heads = int(Hkv);
+  p.max_blocks_per_head = int(M);
+  p.window = int(W);
+}
+
+template <typename P>
+void set_free(P& p, const at::Tensor& free_stack, const at::Tensor& free_top) {
+  p.free_stack = free_stack.data_ptr<int32_t>();
+  p.free_top = free_top.data_ptr<int32_t>();
+}
+
+template <typename P>
+void set_pool(P& p, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_size = int(k_cache.size(1));
+  p.num_blocks = int(k_cache.size(0));
+}
+
 }  // namespace
 
 DType dtype_of(const at::Tensor& t, const char* name) {
@@ -324,6 +353,24 @@ Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
   return s;
 }
 
+template <typename P>
+void set_packed(P& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
+                const at::Tensor& seq_slots, const at::Tensor& cu_seqlens,
+                const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& block_table, const at::Tensor& seq_lens,
+                const at::Tensor& ring, const at::Tensor& num_tokens, const Packed& s) {
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.logits = logits.data_ptr<float>();
+  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.num_seqs = int(s.n);
+  p.total_tokens = int(s.T);
+  p.head_dim = int(s.D);
+  set_pool(p, k_cache, v_cache);
+  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
+}
+
 }  // namespace
 
 AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
@@ -336,28 +383,9 @@ AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::T
   const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
                                 block_table, seq_lens, ring, num_tokens, &free_stack, &free_top);
   AppendParams p;
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.logits = logits.data_ptr<float>();
-  p.seq_slots = seq_slots.data_ptr<int32_t>();
-  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.free_stack = free_stack.data_ptr<int32_t>();
-  p.free_top = free_top.data_ptr<int32_t>();
-  p.num_seqs = int(s.n);
-  p.total_tokens = int(s.T);
-  p.max_seqs = int(s.S);
-  p.num_kv_heads = int(s.Hkv);
-  p.head_dim = int(s.D);
-  p.block_size = int(k_cache.size(1));
-  p.max_blocks_per_head = int(s.M);
-  p.num_blocks = int(k_cache.size(0));
-  p.window = int(s.W);
+  set_packed(p, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
+             ring, num_tokens, s);
+  set_free(p, free_stack, free_top);
   p.dtype = dtype_of(k, "k");
   return p;
 }
@@ -380,28 +408,10 @@ SparsePrefillParams sparse_prefill_params(
   check_scale(op, scale);
   check_numel(op, q, "q size");
   SparsePrefillParams p;
+  set_packed(p, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
+             ring, num_tokens, s);
   p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.logits = logits.data_ptr<float>();
-  p.seq_slots = seq_slots.data_ptr<int32_t>();
-  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.num_seqs = int(s.n);
-  p.total_tokens = int(s.T);
-  p.max_seqs = int(s.S);
   p.num_q_heads = int(Hq);
-  p.num_kv_heads = int(s.Hkv);
-  p.head_dim = int(s.D);
-  p.block_size = int(k_cache.size(1));
-  p.max_blocks_per_head = int(s.M);
-  p.num_blocks = int(k_cache.size(0));
-  p.window = int(s.W);
   p.scale = float(scale);
   p.dtype = dtype_of(q, "q");
   return p;
@@ -426,21 +436,10 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
   ForkParams p;
   p.src = int(src);
   p.dst = int(dst);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.free_stack = free_stack.data_ptr<int32_t>();
-  p.free_top = free_top.data_ptr<int32_t>();
-  p.max_seqs = int(s.S);
-  p.num_kv_heads = int(s.Hkv);
+  set_pool(p, k_cache, v_cache);
+  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
+  set_free(p, free_stack, free_top);
   p.head_dim = int(k_cache.size(2));
-  p.block_size = int(k_cache.size(1));
-  p.max_blocks_per_head = int(s.M);
-  p.num_blocks = int(k_cache.size(0));
-  p.window = int(s.W);
   p.dtype = dtype_of(k_cache, "k_cache");
   return p;
 }
@@ -461,18 +460,10 @@ ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
                     ": block_size must be >= 1, got ", block_size);
   ReleaseParams p;
   p.row = int(row);
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.free_stack = free_stack.data_ptr<int32_t>();
-  p.free_top = free_top.data_ptr<int32_t>();
-  p.max_seqs = int(s.S);
-  p.num_kv_heads = int(s.Hkv);
+  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
+  set_free(p, free_stack, free_top);
   p.block_size = int(block_size);
-  p.max_blocks_per_head = int(s.M);
   p.num_blocks = int(free_stack.size(0));
-  p.window = int(s.W);
   return p;
 }
 
@@ -497,7 +488,6 @@ DecodeStepParams decode_step_params(
   check_caches(op, k_cache, v_cache, q, "q", D);
   const StateSizes st = check_state(op, dev, "q", "q", Hkv, block_table, seq_lens, ring,
                                     num_tokens, &free_stack, &free_top, k_cache.size(0));
-  const int64_t S = st.S, M = st.M, W = st.W;
   check_rope_scalars(op, alpha_scale, alpha_offset, norm_eps);
   const float* logits_in = nullptr;
   if (logits.has_value()) {
@@ -521,24 +511,13 @@ DecodeStepParams decode_step_params(
   p.norm_eps = float(norm_eps);
   p.alpha_scale = float(alpha_scale);
   p.alpha_offset = float(alpha_offset);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.free_stack = free_stack.data_ptr<int32_t>();
-  p.free_top = free_top.data_ptr<int32_t>();
+  set_pool(p, k_cache, v_cache);
+  set_state(p, block_table, seq_lens, ring, num_tokens, st.S, st.Hkv, st.M, st.W);
+  set_free(p, free_stack, free_top);
   p.batch = int(B);
-  p.max_seqs = int(S);
   p.max_position = int(cos_sin_cache.size(0));
   p.num_q_heads = int(Hq);
-  p.num_kv_heads = int(Hkv);
   p.head_dim = int(D);
-  p.block_size = int(k_cache.size(1));
-  p.max_blocks_per_head = int(M);
-  p.num_blocks = int(k_cache.size(0));
-  p.window = int(W);
   p.dtype = dtype_of(q, "q");
   return p;
 }
