@@ -383,15 +383,14 @@ class SpecState:
 # --------------------------------------------------------------------------------------------
 
 
-class CacheModel:
-    """A DMSCache plus every sequence's full per-layer history; attend outputs and live counts
-    are checked against reference.dms_attention / live_counts after each call."""
+class SequenceHistory:
+    """A DMSCache plus each live sequence's full per-layer history of attend inputs (what the
+    reference needs); add / fork / release keep the two in step. Shared by the cache drivers
+    of tests/test_cache.py and CacheModel below."""
 
-    def __init__(self, cache: DMSCache, hq: int, rate: float, extreme: float, gen, scale,
-                 attn_check=assert_rounded):
-        self.c, self.hq, self.rate, self.extreme, self.gen = cache, hq, rate, extreme, gen
-        self.scale, self.attn_check = scale, attn_check
-        self.hist = {}
+    def __init__(self, cache: DMSCache):
+        self.c = cache
+        self.hist = {}  # seq id -> per layer list of (q, k, v, logits) chunks
 
     def add(self):
         sid = self.c.add_sequence()
@@ -406,6 +405,17 @@ class CacheModel:
     def release(self, sid):
         self.c.release(sid)
         del self.hist[sid]
+
+
+class CacheModel(SequenceHistory):
+    """A DMSCache plus every sequence's full per-layer history; attend outputs and live counts
+    are checked against reference.dms_attention / live_counts after each call."""
+
+    def __init__(self, cache: DMSCache, hq: int, rate: float, extreme: float, gen, scale,
+                 attn_check=assert_rounded):
+        super().__init__(cache)
+        self.hq, self.rate, self.extreme, self.gen = hq, rate, extreme, gen
+        self.scale, self.attn_check = scale, attn_check
 
     def length(self, sid):
         return sum(x[0].shape[0] for x in self.hist[sid][0])

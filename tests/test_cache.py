@@ -8,6 +8,7 @@ import torch
 import dms_ext
 from dms_ext import reference
 from dms_ext.cache import DMSCache, OutOfBlocks, _Layer
+from reliability_helpers import SequenceHistory
 
 
 def make_logits(n, hkv, rate, gen):
@@ -17,27 +18,13 @@ def make_logits(n, hkv, rate, gen):
     return torch.where(pos, mag, -mag).float()
 
 
-class Model:
+class Model(SequenceHistory):
     """Drives a cache and keeps each sequence's full history per layer for the reference."""
 
     def __init__(self, cache, hq, rate, seed, scale=None):
-        self.c, self.hq, self.rate, self.scale = cache, hq, rate, scale
+        super().__init__(cache)
+        self.hq, self.rate, self.scale = hq, rate, scale
         self.gen = torch.Generator().manual_seed(seed)
-        self.hist = {}  # seq id -> per layer list of (q, k, v, logits) chunks
-
-    def add(self):
-        sid = self.c.add_sequence()
-        self.hist[sid] = [[] for _ in range(self.c.num_layers)]
-        return sid
-
-    def fork(self, sid):
-        new = self.c.fork(sid)
-        self.hist[new] = [list(h) for h in self.hist[sid]]
-        return new
-
-    def release(self, sid):
-        self.c.release(sid)
-        del self.hist[sid]
 
     def inputs(self, lens, dtype=None):
         c, dtype = self.c, dtype or self.c.dtype
