@@ -41,11 +41,15 @@ from dms_ext.retrofit import (Progress, Recall, RetrofitConfig, accuracy_cache, 
 
 FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv_heads=2,
             head_dim=64, intermediate=1536, window=64, batch=32, rbatch=16, pre_steps=2000,
+            ind_steps=600, ind_len=256,
             pre_lr=1e-3, pre_cap_s=240.0, curr_start=384, curr_frac=0.4, r_steps=800, r_lr=3e-4,
+            r_evict_lr=3e-6, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0,
             eval_seqs=64, eval_batch=32, block_size=64)
 TINY = dict(seq_len=128, pairs=6, vocab=64, hidden=64, layers=2, heads=4, kv_heads=2,
             head_dim=16, intermediate=128, window=8, batch=16, rbatch=8, pre_steps=300,
+            ind_steps=100, ind_len=64,
             pre_lr=3e-3, pre_cap_s=None, curr_start=64, curr_frac=0.4, r_steps=60, r_lr=1e-3,
+            r_evict_lr=1e-5, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0,
             eval_seqs=8, eval_batch=8, block_size=16)
 
 
@@ -58,50 +62,102 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def induction_batch(batch, seq_len, vocab, generator, device, chunk=8):
+    """Random tokens whose second half is made of chunks copied from random places of the
+    first half; targets: every copied token but the first of its chunk. Dense, content-based
+    induction signal (a copy's source offset varies, so no positional shortcut)."""
+    half = seq_len // 2
+    ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
+    nch = (seq_len - half) // chunk
+    starts = torch.randint(0, half - chunk, (batch, nch), generator=generator)
+    src = (starts[:, :, None] + torch.arange(chunk)).reshape(batch, -1)
+    ids[:, half:half + nch * chunk] = torch.gather(ids, 1, src)
+    target = torch.zeros(batch, seq_len, dtype=torch.bool)
+    m = torch.ones(nch, chunk, dtype=torch.bool)
+    m[:, 0] = False
+    target[:, half:half + nch * chunk] = m.reshape(-1)
+    return ids.to(device), target.to(device)
+
+
 def pretrain(model, S, dev, gen, steps, lr, desc="pretrain", stop_acc=0.99):
-    """LM loss on every position plus the mean loss of the answer positions (the only ones
-    that need memory). Curriculum: the sequences grow from curr_start to seq_len tokens over
-    the first curr_frac of the steps (same pairs, more filler; same tokens per step), because
-    the recall circuit gets a gradient in proportion to the attention it already pays to the
-    right key (~1/N at init). Stops once the running answer accuracy at full length passes
-    stop_acc, or after pre_cap_s seconds."""
+    """Phase 1 (at most ind_steps): induction batches only, until the copy accuracy passes 0.9.
+    Recall needs an induction head (find the earlier occurrence of the query key, copy the
+    token after it); on recall data alone a small model sits for thousands of steps on the
+    plateau of "copy some value of the context", while dense induction data forms the head in
+    a few hundred steps at a large batch.
+    Phase 2: recall batches (plus 1 in 5 induction batches), LM loss on every position plus the
+    mean loss of the answer positions (the only ones that need memory). The sequences grow from
+    curr_start to seq_len tokens over the first curr_frac of the steps (same pairs, more filler,
+    same tokens per step). Stops once the running answer accuracy at full length passes
+    stop_acc, or after pre_cap_s seconds (both phases)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05,
                             fused=dev.type == "cuda")
     warm = max(steps // 20, 10)
     n_full, n0 = S["seq_len"], min(S["curr_start"], S["seq_len"])
     ramp = int(S["curr_frac"] * steps)
     tokens = S["batch"] * n_full
-    hist, ema, full_steps = [], 0.0, 0
-    bar = Progress(steps, desc)
+    hist = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
-        n = n_full if step >= ramp else min(n_full, -(-int(n0 + (n_full - n0) * step / ramp) // 64) * 64)
-        b = max(1, tokens // n)
-        # Warmup, then constant; the last 20% decays linearly to 10%.
-        f = min(1.0, (step + 1) / warm) * min(1.0, max(0.1, (steps - step) / (0.2 * steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr * f
-        task = associative_recall(b, n, S["pairs"], vocab=S["vocab"], generator=gen, device=dev,
-                                  repeat=S.get("repeat", 0.0), value_first=S.get("value_first", False))
+
+    def step_on(ids, target, lm_weight):
+        b = ids.shape[0]
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(task.ids)
+            logits = model(ids)
         ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, S["vocab"]),
-                             task.ids[:, 1:].reshape(-1), reduction="none").view(b, -1)
-        ans = task.answer[:, :-1]
-        loss = ce[ans].mean() + S.get("lm_weight", 1.0) * ce.mean()
+                             ids[:, 1:].reshape(-1), reduction="none").view(b, -1)
+        tgt = target[:, :-1]
+        loss = ce[tgt].mean() + lm_weight * ce.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            acc = (logits[:, :-1].argmax(-1) == task.ids[:, 1:])[ans].float().mean().item()
+            acc = (logits[:, :-1].argmax(-1) == ids[:, 1:])[tgt].float().mean().item()
+        return float(loss.detach()), acc
+
+    # Phase 1: induction.
+    ind_len = S["ind_len"]
+    ind_batch = max(1, tokens // ind_len)
+    ema, n_ind = 0.0, 0
+    bar = Progress(S["ind_steps"], "induction")
+    for step in range(S["ind_steps"]):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warm)
+        ids, tgt = induction_batch(ind_batch, ind_len, S["vocab"], gen, dev)
+        loss, acc = step_on(ids, tgt, 0.0)
         ema = acc if step == 0 else 0.9 * ema + 0.1 * acc
+        n_ind += 1
+        hist.append({"step": step + 1, "phase": "induction", "loss": loss, "acc": acc,
+                     "seq_len": ind_len, "seconds": time.perf_counter() - t0})
+        bar.update(1, loss=loss, acc=ema)
+        if ema >= 0.85 and step >= 30:
+            break
+    bar.close()
+    log(f"induction phase: {n_ind} steps, copy accuracy {ema:.3f}")
+
+    # Phase 2: recall.
+    ema, full_steps = 0.0, 0
+    bar = Progress(steps, desc)
+    for step in range(steps):
+        n = n_full if step >= ramp else min(n_full, -(-int(n0 + (n_full - n0) * step / ramp) // 64) * 64)
+        b = max(1, tokens // n)
+        # Constant after phase 1's warmup; the last 20% decays linearly to 10%.
+        f = min(1.0, max(0.1, (steps - step) / (0.2 * steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        if step % 5 == 4:
+            ids, tgt = induction_batch(ind_batch, ind_len, S["vocab"], gen, dev)
+            step_on(ids, tgt, 0.0)
+            continue
+        task = associative_recall(b, n, S["pairs"], vocab=S["vocab"], generator=gen, device=dev)
+        loss, acc = step_on(task.ids, task.answer, S.get("lm_weight", 1.0))
+        ema = acc if step == 0 else 0.8 * ema + 0.2 * acc
         full_steps += n == n_full
         el = time.perf_counter() - t0
-        hist.append({"step": step + 1, "loss": float(loss.detach()), "acc": acc, "seq_len": n,
-                     "seconds": el})
-        bar.update(1, loss=float(loss.detach()), acc=ema, N=n)
+        hist.append({"step": n_ind + step + 1, "phase": "recall", "loss": loss, "acc": acc,
+                     "seq_len": n, "seconds": el})
+        bar.update(1, loss=loss, acc=ema, N=n)
         if ema >= stop_acc and full_steps >= 20:
             log(f"{desc}: answer accuracy {ema:.4f} >= {stop_acc} at full length, step {step + 1}")
             break
@@ -137,11 +193,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--ckpt-dir", default=None,
                     help="checkpoints (default: $OUT/retrofit_ckpt or /tmp/retrofit_ckpt)")
+    ap.add_argument("--vanilla", default=None,
+                    help="load this vanilla checkpoint (a save_pretrained folder) instead of pretraining")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a size / schedule entry of the preset (repeatable)")
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     S = dict(TINY if a.tiny else FULL)
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if k not in S:
+            ap.error(f"--set: unknown key {k!r} (known: {', '.join(S)})")
+        S[k] = None if v == "None" else type(S[k] if S[k] is not None else 0.0)(v)
     for k in ("window", "seq_len", "pairs"):
         if getattr(a, k) is not None:
             S[k] = getattr(a, k)
@@ -169,6 +234,9 @@ def main(argv=None) -> int:
     ckpt_root = a.ckpt_dir or os.path.join(os.environ.get("OUT", "/tmp"), "retrofit_ckpt")
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
+    # logsigmoid(-z) and sigmoid(z) of strongly negative z land in float32 denormals, which
+    # slow CPU arithmetic by orders of magnitude; they carry no usable gradient anyway.
+    torch.set_flush_denormal(True)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -185,10 +253,15 @@ def main(argv=None) -> int:
 
     # 1. vanilla model from scratch
     t = time.perf_counter()
-    pre_hist = pretrain(model, S, dev, gen, S["pre_steps"], S["pre_lr"])
+    if a.vanilla:
+        model = DMSForCausalLM.from_pretrained(a.vanilla).to(dev).eval()
+        pre_hist = []
+        log(f"loaded the vanilla model from {a.vanilla}")
+    else:
+        pre_hist = pretrain(model, S, dev, gen, S["pre_steps"], S["pre_lr"])
+        model.save_pretrained(os.path.join(ckpt_root, "vanilla"))
     sync(dev)
     t_pre = time.perf_counter() - t
-    model.save_pretrained(os.path.join(ckpt_root, "vanilla"))
     eval_task = associative_recall(S["eval_seqs"], S["seq_len"], S["pairs"], vocab=S["vocab"],
                                    generator=torch.Generator().manual_seed(a.seed + 10_000),
                                    device=dev)
@@ -200,13 +273,20 @@ def main(argv=None) -> int:
         # 2. retrofit
         torch.manual_seed(a.seed + int(cr * 100))
         student = convert_to_dms(model, a.variant)
-        rcfg = RetrofitConfig(target_cr=cr, steps=S["r_steps"], mode=a.mode, lr=S["r_lr"])
+        rcfg = RetrofitConfig(target_cr=cr, steps=S["r_steps"], mode=a.mode, lr=S["r_lr"],
+                              evict_lr=S["r_evict_lr"], target_margin=S["r_margin"],
+                              hinge_weight=S["r_hinge"])
         rgen = torch.Generator().manual_seed(a.seed + 1 + int(cr * 100))
 
         def data(step, rgen=rgen):
             task = associative_recall(S["rbatch"], S["seq_len"], S["pairs"], vocab=S["vocab"],
                                       generator=rgen, device=dev)
-            return task.ids, None
+            w = None
+            if S["r_answer_weight"] > 0:
+                # Per-token KL, with the answer positions (the only ones whose teacher output
+                # depends on distant tokens) weighted up.
+                w = 1.0 + S["r_answer_weight"] * task.answer.float()
+            return task.ids, w
 
         t = time.perf_counter()
         hist = retrofit(student, model, data, rcfg, ckpt_dir=os.path.join(ckpt_root, f"dms_cr{cr:g}"),
