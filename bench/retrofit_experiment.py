@@ -43,13 +43,13 @@ FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv
             head_dim=64, intermediate=1536, window=64, batch=32, rbatch=16, pre_steps=2000,
             ind_steps=600, ind_len=256,
             pre_lr=1e-3, pre_cap_s=240.0, curr_start=384, curr_frac=0.4, r_steps=800, r_lr=3e-4,
-            r_evict_lr=3e-6, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0,
+            r_evict_lr=3e-6, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0,
             eval_seqs=64, eval_batch=32, block_size=64)
 TINY = dict(seq_len=128, pairs=6, vocab=64, hidden=64, layers=2, heads=4, kv_heads=2,
             head_dim=16, intermediate=128, window=8, batch=16, rbatch=8, pre_steps=300,
             ind_steps=100, ind_len=64,
             pre_lr=3e-3, pre_cap_s=None, curr_start=64, curr_frac=0.4, r_steps=60, r_lr=1e-3,
-            r_evict_lr=1e-5, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0,
+            r_evict_lr=1e-5, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0,
             eval_seqs=8, eval_batch=8, block_size=16)
 
 
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         student = convert_to_dms(model, a.variant)
         rcfg = RetrofitConfig(target_cr=cr, steps=S["r_steps"], mode=a.mode, lr=S["r_lr"],
                               evict_lr=S["r_evict_lr"], target_margin=S["r_margin"],
-                              hinge_weight=S["r_hinge"])
+                              hinge_weight=S["r_hinge"], hinge_adapt=S["r_hinge_adapt"])
         rgen = torch.Generator().manual_seed(a.seed + 1 + int(cr * 100))
 
         def data(step, rgen=rgen):

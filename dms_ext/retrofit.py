@@ -176,6 +176,10 @@ class RetrofitConfig:
     warmup_steps: int = 20
     tau: float = 0.1
     hinge_weight: float = 1.0
+    # > 0: the hinge weight is a Lagrange multiplier, raised by hinge_adapt * (target - d) after
+    # every step (d: the noise-free eviction fraction) and never below hinge_weight, so the
+    # compression follows its target even where the KL term pulls back harder than expected.
+    hinge_adapt: float = 0.0
     grad_clip: float = 1.0
     flex: Optional[bool] = None           # FlexAttention for the relaxation (default: on CUDA)
     autocast: bool = True                 # bf16 autocast on CUDA
@@ -238,9 +242,12 @@ class Progress:
 
 
 def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
+    """(param groups, gradient hooks, row-lr fixups). A fixup (param, rows, ratio) marks rows of a
+    base matrix (the borrowed q_proj rows, full mode) that train at evict_lr: Adam's step does
+    not scale with the gradient, so their step is scaled after the optimizer runs."""
     evict = model.eviction_parameters()
     evict_lr = cfg.evict_lr if cfg.evict_lr is not None else cfg.lr
-    hooks = []
+    hooks, fixups = [], []
     if cfg.mode == "full":
         ev_ids = {id(p) for _, p, rows in evict if rows is None}
         base = [p for p in model.parameters() if id(p) not in ev_ids]
@@ -248,7 +255,9 @@ def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
         ev = [p for _, p, rows in evict if rows is None]
         if ev:
             groups.append({"params": ev, "lr": evict_lr, "weight_decay": 0.0})
-        return groups, hooks
+        if evict_lr != cfg.lr:
+            fixups = [(p, rows, evict_lr / cfg.lr) for _, p, rows in evict if rows is not None]
+        return groups, hooks, fixups
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
@@ -265,7 +274,7 @@ def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
     if cfg.lora_rank > 0:
         lora = model.add_lora(cfg.lora_rank)
         groups.append({"params": lora, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    return groups, hooks
+    return groups, hooks, fixups
 
 
 def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
@@ -287,12 +296,13 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
     for p in teacher.parameters():
         p.requires_grad_(False)
     model.train()
-    groups, hooks = _param_groups(model, cfg)
+    groups, hooks, fixups = _param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, betas=cfg.betas, fused=dev.type == "cuda")
     base_lrs = [g["lr"] for g in groups]
     use_amp = cfg.autocast and dev.type == "cuda"
     w = model.cfg.window
     hist: List[dict] = []
+    lam = cfg.hinge_weight
     bar = Progress(cfg.steps, desc, cfg.progress)
     t0 = time.perf_counter()
     for step in range(cfg.steps):
@@ -309,18 +319,26 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
                 t_logits = teacher(ids, attention="causal")
             s_logits, aux = model(ids, attention="relaxed", tau=cfg.tau, flex=cfg.flex,
                                   generator=generator, return_aux=True)
-        loss, parts = dms_loss(s_logits, t_logits, aux["z"], tgt, weights, cfg.hinge_weight)
+        loss, parts = dms_loss(s_logits, t_logits, aux["z"], tgt, weights, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        saved = [p.detach()[rows].clone() for p, rows, _ in fixups]
         opt.step()
         with torch.no_grad():
+            for (p, rows, ratio), old in zip(fixups, saved):
+                p[rows] = old + (p[rows] - old) * ratio
+        with torch.no_grad():
             ev = torch.cat([l[:, 1:].reshape(-1) > 0 for l in aux["logits"]]).float().mean().item()
+        hw = lam
+        if cfg.hinge_adapt > 0:
+            lam = max(cfg.hinge_weight, lam + cfg.hinge_adapt * (tgt - ev))
         old = max(n - w - 1, 0)
         live = old * (1 - ev) + min(n, w + 1)
         rec = {"step": step + 1, "loss": float(loss.detach()), **parts, "target_cr": cr,
                "target": tgt, "evict_hard": ev, "cr_est": n / live, "grad_norm": float(gn),
-               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+               "hinge_weight": hw, "lr": opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0}
         hist.append(rec)
         bar.update(1, kl=rec["kl"], d=rec["decisions"], cr=rec["cr_est"], tgt=cr)
         if ckpt_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
