@@ -1,7 +1,8 @@
 """Retrofit DMS into a small model, and compare learned eviction with training-free heuristics.
 
     python bench/retrofit_experiment.py --seed 0            # the H200 run (~8 minutes)
-    python bench/retrofit_experiment.py --tiny --seed 0     # CPU smoke run (~2 minutes)
+    python bench/retrofit_experiment.py --small --seed 0    # CPU run that learns (~5-10 min)
+    python bench/retrofit_experiment.py --tiny --seed 0     # CPU smoke run (< 2 minutes)
 
 1. Pretrain a small Qwen3-style decoder from scratch on multi-query associative recall hidden
    in filler (dms_ext.retrofit.associative_recall): N-token sequences with P (key, value)
@@ -40,17 +41,22 @@ from dms_ext.retrofit import (Progress, Recall, RetrofitConfig, accuracy_cache, 
                               plot_history, retrofit, write_log)
 
 FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv_heads=2,
-            head_dim=64, intermediate=1536, window=64, batch=32, rbatch=16, pre_steps=2000,
-            ind_steps=600, ind_len=256,
-            pre_lr=1e-3, pre_cap_s=240.0, curr_start=384, curr_frac=0.4, r_steps=800, r_lr=3e-4,
-            r_evict_lr=3e-6, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0,
-            eval_seqs=64, eval_batch=32, block_size=64)
-TINY = dict(seq_len=128, pairs=6, vocab=64, hidden=64, layers=2, heads=4, kv_heads=2,
-            head_dim=16, intermediate=128, window=8, batch=16, rbatch=8, pre_steps=300,
-            ind_steps=100, ind_len=64,
-            pre_lr=3e-3, pre_cap_s=None, curr_start=64, curr_frac=0.4, r_steps=60, r_lr=1e-3,
-            r_evict_lr=1e-5, r_margin=0.0, r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0,
-            eval_seqs=8, eval_batch=8, block_size=16)
+            head_dim=64, intermediate=1536, window=64, batch=32, rbatch=16, pre_steps=1500,
+            ind_steps=600, ind_len=256, pre_lr=1e-3, pre_cap_s=240.0, curr_start=384,
+            curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
+            r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=64, eval_batch=32,
+            block_size=64)
+# CPU presets. SMALL learns the task and the retrofit for real (about 5-10 minutes on 2 cores);
+# TINY only exercises every path (under 2 minutes; its model is too small to learn recall).
+SMALL = dict(seq_len=256, pairs=8, vocab=128, hidden=128, layers=2, heads=4, kv_heads=2,
+             head_dim=32, intermediate=256, window=8, batch=64, rbatch=16, pre_steps=300,
+             ind_steps=300, ind_len=64, pre_lr=2e-3, pre_cap_s=None, curr_start=64,
+             curr_frac=0.4, r_steps=300, r_lr=1e-3, r_evict_lr=None, r_margin=0.0,
+             r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32,
+             block_size=16)
+TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=64, head_dim=16, intermediate=128,
+            batch=16, ind_steps=100, pre_steps=300, pre_lr=3e-3, r_steps=60, eval_seqs=8,
+            eval_batch=8)
 
 
 def log(msg: str) -> None:
@@ -172,7 +178,9 @@ def pretrain(model, S, dev, gen, steps, lr, desc="pretrain", stop_acc=0.99):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="CPU-sized run (about 2 minutes)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run (under 2 minutes)")
+    ap.add_argument("--small", action="store_true",
+                    help="CPU run that learns for real (about 5-10 minutes on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--crs", default="4,8", help="target compression ratios, comma separated")
@@ -201,7 +209,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    S = dict(TINY if a.tiny else FULL)
+    S = dict(TINY if a.tiny else SMALL if a.small else FULL)
+    preset = "tiny" if a.tiny else "small" if a.small else "full"
+    suffix = "" if preset == "full" else "_" + preset
     for kv in a.set:
         k, _, v = kv.partition("=")
         if k not in S:
@@ -295,7 +305,7 @@ def main(argv=None) -> int:
         t_r = time.perf_counter() - t
         runs[f"CR {cr:g}"] = hist
         times[f"retrofit CR {cr:g}"] = t_r
-        write_log(hist, os.path.join(a.out, f"retrofit_cr{cr:g}_log.tsv"))
+        write_log(hist, os.path.join(a.out, f"retrofit{suffix}_cr{cr:g}_log.tsv"))
         log(f"retrofit CR {cr:g}: {t_r:.0f} s, final KL {hist[-1]['kl']:.4g}, "
             f"decisions {hist[-1]['evict_hard']:.3f}, est. CR {hist[-1]['cr_est']:.2f}")
 
@@ -320,9 +330,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     # 4. report
     date = datetime.date.today().isoformat()
-    png = os.path.join(a.out, f"retrofit_{date}.png")
+    png = os.path.join(a.out, f"retrofit_{date}{suffix}.png")
     plotted = (not a.no_plot) and plot_history(runs, png)
-    write_log(pre_hist, os.path.join(a.out, "retrofit_pretrain_log.tsv"))
+    write_log(pre_hist, os.path.join(a.out, f"retrofit{suffix}_pretrain_log.tsv"))
     table = [
         "| target CR | measured CR | live / head (max) | vanilla | DMS (cache) | DMS (dense mask) "
         "| window | H2O | TOVA | DMS / vanilla | DMS - best heuristic |",
@@ -336,7 +346,7 @@ def main(argv=None) -> int:
             f"| {r['h2o']:.4f} | {r['tova']:.4f} | {100 * r['dms'] / max(acc_vanilla, 1e-9):.1f}% "
             f"| {100 * (r['dms'] - best):+.1f} pts |")
     lines = [
-        f"# DMS retrofit vs training-free eviction ({date}{', tiny' if a.tiny else ''})",
+        f"# DMS retrofit vs training-free eviction ({date}{'' if preset == 'full' else ', ' + preset})",
         "",
         f"Command: `python bench/retrofit_experiment.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
         f"Device: {dev_name} (DMSCache on {cdev}); torch {torch.__version__}; seed {a.seed}; "
@@ -360,10 +370,10 @@ def main(argv=None) -> int:
         "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {wall:.0f}.",
         "",
         f"Curves: {'`' + os.path.basename(png) + '`' if plotted else '(matplotlib missing: no PNG)'}; "
-        "per-step logs: `retrofit_pretrain_log.tsv`, " +
-        ", ".join(f"`retrofit_cr{cr:g}_log.tsv`" for cr in crs) + ".",
+        f"per-step logs: `retrofit{suffix}_pretrain_log.tsv`, " +
+        ", ".join(f"`retrofit{suffix}_cr{cr:g}_log.tsv`" for cr in crs) + ".",
     ]
-    md = os.path.join(a.out, f"retrofit_{date}{'_tiny' if a.tiny else ''}.md")
+    md = os.path.join(a.out, f"retrofit_{date}{suffix}.md")
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(table))

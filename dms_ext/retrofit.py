@@ -170,7 +170,11 @@ class RetrofitConfig:
     mode: str = "full"
     lora_rank: int = 8
     lr: float = 3e-4
-    evict_lr: Optional[float] = None      # default: lr
+    # Learning rate of what produces the logits (borrowed q_proj rows / dms_proj): default
+    # lr / alpha_scale, since the logit moves alpha_scale times faster than an activation; at
+    # lr, logits leave the noise band (|l| of a few units) within a few steps and the decisions
+    # freeze before the KL term can tell needed tokens from filler.
+    evict_lr: Optional[float] = None
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
@@ -246,7 +250,7 @@ def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
     base matrix (the borrowed q_proj rows, full mode) that train at evict_lr: Adam's step does
     not scale with the gradient, so their step is scaled after the optimizer runs."""
     evict = model.eviction_parameters()
-    evict_lr = cfg.evict_lr if cfg.evict_lr is not None else cfg.lr
+    evict_lr = cfg.evict_lr if cfg.evict_lr is not None else cfg.lr / model.cfg.alpha_scale
     hooks, fixups = [], []
     if cfg.mode == "full":
         ev_ids = {id(p) for _, p, rows in evict if rows is None}
@@ -255,7 +259,7 @@ def _param_groups(model: DMSForCausalLM, cfg: RetrofitConfig):
         ev = [p for _, p, rows in evict if rows is None]
         if ev:
             groups.append({"params": ev, "lr": evict_lr, "weight_decay": 0.0})
-        if evict_lr != cfg.lr:
+        if evict_lr != cfg.lr and cfg.lr > 0:
             fixups = [(p, rows, evict_lr / cfg.lr) for _, p, rows in evict if rows is not None]
         return groups, hooks, fixups
     for p in model.parameters():

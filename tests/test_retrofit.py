@@ -531,3 +531,28 @@ def test_cuda_retrofit_steps_and_cache_eval():
     assert abs(r["acc"] - dense) <= 0.1                     # bf16 cache vs bf16 dense
     for pol in POLICIES:
         assert accuracy_heuristic(teacher, task, pol, 32, batch=8)["live_max"] <= 32
+
+
+def test_full_mode_borrowed_rows_train_at_evict_lr():
+    """The borrowed rows share q_proj.weight with the base model but take evict_lr steps:
+    with evict_lr 0 they stay put while the rest of the matrix trains; by default they move
+    alpha_scale times slower than at lr."""
+    torch.manual_seed(22)
+    teacher = DMSForCausalLM(tiny_cfg())
+    ids = torch.randint(0, 48, (2, 24))
+    steps = {}
+    for evict_lr in (0.0, None, 1e-2):
+        student = convert_to_dms(teacher, "borrowed")
+        with torch.no_grad():
+            for _, p, rows in student.eviction_parameters():
+                p[rows] = torch.randn_like(p[rows]) * 0.01
+        before = student.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        cfg = RetrofitConfig(target_cr=4.0, steps=3, ramp_steps=1, lr=1e-2, evict_lr=evict_lr,
+                             warmup_steps=1, progress=False)
+        retrofit(student, teacher, lambda s: (ids, None), cfg)
+        rows = student.eviction_parameters()[0][2]
+        w = student.model.layers[0].self_attn.q_proj.weight.detach()
+        assert not torch.equal(w[~rows], before[~rows])
+        steps[evict_lr] = (w[rows] - before[rows]).abs().max().item()
+    assert steps[0.0] == 0.0
+    assert 0 < steps[None] < steps[1e-2] / 20
