@@ -312,8 +312,7 @@ def main(argv=None) -> int:
         # 3. evaluation
         t = time.perf_counter()
         acc_mask = accuracy_dense(student, eval_task, "dms", batch=S["eval_batch"])
-        sc = student if cdev == dev else student
-        res = accuracy_cache(sc, eval_task, batch=S["eval_batch"], block_size=S["block_size"],
+        res = accuracy_cache(student, eval_task, batch=S["eval_batch"], block_size=S["block_size"],
                              device=cdev)
         budget = int(math.ceil(res["live"]))
         row = {"cr_target": cr, "dms_mask": acc_mask, "dms": res["acc"], "dms_cr": res["cr"],
@@ -321,7 +320,9 @@ def main(argv=None) -> int:
         log(f"DMS CR {cr:g}: cache accuracy {res['acc']:.4f} (dense mask {acc_mask:.4f}), "
             f"measured CR {res['cr']:.2f}, live {res['live']:.1f} per head (max {res['live_max']})")
         for pol in ("window", "h2o", "tova"):
-            h = accuracy_heuristic(model, eval_task, pol, budget, batch=S["eval_batch"])
+            # One lockstep batch on the GPU: the heuristics run a Python loop per token.
+            hb = S["eval_seqs"] if dev.type == "cuda" else S["eval_batch"]
+            h = accuracy_heuristic(model, eval_task, pol, budget, batch=hb)
             row[pol] = h["acc"]
             log(f"  {pol:6s} at budget {budget}: accuracy {h['acc']:.4f} ({h['seconds']:.0f} s)")
         times[f"eval CR {cr:g}"] = time.perf_counter() - t

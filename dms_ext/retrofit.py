@@ -305,6 +305,7 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
     base_lrs = [g["lr"] for g in groups]
     use_amp = cfg.autocast and dev.type == "cuda"
     w = model.cfg.window
+    use_flex = cfg.flex
     hist: List[dict] = []
     lam = cfg.hinge_weight
     bar = Progress(cfg.steps, desc, cfg.progress)
@@ -321,8 +322,17 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
             with torch.no_grad():
                 t_logits = teacher(ids, attention="causal")
-            s_logits, aux = model(ids, attention="relaxed", tau=cfg.tau, flex=cfg.flex,
-                                  generator=generator, return_aux=True)
+            try:
+                s_logits, aux = model(ids, attention="relaxed", tau=cfg.tau, flex=use_flex,
+                                      generator=generator, return_aux=True)
+            except Exception as e:  # noqa: BLE001  (FlexAttention compile / backend failure)
+                if step > 0 or use_flex is False or dev.type != "cuda":
+                    raise
+                print(f"{desc}: FlexAttention failed ({type(e).__name__}: {e}); "
+                      "falling back to dense masked attention", file=sys.stderr)
+                use_flex = False
+                s_logits, aux = model(ids, attention="relaxed", tau=cfg.tau, flex=False,
+                                      generator=generator, return_aux=True)
         loss, parts = dms_loss(s_logits, t_logits, aux["z"], tgt, weights, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,6 +349,8 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
             lam = max(cfg.hinge_weight, lam + cfg.hinge_adapt * (tgt - ev))
         old = max(n - w - 1, 0)
         live = old * (1 - ev) + min(n, w + 1)
+        if step == 0 and use_flex is None:
+            use_flex = dev.type == "cuda"
         rec = {"step": step + 1, "loss": float(loss.detach()), **parts, "target_cr": cr,
                "target": tgt, "evict_hard": ev, "cr_est": n / live, "grad_norm": float(gn),
                "hinge_weight": hw, "lr": opt.param_groups[0]["lr"],

@@ -377,7 +377,7 @@ def test_retrofit_decreases_loss_and_raises_decisions(mode, variant, tmp_path):
     gen = torch.Generator().manual_seed(15)
     ids = torch.randint(0, 48, (4, 32), generator=gen)
     cfg = RetrofitConfig(target_cr=4.0, steps=30, ramp_steps=1, mode=mode, lr=3e-3,
-                         warmup_steps=1, progress=False, lora_rank=4)
+                         evict_lr=3e-3, warmup_steps=1, progress=False, lora_rank=4)
     hist = retrofit(student, teacher, lambda s: (ids, None), cfg, ckpt_dir=str(tmp_path / "ck"),
                     generator=torch.Generator().manual_seed(0))
     assert len(hist) == 30
