@@ -358,8 +358,12 @@ def main(argv=None) -> int:
         f"then {S['pairs']} queries (key, value); {2 * S['pairs']} needed tokens "
         f"({100 * 2 * S['pairs'] / S['seq_len']:.1f}% of the context). Accuracy: greedy next token at "
         f"the {S['pairs']} answer positions of {S['eval_seqs']} held-out sequences.",
-        f"Pretraining: {len(pre_hist)} steps (curriculum {S['curr_start']} -> {S['seq_len']} tokens over "
-        f"{S['curr_frac']:.0%} of {S['pre_steps']} planned steps, {S['batch'] * S['seq_len']} tokens per step).",
+        (f"Pretraining: {sum(r['phase'] == 'induction' for r in pre_hist)} induction steps "
+         f"({S['ind_len']}-token copy sequences), then {sum(r['phase'] == 'recall' for r in pre_hist)} "
+         f"logged recall steps (plus one induction step in five; curriculum {S['curr_start']} -> "
+         f"{S['seq_len']} tokens over {S['curr_frac']:.0%} of {S['pre_steps']} planned steps), "
+         f"{S['batch'] * S['seq_len']} tokens per step." if pre_hist else
+         f"Pretraining: skipped, vanilla model loaded from {a.vanilla}."),
         f"Model: Qwen3-style, {cfg.layers} layers, hidden {cfg.hidden}, Hq {cfg.heads}, Hkv {cfg.kv_heads}, "
         f"D {cfg.head_dim}, SwiGLU {cfg.intermediate}, vocab {cfg.vocab}, {nparam / 1e6:.2f} M parameters; "
         f"DMS {a.variant} variant, window {cfg.window}, {a.mode} retrofit, {S['r_steps']} steps per CR.",
