@@ -517,8 +517,8 @@ def test_cuda_retrofit_steps_and_cache_eval():
         return associative_recall(4, 128, 8, vocab=64, generator=gen, device="cuda").ids, None
 
     hist = retrofit(student, teacher, data,
-                    RetrofitConfig(target_cr=4.0, steps=20, ramp_steps=1, lr=3e-3, warmup_steps=1,
-                                   progress=False))
+                    RetrofitConfig(target_cr=4.0, steps=20, ramp_steps=1, lr=3e-3, evict_lr=3e-3,
+                                   warmup_steps=1, progress=False))
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["evict_hard"] > hist[0]["evict_hard"]
     task = associative_recall(8, 128, 8, vocab=64, generator=gen, device="cuda")
