@@ -1,7 +1,7 @@
 """Retrofit DMS into a small model, and compare learned eviction with training-free heuristics.
 
     python bench/retrofit_experiment.py --seed 0            # the H200 run (~8 minutes)
-    python bench/retrofit_experiment.py --small --seed 0    # CPU run that learns (~5-10 min)
+    python bench/retrofit_experiment.py --small --seed 0    # CPU run that learns (~10-15 min)
     python bench/retrofit_experiment.py --tiny --seed 0     # CPU smoke run (< 2 minutes)
 
 1. Pretrain a small Qwen3-style decoder from scratch on multi-query associative recall hidden
@@ -46,17 +46,17 @@ FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv
             curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
             r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=64, eval_batch=32,
             block_size=64)
-# CPU presets. SMALL learns the task and the retrofit for real (about 5-10 minutes on 2 cores);
+# CPU presets. SMALL learns the task and the retrofit for real (about 10-15 minutes on 2 cores);
 # TINY only exercises every path (under 2 minutes; its model is too small to learn recall).
 SMALL = dict(seq_len=256, pairs=8, vocab=128, hidden=128, layers=2, heads=4, kv_heads=2,
              head_dim=32, intermediate=256, window=8, batch=64, rbatch=16, pre_steps=300,
              ind_steps=300, ind_len=64, pre_lr=2e-3, pre_cap_s=None, curr_start=64,
-             curr_frac=0.4, r_steps=300, r_lr=1e-3, r_evict_lr=None, r_margin=0.0,
+             curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
              r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32,
              block_size=16)
 TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=64, head_dim=16, intermediate=128,
-            batch=16, ind_steps=100, pre_steps=300, pre_lr=3e-3, r_steps=60, eval_seqs=8,
-            eval_batch=8)
+            batch=16, ind_steps=100, pre_steps=300, pre_lr=3e-3, r_steps=60, r_lr=1e-3,
+            eval_seqs=8, eval_batch=8)
 
 
 def log(msg: str) -> None:
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run (under 2 minutes)")
     ap.add_argument("--small", action="store_true",
-                    help="CPU run that learns for real (about 5-10 minutes on 2 cores)")
+                    help="CPU run that learns for real (about 10-15 minutes on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--crs", default="4,8", help="target compression ratios, comma separated")
