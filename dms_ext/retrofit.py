@@ -381,35 +381,43 @@ def write_log(hist: Sequence[dict], path: str) -> None:
 
 
 def plot_history(runs: Dict[str, Sequence[dict]], path: str) -> bool:
-    """PNG of loss / KL and compression curves of one or more runs; False without matplotlib."""
+    """PNG of the curves (pretraining loss / accuracy; per retrofit run KL, compression vs
+    target, hinge and evicted fraction); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for name, hist in runs.items():
         if not hist:
             continue
         s = [r["step"] for r in hist]
-        if "kl" in hist[0]:
-            ax[0].plot(s, [r["kl"] for r in hist], label=f"{name} KL", lw=0.8)
-        else:
+        if "kl" not in hist[0]:                      # a pretraining history: loss + accuracy
             ax[0].plot(s, [r["loss"] for r in hist], label=f"{name} loss", lw=0.8)
-        if "cr_est" in hist[0]:
-            ax[1].plot(s, [r["cr_est"] for r in hist], label=f"{name} CR (l > 0)", lw=0.8)
-            ax[1].plot(s, [r["target_cr"] for r in hist], "--", label=f"{name} target", lw=0.8)
-            ax[2].plot(s, [r["hinge"] for r in hist], label=f"{name} hinge", lw=0.8)
-        if "acc" in hist[0]:
-            ax[2].plot(s, [r["acc"] for r in hist], label=f"{name} answer acc", lw=0.8)
+            if "acc" in hist[0]:
+                ax0b = ax[0].twinx()
+                ax0b.plot(s, [r["acc"] for r in hist], color="tab:green", lw=0.6,
+                          label=f"{name} accuracy")
+                ax0b.set_ylim(0, 1.02)
+                ax0b.legend(fontsize=7, loc="center right")
+            continue
+        ax[1].plot(s, [r["kl"] for r in hist], label=f"{name} KL", lw=0.8)
+        ax[2].plot(s, [r["cr_est"] for r in hist], label=f"{name} CR (l > 0)", lw=0.8)
+        ax[2].plot(s, [r["target_cr"] for r in hist], "--", label=f"{name} target", lw=0.8)
+        ax[3].plot(s, [r["hinge"] for r in hist], label=f"{name} hinge", lw=0.8)
+        ax[3].plot(s, [r["evict_hard"] for r in hist], ":", label=f"{name} evicted fraction", lw=0.8)
     ax[0].set_yscale("log")
-    ax[0].set_title("loss (pretraining) / KL(student || teacher)")
-    ax[1].set_title("compression ratio")
-    ax[2].set_title("hinge / accuracy")
+    ax[1].set_yscale("log")
+    ax[0].set_title("pretraining: loss (log) and answer accuracy")
+    ax[1].set_title("retrofit: KL(student || teacher)")
+    ax[2].set_title("retrofit: compression ratio")
+    ax[3].set_title("retrofit: hinge and evicted fraction")
     for a in ax:
         a.set_xlabel("step")
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
