@@ -4,9 +4,13 @@
     python bench/retrofit_experiment.py --small --seed 0    # CPU run that learns (~10-15 min)
     python bench/retrofit_experiment.py --tiny --seed 0     # CPU smoke run (< 2 minutes)
 
-1. Pretrain a small Qwen3-style decoder from scratch on multi-query associative recall hidden
-   in filler (dms_ext.retrofit.associative_recall): N-token sequences with P (key, value)
-   bigrams scattered among random filler, then P queries; only 2P tokens of the context matter.
+1. Pretrain a small Qwen3-style decoder from scratch: first on dense induction data (random
+   tokens whose second half copies chunks of the first half) until an induction head forms,
+   then on multi-query associative recall hidden in filler (dms_ext.retrofit.associative_recall):
+   N-token sequences with P (key, value) bigrams scattered among random filler, then P queries;
+   only 2P tokens of the context matter. (On recall data alone, small models sit for thousands
+   of steps at "copy some value of the context"; after the induction phase recall is learned
+   in tens of steps.)
 2. For each target compression ratio (default 4 and 8): convert the model to DMS (borrowed
    neuron by default) and retrofit it for at most 1000 steps against the frozen model
    (dms_ext.retrofit.retrofit: logistic-noise relaxation, KL + one-sided hinge).
@@ -17,6 +21,9 @@
 4. Write bench/results/retrofit_<date>.md (table, sizes, wall times), the per-step logs (TSV),
    and a PNG of the curves (when matplotlib is installed). Checkpoints (dms_ext.models
    save_pretrained folders) go to --ckpt-dir.
+
+Every size and schedule entry of a preset can be changed with --set KEY=VALUE (e.g.
+--set r_steps=600 --set r_evict_lr=1e-5); --vanilla DIR skips pretraining.
 """
 from __future__ import annotations
 
