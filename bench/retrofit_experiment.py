@@ -48,7 +48,7 @@ from dms_ext.retrofit import (Progress, Recall, RetrofitConfig, accuracy_cache, 
                               plot_history, retrofit, write_log)
 
 FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv_heads=2,
-            head_dim=64, intermediate=1536, window=64, batch=32, rbatch=16, pre_steps=1500,
+            head_dim=64, intermediate=1536, window=64, batch=32, rbatch=8, pre_steps=1500,
             ind_steps=600, ind_len=256, pre_lr=1e-3, pre_cap_s=240.0, curr_start=384,
             curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
             r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=64, eval_batch=32,
