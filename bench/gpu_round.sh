@@ -21,7 +21,7 @@
 # the bench/results/*.md this round wrote.
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
-# DECODE_ARGS (extra bench_decode flags), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_cuda_*.py), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
 set -u -o pipefail
 
 T0=$(date +%s)
@@ -149,7 +149,7 @@ note_failures() {  # first interesting lines of a failing log
 
 stage_tests() {
   local f base
-  for f in tests/test_cuda_*.py; do
+  for f in ${TEST_FILES:-tests/test_cuda_*.py}; do
     [ -e "$f" ] || { add_row tests 1 0 "no tests/test_cuda_*.py"; return; }
     base=$(basename "$f" .py)
     run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} "$f"

@@ -1,18 +1,27 @@
-// dms::sparse_decode: paged, per-(sequence, KV head) variable-length decode attention.
+// dms::sparse_decode v2: a persistent, length-balanced decode over the paged per-head KV layout.
 //
-// Work item: (row = (b, g), head tile of up to 16 query heads of g's GQA group, KV split).
-// The whole group rides in the M dimension of one m16n8k16 tensor-core MMA, so each K/V byte
-// is read from HBM once per group (decode is memory-bound: ~4 FLOP per byte at G = 4, the
-// tensor cores idle most of the time; what matters is keeping enough bytes in flight).
-// Split-KV is decided per row on the device from seq_lens (num_splits_for below), so a step
-// needs no host plan and no sync, and graph replays may change every length. Rows that fit in
-// one split write the output directly; the others write (o, lse) partials that a small merge
-// kernel combines in fp32.
-//
-// Pipeline: 4 warps; each warp streams its own 16-key slice of every 64-key tile (K and V rows
-// gathered through the block table with 16-byte cp.async into XOR-swizzled shared memory, so
-// ldmatrix is conflict-free) through a private STAGES-deep pipeline that syncs only within the
-// warp. Each warp keeps its own online-softmax state; the 4 states merge at the end.
+// Pieces (top to bottom):
+//   Scheduler  one small kernel scans seq_lens on the device into a cost line: every work row
+//              (b, g, head tile) costs one unit of fixed work plus one unit per 64-key tile. The
+//              line is cut into `n` equal ranges, one per CTA of the persistent attention kernel,
+//              so every CTA gets the same number of tiles whatever the length distribution
+//              (stream-K). No host plan, no host sync: graph replays may change every length.
+//   Mainloop   a CTA walks its range row segment by row segment. For each segment it loads the
+//              group's queries once and streams the segment's keys: 4 warps, each with its own
+//              16-key slice of every 64-key tile, gathered through the block table by 16-byte
+//              cp.async into XOR-swizzled shared memory, in a private kStages-deep pipeline
+//              (no CTA-wide barrier in the loop). The whole GQA group rides in the M dimension
+//              of m16n8k16 tensor-core MMAs, so each K/V byte is read once per group.
+//   Softmax    online softmax per warp in the log2 domain; the 4 warp states merge in shared
+//              memory at the end of a segment.
+//   Epilogue   a segment that covers its whole row writes the output (and lse) directly. A row
+//              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it;
+//              the last of those CTAs to finish (a per-row arrival counter) merges them, so no
+//              second kernel and no waiting: correctness never depends on CTAs being resident
+//              at the same time.
+// A row of n tiles touches at most ceil(n / units-per-CTA) + 1 CTAs, and a CTA writes at most two
+// partials (its first and its last segment), so the scratch is bounded by the grid, not by the
+// lengths: the workspace depends on sizes only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,305 +34,321 @@
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/primitives.cuh"
 
 namespace dms {
 namespace {
 
-// NW warps per CTA, 16 keys each per pipeline stage (tile = 16 * NW keys). Only NW = 4 is
-// instantiated: 2-warp CTAs (4 resident per SM) measured slower on every bench shape.
-constexpr int kHeadTile = 16;           // query heads per CTA (MMA M)
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
+constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
+constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
+constexpr int kPlanThreads = 1024;
 
-template <typename T> struct MmaAtom;
-template <> struct MmaAtom<__nv_bfloat16> { using Op = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
-template <> struct MmaAtom<__half> { using Op = cute::SM80_16x8x16_F32F16F16F32_TN; };
-
-__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16*) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack2(float a, float b, __half*) {
-  __half2 v = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ void from_float(float x, __nv_bfloat16* p) { *p = __float2bfloat16(x); }
-__device__ __forceinline__ void from_float(float x, __half* p) { *p = __float2half(x); }
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy; src_bytes = 0 zero-fills (rows past the split end must hold zeros, not
-// stale bits: P = 0 times a NaN pattern would still poison the PV product).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Row r of a [rows][D] tile, 16-byte chunk c: chunks are XOR-swizzled by r % 8 so the 8 rows an
-// ldmatrix phase touches land in 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
-// Splits for a row of L keys: at least min_chunk keys each, at most max_splits, whole tiles.
-__device__ __forceinline__ int split_chunk(int L, int max_splits, int min_chunk, int kTileKeys) {
-  int n = (L + min_chunk - 1) / min_chunk;
-  n = n < 1 ? 1 : (n > max_splits ? max_splits : n);
-  int chunk = (L + n - 1) / n;
-  return (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
-}
-__device__ __forceinline__ int num_splits_for(int L, int chunk) {
-  return L <= 0 ? 1 : (L + chunk - 1) / chunk;
-}
-
-template <int D, int NW> struct Cfg {
-  static constexpr int kWarps = NW, kThreads = NW * 32, kTileKeys = 16 * NW;
+template <int D> struct Cfg {
   static constexpr int kStages = D <= 128 ? 3 : 2;
-  static constexpr int kTileElems = kTileKeys * D;  // one K (or V) tile
-  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kTileElems) * 2;
+  static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
+  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kWarps * kSliceElems) * 2;
   static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
-  static_assert(kMergeBytes <= kStages * 2 * kTileElems * 2, "merge scratch must fit the stages");
+  static_assert(kMergeBytes <= kStages * 2 * kWarps * kSliceElems * 2, "merge scratch must fit the stages");
+  // Resident CTAs per SM on H100/H200 (228 KB shared memory, 64K registers): the persistent grid.
+  static constexpr int kCtasPerSm = D == 64 ? 3 : (D == 128 ? 2 : 1);
 };
+
+// ------------------------------------------------------------------------------------------------
+// Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
+struct Layout {
+  int64_t meta, prefix, cta_row, counter, part_o, part_lse, bytes;
+};
+__host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
+__host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
+  Layout l;
+  l.meta = 0;                                         // int32 [4]: n, U
+  l.prefix = 256;                                     // int32 [rows_v]: inclusive unit prefix
+  l.cta_row = align256(l.prefix + rows_v * 4);        // int32 [grid]: first work row of CTA c
+  l.counter = align256(l.cta_row + (int64_t)grid * 4);  // int32 [grid]: arrivals, by first CTA
+  l.part_o = align256(l.counter + (int64_t)grid * 4);   // f32 [2 grid][16][D]
+  l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
+  l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
+  return l;
+}
 
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
-  int max_splits, min_chunk, head_tiles, rows, bs_shift;
+  int grid, head_tiles, min_units, bs_shift;
+  int64_t rows_v;  // batch * num_kv_heads * head_tiles
+  Layout ws;
 };
 
-template <typename T, int D, int NW>
-__global__ void __launch_bounds__(NW * 32)
-sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
-  const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
+__device__ __forceinline__ int units_of(int L) {
+  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
+}
+// First unit of CTA c when U units are cut into n ranges, and the CTA owning unit u.
+__device__ __forceinline__ int64_t range_begin(int64_t c, int64_t U, int64_t n) { return c * U / n; }
+__device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
+  return (int)(((u + 1) * n - 1) / U);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scheduler: one CTA. Inclusive prefix of the row costs, the number n of CTAs that get work
+// (at least min_units each), each working CTA's first row, and zeroed arrival counters.
+__global__ void __launch_bounds__(kPlanThreads)
+sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, int head_tiles,
+                          int grid, int min_units, unsigned char* ws, Layout lo) {
+  int32_t* meta = reinterpret_cast<int32_t*>(ws + lo.meta);
+  int32_t* prefix = reinterpret_cast<int32_t*>(ws + lo.prefix);
+  int32_t* cta_row = reinterpret_cast<int32_t*>(ws + lo.cta_row);
+  int32_t* counter = reinterpret_cast<int32_t*>(ws + lo.counter);
+  __shared__ int warp_sums[kPlanThreads / 32];
+  __shared__ int carry_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) carry_s = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < rows_v; base += kPlanThreads) {
+    const int64_t v = base + tid;
+    int x = v < rows_v ? units_of(__ldg(seq_lens + v / head_tiles)) : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int w = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, w, o);
+        if (lane >= o) w += y;
+      }
+      warp_sums[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const int carry = carry_s;
+    if (v < rows_v) prefix[v] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
+    __syncthreads();
+    if (tid == 0) carry_s = carry + warp_sums[kPlanThreads / 32 - 1];
+    __syncthreads();
+  }
+  __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
+  const int64_t U = carry_s;
+  const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
+  for (int c = tid; c < grid; c += kPlanThreads) {
+    counter[c] = 0;
+    if (c < n) {  // first row whose prefix passes the CTA's first unit
+      const int64_t a = range_begin(c, U, n);
+      int64_t lo_r = 0, hi_r = rows_v - 1;
+      while (lo_r < hi_r) {
+        const int64_t mid = (lo_r + hi_r) >> 1;
+        if (prefix[mid] > a) hi_r = mid; else lo_r = mid + 1;
+      }
+      cta_row[c] = (int32_t)lo_r;
+    }
+  }
+  if (tid == 0) {
+    meta[0] = n;
+    meta[1] = (int32_t)U;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Attention kernel pieces.
+template <typename T, int D> struct Decode {
   using Op = typename MmaAtom<T>::Op;
-  using C = Cfg<D, NW>;
-  constexpr int kStages = C::kStages, kWarps = C::kWarps, kThreads = C::kThreads, kTileKeys = C::kTileKeys;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sKV = sQ + kHeadTile * D;  // stage s: K at sKV + s*2*tile, V right after
+  using C = Cfg<D>;
+  static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
+  static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
+  static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
+  static constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
 
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int row = blockIdx.x;  // b * Hkv + g: grid.x, so the row count has no 65535 limit
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-  const int ht = blockIdx.z;
-  const int h0 = ht * kHeadTile;
-  const int nh = min(kHeadTile, G - h0);
-  const int L = p.seq_lens[row];
-  const int chunk = split_chunk(L, max_splits, min_chunk, 16 * NW);
-  const int nsplit = num_splits_for(L, chunk);
-  const int split = blockIdx.y;
-  if (split >= nsplit) return;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int qh0 = g * G + h0;  // first query head of this CTA
-
-  if (L <= 0) {  // empty head: zeros (and lse -inf), SPEC section 4
-    for (int i = tid; i < nh * D; i += kThreads) {
-      int r = i / D, d = i % D;
-      T* o = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(0.f, o);
-    }
-    if (p.lse && tid < nh) p.lse[(int64_t)b * p.num_q_heads + qh0 + tid] = -INFINITY;
-    return;
-  }
-  const int kbeg = split * chunk;
-  const int kend = min(L, kbeg + chunk);
-  const int ntiles = (kend - kbeg + kTileKeys - 1) / kTileKeys;
-
-  const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
-  const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
-  const int32_t* __restrict__ bt = p.block_table + (int64_t)row * p.max_blocks_per_head;
-
-  // Q tile: rows beyond the group are zero so their scores are finite and simply unused.
-  {
-    const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
-    for (int i = tid; i < kHeadTile * kChunks; i += kThreads) {
-      int r = i / kChunks, c = i % kChunks;
-      cp_async16(sQ + swz<D>(r, c), r < nh ? q + r * p.q_stride_h + c * 8 : q, r < nh);
-    }
-  }
-  // Each warp streams its own 16-key slice of every 64-key tile through a private kStages-deep
-  // cp.async pipeline and synchronizes only with itself: no CTA-wide barrier in the main loop,
-  // so one slow warp never holds the others' next copies back. A lane always copies the same
-  // 16-byte column cc of rows r0, r0 + kRowStep, ...; their block ids are fetched one slice
-  // ahead into registers so the block-table read overlaps the wait.
-  constexpr int kSliceElems = 16 * D;
-  constexpr int kRowsPerLane = 16 * kChunks / 32;
-  constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
-  const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
-  const int bs_shift = rs.bs_shift, bs_mask = p.block_size - 1;
-  T* const sW = sKV + warp * kStages * 2 * kSliceElems;  // this warp's stages
-  int ids[kRowsPerLane];
-  auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
-  auto fetch_ids = [&](int t) {
-    const int s0 = slice0(t) + r0;
-#pragma unroll
-    for (int n = 0; n < kRowsPerLane; ++n) {
-      const int slot = s0 + n * kRowStep;
-      ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
-    }
+  // Per-warp softmax state over the keys it streamed. Accumulator layout (m16n8): c0,c1 -> head
+  // row lane/4, c2,c3 -> row lane/4 + 8.
+  struct State {
+    float o[D / 8][4];
+    float m[2], l[2];
   };
-  auto load_slice = [&](int t) {
-    if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
-    T* sK = sW + (t % kStages) * 2 * kSliceElems;
-    T* sV = sK + kSliceElems;
-    const int s0 = slice0(t) + r0;
-#pragma unroll
-    for (int n = 0; n < kRowsPerLane; ++n) {
-      const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
-      const bool valid = slot < kend;
-      const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
-      cp_async16(sK + swz<D>(r, cc), kc + off, valid);
-      cp_async16(sV + swz<D>(r, cc), vc + off, valid);
-    }
-  };
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < ntiles) {
-      fetch_ids(t);
-      load_slice(t);
-    }
-    cp_async_commit();  // the Q copies ride in group 0
-  }
-  if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
 
-  // Per-warp state. Accumulator layout (m16n8): c0,c1 -> row lane/4, c2,c3 -> row lane/4 + 8.
-  float o[D / 8][4];
+  // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
+  // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
+  static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
+                                                  int kbeg, int kend, int bs_shift, const T* sQ, T* sW,
+                                                  State& st) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
+    const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
+    const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
+    const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
+    const int bs_mask = (1 << bs_shift) - 1;
+    int ids[kRowsPerLane];
+    auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
+    auto fetch_ids = [&](int t) {
+      const int s0 = slice0(t) + r0;
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  uint32_t qa[D / 16][4];
-  const float sl2 = p.scale * kLog2e;
-
-  for (int t = 0; t < ntiles; ++t) {
-    // Refill the stage slice t-1 used before waiting for slice t: kStages slices in flight.
-    __syncwarp();  // every lane is done reading slice t-1 (ldmatrix) before it is overwritten
-    if (t + kStages - 1 < ntiles) {
-      load_slice(t + kStages - 1);
-      if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
+      for (int n = 0; n < kRowsPerLane; ++n) {
+        const int slot = s0 + n * kRowStep;
+        ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
+      }
+    };
+    auto load_slice = [&](int t) {
+      if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
+      T* sK = sW + (t % kStages) * 2 * kSliceElems;
+      T* sV = sK + kSliceElems;
+      const int s0 = slice0(t) + r0;
+#pragma unroll
+      for (int n = 0; n < kRowsPerLane; ++n) {
+        const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
+        const bool valid = slot < kend;
+        const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
+        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
+        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
+      }
+    };
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < ntiles) {
+        fetch_ids(t);
+        load_slice(t);
+      }
+      cp_async_commit();  // the Q copies ride in group 0
     }
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
-    __syncwarp();                  // ... and the other lanes'
-    if (t == 0) {
-      __syncthreads();  // Q was copied by the whole CTA
+    if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
+
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
+    st.m[0] = st.m[1] = -INFINITY;
+    st.l[0] = st.l[1] = 0.f;
+    uint32_t qa[D / 16][4];
+    const float sl2 = p.scale * kLog2e;
+
+    for (int t = 0; t < ntiles; ++t) {
+      __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
+      if (t + kStages - 1 < ntiles) {
+        load_slice(t + kStages - 1);
+        if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
+      }
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
+      __syncwarp();                  // ... and the other lanes'
+      if (t == 0) {
+        __syncthreads();  // Q was copied by the whole CTA
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, c)),
+                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+        }
+      }
+      const T* sK = sW + (t % kStages) * 2 * kSliceElems;
+      const T* sV = sK + kSliceElems;
+      const int key0 = slice0(t);
+      if (key0 >= kend) continue;
+
+      // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {
-        const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swz<D>(r, c)),
-                                      qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+        uint32_t b0, b1, b2, b3;
+        const int r = (lane & 7) + (lane >> 4) * 8;
+        const int c = 2 * k + ((lane >> 3) & 1);
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, c)), b0,
+                                      b1, b2, b3);
+        Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1, s[0][0],
+                s[0][1], s[0][2], s[0][3]);
+        Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3, s[1][0],
+                s[1][1], s[1][2], s[1][3]);
+      }
+      // Online softmax (log2 domain), keys past the segment end masked.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
+          s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        const float m_new = fmaxf(st.m[i], mx[i]);  // finite: key0 < kend gives one real key
+        alpha[i] = exp2f(st.m[i] - m_new);
+        st.m[i] = m_new;
+        st.l[i] *= alpha[i];
+      }
+      uint32_t pa[4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float p0 = exp2f(s[n][0] - st.m[0]), p1 = exp2f(s[n][1] - st.m[0]);
+        const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
+        st.l[0] += p0 + p1;
+        st.l[1] += p2 + p3;
+        pa[2 * n] = pack2(p0, p1, (T*)nullptr);
+        pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);
+      }
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
+        st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+      }
+      // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        uint32_t b0, b1, b2, b3;
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int c = 2 * j + (lane >> 4);
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, c)), b0, b1,
+                                      b2, b3);
+        Op::fma(st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0,
+                b1, st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3]);
+        Op::fma(st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2], st.o[2 * j + 1][3], pa[0], pa[1],
+                pa[2], pa[3], b2, b3, st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2],
+                st.o[2 * j + 1][3]);
       }
     }
-    const T* sK = sW + (t % kStages) * 2 * kSliceElems;
-    const T* sV = sK + kSliceElems;
-    const int key0 = slice0(t);  // first key of this warp's 16
-    if (key0 >= kend) continue;  // this warp has nothing in the tail tile
-
-    // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    cp_async_wait<0>();
 #pragma unroll
-    for (int k = 0; k < D / 16; ++k) {
-      uint32_t b0, b1, b2, b3;
-      const int r = (lane & 7) + (lane >> 4) * 8;          // key within the warp's 16
-      const int c = 2 * k + ((lane >> 3) & 1);              // 16-byte chunk along D
-      cute::SM75_U32x4_LDSM_N::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sK + swz<D>(r, c)), b0, b1, b2, b3);
-      Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1,
-              s[0][0], s[0][1], s[0][2], s[0][3]);
-      Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3,
-              s[1][0], s[1][1], s[1][2], s[1][3]);
-    }
-    // Scale into the log2 domain, mask keys past the split end, online softmax per head row.
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
-        s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-      }
-    float alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float m_new = fmaxf(m_run[i], mx[i]);  // finite: key0 < kend gives one real key
-      alpha[i] = exp2f(m_run[i] - m_new);
-      m_run[i] = m_new;
-      l_run[i] *= alpha[i];
-    }
-    uint32_t pa[4];
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const float p0 = exp2f(s[n][0] - m_run[0]), p1 = exp2f(s[n][1] - m_run[0]);
-      const float p2 = exp2f(s[n][2] - m_run[1]), p3 = exp2f(s[n][3] - m_run[1]);
-      l_run[0] += p0 + p1;
-      l_run[1] += p2 + p3;
-      pa[2 * n] = pack2(p0, p1, (T*)nullptr);      // A fragment: rows lane/4, keys 8n + ...
-      pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);  // rows lane/4 + 8
-    }
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
-    }
-    // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
-#pragma unroll
-    for (int j = 0; j < D / 16; ++j) {
-      uint32_t b0, b1, b2, b3;
-      const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int c = 2 * j + (lane >> 4);
-      cute::SM75_U16x8_LDSM_T::copy(
-          *reinterpret_cast<const cute::uint128_t*>(sV + swz<D>(r, c)), b0, b1, b2, b3);
-      Op::fma(o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0, b1,
-              o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3]);
-      Op::fma(o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3], pa[0], pa[1], pa[2],
-              pa[3], b2, b3, o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3]);
+    for (int i = 0; i < 2; ++i) {  // row sums were kept per lane: finish them across the quad
+      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();  // stages are free: reuse them for the cross-warp merge
 
-  // Row sums were kept per lane; finish them across the quad.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-  float* sO = reinterpret_cast<float*>(sKV);               // [warp][16][D]
-  float* sM = sO + kWarps * kHeadTile * D;                  // [warp][16]
-  float* sL = sM + kWarps * kHeadTile;                      // [warp][16]
-  {
+  // Softmax merge of the 4 warp states through shared memory (the drained stages).
+  // After it, sO[0][r][d] = sum_w f_w o_w, sM[r] = max_w m_w, sL[r] = sum_w f_w l_w (log2 domain).
+  static __device__ __forceinline__ void merge_warps(const State& st, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* sO = scratch;                              // [warp][16][D]
+    float* sM = sO + kWarps * kHeadTile * D;          // [warp][16]
+    float* sL = sM + kWarps * kHeadTile;              // [warp][16]
     float* wo = sO + warp * kHeadTile * D;
     const int r = lane >> 2, c = 2 * (lane & 3);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(o[j][0], o[j][1]);
-      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(o[j][2], o[j][3]);
+      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(st.o[j][0], st.o[j][1]);
+      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(st.o[j][2], st.o[j][3]);
     }
     if ((lane & 3) == 0) {
-      sM[warp * kHeadTile + r] = m_run[0];
-      sM[warp * kHeadTile + r + 8] = m_run[1];
-      sL[warp * kHeadTile + r] = l_run[0];
-      sL[warp * kHeadTile + r + 8] = l_run[1];
+      sM[warp * kHeadTile + r] = st.m[0];
+      sM[warp * kHeadTile + r + 8] = st.m[1];
+      sL[warp * kHeadTile + r] = st.l[0];
+      sL[warp * kHeadTile + r + 8] = st.l[1];
     }
   }
-  __syncthreads();
 
-  const bool direct = nsplit == 1;
-  const int64_t ws_row = ((int64_t)(row * head_tiles + ht) * max_splits + split) * kHeadTile;
-  float* ws_o = reinterpret_cast<float*>(p.workspace);
-  float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
-  for (int i = tid; i < nh * D; i += kThreads) {
-    const int r = i / D, d = i % D;
+  // Value of head row r, column d after merge_warps: (o / l, lse log2) with empty -> (0, -inf).
+  static __device__ __forceinline__ float merged(const float* scratch, int r, int d, float* lse2) {
+    const float* sO = scratch;
+    const float* sM = sO + kWarps * kHeadTile * D;
+    const float* sL = sM + kWarps * kHeadTile;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kHeadTile + r]);
+    if (M == -INFINITY) {  // no key in this segment
+      *lse2 = -INFINITY;
+      return 0.f;
+    }
     float acc = 0.f, l = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
@@ -331,73 +356,147 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       acc += f * sO[(w * kHeadTile + r) * D + d];
       l += f * sL[w * kHeadTile + r];
     }
-    if (direct) {
-      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(acc / l, out);
-      if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = (M + log2f(l)) / kLog2e;
-    } else {
-      ws_o[(ws_row + r) * D + d] = acc / l;
-      if (d == 0) ws_lse[ws_row + r] = M + log2f(l);  // log2 domain
-    }
+    *lse2 = M + log2f(l);
+    return acc / l;
   }
-}
+};
 
-// Merges the split partials of rows that needed more than one split. One CTA per
-// (row, query head), one thread per output column: each thread reads the <= 16 split lse
-// values and its column of partials with independent loads (one latency, not one per split:
-// at B 1 the merge is on the critical path of a ~20 us step).
-template <typename T, int D, int NW>
-__global__ void __launch_bounds__(D)
-sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
-  const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
+  using K = Decode<T, D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sStages = sQ + kHeadTile * D;
+  float* scratch = reinterpret_cast<float*>(sStages);
+  __shared__ int arrival;
+
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
+  int32_t* counter = reinterpret_cast<int32_t*>(ws + rs.ws.counter);
+  float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
+  float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
+
+  const int n = meta[0];
+  const int c = blockIdx.x;
+  if (c >= n) return;
+  const int64_t U = meta[1];
+  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int G = p.num_q_heads / p.num_kv_heads;
-  const int row = blockIdx.x, r = blockIdx.y, ht = blockIdx.z;
-  const int h0 = ht * kHeadTile;
-  if (h0 + r >= G) return;
-  const int L = p.seq_lens[row];
-  const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk, 16 * NW));
-  if (nsplit <= 1) return;
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads, qh = g * G + h0 + r, d = threadIdx.x;
-  const float* ws_o = reinterpret_cast<const float*>(p.workspace);
-  const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
-  const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile + r;
-  float lse[16], part[16];
+  T* const sW = sStages + warp * K::kStages * 2 * K::kSliceElems;  // this warp's stages
+
+  int64_t v = cta_row[c];
+  int64_t a = a0;
+  while (a < b0) {
+    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+    const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
+    const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
+    const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+    const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+    const int L = p.seq_lens[row];
+    const int kbeg = (int)(seg_lo - P - kRowCost > 0 ? seg_lo - P - kRowCost : 0) * kTileKeys;
+    const int kend = min(L, (int)(seg_hi - P - kRowCost > 0 ? seg_hi - P - kRowCost : 0) * kTileKeys);
+
+    __syncthreads();  // the previous segment is done with sQ and the scratch
+    {  // queries of the head tile; rows beyond the group are zero (finite, unused scores)
+      const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
+      for (int i = tid; i < kHeadTile * K::kChunks; i += kThreads) {
+        const int r = i / K::kChunks, cc = i % K::kChunks;
+        cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
+      }
+    }
+    typename K::State st;
+    K::mainloop(p, p.block_table + (int64_t)row * p.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
+    __syncthreads();  // every warp drained: the stages become merge scratch
+    K::merge_warps(st, scratch);
+    __syncthreads();
+
+    if (P >= a0 && P_end <= b0) {  // ------------- the whole row is ours: write it
+      for (int i = tid; i < nh * D; i += kThreads) {
+        const int r = i / D, d = i % D;
+        float lse2;
+        const float o = K::merged(scratch, r, d, &lse2);
+        from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+        if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
+      }
+    } else {  // ---------------------------------- a piece: partial, the last arrival merges
+      const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
+      for (int i = tid; i < nh * D; i += kThreads) {
+        const int r = i / D, d = i % D;
+        float lse2;
+        const float o = K::merged(scratch, r, d, &lse2);
+        part_o[(slot * kHeadTile + r) * D + d] = o;
+        if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
+      }
+      const int c_first = owner_of(P, U, n), c_last = owner_of(P_end - 1, U, n);
+      __threadfence();  // this thread's partial is visible device-wide before the arrival
+      __syncthreads();
+      if (tid == 0) arrival = atomicAdd(counter + c_first, 1);
+      __syncthreads();
+      if (arrival == c_last - c_first) {  // everyone else has arrived: merge
+        __threadfence();
+        for (int i = tid; i < nh * D; i += kThreads) {
+          const int r = i / D, d = i % D;
+          float M = -INFINITY, acc = 0.f, l = 0.f;
+          for (int cb = c_first; cb <= c_last; cb += 8) {
+            float lse_k[8], o_k[8];
 #pragma unroll
-  for (int s = 0; s < 16; ++s) {
-    lse[s] = s < nsplit ? ws_lse[base + s * kHeadTile] : -INFINITY;
-    part[s] = s < nsplit ? ws_o[(base + s * kHeadTile) * D + d] : 0.f;
+            for (int k = 0; k < 8; ++k) {  // independent loads: one latency per 8 pieces
+              const int cc2 = cb + k;
+              const bool ok = cc2 <= c_last;
+              const int64_t s2 = 2 * (int64_t)cc2 + (range_begin(cc2, U, n) >= P ? 0 : 1);
+              lse_k[k] = ok ? __ldcg(part_lse + s2 * kHeadTile + r) : -INFINITY;
+              o_k[k] = ok ? __ldcg(part_o + (s2 * kHeadTile + r) * D + d) : 0.f;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              const float m_new = fmaxf(M, lse_k[k]);
+              if (m_new == -INFINITY) continue;
+              const float f_old = exp2f(M - m_new), f_k = exp2f(lse_k[k] - m_new);
+              acc = acc * f_old + o_k[k] * f_k;
+              l = l * f_old + f_k;
+              M = m_new;
+            }
+          }
+          const float o = l > 0.f ? acc / l : 0.f;
+          from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+          if (p.lse && d == 0)
+            p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (M + log2f(l)) / kLog2e : -INFINITY;
+        }
+        if (tid == 0) counter[c_first] = 0;  // clean for the next call (the planner zeroes too)
+      }
+    }
+    a = seg_hi;
+    ++v;
   }
-  float M = -INFINITY;
-#pragma unroll
-  for (int s = 0; s < 16; ++s) M = fmaxf(M, lse[s]);
-  float acc = 0.f, l = 0.f;
-#pragma unroll
-  for (int s = 0; s < 16; ++s) {
-    const float w = exp2f(lse[s] - M);  // 0 for the unused slots
-    acc += w * part[s];
-    l += w;
-  }
-  from_float(acc / l, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + qh * p.o_stride_h + d);
-  if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh] = (M + log2f(l)) / kLog2e;
 }
 
-
+// ------------------------------------------------------------------------------------------------
+int ctas_per_sm(int head_dim) {
+  switch (head_dim) {
+    case 64: return Cfg<64>::kCtasPerSm;
+    case 128: return Cfg<128>::kCtasPerSm;
+    default: return Cfg<256>::kCtasPerSm;
+  }
+}
 
 Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   Resolved r;
   const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
-  r.rows = p.batch * p.num_kv_heads;
-  // Measured on H200 (bench/sweep_decode.py): splitting only pays while the rows alone do not
-  // fill one wave of resident CTAs; beyond that every extra split costs its own prologue,
-  // partial write and merge. So: enough splits for about one wave, at least min_chunk keys each.
-  const int64_t work_items = std::max<int64_t>(1, (int64_t)r.rows * r.head_tiles);
-  const int resident = num_sms * 2;  // 2 CTAs of ~100 KB shared memory per SM
-  const int ms = p.max_splits > 0 ? p.max_splits : (int)((resident + work_items - 1) / work_items);
-  r.max_splits = std::min(std::max(ms, 1), 16);
-  r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
+  r.rows_v = (int64_t)p.batch * p.num_kv_heads * r.head_tiles;
+  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.head_dim);
+  r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
+  // At least this many units per CTA: a piece of a row costs a query load and a partial write,
+  // worth it only over a few tiles (bench/sweep_decode.py).
+  const int min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
+  r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.block_size) ++r.bs_shift;
+  r.ws = layout(r.rows_v, r.grid, p.head_dim);
   return r;
 }
 
@@ -408,31 +507,28 @@ int device_sms() {
   return n;
 }
 
-template <typename T, int D, int NW>
+template <typename T, int D>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
-  constexpr int smem = Cfg<D, NW>::kSmemBytes;
-  // Set on every launch (a cheap host call, legal during capture): the attribute is per
-  // device, so caching it in a static would miss the second GPU.
-  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           smem) != cudaSuccess)
+  constexpr int smem = Cfg<D>::kSmemBytes;
+  // Set on every launch (a cheap host call, legal during capture): the attribute is per device.
+  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+      cudaSuccess)
     return Status::kCudaError;
-  dim3 grid(r.rows, r.max_splits, r.head_tiles);
-  sparse_decode_kernel<T, D, NW><<<grid, NW * 32, smem, stream>>>(p, r);
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
+                                                             r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  if (r.max_splits > 1) {
-    dim3 mgrid(r.rows, kHeadTile, r.head_tiles);
-    sparse_decode_merge_kernel<T, D, NW><<<mgrid, D, 0, stream>>>(p, r);
-    if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  }
+  sparse_decode_kernel<T, D><<<r.grid, kThreads, smem, stream>>>(p, r);
+  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   return Status::kSuccess;
 }
 
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64, 4>(p, r, s);
-    case 128: return launch<T, 128, 4>(p, r, s);
-    case 256: return launch<T, 256, 4>(p, r, s);
+    case 64: return launch<T, 64>(p, r, s);
+    case 128: return launch<T, 128>(p, r, s);
+    case 256: return launch<T, 256>(p, r, s);
     default: return Status::kUnsupported;
   }
 }
@@ -440,9 +536,8 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
 }  // namespace
 
 size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms) {
-  const Resolved r = resolve(p, num_sms);
-  if (r.max_splits <= 1) return 0;
-  return (size_t)r.rows * r.head_tiles * r.max_splits * kHeadTile * (p.head_dim + 1) * sizeof(float);
+  if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_q_heads <= 0) return 0;
+  return (size_t)resolve(p, num_sms).ws.bytes;
 }
 
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
@@ -455,8 +550,10 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   if ((p.block_size & (p.block_size - 1)) != 0) return Status::kUnsupported;  // slots map by shift
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
-  if (r.max_splits > 1 && !p.workspace) return Status::kInvalidArgument;
-  if (r.head_tiles > 65535) return Status::kUnsupported;  // grid z limit
+  if (!p.workspace) return Status::kInvalidArgument;
+  // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
+  const int64_t max_units = r.rows_v * ((int64_t)p.max_blocks_per_head * p.block_size / kTileKeys + 1 + kRowCost);
+  if (max_units >= INT32_MAX) return Status::kUnsupported;
   return p.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                      : dispatch_dim<__half>(p, r, stream);
 }
