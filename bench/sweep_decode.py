@@ -1,5 +1,8 @@
-"""Sweep sparse_decode's split-KV knobs (DMS_DECODE_MAX_SPLITS / DMS_DECODE_MIN_CHUNK) on the
-bench_decode shapes, our op only; prints one line per (case, knobs). For choosing defaults."""
+"""Sweep sparse_decode's scheduler knobs on the bench_decode shapes, our op only; prints one line
+per (case, knobs). For choosing defaults. DMS_DECODE_MAX_SPLITS caps the persistent grid (0: the
+resident CTAs of the device), DMS_DECODE_MIN_CHUNK is the fewest keys a CTA's range holds (0: 256).
+
+  python3 bench/sweep_decode.py ["B1 x 32k,B64 x 8k skewed"]"""
 import os
 import sys
 
@@ -15,7 +18,7 @@ import dms_ext  # noqa: E402,F401
 def main():
     common.require_cuda()
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["B1 x 32k", "B64 x 8k", "B128 x 4k", "B16 x 16k"]
-    knobs = [(w, ms, mc) for w in (4,) for ms, mc in ((0, 0), (1, 256), (2, 256), (4, 256), (8, 128), (16, 128))]
+    knobs = [(4, ms, mc) for ms, mc in ((0, 0), (0, 64), (0, 128), (0, 512), (132, 0), (132, 128))]
     gen = torch.Generator().manual_seed(0)
     gdev = torch.Generator(device="cuda").manual_seed(0)
     for c in bd.CASES:

@@ -10,6 +10,7 @@
 #include <cute/arch/mma_sm80.hpp>
 
 #include <cstdint>
+#include <utility>
 
 namespace dms {
 
@@ -49,6 +50,29 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 template <int D>
 __device__ __forceinline__ int swizzle(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with launch_pdl may start while the
+// previous kernel on the stream still runs; pdl_wait() blocks until that kernel has finished and
+// its memory is visible, pdl_launch_dependents() lets the next kernel start launching early.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+template <typename... KArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace dms

@@ -15,12 +15,11 @@
 //   Softmax    online softmax per warp in the log2 domain; the 4 warp states merge in shared
 //              memory at the end of a segment.
 //   Epilogue   a segment that covers its whole row writes the output (and lse) directly. A row
-//              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it;
-//              the last of those CTAs to finish (a per-row arrival counter) merges them, so no
-//              second kernel and no waiting: correctness never depends on CTAs being resident
-//              at the same time.
-// A row of n tiles touches at most ceil(n / units-per-CTA) + 1 CTAs, and a CTA writes at most two
-// partials (its first and its last segment), so the scratch is bounded by the grid, not by the
+//              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
+//              most two per CTA (its first and its last segment), and the attention kernel never
+//              waits: a merge kernel combines the partials of every cut row, over many CTAs.
+// The three kernels are chained with programmatic dependent launch, so each one's launch and
+// prologue overlap the previous one's tail. The scratch is bounded by the grid, not by the
 // lengths: the workspace depends on sizes only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -58,7 +57,7 @@ template <int D> struct Cfg {
 // ------------------------------------------------------------------------------------------------
 // Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
 struct Layout {
-  int64_t meta, prefix, cta_row, counter, part_o, part_lse, bytes;
+  int64_t meta, prefix, cta_row, part_o, part_lse, bytes;
 };
 __host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
 __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
@@ -66,8 +65,7 @@ __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
   l.meta = 0;                                         // int32 [4]: n, U
   l.prefix = 256;                                     // int32 [rows_v]: inclusive unit prefix
   l.cta_row = align256(l.prefix + rows_v * 4);        // int32 [grid]: first work row of CTA c
-  l.counter = align256(l.cta_row + (int64_t)grid * 4);  // int32 [grid]: arrivals, by first CTA
-  l.part_o = align256(l.counter + (int64_t)grid * 4);   // f32 [2 grid][16][D]
+  l.part_o = align256(l.cta_row + (int64_t)grid * 4);   // f32 [2 grid][16][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
   return l;
@@ -91,15 +89,15 @@ __device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
 
 // ------------------------------------------------------------------------------------------------
 // Scheduler: one CTA. Inclusive prefix of the row costs, the number n of CTAs that get work
-// (at least min_units each), each working CTA's first row, and zeroed arrival counters.
+// (at least min_units each) and each working CTA's first row.
 __global__ void __launch_bounds__(kPlanThreads)
 sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, int head_tiles,
                           int grid, int min_units, unsigned char* ws, Layout lo) {
   int32_t* meta = reinterpret_cast<int32_t*>(ws + lo.meta);
   int32_t* prefix = reinterpret_cast<int32_t*>(ws + lo.prefix);
   int32_t* cta_row = reinterpret_cast<int32_t*>(ws + lo.cta_row);
-  int32_t* counter = reinterpret_cast<int32_t*>(ws + lo.counter);
   __shared__ int warp_sums[kPlanThreads / 32];
+  pdl_launch_dependents();  // the attention kernel may start its launch; it waits for our writes
   __shared__ int carry_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid == 0) carry_s = 0;
@@ -133,17 +131,14 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
   __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
   const int64_t U = carry_s;
   const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
-  for (int c = tid; c < grid; c += kPlanThreads) {
-    counter[c] = 0;
-    if (c < n) {  // first row whose prefix passes the CTA's first unit
-      const int64_t a = range_begin(c, U, n);
-      int64_t lo_r = 0, hi_r = rows_v - 1;
-      while (lo_r < hi_r) {
-        const int64_t mid = (lo_r + hi_r) >> 1;
-        if (prefix[mid] > a) hi_r = mid; else lo_r = mid + 1;
-      }
-      cta_row[c] = (int32_t)lo_r;
+  for (int c = tid; c < n; c += kPlanThreads) {  // first row whose prefix passes the CTA's first unit
+    const int64_t a = range_begin(c, U, n);
+    int64_t lo_r = 0, hi_r = rows_v - 1;
+    while (lo_r < hi_r) {
+      const int64_t mid = (lo_r + hi_r) >> 1;
+      if (prefix[mid] > a) hi_r = mid; else lo_r = mid + 1;
     }
+    cta_row[c] = (int32_t)lo_r;
   }
   if (tid == 0) {
     meta[0] = n;
@@ -369,16 +364,16 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sStages = sQ + kHeadTile * D;
   float* scratch = reinterpret_cast<float*>(sStages);
-  __shared__ int arrival;
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
   const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
   const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
-  int32_t* counter = reinterpret_cast<int32_t*>(ws + rs.ws.counter);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
+  pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
+  pdl_wait();               // the plan is written
   const int n = meta[0];
   const int c = blockIdx.x;
   if (c >= n) return;
@@ -422,7 +417,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
         if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
       }
-    } else {  // ---------------------------------- a piece: partial, the last arrival merges
+    } else {  // ---------------------------------- a piece of a cut row: its partial
       const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
       for (int i = tid; i < nh * D; i += kThreads) {
         const int r = i / D, d = i % D;
@@ -431,46 +426,110 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         part_o[(slot * kHeadTile + r) * D + d] = o;
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
-      const int c_first = owner_of(P, U, n), c_last = owner_of(P_end - 1, U, n);
-      __threadfence();  // this thread's partial is visible device-wide before the arrival
-      __syncthreads();
-      if (tid == 0) arrival = atomicAdd(counter + c_first, 1);
-      __syncthreads();
-      if (arrival == c_last - c_first) {  // everyone else has arrived: merge
-        __threadfence();
-        for (int i = tid; i < nh * D; i += kThreads) {
-          const int r = i / D, d = i % D;
-          float M = -INFINITY, acc = 0.f, l = 0.f;
-          for (int cb = c_first; cb <= c_last; cb += 8) {
-            float lse_k[8], o_k[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {  // independent loads: one latency per 8 pieces
-              const int cc2 = cb + k;
-              const bool ok = cc2 <= c_last;
-              const int64_t s2 = 2 * (int64_t)cc2 + (range_begin(cc2, U, n) >= P ? 0 : 1);
-              lse_k[k] = ok ? __ldcg(part_lse + s2 * kHeadTile + r) : -INFINITY;
-              o_k[k] = ok ? __ldcg(part_o + (s2 * kHeadTile + r) * D + d) : 0.f;
-            }
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const float m_new = fmaxf(M, lse_k[k]);
-              if (m_new == -INFINITY) continue;
-              const float f_old = exp2f(M - m_new), f_k = exp2f(lse_k[k] - m_new);
-              acc = acc * f_old + o_k[k] * f_k;
-              l = l * f_old + f_k;
-              M = m_new;
-            }
-          }
-          const float o = l > 0.f ? acc / l : 0.f;
-          from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
-          if (p.lse && d == 0)
-            p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (M + log2f(l)) / kLog2e : -INFINITY;
-        }
-        if (tid == 0) counter[c_first] = 0;  // clean for the next call (the planner zeroes too)
-      }
     }
     a = seg_hi;
     ++v;
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
+// a cut row extends past c's end, so it is c's last segment). kMergeWarps warps split the pieces;
+// lanes cover D with float4; the warps' states meet in shared memory.
+constexpr int kMergeWarps = 4;
+template <int D> constexpr int merge_smem_bytes() { return kMergeWarps * kHeadTile * (D + 2) * 4; }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeWarps * 32)
+sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
+  constexpr int kLanesD = D / 4;                      // lanes per head row (float4 each)
+  constexpr int kRowsPerWarp = kLanesD >= 32 ? 1 : 32 / kLanesD;
+  constexpr int kVecPerLane = kLanesD > 32 ? kLanesD / 32 : 1;
+  extern __shared__ __align__(16) float merge_smem[];
+  float4 (*sO)[kHeadTile][D / 4] = reinterpret_cast<float4 (*)[kHeadTile][D / 4]>(merge_smem);
+  float (*sM)[kHeadTile] = reinterpret_cast<float (*)[kHeadTile]>(merge_smem + kMergeWarps * kHeadTile * D);
+  float (*sL)[kHeadTile] = sM + kMergeWarps;
+  pdl_wait();  // the attention kernel's partials and direct outputs are written
+
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
+  const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
+  const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
+  const int n = meta[0], c = blockIdx.x;
+  if (c >= n) return;
+  const int64_t U = meta[1];
+  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  int64_t v = cta_row[c];
+  while (prefix[v] < b0) ++v;  // the row holding c's last unit
+  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+  if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
+  if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
+  const int c_last = owner_of(P_end - 1, U, n);
+  const int k = c_last - c + 1;                // pieces
+  const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sub = lane / kLanesD, dl = lane % kLanesD;  // head row within the warp's group, d lane
+
+  for (int r0 = 0; r0 < nh; r0 += kRowsPerWarp) {
+    const int r = r0 + (kLanesD >= 32 ? 0 : sub);
+    float M = -INFINITY, l = 0.f;
+    float4 acc[kVecPerLane];
+#pragma unroll
+    for (int e = 0; e < kVecPerLane; ++e) acc[e] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < nh) {
+#pragma unroll 4
+      for (int j = warp; j < k; j += kMergeWarps) {
+        const int cj = c + j;
+        const int64_t slot = 2 * (int64_t)cj + (range_begin(cj, U, n) >= P ? 0 : 1);
+        const float lse = part_lse[slot * kHeadTile + r];
+        if (lse == -INFINITY) continue;  // a piece with no keys
+        const float m_new = fmaxf(M, lse);
+        const float f_old = exp2f(M - m_new), f = exp2f(lse - m_new);
+        const float4* src = reinterpret_cast<const float4*>(part_o + (slot * kHeadTile + r) * D);
+#pragma unroll
+        for (int e = 0; e < kVecPerLane; ++e) {
+          const float4 x = src[dl + e * 32];
+          acc[e].x = acc[e].x * f_old + x.x * f;
+          acc[e].y = acc[e].y * f_old + x.y * f;
+          acc[e].z = acc[e].z * f_old + x.z * f;
+          acc[e].w = acc[e].w * f_old + x.w * f;
+        }
+        l = l * f_old + f;
+        M = m_new;
+      }
+      if (dl == 0) {
+        sM[warp][r] = M;
+        sL[warp][r] = l;
+      }
+#pragma unroll
+      for (int e = 0; e < kVecPerLane; ++e) sO[warp][r][dl + e * 32] = acc[e];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nh * D; i += kMergeWarps * 32) {
+    const int r = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, w < k ? sM[w][r] : -INFINITY);
+    float acc = 0.f, l = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kMergeWarps; ++w) {
+        if (w >= k || sM[w][r] == -INFINITY) continue;
+        const float f = exp2f(sM[w][r] - M);
+        acc += f * reinterpret_cast<const float*>(&sO[w][r][0])[d];
+        l += f * sL[w][r];
+      }
+    }
+    from_float(l > 0.f ? acc / l : 0.f, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+    if (p.lse && d == 0)
+      p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (M + log2f(l)) / kLog2e : -INFINITY;
   }
 }
 
@@ -518,8 +577,14 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  sparse_decode_kernel<T, D><<<r.grid, kThreads, smem, stream>>>(p, r);
-  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  if (launch_pdl(sparse_decode_kernel<T, D>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
+    return Status::kCudaError;
+  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           merge_smem_bytes<D>()) != cudaSuccess)
+    return Status::kCudaError;
+  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeWarps * 32), merge_smem_bytes<D>(),
+                 stream, p, r) != cudaSuccess)
+    return Status::kCudaError;
   return Status::kSuccess;
 }
 
