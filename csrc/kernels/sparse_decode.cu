@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
 
 #include "dms/dms.h"
 #include "kernels/primitives.cuh"
@@ -44,14 +45,14 @@ constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
 constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
 
-template <int D> struct Cfg {
-  static constexpr int kStages = D <= 128 ? 3 : 2;
+template <int D, int S> struct Cfg {
+  static constexpr int kStages = S;
   static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
   static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kWarps * kSliceElems) * 2;
   static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
   static_assert(kMergeBytes <= kStages * 2 * kWarps * kSliceElems * 2, "merge scratch must fit the stages");
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 64K registers): the persistent grid.
-  static constexpr int kCtasPerSm = D == 64 ? 3 : (D == 128 ? 2 : 1);
+  static constexpr int kCtasPerSm = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -148,9 +149,9 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
-template <typename T, int D> struct Decode {
+template <typename T, int D, int S> struct Decode {
   using Op = typename MmaAtom<T>::Op;
-  using C = Cfg<D>;
+  using C = Cfg<D, S>;
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
   static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
   static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
@@ -356,10 +357,10 @@ template <typename T, int D> struct Decode {
   }
 };
 
-template <typename T, int D>
+template <typename T, int D, int S>
 __global__ void __launch_bounds__(kThreads)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
-  using K = Decode<T, D>;
+  using K = Decode<T, D, S>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sStages = sQ + kHeadTile * D;
@@ -435,21 +436,21 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment). kMergeWarps warps split the pieces;
-// lanes cover D with float4; the warps' states meet in shared memory.
-constexpr int kMergeWarps = 4;
-template <int D> constexpr int merge_smem_bytes() { return kMergeWarps * kHeadTile * (D + 2) * 4; }
+// a cut row extends past c's end, so it is c's last segment). Two phases, each a few independent
+// loads per thread: the pieces' lse give per-head weights (shared memory), then every thread sums
+// weighted float4 columns over a share of the pieces.
+constexpr int kMergeThreads = 256;
+inline size_t merge_smem_bytes(int grid) { return (size_t)grid * kHeadTile * 4 + kMergeThreads * 16 + 2 * kHeadTile * 4; }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kMergeWarps * 32)
+__global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
-  constexpr int kLanesD = D / 4;                      // lanes per head row (float4 each)
-  constexpr int kRowsPerWarp = kLanesD >= 32 ? 1 : 32 / kLanesD;
-  constexpr int kVecPerLane = kLanesD > 32 ? kLanesD / 32 : 1;
+  constexpr int kVec = D / 4;  // float4 columns per head row
   extern __shared__ __align__(16) float merge_smem[];
-  float4 (*sO)[kHeadTile][D / 4] = reinterpret_cast<float4 (*)[kHeadTile][D / 4]>(merge_smem);
-  float (*sM)[kHeadTile] = reinterpret_cast<float (*)[kHeadTile]>(merge_smem + kMergeWarps * kHeadTile * D);
-  float (*sL)[kHeadTile] = sM + kMergeWarps;
+  float4* sAcc = reinterpret_cast<float4*>(merge_smem);        // [kMergeThreads]
+  float* sMax = merge_smem + kMergeThreads * 4;                // [16]
+  float* sSum = sMax + kHeadTile;                              // [16]
+  float* sW = sSum + kHeadTile;                                // [pieces][16]
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
@@ -467,78 +468,95 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
   if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
   if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
-  const int c_last = owner_of(P_end - 1, U, n);
-  const int k = c_last - c + 1;                // pieces
+  const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
   const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
   const int G = p.num_q_heads / p.num_kv_heads;
   const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int sub = lane / kLanesD, dl = lane % kLanesD;  // head row within the warp's group, d lane
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // Piece j of the row is CTA c + j's first segment (slot 0), except for j = 0 when c's range
+  // starts before the row (then it is c's last segment, slot 1).
+  auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && a0 < P ? 1 : 0); };
 
-  for (int r0 = 0; r0 < nh; r0 += kRowsPerWarp) {
-    const int r = r0 + (kLanesD >= 32 ? 0 : sub);
-    float M = -INFINITY, l = 0.f;
-    float4 acc[kVecPerLane];
+  for (int i = tid; i < k * nh; i += kMergeThreads) {  // phase 1: lse of every piece and head
+    const int j = i / nh, r = i % nh;
+    sW[j * kHeadTile + r] = part_lse[slot_of(j) * kHeadTile + r];
+  }
+  __syncthreads();
+  for (int r = warp; r < nh; r += kMergeThreads / 32) {  // a warp per head: max, weights, sum
+    float M = -INFINITY;
+    for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kHeadTile + r]);
 #pragma unroll
-    for (int e = 0; e < kVecPerLane; ++e) acc[e] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < nh) {
-#pragma unroll 4
-      for (int j = warp; j < k; j += kMergeWarps) {
-        const int cj = c + j;
-        const int64_t slot = 2 * (int64_t)cj + (range_begin(cj, U, n) >= P ? 0 : 1);
-        const float lse = part_lse[slot * kHeadTile + r];
-        if (lse == -INFINITY) continue;  // a piece with no keys
-        const float m_new = fmaxf(M, lse);
-        const float f_old = exp2f(M - m_new), f = exp2f(lse - m_new);
-        const float4* src = reinterpret_cast<const float4*>(part_o + (slot * kHeadTile + r) * D);
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float l = 0.f;
+    for (int j = lane; j < k; j += 32) {
+      const float w = M == -INFINITY ? 0.f : exp2f(sW[j * kHeadTile + r] - M);  // empty piece: 0
+      sW[j * kHeadTile + r] = w;
+      l += w;
+    }
 #pragma unroll
-        for (int e = 0; e < kVecPerLane; ++e) {
-          const float4 x = src[dl + e * 32];
-          acc[e].x = acc[e].x * f_old + x.x * f;
-          acc[e].y = acc[e].y * f_old + x.y * f;
-          acc[e].z = acc[e].z * f_old + x.z * f;
-          acc[e].w = acc[e].w * f_old + x.w * f;
-        }
-        l = l * f_old + f;
-        M = m_new;
-      }
-      if (dl == 0) {
-        sM[warp][r] = M;
-        sL[warp][r] = l;
-      }
-#pragma unroll
-      for (int e = 0; e < kVecPerLane; ++e) sO[warp][r][dl + e * 32] = acc[e];
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      sMax[r] = M;
+      sSum[r] = l;
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < nh * D; i += kMergeWarps * 32) {
-    const int r = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, w < k ? sM[w][r] : -INFINITY);
-    float acc = 0.f, l = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kMergeWarps; ++w) {
-        if (w >= k || sM[w][r] == -INFINITY) continue;
-        const float f = exp2f(sM[w][r] - M);
-        acc += f * reinterpret_cast<const float*>(&sO[w][r][0])[d];
-        l += f * sL[w][r];
+  // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
+  const int E = nh * kVec;
+  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
+    const int e = e0 + (groups > 1 ? tid % E : tid);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (e < E && grp < groups) {
+      const int r = e / kVec, d4 = e % kVec;
+#pragma unroll 8
+      for (int j = grp; j < k; j += groups) {
+        const float w = sW[j * kHeadTile + r];
+        const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
+        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
       }
     }
-    from_float(l > 0.f ? acc / l : 0.f, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
-    if (p.lse && d == 0)
-      p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (M + log2f(l)) / kLog2e : -INFINITY;
+    if (groups > 1) {
+      sAcc[tid] = acc;
+      __syncthreads();
+      if (tid < E) {
+        for (int q = 1; q < groups; ++q) {
+          const float4 y = sAcc[q * E + tid];
+          acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
+        }
+      }
+    }
+    if (e < E && (groups == 1 || tid < E)) {
+      const int r = e / kVec, d = (e % kVec) * 4;
+      const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
+      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+      from_float(acc.x * inv, out);
+      from_float(acc.y * inv, out + 1);
+      from_float(acc.z * inv, out + 2);
+      from_float(acc.w * inv, out + 3);
+      if (p.lse && d == 0)
+        p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
+    }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
+// Pipeline stages per warp: 3 at D <= 128 (2 at D 128 when DMS_DECODE_STAGES=2, a bench knob), 2 at D 256.
+int stages_for(int head_dim) {
+  if (head_dim == 256) return 2;
+  if (head_dim == 128) {
+    static const int s = [] { const char* e = std::getenv("DMS_DECODE_STAGES"); return e && std::atoi(e) == 2 ? 2 : 3; }();
+    return s;
+  }
+  return 3;
+}
 int ctas_per_sm(int head_dim) {
   switch (head_dim) {
-    case 64: return Cfg<64>::kCtasPerSm;
-    case 128: return Cfg<128>::kCtasPerSm;
-    default: return Cfg<256>::kCtasPerSm;
+    case 64: return Cfg<64, 3>::kCtasPerSm;
+    case 128: return stages_for(128) == 2 ? Cfg<128, 2>::kCtasPerSm : Cfg<128, 3>::kCtasPerSm;
+    default: return Cfg<256, 2>::kCtasPerSm;
   }
 }
 
@@ -566,24 +584,25 @@ int device_sms() {
   return n;
 }
 
-template <typename T, int D>
+template <typename T, int D, int S>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
-  constexpr int smem = Cfg<D>::kSmemBytes;
+  constexpr int smem = Cfg<D, S>::kSmemBytes;
   // Set on every launch (a cheap host call, legal during capture): the attribute is per device.
-  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
       cudaSuccess)
+    return Status::kCudaError;
+  const size_t merge_smem = merge_smem_bytes(r.grid);
+  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)merge_smem) != cudaSuccess)
     return Status::kCudaError;
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  if (launch_pdl(sparse_decode_kernel<T, D>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
+  if (launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
     return Status::kCudaError;
-  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           merge_smem_bytes<D>()) != cudaSuccess)
-    return Status::kCudaError;
-  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeWarps * 32), merge_smem_bytes<D>(),
-                 stream, p, r) != cudaSuccess)
+  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem, stream, p, r) !=
+      cudaSuccess)
     return Status::kCudaError;
   return Status::kSuccess;
 }
@@ -591,9 +610,9 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, r, s);
-    case 128: return launch<T, 128>(p, r, s);
-    case 256: return launch<T, 256>(p, r, s);
+    case 64: return launch<T, 64, 3>(p, r, s);
+    case 128: return stages_for(128) == 2 ? launch<T, 128, 2>(p, r, s) : launch<T, 128, 3>(p, r, s);
+    case 256: return launch<T, 256, 2>(p, r, s);
     default: return Status::kUnsupported;
   }
 }
