@@ -41,18 +41,18 @@ namespace {
 
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
-constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
+constexpr int kTileKeys = 64;  // keys per pipeline tile (and per scheduling unit)
+constexpr int kMaxSegs = 32;   // row segments a CTA describes at once (one warp builds them)
 constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
 
 template <int D, int S> struct Cfg {
   static constexpr int kStages = S;
-  static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
-  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kWarps * kSliceElems) * 2;
-  static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
-  static_assert(kMergeBytes <= kStages * 2 * kWarps * kSliceElems * 2, "merge scratch must fit the stages");
+  static constexpr int kTileElems = kTileKeys * D;                 // one K (or V) tile
+  static constexpr int kStageElems = 2 * kTileElems + kHeadTile * D;  // K, V, and Q (first step of a row)
+  static constexpr int kSmemBytes = kStages * kStageElems * 2;
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 64K registers): the persistent grid.
-  static constexpr int kCtasPerSm = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
+  static constexpr int kCtasPerSm = (228 * 1024) / (kSmemBytes + 2048) < 4 ? (228 * 1024) / (kSmemBytes + 2048) : 4;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -132,14 +132,11 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
   __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
   const int64_t U = carry_s;
   const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
-  for (int c = tid; c < n; c += kPlanThreads) {  // first row whose prefix passes the CTA's first unit
-    const int64_t a = range_begin(c, U, n);
-    int64_t lo_r = 0, hi_r = rows_v - 1;
-    while (lo_r < hi_r) {
-      const int64_t mid = (lo_r + hi_r) >> 1;
-      if (prefix[mid] > a) hi_r = mid; else lo_r = mid + 1;
-    }
-    cta_row[c] = (int32_t)lo_r;
+  // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
+  for (int64_t v = tid; v < rows_v; v += kPlanThreads) {
+    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+    const int64_t c_lo = (P * n + U - 1) / U, c_hi = (P_end * n + U - 1) / U;
+    for (int64_t c = c_lo; c < c_hi; ++c) cta_row[c] = (int32_t)v;
   }
   if (tid == 0) {
     meta[0] = n;
@@ -148,223 +145,39 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Attention kernel pieces.
+// Attention kernel. A CTA's range is a list of row segments; its tiles form one flat sequence of
+// steps, so the cp.async pipeline runs across row boundaries without draining. Every warp computes
+// the scores of the whole 64-key tile (the MMAs are cheap: decode is memory-bound) and owns D / 4
+// output columns, so a row ends in registers: no cross-warp merge, no barrier beyond the one per
+// step that frees a stage.
+struct Segment {
+  int kbeg, kend;        // keys of the row this segment covers
+  int step_begin, step_end;
+  int64_t v;             // work row (b, g, head tile)
+  int slot;              // partial slot, or -1: the segment covers its whole row
+};
+
 template <typename T, int D, int S> struct Decode {
   using Op = typename MmaAtom<T>::Op;
   using C = Cfg<D, S>;
-  static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
-  static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
-  static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
-  static constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
-
-  // Per-warp softmax state over the keys it streamed. Accumulator layout (m16n8): c0,c1 -> head
-  // row lane/4, c2,c3 -> row lane/4 + 8.
-  struct State {
-    float o[D / 8][4];
-    float m[2], l[2];
-  };
-
-  // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
-  // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
-  static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
-                                                  int kbeg, int kend, int bs_shift, const T* sQ, T* sW,
-                                                  State& st) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
-    const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
-    const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
-    const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
-    const int bs_mask = (1 << bs_shift) - 1;
-    int ids[kRowsPerLane];
-    auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
-    auto fetch_ids = [&](int t) {
-      const int s0 = slice0(t) + r0;
-#pragma unroll
-      for (int n = 0; n < kRowsPerLane; ++n) {
-        const int slot = s0 + n * kRowStep;
-        ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
-      }
-    };
-    auto load_slice = [&](int t) {
-      if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
-      T* sK = sW + (t % kStages) * 2 * kSliceElems;
-      T* sV = sK + kSliceElems;
-      const int s0 = slice0(t) + r0;
-#pragma unroll
-      for (int n = 0; n < kRowsPerLane; ++n) {
-        const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
-        const bool valid = slot < kend;
-        const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
-        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
-        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
-      }
-    };
-#pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) {
-      if (t < ntiles) {
-        fetch_ids(t);
-        load_slice(t);
-      }
-      cp_async_commit();  // the Q copies ride in group 0
-    }
-    if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
-
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
-    st.m[0] = st.m[1] = -INFINITY;
-    st.l[0] = st.l[1] = 0.f;
-    uint32_t qa[D / 16][4];
-    const float sl2 = p.scale * kLog2e;
-
-    for (int t = 0; t < ntiles; ++t) {
-      __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
-      if (t + kStages - 1 < ntiles) {
-        load_slice(t + kStages - 1);
-        if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
-      }
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
-      __syncwarp();                  // ... and the other lanes'
-      if (t == 0) {
-        __syncthreads();  // Q was copied by the whole CTA
-#pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, c)),
-                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
-        }
-      }
-      const T* sK = sW + (t % kStages) * 2 * kSliceElems;
-      const T* sV = sK + kSliceElems;
-      const int key0 = slice0(t);
-      if (key0 >= kend) continue;
-
-      // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        uint32_t b0, b1, b2, b3;
-        const int r = (lane & 7) + (lane >> 4) * 8;
-        const int c = 2 * k + ((lane >> 3) & 1);
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, c)), b0,
-                                      b1, b2, b3);
-        Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1, s[0][0],
-                s[0][1], s[0][2], s[0][3]);
-        Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3, s[1][0],
-                s[1][1], s[1][2], s[1][3]);
-      }
-      // Online softmax (log2 domain), keys past the segment end masked.
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
-          s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-        }
-      float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        const float m_new = fmaxf(st.m[i], mx[i]);  // finite: key0 < kend gives one real key
-        alpha[i] = exp2f(st.m[i] - m_new);
-        st.m[i] = m_new;
-        st.l[i] *= alpha[i];
-      }
-      uint32_t pa[4];
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const float p0 = exp2f(s[n][0] - st.m[0]), p1 = exp2f(s[n][1] - st.m[0]);
-        const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
-        st.l[0] += p0 + p1;
-        st.l[1] += p2 + p3;
-        pa[2 * n] = pack2(p0, p1, (T*)nullptr);
-        pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);
-      }
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
-        st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
-      }
-      // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
-#pragma unroll
-      for (int j = 0; j < D / 16; ++j) {
-        uint32_t b0, b1, b2, b3;
-        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int c = 2 * j + (lane >> 4);
-        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, c)), b0, b1,
-                                      b2, b3);
-        Op::fma(st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0,
-                b1, st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3]);
-        Op::fma(st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2], st.o[2 * j + 1][3], pa[0], pa[1],
-                pa[2], pa[3], b2, b3, st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2],
-                st.o[2 * j + 1][3]);
-      }
-    }
-    cp_async_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {  // row sums were kept per lane: finish them across the quad
-      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
-      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
-    }
-  }
-
-  // Softmax merge of the 4 warp states through shared memory (the drained stages).
-  // After it, sO[0][r][d] = sum_w f_w o_w, sM[r] = max_w m_w, sL[r] = sum_w f_w l_w (log2 domain).
-  static __device__ __forceinline__ void merge_warps(const State& st, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* sO = scratch;                              // [warp][16][D]
-    float* sM = sO + kWarps * kHeadTile * D;          // [warp][16]
-    float* sL = sM + kWarps * kHeadTile;              // [warp][16]
-    float* wo = sO + warp * kHeadTile * D;
-    const int r = lane >> 2, c = 2 * (lane & 3);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(st.o[j][0], st.o[j][1]);
-      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(st.o[j][2], st.o[j][3]);
-    }
-    if ((lane & 3) == 0) {
-      sM[warp * kHeadTile + r] = st.m[0];
-      sM[warp * kHeadTile + r + 8] = st.m[1];
-      sL[warp * kHeadTile + r] = st.l[0];
-      sL[warp * kHeadTile + r + 8] = st.l[1];
-    }
-  }
-
-  // Value of head row r, column d after merge_warps: (o / l, lse log2) with empty -> (0, -inf).
-  static __device__ __forceinline__ float merged(const float* scratch, int r, int d, float* lse2) {
-    const float* sO = scratch;
-    const float* sM = sO + kWarps * kHeadTile * D;
-    const float* sL = sM + kWarps * kHeadTile;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kHeadTile + r]);
-    if (M == -INFINITY) {  // no key in this segment
-      *lse2 = -INFINITY;
-      return 0.f;
-    }
-    float acc = 0.f, l = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = exp2f(sM[w * kHeadTile + r] - M);  // a warp with no keys has m = -inf: f = 0
-      acc += f * sO[(w * kHeadTile + r) * D + d];
-      l += f * sL[w * kHeadTile + r];
-    }
-    *lse2 = M + log2f(l);
-    return acc / l;
-  }
+  static constexpr int kChunks = D / 8;                 // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+  static constexpr int kPasses = kTileKeys / kRowsPerPass;  // K (and V) rows a thread copies per step
+  static constexpr int kQPasses = (kHeadTile + kRowsPerPass - 1) / kRowsPerPass;
+  static constexpr int kCols = D / kWarps;               // output columns per warp
+  static constexpr int kColTiles = kCols / 8;            // n8 tiles of PV per warp
 };
 
 template <typename T, int D, int S>
 __global__ void __launch_bounds__(kThreads)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   using K = Decode<T, D, S>;
+  using Op = typename K::Op;
+  using C = Cfg<D, S>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sStages = sQ + kHeadTile * D;
-  float* scratch = reinterpret_cast<float*>(sStages);
+  T* const sStage = reinterpret_cast<T*>(smem_raw);
+  __shared__ Segment segs[kMaxSegs];
+  __shared__ int nsegs_s, nsteps_s;
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
@@ -372,6 +185,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
+  const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
+  const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
   pdl_wait();               // the plan is written
@@ -380,59 +195,272 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   if (c >= n) return;
   const int64_t U = meta[1];
   const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int G = p.num_q_heads / p.num_kv_heads;
-  T* const sW = sStages + warp * K::kStages * 2 * K::kSliceElems;  // this warp's stages
+  const int bs_shift = rs.bs_shift, bs_mask = (1 << bs_shift) - 1;
+  const float sl2 = p.scale * kLog2e;
+  const int cc = tid % K::kChunks, r0 = tid / K::kChunks;  // this thread's copy column and first row
 
-  int64_t v = cta_row[c];
-  int64_t a = a0;
-  while (a < b0) {
-    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-    const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
-    const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
-    const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-    const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-    const int L = p.seq_lens[row];
-    const int kbeg = (int)(seg_lo - P - kRowCost > 0 ? seg_lo - P - kRowCost : 0) * kTileKeys;
-    const int kend = min(L, (int)(seg_hi - P - kRowCost > 0 ? seg_hi - P - kRowCost : 0) * kTileKeys);
-
-    __syncthreads();  // the previous segment is done with sQ and the scratch
-    {  // queries of the head tile; rows beyond the group are zero (finite, unused scores)
-      const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
-      for (int i = tid; i < kHeadTile * K::kChunks; i += kThreads) {
-        const int r = i / K::kChunks, cc = i % K::kChunks;
-        cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
+  int64_t v_next = cta_row[c];
+  while (true) {
+    // ---- describe up to kMaxSegs segments (warp 0); segments without keys are written here
+    __syncthreads();  // the previous batch is done with segs[] and the stages
+    if (warp == 0) {
+      const int64_t v = v_next + lane;
+      const int64_t P = v < rs.rows_v ? (v > 0 ? prefix[v - 1] : 0) : b0;
+      const bool in = P < b0;
+      const int64_t P_end = in ? prefix[v] : 0;
+      const int row = in ? (int)(v / rs.head_tiles) : 0;
+      const int L = in ? p.seq_lens[row] : 0;
+      const int64_t lo = P > a0 ? P : a0, hi = P_end < b0 ? P_end : b0;
+      const int kbeg = in ? (int)(lo - P - kRowCost > 0 ? lo - P - kRowCost : 0) * kTileKeys : 0;
+      const int kend_t = in ? (int)(hi - P - kRowCost > 0 ? hi - P - kRowCost : 0) * kTileKeys : 0;
+      const int kend = kend_t < L ? kend_t : L;
+      const int nt = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
+      int incl = nt;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
       }
+      const unsigned inmask = __ballot_sync(0xffffffffu, in);
+      if (in) {
+        Segment sg;
+        sg.kbeg = kbeg;
+        sg.kend = kend;
+        sg.step_begin = incl - nt;
+        sg.step_end = incl;
+        sg.v = v;
+        sg.slot = (P >= a0 && P_end <= b0) ? -1 : 2 * c + (lo == a0 ? 0 : 1);
+        segs[lane] = sg;
+      }
+      if (lane == 31) nsteps_s = incl;  // lanes past the range add 0 tiles
+      if (lane == 0) nsegs_s = __popc(inmask);
     }
-    typename K::State st;
-    K::mainloop(p, p.block_table + (int64_t)row * p.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
-    __syncthreads();  // every warp drained: the stages become merge scratch
-    K::merge_warps(st, scratch);
     __syncthreads();
-
-    if (P >= a0 && P_end <= b0) {  // ------------- the whole row is ours: write it
+    const int nsegs = nsegs_s, nsteps = nsteps_s;
+    if (nsegs == 0) break;
+    // Segments with no keys: zeros and lse -inf (a whole empty row) or an empty partial.
+    for (int si = 0; si < nsegs; ++si) {
+      const Segment sg = segs[si];
+      if (sg.step_end > sg.step_begin) continue;
+      const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
+      const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+      const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
       for (int i = tid; i < nh * D; i += kThreads) {
         const int r = i / D, d = i % D;
-        float lse2;
-        const float o = K::merged(scratch, r, d, &lse2);
-        from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
-        if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
-      }
-    } else {  // ---------------------------------- a piece of a cut row: its partial
-      const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
-      for (int i = tid; i < nh * D; i += kThreads) {
-        const int r = i / D, d = i % D;
-        float lse2;
-        const float o = K::merged(scratch, r, d, &lse2);
-        part_o[(slot * kHeadTile + r) * D + d] = o;
-        if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
+        if (sg.slot < 0) {
+          from_float(0.f, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+          if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = -INFINITY;
+        } else {
+          part_o[((int64_t)sg.slot * kHeadTile + r) * D + d] = 0.f;
+          if (d == 0) part_lse[(int64_t)sg.slot * kHeadTile + r] = -INFINITY;
+        }
       }
     }
-    a = seg_hi;
-    ++v;
+
+    // ---- the pipeline over this batch's steps
+    int ls = 0, fs = 0, cs = 0;  // segment cursors: loads, block-id fetches, compute
+    int ids[K::kPasses];
+    auto seg_at = [&](int step, int& cur) -> const Segment& {
+      while (segs[cur].step_end <= step) ++cur;
+      return segs[cur];
+    };
+    auto fetch_ids = [&](int step) {
+      const Segment& sg = seg_at(step, fs);
+      const int row = (int)(sg.v / rs.head_tiles);
+      const int32_t* bt = p.block_table + (int64_t)row * p.max_blocks_per_head;
+      const int k0 = sg.kbeg + (step - sg.step_begin) * kTileKeys + r0;
+#pragma unroll
+      for (int i = 0; i < K::kPasses; ++i) {
+        const int key = k0 + i * K::kRowsPerPass;
+        ids[i] = key < sg.kend ? __ldg(bt + (key >> bs_shift)) : 0;
+      }
+    };
+    auto issue_load = [&](int step) {
+      const Segment& sg = seg_at(step, ls);
+      T* sK = sStage + (step % S) * C::kStageElems;
+      T* sV = sK + C::kTileElems;
+      T* sQ = sV + C::kTileElems;
+      const int k0 = sg.kbeg + (step - sg.step_begin) * kTileKeys;
+#pragma unroll
+      for (int i = 0; i < K::kPasses; ++i) {
+        const int r = r0 + i * K::kRowsPerPass, key = k0 + r;
+        const bool valid = key < sg.kend;
+        const int64_t off = valid ? (((int64_t)ids[i] << bs_shift) + (key & bs_mask)) * D + cc * 8 : 0;
+        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
+        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
+      }
+      if (step == sg.step_begin) {  // the row's queries ride with its first tile
+        const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
+        const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+        const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0);
+        const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + (g * G + h0) * p.q_stride_h;
+#pragma unroll
+        for (int i = 0; i < K::kQPasses; ++i) {
+          const int r = r0 + i * K::kRowsPerPass;
+          if (r < kHeadTile)  // rows past the group are zero: finite scores, never written
+            cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
+        }
+      }
+    };
+
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+      if (st < nsteps) {
+        fetch_ids(st);
+        issue_load(st);
+      }
+      cp_async_commit();
+    }
+    if (S - 1 < nsteps) fetch_ids(S - 1);
+
+    uint32_t qa[D / 16][4];
+    float o[K::kColTiles][4];
+    float m_run[2], l_run[2];
+    for (int step = 0; step < nsteps; ++step) {
+      cp_async_wait<S - 2>();
+      __syncthreads();  // step's tile landed for all; everyone is done with step - 1's stage
+      if (step + S - 1 < nsteps) {
+        issue_load(step + S - 1);
+        if (step + S < nsteps) fetch_ids(step + S);
+      }
+      cp_async_commit();
+
+      const Segment& sg = seg_at(step, cs);
+      const T* sK = sStage + (step % S) * C::kStageElems;
+      const T* sV = sK + C::kTileElems;
+      const T* sQ = sV + C::kTileElems;
+      if (step == sg.step_begin) {  // a new row: its queries, a fresh softmax state
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * k + (lane >> 4);
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, ch)),
+                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < K::kColTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+        m_run[0] = m_run[1] = -INFINITY;
+        l_run[0] = l_run[1] = 0.f;
+      }
+      // S = Q K^T over the 64 keys: 8 n-tiles of 8 keys.
+      float sc[8][4];
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn) sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+#pragma unroll
+        for (int kg = 0; kg < 4; ++kg) {
+          uint32_t b0, b1, b2, b3;
+          const int r = kg * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int ch = 2 * k + ((lane >> 3) & 1);
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, ch)), b0,
+                                        b1, b2, b3);
+          Op::fma(sc[2 * kg][0], sc[2 * kg][1], sc[2 * kg][2], sc[2 * kg][3], qa[k][0], qa[k][1], qa[k][2],
+                  qa[k][3], b0, b1, sc[2 * kg][0], sc[2 * kg][1], sc[2 * kg][2], sc[2 * kg][3]);
+          Op::fma(sc[2 * kg + 1][0], sc[2 * kg + 1][1], sc[2 * kg + 1][2], sc[2 * kg + 1][3], qa[k][0], qa[k][1],
+                  qa[k][2], qa[k][3], b2, b3, sc[2 * kg + 1][0], sc[2 * kg + 1][1], sc[2 * kg + 1][2],
+                  sc[2 * kg + 1][3]);
+        }
+      }
+      // Online softmax (log2 domain); keys past the segment end masked.
+      const int key0 = sg.kbeg + (step - sg.step_begin) * kTileKeys;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + nn * 8 + 2 * (lane & 3) + (e & 1);
+          sc[nn][e] = key < sg.kend ? sc[nn][e] * sl2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], sc[nn][e]);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        const float m_new = fmaxf(m_run[i], mx[i]);  // finite: a step holds at least one key
+        alpha[i] = exp2f(m_run[i] - m_new);
+        m_run[i] = m_new;
+        l_run[i] *= alpha[i];
+      }
+      uint32_t pa[4][4];  // P as the A operand of 4 k-steps of 16 keys
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn) {
+        const float p0 = exp2f(sc[nn][0] - m_run[0]), p1 = exp2f(sc[nn][1] - m_run[0]);
+        const float p2 = exp2f(sc[nn][2] - m_run[1]), p3 = exp2f(sc[nn][3] - m_run[1]);
+        l_run[0] += p0 + p1;
+        l_run[1] += p2 + p3;
+        pa[nn >> 1][2 * (nn & 1)] = pack2(p0, p1, (T*)nullptr);
+        pa[nn >> 1][2 * (nn & 1) + 1] = pack2(p2, p3, (T*)nullptr);
+      }
+#pragma unroll
+      for (int j = 0; j < K::kColTiles; ++j) {
+        o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+      }
+      // O[:, warp's columns] += P V: ldmatrix.trans of V rows [key][d] gives the [d][key] operand.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+        for (int j = 0; j < K::kColTiles / 2; ++j) {
+          uint32_t b0, b1, b2, b3;
+          const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int ch = warp * (K::kCols / 8) + 2 * j + (lane >> 4);
+          cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, ch)), b0,
+                                        b1, b2, b3);
+          Op::fma(o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3],
+                  b0, b1, o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3]);
+          Op::fma(o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3], pa[kk][0], pa[kk][1],
+                  pa[kk][2], pa[kk][3], b2, b3, o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2],
+                  o[2 * j + 1][3]);
+        }
+      }
+
+      if (step == sg.step_end - 1) {  // ---- the segment ends: this warp's columns of the row
+        float l[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          l[i] = l_run[i] + __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+          l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        }
+        const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
+        const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+        const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = (lane >> 2) + 8 * i;
+          if (r >= nh) continue;
+          const float inv = 1.f / l[i];  // > 0: the segment has keys
+#pragma unroll
+          for (int j = 0; j < K::kColTiles; ++j) {
+            const int d = warp * K::kCols + 8 * j + 2 * (lane & 3);
+            const float x0 = o[j][2 * i] * inv, x1 = o[j][2 * i + 1] * inv;
+            if (sg.slot < 0) {
+              T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+              from_float(x0, out);
+              from_float(x1, out + 1);
+            } else {
+              *reinterpret_cast<float2*>(part_o + ((int64_t)sg.slot * kHeadTile + r) * D + d) = make_float2(x0, x1);
+            }
+          }
+          if (warp == 0 && (lane & 3) == 0) {
+            const float lse2 = m_run[i] + log2f(l[i]);
+            if (sg.slot < 0) {
+              if (p.lse) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
+            } else {
+              part_lse[(int64_t)sg.slot * kHeadTile + r] = lse2;
+            }
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+    const Segment last = segs[nsegs - 1];
+    v_next = last.v + 1;
+    if (nsegs < kMaxSegs) break;  // the range ended inside this batch
   }
 }
-
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
@@ -595,6 +623,11 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            (int)merge_smem) != cudaSuccess)
     return Status::kCudaError;
+  // All three kernels prefer the largest shared-memory carveout: switching the L1 / shared split
+  // between back-to-back kernels would drain the SMs.
+  cudaFuncSetAttribute(sparse_decode_plan_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
