@@ -16,11 +16,12 @@
 //              memory at the end of a segment.
 //   Epilogue   a segment that covers its whole row writes the output (and lse) directly. A row
 //              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
-//              most two per CTA (its first and its last segment), and the attention kernel never
-//              waits: a merge kernel combines the partials of every cut row, over many CTAs.
-// The three kernels are chained with programmatic dependent launch, so each one's launch and
-// prologue overlap the previous one's tail. The scratch is bounded by the grid, not by the
-// lengths: the workspace depends on sizes only.
+//              most two per CTA (its first and its last segment). A CTA arrives at its cut rows
+//              once, when it is done (an atomic counter per row that the scheduler zeroed); the
+//              CTA completing a row's pieces merges them. No CTA waits for another, so
+//              correctness never depends on CTAs being resident together.
+// The scheduler and the attention kernel are chained with programmatic dependent launch. The
+// scratch is bounded by the grid, not by the lengths: the workspace depends on sizes only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -41,24 +42,24 @@ namespace {
 
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
-constexpr int kTileKeys = 64;  // keys per pipeline tile (and per scheduling unit)
-constexpr int kMaxSegs = 32;   // row segments a CTA describes at once (one warp builds them)
+constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
 constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
 
 template <int D, int S> struct Cfg {
   static constexpr int kStages = S;
-  static constexpr int kTileElems = kTileKeys * D;                 // one K (or V) tile
-  static constexpr int kStageElems = 2 * kTileElems + kHeadTile * D;  // K, V, and Q (first step of a row)
-  static constexpr int kSmemBytes = kStages * kStageElems * 2;
+  static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
+  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kWarps * kSliceElems) * 2;
+  static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
+  static_assert(kMergeBytes <= kStages * 2 * kWarps * kSliceElems * 2, "merge scratch must fit the stages");
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 64K registers): the persistent grid.
-  static constexpr int kCtasPerSm = (228 * 1024) / (kSmemBytes + 2048) < 4 ? (228 * 1024) / (kSmemBytes + 2048) : 4;
+  static constexpr int kCtasPerSm = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
 };
 
 // ------------------------------------------------------------------------------------------------
 // Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
 struct Layout {
-  int64_t meta, prefix, cta_row, part_o, part_lse, bytes;
+  int64_t meta, prefix, cta_row, counter, part_o, part_lse, bytes;
 };
 __host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
 __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
@@ -66,7 +67,8 @@ __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
   l.meta = 0;                                         // int32 [4]: n, U
   l.prefix = 256;                                     // int32 [rows_v]: inclusive unit prefix
   l.cta_row = align256(l.prefix + rows_v * 4);        // int32 [grid]: first work row of CTA c
-  l.part_o = align256(l.cta_row + (int64_t)grid * 4);   // f32 [2 grid][16][D]
+  l.counter = align256(l.cta_row + (int64_t)grid * 4);  // int32 [grid]: arrivals at cut rows, by first CTA
+  l.part_o = align256(l.counter + (int64_t)grid * 4);   // f32 [2 grid][16][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
   return l;
@@ -132,6 +134,8 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
   __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
   const int64_t U = carry_s;
   const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
+  int32_t* counter = reinterpret_cast<int32_t*>(ws + lo.counter);
+  for (int c = tid; c < grid; c += kPlanThreads) counter[c] = 0;
   // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
   for (int64_t v = tid; v < rows_v; v += kPlanThreads) {
     const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
@@ -145,373 +149,35 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Attention kernel. A CTA's range is a list of row segments; its tiles form one flat sequence of
-// steps, so the cp.async pipeline runs across row boundaries without draining. Every warp computes
-// the scores of the whole 64-key tile (the MMAs are cheap: decode is memory-bound) and owns D / 4
-// output columns, so a row ends in registers: no cross-warp merge, no barrier beyond the one per
-// step that frees a stage.
-struct Segment {
-  int kbeg, kend;        // keys of the row this segment covers
-  int step_begin, step_end;
-  int64_t v;             // work row (b, g, head tile)
-  int slot;              // partial slot, or -1: the segment covers its whole row
-};
+// Merge of a cut row (pieces: CTAs c_first .. c_first + k - 1), run by the CTA that arrives last.
+// Two phases, each a few independent loads per thread: the pieces' lse give per-head weights in
+// shared memory, then every thread sums weighted float4 columns over a share of the pieces.
+template <int NT> constexpr int merge_scratch_floats(int grid) { return NT * 4 + 2 * kHeadTile + grid * kHeadTile; }
 
-template <typename T, int D, int S> struct Decode {
-  using Op = typename MmaAtom<T>::Op;
-  using C = Cfg<D, S>;
-  static constexpr int kChunks = D / 8;                 // 16-byte chunks per row
-  static constexpr int kRowsPerPass = kThreads / kChunks;
-  static constexpr int kPasses = kTileKeys / kRowsPerPass;  // K (and V) rows a thread copies per step
-  static constexpr int kQPasses = (kHeadTile + kRowsPerPass - 1) / kRowsPerPass;
-  static constexpr int kCols = D / kWarps;               // output columns per warp
-  static constexpr int kColTiles = kCols / 8;            // n8 tiles of PV per warp
-};
-
-template <typename T, int D, int S>
-__global__ void __launch_bounds__(kThreads)
-sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
-  using K = Decode<T, D, S>;
-  using Op = typename K::Op;
-  using C = Cfg<D, S>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* const sStage = reinterpret_cast<T*>(smem_raw);
-  __shared__ Segment segs[kMaxSegs];
-  __shared__ int nsegs_s, nsteps_s;
-
-  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
-  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
-  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
-  float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
-  float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
-  const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
-  const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
-
-  pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
-  pdl_wait();               // the plan is written
-  const int n = meta[0];
-  const int c = blockIdx.x;
-  if (c >= n) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int bs_shift = rs.bs_shift, bs_mask = (1 << bs_shift) - 1;
-  const float sl2 = p.scale * kLog2e;
-  const int cc = tid % K::kChunks, r0 = tid / K::kChunks;  // this thread's copy column and first row
-
-  int64_t v_next = cta_row[c];
-  while (true) {
-    // ---- describe up to kMaxSegs segments (warp 0); segments without keys are written here
-    __syncthreads();  // the previous batch is done with segs[] and the stages
-    if (warp == 0) {
-      const int64_t v = v_next + lane;
-      const int64_t P = v < rs.rows_v ? (v > 0 ? prefix[v - 1] : 0) : b0;
-      const bool in = P < b0;
-      const int64_t P_end = in ? prefix[v] : 0;
-      const int row = in ? (int)(v / rs.head_tiles) : 0;
-      const int L = in ? p.seq_lens[row] : 0;
-      const int64_t lo = P > a0 ? P : a0, hi = P_end < b0 ? P_end : b0;
-      const int kbeg = in ? (int)(lo - P - kRowCost > 0 ? lo - P - kRowCost : 0) * kTileKeys : 0;
-      const int kend_t = in ? (int)(hi - P - kRowCost > 0 ? hi - P - kRowCost : 0) * kTileKeys : 0;
-      const int kend = kend_t < L ? kend_t : L;
-      const int nt = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
-      int incl = nt;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      const unsigned inmask = __ballot_sync(0xffffffffu, in);
-      if (in) {
-        Segment sg;
-        sg.kbeg = kbeg;
-        sg.kend = kend;
-        sg.step_begin = incl - nt;
-        sg.step_end = incl;
-        sg.v = v;
-        sg.slot = (P >= a0 && P_end <= b0) ? -1 : 2 * c + (lo == a0 ? 0 : 1);
-        segs[lane] = sg;
-      }
-      if (lane == 31) nsteps_s = incl;  // lanes past the range add 0 tiles
-      if (lane == 0) nsegs_s = __popc(inmask);
-    }
-    __syncthreads();
-    const int nsegs = nsegs_s, nsteps = nsteps_s;
-    if (nsegs == 0) break;
-    // Segments with no keys: zeros and lse -inf (a whole empty row) or an empty partial.
-    for (int si = 0; si < nsegs; ++si) {
-      const Segment sg = segs[si];
-      if (sg.step_end > sg.step_begin) continue;
-      const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
-      const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-      const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-      for (int i = tid; i < nh * D; i += kThreads) {
-        const int r = i / D, d = i % D;
-        if (sg.slot < 0) {
-          from_float(0.f, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
-          if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = -INFINITY;
-        } else {
-          part_o[((int64_t)sg.slot * kHeadTile + r) * D + d] = 0.f;
-          if (d == 0) part_lse[(int64_t)sg.slot * kHeadTile + r] = -INFINITY;
-        }
-      }
-    }
-
-    // ---- the pipeline over this batch's steps
-    int ls = 0, fs = 0, cs = 0;  // segment cursors: loads, block-id fetches, compute
-    int ids[K::kPasses];
-    auto seg_at = [&](int step, int& cur) -> const Segment& {
-      while (segs[cur].step_end <= step) ++cur;
-      return segs[cur];
-    };
-    auto fetch_ids = [&](int step) {
-      const Segment& sg = seg_at(step, fs);
-      const int row = (int)(sg.v / rs.head_tiles);
-      const int32_t* bt = p.block_table + (int64_t)row * p.max_blocks_per_head;
-      const int k0 = sg.kbeg + (step - sg.step_begin) * kTileKeys + r0;
-#pragma unroll
-      for (int i = 0; i < K::kPasses; ++i) {
-        const int key = k0 + i * K::kRowsPerPass;
-        ids[i] = key < sg.kend ? __ldg(bt + (key >> bs_shift)) : 0;
-      }
-    };
-    auto issue_load = [&](int step) {
-      const Segment& sg = seg_at(step, ls);
-      T* sK = sStage + (step % S) * C::kStageElems;
-      T* sV = sK + C::kTileElems;
-      T* sQ = sV + C::kTileElems;
-      const int k0 = sg.kbeg + (step - sg.step_begin) * kTileKeys;
-#pragma unroll
-      for (int i = 0; i < K::kPasses; ++i) {
-        const int r = r0 + i * K::kRowsPerPass, key = k0 + r;
-        const bool valid = key < sg.kend;
-        const int64_t off = valid ? (((int64_t)ids[i] << bs_shift) + (key & bs_mask)) * D + cc * 8 : 0;
-        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
-        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
-      }
-      if (step == sg.step_begin) {  // the row's queries ride with its first tile
-        const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
-        const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-        const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0);
-        const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + (g * G + h0) * p.q_stride_h;
-#pragma unroll
-        for (int i = 0; i < K::kQPasses; ++i) {
-          const int r = r0 + i * K::kRowsPerPass;
-          if (r < kHeadTile)  // rows past the group are zero: finite scores, never written
-            cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
-        }
-      }
-    };
-
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) {
-      if (st < nsteps) {
-        fetch_ids(st);
-        issue_load(st);
-      }
-      cp_async_commit();
-    }
-    if (S - 1 < nsteps) fetch_ids(S - 1);
-
-    uint32_t qa[D / 16][4];
-    float o[K::kColTiles][4];
-    float m_run[2], l_run[2];
-    for (int step = 0; step < nsteps; ++step) {
-      cp_async_wait<S - 2>();
-      __syncthreads();  // step's tile landed for all; everyone is done with step - 1's stage
-      if (step + S - 1 < nsteps) {
-        issue_load(step + S - 1);
-        if (step + S < nsteps) fetch_ids(step + S);
-      }
-      cp_async_commit();
-
-      const Segment& sg = seg_at(step, cs);
-      const T* sK = sStage + (step % S) * C::kStageElems;
-      const T* sV = sK + C::kTileElems;
-      const T* sQ = sV + C::kTileElems;
-      if (step == sg.step_begin) {  // a new row: its queries, a fresh softmax state
-#pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * k + (lane >> 4);
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, ch)),
-                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
-        }
-#pragma unroll
-        for (int j = 0; j < K::kColTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-        m_run[0] = m_run[1] = -INFINITY;
-        l_run[0] = l_run[1] = 0.f;
-      }
-      // S = Q K^T over the 64 keys: 8 n-tiles of 8 keys.
-      float sc[8][4];
-#pragma unroll
-      for (int nn = 0; nn < 8; ++nn) sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.f;
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-#pragma unroll
-        for (int kg = 0; kg < 4; ++kg) {
-          uint32_t b0, b1, b2, b3;
-          const int r = kg * 16 + (lane & 7) + (lane >> 4) * 8;
-          const int ch = 2 * k + ((lane >> 3) & 1);
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, ch)), b0,
-                                        b1, b2, b3);
-          Op::fma(sc[2 * kg][0], sc[2 * kg][1], sc[2 * kg][2], sc[2 * kg][3], qa[k][0], qa[k][1], qa[k][2],
-                  qa[k][3], b0, b1, sc[2 * kg][0], sc[2 * kg][1], sc[2 * kg][2], sc[2 * kg][3]);
-          Op::fma(sc[2 * kg + 1][0], sc[2 * kg + 1][1], sc[2 * kg + 1][2], sc[2 * kg + 1][3], qa[k][0], qa[k][1],
-                  qa[k][2], qa[k][3], b2, b3, sc[2 * kg + 1][0], sc[2 * kg + 1][1], sc[2 * kg + 1][2],
-                  sc[2 * kg + 1][3]);
-        }
-      }
-      // Online softmax (log2 domain); keys past the segment end masked.
-      const int key0 = sg.kbeg + (step - sg.step_begin) * kTileKeys;
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nn = 0; nn < 8; ++nn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + nn * 8 + 2 * (lane & 3) + (e & 1);
-          sc[nn][e] = key < sg.kend ? sc[nn][e] * sl2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], sc[nn][e]);
-        }
-      float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        const float m_new = fmaxf(m_run[i], mx[i]);  // finite: a step holds at least one key
-        alpha[i] = exp2f(m_run[i] - m_new);
-        m_run[i] = m_new;
-        l_run[i] *= alpha[i];
-      }
-      uint32_t pa[4][4];  // P as the A operand of 4 k-steps of 16 keys
-#pragma unroll
-      for (int nn = 0; nn < 8; ++nn) {
-        const float p0 = exp2f(sc[nn][0] - m_run[0]), p1 = exp2f(sc[nn][1] - m_run[0]);
-        const float p2 = exp2f(sc[nn][2] - m_run[1]), p3 = exp2f(sc[nn][3] - m_run[1]);
-        l_run[0] += p0 + p1;
-        l_run[1] += p2 + p3;
-        pa[nn >> 1][2 * (nn & 1)] = pack2(p0, p1, (T*)nullptr);
-        pa[nn >> 1][2 * (nn & 1) + 1] = pack2(p2, p3, (T*)nullptr);
-      }
-#pragma unroll
-      for (int j = 0; j < K::kColTiles; ++j) {
-        o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
-      }
-      // O[:, warp's columns] += P V: ldmatrix.trans of V rows [key][d] gives the [d][key] operand.
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-        for (int j = 0; j < K::kColTiles / 2; ++j) {
-          uint32_t b0, b1, b2, b3;
-          const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          const int ch = warp * (K::kCols / 8) + 2 * j + (lane >> 4);
-          cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, ch)), b0,
-                                        b1, b2, b3);
-          Op::fma(o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3],
-                  b0, b1, o[2 * j][0], o[2 * j][1], o[2 * j][2], o[2 * j][3]);
-          Op::fma(o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2], o[2 * j + 1][3], pa[kk][0], pa[kk][1],
-                  pa[kk][2], pa[kk][3], b2, b3, o[2 * j + 1][0], o[2 * j + 1][1], o[2 * j + 1][2],
-                  o[2 * j + 1][3]);
-        }
-      }
-
-      if (step == sg.step_end - 1) {  // ---- the segment ends: this warp's columns of the row
-        float l[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          l[i] = l_run[i] + __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-          l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-        }
-        const int row = (int)(sg.v / rs.head_tiles), ht = (int)(sg.v % rs.head_tiles);
-        const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-        const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = (lane >> 2) + 8 * i;
-          if (r >= nh) continue;
-          const float inv = 1.f / l[i];  // > 0: the segment has keys
-#pragma unroll
-          for (int j = 0; j < K::kColTiles; ++j) {
-            const int d = warp * K::kCols + 8 * j + 2 * (lane & 3);
-            const float x0 = o[j][2 * i] * inv, x1 = o[j][2 * i + 1] * inv;
-            if (sg.slot < 0) {
-              T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-              from_float(x0, out);
-              from_float(x1, out + 1);
-            } else {
-              *reinterpret_cast<float2*>(part_o + ((int64_t)sg.slot * kHeadTile + r) * D + d) = make_float2(x0, x1);
-            }
-          }
-          if (warp == 0 && (lane & 3) == 0) {
-            const float lse2 = m_run[i] + log2f(l[i]);
-            if (sg.slot < 0) {
-              if (p.lse) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
-            } else {
-              part_lse[(int64_t)sg.slot * kHeadTile + r] = lse2;
-            }
-          }
-        }
-      }
-    }
-    cp_async_wait<0>();
-    const Segment last = segs[nsegs - 1];
-    v_next = last.v + 1;
-    if (nsegs < kMaxSegs) break;  // the range ended inside this batch
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment). Two phases, each a few independent
-// loads per thread: the pieces' lse give per-head weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces.
-constexpr int kMergeThreads = 256;
-inline size_t merge_smem_bytes(int grid) { return (size_t)grid * kHeadTile * 4 + kMergeThreads * 16 + 2 * kHeadTile * 4; }
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kMergeThreads)
-sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
+template <typename T, int D, int NT>
+__device__ void merge_cut_row(const SparseDecodeParams& p, const Resolved& rs, const float* part_o,
+                              const float* part_lse, int64_t v, int64_t P, int c_first, int k, bool first_is_last,
+                              float* scratch) {
   constexpr int kVec = D / 4;  // float4 columns per head row
-  extern __shared__ __align__(16) float merge_smem[];
-  float4* sAcc = reinterpret_cast<float4*>(merge_smem);        // [kMergeThreads]
-  float* sMax = merge_smem + kMergeThreads * 4;                // [16]
-  float* sSum = sMax + kHeadTile;                              // [16]
-  float* sW = sSum + kHeadTile;                                // [pieces][16]
-  pdl_wait();  // the attention kernel's partials and direct outputs are written
-
-  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
-  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
-  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
-  const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
-  const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const int n = meta[0], c = blockIdx.x;
-  if (c >= n) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
-  int64_t v = cta_row[c];
-  while (prefix[v] < b0) ++v;  // the row holding c's last unit
-  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-  if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
-  if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
-  const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
+  float4* sAcc = reinterpret_cast<float4*>(scratch);  // [NT]
+  float* sMax = scratch + NT * 4;                      // [16]
+  float* sSum = sMax + kHeadTile;                      // [16]
+  float* sW = sSum + kHeadTile;                        // [pieces][16]
   const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
   const int G = p.num_q_heads / p.num_kv_heads;
   const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Piece j of the row is CTA c + j's first segment (slot 0), except for j = 0 when c's range
-  // starts before the row (then it is c's last segment, slot 1).
-  auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && a0 < P ? 1 : 0); };
+  // Piece j is CTA c_first + j's first segment (slot 0), except j = 0 when that CTA's range
+  // starts before the row: then the row is its last segment (slot 1).
+  auto slot_of = [&](int j) { return 2 * (int64_t)(c_first + j) + (j == 0 && first_is_last ? 1 : 0); };
 
-  for (int i = tid; i < k * nh; i += kMergeThreads) {  // phase 1: lse of every piece and head
+  for (int i = tid; i < k * nh; i += NT) {  // phase 1: lse of every piece and head
     const int j = i / nh, r = i % nh;
-    sW[j * kHeadTile + r] = part_lse[slot_of(j) * kHeadTile + r];
+    sW[j * kHeadTile + r] = __ldcg(part_lse + slot_of(j) * kHeadTile + r);
   }
   __syncthreads();
-  for (int r = warp; r < nh; r += kMergeThreads / 32) {  // a warp per head: max, weights, sum
+  for (int r = warp; r < nh; r += NT / 32) {  // a warp per head: max, weights, sum
     float M = -INFINITY;
     for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kHeadTile + r]);
 #pragma unroll
@@ -530,11 +196,11 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
   }
   __syncthreads();
-  // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
+  // Phase 2: E float4 columns; groups of threads split the pieces when E < NT.
   const int E = nh * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int groups = E >= NT ? 1 : NT / E;
   const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
-  for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
+  for (int e0 = 0; e0 < E; e0 += NT) {
     const int e = e0 + (groups > 1 ? tid % E : tid);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (e < E && grp < groups) {
@@ -542,7 +208,7 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 #pragma unroll 8
       for (int j = grp; j < k; j += groups) {
         const float w = sW[j * kHeadTile + r];
-        const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
         acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
       }
     }
@@ -568,14 +234,327 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
         p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
     }
   }
+  __syncthreads();  // the scratch may be reused
 }
 
 // ------------------------------------------------------------------------------------------------
-// Pipeline stages per warp: 3 at D <= 128 (2 at D 128 when DMS_DECODE_STAGES=2, a bench knob), 2 at D 256.
+// Attention kernel pieces.
+template <typename T, int D, int S> struct Decode {
+  using Op = typename MmaAtom<T>::Op;
+  using C = Cfg<D, S>;
+  static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
+  static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
+  static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
+  static constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
+
+  // Per-warp softmax state over the keys it streamed. Accumulator layout (m16n8): c0,c1 -> head
+  // row lane/4, c2,c3 -> row lane/4 + 8.
+  struct State {
+    float o[D / 8][4];
+    float m[2], l[2];
+  };
+
+  // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
+  // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
+  static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
+                                                  int kbeg, int kend, int bs_shift, const T* sQ, T* sW,
+                                                  State& st) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
+    const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
+    const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
+    const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
+    const int bs_mask = (1 << bs_shift) - 1;
+    int ids[kRowsPerLane];
+    auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
+    auto fetch_ids = [&](int t) {
+      const int s0 = slice0(t) + r0;
+#pragma unroll
+      for (int n = 0; n < kRowsPerLane; ++n) {
+        const int slot = s0 + n * kRowStep;
+        ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
+      }
+    };
+    auto load_slice = [&](int t) {
+      if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
+      T* sK = sW + (t % kStages) * 2 * kSliceElems;
+      T* sV = sK + kSliceElems;
+      const int s0 = slice0(t) + r0;
+#pragma unroll
+      for (int n = 0; n < kRowsPerLane; ++n) {
+        const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
+        const bool valid = slot < kend;
+        const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
+        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
+        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
+      }
+    };
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < ntiles) {
+        fetch_ids(t);
+        load_slice(t);
+      }
+      cp_async_commit();  // the Q copies ride in group 0
+    }
+    if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
+
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
+    st.m[0] = st.m[1] = -INFINITY;
+    st.l[0] = st.l[1] = 0.f;
+    uint32_t qa[D / 16][4];
+    const float sl2 = p.scale * kLog2e;
+
+    for (int t = 0; t < ntiles; ++t) {
+      __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
+      if (t + kStages - 1 < ntiles) {
+        load_slice(t + kStages - 1);
+        if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
+      }
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
+      __syncwarp();                  // ... and the other lanes'
+      if (t == 0) {
+        __syncthreads();  // Q was copied by the whole CTA
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, c)),
+                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+        }
+      }
+      const T* sK = sW + (t % kStages) * 2 * kSliceElems;
+      const T* sV = sK + kSliceElems;
+      const int key0 = slice0(t);
+      if (key0 >= kend) continue;
+
+      // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        uint32_t b0, b1, b2, b3;
+        const int r = (lane & 7) + (lane >> 4) * 8;
+        const int c = 2 * k + ((lane >> 3) & 1);
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, c)), b0,
+                                      b1, b2, b3);
+        Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1, s[0][0],
+                s[0][1], s[0][2], s[0][3]);
+        Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3, s[1][0],
+                s[1][1], s[1][2], s[1][3]);
+      }
+      // Online softmax (log2 domain), keys past the segment end masked.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
+          s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        const float m_new = fmaxf(st.m[i], mx[i]);  // finite: key0 < kend gives one real key
+        alpha[i] = exp2f(st.m[i] - m_new);
+        st.m[i] = m_new;
+        st.l[i] *= alpha[i];
+      }
+      uint32_t pa[4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float p0 = exp2f(s[n][0] - st.m[0]), p1 = exp2f(s[n][1] - st.m[0]);
+        const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
+        st.l[0] += p0 + p1;
+        st.l[1] += p2 + p3;
+        pa[2 * n] = pack2(p0, p1, (T*)nullptr);
+        pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);
+      }
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
+        st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+      }
+      // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        uint32_t b0, b1, b2, b3;
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int c = 2 * j + (lane >> 4);
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, c)), b0, b1,
+                                      b2, b3);
+        Op::fma(st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0,
+                b1, st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3]);
+        Op::fma(st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2], st.o[2 * j + 1][3], pa[0], pa[1],
+                pa[2], pa[3], b2, b3, st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2],
+                st.o[2 * j + 1][3]);
+      }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // row sums were kept per lane: finish them across the quad
+      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
+    }
+  }
+
+  // Softmax merge of the 4 warp states through shared memory (the drained stages).
+  // After it, sO[0][r][d] = sum_w f_w o_w, sM[r] = max_w m_w, sL[r] = sum_w f_w l_w (log2 domain).
+  static __device__ __forceinline__ void merge_warps(const State& st, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* sO = scratch;                              // [warp][16][D]
+    float* sM = sO + kWarps * kHeadTile * D;          // [warp][16]
+    float* sL = sM + kWarps * kHeadTile;              // [warp][16]
+    float* wo = sO + warp * kHeadTile * D;
+    const int r = lane >> 2, c = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(st.o[j][0], st.o[j][1]);
+      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(st.o[j][2], st.o[j][3]);
+    }
+    if ((lane & 3) == 0) {
+      sM[warp * kHeadTile + r] = st.m[0];
+      sM[warp * kHeadTile + r + 8] = st.m[1];
+      sL[warp * kHeadTile + r] = st.l[0];
+      sL[warp * kHeadTile + r + 8] = st.l[1];
+    }
+  }
+
+  // Value of head row r, column d after merge_warps: (o / l, lse log2) with empty -> (0, -inf).
+  static __device__ __forceinline__ float merged(const float* scratch, int r, int d, float* lse2) {
+    const float* sO = scratch;
+    const float* sM = sO + kWarps * kHeadTile * D;
+    const float* sL = sM + kWarps * kHeadTile;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kHeadTile + r]);
+    if (M == -INFINITY) {  // no key in this segment
+      *lse2 = -INFINITY;
+      return 0.f;
+    }
+    float acc = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(sM[w * kHeadTile + r] - M);  // a warp with no keys has m = -inf: f = 0
+      acc += f * sO[(w * kHeadTile + r) * D + d];
+      l += f * sL[w * kHeadTile + r];
+    }
+    *lse2 = M + log2f(l);
+    return acc / l;
+  }
+};
+
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(kThreads)
+sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
+  using K = Decode<T, D, S>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sStages = sQ + kHeadTile * D;
+  float* scratch = reinterpret_cast<float*>(sStages);
+
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
+  float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
+  float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
+  int32_t* counter = reinterpret_cast<int32_t*>(ws + rs.ws.counter);
+  __shared__ int last_arrival[2];
+
+  pdl_wait();  // the plan is written
+  const int n = meta[0];
+  const int c = blockIdx.x;
+  if (c >= n) return;
+  const int64_t U = meta[1];
+  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  T* const sW = sStages + warp * K::kStages * 2 * K::kSliceElems;  // this warp's stages
+
+  int64_t v = cta_row[c];
+  int64_t a = a0;
+  int64_t cut_v[2], cut_P[2], cut_end[2];  // the cut rows this CTA holds pieces of (first, last)
+  int ncut = 0;
+  while (a < b0) {
+    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+    const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
+    const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
+    const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+    const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+    const int L = p.seq_lens[row];
+    const int kbeg = (int)(seg_lo - P - kRowCost > 0 ? seg_lo - P - kRowCost : 0) * kTileKeys;
+    const int kend = min(L, (int)(seg_hi - P - kRowCost > 0 ? seg_hi - P - kRowCost : 0) * kTileKeys);
+
+    __syncthreads();  // the previous segment is done with sQ and the scratch
+    {  // queries of the head tile; rows beyond the group are zero (finite, unused scores)
+      const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
+      for (int i = tid; i < kHeadTile * K::kChunks; i += kThreads) {
+        const int r = i / K::kChunks, cc = i % K::kChunks;
+        cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
+      }
+    }
+    typename K::State st;
+    K::mainloop(p, p.block_table + (int64_t)row * p.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
+    __syncthreads();  // every warp drained: the stages become merge scratch
+    K::merge_warps(st, scratch);
+    __syncthreads();
+
+    if (P >= a0 && P_end <= b0) {  // ------------- the whole row is ours: write it
+      for (int i = tid; i < nh * D; i += kThreads) {
+        const int r = i / D, d = i % D;
+        float lse2;
+        const float o = K::merged(scratch, r, d, &lse2);
+        from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+        if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
+      }
+    } else {  // ---------------------------------- a piece of a cut row: its partial
+      const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
+      for (int i = tid; i < nh * D; i += kThreads) {
+        const int r = i / D, d = i % D;
+        float lse2;
+        const float o = K::merged(scratch, r, d, &lse2);
+        part_o[(slot * kHeadTile + r) * D + d] = o;
+        if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
+      }
+      cut_v[ncut] = v;
+      cut_P[ncut] = P;
+      cut_end[ncut] = P_end;
+      ++ncut;
+    }
+    a = seg_hi;
+    ++v;
+  }
+  if (ncut == 0) return;
+  // Arrive at the cut rows once, at the end (one fence for both pieces); the CTA that completes a
+  // row's pieces merges them. No CTA ever waits for another.
+  __threadfence();
+  __syncthreads();
+  if (tid < ncut) {
+    const int c_first = owner_of(cut_P[tid], U, n), c_last = owner_of(cut_end[tid] - 1, U, n);
+    last_arrival[tid] = atomicAdd(counter + c_first, 1) == c_last - c_first;
+  }
+  __syncthreads();
+  for (int i = 0; i < ncut; ++i) {
+    if (!last_arrival[i]) continue;
+    __threadfence();  // the other pieces, written before their arrivals, are visible
+    const int c_first = owner_of(cut_P[i], U, n), c_last = owner_of(cut_end[i] - 1, U, n);
+    merge_cut_row<T, D, kThreads>(p, rs, part_o, part_lse, cut_v[i], cut_P[i], c_first, c_last - c_first + 1,
+                                  range_begin(c_first, U, n) < cut_P[i], scratch);
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// Pipeline stages per warp: 3 at D 64, 2 at D 128 (3 CTAs per SM; DMS_DECODE_STAGES=3 for 3 stages
+// and 2 CTAs, a bench knob: bench/sweep_decode.py), 2 at D 256.
 int stages_for(int head_dim) {
   if (head_dim == 256) return 2;
   if (head_dim == 128) {
-    static const int s = [] { const char* e = std::getenv("DMS_DECODE_STAGES"); return e && std::atoi(e) == 2 ? 2 : 3; }();
+    static const int s = [] { const char* e = std::getenv("DMS_DECODE_STAGES"); return e && std::atoi(e) == 3 ? 3 : 2; }();
     return s;
   }
   return 3;
@@ -619,23 +598,15 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
       cudaSuccess)
     return Status::kCudaError;
-  const size_t merge_smem = merge_smem_bytes(r.grid);
-  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)merge_smem) != cudaSuccess)
-    return Status::kCudaError;
-  // All three kernels prefer the largest shared-memory carveout: switching the L1 / shared split
+  // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
   cudaFuncSetAttribute(sparse_decode_plan_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
-    return Status::kCudaError;
-  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem, stream, p, r) !=
-      cudaSuccess)
     return Status::kCudaError;
   return Status::kSuccess;
 }
