@@ -16,12 +16,11 @@
 //              memory at the end of a segment.
 //   Epilogue   a segment that covers its whole row writes the output (and lse) directly. A row
 //              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
-//              most two per CTA (its first and its last segment). A CTA arrives at its cut rows
-//              once, when it is done (an atomic counter per row that the scheduler zeroed); the
-//              CTA completing a row's pieces merges them. No CTA waits for another, so
-//              correctness never depends on CTAs being resident together.
-// The scheduler and the attention kernel are chained with programmatic dependent launch. The
-// scratch is bounded by the grid, not by the lengths: the workspace depends on sizes only.
+//              most two per CTA (its first and its last segment), and the attention kernel never
+//              waits: a merge kernel combines the partials of every cut row, over many CTAs.
+// The three kernels are chained with programmatic dependent launch, so each one's launch and
+// prologue overlap the previous one's tail. The scratch is bounded by the grid, not by the
+// lengths: the workspace depends on sizes only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -59,7 +58,7 @@ template <int D, int S> struct Cfg {
 // ------------------------------------------------------------------------------------------------
 // Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
 struct Layout {
-  int64_t meta, prefix, cta_row, counter, part_o, part_lse, bytes;
+  int64_t meta, prefix, cta_row, part_o, part_lse, bytes;
 };
 __host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
 __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
@@ -67,8 +66,7 @@ __host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
   l.meta = 0;                                         // int32 [4]: n, U
   l.prefix = 256;                                     // int32 [rows_v]: inclusive unit prefix
   l.cta_row = align256(l.prefix + rows_v * 4);        // int32 [grid]: first work row of CTA c
-  l.counter = align256(l.cta_row + (int64_t)grid * 4);  // int32 [grid]: arrivals at cut rows, by first CTA
-  l.part_o = align256(l.counter + (int64_t)grid * 4);   // f32 [2 grid][16][D]
+  l.part_o = align256(l.cta_row + (int64_t)grid * 4);   // f32 [2 grid][16][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
   return l;
@@ -134,8 +132,6 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
   __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
   const int64_t U = carry_s;
   const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
-  int32_t* counter = reinterpret_cast<int32_t*>(ws + lo.counter);
-  for (int c = tid; c < grid; c += kPlanThreads) counter[c] = 0;
   // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
   for (int64_t v = tid; v < rows_v; v += kPlanThreads) {
     const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
@@ -146,95 +142,6 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
     meta[0] = n;
     meta[1] = (int32_t)U;
   }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Merge of a cut row (pieces: CTAs c_first .. c_first + k - 1), run by the CTA that arrives last.
-// Two phases, each a few independent loads per thread: the pieces' lse give per-head weights in
-// shared memory, then every thread sums weighted float4 columns over a share of the pieces.
-template <int NT> constexpr int merge_scratch_floats(int grid) { return NT * 4 + 2 * kHeadTile + grid * kHeadTile; }
-
-template <typename T, int D, int NT>
-__device__ void merge_cut_row(const SparseDecodeParams& p, const Resolved& rs, const float* part_o,
-                              const float* part_lse, int64_t v, int64_t P, int c_first, int k, bool first_is_last,
-                              float* scratch) {
-  constexpr int kVec = D / 4;  // float4 columns per head row
-  float4* sAcc = reinterpret_cast<float4*>(scratch);  // [NT]
-  float* sMax = scratch + NT * 4;                      // [16]
-  float* sSum = sMax + kHeadTile;                      // [16]
-  float* sW = sSum + kHeadTile;                        // [pieces][16]
-  const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
-  const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Piece j is CTA c_first + j's first segment (slot 0), except j = 0 when that CTA's range
-  // starts before the row: then the row is its last segment (slot 1).
-  auto slot_of = [&](int j) { return 2 * (int64_t)(c_first + j) + (j == 0 && first_is_last ? 1 : 0); };
-
-  for (int i = tid; i < k * nh; i += NT) {  // phase 1: lse of every piece and head
-    const int j = i / nh, r = i % nh;
-    sW[j * kHeadTile + r] = __ldcg(part_lse + slot_of(j) * kHeadTile + r);
-  }
-  __syncthreads();
-  for (int r = warp; r < nh; r += NT / 32) {  // a warp per head: max, weights, sum
-    float M = -INFINITY;
-    for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kHeadTile + r]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float l = 0.f;
-    for (int j = lane; j < k; j += 32) {
-      const float w = M == -INFINITY ? 0.f : exp2f(sW[j * kHeadTile + r] - M);  // empty piece: 0
-      sW[j * kHeadTile + r] = w;
-      l += w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (lane == 0) {
-      sMax[r] = M;
-      sSum[r] = l;
-    }
-  }
-  __syncthreads();
-  // Phase 2: E float4 columns; groups of threads split the pieces when E < NT.
-  const int E = nh * kVec;
-  const int groups = E >= NT ? 1 : NT / E;
-  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
-  for (int e0 = 0; e0 < E; e0 += NT) {
-    const int e = e0 + (groups > 1 ? tid % E : tid);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (e < E && grp < groups) {
-      const int r = e / kVec, d4 = e % kVec;
-#pragma unroll 8
-      for (int j = grp; j < k; j += groups) {
-        const float w = sW[j * kHeadTile + r];
-        const float4 x = __ldcg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
-        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
-      }
-    }
-    if (groups > 1) {
-      sAcc[tid] = acc;
-      __syncthreads();
-      if (tid < E) {
-        for (int q = 1; q < groups; ++q) {
-          const float4 y = sAcc[q * E + tid];
-          acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
-        }
-      }
-    }
-    if (e < E && (groups == 1 || tid < E)) {
-      const int r = e / kVec, d = (e % kVec) * 4;
-      const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
-      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(acc.x * inv, out);
-      from_float(acc.y * inv, out + 1);
-      from_float(acc.z * inv, out + 2);
-      from_float(acc.w * inv, out + 3);
-      if (p.lse && d == 0)
-        p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
-    }
-  }
-  __syncthreads();  // the scratch may be reused
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -462,10 +369,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
-  int32_t* counter = reinterpret_cast<int32_t*>(ws + rs.ws.counter);
-  __shared__ int last_arrival[2];
 
-  pdl_wait();  // the plan is written
+  pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
+  pdl_wait();               // the plan is written
   const int n = meta[0];
   const int c = blockIdx.x;
   if (c >= n) return;
@@ -477,8 +383,6 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
   int64_t v = cta_row[c];
   int64_t a = a0;
-  int64_t cut_v[2], cut_P[2], cut_end[2];  // the cut rows this CTA holds pieces of (first, last)
-  int ncut = 0;
   while (a < b0) {
     const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
     const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
@@ -520,33 +424,120 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         part_o[(slot * kHeadTile + r) * D + d] = o;
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
-      cut_v[ncut] = v;
-      cut_P[ncut] = P;
-      cut_end[ncut] = P_end;
-      ++ncut;
     }
     a = seg_hi;
     ++v;
   }
-  if (ncut == 0) return;
-  // Arrive at the cut rows once, at the end (one fence for both pieces); the CTA that completes a
-  // row's pieces merges them. No CTA ever waits for another.
-  __threadfence();
-  __syncthreads();
-  if (tid < ncut) {
-    const int c_first = owner_of(cut_P[tid], U, n), c_last = owner_of(cut_end[tid] - 1, U, n);
-    last_arrival[tid] = atomicAdd(counter + c_first, 1) == c_last - c_first;
-  }
-  __syncthreads();
-  for (int i = 0; i < ncut; ++i) {
-    if (!last_arrival[i]) continue;
-    __threadfence();  // the other pieces, written before their arrivals, are visible
-    const int c_first = owner_of(cut_P[i], U, n), c_last = owner_of(cut_end[i] - 1, U, n);
-    merge_cut_row<T, D, kThreads>(p, rs, part_o, part_lse, cut_v[i], cut_P[i], c_first, c_last - c_first + 1,
-                                  range_begin(c_first, U, n) < cut_P[i], scratch);
-  }
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
+// a cut row extends past c's end, so it is c's last segment). Two phases, each a few independent
+// loads per thread: the pieces' lse give per-head weights (shared memory), then every thread sums
+// weighted float4 columns over a share of the pieces.
+constexpr int kMergeThreads = 256;
+inline size_t merge_smem_bytes(int grid) { return (size_t)grid * kHeadTile * 4 + kMergeThreads * 16 + 2 * kHeadTile * 4; }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeThreads)
+sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
+  constexpr int kVec = D / 4;  // float4 columns per head row
+  extern __shared__ __align__(16) float merge_smem[];
+  float4* sAcc = reinterpret_cast<float4*>(merge_smem);        // [kMergeThreads]
+  float* sMax = merge_smem + kMergeThreads * 4;                // [16]
+  float* sSum = sMax + kHeadTile;                              // [16]
+  float* sW = sSum + kHeadTile;                                // [pieces][16]
+  pdl_wait();  // the attention kernel's partials and direct outputs are written
+
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
+  const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
+  const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
+  const int n = meta[0], c = blockIdx.x;
+  if (c >= n) return;
+  const int64_t U = meta[1];
+  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  int64_t v = cta_row[c];
+  while (prefix[v] < b0) ++v;  // the row holding c's last unit
+  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+  if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
+  if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
+  const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
+  const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // Piece j of the row is CTA c + j's first segment (slot 0), except for j = 0 when c's range
+  // starts before the row (then it is c's last segment, slot 1).
+  auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && a0 < P ? 1 : 0); };
+
+  for (int i = tid; i < k * nh; i += kMergeThreads) {  // phase 1: lse of every piece and head
+    const int j = i / nh, r = i % nh;
+    sW[j * kHeadTile + r] = part_lse[slot_of(j) * kHeadTile + r];
+  }
+  __syncthreads();
+  for (int r = warp; r < nh; r += kMergeThreads / 32) {  // a warp per head: max, weights, sum
+    float M = -INFINITY;
+    for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kHeadTile + r]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float l = 0.f;
+    for (int j = lane; j < k; j += 32) {
+      const float w = M == -INFINITY ? 0.f : exp2f(sW[j * kHeadTile + r] - M);  // empty piece: 0
+      sW[j * kHeadTile + r] = w;
+      l += w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      sMax[r] = M;
+      sSum[r] = l;
+    }
+  }
+  __syncthreads();
+  // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
+  const int E = nh * kVec;
+  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
+    const int e = e0 + (groups > 1 ? tid % E : tid);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (e < E && grp < groups) {
+      const int r = e / kVec, d4 = e % kVec;
+#pragma unroll 8
+      for (int j = grp; j < k; j += groups) {
+        const float w = sW[j * kHeadTile + r];
+        const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
+        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
+      }
+    }
+    if (groups > 1) {
+      sAcc[tid] = acc;
+      __syncthreads();
+      if (tid < E) {
+        for (int q = 1; q < groups; ++q) {
+          const float4 y = sAcc[q * E + tid];
+          acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
+        }
+      }
+    }
+    if (e < E && (groups == 1 || tid < E)) {
+      const int r = e / kVec, d = (e % kVec) * 4;
+      const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
+      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+      from_float(acc.x * inv, out);
+      from_float(acc.y * inv, out + 1);
+      from_float(acc.z * inv, out + 2);
+      from_float(acc.w * inv, out + 3);
+      if (p.lse && d == 0)
+        p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
+    }
+  }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Pipeline stages per warp: 3 at D 64, 2 at D 128 (3 CTAs per SM; DMS_DECODE_STAGES=3 for 3 stages
@@ -598,15 +589,23 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
       cudaSuccess)
     return Status::kCudaError;
-  // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
+  const size_t merge_smem = merge_smem_bytes(r.grid);
+  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)merge_smem) != cudaSuccess)
+    return Status::kCudaError;
+  // All three kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
   cudaFuncSetAttribute(sparse_decode_plan_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
+    return Status::kCudaError;
+  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem, stream, p, r) !=
+      cudaSuccess)
     return Status::kCudaError;
   return Status::kSuccess;
 }
