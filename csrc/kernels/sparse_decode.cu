@@ -121,7 +121,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int qh0 = g * G + h0;  // first query head of this CTA
 
-  if (L <= 0) {  // empty head: zeros (and lse -inf), SPEC section 4
+  if (L <= 0) {  // empty head: zeros (and lse -inf), docs/ops.md
     for (int i = tid; i < nh * D; i += kThreads) {
       int r = i / D, d = i % D;
       T* o = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
