@@ -65,5 +65,5 @@ setup(
     cmdclass={"build_ext": build_ext_cls()},
     python_requires=">=3.10",
     install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest", "numpy"]},
+    extras_require={"test": ["pytest", "numpy"], "demo": ["matplotlib"]},
 )

@@ -2,7 +2,7 @@
 D 128, window 512, prompts 4k / 16k / 32k, eviction giving CR 1 / 4 / 8.
 
 The flag probability p is chosen so that live / total ~ 1 / CR after the last token:
-live = (1 - p) (N - w - 1) + w + 1 (SPEC section 1), so 1 - p = (N / CR - w - 1) / (N - w - 1),
+live = (1 - p) (N - w - 1) + w + 1 (docs/semantics.md), so 1 - p = (N / CR - w - 1) / (N - w - 1),
 clamped to [0, 1] (4k at CR 8 is slightly short of 8: the window alone is 1/8 of 4k).
 
 Peers, measured in the same run (CUDA events, median after warm-up):

@@ -1,4 +1,4 @@
-"""DMSCache: a paged, per-head KV cache with DMS delayed eviction (SPEC section 5).
+"""DMSCache: a paged, per-head KV cache with DMS delayed eviction (docs/cache.md).
 
 Every mutation of the device state goes through torch.ops.dms.append / fork / release, so the
 CUDA and CPU builds share one bookkeeping implementation; this file only owns the host-side
@@ -97,7 +97,7 @@ class _Layer:
 
 
 class DMSCache:
-    """Paged per-head KV cache of a whole model with DMS delayed eviction (SPEC sections 1, 5).
+    """Paged per-head KV cache of a whole model with DMS delayed eviction (docs/cache.md).
 
     Each layer owns a pool of ``num_blocks`` single-head blocks of ``block_size`` tokens; every
     (sequence, KV head) holds exactly the keys its next query can see (the newest ``window + 1``

@@ -9,8 +9,8 @@ or, with fork for parallel sampling and sequences released as they finish (no pa
     result = generate(model, [prompt_a, prompt_b], max_new_tokens=64, num_samples=4,
                       do_sample=True, eos_token_id=tok.eos_token_id)
 
-What the patch does (SPEC section 2), per attention layer of a transformers Qwen3ForCausalLM or
-LlamaForCausalLM:
+What the patch does (docs/semantics.md section 10), per attention layer of a transformers
+Qwen3ForCausalLM or LlamaForCausalLM:
 
 * Borrowed neuron (``dms_separate_alpha`` false, the public nvidia/Qwen3-8B-DMS-8x checkpoint):
   the eviction logit of KV head g is channel D-1 of query head g*G after q_norm and before RoPE,

@@ -1,4 +1,4 @@
-"""A small plain-torch Llama / Qwen3-style decoder that can carry DMS (SPEC sections 1-2).
+"""A small plain-torch Llama / Qwen3-style decoder that can carry DMS (docs/semantics.md).
 
 One model, five ways to run attention:
 
@@ -46,7 +46,8 @@ POLICIES = ("window", "h2o", "tova")
 class ModelConfig:
     """Shape and DMS settings of :class:`DMSForCausalLM`.
 
-    variant: where eviction logits come from (SPEC section 2): ``"borrowed"`` (channel D-1 of
+    variant: where eviction logits come from (docs/semantics.md section 10): ``"borrowed"``
+    (channel D-1 of
     query head g*G after q-norm, before RoPE), ``"adapter"`` (Linear(RMSNorm(h)) of the layer
     input, one output per KV head) or ``"none"`` (a plain model: no logits, nothing zeroed).
     """

@@ -1,4 +1,4 @@
-"""The oracle: plain-torch, float64 definitions of what every dms op computes (SPEC sections 1-4).
+"""The oracle: plain-torch, float64 definitions of what every dms op computes (docs/semantics.md).
 
 Dense and slow on purpose: each function states the rule directly (a full visibility mask, a
 gather of every slot), so the kernels, the CPU twins and DMSCache are all checked against it.
@@ -100,7 +100,8 @@ def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Out of place: (q_out, k_out, logits). q [T, Hq, D], k [T, Hkv, D]; float64 math, q_out and
     k_out in the input dtype, logits float32 [T, Hkv].
 
-    Order (SPEC section 2, borrowed neuron): optional per-head RMSNorm on q and k; logit
+    Order (docs/semantics.md section 10, borrowed neuron): optional per-head RMSNorm on q and k;
+    logit
     l[t, g] = q[t, g*G, D-1] * alpha_scale - alpha_offset; zero that channel; rotate-half RoPE on
     q and k; zero the channel again (RoPE mixes channel D-1 into D/2-1 and back)."""
     t_, hq, dim = q.shape

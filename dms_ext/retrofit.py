@@ -1,4 +1,4 @@
-"""Retrofitting DMS into a trained model (SPEC section 2), and evaluating the result.
+"""Retrofitting DMS into a trained model (docs/semantics.md section 10), and evaluating the result.
 
 Training relaxation (``DMSForCausalLM.forward(attention="relaxed")``): every layer's eviction
 logits l get logistic noise, z = (l + noise) / tau (tau 0.1); the score of key j for a query

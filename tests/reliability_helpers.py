@@ -1,7 +1,7 @@
 """Shared by the reliability suites (test_differential, test_soak, test_bad_inputs, test_compile):
 a tolerance that only admits the final rounding, eviction logits with extreme values, and
 SpecState, which drives the state ops (append / decode_step / fork / release / sparse_prefill)
-on one set of state tensors and checks every touched row against SPEC section 1 through
+on one set of state tensors and checks every touched row against docs/semantics.md through
 dms_ext.reference after each call.
 
 Token identity: V channels 0 and 1 of every token carry its position (p // 64, p % 64, exact in
@@ -231,7 +231,7 @@ class SpecState:
 
     def decode_step(self, rows, hq, cs, rate, norm, adapter, alpha=(100.0, 5.0), eps=1e-6):
         """decode_step on one token per row; q and logits against reference.eviction_rope, then
-        the rows' state against the SPEC (with K as the op wrote it, checked against the
+        the rows' state against docs/semantics.md (with K as the op wrote it, checked against the
         reference roped K first)."""
         b = len(rows)
         group = hq // self.hkv
@@ -331,7 +331,7 @@ class SpecState:
     # ---------------------------------------------------------------- checks
 
     def check_row(self, row):
-        """SPEC section 1 for one row: num_tokens, seq_lens == live_counts, the cached tokens are
+        """The DMS rule for one row: num_tokens, seq_lens == live_counts, the cached tokens are
         exactly those the next query sees (K and V bit for bit), the ring holds the last
         min(n, w + 1) positions with their flags (the newest one unflagged)."""
         k_all, v_all, lg = self.full(row)

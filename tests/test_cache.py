@@ -1,4 +1,4 @@
-"""DMSCache (SPEC section 5) on the CPU against dms_ext.reference, on random schedules."""
+"""DMSCache (docs/cache.md) on the CPU against dms_ext.reference, on random schedules."""
 import math
 import random
 

@@ -69,7 +69,8 @@ def test_decode_step_equals_eviction_rope_plus_append(dtype, group, hkv, dim, wi
 
 def test_decode_step_matches_reference_rope_and_live_counts():
     """Independent of the CPU twins: q after the fused step equals reference.eviction_rope at
-    position num_tokens, and the live counts follow the SPEC formula over the emitted logits."""
+    position num_tokens, and the live counts follow docs/semantics.md section 6 over the emitted
+    logits."""
     gen = torch.Generator().manual_seed(7)
     hq, hkv, dim, window, bs, rows = 12, 4, 32, 5, 4, 3
     cs = reference.rope_cache(128, dim)

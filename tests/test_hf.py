@@ -1,7 +1,7 @@
 """dms_ext.hf: transformers Qwen3 / Llama models on DMSCache, against a float64 oracle.
 
 Tiny random models built from configs (nothing is downloaded). The oracle is written here from
-SPEC sections 1-2 on top of dms_ext.reference (eviction_rope, dms_attention), in float64, so it
+docs/semantics.md on top of dms_ext.reference (eviction_rope, dms_attention), in float64, so it
 shares no code with the patched attention it checks.
 """
 from __future__ import annotations

@@ -91,7 +91,7 @@ def sorted_rows(x):
 
 
 def check_sequence(st, row, k_all, v_all, logits_all):
-    """The state of `row` equals SPEC section 1 after the tokens k_all/v_all/logits_all [N, ...]:
+    """The state of `row` is docs/semantics.md's after the tokens k_all/v_all/logits_all [N, ...]:
     the slots hold exactly the K/V visible to the last query, seq_lens = live_counts, and the ring
     holds the last min(N, w+1) tokens with their flags."""
     n = k_all.shape[0]
@@ -322,7 +322,7 @@ def test_eviction_rope_logits_sign_and_rope_identity_at_position_zero():
 
 
 # --------------------------------------------------------------------------------------------
-# append: the state after any chunking equals SPEC section 1
+# append: the state after any chunking equals docs/semantics.md
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -111,7 +111,7 @@ def test_dms_cache_soak_no_leak_and_equal_to_reference():
 
 def test_state_ops_soak():
     """One long schedule of append / sparse_prefill / decode_step / fork / release on raw state
-    tensors (reliability_helpers.SpecState checks each call against the SPEC)."""
+    tensors (reliability_helpers.SpecState checks each call against docs/semantics.md)."""
     for seed in range(6 * SCALE):
         st = run_state_schedule(20_000 + seed, events=400)
         assert int(st.free_top) == st.nb

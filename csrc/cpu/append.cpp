@@ -1,4 +1,4 @@
-// CPU twin of dms::append: the ring bookkeeping of SPEC section 1, token by token.
+// CPU twin of dms::append: the ring bookkeeping of docs/semantics.md, token by token.
 // All-or-nothing: every check (sizes, state consistency, blocks needed) runs on a dry run
 // before the first write, so an error leaves the state exactly as it was.
 #include <cstring>

@@ -1,4 +1,4 @@
-// CPU twin of dms::eviction_rope (SPEC section 2, borrowed-neuron variant), float64 math on
+// CPU twin of dms::eviction_rope (docs/semantics.md section 10, borrowed neuron), float64 math on
 // each head vector; q and k are rounded to the storage dtype once, at the end.
 #include <cmath>
 #include <vector>

@@ -1,6 +1,7 @@
 // CPU twin of dms::sparse_prefill: for each chunk and KV head, list every key a query of the
 // chunk could see (cached slots tagged with their position when still in the ring, then the
-// chunk's own keys), and apply the SPEC visibility rule per (query, key) pair. float64 math.
+// chunk's own keys), and apply the visibility rule (docs/semantics.md section 4) per pair. float64
+// math.
 #include <cmath>
 #include <limits>
 #include <vector>

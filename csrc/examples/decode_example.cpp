@@ -1,6 +1,6 @@
 // decode_example: an engine that owns its memory, driving the dms C++ API directly.
 //
-// It allocates a paged DMS cache with cudaMalloc (SPEC section 3 layout plus the ring /
+// It allocates a paged DMS cache with cudaMalloc (docs/layout.md layout plus the ring /
 // free-list state of params.h), then runs what a serving loop runs:
 //   prefill   dms::sparse_prefill (attention of packed prompt chunks) + dms::append
 //   decode    dms::decode_step (norm + borrowed-neuron logit + RoPE + eviction + KV write)
@@ -8,7 +8,8 @@
 //   turn 2    a second prefill chunk for some sequences between graph replays
 // Every result is checked twice: against the CPU twins (dms::cpu::*) run on host copies of the
 // same state, and against a small independent host model that keeps every token's K/V and
-// eviction flag and applies the SPEC visibility rule directly (no ring, no slots, no blocks).
+// eviction flag and applies the visibility rule (docs/semantics.md) directly (no ring, slots,
+// blocks).
 //
 //   decode_example [--quick]      exit 0: pass, 1: mismatch or error, 77: no usable GPU (skip)
 #include <cuda_bf16.h>
@@ -359,7 +360,7 @@ class Scenario {
   // ---------------------------------------------------------------- the independent model
   RefHead& ref(int row, int g) { return ref_[size_t(row) * H_ + g]; }
 
-  // SPEC section 1: token t's logit decides about t-1.
+  // docs/semantics.md: token t's logit decides about t-1.
   void ref_append(int row, int g, std::vector<float> k, std::vector<float> v, float logit) {
     RefHead& r = ref(row, g);
     const size_t t = r.k.size();
@@ -398,7 +399,7 @@ class Scenario {
     return out;
   }
 
-  // SPEC section 1: after token t, (sequence, g) stores exactly the keys query t can see.
+  // docs/semantics.md: after token t, (sequence, g) stores exactly the keys query t can see.
   int ref_live(int row, int g) {
     const RefHead& r = ref(row, g);
     const int n = int(r.k.size());
@@ -407,7 +408,7 @@ class Scenario {
     return live;
   }
 
-  // Borrowed-neuron step of one head vector, as SPEC section 2 says, in double.
+  // Borrowed-neuron step of one head vector, as docs/semantics.md section 10 says, in double.
   std::vector<float> ref_norm_rope(const uint16_t* x, const std::vector<uint16_t>& w, int pos,
                                    bool donor, float* logit) {
     std::vector<double> y(D_);
@@ -751,13 +752,13 @@ class Scenario {
 
   // GPU state vs the CPU twin's (block ids may differ: the GPU pops blocks concurrently, so
   // K/V are compared slot by slot through each side's own block table), and the GPU state vs
-  // the SPEC's memory rule and the pool's accounting.
+  // the memory rule of docs/semantics.md section 6 and the pool's accounting.
   void state_check() {
     const DevState s = download_state();
     rep_.get("state: num_tokens, seq_lens, ring, free_top = CPU twin", 0)
         .exact(s.nt == h_nt_ && s.sl == h_sl_ && s.ring == h_ring_ && s.ft == h_ft_);
     Check& kv = rep_.get("state: K/V by slot, GPU vs CPU twin", tol_row_);
-    Check& live = rep_.get("state: live tokens per head = SPEC count", 0);
+    Check& live = rep_.get("state: live tokens per head = docs/semantics.md count", 0);
     Check& pool = rep_.get("state: blocks owned once, none lost", 0);
     std::vector<int> owner(num_blocks_, 0);
     int used = 0;
@@ -836,7 +837,7 @@ class Scenario {
   Report rep_;
   std::vector<RefHead> ref_;
 
-  // Device state (SPEC section 3 + params.h) and its host twin.
+  // Device state (docs/layout.md + params.h) and its host twin.
   std::unique_ptr<DevBuf<uint16_t>> d_kc_, d_vc_, d_qw_, d_kw_;
   std::unique_ptr<DevBuf<int32_t>> d_bt_, d_sl_, d_ring_, d_nt_, d_fs_, d_ft_;
   DevBuf<int32_t> d_error_{1};

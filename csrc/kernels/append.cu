@@ -1,4 +1,4 @@
-// dms::append: appends packed chunks with the DMS delayed-eviction rule (SPEC section 1).
+// dms::append: appends packed chunks with the DMS delayed-eviction rule (docs/semantics.md).
 //
 // The rule is a serial recurrence per (row, KV head) over cheap ints; the K/V writes are the
 // bytes. Two shapes:

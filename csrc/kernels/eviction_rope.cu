@@ -1,5 +1,5 @@
 // dms::eviction_rope: optional per-head RMSNorm, borrowed-neuron eviction logits, channel
-// zeroing and rotate-half RoPE of q and k, in place (SPEC sections 2 and 4).
+// zeroing and rotate-half RoPE of q and k, in place (docs/semantics.md section 10, docs/ops.md).
 //
 // One group of `tpr` threads per head vector (T * (Hq + Hkv) vectors), each thread owning
 // whole RoPE pairs, so the only exchange is the RMSNorm sum. Memory-bound: 16-byte accesses

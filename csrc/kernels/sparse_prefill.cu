@@ -1,4 +1,4 @@
-// Sparse prefill attention with the DMS visibility rule (SPEC section 1), on tensor cores.
+// Sparse prefill attention with the DMS visibility rule (docs/semantics.md), on tensor cores.
 //
 // Why it is cheaper than dense causal: for a query tile whose first token is i0, a chunk key
 // j < i0 - w is outside the window of every query of the tile, so it is visible to all of them

@@ -1,6 +1,6 @@
 // Device pieces of the per-token step shared by eviction_rope.cu, append.cu and
 // decode_step.cu: the norm + logit + RoPE of one head vector, and the single-token DMS ring
-// bookkeeping (SPEC section 1).
+// bookkeeping (docs/semantics.md).
 #pragma once
 #include "kernels/common.cuh"
 

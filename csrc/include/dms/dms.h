@@ -13,7 +13,7 @@
 // owned by the caller; the library allocates nothing, not even scratch: sparse_decode and
 // sparse_prefill take a caller-sized `workspace` (see their *_workspace_bytes). cudaMalloc'd
 // buffers satisfy every alignment below (256 bytes). Layouts and the state tensors are those of
-// params.h (SPEC section 3); strides are in elements.
+// params.h (docs/layout.md); strides are in elements.
 //
 // Stream. The call reads the struct on the host, validates sizes and pointers (never device
 // data), enqueues its kernels on `stream` (0, cudaStreamPerThread or any stream) and returns
@@ -79,7 +79,8 @@ size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms);
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
 // eviction_rope: borrowed-neuron logits + channel zeroing + rotate-half RoPE of q and k in
-// place (SPEC section 2). float32, fp16, bf16; head_dim even; positions < max_position.
+// place (docs/semantics.md section 10). float32, fp16, bf16; head_dim even; positions <
+// max_position.
 Status eviction_rope(const EvictionRopeParams& p, cudaStream_t stream);
 
 // append: packed chunks (>= 1 token each, cu_seqlens[0] = 0, cu_seqlens[n] = total_tokens,
@@ -89,8 +90,8 @@ Status eviction_rope(const EvictionRopeParams& p, cudaStream_t stream);
 Status append(const AppendParams& p, cudaStream_t stream);
 
 // sparse_prefill: attention of packed chunks over (cache as it is) + (the chunk itself),
-// SPEC visibility rule. Call it BEFORE append of the same chunk: it reads the cache, never
-// writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64 or 128;
+// visibility rule (docs/semantics.md section 4). Call it BEFORE append of the same chunk: it
+// reads the cache, never writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64 or 128;
 // q, k, v, k_cache, v_cache, out and workspace 16-byte aligned (else kInvalidArgument);
 // q, k, v, out contiguous.
 // Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,

@@ -1,7 +1,7 @@
 // dms_ext public C++ API: parameter structs shared by the CUDA kernels and the CPU twins.
 // No torch, no CUDA headers: an engine that owns its memory fills these with raw pointers.
 //
-// KV layout (SPEC section 3), per layer:
+// KV layout (docs/layout.md), per layer:
 //   k_cache, v_cache  [num_blocks, block_size, head_dim]   contiguous, dtype `dtype`
 //   block_table       int32 [rows, num_kv_heads, max_blocks_per_head]
 //   seq_lens          int32 [rows, num_kv_heads]   slots in use of (row, kv head)
@@ -54,7 +54,8 @@ struct SparseDecodeParams {
   int min_chunk = 0;      // 0: library default (keys per split at least this)
 };
 
-// Borrowed-neuron logits (SPEC section 2) + channel zeroing + rotate-half RoPE, in place.
+// Borrowed-neuron logits (docs/semantics.md section 10) + channel zeroing + rotate-half RoPE, in
+// place.
 struct EvictionRopeParams {
   void* q = nullptr;                 // [T, Hq, D] contiguous
   void* k = nullptr;                 // [T, Hkv, D] contiguous
@@ -72,7 +73,7 @@ struct EvictionRopeParams {
   float norm_eps = 1e-6f;
 };
 
-// Appends packed chunks to sequences with the delayed-eviction rule (SPEC section 1):
+// Appends packed chunks to sequences with the delayed-eviction rule (docs/semantics.md):
 // for each token t of a chunk, set d_{t-1} = (logit_t > 0) in the ring; if the token
 // t - (window + 1) is flagged, t takes over its slot; else t goes to slot seq_len (a new
 // block is popped from the free stack when the slot opens a block). K and V are written.
