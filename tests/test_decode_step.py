@@ -4,8 +4,8 @@ import torch
 
 import dms_ext  # noqa: F401
 from dms_ext import ops, reference
-from step_helpers import (assert_pool_consistent, assert_same_logical, clone_state, new_state,
-                          norm_weights, seed_of, signed_logits, state_args, step_inputs)
+from helpers import (assert_pool_consistent, assert_same_logical, clone_state, new_state,
+                          norm_weights, make_logits, seed_of, state_args, step_inputs)
 
 
 def _separate_step(q, k, v, cs, slots, st, logits=None, qn=None, kn=None, eps=1e-6):
@@ -44,7 +44,7 @@ def test_decode_step_equals_eviction_rope_plus_append(dtype, group, hkv, dim, wi
     cu = torch.tensor([0, 7, 9], dtype=torch.int32)
     kk = torch.randn(9, hkv, dim, generator=gen).to(dtype)
     vv = torch.randn(9, hkv, dim, generator=gen).to(dtype)
-    ll = signed_logits((9, hkv), 0.5, gen)
+    ll = make_logits(gen, 9, hkv, 0.5, floor=0.25, span=1.0)
     for st in (fused, sep):
         ops.append(kk, vv, ll, pre, cu, *state_args(st))
     evict_p = [0.0, 0.5, 0.9, 1.0]
@@ -53,7 +53,7 @@ def test_decode_step_equals_eviction_rope_plus_append(dtype, group, hkv, dim, wi
         slots = torch.randperm(rows, generator=gen)[:b].to(torch.int32)
         p = evict_p[step % 4]
         q, k, v = step_inputs(b, hq, hkv, dim, dtype, p, gen)
-        given = signed_logits((b, hkv), p, gen) if adapter else None
+        given = make_logits(gen, b, hkv, p, floor=0.25, span=1.0) if adapter else None
         q_sep, l_sep = _separate_step(q, k, v, cs, slots, sep, given, qn, kn)
         k_before = k.clone()
         l_fused = ops.decode_step(q, k, v, cs, slots, *state_args(fused), 100.0, 5.0, qn, kn,
