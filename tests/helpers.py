@@ -441,6 +441,24 @@ class CacheModel(SequenceHistory):
     def length(self, sid):
         return sum(x[0].shape[0] for x in self.hist[sid][0])
 
+    def lifecycle(self, kind, rng, max_seqs, oob_key):
+        """Events "add" / "fork" / "release" of a random schedule (a fork that runs out of blocks
+        counts in COUNTS[oob_key]): True if done, False if not possible now, None for other kinds."""
+        sids = list(self.hist)
+        if kind == "add":
+            return len(sids) < max_seqs and (self.add(), True)[1]
+        if kind == "fork":
+            if not sids or len(sids) >= max_seqs:
+                return False
+            try:
+                self.fork(rng.choice(sids))
+            except OutOfBlocks:
+                COUNTS[oob_key] += 1
+            return True
+        if kind == "release":
+            return bool(sids) and (self.release(rng.choice(sids)), True)[1]
+        return None
+
 
     def attend(self, layer, sids, lens):
         c, g = self.c, self.gen
@@ -633,28 +651,33 @@ def attention_bound(q, k, v, scale, dtype, mask=None):
     return o, lse[:, 0], tol_o, tol_lse[:, 0]
 
 
+def paged_heads(q, k_cache, v_cache, block_table, seq_lens):
+    """Yields (b, heads, K, V) for every non-empty (row b, KV head) of a paged decode problem:
+    heads the slice of q's query heads that read it, K and V [n, D] gathered from the pool."""
+    hkv = block_table.shape[1]
+    G = q.shape[1] // max(1, hkv)
+    lens = seq_lens.cpu()
+    for b in range(q.shape[0]):
+        for g in range(hkv):
+            n = int(lens[b, g])
+            if n:
+                yield (b, slice(g * G, (g + 1) * G), reference.paged_gather(k_cache, block_table[b, g], n),
+                       reference.paged_gather(v_cache, block_table[b, g], n))
+
+
 def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None):
     """attention_bound for every (row, KV head) of a paged decode: (o [B, Hq, D], lse [B, Hq],
     tol_o, tol_lse), float64 on the CPU, from the tensors as the kernel read them."""
     q, k_cache, v_cache = q.cpu(), k_cache.cpu(), v_cache.cpu()
     block_table, seq_lens = block_table.cpu(), seq_lens.cpu()
     B, hq, D = q.shape
-    hkv = block_table.shape[1]
-    G = hq // max(1, hkv)
     dtype = dtype or q.dtype
     o = torch.zeros(B, hq, D, dtype=torch.float64)
     lse = torch.full((B, hq), -math.inf, dtype=torch.float64)
     tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
-    for b in range(B):
-        for g in range(hkv):
-            n = int(seq_lens[b, g])
-            if n == 0:
-                continue
-            kk = reference.paged_gather(k_cache, block_table[b, g], n)
-            vv = reference.paged_gather(v_cache, block_table[b, g], n)
-            hs = slice(g * G, (g + 1) * G)
-            o[b, hs], lse[b, hs], tol_o[b, hs], tol_lse[b, hs] = attention_bound(
-                q[b, hs], kk, vv, scale, dtype)
+    for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, block_table, seq_lens):
+        o[b, hs], lse[b, hs], tol_o[b, hs], tol_lse[b, hs] = attention_bound(
+            q[b, hs], kk, vv, scale, dtype)
     return o, lse, tol_o, tol_lse
 
 

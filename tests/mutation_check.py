@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dms_ext  # noqa: E402,F401
 from dms_ext import ops, reference  # noqa: E402
 from helpers import (bound_violations, decode_bound, dms_bound, make_logits, new_state,  # noqa: E402
-                     state_args)
+                     paged_heads, state_args)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,16 +64,9 @@ def paged_case(gen, dtype, B=2, hkv=2, G=4, D=128, bs=32):
 
 
 def paged_emulated(q, kc, vc, bt, lens, scale):
-    B, hq, D = q.shape
-    hkv = bt.shape[1]
-    G = hq // hkv
     out = torch.zeros_like(q)
-    for b in range(B):
-        for g in range(hkv):
-            n = int(lens[b, g])
-            kk = reference.paged_gather(kc, bt[b, g], n)
-            vv = reference.paged_gather(vc, bt[b, g], n)
-            out[b, g * G:(g + 1) * G] = emulate_kernel(q[b, g * G:(g + 1) * G], kk, vv, scale, q.dtype)[0]
+    for b, hs, kk, vv in paged_heads(q, kc, vc, bt, lens):
+        out[b, hs] = emulate_kernel(q[b, hs], kk, vv, scale, q.dtype)[0]
     return out
 
 

@@ -338,15 +338,8 @@ def run_cache_schedule(seed: int, events: int, device="cpu", attn_check=assert_r
         room = [s for s in sids if m.length(s) < max_len]
         kind = rng.choices(["add", "fork", "release", "prefill", "decode"], weights=[2, 1, 1, 3, 4])[0]
         try:
-            if kind == "add" and len(sids) < max_seqs:
-                m.add()
-            elif kind == "fork" and sids and len(sids) < max_seqs:
-                try:
-                    m.fork(rng.choice(sids))
-                except OutOfBlocks:
-                    COUNTS["cache_out_of_blocks"] += 1
-            elif kind == "release" and sids:
-                m.release(rng.choice(sids))
+            if m.lifecycle(kind, rng, max_seqs, "cache_out_of_blocks") is not None:
+                pass
             elif kind in ("prefill", "decode") and room:
                 act = rng.sample(room, rng.randint(1, len(room)))
                 if kind == "decode":

@@ -12,7 +12,7 @@ import torch
 
 import dms_ext  # noqa: F401
 from dms_ext import ops, reference
-from helpers import assert_same_state, make_logits, snapshot
+from helpers import assert_same_state, make_logits, paged_heads, snapshot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOOR = {torch.float32: 0.0, torch.bfloat16: 2e-3, torch.float16: 3e-4}
@@ -207,19 +207,9 @@ def decode_case(b, hkv, group, d, bs, dtype, max_len=70, empty_rate=0.2):
 
 def torch_decode(q, k_cache, v_cache, bt, lens, scale):
     """Plain torch in q's dtype: the baseline the tolerance is measured against."""
-    b, hq, d = q.shape
-    hkv = bt.shape[1]
-    group = hq // hkv
     out = torch.zeros_like(q)
-    for bi in range(b):
-        for g in range(hkv):
-            n = int(lens[bi, g])
-            if n == 0:
-                continue
-            kk = reference.paged_gather(k_cache, bt[bi, g], n)
-            vv = reference.paged_gather(v_cache, bt[bi, g], n)
-            qq = q[bi, g * group:(g + 1) * group]
-            out[bi, g * group:(g + 1) * group] = torch.softmax((qq @ kk.t()) * scale, -1) @ vv
+    for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, bt, lens):
+        out[b, hs] = torch.softmax((q[b, hs] @ kk.t()) * scale, -1) @ vv
     return out
 
 

@@ -64,17 +64,11 @@ def soak(seed: int, cycles: int, device="cpu", dtype=torch.float32, head_dim=8, 
     for cycle in range(cycles):
         sids = list(m.hist)
         kind = rng.choices(["add", "fork", "release", "decode", "prefill"], weights=[3, 2, 2, 8, 3])[0]
-        did = True
-        if kind == "add" and len(sids) < max_seqs:
-            m.add()
-        elif kind == "fork" and sids and len(sids) < max_seqs:
-            try:
-                m.fork(rng.choice(sids))
-            except OutOfBlocks:
-                COUNTS["soak_out_of_blocks"] += 1
-        elif kind == "release" and sids:
-            m.release(rng.choice(sids))
+        did = m.lifecycle(kind, rng, max_seqs, "soak_out_of_blocks")
+        if did is not None:
+            pass
         elif kind in ("decode", "prefill") and sids:
+            did = True
             act = rng.sample(sids, rng.randint(1, len(sids)))
             lens = [1] * len(act) if kind == "decode" else [rng.randint(1, 9) for _ in act]
             for layer in range(layers):
