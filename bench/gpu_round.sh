@@ -3,25 +3,30 @@
 #
 #   bash bench/gpu_round.sh [stage ...]          default stages: tests decode
 #
-# stages: tests     each tests/test_cuda_*.py in its own pytest (a crash loses one file only)
-#         cputests  the CPU test suite (everything but tests/test_cuda_*.py)
+# stages: tests     tests/test_decode.py (-m cuda) and each tests/test_cuda_*.py in its own pytest
+#                   (a crash loses one file only)
+#         cputests  the CPU test suite (everything but tests/test_cuda_*.py and `cuda` marks)
 #         decode    bench/bench_decode.py (FlashInfer JIT runs in the background during the build)
 #         step      bench/bench_step.py          prefill   bench/bench_prefill.py
 #         e2e       bench/bench_e2e.py if present, else python -m dms_ext.demo --device cuda
 #         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
 #         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
-#         sanitize  bench/sanitize.sh: memcheck, racecheck, initcheck, synccheck over every kernel
-#                   (one row per tool; SANITIZE_TOOLS to pick, whole stage <= 240 s)
+#         sanitize  bench/sanitize.sh: memcheck, racecheck, initcheck, synccheck over every kernel,
+#                   and memcheck-graph (sparse_decode + decode_step captured in a CUDA graph and
+#                   replayed; caching allocator on) (one row per tool; SANITIZE_TOOLS to pick,
+#                   whole stage <= 270 s)
 #         reliability  the CUDA parts of the reliability suites (differential, soak, compile,
-#                   bad inputs: pytest -m cuda)
+#                   bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case counts)
 #         all       tests decode step prefill e2e ncu
 # It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext
 # in place for sm_90a, runs the stages (each under `timeout`, continuing past failures) and
-# prints a summary table LAST. $OUT gets: summary.md, build.log, logs.tgz (every stage log) and
-# the bench/results/*.md this round wrote.
+# prints a summary table LAST. $OUT gets: summary.md, build.log, logs.tgz (every stage log),
+# bench/results/gpu_round_<UTC date>_<HHMM>.md (commit, per test file pass/fail/skip counts,
+# sanitizer verdicts; GIT_COMMIT=<id> names the commit where the tree has no .git) and the
+# bench/results/*.md this round wrote.
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
-# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_cuda_*.py), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_cuda_*.py), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
 set -u -o pipefail
 
 T0=$(date +%s)
@@ -147,12 +152,17 @@ note_failures() {  # first interesting lines of a failing log
   while IFS= read -r l; do NOTES+=("  $l"); done < <(grep -E "$pattern" "$log" | head -n 12 | cut -c1-240)
 }
 
+TEST_LOGS=()  # pytest logs of this round, for the gpu_round report
+
 stage_tests() {
-  local f base
-  for f in ${TEST_FILES:-tests/test_cuda_*.py}; do
-    [ -e "$f" ] || { add_row tests 1 0 "no tests/test_cuda_*.py"; return; }
+  local f base mark
+  for f in ${TEST_FILES:-tests/test_decode.py tests/test_cuda_*.py}; do
+    [ -e "$f" ] || continue
     base=$(basename "$f" .py)
-    run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} "$f"
+    # test_decode.py holds CPU and CUDA cases (a device parameter): the CUDA ones here.
+    mark=(); [ "$f" = tests/test_decode.py ] && mark=(-m cuda)
+    run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider "${mark[@]}" ${PYTEST_ARGS:-} "$f"
+    TEST_LOGS+=("$base|$LOGS/$base.log")
     add_row "$base" "$RC" "$SECS" "$(pytest_key "$LOGS/$base.log")"
     [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:|Fatal|core dumped"
   done
@@ -160,7 +170,8 @@ stage_tests() {
 
 stage_cputests() {
   run_cmd cputests 300 "$LOGS/cputests.log" $PY -m pytest -q -rfE -p no:cacheprovider \
-    --ignore-glob='tests/test_cuda_*' tests
+    --ignore-glob='tests/test_cuda_*' -m "not cuda" tests
+  TEST_LOGS+=("cputests|$LOGS/cputests.log")
   add_row cputests "$RC" "$SECS" "$(pytest_key "$LOGS/cputests.log")"
   [ "$RC" != 0 ] && note_failures cputests "$LOGS/cputests.log" "^(FAILED|ERROR)"
 }
@@ -258,10 +269,12 @@ stage_memcheck() {
   [ "$RC" != 0 ] && note_failures memcheck "$LOGS/memcheck.log" "Invalid|ERROR|BAD|Error"
 }
 
+SANITIZE_LINES=()  # "tool|verdict" for the gpu_round report
+
 stage_sanitize() {
   # Each tool gets an equal share of the stage's time; one summary row per tool.
-  local to; to=$(stage_timeout sanitize 240)
-  local tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck})
+  local to; to=$(stage_timeout sanitize 270)
+  local tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck memcheck-graph})
   local per=$(( (to - 5) / ${#tools[@]} ))
   run_cmd sanitize "$to" "$LOGS/sanitize.log" env SANITIZE_TIMEOUT_S=$per \
     SANITIZE_LOG_DIR="$LOGS/sanitize" PYTHON="$PY" bash bench/sanitize.sh "${tools[@]}"
@@ -272,15 +285,17 @@ stage_sanitize() {
     add_row "sanitize_$tool" "$([ "$verdict" = clean ] && echo 0 || echo "$verdict" | cut -c1-40)" \
       "$(echo "$l" | grep -oE '[0-9]+ s$' | cut -d' ' -f1)" "$(echo "${l#*; }" | cut -c1-150)"
     n=$((n + 1))
-  done < <(grep -E "^SANITIZE [a-z]+:" "$LOGS/sanitize.log")
+    SANITIZE_LINES+=("$tool|$verdict")
+  done < <(grep -E "^SANITIZE [a-z-]+:" "$LOGS/sanitize.log")
   [ $n -eq 0 ] && add_row sanitize "$RC" "$SECS" "$(tail -n 1 "$LOGS/sanitize.log" | cut -c1-150)"
   [ "$RC" != 0 ] && note_failures sanitize "$LOGS/sanitize.log" "^SANITIZE|^    "
 }
 
 stage_reliability() {
-  run_cmd reliability 420 "$LOGS/reliability.log" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda \
+  DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 420 "$LOGS/reliability.log" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda \
     ${PYTEST_ARGS:-} tests/test_hf.py tests/test_cache.py tests/test_demo.py tests/test_differential.py \
     tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
+  TEST_LOGS+=("reliability (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/reliability.log")
   add_row reliability "$RC" "$SECS" "$(pytest_key "$LOGS/reliability.log")"
   [ "$RC" != 0 ] && note_failures reliability "$LOGS/reliability.log" "^(FAILED|ERROR)|Error:|error:"
 }
@@ -319,6 +334,34 @@ done
 [ -n "$FI_PID" ] && kill -- -"$FI_PID" 2>/dev/null   # still compiling only if decode was not run
 
 # ---------------------------------------------------------------- (e) outputs and summary
+# The round report: commit, per test file pass / fail / skip counts, sanitizer verdicts.
+count_of() {  # count_of WORD "summary line" -> the number before WORD (0 if absent)
+  local n; n=$(echo "$2" | grep -oE "[0-9]+ $1" | head -n 1 | cut -d' ' -f1); echo "${n:-0}"
+}
+if [ ${#TEST_LOGS[@]} -gt 0 ] || [ ${#SANITIZE_LINES[@]} -gt 0 ]; then
+  REPORT="bench/results/gpu_round_$(date -u '+%Y-%m-%d_%H%M').md"
+  mkdir -p bench/results
+  commit=$(git rev-parse HEAD 2>/dev/null || true)
+  [ -z "$commit" ] && commit="${GIT_COMMIT:-unknown (no .git here and no GIT_COMMIT)}"
+  {
+    echo "# GPU round $(date -u '+%Y-%m-%d %H:%M') UTC"
+    echo
+    echo "commit: $commit  "
+    echo "stages: ${STAGES[*]}; $(grep -E '^torch ' "$LOGS/env.log" | head -n 1)"
+    if [ ${#TEST_LOGS[@]} -gt 0 ]; then
+      echo; echo "| tests | passed | failed | errors | skipped | summary |"; echo "|---|---|---|---|---|---|"
+      for tl in "${TEST_LOGS[@]}"; do
+        key=$(pytest_key "${tl#*|}")
+        echo "| ${tl%%|*} | $(count_of passed "$key") | $(count_of failed "$key") | $(count_of error "$key") | $(count_of skipped "$key") | $key |"
+      done
+    fi
+    if [ ${#SANITIZE_LINES[@]} -gt 0 ]; then
+      echo; echo "| sanitizer | verdict |"; echo "|---|---|"
+      for sl in "${SANITIZE_LINES[@]}"; do echo "| ${sl%%|*} | ${sl#*|} |"; done
+    fi
+  } >"$REPORT"
+  cp "$REPORT" "$OUT/"
+fi
 n=0
 while IFS= read -r f; do
   [ $n -ge 5 ] && break

@@ -3,9 +3,11 @@
 # edge cases of every op, DMSCache and a CUDA-graph decode step) once under each tool and prints
 # one line per tool, `SANITIZE <tool>: clean|ERRORS|...`, then `SANITIZE: <k>/<n> tools clean`.
 #
-#   bash bench/sanitize.sh [memcheck] [racecheck] [initcheck] [synccheck]     (default: all four)
-#                          [memcheck-graph]   (memcheck of DMSCache with a captured decode step;
-#                                              the caching allocator stays on: capture needs it)
+#   bash bench/sanitize.sh [memcheck] [racecheck] [initcheck] [synccheck] [memcheck-graph]
+#                          (default: all five; memcheck-graph: memcheck of the captured paths,
+#                           DMSCache's graph decode step and decode_step + sparse_decode in one
+#                           CUDA graph (driver groups cache, graph); the caching allocator stays
+#                           on: capture needs it)
 #
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own cudaMalloc, so an access past a
 # tensor is an access past an allocation (memcheck sees it) and fresh memory is never recycled
@@ -25,7 +27,7 @@ TO=${SANITIZE_TIMEOUT_S:-55}
 LOGDIR=${SANITIZE_LOG_DIR:-/tmp/dms_sanitize}
 mkdir -p "$LOGDIR"
 TOOLS=("$@")
-[ ${#TOOLS[@]} -eq 0 ] && TOOLS=(memcheck racecheck initcheck synccheck)
+[ ${#TOOLS[@]} -eq 0 ] && TOOLS=(memcheck racecheck initcheck synccheck memcheck-graph)
 
 CS=$(command -v compute-sanitizer 2>/dev/null || ls /usr/local/cuda/bin/compute-sanitizer \
      /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
@@ -45,7 +47,7 @@ for tool in "${TOOLS[@]}"; do
   alloc=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   t=$tool
   if [ "$tool" = memcheck-graph ]; then
-    t=memcheck; alloc=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING); args+=(--only cache)
+    t=memcheck; alloc=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING); args+=(--only cache,graph)
   fi
   opts=(--tool "$t" --error-exitcode 3 --print-limit 30)
   [ "$t" != initcheck ] && [ "${SANITIZE_FILTER:-1}" = 1 ] && opts+=(--kernel-name kns=dms)

@@ -13,6 +13,8 @@
   fork / release, decode_step (borrowed and adapter logits, norms, head_dim 40/64/128/256,
     batch 1..64, block size 1), and DMSCache: prefill, decode, fork, release, and a CUDA graph of
     a decode step (prepare_decode / advance / replay; only with the caching allocator on)
+  graph: decode_step + sparse_decode_lse captured in one CUDA graph, replayed with fresh inputs
+    (only with the caching allocator on: `sanitize.sh memcheck-graph`)
 
 Every tensor a kernel reads is initialised (initcheck), outputs are allocated by the ops. Light
 checks against the CPU twins make sure each kernel really ran. Prints one line per group and
@@ -309,8 +311,49 @@ def group_cache(quick):
     check(c.num_free_blocks == 2 * 64, "DMSCache: blocks leaked")
 
 
+def group_graph(quick):
+    """sparse_decode + decode_step captured in one CUDA graph and replayed with fresh inputs
+    (the captured path: `sanitize.sh memcheck-graph`, caching allocator on)."""
+    if DEV != "cuda":
+        return
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") != "0":
+        print("graph: skipped (PYTORCH_NO_CUDA_MEMORY_CACHING=1; run by memcheck-graph)", flush=True)
+        return
+    for B, hkv, G, D, bs, dt in [(4, 2, 3, 128, 16, BF16), (3, 1, 5, 64, 32, F16)][: 1 if quick else None]:
+        w, M = 4, 8
+        st = new_state(B, hkv, D, B * hkv * M, bs, w, M, dt)
+        append_both(st, cpu_twin(st), list(range(B)), [5 + 17 * i for i in range(B)], hkv, D, dt)
+        cs = reference.rope_cache(256, D).to(DEV)
+        q, k, v = rnd(B, hkv * G, D, dtype=dt), rnd(B, hkv, D, dtype=dt), rnd(B, hkv, D, dtype=dt)
+        slots = i32(list(range(B)))
+        warm = {key: t.clone() for key, t in st.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ops.decode_step(q.clone(), k, v, cs, slots, *st_args(warm), 100.0, 5.0)
+            ops.sparse_decode_lse(q, warm["k_cache"], warm["v_cache"], warm["block_table"], warm["seq_lens"])
+        torch.cuda.current_stream().wait_stream(side)
+        sync()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ops.decode_step(q, k, v, cs, slots, *st_args(st), 100.0, 5.0)
+            out, lse = ops.sparse_decode_lse(q, st["k_cache"], st["v_cache"], st["block_table"],
+                                             st["seq_lens"])
+        for _ in range(3 if quick else 6):
+            q.copy_(rnd(B, hkv * G, D, dtype=dt))
+            k.copy_(rnd(B, hkv, D, dtype=dt))
+            v.copy_(rnd(B, hkv, D, dtype=dt))
+            out.fill_(float("nan"))
+            g.replay()
+            sync()
+            CASES[0] += 1
+            check(bool(torch.isfinite(out).all()), f"graph B{B} D{D}: output not written")
+        check(int(st["num_tokens"][0]) == 5 + (3 if quick else 6), f"graph B{B} D{D}: replays did not step")
+
+
 GROUPS = dict(decode=group_decode, rope=group_rope, append=group_append, prefill=group_prefill,
-              fork_release=group_fork_release, decode_step=group_decode_step, cache=group_cache)
+              fork_release=group_fork_release, decode_step=group_decode_step, cache=group_cache,
+              graph=group_graph)
 
 
 def main(argv=None) -> int:

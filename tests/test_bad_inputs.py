@@ -24,7 +24,7 @@ import torch
 import dms_ext  # noqa: F401
 from dms_ext import reference
 from dms_ext.cache import DMSCache, OutOfBlocks
-from reliability_helpers import COUNTS, SpecState, make_logits, same_bits
+from helpers import COUNTS, SpecState, make_logits, same_bits
 
 F32, F16, BF16, F64, I32, I64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                  torch.int32, torch.int64)
@@ -491,7 +491,7 @@ def cache_sweep(dev, dtype):
             for x, y in zip(lg_.state(), lb_.state()):
                 assert same_bits(x, y)
         else:  # CUDA appends pop blocks with atomics: same content, block ids may differ
-            from step_helpers import assert_same_logical
+            from helpers import assert_same_logical
             keys = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens",
                     "free_stack", "free_top")
             assert_same_logical(dict(zip(keys, lg_.state())), dict(zip(keys, lb_.state())))
@@ -517,7 +517,7 @@ def test_out_of_blocks_loses_nothing_and_release_then_retry_succeeds():
     sequence and retrying the rest of the call succeeds and matches the reference."""
     import random
 
-    from reliability_helpers import CacheModel
+    from helpers import CacheModel
     gen = torch.Generator().manual_seed(4)
     rng = random.Random(4)
     cache = DMSCache(1, 2, 8, window=2, block_size=2, num_blocks=14, max_seqs=4,

@@ -17,7 +17,7 @@ from torch import nn
 
 import dms_ext  # noqa: F401  (registers torch.ops.dms)
 from dms_ext import reference
-from reliability_helpers import make_logits, same_bits
+from helpers import make_logits, same_bits
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -107,7 +107,7 @@ def assert_same_state(comp, eager, what):
     """Bit for bit on the CPU. CUDA appends pop blocks with atomics, so block ids may differ
     between two runs: there the content each (row, head) holds must be the same."""
     if comp.k_cache.is_cuda:
-        from step_helpers import assert_same_logical
+        from helpers import assert_same_logical
         assert_same_logical(dict(zip(STATE, comp.state())), dict(zip(STATE, eager.state())),
                             where=what)
     else:
@@ -206,7 +206,7 @@ def test_cuda_compile_fullgraph_inductor(dtype):
 
 @pytest.mark.cuda
 def test_cuda_opcheck_eviction_rope_append_fork_release():
-    from reliability_helpers import SpecState
+    from helpers import SpecState
     gen = torch.Generator().manual_seed(5)
     st = SpecState(gen, max_seqs=3, hkv=2, dim=64, window=3, block_size=16, num_blocks=24,
                    max_blocks=4, dtype=torch.bfloat16, device="cuda")
@@ -232,7 +232,7 @@ def test_cuda_opcheck_eviction_rope_append_fork_release():
 def test_cpu_opcheck_every_op_with_norms_and_adapter_logits():
     """test_ops / test_decode_step opcheck each op once; here the optional arguments the
     compiled modules above use (both norm weights, adapter logits) go through opcheck too."""
-    from reliability_helpers import SpecState
+    from helpers import SpecState
     gen = torch.Generator().manual_seed(6)
     st = SpecState(gen, max_seqs=3, hkv=2, dim=8, window=2, block_size=4, num_blocks=24,
                    max_blocks=6, dtype=torch.float32)

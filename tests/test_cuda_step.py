@@ -13,8 +13,8 @@ import torch
 
 import dms_ext  # noqa: F401
 from dms_ext import ops, reference
-from step_helpers import (STATE_KEYS, assert_pool_consistent, assert_same_logical, clone_state,
-                          new_state, norm_weights, seed_of, signed_logits, state_args, step_inputs)
+from helpers import (STATE_KEYS, assert_pool_consistent, assert_same_logical, clone_state,
+                          new_state, norm_weights, make_logits, seed_of, state_args, step_inputs)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +27,7 @@ def cpu_copy(st):
 
 
 def assert_logically_equal(gpu, cpu, rows=None, hkv=None, k_rtol=0.0, where=""):
-    """GPU state == CPU state logically (step_helpers.compare_logical); returns the GPU state
+    """GPU state == CPU state logically (helpers.compare_logical); returns the GPU state
     copied to the CPU."""
     g = cpu_copy(gpu)
     assert_same_logical(g, cpu, k_rtol=k_rtol, where=where)
@@ -107,7 +107,7 @@ def test_cuda_append_fork_release_match_cpu_twin(dtype, hkv, dim, window, bs):
                 t = int(cu[-1])
                 k = torch.randn(t, hkv, dim, generator=gen).to(dtype)
                 v = torch.randn(t, hkv, dim, generator=gen).to(dtype)
-                lg = signed_logits((t, hkv), rates[step % 4], gen)
+                lg = make_logits(gen, t, hkv, rates[step % 4], floor=0.25, span=1.0)
                 ops.append(k, v, lg, slots, cu, *state_args(cpu))
                 ops.append(k.to(DEV), v.to(DEV), lg.to(DEV), slots.to(DEV), cu.to(DEV),
                            *state_args(gpu))
@@ -138,7 +138,7 @@ def test_cuda_append_decode_batch_256_rows():
     for step in range(steps):
         k = torch.randn(rows, hkv, dim, generator=gen).to(torch.bfloat16)
         v = torch.randn(rows, hkv, dim, generator=gen).to(torch.bfloat16)
-        lg = signed_logits((rows, hkv), 0.5, gen)
+        lg = make_logits(gen, rows, hkv, 0.5, floor=0.25, span=1.0)
         ops.append(k, v, lg, slots, cu, *state_args(cpu))
         ops.append(k.to(DEV), v.to(DEV), lg.to(DEV), slots.to(DEV), cu.to(DEV), *state_args(gpu))
     g = assert_logically_equal(gpu, cpu, range(rows), hkv)
@@ -216,7 +216,7 @@ def _prefill_rows(states, rows, hkv, dim, dtype, gen):
     t = int(cu[-1])
     k = torch.randn(t, hkv, dim, generator=gen).to(dtype)
     v = torch.randn(t, hkv, dim, generator=gen).to(dtype)
-    lg = signed_logits((t, hkv), 0.5, gen)
+    lg = make_logits(gen, t, hkv, 0.5, floor=0.25, span=1.0)
     slots = torch.arange(rows, dtype=torch.int32)
     for st in states:
         d = st["ring"].device
@@ -247,7 +247,7 @@ def test_cuda_decode_step_matches_separate_ops_and_cpu_twin(dtype, group, hkv, d
         b = 1 + step % rows
         slots = torch.randperm(rows, generator=gen)[:b].to(torch.int32)
         q, k, v = step_inputs(b, hq, hkv, dim, dtype, rates[step % 4], gen)
-        given = signed_logits((b, hkv), rates[step % 4], gen) if adapter else None
+        given = make_logits(gen, b, hkv, rates[step % 4], floor=0.25, span=1.0) if adapter else None
         sd = slots.to(DEV)
         gd = None if given is None else given.to(DEV)
         # Fused on the GPU.

@@ -5,9 +5,10 @@ long sequences, all evicted, none evicted, window 1, one-token blocks, empty hea
 Each case draws its own configuration (dtype, heads, GQA group, head_dim, block size, window,
 lengths, eviction rate) from a seeded generator, so a failure names a seed that reproduces it.
 The CPU twins compute in float64, so on the CPU an output may differ from the float64 reference
-by its final rounding only (reliability_helpers.assert_rounded). CUDA variants (marked `cuda`) run
-more cases and hold the kernels to the reference with the tolerances of the CUDA test files.
-DMS_DIFF_SCALE=k multiplies every case count.
+by its final rounding only (helpers.assert_rounded). CUDA variants (marked `cuda`) run more cases
+and hold the kernels to helpers.attention_bound (the error bound of float32 scores and
+accumulation with P rounded for the PV product; outputs and lse). DMS_TEST_SCALE=k multiplies
+every case count (the GPU round uses 10).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 import dms_ext  # noqa: F401
 from dms_ext import ops, reference
 from dms_ext.cache import DMSCache, OutOfBlocks
-from reliability_helpers import (COUNTS, SCALE, CacheModel, SpecState, assert_rounded, f32,
-                                 one_thread, same_bits)
+from helpers import (COUNTS, SCALE, CacheModel, SpecState, assert_rounded, assert_within_bound,
+                     decode_bound, f32, one_thread, same_bits)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 HAS_CUDA = torch.cuda.is_available()
@@ -115,20 +116,27 @@ def reference_lse(q, k_cache, bt, lens, scale):
 
 def check_decode_case(case, out, lse, label, attn_check=assert_rounded, lse_rtol=3e-7,
                       lse_atol=3e-7):
+    """attn_check None: a kernel, held to helpers.attention_bound (outputs and lse); else the
+    CPU twin: attn_check on the outputs, lse within lse_rtol |lse| + lse_atol."""
     q, k_cache, v_cache, bt, lens, scale = (x.cpu() if isinstance(x, torch.Tensor) else x for x in case)
     dtype = q.dtype
     assert out.dtype == dtype and list(out.shape) == list(q.shape), label
     out, lse = out.cpu(), lse.cpu()
-    ref = reference.sparse_decode(q, k_cache, v_cache, bt, lens, scale)
-    attn_check(out, ref, dtype, label)
     G = q.shape[1] // max(1, bt.shape[1])
     empty = (lens == 0).repeat_interleave(G, dim=1)
+    if attn_check is None:
+        ref, want, tol, tol_lse = decode_bound(q, k_cache, v_cache, bt, lens, scale)
+        assert_within_bound(out, ref, tol, label, lse, want, tol_lse)
+    else:
+        ref = reference.sparse_decode(q, k_cache, v_cache, bt, lens, scale)
+        attn_check(out, ref, dtype, label)
+        want = reference_lse(q, k_cache, bt, lens, scale)
     assert (out[empty] == 0).all(), f"{label}: an empty head is not exactly zero"
-    want = reference_lse(q, k_cache, bt, lens, scale)
     assert torch.equal(torch.isinf(lse), torch.isinf(want)), f"{label}: -inf lse pattern"
-    fin = torch.isfinite(want)
-    err = (lse.double()[fin] - want[fin]).abs()
-    assert (err <= lse_rtol * want[fin].abs() + lse_atol).all(), f"{label}: lse off by {err.max()}"
+    if attn_check is not None:
+        fin = torch.isfinite(want)
+        err = (lse.double()[fin] - want[fin]).abs()
+        assert (err <= lse_rtol * want[fin].abs() + lse_atol).all(), f"{label}: lse off by {err.max()}"
 
 
 def test_sparse_decode_random_cases():
@@ -243,7 +251,7 @@ def run_state_schedule(seed: int, events: int, device="cpu"):
     st = SpecState(gen, max_seqs=S, hkv=hkv, dim=d, window=w, block_size=bs, num_blocks=nb,
                    max_blocks=M, dtype=dtype, device=device)
     if cuda:
-        st.attn_check = cuda_attention_check
+        st.attn_check = None                             # helpers.attention_bound
         st.rope_ulps, st.float_math = 2.0, True
         st.logit_rtol, st.logit_atol = 1e-5, 1e-3       # as tests/test_cuda_step.py
     label = (f"seed {seed}: {dtype}, Hkv {hkv}, G {G}, D {d}, window {w}, block {bs}, rows {S}, "
@@ -330,15 +338,8 @@ def run_cache_schedule(seed: int, events: int, device="cpu", attn_check=assert_r
         room = [s for s in sids if m.length(s) < max_len]
         kind = rng.choices(["add", "fork", "release", "prefill", "decode"], weights=[2, 1, 1, 3, 4])[0]
         try:
-            if kind == "add" and len(sids) < max_seqs:
-                m.add()
-            elif kind == "fork" and sids and len(sids) < max_seqs:
-                try:
-                    m.fork(rng.choice(sids))
-                except OutOfBlocks:
-                    COUNTS["cache_out_of_blocks"] += 1
-            elif kind == "release" and sids:
-                m.release(rng.choice(sids))
+            if m.lifecycle(kind, rng, max_seqs, "cache_out_of_blocks") is not None:
+                pass
             elif kind in ("prefill", "decode") and room:
                 act = rng.sample(room, rng.randint(1, len(room)))
                 if kind == "decode":
@@ -430,18 +431,6 @@ def test_long_sequence_all_or_none_evicted(rate, window, bs):
 # CUDA: more cases, the kernels against the reference (skipped without a GPU)
 
 
-def cuda_attention_check(out, ref, dtype, what):
-    """Half-precision kernels: within 2x the error of the same math done in dtype by plain torch
-    (DESIGN.md), approximated by 2 units of dtype on the output scale plus 2 per unit of |ref|."""
-    o, r = out.double().cpu(), ref.double().cpu()
-    assert not torch.isnan(o).any(), f"{what}: NaN"
-    eps = torch.finfo(dtype).eps
-    scale = r.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) if r.dim() else r.abs()
-    tol = 2 * eps * (r.abs() + scale) + 1e-30
-    bad = (o - r).abs() > tol
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, max err {(o - r).abs().max()}"
-
-
 @pytest.mark.cuda
 def test_cuda_sparse_decode_random_cases():
     rng = random.Random(11)
@@ -454,9 +443,11 @@ def test_cuda_sparse_decode_random_cases():
         out2, lse = ops.sparse_decode_lse(*dev, scale)
         assert same_bits(out, out2), f"case {i}: sparse_decode and sparse_decode_lse differ"
         # The CPU twin on the same data is a second opinion with its own rounding.
+        # Case 2843 (fp16, q [33, 21, 256], scale 25, scores ~1e5) failed the old lse tolerance
+        # 1e-4 |lse| + 1e-3 by 0.216: heads of one key whose score ~130 is a sum of products
+        # ~1e6 that cancel (condition ~1e4); attention_bound's score term admits ~20 there.
         check_decode_case(case, out, lse, f"cuda sparse_decode case {i} ({q.dtype}, "
-                          f"q {list(q.shape)}, bs {kc.shape[1]})", cuda_attention_check,
-                          1e-4, 1e-3)              # lse tolerance of tests/test_cuda_decode.py
+                          f"q {list(q.shape)}, bs {kc.shape[1]})", None)
         COUNTS["cuda_sparse_decode"] += 1
 
 
@@ -486,4 +477,4 @@ def test_cuda_state_ops_random_schedules():
 @pytest.mark.cuda
 def test_cuda_dms_cache_random_schedules():
     for i in range(2 * N_CACHE_SCHEDULES):
-        run_cache_schedule(7000 + i, events=30, device="cuda", attn_check=cuda_attention_check)
+        run_cache_schedule(7000 + i, events=30, device="cuda", attn_check=None)

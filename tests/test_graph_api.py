@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dms_ext.cache import DecodePlan, DMSCache, OutOfBlocks, RecaptureNeeded, _Layer
-from test_cache import Model, assert_same_state, poison_free, snapshot
+from helpers import assert_same_state, poison_free, snapshot
+from test_cache import Model
 
 
 @contextlib.contextmanager

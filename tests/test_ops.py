@@ -12,6 +12,7 @@ import torch
 
 import dms_ext  # noqa: F401
 from dms_ext import ops, reference
+from helpers import assert_same_state, make_logits, paged_heads, snapshot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOOR = {torch.float32: 0.0, torch.bfloat16: 2e-3, torch.float16: 3e-4}
@@ -30,12 +31,6 @@ def assert_close_to_ref(out, ref, torch_out, dtype, what):
     err = (out.double() - ref).abs().max().item()
     err_torch = (torch_out.double() - ref).abs().max().item()
     assert err <= 2 * err_torch + FLOOR[dtype], f"{what}: err {err} vs torch {err_torch}"
-
-
-def make_logits(n, hkv, rate=0.5):
-    """Random eviction logits, positive (evict the previous token) with probability `rate`."""
-    mag = torch.rand(n, hkv) * 4 + 0.05
-    return torch.where(torch.rand(n, hkv) < rate, mag, -mag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +57,7 @@ class State:
                 self.num_tokens, self.free_stack, self.free_top)
 
     def snapshot(self):
-        return [t.clone() for t in self.tensors()]
+        return snapshot(self)
 
     def append(self, k, v, logits, rows, lens):
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
@@ -74,12 +69,6 @@ class State:
         bt = self.block_table[row, g]
         return (reference.paged_gather(self.k_cache, bt, n),
                 reference.paged_gather(self.v_cache, bt, n))
-
-
-def assert_same_state(a, b):
-    for x, y in zip(a, b):
-        assert torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
-                           y.view(torch.uint8) if y.is_floating_point() else y)
 
 
 def sorted_rows(x):
@@ -218,19 +207,9 @@ def decode_case(b, hkv, group, d, bs, dtype, max_len=70, empty_rate=0.2):
 
 def torch_decode(q, k_cache, v_cache, bt, lens, scale):
     """Plain torch in q's dtype: the baseline the tolerance is measured against."""
-    b, hq, d = q.shape
-    hkv = bt.shape[1]
-    group = hq // hkv
     out = torch.zeros_like(q)
-    for bi in range(b):
-        for g in range(hkv):
-            n = int(lens[bi, g])
-            if n == 0:
-                continue
-            kk = reference.paged_gather(k_cache, bt[bi, g], n)
-            vv = reference.paged_gather(v_cache, bt[bi, g], n)
-            qq = q[bi, g * group:(g + 1) * group]
-            out[bi, g * group:(g + 1) * group] = torch.softmax((qq @ kk.t()) * scale, -1) @ vv
+    for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, bt, lens):
+        out[b, hs] = torch.softmax((q[b, hs] @ kk.t()) * scale, -1) @ vv
     return out
 
 
@@ -337,7 +316,7 @@ def test_append_state_is_sequential_semantics(dtype, window, bs):
     for r, n in zip(rows, lengths):
         rate = random.choice([0.2, 0.5, 0.9])
         data[r] = (torch.randn(n, hkv, d).to(dtype), torch.randn(n, hkv, d).to(dtype),
-                   make_logits(n, hkv, rate), random_chunks(n, 2 * window + 3))
+                   make_logits(None, n, hkv, rate), random_chunks(n, 2 * window + 3))
     done = {r: 0 for r in rows}
     pending = {r: list(data[r][3]) for r in rows}
     # Calls mixing chunks of several sequences, in a random order.
@@ -363,7 +342,7 @@ def test_append_state_is_sequential_semantics(dtype, window, bs):
 def test_append_out_of_blocks_leaves_state_untouched():
     hkv, d, w, bs = 2, 4, 2, 2
     st = State(3, hkv, d, w, bs, 6, 8, torch.float32)
-    st.append(torch.randn(3, hkv, d), torch.randn(3, hkv, d), make_logits(3, hkv), [1], [3])
+    st.append(torch.randn(3, hkv, d), torch.randn(3, hkv, d), make_logits(None, 3, hkv), [1], [3])
     before = st.snapshot()
     # Two sequences at once; the pool runs dry in the second chunk: nothing may change.
     n = 6
@@ -379,7 +358,7 @@ def test_append_then_release_returns_every_block():
     for r in (0, 2):
         n = random.randint(5, 20)
         st.append(torch.randn(n, hkv, d).half(), torch.randn(n, hkv, d).half(),
-                  make_logits(n, hkv), [r], [n])
+                  make_logits(None, n, hkv), [r], [n])
     check_pool(st, [0, 2])
     ops.release(2, st.block_table, st.seq_lens, st.ring, st.num_tokens, st.free_stack,
                 st.free_top, bs)
@@ -421,7 +400,7 @@ def test_sparse_prefill_matches_reference_for_chunked_schedules(dtype, group):
     for r, n in zip(rows, totals):
         seq[r] = dict(q=torch.randn(n, hq, d).to(dtype), k=torch.randn(n, hkv, d).to(dtype),
                       v=torch.randn(n, hkv, d).to(dtype),
-                      logits=make_logits(n, hkv, random.choice([0.3, 0.7])),
+                      logits=make_logits(None, n, hkv, random.choice([0.3, 0.7])),
                       chunks=random_chunks(n, 12), done=0)
     scale = 1 / math.sqrt(d)
     outs = {r: torch.full((n, hq, d), float("nan"), dtype=dtype) for r, n in zip(rows, totals)}
@@ -462,7 +441,7 @@ def test_fork_copies_are_independent():
     hkv, d, w, bs, dtype = 2, 8, 3, 4, torch.bfloat16
     st = State(4, hkv, d, w, bs, 64, 10, dtype)
     n = 14
-    k, v, lg = torch.randn(n, hkv, d).to(dtype), torch.randn(n, hkv, d).to(dtype), make_logits(n, hkv)
+    k, v, lg = torch.randn(n, hkv, d).to(dtype), torch.randn(n, hkv, d).to(dtype), make_logits(None, n, hkv)
     st.append(k, v, lg, [1], [n])
     free_before = int(st.free_top)
     ops.fork(1, 3, *st.tensors())
@@ -475,7 +454,7 @@ def test_fork_copies_are_independent():
     for r in (1, 3):
         m = random.randint(3, 9)
         k2, v2 = torch.randn(m, hkv, d).to(dtype), torch.randn(m, hkv, d).to(dtype)
-        lg2 = make_logits(m, hkv)
+        lg2 = make_logits(None, m, hkv)
         st.append(k2, v2, lg2, [r], [m])
         hist[r] = (torch.cat([k, k2]), torch.cat([v, v2]), torch.cat([lg, lg2]))
     for r in (1, 3):
@@ -498,7 +477,7 @@ def test_fork_out_of_blocks_and_non_empty_dst():
     assert_same_state(before, st.snapshot())
     st2 = State(3, hkv, d, w, bs, 40, 8, torch.float32)
     for r in (0, 1):
-        st2.append(torch.randn(n, hkv, d), torch.randn(n, hkv, d), make_logits(n, hkv), [r], [n])
+        st2.append(torch.randn(n, hkv, d), torch.randn(n, hkv, d), make_logits(None, n, hkv), [r], [n])
     with pytest.raises(ValueError, match="dst"):
         ops.fork(0, 1, *st2.tensors())
     with pytest.raises(ValueError, match="dst"):
@@ -515,10 +494,10 @@ def small_state_and_chunk(dtype=torch.float32):
     st.k_cache.normal_()
     st.v_cache.normal_()
     st.append(torch.randn(5, hkv, d).to(dtype), torch.randn(5, hkv, d).to(dtype),
-              make_logits(5, hkv), [0], [5])
+              make_logits(None, 5, hkv), [0], [5])
     t = 4
     chunk = (torch.randn(t, 2 * hkv, d).to(dtype), torch.randn(t, hkv, d).to(dtype),
-             torch.randn(t, hkv, d).to(dtype), make_logits(t, hkv),
+             torch.randn(t, hkv, d).to(dtype), make_logits(None, t, hkv),
              torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32))
     return st, chunk
 
