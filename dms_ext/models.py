@@ -419,7 +419,7 @@ class DMSForCausalLM(nn.Module):
                 k = at.k_proj(hn).view(t, c.kv_heads, c.head_dim).to(dtype).contiguous()
                 qn = at.q_norm.weight.to(dtype) if c.qk_norm else None
                 kn = at.k_norm.weight.to(dtype) if c.qk_norm else None
-                logits = torch.ops.dms.evictionrope(q, k, positions, cos_sin, float(c.alpha_scale),
+                logits = torch.ops.dms.eviction_rope(q, k, positions, cos_sin, float(c.alpha_scale),
                                                      float(c.alpha_offset), qn, kn, float(c.rms_eps))
                 v = at.v_proj(hn).view(t, c.kv_heads, c.head_dim)
             else:

@@ -95,12 +95,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def borrowed_logits(q_donor: torch.Tensor, alpha_scale: float, alpha_offset: float) -> torch.Tensor:
-    """float32: the eviction logit of a borrowed neuron value ``q_donor`` (any shape), computed
+    """float32 (float64 for float64 q): the eviction logit of a borrowed neuron value ``q_donor`` (any shape), computed
     the way NVIDIA's DMS reference does, in q's dtype: ``q * alpha_scale - alpha_offset`` with
     torch arithmetic, so in bf16 / fp16 the product is rounded to the dtype, then the
     difference (each op computes in float32 and rounds once to the dtype). For float32 that is
     two float32 roundings; float64 rounds nothing away."""
-    return (q_donor * alpha_scale - alpha_offset).float()
+    return (q_donor * alpha_scale - alpha_offset).to(torch.promote_types(q_donor.dtype, torch.float32))
 
 
 def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -10,7 +10,7 @@ or, with fork for parallel sampling and sequences released as they finish (no pa
                       do_sample=True, eos_token_id=tok.eos_token_id)
 
 What the patch does (SPEC section 2), per attention layer of a transformers Qwen3ForCausalLM or
-LlamaForCausalLM (transformers >=5.17,<6, the cache passed as ``cache=`` or ``past_key_values=``):
+LlamaForCausalLM (transformers >=5.0,<6, the cache passed as ``cache=`` or ``past_key_values=``):
 
 * Borrowed neuron (``dms_separate_alpha`` false, the public nvidia/Qwen3-8B-DMS-8x checkpoint):
   the eviction logit of KV head g is channel D-1 of query head g*G after q_norm and before RoPE,

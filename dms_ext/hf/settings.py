@@ -14,8 +14,8 @@ try:
     import transformers
     from transformers import PretrainedConfig  # noqa: F401  (re-exported for loading)
 except ImportError as _e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("dms_ext.hf needs transformers>=5.17,<6 "
-                      "(pip install 'transformers>=5.17,<6')") from _e
+    raise ImportError("dms_ext.hf needs transformers>=5.0,<6 "
+                      "(pip install 'transformers>=5.0,<6')") from _e
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 VARIANTS = ("borrowed", "adapter", "none")
@@ -31,7 +31,7 @@ def bypass_error(what: str) -> DMSCacheBypassed:
     return DMSCacheBypassed(
         f"DMSCacheHF: {what}, so this call would run dense attention instead of the DMS cache. "
         f"transformers {TRANSFORMERS_VERSION} passes the cache in a way dms_ext.hf does not "
-        f"handle; supported: transformers >=5.17,<6 (tested 5.17.0 and 5.24.0). Please report it.")
+        f"handle; supported: transformers >=5.0,<6 (tested 5.0.0, 5.17.0 and 5.24.0). Please report it.")
 
 
 def cache_arg_name(model: nn.Module) -> str:
