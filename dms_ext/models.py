@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .heuristics import POLICIES, HeuristicCache
+from .ops import has_kernel
+from .reference import borrowed_logits, rope, visibility_mask
+
 __all__ = [
     "ModelConfig", "DMSForCausalLM", "HeuristicCache", "dms_visibility_mask", "relaxed_bias",
     "st_decisions", "convert_to_dms", "VARIANTS", "ATTENTIONS", "POLICIES",
@@ -39,7 +43,6 @@ __all__ = [
 
 VARIANTS = ("none", "borrowed", "adapter")
 ATTENTIONS = ("causal", "dms", "relaxed")
-POLICIES = ("window", "h2o", "tova")
 
 
 @dataclass
@@ -123,16 +126,8 @@ class ModelConfig:
 
 # ----------------------------------------------------------------------------- DMS pieces
 
-def dms_visibility_mask(logits: torch.Tensor, window: int) -> torch.Tensor:
-    """bool [B, Hkv, N, N]: batched ``reference.visibility_mask``. logits [B, N, Hkv];
-    mask[b, g, t, j] = j <= t and (t - j <= window or d_j == 0), d_j = logits[b, j + 1, g] > 0."""
-    b, n, hkv = logits.shape
-    d = torch.zeros(b, hkv, n, dtype=torch.bool, device=logits.device)
-    if n > 1:
-        d[:, :, :-1] = (logits[:, 1:] > 0).transpose(1, 2)
-    pos = torch.arange(n, device=logits.device)
-    dist = pos[:, None] - pos[None, :]
-    return (dist >= 0) & ((dist <= window) | ~d[:, :, None, :])
+# dms_visibility_mask is reference.visibility_mask (batched: logits [B, N, Hkv] -> [B, Hkv, N, N]).
+dms_visibility_mask = visibility_mask
 
 
 def relaxed_bias(z: torch.Tensor) -> torch.Tensor:
@@ -268,7 +263,9 @@ class Attention(nn.Module):
         ct = torch.promote_types(q.dtype, torch.float32)     # float32, or float64 in tests
         logits = None
         if c.variant == "borrowed":
-            logits = q[..., :: c.group, c.head_dim - 1].to(ct) * c.alpha_scale - c.alpha_offset
+            # In q's dtype, as NVIDIA's reference (and the eviction_rope kernel) round it.
+            logits = borrowed_logits(q[..., :: c.group, c.head_dim - 1], c.alpha_scale,
+                                     c.alpha_offset).to(ct)
         elif c.variant == "adapter":
             logits = self.dms_proj(self.dms_norm(h_in)).to(ct) * c.alpha_scale - c.alpha_offset
         cs = cos_sin[positions].to(ct)
@@ -276,15 +273,9 @@ class Attention(nn.Module):
         keep = self.channel_keep.to(ct)
         # Zero the borrowed channel before RoPE (it is the logit, not a feature) and after it
         # (rotate-half writes channel D/2-1 into D-1).
-        q = _rope(q.to(ct) * keep, cos, sin) * keep
-        k = _rope(k.to(ct), cos, sin)
+        q = rope(q.to(ct) * keep, cos, sin) * keep
+        k = rope(k.to(ct), cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v, logits
-
-
-def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class MLP(nn.Module):
@@ -418,7 +409,7 @@ class DMSForCausalLM(nn.Module):
         dtype = cache.dtype
         cos_sin = self.cos_sin.float()
         kernel = (use_kernel and c.variant == "borrowed"
-                  and _has_kernel("eviction_rope", input_ids.device))
+                  and has_kernel("eviction_rope", input_ids.device))
         x = self.model.embed_tokens(input_ids)
         t = input_ids.shape[0]
         for i, layer in enumerate(self.model.layers):
@@ -530,14 +521,6 @@ class DMSForCausalLM(nn.Module):
         return model
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dms::{op}", key)
-    except RuntimeError:
-        return False
-
-
 def _dense_relaxed(q, k, v, bias, window: int, group: int):
     """Dense twin of the FlexAttention path: scores + (t - j > w) * bias[j], causal."""
     n = q.shape[2]
@@ -575,84 +558,3 @@ def convert_to_dms(model: DMSForCausalLM, variant: str = "borrowed", *,
             if rows is not None:
                 p[rows] = 0.0
     return out
-
-
-# ----------------------------------------------------------------------------- heuristics
-
-class HeuristicCache:
-    """Dense per-head KV cache with a keep mask, for training-free eviction at a fixed budget of
-    live tokens per (sequence, KV head); all sequences advance in lockstep.
-
-    policy: "window" keeps the newest ``budget`` tokens; "h2o" (Zhang et al. 2023) keeps the
-    ``recent`` newest tokens plus the heavy hitters with the largest attention accumulated over
-    all queries so far (summed over the query heads of the group); "tova" (Oren et al. 2024)
-    evicts, after each query, the token with the lowest attention of that query (mean over the
-    group's query heads), the newest token included. Evictions happen one token per step as soon
-    as a head holds more than ``budget``, so no head ever exceeds it after a step."""
-
-    def __init__(self, policy: str, budget: int, num_layers: int, batch: int, kv_heads: int,
-                 heads: int, head_dim: int, max_len: int, device, dtype=torch.float32,
-                 recent: Optional[int] = None):
-        if policy not in POLICIES:
-            raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-        if budget < 1:
-            raise ValueError(f"budget: expected >= 1, got {budget}")
-        self.policy, self.budget = policy, int(budget)
-        self.recent = max(1, budget // 2) if recent is None else int(recent)
-        if policy == "h2o" and not 1 <= self.recent < self.budget + (self.budget == 1):
-            raise ValueError(f"recent: expected 1 <= recent < budget, got {self.recent}")
-        self.group = heads // kv_heads
-        shape = (num_layers, batch, kv_heads, max_len)
-        self.k = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.keep = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.score = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.length = 0
-        self.max_len = max_len
-
-    def live(self, layer: int) -> torch.Tensor:
-        """int64 [B, Hkv]: tokens held."""
-        return self.keep[layer].sum(-1)
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, T, Hq, D], k, v [B, T, Hkv, D] of the tokens at positions length..length+T-1."""
-        b, t, hq, d = q.shape
-        s0 = self.length
-        if s0 + t > self.max_len:
-            raise ValueError(f"q: cache of {self.max_len} positions is full")
-        if t > 1 and s0 + t > self.budget:
-            raise ValueError("q: a chunk of several tokens must fit in the budget; step one by one")
-        kc, vc, keep, score = self.k[layer], self.v[layer], self.keep[layer], self.score[layer]
-        kc[:, :, s0:s0 + t] = k.transpose(1, 2).to(kc.dtype)
-        vc[:, :, s0:s0 + t] = v.transpose(1, 2).to(vc.dtype)
-        keep[:, :, s0:s0 + t] = True
-        n = s0 + t
-        g = self.group
-        qh = q.transpose(1, 2).to(kc.dtype).view(b, -1, g, t, d)          # [B, Hkv, G, T, D]
-        s = torch.einsum("bkgtd,bknd->bkgtn", qh.float(), kc[:, :, :n].float()) * d ** -0.5
-        vis = keep[:, :, None, None, :n].clone()
-        if t > 1:
-            pos = torch.arange(n, device=q.device)
-            vis = vis & (pos[None, :] <= (s0 + torch.arange(t, device=q.device))[:, None])
-        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
-        out = torch.einsum("bkgtn,bknd->bkgtd", p, vc[:, :, :n].float())
-        score[:, :, :n] += p.sum(dim=(2, 3))
-        if n > self.budget:
-            self._evict(keep, score, p[:, :, :, -1].mean(dim=2), n)
-        return out.reshape(b, hq, t, d).transpose(1, 2)
-
-    def _evict(self, keep, score, last_p, n: int) -> None:
-        inf = float("inf")
-        live = keep[:, :, :n]
-        if self.policy == "window":
-            victim = live.to(torch.int8).argmax(dim=-1)                   # oldest held token
-        elif self.policy == "h2o":
-            cand = live.clone()
-            cand[:, :, max(n - self.recent, 0):] = False
-            victim = score[:, :, :n].masked_fill(~cand, inf).argmin(dim=-1)
-        else:
-            victim = last_p.masked_fill(~live, inf).argmin(dim=-1)
-        keep.scatter_(2, victim[..., None], False)

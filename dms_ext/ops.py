@@ -19,6 +19,15 @@ __all__ = [
 # Fake kernels: shapes and dtypes only, never data (no sync, graph- and compile-safe).
 
 
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``torch.ops.dms.<op>`` has a kernel for ``device``'s type (CPU or CUDA)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dms::{op}", key)
+    except RuntimeError:
+        return False
+
+
 def _same_device(op, ref_name, ref, **tensors):
     """A meta tensor among real ones dispatches to the fake kernel, which must then reject it as
     the real kernels reject a tensor on another device: ValueError naming the argument."""

@@ -12,30 +12,31 @@ import torch
 
 __all__ = [
     "visibility_mask", "dms_attention", "live_counts", "rope_cache", "eviction_rope",
-    "sparse_decode", "paged_gather",
+    "sparse_decode", "paged_gather", "rope", "borrowed_logits",
 ]
 
 
 def _decisions(logits: torch.Tensor) -> torch.Tensor:
-    """d [N, Hkv] bool: d_j = logits[j + 1] > 0 (the decision on token j arrives with j + 1);
-    the newest token has none yet, which counts as "keep"."""
+    """d [..., N, Hkv] bool: d_j = logits[j + 1] > 0 (the decision on token j arrives with
+    j + 1); the newest token has none yet, which counts as "keep"."""
     d = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    if logits.shape[0] > 1:
-        d[:-1] = logits[1:] > 0
+    if logits.shape[-2] > 1:
+        d[..., :-1, :] = logits[..., 1:, :] > 0
     return d
 
 
 def visibility_mask(logits: torch.Tensor, window: int) -> torch.Tensor:
-    """bool [Hkv, N, N]: mask[g, t, j] = j <= t and (t - j <= window or d_j[g] == 0).
+    """bool [..., Hkv, N, N]: mask[g, t, j] = j <= t and (t - j <= window or d_j[g] == 0).
 
-    logits [N, Hkv] of ONE sequence (all its tokens, position 0 first)."""
-    n = logits.shape[0]
-    d = _decisions(logits).t()                                  # [Hkv, N] indexed by key j
+    logits [..., N, Hkv]: all the tokens of one sequence (position 0 first), or a batch of
+    sequences of equal length ([B, N, Hkv] gives [B, Hkv, N, N])."""
+    n = logits.shape[-2]
+    d = _decisions(logits).transpose(-1, -2)                    # [..., Hkv, N] indexed by key j
     t = torch.arange(n, device=logits.device)
     dist = t[:, None] - t[None, :]                              # [t, j] = t - j
     causal = dist >= 0
     in_window = dist <= window
-    return causal[None] & (in_window[None] | ~d[:, None, :])
+    return causal & (in_window | ~d[..., :, None, :])
 
 
 def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
@@ -86,36 +87,57 @@ def _rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> to
     return x * r * weight.double()
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [..., D], cos and sin [..., D/2] (broadcast)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def borrowed_logits(q_donor: torch.Tensor, alpha_scale: float, alpha_offset: float) -> torch.Tensor:
+    """float32 (float64 for float64 q): the eviction logit of a borrowed neuron value ``q_donor`` (any shape), computed
+    the way NVIDIA's DMS reference does, in q's dtype: ``q * alpha_scale - alpha_offset`` with
+    torch arithmetic, so in bf16 / fp16 the product is rounded to the dtype, then the
+    difference (each op computes in float32 and rounds once to the dtype). For float32 that is
+    two float32 roundings; float64 rounds nothing away."""
+    return (q_donor * alpha_scale - alpha_offset).to(torch.promote_types(q_donor.dtype, torch.float32))
 
 
 def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                   cos_sin_cache: torch.Tensor, alpha_scale: float = 100.0,
                   alpha_offset: float = 5.0, q_norm_weight: Optional[torch.Tensor] = None,
                   k_norm_weight: Optional[torch.Tensor] = None,
-                  eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-6, logit_dtype: Optional[torch.dtype] = None,
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Out of place: (q_out, k_out, logits). q [T, Hq, D], k [T, Hkv, D]; float64 math, q_out and
     k_out in the input dtype, logits float32 [T, Hkv].
 
     Order (docs/semantics.md section 10, borrowed neuron): optional per-head RMSNorm on q and k;
     logit
     l[t, g] = q[t, g*G, D-1] * alpha_scale - alpha_offset; zero that channel; rotate-half RoPE on
-    q and k; zero the channel again (RoPE mixes channel D-1 into D/2-1 and back)."""
+    q and k; zero the channel again (RoPE mixes channel D-1 into D/2-1 and back).
+
+    The logit follows the model's rounding (``logit_dtype``, default q's dtype; the kernels get
+    it from the storage dtype): the donor value is what HF's RMSNorm returns in that dtype
+    (``w * round(x * rsqrt(...))``, rounded), then :func:`borrowed_logits`. Pass
+    ``logit_dtype=torch.float64`` for the unrounded logit."""
     t_, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
+    lt = q.dtype if logit_dtype is None else logit_dtype
+    donors = torch.arange(hkv, device=q.device) * group
+    qdon = q[:, donors, dim - 1].double()
+    if q_norm_weight is not None:
+        r = torch.rsqrt(q[:, donors].double().pow(2).mean(dim=-1) + eps)
+        qdon = (qdon * r).to(lt) * q_norm_weight[dim - 1].to(lt)
+    logits = borrowed_logits(qdon.to(lt), alpha_scale, alpha_offset)
     qd = _rms_norm(q.double(), q_norm_weight, eps)
     kd = _rms_norm(k.double(), k_norm_weight, eps)
-    donors = torch.arange(hkv, device=q.device) * group
-    logits = qd[:, donors, dim - 1] * alpha_scale - alpha_offset
     qd[:, donors, dim - 1] = 0.0
     cs = cos_sin_cache.double()[positions.long()]               # [T, D]
     cos, sin = cs[:, None, : dim // 2], cs[:, None, dim // 2:]
-    qd = _rope(qd, cos, sin)
-    kd = _rope(kd, cos, sin)
+    qd = rope(qd, cos, sin)
+    kd = rope(kd, cos, sin)
     qd[:, donors, dim - 1] = 0.0
     return qd.to(q.dtype), kd.to(k.dtype), logits.float()
 

@@ -276,7 +276,7 @@ class SpecState:
         kn64 = None if kn is None else kn.double()
         if given is None:
             q_ref, k_ref, l_ref = reference.eviction_rope(q64, k64, pos, cs, alpha[0], alpha[1],
-                                                          qn64, kn64, eps)
+                                                          qn64, kn64, eps, logit_dtype=q.dtype)
         else:
             # Adapter logits: q keeps every channel; rope q and k alone (each as the `k` argument).
             _, q_ref, _ = reference.eviction_rope(torch.zeros_like(q64), q64, pos, cs, 1.0, 0.0,

@@ -173,7 +173,8 @@ def test_cuda_eviction_rope_matches_reference(dtype, group, hkv, dim, norm):
     qn, kn = norm_weights(dim, dtype, gen) if norm else (None, None)
     q_ref, k_ref, l_ref = reference.eviction_rope(q.double(), k.double(), pos, cs, 100.0, 5.0,
                                                   None if qn is None else qn.double(),
-                                                  None if kn is None else kn.double())
+                                                  None if kn is None else kn.double(),
+                                                  logit_dtype=dtype)
     for pos_dtype in (torch.int32, torch.int64):
         qd, kd = q.to(DEV, copy=True), k.to(DEV, copy=True)
         logits = ops.eviction_rope(qd, kd, pos.to(pos_dtype).to(DEV), cs.to(DEV), 100.0, 5.0,
@@ -190,7 +191,8 @@ def test_cuda_eviction_rope_misaligned_and_empty():
     q = torch.randn(T, hq, dim, generator=gen).to(torch.bfloat16)
     k = torch.randn(T, hkv, dim, generator=gen).to(torch.bfloat16)
     pos = torch.randint(0, 64, (T,), generator=gen)
-    q_ref, k_ref, l_ref = reference.eviction_rope(q.double(), k.double(), pos, cs)
+    q_ref, k_ref, l_ref = reference.eviction_rope(q.double(), k.double(), pos, cs,
+                                                  logit_dtype=torch.bfloat16)
     qbuf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)
     kbuf = torch.empty(k.numel() + 3, dtype=k.dtype, device=DEV)
     qd = qbuf[1:].view(T, hq, dim)

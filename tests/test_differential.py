@@ -196,7 +196,7 @@ def check_rope_case(case, q_out, k_out, logits, label, ulps=1.0, logit_rtol=1e-6
     dtype = q.dtype
     w = [None if x is None else x.double() for x in (qn, kn)]
     q_ref, k_ref, l_ref = reference.eviction_rope(q.double(), k.double(), pos, cs, a_s, a_o,
-                                                  w[0], w[1], eps)
+                                                  w[0], w[1], eps, logit_dtype=dtype)
     assert logits.dtype == torch.float32 and list(logits.shape) == [q.shape[0], k.shape[1]], label
     torch.testing.assert_close(logits.cpu(), l_ref, rtol=logit_rtol,
                                atol=1e-3 if cuda else 1e-9 * (abs(a_o) + 1),

@@ -116,7 +116,7 @@ def run_turns(model, cache, seqs, turns):
     for chunk in turns:
         ids = torch.stack([torch.as_tensor(c) for c in chunk]).to(next(model.parameters()).device)
         with torch.no_grad():
-            lg = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            lg = model(input_ids=ids, **hf.cache_kwargs(model, cache), use_cache=True).logits
         for b in range(len(seqs)):
             outs[b].append(lg[b])
     return [torch.cat(o, 0) for o in outs]
@@ -184,8 +184,8 @@ def test_dense_path_with_dynamic_cache_matches_no_cache():
     with torch.no_grad():
         full = m(ids, use_cache=False).logits
         dc = transformers.DynamicCache(config=m.config)
-        a = m(ids[:, :12], past_key_values=dc, use_cache=True).logits
-        parts = [a] + [m(ids[:, t:t + 1], past_key_values=dc, use_cache=True).logits
+        a = m(ids[:, :12], **hf.cache_kwargs(m, dc), use_cache=True).logits
+        parts = [a] + [m(ids[:, t:t + 1], **hf.cache_kwargs(m, dc), use_cache=True).logits
                        for t in range(12, 20)]
     assert_close(torch.cat(parts, 1), full, 1e-5, "DynamicCache")
     for b in range(2):
@@ -197,14 +197,14 @@ def test_alpha_per_layer_and_disabled_eviction():
     ids = torch.randint(0, m.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(6))
     cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=32, block_size=4)
     with torch.no_grad():
-        ours = m(ids, past_key_values=cache, use_cache=True).logits[0]
+        ours = m(ids, **hf.cache_kwargs(m, cache), use_cache=True).logits[0]
     assert_close(ours, oracle_logits(m, ids[0])[0], 1e-4, "alpha_per=layer")
     live = cache.live_tokens(0, cache.seq_ids[0])
     assert int(live.min()) == int(live.max()), "one decision per layer: every head keeps the same"
     m2 = make_model(seed=5, dms_disable_eviction=True)
     cache = hf.DMSCacheHF.from_model(m2, max_seqs=1, max_tokens=32, block_size=4)
     with torch.no_grad():
-        m2(ids, past_key_values=cache, use_cache=True)
+        m2(ids, **hf.cache_kwargs(m2, cache), use_cache=True)
     assert cache.live_tokens(1, cache.seq_ids[0]).tolist() == [24, 24]
 
 
@@ -225,7 +225,7 @@ def test_hf_generate_left_padded_batch_matches_each_prompt_alone(model_type, var
         ids[b, width - n:] = p
         mask[b, width - n:] = 1
     cache = hf.DMSCacheHF.from_model(m, max_seqs=3, max_tokens=32, block_size=4)
-    out = m.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+    out = m.generate(ids, attention_mask=mask, **hf.cache_kwargs(m, cache), max_new_tokens=10,
                      do_sample=False, pad_token_id=0)
     for b, p in enumerate(prompts):
         alone = m.generate(p[None], max_new_tokens=10, do_sample=False, use_cache=False,
@@ -241,9 +241,9 @@ def test_hf_generate_second_turn_continues_the_cache():
     gen = torch.Generator().manual_seed(10)
     p1 = torch.randint(1, m.config.vocab_size, (1, 7), generator=gen)
     cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=64, block_size=4)
-    o1 = m.generate(p1, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    o1 = m.generate(p1, **hf.cache_kwargs(m, cache), max_new_tokens=6, do_sample=False, pad_token_id=0)
     turn2 = torch.cat([o1, torch.randint(1, m.config.vocab_size, (1, 5), generator=gen)], 1)
-    o2 = m.generate(turn2, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    o2 = m.generate(turn2, **hf.cache_kwargs(m, cache), max_new_tokens=6, do_sample=False, pad_token_id=0)
     alone = m.generate(turn2, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert o2.tolist() == alone.tolist()
     assert cache.positions[cache.seq_ids[0]] == turn2.shape[1] + 5
@@ -258,13 +258,13 @@ def test_fork_gives_independent_continuations():
     s0 = cache.add_sequence()
     cache.set_packed([s0], [15])
     with torch.no_grad():
-        m(input_ids=prompt[None], past_key_values=cache, use_cache=True)
+        m(input_ids=prompt[None], **hf.cache_kwargs(m, cache), use_cache=True)
     sids = [s0, cache.fork(s0), cache.fork(s0)]
     got = [[] for _ in sids]
     for t in range(6):
         cache.set_packed(sids, [1, 1, 1])
         with torch.no_grad():
-            lg = m(input_ids=torch.stack([x[t] for x in tails])[None], past_key_values=cache,
+            lg = m(input_ids=torch.stack([x[t] for x in tails])[None], **hf.cache_kwargs(m, cache),
                    use_cache=True).logits[0]
         for i in range(3):
             got[i].append(lg[i])
@@ -310,9 +310,9 @@ def test_cache_errors():
     cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=16, block_size=4)
     ids = torch.randint(0, m.config.vocab_size, (2, 5))
     with torch.no_grad():
-        m(ids, past_key_values=cache, use_cache=True)
+        m(ids, **hf.cache_kwargs(m, cache), use_cache=True)
         with pytest.raises(ValueError, match="batch size"):
-            m(ids[:1], past_key_values=cache, use_cache=True)
+            m(ids[:1], **hf.cache_kwargs(m, cache), use_cache=True)
     with pytest.raises(NotImplementedError):
         cache.crop(1)
     with pytest.raises(ValueError, match="counts"):
@@ -326,11 +326,11 @@ def test_batch_select_and_repeat_fork_and_release():
     ids = torch.randint(0, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(18))
     cache = hf.DMSCacheHF.from_model(m, max_seqs=4, max_tokens=16, block_size=4)
     with torch.no_grad():
-        m(ids, past_key_values=cache, use_cache=True)
+        m(ids, **hf.cache_kwargs(m, cache), use_cache=True)
         cache.batch_repeat_interleave(2)                  # rows a a b b
         assert len(cache.seq_ids) == 4 and len(cache.dms) == 4
         nxt = torch.randint(0, m.config.vocab_size, (4, 1))
-        lg = m(nxt, past_key_values=cache, use_cache=True).logits[:, 0]
+        lg = m(nxt, **hf.cache_kwargs(m, cache), use_cache=True).logits[:, 0]
     for r in range(4):
         ref, _ = oracle_logits(m, torch.cat([ids[r // 2], nxt[r]]))
         assert_close(lg[r], ref[-1], 1e-4, f"row {r}")
@@ -376,7 +376,7 @@ def test_load_dms_ext_models_checkpoint(tmp_path):
     with torch.no_grad():
         want = ref(ids, attention="dms")
         cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=32, block_size=4)
-        got = m(ids, past_key_values=cache, use_cache=True).logits
+        got = m(ids, **hf.cache_kwargs(m, cache), use_cache=True).logits
     assert_close(got, want, 1e-4, "dms_ext.models checkpoint")
 
 
@@ -423,7 +423,7 @@ def test_hf_beam_search_reorders_by_fork_and_release():
     m = make_model(seed=2)
     p = torch.randint(1, m.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
     cache = hf.DMSCacheHF.from_model(m, max_seqs=3, max_tokens=32, block_size=4)
-    got = m.generate(p, past_key_values=cache, max_new_tokens=8, num_beams=3, do_sample=False,
+    got = m.generate(p, **hf.cache_kwargs(m, cache), max_new_tokens=8, num_beams=3, do_sample=False,
                      pad_token_id=0)
     want = m.generate(p, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False,
                       pad_token_id=0)
@@ -470,7 +470,141 @@ def test_cuda_generate_and_hf_generate_run_on_the_kernels():
     for b, p in enumerate(prompts):
         ids[b, 30 - len(p):] = torch.tensor(p)
         mask[b, 30 - len(p):] = 1
-    out = m.generate(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache,
+    out = m.generate(ids.cuda(), attention_mask=mask.cuda(), **hf.cache_kwargs(m, cache),
                      max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 42)
     assert [cache.positions[s] for s in cache.seq_ids] == [7 + 11, 30 + 11]
+    assert cache.graph_replays > 0, "decode steps of generate() replay a CUDA graph"
+    # Values: the same generate() without graphs gives the same tokens, and every step's cached
+    # logits equal the dense-mask forward of the same model over the generated text (bf16).
+    cache2 = hf.DMSCacheHF.from_model(m, max_seqs=6, max_tokens=64, block_size=16, cuda_graphs=False)
+    out2 = m.generate(ids.cuda(), attention_mask=mask.cuda(), **hf.cache_kwargs(m, cache2),
+                      max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.tolist() == out2.tolist() and cache2.graph_replays == 0
+    for b, p in enumerate(prompts):
+        full = out[b, 30 - len(p):][None]
+        c3 = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=64, block_size=16)
+        with torch.no_grad():
+            cached = m(full, **hf.cache_kwargs(m, c3), use_cache=True).logits.float()
+            dense = m(full, use_cache=False).logits.float()
+        err = (cached - dense).abs().max().item()
+        assert err <= 0.05 * dense.abs().max().item(), f"row {b}: cached vs dense {err}"
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_cache_is_used_under_either_argument_name(name):
+    """The bypass test: after the forward the sequences are in the cache (tokens held, positions
+    advanced) and the cached logits equal the dense-mask logits; either argument name."""
+    import warnings
+    m = make_model(seed=40)
+    ids = torch.randint(0, m.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(41))
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=32, block_size=4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # the old name is deprecated in newer 5.x
+        got = m(ids, use_cache=True, **{name: cache}).logits
+        dense = m(ids, use_cache=False).logits
+    assert len(cache.dms) == 2 and [cache.positions[s] for s in cache.seq_ids] == [13, 13]
+    assert int(cache.live_tokens(0, cache.seq_ids[0]).sum()) > 0
+    assert_close(got, dense, 1e-4, f"cached ({name}) vs dense")
+
+
+def test_bypassed_cache_raises_naming_the_transformers_version():
+    m = make_model(seed=42)
+    ids = torch.randint(0, m.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(43))
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=16, block_size=4)
+    kw = hf.cache_kwargs(m, cache)
+    # A release whose causal LM does not hand the cache to its decoder model.
+    orig = m.forward
+    m.forward = lambda *a, **k: orig(*a, **{x: v for x, v in k.items() if v is not cache})
+    with torch.no_grad(), pytest.raises(hf.DMSCacheBypassed, match=transformers.__version__):
+        m(ids, use_cache=True, **kw)
+    del m.forward
+    # A release whose decoder does not call the (patched) attention of one layer.
+    attn = m.model.layers[1].self_attn
+    patched = attn.forward
+    attn.forward = lambda hidden_states, *a, **k: (attn.o_proj(torch.zeros(
+        *hidden_states.shape[:-1], attn.o_proj.in_features)), None)
+    with torch.no_grad(), pytest.raises(hf.DMSCacheBypassed, match="1 of 2 attention layers"):
+        m(ids, use_cache=True, **kw)
+    attn.forward = patched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_eviction_logit_rounds_like_the_reference_at_the_threshold(dtype, norm):
+    """q_D-1 * 100 - 5 on every representable q near 0.05 (the decision threshold): the op
+    (CPU twin) and hf's torch path give torch's own dtype arithmetic bit for bit, as NVIDIA's
+    code computes it (q from HF's RMSNorm when there is a q_norm)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from dms_ext import ops
+    lo, hi = torch.tensor(0.0490, dtype=dtype), torch.tensor(0.0510, dtype=dtype)
+    vals = [lo]
+    while vals[-1] < hi:
+        vals.append((vals[-1].view(torch.int16) + 1).view(dtype))    # next representable
+    vals = torch.stack(vals)
+    t, hkv, g, d = vals.numel(), 2, 3, 16
+    gen = torch.Generator().manual_seed(44)
+    q = (torch.randn(t, hkv * g, d, generator=gen) * 0.05).to(dtype)
+    q[:, ::g, d - 1] = vals[:, None]
+    k = torch.randn(t, hkv, d, generator=gen).to(dtype)
+    cs = reference.rope_cache(64, d)
+    pos = torch.zeros(t, dtype=torch.int64)
+    w = None
+    qd = q
+    if norm:
+        rms = Qwen3RMSNorm(d, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            rms.weight.copy_((torch.rand(d, generator=gen) + 0.5).to(dtype))
+            qd = rms(q)
+        w = rms.weight.detach()
+    want = (qd[:, ::g, d - 1] * 100.0 - 5.0).float()         # torch in the model dtype
+    logits = ops.eviction_rope(q.clone(), k.clone(), pos, cs, 100.0, 5.0, w, None if w is None else w)
+    same = (logits == want)
+    assert same.float().mean() >= (0.98 if norm else 1.0), f"{(~same).sum()} logits differ"
+    # Where fp32 math would flip the decision, the dtype arithmetic keeps the reference's.
+    assert torch.equal(logits > 0, want > 0) or norm
+    fp32 = qd[:, ::g, d - 1].float() * 100.0 - 5.0
+    assert ((fp32 > 0) != (want > 0)).any() or norm, "the grid must contain a flipping value"
+    _, _, lref = reference.eviction_rope(q, k, pos, cs, 100.0, 5.0, w, w)
+    assert torch.equal(lref, logits) or norm
+
+
+def test_chunked_prefill_and_config_fields():
+    """dms_chunked_prefill splits a long forward (same logits), dms_preallocate_for_tokens and
+    dms_paged_attention_block_size size from_model, dms_manual_inference_mode is read."""
+    m = make_model(seed=45, dms_chunked_prefill=5, dms_preallocate_for_tokens=40,
+                   dms_paged_attention_block_size=8, dms_manual_inference_mode=True)
+    st = hf.dms_settings(m.config)
+    assert (st.chunked_prefill, st.preallocate_for_tokens, st.block_size,
+            st.manual_inference_mode) == (5, 40, 8, True)
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=2)
+    assert cache.dms.block_size == 8 and cache.dms.max_blocks_per_head == 5
+    ids = torch.randint(0, m.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(46))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        got = m(ids, attention_mask=mask, use_cache=True, **hf.cache_kwargs(m, cache)).logits
+    assert [cache.positions[s] for s in cache.seq_ids] == [17, 13]
+    ref0, _ = oracle_logits(m, ids[0])
+    ref1, _ = oracle_logits(m, ids[1, 4:])
+    assert_close(got[0], ref0, 1e-4, "chunked row 0")
+    assert_close(got[1, 4:], ref1, 1e-4, "chunked row 1 (left padded)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["borrowed", "adapter"])
+def test_cuda_graph_generate_equals_eager_token_for_token(variant):
+    m = make_model(seed=47, dtype=torch.bfloat16, device="cuda", heads=8, kv_heads=2,
+                   head_dim=64, window=8, variant=variant)
+    gen = torch.Generator().manual_seed(48)
+    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 21, 40)]
+    runs = []
+    for graphs in (False, True):
+        r = hf.generate(m, prompts, max_new_tokens=24, num_samples=2, eos_token_id=prompts[1][3],
+                        cuda_graphs=graphs)
+        runs.append(r)
+    assert runs[0].sequences == runs[1].sequences
+    assert runs[1].stats["graph_replays"] > 0 and runs[0].stats["graph_replays"] == 0

@@ -1,5 +1,6 @@
 // CPU twin of dms::eviction_rope (docs/semantics.md section 10, borrowed neuron), float64 math on
-// each head vector; q and k are rounded to the storage dtype once, at the end.
+// each head vector; q and k are rounded to the storage dtype once, at the end. The eviction
+// logit follows the model dtype's rounding instead (borrowed_logit below).
 #include <cmath>
 #include <vector>
 
@@ -11,12 +12,30 @@ namespace cpu {
 
 namespace {
 
-void rms_norm(std::vector<double>& x, const void* w, DType t, float eps) {
-  if (!w) return;
+// Returns the normalizing factor r (1 without a weight: no norm).
+double rms_norm(std::vector<double>& x, const void* w, DType t, float eps) {
+  if (!w) return 1.0;
   double ss = 0.0;
   for (double v : x) ss += v * v;
   const double r = 1.0 / std::sqrt(ss / double(x.size()) + double(eps));
   for (size_t d = 0; d < x.size(); ++d) x[d] = x[d] * r * double(load(w, int64_t(d), t));
+  return r;
+}
+
+// v rounded to the storage dtype t (to nearest even), back as a float.
+float round_to(float v, DType t) {
+  if (t == DType::kFloat32) return v;
+  return t == DType::kFloat16 ? fp16_to_float(float_to_fp16(v)) : bf16_to_float(float_to_bf16(v));
+}
+
+// The borrowed logit as NVIDIA's DMS reference computes it in the model dtype t with torch ops:
+// q_D-1 as HF's RMSNorm returns it (round(w * round(x * r)); x itself without a norm), then
+// round(round(q * alpha_scale) - alpha_offset), each product / difference in float32.
+float borrowed_logit(double raw, double r, const void* w, int d, DType t, float alpha_scale,
+                     float alpha_offset) {
+  float q = float(raw);
+  if (w) q = round_to(round_to(float(raw * r), t) * load(w, d, t), t);
+  return round_to(round_to(q * alpha_scale, t) - alpha_offset, t);
 }
 
 // Rotate-half (NeoX / HF Llama-Qwen): pairs (i, i + D/2) rotate by the angle of frequency i.
@@ -56,14 +75,15 @@ Status eviction_rope(const EvictionRopeParams& p) {
     for (int h = 0; h < p.num_q_heads; ++h) {
       const int64_t off = (int64_t(t) * p.num_q_heads + h) * D;
       for (int d = 0; d < D; ++d) x[d] = load(p.q, off + d, p.dtype);
-      rms_norm(x, p.q_norm_weight, p.dtype, p.norm_eps);
+      const double raw = x[D - 1];
+      const double r = rms_norm(x, p.q_norm_weight, p.dtype, p.norm_eps);
       // The first query head of each group lends its last channel to the eviction logit and
       // must not use it for attention; RoPE moves channel D-1 into D/2-1, so zero it both before
       // and after the rotation.
       const bool donor = h % G == 0;
       if (donor) {
-        p.logits[int64_t(t) * p.num_kv_heads + h / G] =
-            float(x[D - 1] * double(p.alpha_scale) - double(p.alpha_offset));
+        p.logits[int64_t(t) * p.num_kv_heads + h / G] = borrowed_logit(
+            raw, r, p.q_norm_weight, D - 1, p.dtype, p.alpha_scale, p.alpha_offset);
         x[D - 1] = 0.0;
       }
       rope(x, cs);

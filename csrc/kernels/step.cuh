@@ -18,12 +18,16 @@ __host__ __device__ inline int rope_threads_per_row(int head_dim, int vec) {
 }
 
 // One head vector x = in[0 .. D): optional RMSNorm (weight w in T), then for a donor head the
-// borrowed logit x[D-1] * alpha_scale - alpha_offset goes to *logit_dst and x[D-1] is zeroed
+// borrowed logit x[D-1] * alpha_scale - alpha_offset (rounded in T, see below) goes to *logit_dst and x[D-1] is zeroed
 // before and after the rotate-half RoPE (cs: D/2 cos then D/2 sin). Result to out (may be in).
 // Called by every lane of the warp (active or not): the norm reduction shuffles across the
 // `tpr` lanes of the group, `gl` is this lane's index in it. Math in float, one rounding at
 // the store. Explicit _rn intrinsics pin every rounding, so that eviction_rope and the fused
 // decode step (different kernels, different contraction choices otherwise) agree bit for bit.
+// x rounded to T (to nearest even) and back: what storing a float result in T does.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
+
 template <typename T, int VEC>
 __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, const T* w,
                                          float eps, int D, bool active, bool donor,
@@ -49,6 +53,7 @@ __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, c
     float a[VEC], b[VEC], co[VEC], si[VEC];
     load_n<VEC>(in + i0, a);
     load_n<VEC>(in + half + i0, b);
+    const float raw_last = b[VEC - 1];  // channel D-1 before the norm (for the donor's logit)
     if (w) {
       float wa[VEC], wb[VEC];
       load_n<VEC>(w + i0, wa);
@@ -62,7 +67,11 @@ __device__ __forceinline__ void rope_row(const T* in, T* out, const float* cs, c
     // Channel D-1 is the last element of the last chunk's second half.
     const bool owns_last = donor && i0 + VEC == half;
     if (owns_last) {
-      *logit_dst = __fmaf_rn(b[VEC - 1], alpha_scale, -alpha_offset);
+      // As NVIDIA's reference computes it in the model dtype T with torch ops: q_D-1 as HF's
+      // RMSNorm returns it, round(w * round(x * r)), then round(round(q * scale) - offset).
+      float qv = raw_last;
+      if (w) qv = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(raw_last, rinv)), to_float(w[D - 1])));
+      *logit_dst = round_to<T>(__fsub_rn(round_to<T>(__fmul_rn(qv, alpha_scale)), alpha_offset));
       b[VEC - 1] = 0.f;
     }
     load_f32_n<VEC>(cs + i0, co);

@@ -1,0 +1,134 @@
+"""bench_hf: dms_ext.hf generation (CUDA-graph decode) vs transformers' static-cache generate.
+
+    python bench/bench_hf.py [--batch 32] [--prompt 4096] [--new 128] [--window 512]
+
+GPU only. A Qwen3-8B-shaped config (36 layers, hidden 4096, Hq 32, Hkv 8, D 128, MLP 12288,
+vocab 151936) with random bf16 weights, patched for DMS (borrowed neuron; the alpha offset is
+set so that about 7/8 of the tokens are evicted: CR ~8 like the public checkpoint). Rows:
+
+* dms hf.generate: packed prefill, then decode steps replayed from one CUDA graph per batch.
+* dms model.generate + DMSCacheHF: transformers' own loop over our cache (graphs too).
+* hf static + sdpa, same batch: transformers' generate(cache_implementation="static") with SDPA.
+* hf static + sdpa, same KV memory: the dense batch whose KV cache fits in the bytes the DMS
+  pool uses after the prompt (at least 1).
+
+Decode tokens/s excludes the prefill (timed separately with one new token). Compare the dms
+per-step time with bench_e2e's raw-op step time at the same batch (target: within 10%).
+Results: bench/results/hf_<date>.md (date, GPU, torch, transformers, commit, command).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+CONFIG = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+              num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+              max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=False, dms_alpha_scale=100.0, dms_separate_alpha=False)
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--offset", type=float, default=None,
+                    help="dms_initial_alpha_offset (default -115: q after q_norm is ~N(0, 1) with random weights, so P(100 q + 115 > 0) = 7/8, CR ~8)")
+    args = ap.parse_args()
+    common.require_cuda("bench_hf")
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from dms_ext import hf
+
+    torch.manual_seed(0)
+    cfg = dict(CONFIG, dms_window_size=args.window,
+               dms_initial_alpha_offset=args.offset if args.offset is not None else -115.0)
+    model = hf.load_dms_model(cfg, dtype=torch.bfloat16, device="cuda")
+    b, p, n = args.batch, args.prompt, args.new
+    prompts = torch.randint(0, cfg["vocab_size"], (b, p)).tolist()
+    rows = []
+
+    # DMS, hf.generate: prefill alone, then prefill + decode.
+    _, pre_s = _timed(lambda: hf.generate(model, prompts, max_new_tokens=1))
+    cache = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
+    free0 = cache.dms.num_free_blocks
+    hf.generate(model, prompts, max_new_tokens=8, cache=cache)          # warm-up, graphs
+    r, tot = _timed(lambda: hf.generate(model, prompts, max_new_tokens=n, cache=cache))
+    dec = max(tot - pre_s, 1e-9)
+    step_ms = dec / max(r.decode_steps, 1) * 1e3
+    rows.append(["dms hf.generate (graphs)", b, r.decode_tokens / dec, step_ms,
+                 r.stats.get("graph_replays")])
+    # KV bytes DMS holds right after the prompt (sequences kept: measure, then release).
+    c2 = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + 1)
+    sids = [c2.add_sequence() for _ in range(b)]
+    for s, pr in zip(sids, prompts):
+        c2.set_packed([s], [p])
+        with torch.no_grad():
+            model(input_ids=torch.tensor([pr], device="cuda"), use_cache=True,
+                  **hf.cache_kwargs(model, c2), logits_to_keep=1)
+    live = sum(int(c2.live_tokens(l, s).sum()) for l in range(36) for s in sids)
+    dms_bytes = live * 128 * 2 * 2              # K and V, bf16, D 128 (block padding not counted)
+    dense_per_seq = 36 * 2 * 8 * (p + n) * 128 * 2
+    del c2
+    torch.cuda.empty_cache()
+
+    # DMS through transformers' own generate loop.
+    ids = torch.tensor(prompts, device="cuda")
+    c3 = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
+    out, tot3 = _timed(lambda: model.generate(ids, **hf.cache_kwargs(model, c3), max_new_tokens=n,
+                                              min_new_tokens=n, do_sample=False, pad_token_id=0))
+    rows.append(["dms model.generate + DMSCacheHF", b, b * (n - 1) / max(tot3 - pre_s, 1e-9),
+                 (tot3 - pre_s) / (n - 1) * 1e3, c3.graph_replays])
+    del c3, free0
+    sd = {k: v for k, v in model.state_dict().items()}
+    del model
+    torch.cuda.empty_cache()
+
+    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIG), attn_implementation="sdpa",
+                                             dtype=torch.bfloat16).cuda().eval()
+    dense.load_state_dict(sd, strict=False)
+    del sd
+    for label, bb in (("hf static + sdpa, same batch", b),
+                      ("hf static + sdpa, same KV memory", max(1, int(dms_bytes // dense_per_seq)))):
+        x = ids[:bb]
+        try:
+            gen = lambda k: dense.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False,  # noqa: E731
+                                           cache_implementation="static", pad_token_id=0)
+            gen(2)
+            _, t1 = _timed(lambda: gen(1))
+            _, tn = _timed(lambda: gen(n))
+            rows.append([label, bb, bb * (n - 1) / (tn - t1), (tn - t1) / (n - 1) * 1e3, None])
+        except torch.cuda.OutOfMemoryError:
+            rows.append([label, bb, float("nan"), float("nan"), "OOM"])
+        torch.cuda.empty_cache()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    table = common.md_table(["path", "batch", "decode tok/s", "ms / step", "graph replays"], rows)
+    body = (f"- transformers {transformers.__version__}, commit {commit}\n"
+            f"- prompt {p}, new tokens {n}, window {args.window}; DMS KV after the prompt "
+            f"{dms_bytes / 2**30:.2f} GiB (dense: {dense_per_seq * b / 2**30:.2f} GiB at batch {b})\n\n"
+            + table + "\n")
+    print(body)
+    print("wrote", common.write_results("hf", "dms_ext.hf generate vs transformers static cache", body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""generate(): packed, padding-free generation over DMSCacheHF with fork and release."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .cache import DMSCacheHF
+from .settings import cache_kwargs, state_of
+
+
+@dataclass
+class GenerationResult:
+    """sequences[i][j]: the tokens generated for prompt i, sample j (the prompt excluded)."""
+    sequences: List[List[List[int]]]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    stats: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(float(temperature), 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(srt, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(srt, dim=-1) > top_p
+        srt = srt.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             num_samples: int = 1, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_token_id: Union[int, Sequence[int], None] = None,
+             cache: Optional[DMSCacheHF] = None, block_size: Optional[int] = None,
+             prefill_chunk_tokens: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             cuda_graphs: Optional[bool] = None,
+             callback: Optional[Callable[[int, List[int], DMSCacheHF], None]] = None) -> GenerationResult:
+    """Batched generation over DMSCache without padding: prompts of different lengths are packed
+    (prefilled in chunks of at most ``prefill_chunk_tokens`` tokens; default the config's
+    ``dms_chunked_prefill``, else 4096), each prompt is forked into ``num_samples`` sequences
+    after its prefill (parallel sampling shares the prompt's cache contents by copy), every
+    decode step packs one token per live sequence, and a sequence is released once it emits
+    ``eos_token_id`` or reaches ``max_new_tokens``.
+
+    On CUDA the decode steps replay a CUDA graph (``cuda_graphs``, default the cache's setting,
+    True for a new cache): finished sequences then stay in the batch, their tokens ignored,
+    until at most half of it is live; then they are released and the smaller batch is captured
+    again. The same batching is used with ``cuda_graphs=False`` on CUDA, so both give the same
+    tokens. On the CPU a sequence is released as soon as it finishes.
+
+    ``callback(step, live_seq_ids, cache)`` runs after every decode step (before releases)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty token lists")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    st = state_of(model).settings
+    dev = next(model.parameters()).device
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    total = len(prompts) * num_samples
+    if cache is None:
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        cache = DMSCacheHF.from_model(model, max_seqs=total, max_tokens=longest, block_size=block_size)
+    if cuda_graphs is not None:
+        cache.cuda_graphs = bool(cuda_graphs)
+    if prefill_chunk_tokens is None:
+        prefill_chunk_tokens = st.chunked_prefill or 4096
+    kw = cache_kwargs(model, cache)
+    defer = cache.dms.device.type == "cuda"
+
+    def forward(seq_ids: List[int], chunks: List[List[int]]) -> torch.Tensor:
+        counts = [len(c) for c in chunks]
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)[None]
+        last = torch.tensor(np.cumsum(counts) - 1, dtype=torch.long, device=dev)
+        cache.set_packed(seq_ids, counts)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=last, **kw)
+        return out.logits[0]                                   # [n, vocab]
+
+    t0 = time.perf_counter()
+    base = [cache.add_sequence() for _ in prompts]
+    last_logits: Dict[int, torch.Tensor] = {}
+    # Prefill: pack prompt pieces up to the token budget per call.
+    offs = [0] * len(prompts)
+    while any(o < len(p) for o, p in zip(offs, prompts)):
+        budget = max(1, int(prefill_chunk_tokens))
+        sids, chunks, owners = [], [], []
+        for i, p in enumerate(prompts):
+            if offs[i] >= len(p) or budget <= 0:
+                continue
+            take = min(len(p) - offs[i], budget)
+            sids.append(base[i])
+            chunks.append(list(p[offs[i]:offs[i] + take]))
+            owners.append(i)
+            offs[i] += take
+            budget -= take
+        logits = forward(sids, chunks)
+        for row, i in enumerate(owners):
+            if offs[i] == len(prompts[i]):
+                last_logits[i] = logits[row]
+    # Parallel sampling: every sample of a prompt starts from the prompt's cache (fork).
+    seqs: List[List[List[int]]] = [[[] for _ in range(num_samples)] for _ in prompts]
+    batch: List[tuple] = []                                     # (seq_id, prompt, sample)
+    for i in range(len(prompts)):
+        first = sample(last_logits[i][None].expand(num_samples, -1), do_sample, temperature,
+                       top_k, top_p, generator).tolist()
+        ids = [base[i]] + [cache.fork(base[i]) for _ in range(num_samples - 1)]
+        for j, (sid, tok) in enumerate(zip(ids, first)):
+            seqs[i][j].append(int(tok))
+            batch.append((sid, i, j))
+    _sync(dev)
+    t1 = time.perf_counter()
+
+    def finished(i, j):
+        s = seqs[i][j]
+        return len(s) >= max_new_tokens or (s and s[-1] in eos)
+
+    def prune(rows: List[tuple]) -> List[tuple]:
+        """Releases the finished rows (all of them on the CPU; on CUDA only once at most half
+        the batch is live, so that a captured batch lasts)."""
+        done = [finished(i, j) for _, i, j in rows]
+        if defer and sum(done) * 2 < len(rows) and not all(done):
+            return rows
+        for (sid, _, _), d in zip(rows, done):
+            if d:
+                cache.release(sid)
+        return [r for r, d in zip(rows, done) if not d]
+
+    steps = tokens = 0
+    batch = prune(batch)
+    while batch:
+        sids = [s for s, _, _ in batch]
+        logits = forward(sids, [[seqs[i][j][-1]] for _, i, j in batch])
+        nxt = sample(logits, do_sample, temperature, top_k, top_p, generator).tolist()
+        steps += 1
+        live = [(sid, i, j) for sid, i, j in batch if not finished(i, j)]
+        tokens += len(live)
+        if callback is not None:
+            callback(steps, [s for s, _, _ in live], cache)
+        for (sid, i, j), tok in zip(batch, nxt):
+            if not finished(i, j):
+                seqs[i][j].append(int(tok))
+        batch = prune(batch)
+    _sync(dev)
+    t2 = time.perf_counter()
+    return GenerationResult(sequences=seqs, prefill_s=t1 - t0, decode_s=t2 - t1,
+                            decode_steps=steps, decode_tokens=tokens,
+                            stats={"graph_replays": cache.graph_replays,
+                                   "graph_captures": cache.graph_captures})

@@ -1,0 +1,91 @@
+"""Decode steps over a DMSCacheHF without HF's forward plumbing: one code path for the eager
+step (CPU, and the first step of a batch on CUDA) and the CUDA-graph replay."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attention import cached_attention
+from .cache import DMSCacheHF, ForwardPlan
+from .settings import ModelState
+
+
+def decode_hidden(model, state: ModelState, dms, plan: ForwardPlan,
+                  tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [n] (one per sequence of ``plan``) -> the final-norm hidden states [n, hidden].
+    The decoder layers of Qwen3 / Llama, called module by module (capturable)."""
+    base = model.model
+    x = base.embed_tokens(tokens)
+    for layer in base.layers:
+        attn = layer.self_attn
+        o = cached_attention(attn, state, dms, plan, layer.input_layernorm(x), x)
+        x = x + attn.o_proj(o.to(x.dtype))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return base.norm(x)
+
+
+class DecodeGraph:
+    """A captured decode step over every layer for a fixed batch of sequences: static token and
+    position buffers, a :class:`dms_ext.DecodePlan` whose ``advance`` pays for each replay."""
+
+    def __init__(self, model, state: ModelState, cache: DMSCacheHF, seq_ids, device):
+        dms = cache.dms
+        n = len(seq_ids)
+        self.seq_ids = tuple(seq_ids)
+        cfg = model.config
+        rows = max(int(getattr(cfg, "max_position_embeddings", 0) or 0),
+                   max(cache.positions[s] for s in seq_ids) + 1024)
+        # Allocated before the capture and kept: the graph reads it on every replay.
+        self.table = state.rope_table(device, rows)
+        self.limit = self.table.shape[0]
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.plan = dms.prepare_decode(list(seq_ids), steps=16,
+                                       max_len=dms.max_blocks_per_head * dms.block_size)
+        fplan = ForwardPlan(seq_ids=list(seq_ids), cu_seqlens=torch.arange(n + 1, dtype=torch.int32),
+                            positions=self.positions, index=None, max_position=self.limit - 1,
+                            counts=[1] * n)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decode_hidden(model, state, dms, fplan, self.tokens)
+
+    def valid_for(self, seq_ids, max_position: int) -> bool:
+        return self.plan.open and tuple(seq_ids) == self.seq_ids and max_position < self.limit
+
+    def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.plan.advance()             # raises OutOfBlocks / RecaptureNeeded before the replay
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def decode_step(model, state: ModelState, cache: DMSCacheHF, plan: ForwardPlan,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """The step of ``plan`` (a decode plan from ``cache.begin``): [n, hidden]. On CUDA with
+    ``cache.cuda_graphs``: the first step of a batch runs eagerly (it is also the warm-up), the second captures, later ones replay; elsewhere always eager."""
+    from ..cache import RecaptureNeeded
+    dev = tokens.device
+    ids = tuple(plan.seq_ids)
+    use_graph = dev.type == "cuda" and cache.cuda_graphs and not torch.is_grad_enabled()
+    g: Optional[DecodeGraph] = cache._graph
+    if use_graph and g is not None and g.valid_for(ids, plan.max_position):
+        try:
+            out = g.replay(tokens, plan.positions)
+            cache.graph_replays += 1
+            plan.layers_done = len(model.model.layers)
+            return out
+        except RecaptureNeeded:
+            cache._graph = g = None
+    if use_graph and cache._last_decode == ids:
+        # Seen this batch before: capture now (nothing runs), then replay this step.
+        if g is not None:
+            g.plan.close()
+        cache._graph = None
+        cache._graph = DecodeGraph(model, state, cache, ids, dev)
+        cache.graph_captures += 1
+        return decode_step(model, state, cache, plan, tokens)
+    cache._last_decode = ids
+    # Eager (also the warm-up of a batch that may be captured at its next step).
+    return decode_hidden(model, state, cache.dms, plan, tokens)
