@@ -17,58 +17,25 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cute/arch/copy_sm75.hpp>
-#include <cute/arch/mma_sm80.hpp>
-
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/primitives.cuh"
 
 namespace dms {
 namespace {
 
+using dev::cp_async16;
+using dev::cp_async_commit;
+using dev::cp_async_wait;
+using dev::kLog2e;
+using dev::swz;
+
 // NW warps per CTA, 16 keys each per pipeline stage (tile = 16 * NW keys). Only NW = 4 is
 // instantiated: 2-warp CTAs (4 resident per SM) measured slower on every bench shape.
 constexpr int kHeadTile = 16;           // query heads per CTA (MMA M)
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T> struct MmaAtom;
-template <> struct MmaAtom<__nv_bfloat16> { using Op = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
-template <> struct MmaAtom<__half> { using Op = cute::SM80_16x8x16_F32F16F16F32_TN; };
-
-__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16*) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack2(float a, float b, __half*) {
-  __half2 v = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ void from_float(float x, __nv_bfloat16* p) { *p = __float2bfloat16(x); }
-__device__ __forceinline__ void from_float(float x, __half* p) { *p = __float2half(x); }
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy; src_bytes = 0 zero-fills (rows past the split end must hold zeros, not
-// stale bits: P = 0 times a NaN pattern would still poison the PV product).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Row r of a [rows][D] tile, 16-byte chunk c: chunks are XOR-swizzled by r % 8 so the 8 rows an
-// ldmatrix phase touches land in 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
 
 // Splits for a row of L keys: at least min_chunk keys each, at most max_splits, whole tiles.
 __device__ __forceinline__ int split_chunk(int L, int max_splits, int min_chunk, int kTileKeys) {
@@ -99,7 +66,7 @@ template <typename T, int D, int NW>
 __global__ void __launch_bounds__(NW * 32)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
-  using Op = typename MmaAtom<T>::Op;
+  using Op = typename dev::MmaAtom<T>::Op;
   using C = Cfg<D, NW>;
   constexpr int kStages = C::kStages, kWarps = C::kWarps, kThreads = C::kThreads, kTileKeys = C::kTileKeys;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -107,13 +74,13 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sKV = sQ + kHeadTile * D;  // stage s: K at sKV + s*2*tile, V right after
 
-  const int G = p.num_q_heads / p.num_kv_heads;
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int row = blockIdx.x;  // b * Hkv + g: grid.x, so the row count has no 65535 limit
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
   const int ht = blockIdx.z;
   const int h0 = ht * kHeadTile;
   const int nh = min(kHeadTile, G - h0);
-  const int L = p.seq_lens[row];
+  const int L = p.pages.seq_lens[row];
   const int chunk = split_chunk(L, max_splits, min_chunk, 16 * NW);
   const int nsplit = num_splits_for(L, chunk);
   const int split = blockIdx.y;
@@ -125,7 +92,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     for (int i = tid; i < nh * D; i += kThreads) {
       int r = i / D, d = i % D;
       T* o = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(0.f, o);
+      *o = dev::from_float<T>(0.f);
     }
     if (p.lse && tid < nh) p.lse[(int64_t)b * p.num_q_heads + qh0 + tid] = -INFINITY;
     return;
@@ -134,9 +101,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int kend = min(L, kbeg + chunk);
   const int ntiles = (kend - kbeg + kTileKeys - 1) / kTileKeys;
 
-  const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
-  const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
-  const int32_t* __restrict__ bt = p.block_table + (int64_t)row * p.max_blocks_per_head;
+  const T* __restrict__ kc = reinterpret_cast<const T*>(p.kv.k_cache);
+  const T* __restrict__ vc = reinterpret_cast<const T*>(p.kv.v_cache);
+  const int32_t* __restrict__ bt = p.pages.block_table + (int64_t)row * p.pages.max_blocks_per_head;
 
   // Q tile: rows beyond the group are zero so their scores are finite and simply unused.
   {
@@ -155,7 +122,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   constexpr int kRowsPerLane = 16 * kChunks / 32;
   constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
   const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
-  const int bs_shift = rs.bs_shift, bs_mask = p.block_size - 1;
+  const int bs_shift = rs.bs_shift, bs_mask = p.kv.block_size - 1;
   T* const sW = sKV + warp * kStages * 2 * kSliceElems;  // this warp's stages
   int ids[kRowsPerLane];
   auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
@@ -264,8 +231,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       const float p2 = exp2f(s[n][2] - m_run[1]), p3 = exp2f(s[n][3] - m_run[1]);
       l_run[0] += p0 + p1;
       l_run[1] += p2 + p3;
-      pa[2 * n] = pack2(p0, p1, (T*)nullptr);      // A fragment: rows lane/4, keys 8n + ...
-      pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);  // rows lane/4 + 8
+      pa[2 * n] = dev::pack2<T>(p0, p1);      // A fragment: rows lane/4, keys 8n + ...
+      pa[2 * n + 1] = dev::pack2<T>(p2, p3);  // rows lane/4 + 8
     }
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
@@ -333,7 +300,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     if (direct) {
       T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(acc / l, out);
+      *out = dev::from_float<T>(acc / l);
       if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = (M + log2f(l)) / kLog2e;
     } else {
       ws_o[(ws_row + r) * D + d] = acc / l;
@@ -350,14 +317,14 @@ template <typename T, int D, int NW>
 __global__ void __launch_bounds__(D)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int max_splits = rs.max_splits, min_chunk = rs.min_chunk, head_tiles = rs.head_tiles;
-  const int G = p.num_q_heads / p.num_kv_heads;
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int row = blockIdx.x, r = blockIdx.y, ht = blockIdx.z;
   const int h0 = ht * kHeadTile;
   if (h0 + r >= G) return;
-  const int L = p.seq_lens[row];
+  const int L = p.pages.seq_lens[row];
   const int nsplit = num_splits_for(L, split_chunk(L, max_splits, min_chunk, 16 * NW));
   if (nsplit <= 1) return;
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads, qh = g * G + h0 + r, d = threadIdx.x;
+  const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads, qh = g * G + h0 + r, d = threadIdx.x;
   const float* ws_o = reinterpret_cast<const float*>(p.workspace);
   const float* ws_lse = ws_o + (int64_t)gridDim.x * head_tiles * max_splits * kHeadTile * D;
   const int64_t base = (int64_t)(row * head_tiles + ht) * max_splits * kHeadTile + r;
@@ -377,7 +344,7 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
     acc += w * part[s];
     l += w;
   }
-  from_float(acc / l, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + qh * p.o_stride_h + d);
+  reinterpret_cast<T*>(p.out)[b * p.o_stride_b + qh * p.o_stride_h + d] = dev::from_float<T>(acc / l);
   if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh] = (M + log2f(l)) / kLog2e;
 }
 
@@ -385,9 +352,9 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   Resolved r;
-  const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
+  const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
-  r.rows = p.batch * p.num_kv_heads;
+  r.rows = p.batch * p.kv.num_kv_heads;
   // Measured on H200 (bench/sweep_decode.py): splitting only pays while the rows alone do not
   // fill one wave of resident CTAs; beyond that every extra split costs its own prologue,
   // partial write and merge. So: enough splits for about one wave, at least min_chunk keys each.
@@ -397,7 +364,7 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.max_splits = std::min(std::max(ms, 1), 16);
   r.min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
   r.bs_shift = 0;
-  while ((1 << r.bs_shift) < p.block_size) ++r.bs_shift;
+  while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
   return r;
 }
 
@@ -429,7 +396,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
-  switch (p.head_dim) {
+  switch (p.kv.head_dim) {
     case 64: return launch<T, 64, 4>(p, r, s);
     case 128: return launch<T, 128, 4>(p, r, s);
     case 256: return launch<T, 256, 4>(p, r, s);
@@ -442,22 +409,22 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
 size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms) {
   const Resolved r = resolve(p, num_sms);
   if (r.max_splits <= 1) return 0;
-  return (size_t)r.rows * r.head_tiles * r.max_splits * kHeadTile * (p.head_dim + 1) * sizeof(float);
+  return (size_t)r.rows * r.head_tiles * r.max_splits * kHeadTile * (p.kv.head_dim + 1) * sizeof(float);
 }
 
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
-  if (p.batch < 0 || p.num_kv_heads <= 0 || p.num_q_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
-      p.block_size <= 0 || p.max_blocks_per_head <= 0 || !p.q || !p.k_cache || !p.v_cache ||
-      !p.block_table || !p.seq_lens || !p.out)
+  if (p.batch < 0 || !valid_sizes(p.kv) || p.num_q_heads <= 0 ||
+      p.num_q_heads % p.kv.num_kv_heads != 0 || p.pages.max_blocks_per_head <= 0 || !p.q ||
+      !has_pointers(p.kv) || !has_pointers(p.pages) || !p.out)
     return Status::kInvalidArgument;
-  if (p.dtype == DType::kFloat32) return Status::kUnsupported;
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::kUnsupported;
-  if ((p.block_size & (p.block_size - 1)) != 0) return Status::kUnsupported;  // slots map by shift
+  // bf16 / fp16, head_dim 64 / 128 / 256, block_size a power of two (slots map by shift).
+  if (!supported(Op::kSparseDecode, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
+    return Status::kUnsupported;
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
   if (r.max_splits > 1 && !p.workspace) return Status::kInvalidArgument;
   if (r.head_tiles > 65535) return Status::kUnsupported;  // grid z limit
-  return p.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
+  return p.kv.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                      : dispatch_dim<__half>(p, r, stream);
 }
 
