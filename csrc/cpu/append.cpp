@@ -72,10 +72,8 @@ Status append(const AppendParams& p) {
   const int bs = p.kv.block_size;
   // Packing, rows, their pages and ring entries, the free list: every check before a write.
   std::vector<int> rows;
-  Status st = detail::check_chunks(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens,
-                                   p.state.max_seqs, &rows);
-  if (st == Status::kSuccess) st = detail::check_pages(p.state.pages, p.kv, rows);
-  if (st == Status::kSuccess) st = detail::check_ring(p.state, H, rows);
+  Status st = detail::check_chunk_rows(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens, p.kv,
+                                       p.state, &rows);
   if (st == Status::kSuccess) st = detail::check_free(p.free, p.kv.num_blocks);
   if (st != Status::kSuccess) return st;
   for (int c = 0; c < p.num_seqs; ++c) {

@@ -37,10 +37,8 @@ Status sparse_prefill(const SparsePrefillParams& p) {
   const int W = p.state.window, R = W + 1, M = p.state.pages.max_blocks_per_head;
   const int bs = p.kv.block_size;
   std::vector<int> rows;
-  Status st = detail::check_chunks(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens,
-                                   p.state.max_seqs, &rows);
-  if (st == Status::kSuccess) st = detail::check_pages(p.state.pages, p.kv, rows);
-  if (st == Status::kSuccess) st = detail::check_ring(p.state, H, rows);
+  const Status st = detail::check_chunk_rows(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens,
+                                             p.kv, p.state, &rows);
   if (st != Status::kSuccess) return st;
   for (int row : rows) {
     for (int g = 0; g < H; ++g) {

@@ -94,6 +94,14 @@ Status check_ring(const DMSState& state, int num_kv_heads, const std::vector<int
   return Status::kSuccess;
 }
 
+Status check_chunk_rows(const int32_t* rows, const int32_t* cu_seqlens, int n, int total_tokens,
+                        const KVPool& kv, const DMSState& state, std::vector<int>* out) {
+  Status st = check_chunks(rows, cu_seqlens, n, total_tokens, state.max_seqs, out);
+  if (st == Status::kSuccess) st = check_pages(state.pages, kv, *out);
+  if (st == Status::kSuccess) st = check_ring(state, kv.num_kv_heads, *out);
+  return st;
+}
+
 Status check_free(const FreeList& free, int num_blocks) {
   const int32_t top = *free.top;
   if (top < 0 || top > num_blocks) {

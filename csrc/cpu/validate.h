@@ -43,6 +43,11 @@ Status check_pages(const PageTable& pages, const KVPool& kv, const std::vector<i
 // positions hold slots below seq_lens.
 Status check_ring(const DMSState& state, int num_kv_heads, const std::vector<int>& rows);
 
+// The packed-chunk checks of append and sparse_prefill: check_chunks, then check_pages and
+// check_ring of the rows it returns in `out`.
+Status check_chunk_rows(const int32_t* rows, const int32_t* cu_seqlens, int n, int total_tokens,
+                        const KVPool& kv, const DMSState& state, std::vector<int>* out);
+
 // 0 <= *top <= num_blocks and every free id below top in [0, num_blocks).
 Status check_free(const FreeList& free, int num_blocks);
 
