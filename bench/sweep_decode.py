@@ -1,9 +1,11 @@
 """Sweep sparse_decode's scheduler knobs on the bench_decode shapes, our op only; prints one line
 per (case, knobs). For choosing defaults. DMS_DECODE_MAX_SPLITS caps the persistent grid (0: the
 resident CTAs of the device), DMS_DECODE_MIN_CHUNK is the fewest keys a CTA's range holds (0: 256).
+The op reads the knobs once per process, so each knob setting runs in its own child process.
 
   python3 bench/sweep_decode.py ["B1 x 32k,B64 x 8k skewed"]"""
 import os
+import subprocess
 import sys
 
 import torch
@@ -15,10 +17,13 @@ import common  # noqa: E402
 import dms_ext  # noqa: E402,F401
 
 
-def main():
+KNOBS = [(4, ms, mc) for ms, mc in ((0, 0), (0, 64), (0, 128), (0, 512), (132, 0), (132, 128))]
+DEFAULT_CASES = "B1 x 32k,B64 x 8k,B128 x 4k,B16 x 16k"
+
+
+def run_cases(names, w, ms, mc):
+    """Times every named case under the knobs this process was started with."""
     common.require_cuda()
-    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["B1 x 32k", "B64 x 8k", "B128 x 4k", "B16 x 16k"]
-    knobs = [(4, ms, mc) for ms, mc in ((0, 0), (0, 64), (0, 128), (0, 512), (132, 0), (132, 128))]
     gen = torch.Generator().manual_seed(0)
     gdev = torch.Generator(device="cuda").manual_seed(0)
     for c in bd.CASES:
@@ -31,16 +36,22 @@ def main():
         qs = [torch.randn(c.B, c.hq, c.D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         fns = [lambda i=i: torch.ops.dms.sparse_decode(qs[i], pg.k, pg.v, pg.tables[i], pg.lens, 0.088)
                for i in range(copies)]
-        for w, ms, mc in knobs:
-            os.environ["DMS_DECODE_WARPS"] = str(w)
-            os.environ["DMS_DECODE_MAX_SPLITS"] = str(ms)
-            os.environ["DMS_DECODE_MIN_CHUNK"] = str(mc)
-            t = common.time_calls(fns, f"sweep {c.name} {ms} {mc}", target_s=0.1)
-            print(f"SWEEP {c.name:10s} warps {w} max_splits {ms:3d} min_chunk {mc:4d}: {t.us:8.1f} us "
-                  f"{live / t.us / 1e3:7.0f} GB/s", flush=True)
-    os.environ.pop("DMS_DECODE_MAX_SPLITS", None)
-    os.environ.pop("DMS_DECODE_MIN_CHUNK", None)
-    os.environ.pop("DMS_DECODE_WARPS", None)
+        t = common.time_calls(fns, f"sweep {c.name} {ms} {mc}", target_s=0.1)
+        print(f"SWEEP {c.name:10s} warps {w} max_splits {ms:3d} min_chunk {mc:4d}: {t.us:8.1f} us "
+              f"{live / t.us / 1e3:7.0f} GB/s", flush=True)
+
+
+def main():
+    names = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_CASES
+    if os.environ.get("DMS_SWEEP_CHILD") == "1":
+        run_cases(names.split(","), *(int(x) for x in sys.argv[2:5]))
+        return
+    common.require_cuda()
+    for w, ms, mc in KNOBS:
+        env = dict(os.environ, DMS_SWEEP_CHILD="1", DMS_DECODE_WARPS=str(w),
+                   DMS_DECODE_MAX_SPLITS=str(ms), DMS_DECODE_MIN_CHUNK=str(mc))
+        subprocess.run([sys.executable, os.path.abspath(__file__), names, str(w), str(ms), str(mc)],
+                       env=env, check=True)
 
 
 if __name__ == "__main__":

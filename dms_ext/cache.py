@@ -26,8 +26,10 @@ class RecaptureNeeded(RuntimeError):
     Nothing was changed: prepare a new plan and capture the step again."""
 
 
-_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# The ops a DMSCache runs: it takes a configuration only when every one of them implements it
+# on the cache's device (torch.ops.dms.supported: the capability table of the C++ library).
+_CACHE_OPS = ("sparse_decode", "sparse_prefill", "append", "fork", "release")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Slots are stored as (slot << 1) | flag in int32 ring entries.
 _MAX_SLOTS = 1 << 30
@@ -176,15 +178,7 @@ class DMSCache:
             self.device = torch.empty(0, device=device).device  # resolves "cuda" to cuda:N
         except (RuntimeError, TypeError, AssertionError) as e:
             raise ValueError(f"device: {device!r} is not usable: {e}") from None
-        allowed = _CUDA_DTYPES if self.device.type == "cuda" else _CPU_DTYPES
-        if dtype not in allowed:
-            raise ValueError(f"dtype: expected one of {list(allowed)} on {self.device.type}, got {dtype}")
-        if self.device.type == "cuda":
-            # What the CUDA kernels implement; failing here beats failing in the first attend.
-            if self.head_dim not in (64, 128):
-                raise ValueError(f"head_dim: the CUDA kernels support 64 and 128, got {self.head_dim}")
-            if self.block_size & (self.block_size - 1):
-                raise ValueError(f"block_size: must be a power of two on CUDA, got {self.block_size}")
+        self._check_supported(dtype)
         self.dtype = dtype
         self._ahead = np.zeros(self.max_seqs, dtype=np.int64)  # see _Layer.ahead
         self._layers = [_Layer(self) for _ in range(self.num_layers)]
@@ -192,6 +186,27 @@ class DMSCache:
         self._free_rows: List[int] = list(range(self.max_seqs - 1, -1, -1))
         self._next_id = 0
         self._plans: List["DecodePlan"] = []  # open decode plans
+
+    def _check_supported(self, dtype):
+        """What the ops implement on this device; failing here beats failing in the first attend."""
+        dev = "cuda" if self.device.type == "cuda" else "cpu"
+        supported = torch.ops.dms.supported
+
+        def first_refusal(dt, head_dim=0, block_size=0):
+            return next((op for op in _CACHE_OPS if not supported(op, dev, dt, head_dim, block_size)),
+                        None)
+
+        if not isinstance(dtype, torch.dtype) or first_refusal(dtype) is not None:
+            allowed = [dt for dt in _FLOAT_DTYPES if first_refusal(dt) is None]
+            raise ValueError(f"dtype: expected one of {allowed} on {dev}, got {dtype}")
+        op = first_refusal(dtype, head_dim=self.head_dim)
+        if op is not None:
+            raise ValueError(f"head_dim: dms.{op} does not implement head_dim {self.head_dim} "
+                             f"on {dev} (torch.ops.dms.supported)")
+        op = first_refusal(dtype, block_size=self.block_size)
+        if op is not None:
+            raise ValueError(f"block_size: dms.{op} does not implement block_size "
+                             f"{self.block_size} on {dev} (torch.ops.dms.supported)")
 
     # ---------------------------------------------------------------- sequences
 

@@ -272,8 +272,9 @@ def mutations(case: OpCase, dev: str):
         x = base[name]
         ok = (name,) + spec.tied
         wrong = other_floats(dtype) if spec.kind == "same" else list(WRONG_DTYPES[spec.kind])
-        if dev == "cuda" and spec.kind == "float":
-            wrong.append(F32)                # the CUDA kernels take bf16 / fp16 only
+        table_op = "sparse_decode" if case.op == "sparse_decode_lse" else case.op
+        if dev == "cuda" and spec.kind == "float" and not torch.ops.dms.supported(table_op, "cuda", F32):
+            wrong.append(F32)                # sparse_decode / sparse_prefill: bf16 / fp16 only
         for dt in wrong:
             yield f"{name} dtype {dt}", {**base, name: x.to(dt)}, (name,) + spec.tied
         for d in spec.dims:

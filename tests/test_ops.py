@@ -629,3 +629,32 @@ def test_fork_release_bad_arguments():
     expect_value_error("row", lambda: ops.release(3, bt, sl, ring, nt, fs, ft, 4))
     expect_value_error("block_size", lambda: ops.release(0, bt, sl, ring, nt, fs, ft, 0))
     expect_value_error("ring", lambda: ops.release(0, bt, sl, ring.half(), nt, fs, ft, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# The capability table (csrc/include/dms/capabilities.h)
+
+
+def test_supported_answers_from_the_capability_table():
+    s = torch.ops.dms.supported
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert s("sparse_decode", "cpu", f32, 96, 24)
+    assert not s("sparse_decode", "cuda", f32)
+    assert s("sparse_decode", "cuda", bf16, 256, 64)
+    assert not s("sparse_decode", "cuda", bf16, 96) and not s("sparse_decode", "cuda", f16, 128, 24)
+    assert s("sparse_prefill", "cuda", f16, 128, 24) and not s("sparse_prefill", "cuda", f16, 256)
+    for op in ("eviction_rope", "decode_step"):
+        for dev in ("cpu", "cuda"):
+            assert s(op, dev, f32, 8) and not s(op, dev, f32, 7)
+    for op in ("append", "fork", "eviction_rope", "decode_step", "release"):
+        assert s(op, "cuda", f32)
+    assert not s("append", "cpu", torch.float64)
+    with pytest.raises(ValueError, match="op"):
+        s("nope", "cpu", f32)
+    with pytest.raises(ValueError, match="device"):
+        s("append", "tpu", f32)
+    # The ops refuse what the table refuses, naming the argument.
+    q, k = torch.randn(2, 2, 7), torch.randn(2, 1, 7)
+    with pytest.raises(ValueError, match="head_dim"):
+        torch.ops.dms.eviction_rope(q, k, torch.zeros(2, dtype=torch.int32), torch.zeros(4, 7),
+                                    1.0, 0.0)

@@ -85,9 +85,5 @@ inline void store(void* base, int64_t i, DType t, float v) {
   }
 }
 
-inline bool valid_dtype(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
 }  // namespace cpu
 }  // namespace dms

@@ -4,28 +4,38 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/validate.h"
 #include "dms/cpu.h"
 
 namespace dms {
 namespace cpu {
 
 Status decode_step(const DecodeStepParams& p) {
-  if (p.batch < 0 || p.max_seqs < 0 || p.max_position < 0 || p.num_q_heads <= 0 ||
-      p.num_kv_heads <= 0 || p.head_dim <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
-      (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)) {
+  detail::clear_error();
+  if (p.batch < 0 || p.state.max_seqs < 0 || p.max_position < 0 || p.num_q_heads <= 0 ||
+      p.kv.num_kv_heads <= 0 || p.kv.head_dim <= 0 || p.num_q_heads % p.kv.num_kv_heads != 0 ||
+      !supported(Op::kDecodeStep, Device::kCPU, p.kv.dtype, p.kv.head_dim, 0)) {
     return Status::kInvalidArgument;
   }
   if (p.batch == 0) return Status::kSuccess;
-  if (!p.q || !p.k || !p.v || !p.seq_slots || !p.num_tokens || !p.logits) {
+  if (!p.q || !p.k || !p.v || !p.rows || !p.state.num_tokens || !p.logits) {
     return Status::kInvalidArgument;
   }
-  const int B = p.batch, Hq = p.num_q_heads, H = p.num_kv_heads, D = p.head_dim;
-  const size_t es = size_t(dtype_size(p.dtype));
-  std::vector<int32_t> positions(B);
+  const int B = p.batch, Hq = p.num_q_heads, H = p.kv.num_kv_heads, D = p.kv.head_dim;
+  const size_t es = size_t(dtype_size(p.kv.dtype));
+  // Rows (distinct, in range) and positions first; append checks the rest of the state.
+  std::vector<int32_t> positions(B), cu(B + 1);
+  for (int b = 0; b <= B; ++b) cu[b] = b;
+  std::vector<int> rows;
+  const Status st = detail::check_chunks(p.rows, cu.data(), B, B, p.state.max_seqs, &rows);
+  if (st != Status::kSuccess) return st;
   for (int b = 0; b < B; ++b) {
-    const int row = p.seq_slots[b];
-    if (row < 0 || row >= p.max_seqs) return Status::kInvalidArgument;
-    positions[b] = p.num_tokens[row];
+    positions[b] = p.state.num_tokens[rows[b]];
+    if (positions[b] < 0 || positions[b] >= p.max_position) {
+      return detail::refuse(Status::kInvalidArgument, "position num_tokens[", rows[b], "] = ",
+                            positions[b], " is outside cos_sin_cache's [0, ", p.max_position,
+                            ")");
+    }
   }
   // Work on copies: k is an input, and q must stay untouched if append refuses the batch.
   const size_t q_bytes = size_t(B) * Hq * D * es, k_bytes = size_t(B) * H * D * es;
@@ -43,7 +53,7 @@ Status decode_step(const DecodeStepParams& p) {
   e.max_position = p.max_position;
   e.alpha_scale = p.alpha_scale;
   e.alpha_offset = p.alpha_offset;
-  e.dtype = p.dtype;
+  e.dtype = p.kv.dtype;
   e.norm_eps = p.norm_eps;
   if (!p.logits_in) {
     e.q = q.data();
@@ -79,32 +89,17 @@ Status decode_step(const DecodeStepParams& p) {
     if (s != Status::kSuccess) return s;
   }
 
-  std::vector<int32_t> cu(B + 1);
-  for (int b = 0; b <= B; ++b) cu[b] = b;
   AppendParams a;
   a.k = k.data();
   a.v = p.v;
   a.logits = logits.data();
-  a.seq_slots = p.seq_slots;
+  a.rows = p.rows;
   a.cu_seqlens = cu.data();
-  a.k_cache = p.k_cache;
-  a.v_cache = p.v_cache;
-  a.block_table = p.block_table;
-  a.seq_lens = p.seq_lens;
-  a.ring = p.ring;
-  a.num_tokens = p.num_tokens;
-  a.free_stack = p.free_stack;
-  a.free_top = p.free_top;
+  a.kv = p.kv;
+  a.state = p.state;
+  a.free = p.free;
   a.num_seqs = B;
   a.total_tokens = B;
-  a.max_seqs = p.max_seqs;
-  a.num_kv_heads = H;
-  a.head_dim = D;
-  a.block_size = p.block_size;
-  a.max_blocks_per_head = p.max_blocks_per_head;
-  a.num_blocks = p.num_blocks;
-  a.window = p.window;
-  a.dtype = p.dtype;
   Status s = append(a);
   if (s != Status::kSuccess) return s;
   std::memcpy(p.q, q.data(), q_bytes);

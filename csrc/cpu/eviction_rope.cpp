@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/validate.h"
 #include "dms/cpu.h"
 
 namespace dms {
@@ -52,9 +53,10 @@ void rope(std::vector<double>& x, const float* cs) {
 }  // namespace
 
 Status eviction_rope(const EvictionRopeParams& p) {
+  detail::clear_error();
   if (p.num_tokens < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
-      p.head_dim % 2 != 0 || p.num_q_heads % p.num_kv_heads != 0 || p.max_position < 0 ||
-      !valid_dtype(p.dtype)) {
+      p.num_q_heads % p.num_kv_heads != 0 || p.max_position < 0 ||
+      !supported(Op::kEvictionRope, Device::kCPU, p.dtype, p.head_dim, 0)) {
     return Status::kInvalidArgument;
   }
   if (p.num_tokens == 0) return Status::kSuccess;
@@ -66,7 +68,10 @@ Status eviction_rope(const EvictionRopeParams& p) {
                                 : int64_t(static_cast<const int32_t*>(p.positions)[t]);
   };
   for (int t = 0; t < p.num_tokens; ++t) {
-    if (position(t) < 0 || position(t) >= p.max_position) return Status::kInvalidArgument;
+    if (position(t) < 0 || position(t) >= p.max_position) {
+      return detail::refuse(Status::kInvalidArgument, "positions[", t, "] = ", position(t),
+                            " is outside cos_sin_cache's [0, ", p.max_position, ")");
+    }
   }
   const int G = p.num_q_heads / p.num_kv_heads, D = p.head_dim;
   std::vector<double> x(D);

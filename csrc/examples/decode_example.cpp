@@ -293,67 +293,75 @@ class Scenario {
     CUDA_OK(cudaStreamSynchronize(stream_));
   }
 
-  // Params of the state-updating decode step; `device` picks device or host state pointers.
+  // The shared pieces of every params struct, filled once here; `device` picks the device
+  // buffers or their host copies (the CPU twins run on those).
+  dms::KVPool pool(bool device) {
+    dms::KVPool kv;
+    kv.k_cache = device ? static_cast<void*>(d_kc_->p) : h_kc_.data();
+    kv.v_cache = device ? static_cast<void*>(d_vc_->p) : h_vc_.data();
+    kv.num_blocks = num_blocks_;
+    kv.block_size = c_.block_size;
+    kv.num_kv_heads = H_;
+    kv.head_dim = D_;
+    kv.dtype = c_.dtype;
+    return kv;
+  }
+  dms::DMSState state(bool device) {
+    dms::DMSState st;
+    st.pages.block_table = device ? d_bt_->p : h_bt_.data();
+    st.pages.seq_lens = device ? d_sl_->p : h_sl_.data();
+    st.pages.max_blocks_per_head = M_;
+    st.ring = device ? d_ring_->p : h_ring_.data();
+    st.num_tokens = device ? d_nt_->p : h_nt_.data();
+    st.max_seqs = kMaxSeqs;
+    st.window = c_.window;
+    return st;
+  }
+  dms::FreeList free_list(bool device) {
+    return dms::FreeList{device ? d_fs_->p : h_fs_.data(), device ? d_ft_->p : h_ft_.data()};
+  }
+
+  // Params of the state-updating decode step.
   dms::DecodeStepParams state_step_params(void* q, const void* k, const void* v,
-                                          const int32_t* slots, float* logits, bool device) {
+                                          const int32_t* rows, float* logits, bool device) {
     dms::DecodeStepParams p;
     p.q = q;
     p.k = k;
     p.v = v;
     p.cos_sin_cache = device ? d_cs_->p : h_cs_.data();
-    p.seq_slots = slots;
+    p.rows = rows;
     p.logits = logits;
     if (c_.norm) {
       p.q_norm_weight = device ? static_cast<const void*>(d_qw_->p) : h_qw_.data();
       p.k_norm_weight = device ? static_cast<const void*>(d_kw_->p) : h_kw_.data();
     }
-    p.k_cache = device ? static_cast<void*>(d_kc_->p) : h_kc_.data();
-    p.v_cache = device ? static_cast<void*>(d_vc_->p) : h_vc_.data();
-    p.block_table = device ? d_bt_->p : h_bt_.data();
-    p.seq_lens = device ? d_sl_->p : h_sl_.data();
-    p.ring = device ? d_ring_->p : h_ring_.data();
-    p.num_tokens = device ? d_nt_->p : h_nt_.data();
-    p.free_stack = device ? d_fs_->p : h_fs_.data();
-    p.free_top = device ? d_ft_->p : h_ft_.data();
+    p.kv = pool(device);
+    p.state = state(device);
+    p.free = free_list(device);
     p.error = device ? d_error_.p : nullptr;
     p.batch = B_;
-    p.max_seqs = kMaxSeqs;
     p.max_position = max_position_;
     p.num_q_heads = Hq_;
-    p.num_kv_heads = H_;
-    p.head_dim = D_;
-    p.block_size = c_.block_size;
-    p.max_blocks_per_head = M_;
-    p.num_blocks = num_blocks_;
-    p.window = c_.window;
-    p.dtype = c_.dtype;
     return p;
   }
 
-  dms::SparseDecodeParams decode_params(const void* q, const int32_t* bt, const int32_t* sl, void* out,
+  // Attention over a page table of `batch` rows (bt [batch, H, M], sl [batch, H]).
+  dms::SparseDecodeParams decode_params(const void* q, int32_t* bt, int32_t* sl, void* out,
                                         int batch, int64_t q_stride_b, int64_t o_stride_b, float* lse,
                                         bool device) {
     dms::SparseDecodeParams p;
     p.q = q;
-    p.k_cache = device ? static_cast<const void*>(d_kc_->p) : h_kc_.data();
-    p.v_cache = device ? static_cast<const void*>(d_vc_->p) : h_vc_.data();
-    p.block_table = bt;
-    p.seq_lens = sl;
     p.out = out;
     p.lse = lse;
     p.q_stride_b = q_stride_b;
     p.q_stride_h = D_;
     p.o_stride_b = o_stride_b;
     p.o_stride_h = D_;
+    p.kv = pool(device);
+    p.pages = dms::PageTable{bt, sl, M_};
     p.batch = batch;
     p.num_q_heads = Hq_;
-    p.num_kv_heads = H_;
-    p.head_dim = D_;
-    p.block_size = c_.block_size;
-    p.max_blocks_per_head = M_;
-    p.num_blocks = num_blocks_;
     p.scale = scale_;
-    p.dtype = c_.dtype;
     return p;
   }
 
@@ -469,27 +477,15 @@ class Scenario {
     pp.k = dk.p;
     pp.v = dv.p;
     pp.logits = dl.p;
-    pp.seq_slots = dslots.p;
+    pp.rows = dslots.p;
     pp.cu_seqlens = dcu.p;
-    pp.k_cache = d_kc_->p;
-    pp.v_cache = d_vc_->p;
-    pp.block_table = d_bt_->p;
-    pp.seq_lens = d_sl_->p;
-    pp.ring = d_ring_->p;
-    pp.num_tokens = d_nt_->p;
     pp.out = dout.p;
+    pp.kv = pool(true);
+    pp.state = state(true);
     pp.num_seqs = n;
     pp.total_tokens = T;
-    pp.max_seqs = kMaxSeqs;
     pp.num_q_heads = Hq_;
-    pp.num_kv_heads = H_;
-    pp.head_dim = D_;
-    pp.block_size = c_.block_size;
-    pp.max_blocks_per_head = M_;
-    pp.num_blocks = num_blocks_;
-    pp.window = c_.window;
     pp.scale = scale_;
-    pp.dtype = c_.dtype;
     DevBuf<uint8_t> ws(dms::sparse_prefill_workspace_bytes(pp));
     pp.workspace = ws.p;  // cudaMalloc'd: 256-byte aligned, as the kernels want
     DMS_OK(dms::sparse_prefill(pp, stream_));
@@ -498,27 +494,14 @@ class Scenario {
     ap.k = dk.p;
     ap.v = dv.p;
     ap.logits = dl.p;
-    ap.seq_slots = dslots.p;
+    ap.rows = dslots.p;
     ap.cu_seqlens = dcu.p;
-    ap.k_cache = d_kc_->p;
-    ap.v_cache = d_vc_->p;
-    ap.block_table = d_bt_->p;
-    ap.seq_lens = d_sl_->p;
-    ap.ring = d_ring_->p;
-    ap.num_tokens = d_nt_->p;
-    ap.free_stack = d_fs_->p;
-    ap.free_top = d_ft_->p;
+    ap.kv = pool(true);
+    ap.state = state(true);
+    ap.free = free_list(true);
     ap.error = d_error_.p;
     ap.num_seqs = n;
     ap.total_tokens = T;
-    ap.max_seqs = kMaxSeqs;
-    ap.num_kv_heads = H_;
-    ap.head_dim = D_;
-    ap.block_size = c_.block_size;
-    ap.max_blocks_per_head = M_;
-    ap.num_blocks = num_blocks_;
-    ap.window = c_.window;
-    ap.dtype = c_.dtype;
     DMS_OK(dms::append(ap, stream_));
     const std::vector<uint16_t> out_gpu = dout.download(stream_);
 
@@ -529,14 +512,10 @@ class Scenario {
     hp.k = k.data();
     hp.v = v.data();
     hp.logits = logits.data();
-    hp.seq_slots = rows.data();
+    hp.rows = rows.data();
     hp.cu_seqlens = cu.data();
-    hp.k_cache = h_kc_.data();
-    hp.v_cache = h_vc_.data();
-    hp.block_table = h_bt_.data();
-    hp.seq_lens = h_sl_.data();
-    hp.ring = h_ring_.data();
-    hp.num_tokens = h_nt_.data();
+    hp.kv = pool(false);
+    hp.state = state(false);
     hp.out = out_cpu.data();
     hp.workspace = nullptr;
     DMS_OK(dms::cpu::sparse_prefill(hp));
@@ -544,16 +523,11 @@ class Scenario {
     ha.k = k.data();
     ha.v = v.data();
     ha.logits = logits.data();
-    ha.seq_slots = rows.data();
+    ha.rows = rows.data();
     ha.cu_seqlens = cu.data();
-    ha.k_cache = h_kc_.data();
-    ha.v_cache = h_vc_.data();
-    ha.block_table = h_bt_.data();
-    ha.seq_lens = h_sl_.data();
-    ha.ring = h_ring_.data();
-    ha.num_tokens = h_nt_.data();
-    ha.free_stack = h_fs_.data();
-    ha.free_top = h_ft_.data();
+    ha.kv = pool(false);
+    ha.state = state(false);
+    ha.free = free_list(false);
     ha.error = nullptr;
     DMS_OK(dms::cpu::append(ha));
 

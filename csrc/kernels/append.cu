@@ -23,8 +23,8 @@ namespace {
 constexpr int kMaxDecodeWarps = 8;
 
 inline bool kv_vec16(const AppendParams& p) {
-  return (int64_t(p.head_dim) * dtype_size(p.dtype)) % 16 == 0 && dev::aligned16(p.k) &&
-         dev::aligned16(p.v) && dev::aligned16(p.k_cache) && dev::aligned16(p.v_cache);
+  return (int64_t(p.kv.head_dim) * dtype_size(p.kv.dtype)) % 16 == 0 && dev::aligned16(p.k) &&
+         dev::aligned16(p.v) && dev::aligned16(p.kv.k_cache) && dev::aligned16(p.kv.v_cache);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -33,10 +33,10 @@ inline bool kv_vec16(const AppendParams& p) {
 __global__ void append_decode_kernel(AppendParams p, bool vec16) {
   const int c = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-  const int row = p.seq_slots[c];
+  const int row = p.rows[c];
   const int tok = c;  // one token per chunk: cu_seqlens[c] == c
-  const int t = p.num_tokens[row];
-  const int H = p.num_kv_heads, D = p.head_dim, es = dev::elem_bytes(p.dtype);
+  const int t = p.state.num_tokens[row];
+  const int H = p.kv.num_kv_heads, D = p.kv.head_dim, es = dtype_size(p.kv.dtype);
   const int row_bytes = D * es;
   for (int g = warp; g < H; g += nwarps) {
     const int64_t rg = int64_t(row) * H + g;
@@ -59,16 +59,16 @@ __global__ void append_decode_kernel(AppendParams p, bool vec16) {
     }
     int64_t cache_row = -1;
     if (lane == 0) {
-      dev::HeadState s{p.ring + rg * (p.window + 1), p.seq_lens + rg,
-                       p.block_table + rg * p.max_blocks_per_head};
-      cache_row = dev::step_token(s, t, p.logits[int64_t(tok) * H + g], p.window, p.block_size,
-                                  p.max_blocks_per_head, p.num_blocks, p.free_stack,
-                                  p.free_top, p.error);
+      dev::HeadState s{p.state.ring + rg * (p.state.window + 1), p.state.pages.seq_lens + rg,
+                       p.state.pages.block_table + rg * p.state.pages.max_blocks_per_head};
+      cache_row = dev::step_token(s, t, p.logits[int64_t(tok) * H + g], p.state.window,
+                                  p.kv.block_size, p.state.pages.max_blocks_per_head,
+                                  p.kv.num_blocks, p.free, p.error);
     }
     cache_row = __shfl_sync(0xffffffffu, cache_row, 0);
     if (cache_row < 0) continue;
-    char* kdst = static_cast<char*>(p.k_cache) + cache_row * row_bytes;
-    char* vdst = static_cast<char*>(p.v_cache) + cache_row * row_bytes;
+    char* kdst = static_cast<char*>(p.kv.k_cache) + cache_row * row_bytes;
+    char* vdst = static_cast<char*>(p.kv.v_cache) + cache_row * row_bytes;
     if (prefetch) {
 #pragma unroll
       for (int j = 0; j < kPre; ++j) {
@@ -82,7 +82,7 @@ __global__ void append_decode_kernel(AppendParams p, bool vec16) {
     }
   }
   __syncthreads();  // every warp has read num_tokens[row]
-  if (threadIdx.x == 0) p.num_tokens[row] = t + 1;
+  if (threadIdx.x == 0) p.state.num_tokens[row] = t + 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,19 +111,19 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
   __shared__ int s_warp[NT / 32];
   __shared__ int s_base;
   __shared__ int64_t s_cache_row[NT];
-  const int H = p.num_kv_heads, D = p.head_dim, es = dev::elem_bytes(p.dtype);
+  const int H = p.kv.num_kv_heads, D = p.kv.head_dim, es = dtype_size(p.kv.dtype);
   const int c = blockIdx.x / H, g = blockIdx.x % H;
-  const int row = p.seq_slots[c];
+  const int row = p.rows[c];
   const int start = p.cu_seqlens[c], len = p.cu_seqlens[c + 1] - start;
-  const int t0 = p.num_tokens[row];
-  const int R = p.window + 1, bs = p.block_size, M = p.max_blocks_per_head;
+  const int t0 = p.state.num_tokens[row];
+  const int R = p.state.window + 1, bs = p.kv.block_size, M = p.state.pages.max_blocks_per_head;
   const int64_t rg = int64_t(row) * H + g;
-  int32_t* ring = p.ring + rg * R;
-  int32_t* blocks = p.block_table + rg * M;
+  int32_t* ring = p.state.ring + rg * R;
+  int32_t* blocks = p.state.pages.block_table + rg * M;
   const float* logits = p.logits + int64_t(start) * H + g;  // logits[i * H]: token i of the chunk
   const int S = R < NT ? R : NT;
   const int i = threadIdx.x;
-  int seq_len = p.seq_lens[rg];
+  int seq_len = p.state.pages.seq_lens[rg];
 
   // The chunk's first logit decides the previous call's last token.
   if (i == 0 && t0 >= 1 && len > 0) {
@@ -157,9 +157,9 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
         dev::set_error(p.error, Status::kInvalidArgument);
         base = -1;
       } else if (nblk > 0) {
-        base = atomicSub(p.free_top, nblk);
+        base = atomicSub(p.free.top, nblk);
         if (base < nblk) {
-          atomicAdd(p.free_top, nblk);
+          atomicAdd(p.free.top, nblk);
           dev::set_error(p.error, Status::kOutOfBlocks);
           base = -1;
         }
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
     __syncthreads();
     const int base = s_base;
     if (active && !reuse && slot % bs == 0 && base >= 0) {
-      blocks[slot / bs] = p.free_stack[base - 1 - (slot / bs - have)];
+      blocks[slot / bs] = p.free.stack[base - 1 - (slot / bs - have)];
     }
     if (active) {
       if (reuse && (slot < 0 || slot >= seq_len)) dev::set_error(p.error, Status::kInvalidArgument);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
       const bool ok = base >= 0 && slot >= 0 && slot < seq_len + fresh;
       if (ok) {
         const int32_t blk = blocks[slot / bs];
-        if (blk >= 0 && blk < p.num_blocks) cr = int64_t(blk) * bs + slot % bs;
+        if (blk >= 0 && blk < p.kv.num_blocks) cr = int64_t(blk) * bs + slot % bs;
         else dev::set_error(p.error, Status::kInvalidArgument);
       }
       s_cache_row[i] = cr;
@@ -202,7 +202,8 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
         const int v = is_k ? r : r - nvec;
         const uint4* sp = reinterpret_cast<const uint4*>(static_cast<const char*>(is_k ? p.k : p.v) +
                                                          src * row_bytes);
-        uint4* dp = reinterpret_cast<uint4*>(static_cast<char*>(is_k ? p.k_cache : p.v_cache) +
+        uint4* dp = reinterpret_cast<uint4*>(
+            static_cast<char*>(is_k ? p.kv.k_cache : p.kv.v_cache) +
                                              cr * row_bytes);
         dp[v] = sp[v];
       }
@@ -211,52 +212,51 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
         const int64_t cr = s_cache_row[k];
         if (cr < 0) continue;
         const int64_t src = ((int64_t(start) + b0 + k) * H + g) * row_bytes;
-        dev::copy_row(static_cast<char*>(p.k_cache) + cr * row_bytes,
+        dev::copy_row(static_cast<char*>(p.kv.k_cache) + cr * row_bytes,
                       static_cast<const char*>(p.k) + src, row_bytes, false, i % 32, 32);
-        dev::copy_row(static_cast<char*>(p.v_cache) + cr * row_bytes,
+        dev::copy_row(static_cast<char*>(p.kv.v_cache) + cr * row_bytes,
                       static_cast<const char*>(p.v) + src, row_bytes, false, i % 32, 32);
       }
     }
     __syncthreads();  // s_cache_row and ring entries are rewritten by the next batch
   }
-  if (i == 0) p.seq_lens[rg] = seq_len;
+  if (i == 0) p.state.pages.seq_lens[rg] = seq_len;
 }
 
-__global__ void advance_num_tokens_kernel(const int32_t* seq_slots, const int32_t* cu_seqlens,
+__global__ void advance_num_tokens_kernel(const int32_t* rows, const int32_t* cu_seqlens,
                                           int32_t* num_tokens, int n) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c < n) num_tokens[seq_slots[c]] += cu_seqlens[c + 1] - cu_seqlens[c];
+  if (c < n) num_tokens[rows[c]] += cu_seqlens[c + 1] - cu_seqlens[c];
 }
 
 }  // namespace
 
 Status append(const AppendParams& p, cudaStream_t stream) {
-  if (p.num_seqs < 0 || p.total_tokens < 0 || p.max_seqs < 0 || p.num_kv_heads <= 0 ||
-      p.head_dim <= 0 || p.block_size <= 0 || p.max_blocks_per_head < 0 || p.num_blocks < 0 ||
-      p.window < 1 || (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 &&
-                       p.dtype != DType::kBFloat16)) {
+  if (p.num_seqs < 0 || p.total_tokens < 0 || !valid_sizes(p.kv) || !valid_sizes(p.state)) {
     return Status::kInvalidArgument;
+  }
+  if (!supported(Op::kAppend, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
+    return Status::kUnsupported;
   }
   if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
   if (p.total_tokens < p.num_seqs) return Status::kInvalidArgument;  // chunks hold >= 1 token
-  if (!p.seq_slots || !p.cu_seqlens || !p.block_table || !p.seq_lens || !p.ring ||
-      !p.num_tokens || !p.free_stack || !p.free_top || !p.k || !p.v || !p.logits ||
-      !p.k_cache || !p.v_cache) {
+  if (!p.rows || !p.cu_seqlens || !p.k || !p.v || !p.logits || !has_pointers(p.kv) ||
+      !has_pointers(p.state) || !has_pointers(p.free)) {
     return Status::kInvalidArgument;
   }
   // Slots are stored as slot << 1 in the ring.
-  if (int64_t(p.max_blocks_per_head) * p.block_size > (int64_t(1) << 30)) {
+  if (int64_t(p.state.pages.max_blocks_per_head) * p.kv.block_size > (int64_t(1) << 30)) {
     return Status::kUnsupported;
   }
   const bool vec16 = kv_vec16(p);
   if (p.total_tokens == p.num_seqs) {
     // Every chunk has exactly one token (each has at least one): the decode shape.
-    const int warps = p.num_kv_heads < kMaxDecodeWarps ? p.num_kv_heads : kMaxDecodeWarps;
+    const int warps = p.kv.num_kv_heads < kMaxDecodeWarps ? p.kv.num_kv_heads : kMaxDecodeWarps;
     append_decode_kernel<<<p.num_seqs, warps * 32, 0, stream>>>(p, vec16);
     DMS_LAUNCH_CHECK();
     return Status::kSuccess;
   }
-  const int64_t grid = int64_t(p.num_seqs) * p.num_kv_heads;
+  const int64_t grid = int64_t(p.num_seqs) * p.kv.num_kv_heads;
   if (grid > INT32_MAX) return Status::kUnsupported;
   // Long chunks: more tokens per batch and more copies in flight per CTA (prefill of one
   // sequence has only Hkv CTAs). Short ones (mixed batches): small CTAs, more per SM.
@@ -267,7 +267,7 @@ Status append(const AppendParams& p, cudaStream_t stream) {
   }
   DMS_LAUNCH_CHECK();
   advance_num_tokens_kernel<<<(p.num_seqs + 255) / 256, 256, 0, stream>>>(
-      p.seq_slots, p.cu_seqlens, p.num_tokens, p.num_seqs);
+      p.rows, p.cu_seqlens, p.state.num_tokens, p.num_seqs);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }

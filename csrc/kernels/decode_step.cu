@@ -41,8 +41,8 @@ __host__ __device__ inline Smem smem_layout(int H, int D, int es) {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams p, int tpr) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int H = p.num_kv_heads, Hq = p.num_q_heads, D = p.head_dim, G = Hq / H;
-  const int R = p.window + 1;
+  const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, D = p.kv.head_dim, G = Hq / H;
+  const int R = p.state.window + 1;
   const Smem L = smem_layout(H, D, int(sizeof(T)));
   int64_t* s_cr = reinterpret_cast<int64_t*>(smem + L.cr);
   int32_t* s_prev = reinterpret_cast<int32_t*>(smem + L.prev);
@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
   T* s_v = reinterpret_cast<T*>(smem + L.v);
 
   const int b = blockIdx.x;
-  const int row = p.seq_slots[b];
-  const int t = p.num_tokens[row];
+  const int row = p.rows[b];
+  const int t = p.state.num_tokens[row];
   if (t < 0 || t >= p.max_position) {
     // No cos/sin row for this position: leave the state alone, report, poison the logits.
     if (threadIdx.x == 0) dev::set_error(p.error, Status::kInvalidArgument);
@@ -66,10 +66,12 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
   if (warp == 0) {
     for (int g = lane; g < H; g += 32) {
       const int64_t rg = int64_t(row) * H + g;
-      dev::HeadState s{p.ring + rg * R, p.seq_lens + rg, p.block_table + rg * p.max_blocks_per_head};
+      dev::HeadState s{p.state.ring + rg * R, p.state.pages.seq_lens + rg,
+                       p.state.pages.block_table + rg * p.state.pages.max_blocks_per_head};
       s_prev[g] = t >= 1 ? s.ring[(t - 1) % R] : 0;
-      s_cr[g] = dev::step_token_slot(s, t, p.window, p.block_size, p.max_blocks_per_head,
-                                     p.num_blocks, p.free_stack, p.free_top, p.error);
+      s_cr[g] = dev::step_token_slot(s, t, p.state.window, p.kv.block_size,
+                                     p.state.pages.max_blocks_per_head, p.kv.num_blocks, p.free,
+                                     p.error);
     }
   } else {
     const int rt = threadIdx.x - 32, nrt = kThreads - 32;
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
     p.logits[int64_t(b) * H + g] = s_logit[g];
     if (t >= 1) {
       const int64_t rg = int64_t(row) * H + g;
-      p.ring[rg * R + (t - 1) % R] = (s_prev[g] & ~1) | int32_t(s_logit[g] > 0.f);
+      p.state.ring[rg * R + (t - 1) % R] = (s_prev[g] & ~1) | int32_t(s_logit[g] > 0.f);
     }
   }
   const int row_bytes = D * int(sizeof(T));
@@ -120,7 +122,8 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
       const bool is_k = r < nvec;
       const int v = is_k ? r : r - nvec;
       const uint4* src = reinterpret_cast<const uint4*>((is_k ? s_k : s_v) + g * D);
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<T*>(is_k ? p.k_cache : p.v_cache) + cr * D);
+      uint4* dst =
+          reinterpret_cast<uint4*>(static_cast<T*>(is_k ? p.kv.k_cache : p.kv.v_cache) + cr * D);
       dst[v] = src[v];
     }
   } else {
@@ -128,17 +131,17 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
       const int g = j / D, d = j % D;
       const int64_t cr = s_cr[g];
       if (cr < 0) continue;
-      static_cast<T*>(p.k_cache)[cr * D + d] = s_k[g * D + d];
-      static_cast<T*>(p.v_cache)[cr * D + d] = s_v[g * D + d];
+      static_cast<T*>(p.kv.k_cache)[cr * D + d] = s_k[g * D + d];
+      static_cast<T*>(p.kv.v_cache)[cr * D + d] = s_v[g * D + d];
     }
   }
   __syncthreads();  // every thread has read num_tokens[row]
-  if (threadIdx.x == 0) p.num_tokens[row] = t + 1;
+  if (threadIdx.x == 0) p.state.num_tokens[row] = t + 1;
 }
 
 template <typename T, int VEC>
 Status launch(const DecodeStepParams& p, size_t smem, cudaStream_t stream) {
-  const int tpr = dev::rope_threads_per_row(p.head_dim, VEC);
+  const int tpr = dev::rope_threads_per_row(p.kv.head_dim, VEC);
   decode_step_kernel<T, VEC><<<p.batch, kThreads, smem, stream>>>(p, tpr);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
@@ -147,31 +150,30 @@ Status launch(const DecodeStepParams& p, size_t smem, cudaStream_t stream) {
 }  // namespace
 
 Status decode_step(const DecodeStepParams& p, cudaStream_t stream) {
-  if (p.batch < 0 || p.max_seqs < 0 || p.max_position < 0 || p.num_q_heads <= 0 ||
-      p.num_kv_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
-      p.num_q_heads % p.num_kv_heads != 0 || p.block_size <= 0 || p.max_blocks_per_head < 0 ||
-      p.num_blocks < 0 || p.window < 1 ||
-      (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)) {
+  if (p.batch < 0 || p.max_position < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
+      !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0) {
     return Status::kInvalidArgument;
+  }
+  if (!supported(Op::kDecodeStep, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
+    return Status::kUnsupported;
   }
   if (p.batch == 0) return Status::kSuccess;
-  if (!p.q || !p.k || !p.v || !p.cos_sin_cache || !p.seq_slots || !p.logits || !p.k_cache ||
-      !p.v_cache || !p.block_table || !p.seq_lens || !p.ring || !p.num_tokens ||
-      !p.free_stack || !p.free_top) {
+  if (!p.q || !p.k || !p.v || !p.cos_sin_cache || !p.rows || !p.logits || !has_pointers(p.kv) ||
+      !has_pointers(p.state) || !has_pointers(p.free)) {
     return Status::kInvalidArgument;
   }
-  if (int64_t(p.max_blocks_per_head) * p.block_size > (int64_t(1) << 30)) {
+  if (int64_t(p.state.pages.max_blocks_per_head) * p.kv.block_size > (int64_t(1) << 30)) {
     return Status::kUnsupported;  // slots are stored as slot << 1 in the ring
   }
-  const size_t smem = smem_layout(p.num_kv_heads, p.head_dim, dtype_size(p.dtype)).total;
+  const size_t smem = smem_layout(p.kv.num_kv_heads, p.kv.head_dim, dtype_size(p.kv.dtype)).total;
   if (smem > size_t(kMaxSmem)) return Status::kUnsupported;
   // Vector path: whole 16-byte chunks of every row, of each RoPE half, and of cos/sin rows.
-  const bool vec = p.head_dim % 16 == 0 && dev::aligned16(p.q) && dev::aligned16(p.k) &&
+  const bool vec = p.kv.head_dim % 16 == 0 && dev::aligned16(p.q) && dev::aligned16(p.k) &&
                    dev::aligned16(p.v) && dev::aligned16(p.cos_sin_cache) &&
-                   dev::aligned16(p.k_cache) && dev::aligned16(p.v_cache) &&
+                   dev::aligned16(p.kv.k_cache) && dev::aligned16(p.kv.v_cache) &&
                    (!p.q_norm_weight || dev::aligned16(p.q_norm_weight)) &&
                    (!p.k_norm_weight || dev::aligned16(p.k_norm_weight));
-  return DMS_DISPATCH_DTYPE(p.dtype, T, {
+  return DMS_DISPATCH_DTYPE(p.kv.dtype, T, {
     return vec ? launch<T, 8>(p, smem, stream) : launch<T, 1>(p, smem, stream);
   });
 }

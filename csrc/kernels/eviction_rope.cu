@@ -62,8 +62,11 @@ Status launch(const EvictionRopeParams& p, cudaStream_t stream) {
 
 Status eviction_rope(const EvictionRopeParams& p, cudaStream_t stream) {
   if (p.num_tokens < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
-      p.head_dim % 2 != 0 || p.num_q_heads % p.num_kv_heads != 0 || p.max_position < 0) {
+      p.num_q_heads % p.num_kv_heads != 0 || p.max_position < 0) {
     return Status::kInvalidArgument;
+  }
+  if (!supported(Op::kEvictionRope, Device::kCUDA, p.dtype, p.head_dim, 0)) {
+    return Status::kUnsupported;
   }
   if (p.num_tokens == 0) return Status::kSuccess;
   if (!p.q || !p.k || !p.positions || !p.cos_sin_cache || !p.logits) {

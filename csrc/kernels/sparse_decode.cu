@@ -25,9 +25,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cute/arch/copy_sm75.hpp>
-#include <cute/arch/mma_sm80.hpp>
-
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
@@ -38,6 +35,15 @@
 
 namespace dms {
 namespace {
+
+using dev::cp_async16;
+using dev::cp_async_commit;
+using dev::cp_async_wait;
+using dev::kLog2e;
+using dev::launch_pdl;
+using dev::MmaAtom;
+using dev::pdl_launch_dependents;
+using dev::pdl_wait;
 
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
@@ -167,8 +173,8 @@ template <typename T, int D, int S> struct Decode {
                                                   int kbeg, int kend, int bs_shift, const T* sQ, T* sW,
                                                   State& st) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const T* __restrict__ kc = reinterpret_cast<const T*>(p.k_cache);
-    const T* __restrict__ vc = reinterpret_cast<const T*>(p.v_cache);
+    const T* __restrict__ kc = reinterpret_cast<const T*>(p.kv.k_cache);
+    const T* __restrict__ vc = reinterpret_cast<const T*>(p.kv.v_cache);
     const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
     const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
     const int bs_mask = (1 << bs_shift) - 1;
@@ -192,8 +198,8 @@ template <typename T, int D, int S> struct Decode {
         const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
         const bool valid = slot < kend;
         const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
-        cp_async16(sK + swizzle<D>(r, cc), kc + off, valid);
-        cp_async16(sV + swizzle<D>(r, cc), vc + off, valid);
+        cp_async16(sK + dev::swz<D>(r, cc), kc + off, valid);
+        cp_async16(sV + dev::swz<D>(r, cc), vc + off, valid);
       }
     };
 #pragma unroll
@@ -227,7 +233,7 @@ template <typename T, int D, int S> struct Decode {
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
           const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + swizzle<D>(r, c)),
+          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + dev::swz<D>(r, c)),
                                         qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
         }
       }
@@ -243,7 +249,7 @@ template <typename T, int D, int S> struct Decode {
         uint32_t b0, b1, b2, b3;
         const int r = (lane & 7) + (lane >> 4) * 8;
         const int c = 2 * k + ((lane >> 3) & 1);
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + swizzle<D>(r, c)), b0,
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + dev::swz<D>(r, c)), b0,
                                       b1, b2, b3);
         Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1, s[0][0],
                 s[0][1], s[0][2], s[0][3]);
@@ -277,8 +283,8 @@ template <typename T, int D, int S> struct Decode {
         const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
         st.l[0] += p0 + p1;
         st.l[1] += p2 + p3;
-        pa[2 * n] = pack2(p0, p1, (T*)nullptr);
-        pa[2 * n + 1] = pack2(p2, p3, (T*)nullptr);
+        pa[2 * n] = dev::pack2<T>(p0, p1);
+        pa[2 * n + 1] = dev::pack2<T>(p2, p3);
       }
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
@@ -291,7 +297,7 @@ template <typename T, int D, int S> struct Decode {
         uint32_t b0, b1, b2, b3;
         const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
         const int c = 2 * j + (lane >> 4);
-        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + swizzle<D>(r, c)), b0, b1,
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + dev::swz<D>(r, c)), b0, b1,
                                       b2, b3);
         Op::fma(st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0,
                 b1, st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3]);
@@ -378,7 +384,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int64_t U = meta[1];
   const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int G = p.num_q_heads / p.num_kv_heads;
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
   T* const sW = sStages + warp * K::kStages * 2 * K::kSliceElems;  // this warp's stages
 
   int64_t v = cta_row[c];
@@ -387,9 +393,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
     const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
     const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
-    const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+    const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
     const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-    const int L = p.seq_lens[row];
+    const int L = p.pages.seq_lens[row];
     const int kbeg = (int)(seg_lo - P - kRowCost > 0 ? seg_lo - P - kRowCost : 0) * kTileKeys;
     const int kend = min(L, (int)(seg_hi - P - kRowCost > 0 ? seg_hi - P - kRowCost : 0) * kTileKeys);
 
@@ -398,11 +404,11 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
       for (int i = tid; i < kHeadTile * K::kChunks; i += kThreads) {
         const int r = i / K::kChunks, cc = i % K::kChunks;
-        cp_async16(sQ + swizzle<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
+        cp_async16(sQ + dev::swz<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
       }
     }
     typename K::State st;
-    K::mainloop(p, p.block_table + (int64_t)row * p.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
+    K::mainloop(p, p.pages.block_table + (int64_t)row * p.pages.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
     __syncthreads();  // every warp drained: the stages become merge scratch
     K::merge_warps(st, scratch);
     __syncthreads();
@@ -412,7 +418,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         const int r = i / D, d = i % D;
         float lse2;
         const float o = K::merged(scratch, r, d, &lse2);
-        from_float(o, reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d);
+        reinterpret_cast<T*>(p.out)[b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d] = dev::from_float<T>(o);
         if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
       }
     } else {  // ---------------------------------- a piece of a cut row: its partial
@@ -467,8 +473,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
   const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
   const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int b = row / p.num_kv_heads, g = row % p.num_kv_heads;
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
+  const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   // Piece j of the row is CTA c + j's first segment (slot 0), except for j = 0 when c's range
@@ -529,10 +535,10 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
       const int r = e / kVec, d = (e % kVec) * 4;
       const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
       T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      from_float(acc.x * inv, out);
-      from_float(acc.y * inv, out + 1);
-      from_float(acc.z * inv, out + 2);
-      from_float(acc.w * inv, out + 3);
+      out[0] = dev::from_float<T>(acc.x * inv);
+      out[1] = dev::from_float<T>(acc.y * inv);
+      out[2] = dev::from_float<T>(acc.z * inv);
+      out[3] = dev::from_float<T>(acc.w * inv);
       if (p.lse && d == 0)
         p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
     }
@@ -560,18 +566,18 @@ int ctas_per_sm(int head_dim) {
 
 Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   Resolved r;
-  const int G = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1;
+  const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
-  r.rows_v = (int64_t)p.batch * p.num_kv_heads * r.head_tiles;
-  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.head_dim);
+  r.rows_v = (int64_t)p.batch * p.kv.num_kv_heads * r.head_tiles;
+  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim);
   r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   // At least this many units per CTA: a piece of a row costs a query load and a partial write,
   // worth it only over a few tiles (bench/sweep_decode.py).
   const int min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
-  while ((1 << r.bs_shift) < p.block_size) ++r.bs_shift;
-  r.ws = layout(r.rows_v, r.grid, p.head_dim);
+  while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
+  r.ws = layout(r.rows_v, r.grid, p.kv.head_dim);
   return r;
 }
 
@@ -599,7 +605,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.seq_lens, r.rows_v, r.head_tiles, r.grid,
+  sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.pages.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   if (launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
@@ -612,7 +618,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
-  switch (p.head_dim) {
+  switch (p.kv.head_dim) {
     case 64: return launch<T, 64, 3>(p, r, s);
     case 128: return stages_for(128) == 2 ? launch<T, 128, 2>(p, r, s) : launch<T, 128, 3>(p, r, s);
     case 256: return launch<T, 256, 2>(p, r, s);
@@ -623,25 +629,25 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
 }  // namespace
 
 size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms) {
-  if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_q_heads <= 0) return 0;
+  if (p.batch <= 0 || p.kv.num_kv_heads <= 0 || p.num_q_heads <= 0) return 0;
   return (size_t)resolve(p, num_sms).ws.bytes;
 }
 
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
-  if (p.batch < 0 || p.num_kv_heads <= 0 || p.num_q_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
-      p.block_size <= 0 || p.max_blocks_per_head <= 0 || !p.q || !p.k_cache || !p.v_cache ||
-      !p.block_table || !p.seq_lens || !p.out)
+  if (p.batch < 0 || !valid_sizes(p.kv) || p.num_q_heads <= 0 ||
+      p.num_q_heads % p.kv.num_kv_heads != 0 || p.pages.max_blocks_per_head <= 0 || !p.q ||
+      !has_pointers(p.kv) || !has_pointers(p.pages) || !p.out)
     return Status::kInvalidArgument;
-  if (p.dtype == DType::kFloat32) return Status::kUnsupported;
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return Status::kUnsupported;
-  if ((p.block_size & (p.block_size - 1)) != 0) return Status::kUnsupported;  // slots map by shift
+  // bf16 / fp16, head_dim 64 / 128 / 256, block_size a power of two (slots map by shift).
+  if (!supported(Op::kSparseDecode, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
+    return Status::kUnsupported;
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
   if (!p.workspace) return Status::kInvalidArgument;
   // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
-  const int64_t max_units = r.rows_v * ((int64_t)p.max_blocks_per_head * p.block_size / kTileKeys + 1 + kRowCost);
+  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + kRowCost);
   if (max_units >= INT32_MAX) return Status::kUnsupported;
-  return p.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
+  return p.kv.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                      : dispatch_dim<__half>(p, r, stream);
 }
 

@@ -31,21 +31,31 @@
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/primitives.cuh"
 
 namespace dms {
 namespace {
+
+using dev::aligned16;
+using dev::cp_async16;
+using dev::cp_async_commit;
+using dev::cp_async_wait;
+using dev::ex2;
+using dev::kLog2e;
+using dev::ldsm_x4;
+using dev::ldsm_x4_trans;
+using dev::swz;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 // 32 query rows (token, head) per warp, two 16-row m-tiles: every K/V fragment a warp reads
 // from shared memory feeds two MMAs per n-tile instead of one (the kernel is bound by
 // shared-memory reads, not by the tensor cores).
-constexpr int kMT = 2;
-constexpr int kWR = 16 * kMT;
-constexpr int kBM = kWR * kWarps;  // query rows per CTA
-constexpr int kBN = 64;           // keys per tile
+constexpr int kMTiles = 2;
+constexpr int kWarpRows = 16 * kMTiles;
+constexpr int kTileRows = kWarpRows * kWarps;  // query rows per CTA
+constexpr int kTileKeys = 64;           // keys per tile
 constexpr int kPrepThreads = 1024;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Workspace layout, from sizes only (never from device data), so a caller can size it on the
 // host: cnt [Hkv][T + n] int32 (chunk c at cu[c] + c, L + 1 prefix counts of kept keys),
@@ -61,15 +71,15 @@ inline size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
 
 WsLayout ws_layout(const SparsePrefillParams& p) {
   WsLayout l;
-  const long long T = p.total_tokens, n = p.num_seqs, H = p.num_kv_heads;
-  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
+  const long long T = p.total_tokens, n = p.num_seqs, H = p.kv.num_kv_heads;
+  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
   l.cnt_stride = T + n;
   l.cap_words = (cap + 31) / 32;
   size_t off = 0;
   l.cnt = off;    off = align_up(off + sizeof(int32_t) * H * (T + n));
   l.idx = off;    off = align_up(off + sizeof(int32_t) * H * T);
   l.bitmap = off; off = align_up(off + sizeof(uint32_t) * n * H * l.cap_words);
-  l.flist = off;  off = align_up(off + sizeof(int2) * n * H * (long long)(p.window + 1));
+  l.flist = off;  off = align_up(off + sizeof(int2) * n * H * (long long)(p.state.window + 1));
   l.fcount = off; off = align_up(off + sizeof(int32_t) * n * H);
   l.total = off;
   return l;
@@ -97,7 +107,7 @@ WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
 
 __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefillParams p, WsPtrs ws) {
   const int c = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
-  const int H = p.num_kv_heads, w = p.window;
+  const int H = p.kv.num_kv_heads, w = p.state.window;
   const long long ch = (long long)c * H + g;
   __shared__ int s_fcount;
   __shared__ int s_warp[kPrepThreads / 32];
@@ -105,33 +115,35 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefi
   if (tid == 0) { s_fcount = 0; s_running = 0; }
 
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
-  const int r = p.seq_slots[c];
-  const bool ok = start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.max_seqs;
+  const int r = p.rows[c];
+  const bool ok =
+      start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs;
   if (!ok) {  // malformed chunk: the main kernel skips it too
     if (tid == 0) ws.fcount[ch] = 0;
     return;
   }
   const int L = end - start;
-  const int n = p.num_tokens[r];
-  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
-  const int sl = (int)min((long long)max(p.seq_lens[(long long)r * H + g], 0), cap);
+  const int n = p.state.num_tokens[r];
+  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
+  const int seq_len =
+      (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
 
   // Cached side. The ring holds positions max(0, n-w-1) .. n-1; the flag of n-1 is decided by
   // this chunk's first logit. Unflagged ring entries behave like survivors for every query of
   // the chunk (t >= n), so only flagged ones are listed.
   uint32_t* bm = ws.bitmap + ch * ws.cap_words;
   int2* fl = ws.flist + ch * (long long)(w + 1);
-  const int words = (sl + 31) >> 5;
+  const int words = (seq_len + 31) >> 5;
   for (int i = tid; i < words; i += kPrepThreads) bm[i] = 0u;
   __syncthreads();
   if (L > 0 && n > 0) {
-    const int32_t* ring = p.ring + ((long long)r * H + g) * (w + 1);
+    const int32_t* ring = p.state.ring + ((long long)r * H + g) * (w + 1);
     const bool last_flag = p.logits[(long long)start * H + g] > 0.f;
     for (int pos = max(0, n - w - 1) + tid; pos < n; pos += kPrepThreads) {
       const int e = ring[pos % (w + 1)];
       const int slot = e >> 1;
       const bool flag = (pos == n - 1) ? last_flag : (e & 1) != 0;
-      if (flag && slot >= 0 && slot < sl) {
+      if (flag && slot >= 0 && slot < seq_len) {
         atomicOr(&bm[slot >> 5], 1u << (slot & 31));
         const int k = atomicAdd(&s_fcount, 1);
         fl[k] = make_int2(slot, pos);
@@ -164,112 +176,54 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefi
   if (tid == 0) cnt[L] = s_running;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tensor-core helpers (sm_80+ instructions; fine on sm_90a).
-
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t* r) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t* r) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-// 16-byte async copy; src-size 0 zero-fills, so masked keys never bring NaN garbage into P.V.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Element offset of (row, 16-byte chunk ch) in a [rows][D] tile: chunk index XOR (row % 8), so
-// the 8 rows one ldmatrix phase reads land in 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int row, int ch) {
-  return row * D + ((ch ^ (row & 7)) << 3);
-}
-
 struct TileCtx {
   long long r0;
-  int start, L, n, sl, nf, nc, jb0, t1, t2, t3, i0, i1, r, c;
+  int start, L, n, seq_len, num_flagged, num_kept, band_start;
+  int end_cached, end_flagged, end_kept;  // tile index where each key segment ends
+  int i0, i1, r, c;
 };
 
 template <int D>
 constexpr int smem_bytes() {
-  return (kBM + 2 * kBN) * D * 2 + kBN * (int)(sizeof(int) + sizeof(int2));
+  return (kTileRows + 2 * kTileKeys) * D * 2 + kTileKeys * (int)(sizeof(int) + sizeof(int2));
 }
 
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillParams p, WsPtrs ws) {
-  constexpr int CPR = D / 8;              // 16-byte chunks per row
-  constexpr int RPP = kThreads / CPR;     // key rows per loader pass
-  constexpr int NP = kBN / RPP;           // loader passes per tile
-  constexpr int KPW = 32 / CPR;           // keys per warp per pass
-  constexpr int KS = D / 16;              // k-steps of Q.K^T
-  constexpr int NT = kBN / 8;             // 8-key n-tiles of S
-  constexpr int DT = D / 8;               // 8-dim n-tiles of O
+  constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;    // key rows per loader pass
+  constexpr int kLoadPasses = kTileKeys / kRowsPerPass;     // loader passes per tile
+  constexpr int kKeysPerWarpPass = 32 / kChunksPerRow;      // keys per warp per pass
+  constexpr int kLoaderLanes = kLoadPasses * kKeysPerWarpPass;  // lanes that resolve a key
+  constexpr int kQkSteps = D / 16;                          // k-steps of Q.K^T
+  constexpr int kKeyNTiles = kTileKeys / 8;                 // 8-key n-tiles of S
+  constexpr int kDimNTiles = D / 8;                         // 8-dim n-tiles of O
   // At D 128 Q fragments in registers would not fit next to O and S (32 rows per warp), so
   // they are re-read from shared memory; at D 64 they fit.
-  constexpr bool kQReg = D <= 64;
-  static_assert(kBN % RPP == 0 && (kBM * CPR) % kThreads == 0, "tile shapes");
-  static_assert(NP * KPW <= 32 && NP * KPW * kWarps == kBN, "loader lanes");
+  constexpr bool kQInRegs = D <= 64;
+  static_assert(kTileKeys % kRowsPerPass == 0 && (kTileRows * kChunksPerRow) % kThreads == 0,
+                "tile shapes");
+  static_assert(kLoaderLanes <= 32 && kLoaderLanes * kWarps == kTileKeys, "loader lanes");
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBM * D;
-  T* sV = sK + kBN * D;
-  int* sRow = reinterpret_cast<int*>(sV + kBN * D);
-  int2* sMeta = reinterpret_cast<int2*>(sRow + kBN);
+  T* sK = sQ + kTileRows * D;
+  T* sV = sK + kTileKeys * D;
+  int* sRow = reinterpret_cast<int*>(sV + kTileKeys * D);
+  int2* sMeta = reinterpret_cast<int2*>(sRow + kTileKeys);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = blockIdx.y;
-  const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, w = p.window;
+  const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, w = p.state.window;
 
   // Tile -> chunk without a host plan: chunk c owns tile slots starting at
-  // floor(cu[c] * G / kBM) + c, which is strictly increasing in c and leaves room for
-  // ceil(L * G / kBM) tiles; the grid covers floor(T * G / kBM) + n slots. Heavy tiles (late in
-  // a chunk, more keys) are launched first.
+  // floor(cu[c] * G / kTileRows) + c, which is strictly increasing in c and leaves room for
+  // ceil(L * G / kTileRows) tiles; the grid covers floor(T * G / kTileRows) + n slots. Heavy
+  // tiles (late in a chunk, more keys) are launched first.
   const long long b = (long long)gridDim.x - 1 - blockIdx.x;
-  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kBM + c; };
+  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kTileRows + c; };
   if (tstart(0) > b) return;
   int lo = 0, hi = p.num_seqs - 1;
   while (lo < hi) {
@@ -278,89 +232,97 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   }
   const int c = lo;
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
-  const int r = p.seq_slots[c];
-  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.max_seqs) return;
+  const int r = p.rows[c];
+  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return;
   const int L = end - start;
   const long long rows_total = (long long)L * G;
-  const long long r0 = (b - tstart(c)) * kBM;
+  const long long r0 = (b - tstart(c)) * kTileRows;
   if (r0 >= rows_total) return;
 
-  const int n = p.num_tokens[r];
-  const long long cap = (long long)p.max_blocks_per_head * p.block_size;
-  const int sl = (int)min((long long)max(p.seq_lens[(long long)r * H + g], 0), cap);
+  const int n = p.state.num_tokens[r];
+  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
+  const int seq_len =
+      (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
   const int i0 = (int)(r0 / G);
-  const int i1 = (int)min((long long)L, (r0 + kBM - 1) / G + 1);
+  const int i1 = (int)min((long long)L, (r0 + kTileRows - 1) / G + 1);
   const long long ch = (long long)c * H + g;
 
-  // Key segments of this tile.
-  const int nf = i0 < w ? ws.fcount[ch] : 0;  // flagged ring keys matter only to queries i < w
-  const int nc = i0 - w > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + (i0 - w)] : 0;
-  const int jb0 = max(0, i0 - w);
-  const int t1 = (sl + kBN - 1) / kBN;
-  const int t2 = t1 + (nf + kBN - 1) / kBN;
-  const int t3 = t2 + (nc + kBN - 1) / kBN;
-  const int ntiles = t3 + (i1 - jb0 + kBN - 1) / kBN;
+  // Key segments of this tile, as tile index ranges: [0, end_cached) cached slots,
+  // [end_cached, end_flagged) flagged ring slots, [end_flagged, end_kept) kept chunk keys,
+  // [end_kept, ntiles) the band. Flagged ring keys matter only to queries i < w.
+  const int num_flagged = i0 < w ? ws.fcount[ch] : 0;
+  const int num_kept = i0 - w > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + (i0 - w)] : 0;
+  const int band_start = max(0, i0 - w);
+  const int end_cached = (seq_len + kTileKeys - 1) / kTileKeys;
+  const int end_flagged = end_cached + (num_flagged + kTileKeys - 1) / kTileKeys;
+  const int end_kept = end_flagged + (num_kept + kTileKeys - 1) / kTileKeys;
+  const int ntiles = end_kept + (i1 - band_start + kTileKeys - 1) / kTileKeys;
 
   // The tile's scalars live in shared memory: held in registers across the main loop they
   // would push the O and S accumulators into local memory at D 128. The loader and the
   // epilogue re-read them (the barriers keep the compiler from hoisting the reads).
   __shared__ TileCtx s_ctx;
   if (tid == 0) {
-    s_ctx.start = start; s_ctx.L = L; s_ctx.n = n; s_ctx.sl = sl; s_ctx.nf = nf; s_ctx.nc = nc;
-    s_ctx.jb0 = jb0; s_ctx.t1 = t1; s_ctx.t2 = t2; s_ctx.t3 = t3; s_ctx.i0 = i0; s_ctx.i1 = i1;
-    s_ctx.r = r; s_ctx.c = c; s_ctx.r0 = r0;
+    s_ctx.start = start; s_ctx.L = L; s_ctx.n = n; s_ctx.seq_len = seq_len;
+    s_ctx.num_flagged = num_flagged; s_ctx.num_kept = num_kept; s_ctx.band_start = band_start;
+    s_ctx.end_cached = end_cached; s_ctx.end_flagged = end_flagged; s_ctx.end_kept = end_kept;
+    s_ctx.i0 = i0; s_ctx.i1 = i1; s_ctx.r = r; s_ctx.c = c; s_ctx.r0 = r0;
   }
   __syncthreads();
   const float* lg = p.logits;
   const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kc = static_cast<const T*>(p.kv.k_cache);
+  const T* vc = static_cast<const T*>(p.kv.v_cache);
   const T* kk = static_cast<const T*>(p.k);
   const T* vv = static_cast<const T*>(p.v);
 
   // Issues the K tile `tile` and records, per key, its source row and visibility interval.
   // Each key's source is worked out once, by one lane of the warp that copies it (the copies
-  // of one key are CPR lanes of one warp), and handed to the others by shuffles. Returns
+  // of one key are kChunksPerRow lanes of one warp), and handed to the others by shuffles. Returns
   // whether every key this thread looked at is visible to every query token of the tile.
   auto load_k = [&](int tile) -> bool {
     const TileCtx x = s_ctx;
-    const int ch16 = tid % CPR;
-    const T* src = tile < x.t2 ? kc : kk;
+    const int ch16 = tid % kChunksPerRow;
+    const T* src = tile < x.end_flagged ? kc : kk;
     int mrow = -1, ma = INT_MAX, mb = INT_MIN;
-    if (lane < NP * KPW) {
-      const int start = x.start, L = x.L, n = x.n, jb0 = x.jb0, i1 = x.i1;
-      const int t1 = x.t1, t2 = x.t2, t3 = x.t3, sl = x.sl, nf = x.nf, nc = x.nc;
+    if (lane < kLoaderLanes) {
+      const int start = x.start, L = x.L, n = x.n, band_start = x.band_start, i1 = x.i1;
+      const int end_cached = x.end_cached, end_flagged = x.end_flagged, end_kept = x.end_kept;
+      const int seq_len = x.seq_len, num_flagged = x.num_flagged, num_kept = x.num_kept;
       const long long ch = (long long)x.c * H + g;
-      const int32_t* bt = p.block_table + ((long long)x.r * H + g) * p.max_blocks_per_head;
+      const int32_t* bt = p.state.pages.block_table +
+                          ((long long)x.r * H + g) * p.state.pages.max_blocks_per_head;
       const uint32_t* bm = ws.bitmap + ch * ws.cap_words;
       const int2* fl = ws.flist + ch * (long long)(w + 1);
       const int32_t* cidx = ws.idx + (long long)g * p.total_tokens + start;
       auto cache_row = [&](int s) -> int {
-        const int blk = bt[s / p.block_size];
-        return (blk >= 0 && blk < p.num_blocks) ? blk * p.block_size + s % p.block_size : -1;
+        const int blk = bt[s / p.kv.block_size];
+        const int bs = p.kv.block_size;
+        return (blk >= 0 && blk < p.kv.num_blocks) ? blk * bs + s % bs : -1;
       };
-      const int key = warp * KPW + lane % KPW + (lane / KPW) * RPP;
-      if (tile < t1) {
-        const int s = tile * kBN + key;
-        if (s < sl) {
+      const int key = warp * kKeysPerWarpPass + lane % kKeysPerWarpPass +
+                      (lane / kKeysPerWarpPass) * kRowsPerPass;
+      if (tile < end_cached) {
+        const int s = tile * kTileKeys + key;
+        if (s < seq_len) {
           mrow = cache_row(s);
           if (mrow >= 0 && !((bm[s >> 5] >> (s & 31)) & 1u)) { ma = 0; mb = INT_MAX; }
         }
-      } else if (tile < t2) {
-        const int m = (tile - t1) * kBN + key;
-        if (m < nf) {
+      } else if (tile < end_flagged) {
+        const int m = (tile - end_cached) * kTileKeys + key;
+        if (m < num_flagged) {
           const int2 e = fl[m];
           mrow = cache_row(e.x);
           if (mrow >= 0) { ma = 0; mb = e.y + w - n; }  // t - p <= w  <=>  i <= p + w - n
         }
-      } else if (tile < t3) {
-        const int m = (tile - t2) * kBN + key;
-        if (m < nc) {
+      } else if (tile < end_kept) {
+        const int m = (tile - end_flagged) * kTileKeys + key;
+        if (m < num_kept) {
           mrow = (start + cidx[m]) * H + g;
           ma = 0; mb = INT_MAX;
         }
       } else {
-        const int j = jb0 + (tile - t3) * kBN + key;
+        const int j = band_start + (tile - end_kept) * kTileKeys + key;
         if (j < i1) {
           mrow = (start + j) * H + g;
           const bool flagged = j < L - 1 && lg[(long long)(start + j + 1) * H + g] > 0.f;
@@ -370,13 +332,13 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       sRow[key] = mrow;
       sMeta[key] = make_int2(ma, mb);
     }
-    const bool all_vis = lane >= NP * KPW || (mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1);
+    const bool all_vis = lane >= kLoaderLanes || (mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1);
 #pragma unroll
-    for (int pass = 0; pass < NP; ++pass) {
-      const int key = tid / CPR + pass * RPP;
-      const int row = __shfl_sync(0xffffffffu, mrow, pass * KPW + lane / CPR);
+    for (int pass = 0; pass < kLoadPasses; ++pass) {
+      const int key = tid / kChunksPerRow + pass * kRowsPerPass;
+      const int row = __shfl_sync(0xffffffffu, mrow, pass * kKeysPerWarpPass + lane / kChunksPerRow);
       const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
-      cp_async16(smem_u32(sK + swz<D>(key, ch16)), gp, row >= 0);
+      cp_async16(sK + swz<D>(key, ch16), gp, row >= 0);
     }
     return all_vis;
   };
@@ -385,26 +347,28 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   // Prefetches hold no registers; the second-level read (block table of a listed slot) is not
   // covered.
   auto prefetch_k = [&](int tile) {
-    if (lane < NP * KPW) {
+    if (lane < kLoaderLanes) {
       const TileCtx x = s_ctx;
-      const int key = warp * KPW + lane % KPW + (lane / KPW) * RPP;
+      const int key = warp * kKeysPerWarpPass + lane % kKeysPerWarpPass +
+                      (lane / kKeysPerWarpPass) * kRowsPerPass;
       const long long ch = (long long)x.c * H + g;
       const void* a = nullptr;
       const void* a2 = nullptr;
-      if (tile < x.t1) {
-        const int s = tile * kBN + key;
-        if (s < x.sl) {
-          a = p.block_table + ((long long)x.r * H + g) * p.max_blocks_per_head + s / p.block_size;
+      if (tile < x.end_cached) {
+        const int s = tile * kTileKeys + key;
+        if (s < x.seq_len) {
+          a = p.state.pages.block_table +
+              ((long long)x.r * H + g) * p.state.pages.max_blocks_per_head + s / p.kv.block_size;
           a2 = ws.bitmap + ch * ws.cap_words + (s >> 5);
         }
-      } else if (tile < x.t2) {
-        const int m = (tile - x.t1) * kBN + key;
-        if (m < x.nf) a = ws.flist + ch * (long long)(w + 1) + m;
-      } else if (tile < x.t3) {
-        const int m = (tile - x.t2) * kBN + key;
-        if (m < x.nc) a = ws.idx + (long long)g * p.total_tokens + x.start + m;
+      } else if (tile < x.end_flagged) {
+        const int m = (tile - x.end_cached) * kTileKeys + key;
+        if (m < x.num_flagged) a = ws.flist + ch * (long long)(w + 1) + m;
+      } else if (tile < x.end_kept) {
+        const int m = (tile - x.end_flagged) * kTileKeys + key;
+        if (m < x.num_kept) a = ws.idx + (long long)g * p.total_tokens + x.start + m;
       } else {
-        const int j = x.jb0 + (tile - x.t3) * kBN + key;
+        const int j = x.band_start + (tile - x.end_kept) * kTileKeys + key;
         if (j < x.i1 && j < x.L - 1) a = lg + (long long)(x.start + j + 1) * H + g;
       }
       if (a) asm volatile("prefetch.global.L1 [%0];\n" :: "l"(a));
@@ -413,22 +377,22 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   };
   // V rows are the ones recorded by the K load of the same tile (visible after a barrier).
   auto load_v = [&](int tile) {
-    const int ch16 = tid % CPR;
-    const T* src = tile < s_ctx.t2 ? vc : vv;
+    const int ch16 = tid % kChunksPerRow;
+    const T* src = tile < s_ctx.end_flagged ? vc : vv;
 #pragma unroll
-    for (int pass = 0; pass < NP; ++pass) {
-      const int key = tid / CPR + pass * RPP;
+    for (int pass = 0; pass < kLoadPasses; ++pass) {
+      const int key = tid / kChunksPerRow + pass * kRowsPerPass;
       const int row = sRow[key];
       const T* gp = row >= 0 ? src + (long long)row * D + ch16 * 8 : src;
-      cp_async16(smem_u32(sV + swz<D>(key, ch16)), gp, row >= 0);
+      cp_async16(sV + swz<D>(key, ch16), gp, row >= 0);
     }
   };
 
   // Q rows: row = token * G + head; rows past the chunk are zero-filled and never stored.
 #pragma unroll
-  for (int it = 0; it < kBM * CPR / kThreads; ++it) {
+  for (int it = 0; it < kTileRows * kChunksPerRow / kThreads; ++it) {
     const int e = tid + it * kThreads;
-    const int row = e / CPR, ch16 = e % CPR;
+    const int row = e / kChunksPerRow, ch16 = e % kChunksPerRow;
     const long long R = r0 + row;
     const bool valid = R < rows_total;
     const T* gp = q;
@@ -436,79 +400,81 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       const int i = (int)(R / G), hh = (int)(R % G);
       gp = q + ((long long)(start + i) * Hq + (long long)g * G + hh) * D + ch16 * 8;
     }
-    cp_async16(smem_u32(sQ + swz<D>(row, ch16)), gp, valid);
+    cp_async16(sQ + swz<D>(row, ch16), gp, valid);
   }
   bool vis_next = load_k(0);
-  cp_commit();
+  cp_async_commit();
 
   // This warp owns rows warp * 32 + [0, 32): m-tiles mt = 0, 1 of 16 rows. This thread's
   // accumulator rows in m-tile mt are lane / 4 and lane / 4 + 8.
-  int qi[kMT][2];
+  int qi[kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
-      const long long R = r0 + warp * kWR + mt * 16 + (lane >> 2) + rs * 8;
+      const long long R = r0 + warp * kWarpRows + mt * 16 + (lane >> 2) + rs * 8;
       qi[mt][rs] = R < rows_total ? (int)(R / G) : -1;  // -1: every key masked, row never stored
     }
   }
   const float sl2 = p.scale * kLog2e;
 
-  cp_wait_all();
+  cp_async_wait<0>();
   bool full = __syncthreads_and(vis_next);
 
-  uint32_t qf[kQReg ? kMT : 1][kQReg ? KS : 1][4];
-  if constexpr (kQReg) {
+  uint32_t qf[kQInRegs ? kMTiles : 1][kQInRegs ? kQkSteps : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const int row = warp * kWR + mt * 16 + (lane & 15);
-        ldsm_x4(smem_u32(sQ + swz<D>(row, ks * 2 + (lane >> 4))), qf[mt][ks]);
+      for (int ks = 0; ks < kQkSteps; ++ks) {
+        const int row = warp * kWarpRows + mt * 16 + (lane & 15);
+        ldsm_x4(dev::smem_u32(sQ + swz<D>(row, ks * 2 + (lane >> 4))), qf[mt][ks]);
       }
     }
   }
 
-  float o[kMT][DT][4];
+  float o[kMTiles][kDimNTiles][4];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int d = 0; d < DT; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
-  float m_run[kMT][2], l_run[kMT][2];
+    for (int d = 0; d < kDimNTiles; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+  float m_run[kMTiles][2], l_run[kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) { m_run[mt][rs] = -INFINITY; l_run[mt][rs] = 0.f; }
 
-  // ldmatrix addresses: swz(row, 2 * x + b) == swz(row, b) ^ (x << 4) (row * D has no bits
-  // below D), so each fragment is a per-thread offset XOR an immediate plus a row step.
-  const uint32_t q_addr = smem_u32(sQ), k_addr = smem_u32(sK), v_addr = smem_u32(sV);
-  const int q_off = swz<D>(warp * kWR + (lane & 15), lane >> 4);
+  // ldmatrix addresses (32-bit shared addresses: 64-bit pointers here spill at D 128):
+  // swz(row, 2 * x + b) == swz(row, b) ^ (x << 4) (row * D has no bits below D), so each
+  // fragment is a per-thread offset XOR an immediate plus a row step.
+  const uint32_t q_addr = dev::smem_u32(sQ), k_addr = dev::smem_u32(sK);
+  const uint32_t v_addr = dev::smem_u32(sV);
+  const int q_off = swz<D>(warp * kWarpRows + (lane & 15), lane >> 4);
   const int k_off = swz<D>(((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
   const int v_off = swz<D>((((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
 
   for (int tile = 0; tile < ntiles; ++tile) {
     if (tile > 0) {
-      cp_wait_all();
+      cp_async_wait<0>();
       // K(tile) landed; every warp is done with V(tile - 1). Also: is K(tile) fully visible?
       full = __syncthreads_and(vis_next);
     }
     load_v(tile);
-    cp_commit();
+    cp_async_commit();
     if (tile + 1 < ntiles) prefetch_k(tile + 1);
 
     // S = Q.K^T; each K fragment feeds both m-tiles.
-    float s[kMT][NT][4];
+    float s[kMTiles][kKeyNTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int t = 0; t < NT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+      for (int t = 0; t < kKeyNTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t qa[kMT][4];
+    for (int ks = 0; ks < kQkSteps; ++ks) {
+      uint32_t qa[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        if constexpr (kQReg) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if constexpr (kQInRegs) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) qa[mt][e] = qf[mt][ks][e];
         } else {
@@ -516,13 +482,13 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
         }
       }
 #pragma unroll
-      for (int pr = 0; pr < NT / 2; ++pr) {
+      for (int pr = 0; pr < kKeyNTiles / 2; ++pr) {
         uint32_t bfr[4];
         ldsm_x4(k_addr + pr * 16 * D * 2 + ((k_off ^ (ks << 4)) << 1), bfr);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma<T>::run(s[mt][2 * pr], qa[mt], bfr[0], bfr[1]);
-          Mma<T>::run(s[mt][2 * pr + 1], qa[mt], bfr[2], bfr[3]);
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          dev::mma_16x8x16<T>(s[mt][2 * pr], qa[mt], bfr[0], bfr[1]);
+          dev::mma_16x8x16<T>(s[mt][2 * pr + 1], qa[mt], bfr[2], bfr[3]);
         }
       }
     }
@@ -530,14 +496,14 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
     // Mask + scale into the log2 domain; masked scores are -inf. A tile whose keys are all
     // visible to every query token of the tile needs no mask (rows past the chunk see it too,
     // harmlessly: never stored).
-    float mx[kMT][2];
+    float mx[kMTiles][2];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) mx[mt][0] = mx[mt][1] = -INFINITY;
+    for (int mt = 0; mt < kMTiles; ++mt) mx[mt][0] = mx[mt][1] = -INFINITY;
     if (full) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+        for (int t = 0; t < kKeyNTiles; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             s[mt][t][e] *= sl2;
@@ -545,12 +511,12 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
           }
     } else {
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
+      for (int t = 0; t < kKeyNTiles; ++t) {
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           const int2 ab = sMeta[t * 8 + ((lane & 3) << 1) + e2];
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
+          for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
             for (int rs = 0; rs < 2; ++rs) {
               const bool vis = ab.x <= qi[mt][rs] && qi[mt][rs] <= ab.y;
@@ -563,7 +529,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       }
     }
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
       for (int rs = 0; rs < 2; ++rs) {
         float m = mx[mt][rs];
@@ -576,11 +542,11 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
         m_run[mt][rs] = m_new;
         l_run[mt][rs] *= alpha;
 #pragma unroll
-        for (int d = 0; d < DT; ++d) { o[mt][d][rs * 2] *= alpha; o[mt][d][rs * 2 + 1] *= alpha; }
+        for (int d = 0; d < kDimNTiles; ++d) { o[mt][d][rs * 2] *= alpha; o[mt][d][rs * 2 + 1] *= alpha; }
         mx[mt][rs] = base;
       }
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
+      for (int t = 0; t < kKeyNTiles; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[mt][t][e] = ex2(s[mt][t][e] - mx[mt][e >> 1]);
@@ -589,33 +555,33 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       }
     }
 
-    cp_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // V(tile) landed; every warp is done with K(tile) and its metadata
     if (tile + 1 < ntiles) {
       vis_next = load_k(tile + 1);
-      cp_commit();
+      cp_async_commit();
     }
 
     // O += P.V with P straight from the S accumulators (C layout == A layout); each V fragment
     // feeds both m-tiles.
 #pragma unroll
-    for (int ks = 0; ks < kBN / 16; ++ks) {
-      uint32_t a[kMT][4];
+    for (int ks = 0; ks < kTileKeys / 16; ++ks) {
+      uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = Mma<T>::pack(s[mt][2 * ks][0], s[mt][2 * ks][1]);
-        a[mt][1] = Mma<T>::pack(s[mt][2 * ks][2], s[mt][2 * ks][3]);
-        a[mt][2] = Mma<T>::pack(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
-        a[mt][3] = Mma<T>::pack(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = dev::pack2<T>(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        a[mt][1] = dev::pack2<T>(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        a[mt][2] = dev::pack2<T>(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        a[mt][3] = dev::pack2<T>(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
       }
 #pragma unroll
-      for (int pr = 0; pr < DT / 2; ++pr) {
+      for (int pr = 0; pr < kDimNTiles / 2; ++pr) {
         uint32_t bfr[4];
-        ldsm_x4_t(v_addr + ks * 16 * D * 2 + ((v_off ^ (pr << 4)) << 1), bfr);
+        ldsm_x4_trans(v_addr + ks * 16 * D * 2 + ((v_off ^ (pr << 4)) << 1), bfr);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma<T>::run(o[mt][2 * pr], a[mt], bfr[0], bfr[1]);
-          Mma<T>::run(o[mt][2 * pr + 1], a[mt], bfr[2], bfr[3]);
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          dev::mma_16x8x16<T>(o[mt][2 * pr], a[mt], bfr[0], bfr[1]);
+          dev::mma_16x8x16<T>(o[mt][2 * pr + 1], a[mt], bfr[2], bfr[3]);
         }
       }
     }
@@ -625,7 +591,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   // read them), store 16-byte chunks.
   __syncwarp();
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
       float l = l_run[mt][rs];
@@ -634,11 +600,11 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       l_run[mt][rs] = l > 0.f ? 1.f / l : 0.f;
     }
 #pragma unroll
-    for (int d = 0; d < DT; ++d) {
+    for (int d = 0; d < kDimNTiles; ++d) {
 #pragma unroll
       for (int rs = 0; rs < 2; ++rs) {
-        const int row = warp * kWR + mt * 16 + (lane >> 2) + rs * 8;
-        const uint32_t v = Mma<T>::pack(o[mt][d][rs * 2] * l_run[mt][rs],
+        const int row = warp * kWarpRows + mt * 16 + (lane >> 2) + rs * 8;
+        const uint32_t v = dev::pack2<T>(o[mt][d][rs * 2] * l_run[mt][rs],
                                         o[mt][d][rs * 2 + 1] * l_run[mt][rs]);
         *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + ((lane & 3) << 1)) = v;
       }
@@ -649,9 +615,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   const int o_start = s_ctx.start;
   const long long o_r0 = s_ctx.r0, o_rows = (long long)s_ctx.L * G;
 #pragma unroll
-  for (int it = 0; it < kBM * CPR / kThreads; ++it) {
+  for (int it = 0; it < kTileRows * kChunksPerRow / kThreads; ++it) {
     const int e = tid + it * kThreads;
-    const int row = e / CPR, ch16 = e % CPR;
+    const int row = e / kChunksPerRow, ch16 = e % kChunksPerRow;
     const long long R = o_r0 + row;
     if (R < o_rows) {
       const int i = (int)(R / G), hh = (int)(R % G);
@@ -668,53 +634,50 @@ Status launch(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t strea
   if (cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            bytes) != cudaSuccess)
     return Status::kCudaError;
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const long long slots = (long long)p.total_tokens * G / kBM + p.num_seqs;
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
+  const long long slots = (long long)p.total_tokens * G / kTileRows + p.num_seqs;
   if (slots > INT_MAX) return Status::kUnsupported;
-  prefill_kernel<T, D><<<dim3((unsigned)slots, p.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
+  prefill_kernel<T, D><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
   return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
 }
 
 template <typename T>
 Status launch_d(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t stream) {
-  switch (p.head_dim) {
+  switch (p.kv.head_dim) {
     case 64: return launch<T, 64>(p, ws, stream);
     case 128: return launch<T, 128>(p, ws, stream);
     default: return Status::kUnsupported;
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 }  // namespace
 
 size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p) {
-  if (p.total_tokens <= 0 || p.num_seqs <= 0 || p.num_kv_heads <= 0 || p.window < 1) return 0;
+  if (p.total_tokens <= 0 || p.num_seqs <= 0 || p.kv.num_kv_heads <= 0 || p.state.window < 1) return 0;
   return ws_layout(p).total;
 }
 
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
-  if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0 ||
-      p.num_q_heads % p.num_kv_heads != 0 || p.window < 1 || p.block_size < 1 ||
-      p.max_blocks_per_head < 0 || p.num_blocks < 0 || p.max_seqs < 0 || p.head_dim <= 0)
+  if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
+      !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0)
     return Status::kInvalidArgument;
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return Status::kUnsupported;
-  if (p.head_dim != 64 && p.head_dim != 128) return Status::kUnsupported;
+  // bf16 / fp16, head_dim 64 / 128.
+  if (!supported(Op::kSparsePrefill, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
+    return Status::kUnsupported;
   if (p.total_tokens == 0 || p.num_seqs == 0) return Status::kSuccess;
-  if (!p.q || !p.k || !p.v || !p.logits || !p.seq_slots || !p.cu_seqlens || !p.k_cache ||
-      !p.v_cache || !p.block_table || !p.seq_lens || !p.ring || !p.num_tokens || !p.out ||
-      !p.workspace)
+  if (!p.q || !p.k || !p.v || !p.logits || !p.rows || !p.cu_seqlens || !has_pointers(p.kv) ||
+      !has_pointers(p.state) || !p.out || !p.workspace)
     return Status::kInvalidArgument;
   // Rows are moved as 16-byte chunks.
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.k_cache) ||
-      !aligned16(p.v_cache) || !aligned16(p.out) || !aligned16(p.workspace))
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.kv.k_cache) ||
+      !aligned16(p.kv.v_cache) || !aligned16(p.out) || !aligned16(p.workspace))
     return Status::kInvalidArgument;
 
   const WsLayout l = ws_layout(p);
   const WsPtrs ws = ws_ptrs(p, l);
-  prepare_kernel<<<dim3(p.num_seqs, p.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
+  prepare_kernel<<<dim3(p.num_seqs, p.kv.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  return p.dtype == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
+  return p.kv.dtype == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
                                      : launch_d<__half>(p, ws, stream);
 }
 

@@ -3,6 +3,7 @@
 // bookkeeping (docs/semantics.md).
 #pragma once
 #include "kernels/common.cuh"
+#include "kernels/primitives.cuh"
 
 namespace dms {
 namespace dev {
@@ -95,15 +96,14 @@ __device__ __forceinline__ void set_error(int32_t* error, Status s) {
 
 // Pops one block off the shared free stack; -1 (and an error) when it ran dry, which means the
 // caller's reservation was wrong.
-__device__ __forceinline__ int32_t pop_block(int32_t* free_stack, int32_t* free_top,
-                                             int32_t* error) {
-  const int idx = atomicSub(free_top, 1) - 1;
+__device__ __forceinline__ int32_t pop_block(const FreeList& free, int32_t* error) {
+  const int idx = atomicSub(free.top, 1) - 1;
   if (idx < 0) {
-    atomicAdd(free_top, 1);
+    atomicAdd(free.top, 1);
     set_error(error, Status::kOutOfBlocks);
     return -1;
   }
-  return free_stack[idx];
+  return free.stack[idx];
 }
 
 struct HeadState {
@@ -121,8 +121,8 @@ struct HeadState {
 // inconsistent (error set, nothing to write).
 __device__ __forceinline__ int64_t step_token_slot(const HeadState& s, int t, int window,
                                                    int block_size, int max_blocks,
-                                                   int num_blocks, int32_t* free_stack,
-                                                   int32_t* free_top, int32_t* error) {
+                                                   int num_blocks, const FreeList& free,
+                                                   int32_t* error) {
   const int R = window + 1;
   const int32_t old = t >= R ? s.ring[t % R] : 0;
   const int32_t len = *s.seq_len;
@@ -143,7 +143,7 @@ __device__ __forceinline__ int64_t step_token_slot(const HeadState& s, int t, in
     }
     *s.seq_len = len + 1;
     if (slot % block_size == 0) {
-      blk = pop_block(free_stack, free_top, error);
+      blk = pop_block(free, error);
       s.blocks[slot / block_size] = blk;
     } else {
       blk = s.blocks[slot / block_size];
@@ -160,14 +160,12 @@ __device__ __forceinline__ int64_t step_token_slot(const HeadState& s, int t, in
 // The whole rule for one token: d_{t-1} = (logit_t > 0) into the ring, then the slot.
 __device__ __forceinline__ int64_t step_token(const HeadState& s, int t, float logit, int window,
                                               int block_size, int max_blocks, int num_blocks,
-                                              int32_t* free_stack, int32_t* free_top,
-                                              int32_t* error) {
+                                              const FreeList& free, int32_t* error) {
   if (t >= 1) {
     int32_t& e = s.ring[(t - 1) % (window + 1)];
     e = (e & ~1) | int32_t(logit > 0.f);
   }
-  return step_token_slot(s, t, window, block_size, max_blocks, num_blocks, free_stack, free_top,
-                         error);
+  return step_token_slot(s, t, window, block_size, max_blocks, num_blocks, free, error);
 }
 
 }  // namespace dev

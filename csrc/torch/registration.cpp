@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "dms/capabilities.h"
+
 // dms_ext._C is imported only for its side effect of running this block.
 extern "C" {
 PyObject* PyInit__C(void) {
@@ -12,7 +16,41 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+
+// torch.ops.dms.supported: the capability table of dms/capabilities.h, whatever this build
+// compiled (a CPU-only build answers for "cuda" too).
+bool supported_op(c10::string_view op, c10::string_view device, c10::ScalarType dtype,
+                  int64_t head_dim, int64_t block_size) {
+  const std::string name(op.data(), op.size()), dev(device.data(), device.size());
+  dms::Op id;
+  TORCH_CHECK_VALUE(dms::op_from_name(name.c_str(), &id), "supported: op must name a dms op "
+                    "(sparse_decode, sparse_prefill, append, eviction_rope, decode_step, fork, "
+                    "release), got '", name, "'");
+  TORCH_CHECK_VALUE(dev == "cpu" || dev == "cuda", "supported: device must be 'cpu' or 'cuda', "
+                    "got '", dev, "'");
+  TORCH_CHECK_VALUE(head_dim >= 0 && block_size >= 0 && head_dim <= INT32_MAX &&
+                    block_size <= INT32_MAX, "supported: head_dim and block_size must be in "
+                    "[0, 2^31) (0: not asked), got ", head_dim, " and ", block_size);
+  dms::DType t;
+  switch (dtype) {
+    case c10::ScalarType::Float: t = dms::DType::kFloat32; break;
+    case c10::ScalarType::Half: t = dms::DType::kFloat16; break;
+    case c10::ScalarType::BFloat16: t = dms::DType::kBFloat16; break;
+    default: return false;
+  }
+  return dms::supported(id, dev == "cuda" ? dms::Device::kCUDA : dms::Device::kCPU, t,
+                        int(head_dim), int(block_size));
+}
+
+}  // namespace
+
 TORCH_LIBRARY(dms, m) {
+  // What each op implements per device (dms/capabilities.h, the one table the ops, the C++ API
+  // and DMSCache check against): op "sparse_decode" ... "release", device "cpu" or "cuda";
+  // head_dim / block_size 0 are not asked about. A dtype no op takes gives False.
+  m.def("supported(str op, str device, ScalarType dtype, int head_dim=0, int block_size=0) -> bool",
+        &supported_op);
   // Paged per-head variable-length decode attention. q [B, Hq, D]; k_cache, v_cache
   // [num_blocks, block_size, D]; block_table int32 [B, Hkv, max_blocks]; seq_lens int32
   // [B, Hkv]. Query head h reads KV head h // (Hq / Hkv). Returns out [B, Hq, D] (q's dtype);

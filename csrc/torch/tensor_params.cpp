@@ -83,6 +83,24 @@ void check_float_tensor(const char* op, const at::Tensor& t, const char* name) {
                     " must be float32, float16 or bfloat16, got ", s);
 }
 
+Device device_kind(const at::Tensor& t) { return t.is_cuda() ? Device::kCUDA : Device::kCPU; }
+
+// The capability table (dms/capabilities.h) for the device of `t`, the tensor that defines the
+// op's dtype: its dtype, head_dim (0: not asked) and the pool's block_size (0: not asked).
+void check_supported(const char* op, Op id, const at::Tensor& t, const char* name,
+                     int64_t head_dim, int64_t block_size) {
+  const Device d = device_kind(t);
+  const Capability& c = capability(id, d);
+  TORCH_CHECK_VALUE(supports_dtype(id, d, dtype_of(t, name)), op, ": ", name, " must be ",
+                    c.dtypes_text, " on ", device_name(d), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(head_dim == 0 || supports_head_dim(id, d, int(head_dim)), op, ": ", name,
+                    " head_dim must be ", c.head_dims_text, " on ", device_name(d), ", got ",
+                    head_dim);
+  TORCH_CHECK_VALUE(block_size == 0 || supports_block_size(id, d, int(block_size)), op,
+                    ": k_cache block_size (dim 1) must be ", c.block_sizes_text, " on ",
+                    device_name(d), ", got ", block_size);
+}
+
 void check_scale(const char* op, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
@@ -108,14 +126,17 @@ struct QKSizes {
   int64_t n, Hq, Hkv, D;
 };
 
-QKSizes check_rope_qk(const char* op, const at::Tensor& q, const at::Tensor& k, const char* n) {
+// Also what the op implements for q's dtype and head_dim (even: rotate-half RoPE), before the
+// shapes of the other arguments are checked against D.
+QKSizes check_rope_qk(const char* op, Op id, const at::Tensor& q, const at::Tensor& k,
+                      const char* n) {
   check_float_tensor(op, q, "q");
   TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [", n, ", Hq, D], got ",
                     shape_str(q.sizes()));
   check_contiguous(op, q, "q");
   QKSizes s{q.size(0), q.size(1), 0, q.size(2)};
-  TORCH_CHECK_VALUE(s.D >= 2 && s.D % 2 == 0, op,
-                    ": q head_dim must be even (rotate-half RoPE), got ", s.D);
+  TORCH_CHECK_VALUE(s.D >= 1, op, ": q head_dim must be >= 1");
+  check_supported(op, id, q, "q", s.D, 0);
   const std::string k_what = std::string("[") + n + ", Hkv, D]";
   check_device(op, k, "k", q.device(), "q");
   check_dtype(op, k, "k", q.scalar_type());
@@ -187,33 +208,47 @@ StateSizes check_state(const char* op, const at::Device& dev, const char* table_
   return s;
 }
 
-// Every params struct that touches the state names these fields alike.
-template <typename P>
-void set_state(P& p, const at::Tensor& block_table, const at::Tensor& seq_lens,
-               const at::Tensor& ring, const at::Tensor& num_tokens, int64_t S, int64_t Hkv,
-               int64_t M, int64_t W) {
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.ring = ring.data_ptr<int32_t>();
-  p.num_tokens = num_tokens.data_ptr<int32_t>();
-  p.max_seqs = int(S);
-  p.num_kv_heads = int(Hkv);
-  p.max_blocks_per_head = int(M);
-  p.window = int(W);
+// Fillers of the shared pieces of params.h, one per piece, from already validated tensors.
+
+// k_cache / v_cache [num_blocks, block_size, D]; num_kv_heads comes from the page table.
+KVPool kv_pool(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t num_kv_heads) {
+  KVPool kv;
+  kv.k_cache = k_cache.data_ptr();
+  kv.v_cache = v_cache.data_ptr();
+  kv.num_blocks = int(k_cache.size(0));
+  kv.block_size = int(k_cache.size(1));
+  kv.num_kv_heads = int(num_kv_heads);
+  kv.head_dim = int(k_cache.size(2));
+  kv.dtype = dtype_of(k_cache, "k_cache");
+  return kv;
 }
 
-template <typename P>
-void set_free(P& p, const at::Tensor& free_stack, const at::Tensor& free_top) {
-  p.free_stack = free_stack.data_ptr<int32_t>();
-  p.free_top = free_top.data_ptr<int32_t>();
+// block_table [rows, Hkv, max_blocks_per_head], seq_lens [rows, Hkv].
+PageTable page_table(const at::Tensor& block_table, const at::Tensor& seq_lens) {
+  PageTable t;
+  t.block_table = block_table.data_ptr<int32_t>();
+  t.seq_lens = seq_lens.data_ptr<int32_t>();
+  t.max_blocks_per_head = int(block_table.size(2));
+  return t;
 }
 
-template <typename P>
-void set_pool(P& p, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_size = int(k_cache.size(1));
-  p.num_blocks = int(k_cache.size(0));
+// The page table (rows = max_seqs), ring [max_seqs, Hkv, window + 1], num_tokens [max_seqs].
+DMSState dms_state(const at::Tensor& block_table, const at::Tensor& seq_lens,
+                   const at::Tensor& ring, const at::Tensor& num_tokens) {
+  DMSState s;
+  s.pages = page_table(block_table, seq_lens);
+  s.ring = ring.data_ptr<int32_t>();
+  s.num_tokens = num_tokens.data_ptr<int32_t>();
+  s.max_seqs = int(block_table.size(0));
+  s.window = int(ring.size(2) - 1);
+  return s;
+}
+
+FreeList free_list(const at::Tensor& free_stack, const at::Tensor& free_top) {
+  FreeList f;
+  f.stack = free_stack.data_ptr<int32_t>();
+  f.top = free_top.data_ptr<int32_t>();
+  return f;
 }
 
 }  // namespace
@@ -249,23 +284,16 @@ SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k
   check_scale(op, scale);
   check_numel(op, q, "q size");
   check_numel(op, block_table, "block_table size");
+  check_supported(op, Op::kSparseDecode, q, "q", D, k_cache.size(1));
   SparseDecodeParams p;
   p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);
+  p.kv = kv_pool(k_cache, v_cache, Hkv);
+  p.pages = page_table(block_table, seq_lens);
   p.batch = int(B);
   p.num_q_heads = int(Hq);
-  p.num_kv_heads = int(Hkv);
-  p.head_dim = int(D);
-  p.block_size = int(k_cache.size(1));
-  p.max_blocks_per_head = int(block_table.size(2));
-  p.num_blocks = int(k_cache.size(0));
   p.scale = float(scale);
-  p.dtype = dtype_of(q, "q");
   return p;
 }
 
@@ -277,7 +305,7 @@ EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k
                                         const std::optional<at::Tensor>& k_norm_weight,
                                         double norm_eps) {
   const char* op = "eviction_rope";
-  const QKSizes s = check_rope_qk(op, q, k, "T");
+  const QKSizes s = check_rope_qk(op, Op::kEvictionRope, q, k, "T");
   const int64_t T = s.n, Hq = s.Hq, Hkv = s.Hkv, D = s.D;
   check_device(op, positions, "positions", q.device(), "q");
   TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong,
@@ -312,10 +340,10 @@ namespace {
 
 // Checks shared by append and sparse_prefill: the packed chunk tensors and the per-row state.
 struct Packed {
-  int64_t T, Hkv, D, n, S, M, W;
+  int64_t T, Hkv, D, n;
 };
 
-Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
+Packed check_packed(const char* op, Op id, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& logits, const at::Tensor& seq_slots,
                     const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -344,15 +372,14 @@ Packed check_packed(const char* op, const at::Tensor& k, const at::Tensor& v,
   s.n = seq_slots.size(0);
   check_index(op, cu_seqlens, "cu_seqlens", "[n + 1]", {s.n + 1}, dev, "k");
   check_caches(op, k_cache, v_cache, k, "k", s.D);
-  const StateSizes st = check_state(op, dev, "k", "k", s.Hkv, block_table, seq_lens, ring,
-                                    num_tokens, free_stack, free_top, k_cache.size(0));
-  s.S = st.S;
-  s.M = st.M;
-  s.W = st.W;
+  check_state(op, dev, "k", "k", s.Hkv, block_table, seq_lens, ring, num_tokens, free_stack,
+              free_top, k_cache.size(0));
   check_numel(op, k, "k size");
+  check_supported(op, id, k, "k", s.D, k_cache.size(1));
   return s;
 }
 
+// The chunk inputs and the shared pieces of append and sparse_prefill.
 template <typename P>
 void set_packed(P& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
                 const at::Tensor& seq_slots, const at::Tensor& cu_seqlens,
@@ -362,13 +389,12 @@ void set_packed(P& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.logits = logits.data_ptr<float>();
-  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.rows = seq_slots.data_ptr<int32_t>();
   p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
   p.num_seqs = int(s.n);
   p.total_tokens = int(s.T);
-  p.head_dim = int(s.D);
-  set_pool(p, k_cache, v_cache);
-  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
+  p.kv = kv_pool(k_cache, v_cache, s.Hkv);
+  p.state = dms_state(block_table, seq_lens, ring, num_tokens);
 }
 
 }  // namespace
@@ -380,13 +406,13 @@ AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::T
                            const at::Tensor& ring, const at::Tensor& num_tokens,
                            const at::Tensor& free_stack, const at::Tensor& free_top) {
   const char* op = "append";
-  const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
-                                block_table, seq_lens, ring, num_tokens, &free_stack, &free_top);
+  const Packed s = check_packed(op, Op::kAppend, k, v, logits, seq_slots, cu_seqlens, k_cache,
+                                v_cache, block_table, seq_lens, ring, num_tokens, &free_stack,
+                                &free_top);
   AppendParams p;
   set_packed(p, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
              ring, num_tokens, s);
-  set_free(p, free_stack, free_top);
-  p.dtype = dtype_of(k, "k");
+  p.free = free_list(free_stack, free_top);
   return p;
 }
 
@@ -396,8 +422,9 @@ SparsePrefillParams sparse_prefill_params(
     const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
     const at::Tensor& ring, const at::Tensor& num_tokens, double scale) {
   const char* op = "sparse_prefill";
-  const Packed s = check_packed(op, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
-                                block_table, seq_lens, ring, num_tokens, nullptr, nullptr);
+  const Packed s = check_packed(op, Op::kSparsePrefill, k, v, logits, seq_slots, cu_seqlens,
+                                k_cache, v_cache, block_table, seq_lens, ring, num_tokens, nullptr,
+                                nullptr);
   check_device(op, q, "q", k.device(), "k");
   check_dtype(op, q, "q", k.scalar_type());
   check_shape(op, q, "q", "[T, Hq, D]", {s.T, kAny, s.D});
@@ -413,7 +440,6 @@ SparsePrefillParams sparse_prefill_params(
   p.q = q.data_ptr();
   p.num_q_heads = int(Hq);
   p.scale = float(scale);
-  p.dtype = dtype_of(q, "q");
   return p;
 }
 
@@ -433,14 +459,13 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(src >= 0 && src < s.S, op, ": src must be in [0, ", s.S, "), got ", src);
   TORCH_CHECK_VALUE(dst >= 0 && dst < s.S, op, ": dst must be in [0, ", s.S, "), got ", dst);
   TORCH_CHECK_VALUE(src != dst, op, ": dst must differ from src, got ", src, " for both");
+  check_supported(op, Op::kFork, k_cache, "k_cache", k_cache.size(2), k_cache.size(1));
   ForkParams p;
   p.src = int(src);
   p.dst = int(dst);
-  set_pool(p, k_cache, v_cache);
-  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
-  set_free(p, free_stack, free_top);
-  p.head_dim = int(k_cache.size(2));
-  p.dtype = dtype_of(k_cache, "k_cache");
+  p.kv = kv_pool(k_cache, v_cache, s.Hkv);
+  p.state = dms_state(block_table, seq_lens, ring, num_tokens);
+  p.free = free_list(free_stack, free_top);
   return p;
 }
 
@@ -458,12 +483,18 @@ ReleaseParams release_params(int64_t row, const at::Tensor& block_table,
   TORCH_CHECK_VALUE(row >= 0 && row < s.S, op, ": row must be in [0, ", s.S, "), got ", row);
   TORCH_CHECK_VALUE(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(), op,
                     ": block_size must be >= 1, got ", block_size);
+  TORCH_CHECK_VALUE(supports_block_size(Op::kRelease, device_kind(block_table), int(block_size)),
+                    op, ": block_size must be ",
+                    capability(Op::kRelease, device_kind(block_table)).block_sizes_text, ", got ",
+                    block_size);
   ReleaseParams p;
   p.row = int(row);
-  set_state(p, block_table, seq_lens, ring, num_tokens, s.S, s.Hkv, s.M, s.W);
-  set_free(p, free_stack, free_top);
-  p.block_size = int(block_size);
-  p.num_blocks = int(free_stack.size(0));
+  // No K/V tensors: the pool's sizes only (see ReleaseParams).
+  p.kv.num_blocks = int(free_stack.size(0));
+  p.kv.block_size = int(block_size);
+  p.kv.num_kv_heads = int(s.Hkv);
+  p.state = dms_state(block_table, seq_lens, ring, num_tokens);
+  p.free = free_list(free_stack, free_top);
   return p;
 }
 
@@ -476,7 +507,7 @@ DecodeStepParams decode_step_params(
     const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
     const std::optional<at::Tensor>& logits) {
   const char* op = "decode_step";
-  const QKSizes qk = check_rope_qk(op, q, k, "B");
+  const QKSizes qk = check_rope_qk(op, Op::kDecodeStep, q, k, "B");
   const int64_t B = qk.n, Hq = qk.Hq, Hkv = qk.Hkv, D = qk.D;
   const auto dev = q.device();
   check_device(op, v, "v", dev, "q");
@@ -486,8 +517,8 @@ DecodeStepParams decode_step_params(
   check_cos_sin(op, cos_sin_cache, q, D);
   check_index(op, seq_slots, "seq_slots", "[B]", {B}, dev, "q");
   check_caches(op, k_cache, v_cache, q, "q", D);
-  const StateSizes st = check_state(op, dev, "q", "q", Hkv, block_table, seq_lens, ring,
-                                    num_tokens, &free_stack, &free_top, k_cache.size(0));
+  check_state(op, dev, "q", "q", Hkv, block_table, seq_lens, ring, num_tokens, &free_stack,
+              &free_top, k_cache.size(0));
   check_rope_scalars(op, alpha_scale, alpha_offset, norm_eps);
   const float* logits_in = nullptr;
   if (logits.has_value()) {
@@ -499,26 +530,25 @@ DecodeStepParams decode_step_params(
   }
   check_numel(op, q, "q size");
   check_numel(op, cos_sin_cache, "cos_sin_cache size");
+  check_supported(op, Op::kDecodeStep, q, "q", 0, k_cache.size(1));
   DecodeStepParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
-  p.seq_slots = seq_slots.data_ptr<int32_t>();
+  p.rows = seq_slots.data_ptr<int32_t>();
   p.logits_in = logits_in;
   p.q_norm_weight = norm_weight(op, q_norm_weight, "q_norm_weight", q, D);
   p.k_norm_weight = norm_weight(op, k_norm_weight, "k_norm_weight", q, D);
   p.norm_eps = float(norm_eps);
   p.alpha_scale = float(alpha_scale);
   p.alpha_offset = float(alpha_offset);
-  set_pool(p, k_cache, v_cache);
-  set_state(p, block_table, seq_lens, ring, num_tokens, st.S, st.Hkv, st.M, st.W);
-  set_free(p, free_stack, free_top);
+  p.kv = kv_pool(k_cache, v_cache, Hkv);
+  p.state = dms_state(block_table, seq_lens, ring, num_tokens);
+  p.free = free_list(free_stack, free_top);
   p.batch = int(B);
   p.max_position = int(cos_sin_cache.size(0));
   p.num_q_heads = int(Hq);
-  p.head_dim = int(D);
-  p.dtype = dtype_of(q, "q");
   return p;
 }
 

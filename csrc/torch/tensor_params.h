@@ -1,13 +1,17 @@
 // Tensor -> params struct, shared by the CPU and CUDA impls. Validates what can be checked
 // without reading device memory (dtype, device, shape, contiguity, sizes) and raises
-// ValueError (TORCH_CHECK_VALUE) naming the argument. Data-dependent checks (block ids,
-// lengths, slots) are the CPU impl's business; a CUDA launch must not sync to do them.
+// ValueError (TORCH_CHECK_VALUE) naming the argument, including what the op implements on the
+// tensors' device (dms/capabilities.h: dtype, head_dim, block_size). Data-dependent checks
+// (block ids, lengths, slots) are the CPU impl's business; a CUDA launch must not sync to do
+// them. Each params struct is built from the fillers of its shared pieces (KVPool, PageTable,
+// DMSState, FreeList), one filler per piece.
 #pragma once
 #include <torch/types.h>
 
 #include <optional>
 #include <tuple>
 
+#include "dms/capabilities.h"
 #include "dms/params.h"
 
 namespace dms {

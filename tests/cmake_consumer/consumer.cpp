@@ -15,13 +15,21 @@ int main() {
   float vc[2 * D] = {0.3f, -0.2f, 1.2f, 0.8f, -0.9f, 0.4f, 0.05f, 1.7f};
   int32_t block_table[1] = {0}, seq_lens[1] = {2};
   float out[2 * D];
+  dms::KVPool kv;
+  kv.k_cache = kc; kv.v_cache = vc;
+  kv.num_blocks = 1; kv.block_size = 2; kv.num_kv_heads = 1; kv.head_dim = D;
+  kv.dtype = dms::DType::kFloat32;
   dms::SparseDecodeParams p;
-  p.q = q; p.k_cache = kc; p.v_cache = vc; p.block_table = block_table; p.seq_lens = seq_lens;
-  p.out = out;
+  p.q = q; p.out = out;
   p.q_stride_b = 2 * D; p.q_stride_h = D; p.o_stride_b = 2 * D; p.o_stride_h = D;
-  p.batch = 1; p.num_q_heads = 2; p.num_kv_heads = 1; p.head_dim = D;
-  p.block_size = 2; p.max_blocks_per_head = 1; p.num_blocks = 1;
-  p.scale = 0.5f; p.dtype = dms::DType::kFloat32;
+  p.kv = kv;
+  p.pages = dms::PageTable{block_table, seq_lens, 1};
+  p.batch = 1; p.num_q_heads = 2;
+  p.scale = 0.5f;
+  if (!dms::supported(dms::Op::kSparseDecode, dms::Device::kCPU, kv.dtype, D, kv.block_size)) {
+    std::printf("dms::supported: the CPU twin should take float32, head_dim 4\n");
+    return 1;
+  }
   const dms::Status s = dms::cpu::sparse_decode(p);
   if (s != dms::Status::kSuccess) {
     std::printf("dms::cpu::sparse_decode: %s\n", dms::status_string(s));

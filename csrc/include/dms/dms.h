@@ -13,7 +13,13 @@
 // owned by the caller; the library allocates nothing, not even scratch: sparse_decode and
 // sparse_prefill take a caller-sized `workspace` (see their *_workspace_bytes). cudaMalloc'd
 // buffers satisfy every alignment below (256 bytes). Layouts and the state tensors are those of
-// params.h (docs/layout.md); strides are in elements.
+// params.h (docs/layout.md): each struct is built from the shared pieces KVPool, PageTable,
+// DMSState and FreeList, so an engine fills those once per layer and assigns them; strides are
+// in elements.
+//
+// Support. What each entry point implements (dtypes, head_dims, block sizes) is the table of
+// capabilities.h, queried with dms::supported(op, Device::kCUDA, ...); a request outside it
+// returns kUnsupported. sparse_decode and sparse_prefill: float16 / bfloat16 only.
 //
 // Stream. The call reads the struct on the host, validates sizes and pointers (never device
 // data), enqueues its kernels on `stream` (0, cudaStreamPerThread or any stream) and returns
@@ -37,7 +43,7 @@
 //
 // Status. Host-side checks run before anything is enqueued: kInvalidArgument (a size, pointer,
 // alignment or stride out of contract) and kUnsupported (a valid request this build has no
-// kernel for: dtype, head_dim, block_size not a power of two, ...) leave device memory
+// kernel for: outside the capabilities.h table, or a size limit below) leave device memory
 // untouched. kCudaError: a launch failed (configuration, no kernel image for this GPU, or a
 // sticky error of earlier work: the check is cudaGetLastError, which also clears non-sticky
 // errors); part of the call may already be enqueued, so treat the state it writes as lost.
@@ -47,7 +53,7 @@
 // kInvalidArgument for inconsistent state or a position without a cos/sin row), and the rows
 // they hit are then in an unspecified state. The device path is not all-or-nothing (the CPU
 // twins are): reserve instead. Appending n tokens pops at most ceil(n / block_size) blocks per
-// (row, KV head), a decode step at most one; keep free_top at least that (dms_ext.DMSCache
+// (row, KV head), a decode step at most one; keep *free.top at least that (dms_ext.DMSCache
 // does this bookkeeping on the host, see dms_ext/cache.py).
 // sparse_decode and sparse_prefill trust seq_lens <= max_blocks_per_head * block_size and
 // block ids < num_blocks for the slots they read.
@@ -56,15 +62,16 @@
 // as well, are all-or-nothing, and are the reference the kernels are tested against.
 #pragma once
 #include <cuda_runtime_api.h>
+#include "dms/capabilities.h"
 #include "dms/params.h"
 
 namespace dms {
 
-// sparse_decode: one query token per batch row, attention over the slots of (row, h / G).
-//   dtype bf16 or fp16 (kFloat32: kUnsupported); head_dim 64, 128 or 256; block_size a power
-//   of two; any G = num_q_heads / num_kv_heads >= 1. Row b reads block_table[b] and
-//   seq_lens[b] ([batch, Hkv, ...], contiguous): an engine whose batch is a subset of its
-//   cache rows gathers those rows first (the example does, with cudaMemcpyAsync).
+// sparse_decode: one query token per batch entry, attention over the slots of (b, h / G).
+//   dtype bf16 or fp16; head_dim 64, 128 or 256; block_size a power of two (capabilities.h);
+//   any G = num_q_heads / kv.num_kv_heads >= 1. Entry b reads row b of `pages` (rows = batch,
+//   contiguous): an engine whose batch is a subset of its state rows gathers those rows of
+//   its block table and seq_lens first (the example does, with cudaMemcpyAsync).
 //   q is read with 16-byte copies: q 16-byte aligned, q_stride_b and q_stride_h multiples of
 //   8 elements; k_cache / v_cache 16-byte aligned. out is written per element (any strides).
 //   An empty head (seq_lens 0) gives zeros and lse -inf. lse is optional (null: not written).
@@ -79,19 +86,21 @@ size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms);
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
 // eviction_rope: borrowed-neuron logits + channel zeroing + rotate-half RoPE of q and k in
-// place (docs/semantics.md section 10). float32, fp16, bf16; head_dim even; positions <
-// max_position.
+// place (docs/semantics.md). float32, fp16, bf16; head_dim even; positions < max_position.
+// (Its struct carries its own sizes: it touches no pool.)
 Status eviction_rope(const EvictionRopeParams& p, cudaStream_t stream);
 
 // append: packed chunks (>= 1 token each, cu_seqlens[0] = 0, cu_seqlens[n] = total_tokens,
-// distinct rows in seq_slots) go into the cache with the delayed-eviction rule; k, v, logits
-// are [total_tokens, ...] inputs (k after RoPE). float32, fp16, bf16; any head_dim;
-// max_blocks_per_head * block_size <= 2^30. Reserve blocks first (see Status above).
+// distinct state rows in `rows`) go into the cache with the delayed-eviction rule; k, v,
+// logits are [total_tokens, ...] inputs (k after RoPE). float32, fp16, bf16; any head_dim;
+// max_blocks_per_head * block_size <= 2^30 (else kUnsupported). Reserve blocks first (see
+// Status above).
 Status append(const AppendParams& p, cudaStream_t stream);
 
 // sparse_prefill: attention of packed chunks over (cache as it is) + (the chunk itself),
-// visibility rule (docs/semantics.md section 4). Call it BEFORE append of the same chunk: it
-// reads the cache, never writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64 or 128;
+// visibility rule of docs/semantics.md. Call it BEFORE append of the same chunk: it reads the cache, never
+// writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64 or 128; any
+// block_size;
 // q, k, v, k_cache, v_cache, out and workspace 16-byte aligned (else kInvalidArgument);
 // q, k, v, out contiguous.
 // Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,
@@ -101,14 +110,16 @@ size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
 
 // fork: row dst (empty: never used, or released) becomes an independent copy of row src;
-// pops ceil(seq_lens[src, g] / block_size) blocks per KV head and copies their K/V. No error
-// word: a head the free stack cannot serve is left empty in dst, so check capacity first.
-// release: the row's blocks go back to the free stack, its state is cleared. The row must be
-// consistent (its seq_lens and block table as append left them).
+// pops ceil(seq_lens[src, g] / block_size) blocks per KV head and copies their K/V (any dtype:
+// raw bytes). No error word: a head the free list cannot serve is left empty in dst, so check
+// capacity first.
+// release: the row's blocks go back to the free list, its state is cleared. The row must be
+// consistent (its seq_lens and block table as append left them). Of its KVPool only
+// num_kv_heads, block_size and num_blocks are read.
 Status fork(const ForkParams& p, cudaStream_t stream);
 Status release(const ReleaseParams& p, cudaStream_t stream);
 
-// decode_step: one token for each of `batch` distinct rows (seq_slots), fused: optional q/k
+// decode_step: one token for each of `batch` distinct state rows (`rows`), fused: optional q/k
 // RMSNorm, logit (borrowed neuron, or logits_in), RoPE at position num_tokens[row] (read on
 // the device; must be < max_position), eviction bookkeeping, K/V write. q is updated in place
 // and is then what sparse_decode wants; k and v are not written. float32, fp16, bf16; head_dim

@@ -1,19 +1,29 @@
 // dms_ext public C++ API: parameter structs shared by the CUDA kernels and the CPU twins.
 // No torch, no CUDA headers: an engine that owns its memory fills these with raw pointers.
 //
-// KV layout (docs/layout.md), per layer:
-//   k_cache, v_cache  [num_blocks, block_size, head_dim]   contiguous, dtype `dtype`
-//   block_table       int32 [rows, num_kv_heads, max_blocks_per_head]
-//   seq_lens          int32 [rows, num_kv_heads]   slots in use of (row, kv head)
-//   Slot i of (row, g) lives at row i % block_size of block block_table[row, g, i / block_size].
-// DMS bookkeeping state (owned by the cache, updated by dms::append):
-//   ring              int32 [max_seqs, num_kv_heads, window + 1]
-//                     entry for the token at position p is ring[.., p % (window + 1)] =
-//                     (slot << 1) | flag, flag = eviction decision d_p (set when p + 1 arrives).
-//                     Holds the last min(n, window + 1) positions of a sequence with n tokens.
-//   num_tokens        int32 [max_seqs]        tokens seen so far (positions 0 .. n-1)
-//   free_stack        int32 [num_blocks]      free block ids in free_stack[0 .. *free_top)
-//   free_top          int32 [1]               number of free blocks
+// The op structs are built from four shared pieces (flashinfer paged_kv_t / FA3 Qkv_params
+// style), so an engine fills each piece once per layer and assigns it:
+//   KVPool    one layer's paged K/V memory (docs/layout.md):
+//               k_cache, v_cache  [num_blocks, block_size, head_dim]  contiguous, dtype `dtype`
+//   PageTable per (row, KV head) page lists:
+//               block_table  int32 [rows, num_kv_heads, max_blocks_per_head]
+//               seq_lens     int32 [rows, num_kv_heads]   slots in use of (row, kv head)
+//             Slot i of (row, g) lives at offset i % block_size of block
+//             block_table[row, g, i / block_size]. A "slot" is only ever such a token position
+//             in a page list; a "row" is a row of the state (a sequence of the cache).
+//   DMSState  the DMS bookkeeping (owned by the cache, updated by dms::append): the page table
+//             (rows = max_seqs) plus the delayed-eviction ring:
+//               ring         int32 [max_seqs, num_kv_heads, window + 1]
+//                            entry for the token at position p is ring[.., p % (window + 1)] =
+//                            (slot << 1) | flag, flag = eviction decision d_p (set when p + 1
+//                            arrives). Holds the last min(n, window + 1) positions of a row
+//                            with n tokens.
+//               num_tokens   int32 [max_seqs]   tokens seen so far (positions 0 .. n-1)
+//   FreeList  the pool's free block ids:
+//               stack        int32 [num_blocks]   free ids in stack[0 .. *top)
+//               top          int32 [1]            number of free blocks
+// num_kv_heads, head_dim, block_size, num_blocks and the dtype are the KVPool's; every other
+// struct reads them from there.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -32,21 +42,47 @@ const char* status_string(Status s);
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// One layer's paged K/V memory.
+struct KVPool {
+  void* k_cache = nullptr;   // [num_blocks, block_size, head_dim] contiguous
+  void* v_cache = nullptr;   // [num_blocks, block_size, head_dim] contiguous
+  int num_blocks = 0, block_size = 0, num_kv_heads = 0, head_dim = 0;
+  DType dtype = DType::kBFloat16;
+};
+
+// Per (row, KV head) page lists: slot i of (row, g) is at block_table[row, g, i / block_size],
+// offset i % block_size.
+struct PageTable {
+  int32_t* block_table = nullptr;  // [rows, num_kv_heads, max_blocks_per_head] contiguous
+  int32_t* seq_lens = nullptr;     // [rows, num_kv_heads] contiguous
+  int max_blocks_per_head = 0;
+};
+
+// DMS bookkeeping: the page table plus the delayed-eviction ring.
+struct DMSState {
+  PageTable pages;                 // rows = max_seqs
+  int32_t* ring = nullptr;         // [max_seqs, num_kv_heads, window + 1]
+  int32_t* num_tokens = nullptr;   // [max_seqs]
+  int max_seqs = 0, window = 0;
+};
+
+// The pool's free block ids: stack[0 .. *top).
+struct FreeList {
+  int32_t* stack = nullptr;        // [num_blocks]
+  int32_t* top = nullptr;          // [1]
+};
+
 // o[b, h] = softmax(scale * q[b, h] . K[b, h / G]) V[b, h / G] over the slots of (b, h / G).
 struct SparseDecodeParams {
   const void* q = nullptr;            // [B, Hq, D], element strides q_stride_b, q_stride_h, 1
-  const void* k_cache = nullptr;      // [num_blocks, block_size, D] contiguous
-  const void* v_cache = nullptr;      // [num_blocks, block_size, D] contiguous
-  const int32_t* block_table = nullptr;  // [B, Hkv, max_blocks_per_head] contiguous
-  const int32_t* seq_lens = nullptr;     // [B, Hkv] contiguous
   void* out = nullptr;                // [B, Hq, D], strides o_stride_b, o_stride_h, 1
   float* lse = nullptr;               // optional [B, Hq] natural-log sum-exp of the scaled scores
   int64_t q_stride_b = 0, q_stride_h = 0;
   int64_t o_stride_b = 0, o_stride_h = 0;
-  int batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
-  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0;
+  KVPool kv;                          // read only
+  PageTable pages;                    // rows = batch: row b is batch entry b (read only)
+  int batch = 0, num_q_heads = 0;
   float scale = 1.f;
-  DType dtype = DType::kBFloat16;
   // CUDA only: split-KV scratch. Size from sparse_decode_workspace_bytes(); may be null when
   // that returns 0.
   void* workspace = nullptr;
@@ -54,8 +90,7 @@ struct SparseDecodeParams {
   int min_chunk = 0;      // 0: library default (keys per split at least this)
 };
 
-// Borrowed-neuron logits (docs/semantics.md section 10) + channel zeroing + rotate-half RoPE, in
-// place.
+// Borrowed-neuron logits (docs/semantics.md) + channel zeroing + rotate-half RoPE, in place.
 struct EvictionRopeParams {
   void* q = nullptr;                 // [T, Hq, D] contiguous
   void* k = nullptr;                 // [T, Hkv, D] contiguous
@@ -73,123 +108,111 @@ struct EvictionRopeParams {
   float norm_eps = 1e-6f;
 };
 
-// Appends packed chunks to sequences with the delayed-eviction rule (docs/semantics.md):
+// Appends packed chunks to rows with the delayed-eviction rule (docs/semantics.md):
 // for each token t of a chunk, set d_{t-1} = (logit_t > 0) in the ring; if the token
 // t - (window + 1) is flagged, t takes over its slot; else t goes to slot seq_len (a new
-// block is popped from the free stack when the slot opens a block). K and V are written.
+// block is popped from the free list when the slot opens a block). K and V are written.
 struct AppendParams {
-  const void* k = nullptr;           // [T, Hkv, D] contiguous
+  const void* k = nullptr;           // [T, Hkv, D] contiguous, kv.dtype
   const void* v = nullptr;           // [T, Hkv, D] contiguous
   const float* logits = nullptr;     // [T, Hkv] contiguous
-  const int32_t* seq_slots = nullptr;   // [n] rows of the state tensors
+  const int32_t* rows = nullptr;     // [n] distinct state rows: chunk c continues rows[c]
   const int32_t* cu_seqlens = nullptr;  // [n + 1]
-  void* k_cache = nullptr;
-  void* v_cache = nullptr;
-  int32_t* block_table = nullptr;    // [max_seqs, Hkv, max_blocks_per_head]
-  int32_t* seq_lens = nullptr;       // [max_seqs, Hkv]
-  int32_t* ring = nullptr;           // [max_seqs, Hkv, window + 1]
-  int32_t* num_tokens = nullptr;     // [max_seqs]
-  int32_t* free_stack = nullptr;     // [num_blocks]
-  int32_t* free_top = nullptr;       // [1]
+  KVPool kv;
+  DMSState state;
+  FreeList free;
   int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
-  int num_seqs = 0, total_tokens = 0, max_seqs = 0;
-  int num_kv_heads = 0, head_dim = 0, block_size = 0, max_blocks_per_head = 0, num_blocks = 0;
-  int window = 0;
-  DType dtype = DType::kBFloat16;
+  int num_seqs = 0, total_tokens = 0;
 };
 
 // Prefill attention of packed chunks: query i of chunk c (position p = num_tokens[row] + i)
 // attends to (a) the slots row already holds: older survivors always, ring tokens by the
 // rule (position q - p <= window or not flagged; the flag of position num_tokens-1 comes
 // from the chunk's first logit), and (b) the chunk itself, causally, with the same rule
-// (d_j = logits[j + 1] > 0 inside the chunk). The cache is read, never written.
+// (d_j = logits[j + 1] > 0 inside the chunk). The cache and the state are read, never written.
 struct SparsePrefillParams {
-  const void* q = nullptr;           // [T, Hq, D] contiguous
+  const void* q = nullptr;           // [T, Hq, D] contiguous, kv.dtype
   const void* k = nullptr;           // [T, Hkv, D] contiguous
   const void* v = nullptr;           // [T, Hkv, D] contiguous
   const float* logits = nullptr;     // [T, Hkv]
-  const int32_t* seq_slots = nullptr;   // [n]
+  const int32_t* rows = nullptr;     // [n] distinct state rows
   const int32_t* cu_seqlens = nullptr;  // [n + 1]
-  const void* k_cache = nullptr;
-  const void* v_cache = nullptr;
-  const int32_t* block_table = nullptr;
-  const int32_t* seq_lens = nullptr;
-  const int32_t* ring = nullptr;
-  const int32_t* num_tokens = nullptr;
   void* out = nullptr;               // [T, Hq, D]
-  int num_seqs = 0, total_tokens = 0, max_seqs = 0;
-  int num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
-  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0, window = 0;
+  KVPool kv;                         // read only
+  DMSState state;                    // read only
+  int num_seqs = 0, total_tokens = 0, num_q_heads = 0;
   float scale = 1.f;
-  DType dtype = DType::kBFloat16;
   // CUDA only: scratch for the compacted key lists. Size from sparse_prefill_workspace_bytes()
   // (sizes only, never data); may be null when that returns 0. The CPU twin ignores it.
   void* workspace = nullptr;
 };
 
-// Copy of a sequence's whole state (fork): new blocks from the free stack, K/V copied.
+// Copy of a row's whole state (fork): new blocks from the free list, K/V copied.
 struct ForkParams {
-  int src = 0, dst = 0;              // rows of the state tensors
-  void* k_cache = nullptr;
-  void* v_cache = nullptr;
-  int32_t* block_table = nullptr;
-  int32_t* seq_lens = nullptr;
-  int32_t* ring = nullptr;
-  int32_t* num_tokens = nullptr;
-  int32_t* free_stack = nullptr;
-  int32_t* free_top = nullptr;
-  int max_seqs = 0, num_kv_heads = 0, head_dim = 0, block_size = 0;
-  int max_blocks_per_head = 0, num_blocks = 0, window = 0;
-  DType dtype = DType::kBFloat16;
+  int src = 0, dst = 0;              // state rows
+  KVPool kv;
+  DMSState state;
+  FreeList free;
 };
 
-// Returns every block of a row to the free stack and clears its state.
+// Returns every block of a row to the free list and clears its state. Of `kv` only the sizes
+// are read (num_kv_heads, block_size: how many blocks a head holds, num_blocks: the range of
+// block ids); k_cache / v_cache may be null, head_dim and dtype are ignored.
 struct ReleaseParams {
   int row = 0;
-  int32_t* block_table = nullptr;
-  int32_t* seq_lens = nullptr;
-  int32_t* ring = nullptr;
-  int32_t* num_tokens = nullptr;
-  int32_t* free_stack = nullptr;
-  int32_t* free_top = nullptr;
-  int max_seqs = 0, num_kv_heads = 0, block_size = 0, max_blocks_per_head = 0;
-  int num_blocks = 0, window = 0;
+  KVPool kv;
+  DMSState state;
+  FreeList free;
 };
 
-// The fused decode step (one token per sequence): eviction_rope + append in one kernel.
-// q, k, v are the projections BEFORE norm / RoPE. The position of row b is num_tokens[row]
-// (read on the device), row = seq_slots[b]. q is normed and roped in place; k is normed and
-// roped on the way into the cache (the k buffer is not written); v is copied. Logits come
-// from the borrowed neuron (logits_in null: q's channel D-1 of head g*G, zeroed around RoPE)
-// or from the caller (logits_in [B, Hkv]: adapter variant, q keeps all its channels); either
-// way they are written to logits. Same state updates as dms::append.
+// The fused decode step (one token per row): eviction_rope + append in one kernel.
+// q, k, v are the projections BEFORE norm / RoPE. The position of batch entry b is
+// num_tokens[row] (read on the device), row = rows[b]. q is normed and roped in place; k is
+// normed and roped on the way into the cache (the k buffer is not written); v is copied.
+// Logits come from the borrowed neuron (logits_in null: q's channel D-1 of head g*G, zeroed
+// around RoPE) or from the caller (logits_in [B, Hkv]: adapter variant, q keeps all its
+// channels); either way they are written to logits. Same state updates as dms::append.
 struct DecodeStepParams {
-  void* q = nullptr;                 // [B, Hq, D] contiguous, in place
+  void* q = nullptr;                 // [B, Hq, D] contiguous, in place, kv.dtype
   const void* k = nullptr;           // [B, Hkv, D] contiguous
   const void* v = nullptr;           // [B, Hkv, D] contiguous
   const float* cos_sin_cache = nullptr;  // [max_position, D]: D/2 cos then D/2 sin
-  const int32_t* seq_slots = nullptr;    // [B] distinct rows of the state tensors
+  const int32_t* rows = nullptr;     // [B] distinct state rows
   const float* logits_in = nullptr;  // optional [B, Hkv]
   float* logits = nullptr;           // [B, Hkv] out
-  const void* q_norm_weight = nullptr;   // optional [D], dtype `dtype`
-  const void* k_norm_weight = nullptr;   // optional [D], dtype `dtype`
+  const void* q_norm_weight = nullptr;   // optional [D], kv.dtype
+  const void* k_norm_weight = nullptr;   // optional [D], kv.dtype
   float norm_eps = 1e-6f;
   float alpha_scale = 100.f, alpha_offset = 5.f;
-  void* k_cache = nullptr;
-  void* v_cache = nullptr;
-  int32_t* block_table = nullptr;    // [max_seqs, Hkv, max_blocks_per_head]
-  int32_t* seq_lens = nullptr;       // [max_seqs, Hkv]
-  int32_t* ring = nullptr;           // [max_seqs, Hkv, window + 1]
-  int32_t* num_tokens = nullptr;     // [max_seqs]
-  int32_t* free_stack = nullptr;     // [num_blocks]
-  int32_t* free_top = nullptr;       // [1]
+  KVPool kv;
+  DMSState state;
+  FreeList free;
   int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
-  int batch = 0, max_seqs = 0, max_position = 0;
-  int num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
-  int block_size = 0, max_blocks_per_head = 0, num_blocks = 0, window = 0;
-  DType dtype = DType::kBFloat16;
+  int batch = 0, max_position = 0, num_q_heads = 0;
 };
 
-inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+// Bytes per element of `t`; usable in device code too (nvcc sees the annotation).
+#if defined(__CUDACC__)
+#define DMS_HOST_DEVICE __host__ __device__
+#else
+#define DMS_HOST_DEVICE
+#endif
+DMS_HOST_DEVICE inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+
+// Host-side contract checks shared by the entry points and the CPU twins (sizes in range,
+// pointers set). A ReleaseParams' KVPool is checked by hand: its head_dim and caches are unused.
+inline bool valid_sizes(const KVPool& kv) {
+  return kv.num_kv_heads > 0 && kv.head_dim > 0 && kv.block_size > 0 && kv.num_blocks >= 0;
+}
+inline bool valid_sizes(const DMSState& s) {
+  return s.max_seqs >= 0 && s.window >= 1 && s.pages.max_blocks_per_head >= 0;
+}
+inline bool has_pointers(const KVPool& kv) { return kv.k_cache && kv.v_cache; }
+inline bool has_pointers(const PageTable& t) { return t.block_table && t.seq_lens; }
+inline bool has_pointers(const DMSState& s) {
+  return has_pointers(s.pages) && s.ring && s.num_tokens;
+}
+inline bool has_pointers(const FreeList& f) { return f.stack && f.top; }
 
 }  // namespace dms
