@@ -100,9 +100,14 @@ class _HFRunner:
     def forward(self, seq_ids: List[int], ids: torch.Tensor, counts: List[int]) -> torch.Tensor:
         last = torch.tensor(counts).cumsum(0).to(ids.device) - 1
         self.hfc.set_packed(seq_ids, counts)
-        out = self.model(input_ids=ids[None], past_key_values=self.hfc, use_cache=True,
-                         logits_to_keep=last)
+        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=last,
+                         **_hf().cache_kwargs(self.model, self.hfc))
         return out.logits[0].float()
+
+
+def _hf():
+    from . import hf  # optional: needs transformers
+    return hf
 
 
 class _Progress:
