@@ -197,9 +197,11 @@ class _Bar:
 @torch.no_grad()
 def evaluate(model: DMSForCausalLM, tasks=TASKS, lengths=(4096, 8192, 16384, 32768),
              methods=METHODS, samples: int = 8, batch: int = 8, seed: int = 0, pairs: int = 16,
-             queries: int = 4, values: int = 4, cache_device=None, progress: bool = True) -> List[dict]:
+             queries: int = 4, values: int = 4, cache_device=None, progress: bool = True,
+             deadline: Optional[float] = None) -> List[dict]:
     """Rows {task, length, method, acc, cr, live, answers, seconds}: heuristics run at the live
-    KV that ``dms`` reached on the same sequences (dms is run first when asked for)."""
+    KV that ``dms`` reached on the same sequences (dms is run first when asked for).
+    deadline: a ``time.perf_counter()`` value after which no new (task, length) is started."""
     methods = list(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -216,8 +218,10 @@ def evaluate(model: DMSForCausalLM, tasks=TASKS, lengths=(4096, 8192, 16384, 327
     order = (["dms"] if "dms" in methods else []) + [m for m in methods if m != "dms"]
     rows = []
     bar = _Bar(len(tasks) * len(lengths) * len(order), progress)
-    for ti, kind in enumerate(tasks):
-        for n in lengths:
+    for n in lengths:                      # short contexts of every task first (deadline)
+        for ti, kind in enumerate(tasks):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
             g = torch.Generator().manual_seed(seed * 1_000_003 + ti * 7919 + n)
             task = make_task(kind, samples, n, model.cfg.vocab, g, pairs=pairs, queries=queries,
                              values=values)
@@ -307,7 +311,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.path.join("bench", "results", "longctx"))
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new (task, length) after this many seconds")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
@@ -320,7 +327,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = evaluate(model, tasks, lengths, methods, samples=a.samples, batch=a.batch,
                     seed=a.seed, pairs=a.pairs, queries=a.queries, values=a.values,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress,
+                    deadline=None if a.budget_s is None else t_start + a.budget_s)
     os.makedirs(a.out, exist_ok=True)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     c = model.cfg
