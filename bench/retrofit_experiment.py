@@ -11,7 +11,8 @@ so running the same command again continues where the last one stopped):
    (dms_ext.retrofit.associative_recall: P key-value bigrams scattered in random filler, then P
    queries) with an adaptive curriculum: stages (seq_len:pairs) from 64 tokens / 8 pairs up to
    the full size; a stage is left once the running answer accuracy passes ``adv_acc``; the last
-   one runs until ``stop_acc``, then ``cool_steps`` of decaying LR. Loss on the answer positions
+   one runs until ``stop_acc`` (or, past ``pre_cap_s`` seconds, ``adv_acc``), then ``cool_steps``
+   of decaying LR. Loss on the answer positions
    only (filler is unpredictable noise). A 64-token stage learns the recall circuit in a few
    hundred steps; each longer stage only sharpens its attention. Checkpoint: ckpt/pretrain.pt
    (weights, optimizer, generator, curriculum state), every ``save_every_s`` and at the budget.
@@ -57,12 +58,13 @@ FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=128, layers=4, heads=4, kv
             head_dim=64, intermediate=512, window=64,
             stages="64:8,128:16,256:32,512:64,1024:64,2048:64", tokens=32768, pre_lr=3e-3,
             pre_wd=0.05, adv_acc=0.9, stop_acc=0.99, cool_steps=200, pre_max_steps=20000,
-            save_every_s=60.0, rbatch=8, r_steps=600, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
+            pre_cap_s=300.0,
+            save_every_s=60.0, rbatch=8, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
             r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32, block_size=64)
 # CPU: learns recall at 512 tokens / 32 pairs in a few minutes on one core.
 SMALL = dict(FULL, seq_len=512, pairs=32, stages="64:8,128:16,256:32,512:32", tokens=4096,
              hidden=128, layers=2, intermediate=256, window=16, rbatch=4, r_steps=300,
-             eval_batch=16, block_size=16, save_every_s=120.0)
+             eval_batch=16, block_size=16, save_every_s=120.0, pre_cap_s=None)
 # Smoke run: every path, nothing learned.
 TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=32, head_dim=16, intermediate=64,
             stages="64:4,128:6", tokens=512, pre_max_steps=30, cool_steps=5, r_steps=12,
@@ -180,6 +182,12 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
             st["cool"] += 1
             if st["cool"] >= S["cool_steps"]:
                 st["done"] = True
+        elif (last and S["pre_cap_s"] is not None and el > S["pre_cap_s"]
+              and st["ema"] >= S["adv_acc"]):
+            st["stage_steps"].append([n, p, st["step"], round(el, 1)])
+            log(f"pretrain: time cap {S['pre_cap_s']:.0f} s at step {st['step']}, running accuracy "
+                f"{st['ema']:.3f} < stop_acc: cool-down now")
+            st["cool"] = 0
         elif st["n_in"] >= 10 and st["ema"] >= (S["stop_acc"] if last else S["adv_acc"]):
             st["stage_steps"].append([n, p, st["step"], round(el, 1)])
             log(f"pretrain: stage {n}:{p} passed at step {st['step']} ({el:.0f} s), "
