@@ -58,7 +58,7 @@ FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=128, layers=4, heads=4, kv
             head_dim=64, intermediate=512, window=64,
             stages="64:8,128:16,256:32,512:64,1024:64,2048:64", tokens=32768, pre_lr=3e-3,
             pre_wd=0.05, adv_acc=0.9, stop_acc=0.99, cool_steps=200, pre_max_steps=20000,
-            pre_cap_s=300.0,
+            pre_cap_s=300.0, ind_vocab=128, ind_len=64, ind_acc=0.8, ind_max_steps=1500,
             save_every_s=60.0, rbatch=8, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
             r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32, block_size=64)
 # CPU: learns recall at 512 tokens / 32 pairs in a few minutes on one core.
@@ -68,7 +68,7 @@ SMALL = dict(FULL, seq_len=512, pairs=32, stages="64:8,128:16,256:32,512:32", to
 # Smoke run: every path, nothing learned.
 TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=32, head_dim=16, intermediate=64,
             stages="64:4,128:6", tokens=512, pre_max_steps=30, cool_steps=5, r_steps=12,
-            window=8, eval_seqs=8, eval_batch=8, rbatch=2)
+            window=8, eval_seqs=8, eval_batch=8, rbatch=2, ind_vocab=64, ind_max_steps=8)
 PRESETS = {"full": FULL, "small": SMALL, "tiny": TINY}
 TUNE_SEED, EVAL_SEED = 10_000, 424_242     # data seeds (+ --seed): tuning set, unseen set
 
@@ -110,6 +110,23 @@ def _model_from(entry, dev) -> DMSForCausalLM:
 
 # ----------------------------------------------------------------------------- 1. pretraining
 
+def induction_batch(batch, seq_len, vocab, generator, device, chunk=8):
+    """Random tokens of [1, vocab) whose second half is made of chunks copied from random places
+    of the first half; targets: every copied token but the first of its chunk (content-based
+    induction: a copy's source offset varies, so no positional shortcut)."""
+    half = seq_len // 2
+    ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
+    nch = (seq_len - half) // chunk
+    starts = torch.randint(0, half - chunk, (batch, nch), generator=generator)
+    src = (starts[:, :, None] + torch.arange(chunk)).reshape(batch, -1)
+    ids[:, half:half + nch * chunk] = torch.gather(ids, 1, src)
+    target = torch.zeros(batch, seq_len, dtype=torch.bool)
+    m = torch.ones(nch, chunk, dtype=torch.bool)
+    m[:, 0] = False
+    target[:, half:half + nch * chunk] = m.reshape(-1)
+    return ids.to(device), target.to(device)
+
+
 def pretrain(S, dev, seed, ckpt, deadline, progress=True):
     """Adaptive-curriculum pretraining; resumes from ``ckpt`` (pretrain.pt). Returns the state
     dict (``done`` True once the last stage passed stop_acc and the cool-down ran)."""
@@ -119,7 +136,7 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
                             weight_decay=S["pre_wd"], fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(seed)
     st = {"step": 0, "stage": 0, "ema": 0.0, "n_in": 0, "cool": -1, "hist": [], "seconds": 0.0,
-          "done": False, "stage_steps": []}
+          "done": False, "stage_steps": [], "induction": S["ind_max_steps"] > 0}
     if os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
@@ -151,19 +168,24 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
     bar = Progress(S["pre_max_steps"], "pretrain", progress)
     bar.n = st["step"]
     while st["step"] < S["pre_max_steps"]:
-        n, p = stages[st["stage"]]
+        ind = st["induction"]
+        n, p = (S["ind_len"], 0) if ind else stages[st["stage"]]
         b = max(1, S["tokens"] // n)
         f = min(1.0, (st["step"] + 1) / warm)
         if st["cool"] >= 0:
             f *= max(0.05, 1.0 - st["cool"] / max(S["cool_steps"], 1))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        task = associative_recall(b, n, p, vocab=S["vocab"], generator=gen, device=dev)
+        if ind:
+            ids, ans = induction_batch(b, n, S["ind_vocab"], gen, dev)
+        else:
+            task = associative_recall(b, n, p, vocab=S["vocab"], generator=gen, device=dev)
+            ids, ans = task.ids, task.answer
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(task.ids)
-        m = task.answer[:, :-1]
+            logits = model(ids)
+        m = ans[:, :-1]
         lg = logits[:, :-1][m].float()
-        tgt = task.ids[:, 1:][m]
+        tgt = ids[:, 1:][m]
         loss = F.cross_entropy(lg, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,7 +200,13 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
                            "seq_len": n, "pairs": p, "lr": lr * f, "seconds": el})
         bar.update(1, loss=float(loss.detach()), acc=st["ema"], N=n, P=p)
         last = st["stage"] == len(stages) - 1
-        if st["cool"] >= 0:
+        if ind:
+            if (st["n_in"] >= 10 and st["ema"] >= S["ind_acc"]) or st["n_in"] >= S["ind_max_steps"]:
+                st["stage_steps"].append(["induction", S["ind_vocab"], st["step"], round(el, 1)])
+                log(f"pretrain: induction warm-up ends at step {st['step']} ({el:.0f} s), copy "
+                    f"accuracy {st['ema']:.3f}")
+                st["induction"], st["n_in"], st["ema"] = False, 0, 0.0
+        elif st["cool"] >= 0:
             st["cool"] += 1
             if st["cool"] >= S["cool_steps"]:
                 st["done"] = True
@@ -490,6 +518,7 @@ def report(R, S, dms, st, a, preset, dev_name, cdev, runs):
             f"Pretraining: {p['step']} steps, {p['seconds']:.0f} s, {S['tokens']} tokens per step, "
             f"curriculum (seq_len:pairs at step, seconds) "
             + ", ".join(f"{n}:{q} at {s} ({t:.0f} s)" for n, q, s, t in p["stage_steps"])
+            + f" (induction: copy task, vocab {S['ind_vocab']}, {S['ind_len']} tokens)"
             + ("" if p["done"] else " **(unfinished)**") + ".")
     lines.append(f"Retrofit: {a.mode} mode, {S['r_steps']} steps of {S['rbatch']} x {S['seq_len']} "
                  f"tokens, lr {S['r_lr']}, DMS window {S['window']}. Heuristics at each run's live "
