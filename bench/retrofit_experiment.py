@@ -11,8 +11,8 @@ so running the same command again continues where the last one stopped):
    (dms_ext.retrofit.associative_recall: P key-value bigrams scattered in random filler, then P
    queries) with an adaptive curriculum: stages (seq_len:pairs) from 64 tokens / 8 pairs up to
    the full size; a stage is left once the running answer accuracy passes ``adv_acc``; the last
-   one runs until ``stop_acc`` (or, past ``pre_cap_s`` seconds, ``adv_acc``), then ``cool_steps``
-   of decaying LR. Loss on the answer positions
+   one runs until ``stop_acc`` (or, after ``last_max_steps`` steps there or ``pre_cap_s`` seconds
+   in all, ``adv_acc``), then ``cool_steps`` of LR decaying to 5%. Loss on the answer positions
    only (filler is unpredictable noise). A 64-token stage learns the recall circuit in a few
    hundred steps; each longer stage only sharpens its attention. Checkpoint: ckpt/pretrain.pt
    (weights, optimizer, generator, curriculum state), every ``save_every_s`` and at the budget.
@@ -54,16 +54,16 @@ from dms_ext.retrofit import (Progress, RetrofitConfig, accuracy_cache,  # noqa:
                               accuracy_dense, accuracy_heuristic, associative_recall,
                               plot_history, retrofit)
 
-FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=128, layers=4, heads=4, kv_heads=2,
+FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=128, layers=4, heads=8, kv_heads=2,
             head_dim=64, intermediate=512, window=64,
             stages="64:8,128:16,256:32,512:64,1024:64,2048:64", tokens=32768, pre_lr=3e-3,
             pre_wd=0.05, adv_acc=0.9, stop_acc=0.99, cool_steps=200, pre_max_steps=20000,
-            pre_cap_s=300.0, ind_vocab=128, ind_len=64, ind_acc=0.8, ind_max_steps=1500,
+            pre_cap_s=300.0, last_max_steps=600, ind_vocab=128, ind_len=64, ind_acc=0.8, ind_max_steps=1500,
             save_every_s=60.0, rbatch=8, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
             r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32, block_size=64)
 # CPU: learns recall at 512 tokens / 32 pairs in a few minutes on one core.
 SMALL = dict(FULL, seq_len=512, pairs=32, stages="64:8,128:16,256:32,512:32", tokens=4096,
-             hidden=128, layers=2, intermediate=256, window=16, rbatch=4, r_steps=300,
+             hidden=128, layers=2, heads=4, intermediate=256, window=16, rbatch=4, r_steps=300,
              eval_batch=16, block_size=16, save_every_s=120.0, pre_cap_s=None)
 # Smoke run: every path, nothing learned.
 TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=32, head_dim=16, intermediate=64,
@@ -132,16 +132,26 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
     dict (``done`` True once the last stage passed stop_acc and the cool-down ran)."""
     stages = stages_of(S)
     model = DMSForCausalLM(model_config(S)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=S["pre_lr"], betas=(0.9, 0.95),
-                            weight_decay=S["pre_wd"], fused=dev.type == "cuda")
+    # No weight decay on the norm gains (1-D): with q/k RMSNorm they bound the attention logits,
+    # and recall over N tokens needs logit margins of about log N; decay held them back.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": S["pre_wd"]},
+                             {"params": keep, "weight_decay": 0.0}], lr=S["pre_lr"],
+                            betas=(0.9, 0.95), fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(seed)
     st = {"step": 0, "stage": 0, "ema": 0.0, "n_in": 0, "cool": -1, "hist": [], "seconds": 0.0,
           "done": False, "stage_steps": [], "induction": S["ind_max_steps"] > 0}
     if os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("cfg") != asdict(model.cfg):
+            raise ValueError(f"{ckpt}: written for another model ({saved.get('cfg')}); use "
+                             "another --ckpt-dir or the same sizes")
         model.load_state_dict(saved["model"])
-        if saved.get("opt") is not None:
+        if saved.get("opt") is not None and len(saved["opt"]["param_groups"]) == len(opt.param_groups):
             opt.load_state_dict(saved["opt"])
+        elif saved.get("opt") is not None:
+            log("pretrain: saved optimizer state has other parameter groups: fresh optimizer")
         gen.set_state(saved["gen"])
         st = saved["state"]
         if st["done"]:
@@ -210,10 +220,11 @@ def pretrain(S, dev, seed, ckpt, deadline, progress=True):
             st["cool"] += 1
             if st["cool"] >= S["cool_steps"]:
                 st["done"] = True
-        elif (last and S["pre_cap_s"] is not None and el > S["pre_cap_s"]
-              and st["ema"] >= S["adv_acc"]):
+        elif (last and st["ema"] >= S["adv_acc"]
+              and ((S["pre_cap_s"] is not None and el > S["pre_cap_s"])
+                   or st["n_in"] >= S["last_max_steps"])):
             st["stage_steps"].append([n, p, st["step"], round(el, 1)])
-            log(f"pretrain: time cap {S['pre_cap_s']:.0f} s at step {st['step']}, running accuracy "
+            log(f"pretrain: {st['n_in']} steps at full size ({el:.0f} s), running accuracy "
                 f"{st['ema']:.3f} < stop_acc: cool-down now")
             st["cool"] = 0
         elif st["n_in"] >= 10 and st["ema"] >= (S["stop_acc"] if last else S["adv_acc"]):
