@@ -2,7 +2,8 @@
 
     python bench/retrofit_experiment.py --seed 0 --out $OUT/results --ckpt-dir $OUT/ckpt --budget-s 450
     python bench/retrofit_experiment.py --small --seed 0     # CPU: 512 tokens, 32 pairs
-    python bench/retrofit_experiment.py --tiny --seed 0      # CPU smoke run (about a minute)
+    python bench/retrofit_experiment.py --tiny --seed 0      # CPU smoke run (seconds)
+    bash bench/retrofit_gpu.sh 450                           # on the H200: build, run, resume
 
 Phases (``--phase pretrain|retrofit|eval|report|all``; each resumes from what --ckpt-dir holds,
 so running the same command again continues where the last one stopped):
@@ -365,7 +366,7 @@ def main(argv=None) -> int:
         R["params"] = nparam
         dump()
     sets = eval_sets(S, a.seed, dev)
-    if st is not None and st["done"] and not R["vanilla"].get("eval"):
+    if st is not None and st["done"] and "eval" not in R["vanilla"]:
         for k, task in sets.items():
             R["vanilla"][k] = accuracy_dense(vanilla, task, "causal", batch=S["eval_batch"])
         log(f"vanilla: accuracy {R['vanilla']['eval']:.4f} on the unseen set, "
