@@ -1,34 +1,42 @@
 """Retrofit DMS into a small model, and compare learned eviction with training-free heuristics.
 
-    python bench/retrofit_experiment.py --seed 0            # the H200 run (~8 minutes)
-    python bench/retrofit_experiment.py --small --seed 0    # CPU run that learns (~10-15 min)
-    python bench/retrofit_experiment.py --tiny --seed 0     # CPU smoke run (< 2 minutes)
+    python bench/retrofit_experiment.py --seed 0 --out $OUT/results --ckpt-dir $OUT/ckpt --budget-s 450
+    python bench/retrofit_experiment.py --small --seed 0     # CPU: 512 tokens, 32 pairs
+    python bench/retrofit_experiment.py --tiny --seed 0      # CPU smoke run (seconds)
+    bash bench/retrofit_gpu.sh 450                           # on the H200: build, run, resume
 
-1. Pretrain a small Qwen3-style decoder from scratch: first on dense induction data (random
-   tokens whose second half copies chunks of the first half) until an induction head forms,
-   then on multi-query associative recall hidden in filler (dms_ext.retrofit.associative_recall):
-   N-token sequences with P (key, value) bigrams scattered among random filler, then P queries;
-   only 2P tokens of the context matter. (On recall data alone, small models sit for thousands
-   of steps at "copy some value of the context"; after the induction phase recall is learned
-   in tens of steps.)
-2. For each target compression ratio (default 4 and 8): convert the model to DMS (borrowed
-   neuron by default) and retrofit it for at most 1000 steps against the frozen model
-   (dms_ext.retrofit.retrofit: logistic-noise relaxation, KL + one-sided hinge).
-3. Evaluate on held-out sequences: the vanilla model (dense causal), DMS through DMSCache and
-   the dms kernels (prefill the context, decode the queries one token at a time), and sliding
-   window / H2O / TOVA at the same live-token budget per head (the mean DMS keeps, rounded
-   up), with greedy next-token accuracy at the answer positions.
-4. Write bench/results/retrofit_<date>.md (table, sizes, wall times), the per-step logs (TSV),
-   and a PNG of the curves (when matplotlib is installed). Checkpoints (dms_ext.models
-   save_pretrained folders) go to --ckpt-dir.
+Phases (``--phase pretrain|retrofit|eval|report|all``; each resumes from what --ckpt-dir holds,
+so running the same command again continues where the last one stopped):
 
-Every size and schedule entry of a preset can be changed with --set KEY=VALUE (e.g.
---set r_steps=600 --set r_evict_lr=1e-5); --vanilla DIR skips pretraining.
+1. pretrain: a small Qwen3-style decoder from scratch on multi-query associative recall
+   (dms_ext.retrofit.associative_recall: P key-value bigrams scattered in random filler, then P
+   queries) with an adaptive curriculum: stages (seq_len:pairs) from 64 tokens / 8 pairs up to
+   the full size; a stage is left once the running answer accuracy passes ``adv_acc``; the last
+   one runs until ``stop_acc`` (or, after ``last_max_steps`` steps there or ``pre_cap_s`` seconds
+   in all, ``adv_acc``), then ``cool_steps`` of LR decaying to 5%. Loss on the answer positions
+   only (filler is unpredictable noise). A 64-token stage learns the recall circuit in a few
+   hundred steps; each longer stage only sharpens its attention. Checkpoint: ckpt/pretrain.pt
+   (weights, optimizer, generator, curriculum state), every ``save_every_s`` and at the budget.
+2. retrofit: for each run of --runs (variant:CR, default borrowed and adapter at CR 4 and 8):
+   convert the vanilla model to DMS and retrofit it (dms_ext.retrofit.retrofit: logistic-noise
+   relaxation, KL + one-sided hinge) for ``r_steps``. Finished runs go to ckpt/dms.pt (bf16).
+3. eval: vanilla (dense causal), each DMS run through DMSCache and the dms kernels (prefill the
+   context, decode the queries), and sliding window / H2O / TOVA at that run's live KV (mean
+   live tokens per head, rounded up), on two sets: "eval" (a seed never used while tuning,
+   >= 1024 answers) and "tune" (the set the settings were tuned on, reported separately).
+   Results accumulate in <out>/retrofit_<preset>.json.
+4. report: <out>/retrofit_<preset>.md (header: GPU, sequence length), one TSV of every
+   per-step log, and (matplotlib) the training curves and accuracy against CR.
+
+--budget-s: wall-clock budget of this invocation; pretraining saves and exits before it, a
+retrofit is not started (or is abandoned after 10 steps) when its projected end is past it.
+Every preset entry can be changed with --set KEY=VALUE.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -43,27 +51,27 @@ sys.path.insert(0, ROOT)
 
 import dms_ext  # noqa: E402,F401  (loads the op library)
 from dms_ext.models import DMSForCausalLM, ModelConfig, convert_to_dms  # noqa: E402
-from dms_ext.retrofit import (Progress, Recall, RetrofitConfig, accuracy_cache,  # noqa: E402
+from dms_ext.retrofit import (Progress, RetrofitConfig, accuracy_cache,  # noqa: E402
                               accuracy_dense, accuracy_heuristic, associative_recall,
-                              plot_history, retrofit, write_log)
+                              plot_history, retrofit)
 
-FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=384, layers=6, heads=8, kv_heads=2,
-            head_dim=64, intermediate=1536, window=64, batch=32, rbatch=8, pre_steps=1500,
-            ind_steps=600, ind_len=256, pre_lr=1e-3, pre_cap_s=240.0, curr_start=384,
-            curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
-            r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=64, eval_batch=32,
-            block_size=64)
-# CPU presets. SMALL learns the task and the retrofit for real (about 10-15 minutes on 2 cores);
-# TINY only exercises every path (under 2 minutes; its model is too small to learn recall).
-SMALL = dict(seq_len=256, pairs=8, vocab=128, hidden=128, layers=2, heads=4, kv_heads=2,
-             head_dim=32, intermediate=256, window=8, batch=64, rbatch=16, pre_steps=300,
-             ind_steps=300, ind_len=64, pre_lr=2e-3, pre_cap_s=None, curr_start=64,
-             curr_frac=0.4, r_steps=800, r_lr=5e-4, r_evict_lr=None, r_margin=0.0,
-             r_answer_weight=0.0, r_hinge=1.0, r_hinge_adapt=0.0, eval_seqs=32, eval_batch=32,
-             block_size=16)
-TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=64, head_dim=16, intermediate=128,
-            batch=16, ind_steps=100, pre_steps=300, pre_lr=3e-3, r_steps=60, r_lr=1e-3,
-            eval_seqs=8, eval_batch=8)
+FULL = dict(seq_len=2048, pairs=64, vocab=512, hidden=128, layers=4, heads=8, kv_heads=2,
+            head_dim=64, intermediate=512, window=64,
+            stages="64:8,128:16,256:32,512:64,1024:64,2048:64", tokens=32768, pre_lr=3e-3,
+            pre_wd=0.05, adv_acc=0.9, stop_acc=0.99, cool_steps=200, pre_max_steps=20000,
+            pre_cap_s=300.0, last_max_steps=600, ind_vocab=128, ind_len=64, ind_acc=0.8, ind_max_steps=1500,
+            save_every_s=60.0, rbatch=8, r_steps=1000, r_lr=5e-4, r_evict_lr=5e-5, r_margin=0.0,
+            r_hinge=1.0, r_hinge_adapt=0.05, eval_seqs=32, eval_batch=32, block_size=64)
+# CPU: learns recall at 512 tokens / 32 pairs in a few minutes on one core.
+SMALL = dict(FULL, seq_len=512, pairs=32, stages="64:8,128:16,256:32,512:32", tokens=4096,
+             hidden=128, layers=2, heads=4, intermediate=256, window=16, rbatch=4, r_steps=300,
+             eval_batch=16, block_size=16, save_every_s=120.0, pre_cap_s=None)
+# Smoke run: every path, nothing learned.
+TINY = dict(SMALL, seq_len=128, pairs=6, vocab=64, hidden=32, head_dim=16, intermediate=64,
+            stages="64:4,128:6", tokens=512, pre_max_steps=30, cool_steps=5, r_steps=12,
+            window=8, eval_seqs=8, eval_batch=8, rbatch=2, ind_vocab=64, ind_max_steps=8)
+PRESETS = {"full": FULL, "small": SMALL, "tiny": TINY}
+TUNE_SEED, EVAL_SEED = 10_000, 424_242     # data seeds (+ --seed): tuning set, unseen set
 
 
 def log(msg: str) -> None:
@@ -75,10 +83,38 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def stages_of(S):
+    st = [tuple(int(x) for x in s.split(":")) for s in S["stages"].split(",") if s]
+    if st[-1] != (S["seq_len"], S["pairs"]):
+        st.append((S["seq_len"], S["pairs"]))
+    return st
+
+
+def model_config(S) -> ModelConfig:
+    return ModelConfig(hidden=S["hidden"], layers=S["layers"], heads=S["heads"],
+                       kv_heads=S["kv_heads"], head_dim=S["head_dim"], vocab=S["vocab"],
+                       window=S["window"], intermediate=S["intermediate"],
+                       max_position=max(S["seq_len"], 256))
+
+
+def _save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _model_from(entry, dev) -> DMSForCausalLM:
+    m = DMSForCausalLM(ModelConfig(**entry["cfg"]))
+    m.load_state_dict({k: v.float() for k, v in entry["model"].items()})
+    return m.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------- 1. pretraining
+
 def induction_batch(batch, seq_len, vocab, generator, device, chunk=8):
-    """Random tokens whose second half is made of chunks copied from random places of the
-    first half; targets: every copied token but the first of its chunk. Dense, content-based
-    induction signal (a copy's source offset varies, so no positional shortcut)."""
+    """Random tokens of [1, vocab) whose second half is made of chunks copied from random places
+    of the first half; targets: every copied token but the first of its chunk (content-based
+    induction: a copy's source offset varies, so no positional shortcut)."""
     half = seq_len // 2
     ids = torch.randint(1, vocab, (batch, seq_len), generator=generator)
     nch = (seq_len - half) // chunk
@@ -92,305 +128,483 @@ def induction_batch(batch, seq_len, vocab, generator, device, chunk=8):
     return ids.to(device), target.to(device)
 
 
-def pretrain(model, S, dev, gen, steps, lr, desc="pretrain", stop_acc=0.99):
-    """Phase 1 (at most ind_steps): induction batches only, until the copy accuracy passes 0.9.
-    Recall needs an induction head (find the earlier occurrence of the query key, copy the
-    token after it); on recall data alone a small model sits for thousands of steps on the
-    plateau of "copy some value of the context", while dense induction data forms the head in
-    a few hundred steps at a large batch.
-    Phase 2: recall batches (plus 1 in 5 induction batches), LM loss on every position plus the
-    mean loss of the answer positions (the only ones that need memory). The sequences grow from
-    curr_start to seq_len tokens over the first curr_frac of the steps (same pairs, more filler,
-    same tokens per step). Stops once the running answer accuracy at full length passes
-    stop_acc, or after pre_cap_s seconds (both phases)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=dev.type == "cuda")
-    warm = max(steps // 20, 10)
-    n_full, n0 = S["seq_len"], min(S["curr_start"], S["seq_len"])
-    ramp = int(S["curr_frac"] * steps)
-    tokens = S["batch"] * n_full
-    hist = []
-    t0 = time.perf_counter()
-    model.train()
+def pretrain(S, dev, seed, ckpt, deadline, progress=True):
+    """Adaptive-curriculum pretraining; resumes from ``ckpt`` (pretrain.pt). Returns the state
+    dict (``done`` True once the last stage passed stop_acc and the cool-down ran)."""
+    stages = stages_of(S)
+    model = DMSForCausalLM(model_config(S)).to(dev)
+    # No weight decay on the norm gains (1-D): with q/k RMSNorm they bound the attention logits,
+    # and recall over N tokens needs logit margins of about log N; decay held them back.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": S["pre_wd"]},
+                             {"params": keep, "weight_decay": 0.0}], lr=S["pre_lr"],
+                            betas=(0.9, 0.95), fused=dev.type == "cuda")
+    gen = torch.Generator().manual_seed(seed)
+    st = {"step": 0, "stage": 0, "ema": 0.0, "n_in": 0, "cool": -1, "hist": [], "seconds": 0.0,
+          "done": False, "stage_steps": [], "induction": S["ind_max_steps"] > 0}
+    if os.path.exists(ckpt):
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("cfg") != asdict(model.cfg):
+            raise ValueError(f"{ckpt}: written for another model ({saved.get('cfg')}); use "
+                             "another --ckpt-dir or the same sizes")
+        model.load_state_dict(saved["model"])
+        if saved.get("opt") is not None and len(saved["opt"]["param_groups"]) == len(opt.param_groups):
+            opt.load_state_dict(saved["opt"])
+        elif saved.get("opt") is not None:
+            log("pretrain: saved optimizer state has other parameter groups: fresh optimizer")
+        gen.set_state(saved["gen"])
+        st = saved["state"]
+        if st["done"]:
+            return st, model.eval()
+        log(f"pretrain: resumed at step {st['step']}, stage {stages[st['stage']]}, "
+            f"running accuracy {st['ema']:.3f}")
 
-    def step_on(ids, target, lm_weight):
-        b = ids.shape[0]
+    def save():
+        # Adam moments in bf16 (load_state_dict casts them back): the file must stay under the
+        # 16 MiB a device run returns; none once pretraining is done.
+        osd = None
+        if not st["done"]:
+            osd = opt.state_dict()
+            osd["state"] = {i: {k: (v.to(torch.bfloat16).cpu() if k.startswith("exp_avg") else v)
+                                for k, v in s.items()} for i, s in osd["state"].items()}
+        _save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "opt": osd, "gen": gen.get_state(), "state": st,
+               "cfg": asdict(model.cfg)}, ckpt)
+
+    model.train()
+    lr, warm = S["pre_lr"], 50
+    t0 = time.perf_counter() - st["seconds"]
+    t_save = time.perf_counter()
+    bar = Progress(S["pre_max_steps"], "pretrain", progress)
+    bar.n = st["step"]
+    while st["step"] < S["pre_max_steps"]:
+        ind = st["induction"]
+        n, p = (S["ind_len"], 0) if ind else stages[st["stage"]]
+        b = max(1, S["tokens"] // n)
+        f = min(1.0, (st["step"] + 1) / warm)
+        if st["cool"] >= 0:
+            f *= max(0.05, 1.0 - st["cool"] / max(S["cool_steps"], 1))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        if ind:
+            ids, ans = induction_batch(b, n, S["ind_vocab"], gen, dev)
+        else:
+            task = associative_recall(b, n, p, vocab=S["vocab"], generator=gen, device=dev)
+            ids, ans = task.ids, task.answer
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(ids)
-        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, S["vocab"]),
-                             ids[:, 1:].reshape(-1), reduction="none").view(b, -1)
-        tgt = target[:, :-1]
-        loss = ce[tgt].mean() + lm_weight * ce.mean()
+        m = ans[:, :-1]
+        lg = logits[:, :-1][m].float()
+        tgt = ids[:, 1:][m]
+        loss = F.cross_entropy(lg, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            acc = (logits[:, :-1].argmax(-1) == ids[:, 1:])[tgt].float().mean().item()
-        return float(loss.detach()), acc
-
-    # Phase 1: induction.
-    ind_len = S["ind_len"]
-    ind_batch = max(1, tokens // ind_len)
-    ema, n_ind = 0.0, 0
-    bar = Progress(S["ind_steps"], "induction")
-    for step in range(S["ind_steps"]):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warm)
-        ids, tgt = induction_batch(ind_batch, ind_len, S["vocab"], gen, dev)
-        loss, acc = step_on(ids, tgt, 0.0)
-        ema = acc if step == 0 else 0.9 * ema + 0.1 * acc
-        n_ind += 1
-        hist.append({"step": step + 1, "phase": "induction", "loss": loss, "acc": acc,
-                     "seq_len": ind_len, "seconds": time.perf_counter() - t0})
-        bar.update(1, loss=loss, acc=ema)
-        if ema >= 0.85 and step >= 30:
-            break
-    bar.close()
-    log(f"induction phase: {n_ind} steps, copy accuracy {ema:.3f}")
-
-    # Phase 2: recall.
-    ema, full_steps = 0.0, 0
-    bar = Progress(steps, desc)
-    for step in range(steps):
-        n = n_full if step >= ramp else min(n_full, -(-int(n0 + (n_full - n0) * step / ramp) // 64) * 64)
-        b = max(1, tokens // n)
-        # Constant after phase 1's warmup; the last 20% decays linearly to 10%.
-        f = min(1.0, max(0.1, (steps - step) / (0.2 * steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr * f
-        if step % 5 == 4:
-            ids, tgt = induction_batch(ind_batch, ind_len, S["vocab"], gen, dev)
-            step_on(ids, tgt, 0.0)
-            continue
-        task = associative_recall(b, n, S["pairs"], vocab=S["vocab"], generator=gen, device=dev)
-        loss, acc = step_on(task.ids, task.answer, S.get("lm_weight", 1.0))
-        ema = acc if step == 0 else 0.8 * ema + 0.2 * acc
-        full_steps += n == n_full
+        acc = (lg.argmax(-1) == tgt).float().mean().item()
+        st["step"] += 1
+        st["n_in"] += 1
+        st["ema"] = acc if st["n_in"] == 1 else 0.9 * st["ema"] + 0.1 * acc
         el = time.perf_counter() - t0
-        hist.append({"step": n_ind + step + 1, "phase": "recall", "loss": loss, "acc": acc,
-                     "seq_len": n, "seconds": el})
-        bar.update(1, loss=loss, acc=ema, N=n)
-        if ema >= stop_acc and full_steps >= 20:
-            log(f"{desc}: answer accuracy {ema:.4f} >= {stop_acc} at full length, step {step + 1}")
+        st["hist"].append({"step": st["step"], "loss": float(loss.detach()), "acc": acc,
+                           "seq_len": n, "pairs": p, "lr": lr * f, "seconds": el})
+        bar.update(1, loss=float(loss.detach()), acc=st["ema"], N=n, P=p)
+        last = st["stage"] == len(stages) - 1
+        if ind:
+            if (st["n_in"] >= 10 and st["ema"] >= S["ind_acc"]) or st["n_in"] >= S["ind_max_steps"]:
+                st["stage_steps"].append(["induction", S["ind_vocab"], st["step"], round(el, 1)])
+                log(f"pretrain: induction warm-up ends at step {st['step']} ({el:.0f} s), copy "
+                    f"accuracy {st['ema']:.3f}")
+                st["induction"], st["n_in"], st["ema"] = False, 0, 0.0
+        elif st["cool"] >= 0:
+            st["cool"] += 1
+            if st["cool"] >= S["cool_steps"]:
+                st["done"] = True
+        elif (last and st["ema"] >= S["adv_acc"]
+              and ((S["pre_cap_s"] is not None and el > S["pre_cap_s"])
+                   or st["n_in"] >= S["last_max_steps"])):
+            st["stage_steps"].append([n, p, st["step"], round(el, 1)])
+            log(f"pretrain: {st['n_in']} steps at full size ({el:.0f} s), running accuracy "
+                f"{st['ema']:.3f} < stop_acc: cool-down now")
+            st["cool"] = 0
+        elif st["n_in"] >= 10 and st["ema"] >= (S["stop_acc"] if last else S["adv_acc"]):
+            st["stage_steps"].append([n, p, st["step"], round(el, 1)])
+            log(f"pretrain: stage {n}:{p} passed at step {st['step']} ({el:.0f} s), "
+                f"running accuracy {st['ema']:.3f}")
+            if last:
+                st["cool"] = 0
+            else:
+                st["stage"] += 1
+                st["n_in"], st["ema"] = 0, 0.0
+        st["seconds"] = el
+        if st["done"]:
             break
-        if S["pre_cap_s"] is not None and el > S["pre_cap_s"]:
-            log(f"{desc}: time cap {S['pre_cap_s']:.0f} s reached at step {step + 1} "
-                f"(N {n}, running accuracy {ema:.4f})")
+        now = time.perf_counter()
+        if deadline is not None and now > deadline:
+            log(f"pretrain: budget reached at step {st['step']}; saved, run again to resume")
             break
+        if now - t_save > S["save_every_s"]:
+            save()
+            t_save = now
     bar.close()
-    model.eval()
-    return hist
+    if not st["done"] and st["step"] >= S["pre_max_steps"]:
+        log(f"pretrain: pre_max_steps {S['pre_max_steps']} reached before stop_acc")
+        st["done"] = True
+    save()
+    return st, model.eval()
 
+
+# ----------------------------------------------------------------------------- helpers
+
+def eval_sets(S, seed, dev):
+    mk = lambda s: associative_recall(S["eval_seqs"], S["seq_len"], S["pairs"], vocab=S["vocab"],
+                                      generator=torch.Generator().manual_seed(s), device=dev)
+    return {"eval": mk(EVAL_SEED + seed), "tune": mk(TUNE_SEED + seed)}
+
+
+def parse_runs(s):
+    out = []
+    for r in s.split(","):
+        v, _, cr = r.partition(":")
+        if v not in ("borrowed", "adapter") or not cr:
+            raise ValueError(f"--runs: expected variant:CR items (borrowed / adapter), got {r!r}")
+        out.append((v, float(cr)))
+    return out
+
+
+def run_name(v, cr):
+    return f"{v}_cr{cr:g}"
+
+
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run (under 2 minutes)")
-    ap.add_argument("--small", action="store_true",
-                    help="CPU run that learns for real (about 10-15 minutes on 2 cores)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run")
+    ap.add_argument("--small", action="store_true", help="CPU run that learns (512 tokens)")
+    ap.add_argument("--phase", default="all", choices=("pretrain", "retrofit", "eval", "report", "all"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--crs", default="4,8", help="target compression ratios, comma separated")
-    ap.add_argument("--variant", default="borrowed", choices=("borrowed", "adapter"))
+    ap.add_argument("--runs", default="borrowed:4,borrowed:8,adapter:4,adapter:8",
+                    help="retrofits, variant:CR comma separated")
     ap.add_argument("--mode", default="full", choices=("full", "adapter"))
-    ap.add_argument("--pretrain-steps", type=int, default=None)
-    ap.add_argument("--pretrain-cap", type=float, default=None,
-                    help="seconds of pretraining at most (default: 240 on the full run)")
-    ap.add_argument("--retrofit-steps", type=int, default=None, help="at most 1000 per CR")
-    ap.add_argument("--retrofit-lr", type=float, default=None)
-    ap.add_argument("--eval-seqs", type=int, default=None)
-    ap.add_argument("--window", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--pairs", type=int, default=None)
-    ap.add_argument("--cache-device", default=None,
-                    help="device of the DMSCache (default: the model's when the dms ops have "
-                         "kernels there, else cpu)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock seconds for this invocation (saves and exits before)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--ckpt-dir", default=None,
-                    help="checkpoints (default: $OUT/retrofit_ckpt or /tmp/retrofit_ckpt)")
-    ap.add_argument("--vanilla", default=None,
-                    help="load this vanilla checkpoint (a save_pretrained folder) instead of pretraining")
+    ap.add_argument("--ckpt-dir", default=None, help="default: <out>/ckpt")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a size / schedule entry of the preset (repeatable)")
     a = ap.parse_args(argv)
-
     t_start = time.perf_counter()
-    S = dict(TINY if a.tiny else SMALL if a.small else FULL)
+    deadline = None if a.budget_s is None else t_start + a.budget_s
     preset = "tiny" if a.tiny else "small" if a.small else "full"
-    suffix = "" if preset == "full" else "_" + preset
+    S = dict(PRESETS[preset])
     for kv in a.set:
         k, _, v = kv.partition("=")
         if k not in S:
             ap.error(f"--set: unknown key {k!r} (known: {', '.join(S)})")
         S[k] = None if v == "None" else type(S[k] if S[k] is not None else 0.0)(v)
-    for k in ("window", "seq_len", "pairs"):
-        if getattr(a, k) is not None:
-            S[k] = getattr(a, k)
-    if a.pretrain_steps is not None:
-        S["pre_steps"] = a.pretrain_steps
-    if a.pretrain_cap is not None:
-        S["pre_cap_s"] = a.pretrain_cap
-    if a.retrofit_steps is not None:
-        S["r_steps"] = a.retrofit_steps
-    if a.retrofit_lr is not None:
-        S["r_lr"] = a.retrofit_lr
-    if a.eval_seqs is not None:
-        S["eval_seqs"] = a.eval_seqs
-    if S["r_steps"] > 1000:
-        ap.error("--retrofit-steps: at most 1000")
-    crs = [float(x) for x in a.crs.split(",") if x]
+    runs = parse_runs(a.runs)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cdev = torch.device(a.cache_device) if a.cache_device else dev
-    if a.cache_device is None and dev.type == "cuda":
-        has = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dms::{op}", "CUDA")
-                  for op in ("append", "sparse_prefill", "sparse_decode"))
-        if not has:
-            cdev = torch.device("cpu")
-            log("the dms ops have no CUDA kernels in this build: DMSCache runs on the CPU")
-    ckpt_root = a.ckpt_dir or os.path.join(os.environ.get("OUT", "/tmp"), "retrofit_ckpt")
+    cdev = dev
+    if dev.type == "cuda" and not all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"dms::{op}", "CUDA")
+            for op in ("append", "sparse_prefill", "sparse_decode")):
+        cdev = torch.device("cpu")
+        log("the dms ops have no CUDA kernels in this build: DMSCache runs on the CPU")
+    ckdir = a.ckpt_dir or os.path.join(a.out, "ckpt")
     os.makedirs(a.out, exist_ok=True)
+    os.makedirs(ckdir, exist_ok=True)
     torch.manual_seed(a.seed)
-    # logsigmoid(-z) and sigmoid(z) of strongly negative z land in float32 denormals, which
-    # slow CPU arithmetic by orders of magnitude; they carry no usable gradient anyway.
     torch.set_flush_denormal(True)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    gen = torch.Generator().manual_seed(a.seed)
-
-    cfg = ModelConfig(hidden=S["hidden"], layers=S["layers"], heads=S["heads"],
-                      kv_heads=S["kv_heads"], head_dim=S["head_dim"], vocab=S["vocab"],
-                      window=S["window"], intermediate=S["intermediate"],
-                      max_position=max(S["seq_len"], 256))
-    model = DMSForCausalLM(cfg).to(dev)
-    nparam = sum(p.numel() for p in model.parameters())
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    log(f"device {dev_name}; model {nparam / 1e6:.2f} M parameters; sizes {S}")
+    res_path = os.path.join(a.out, f"retrofit_{preset}.json")
+    R = {"runs": {}, "heur": {}, "vanilla": {}}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            R.update(json.load(f))
+    R.update(device=dev_name, preset=preset, seed=a.seed, sizes=S, torch=torch.__version__)
+    R.setdefault("invocations", []).append({"argv": sys.argv[1:] if argv is None else argv})
+    inv = R["invocations"][-1]
 
-    # 1. vanilla model from scratch
-    t = time.perf_counter()
-    if a.vanilla:
-        model = DMSForCausalLM.from_pretrained(a.vanilla).to(dev).eval()
-        pre_hist = []
-        log(f"loaded the vanilla model from {a.vanilla}")
-    else:
-        pre_hist = pretrain(model, S, dev, gen, S["pre_steps"], S["pre_lr"])
-        model.save_pretrained(os.path.join(ckpt_root, "vanilla"))
-    sync(dev)
-    t_pre = time.perf_counter() - t
-    eval_task = associative_recall(S["eval_seqs"], S["seq_len"], S["pairs"], vocab=S["vocab"],
-                                   generator=torch.Generator().manual_seed(a.seed + 10_000),
-                                   device=dev)
-    acc_vanilla = accuracy_dense(model, eval_task, "causal", batch=S["eval_batch"])
-    log(f"pretrained in {t_pre:.0f} s ({len(pre_hist)} steps): vanilla accuracy {acc_vanilla:.4f}")
+    def left():
+        return math.inf if deadline is None else deadline - time.perf_counter()
 
-    rows, runs, times = [], {"pretrain": pre_hist}, {"pretrain": t_pre}
-    for cr in crs:
-        # 2. retrofit
-        torch.manual_seed(a.seed + int(cr * 100))
-        student = convert_to_dms(model, a.variant)
-        rcfg = RetrofitConfig(target_cr=cr, steps=S["r_steps"], mode=a.mode, lr=S["r_lr"],
-                              evict_lr=S["r_evict_lr"], target_margin=S["r_margin"],
-                              hinge_weight=S["r_hinge"], hinge_adapt=S["r_hinge_adapt"])
-        rgen = torch.Generator().manual_seed(a.seed + 1 + int(cr * 100))
+    def dump():
+        inv["seconds"] = time.perf_counter() - t_start
+        with open(res_path + ".tmp", "w") as f:
+            json.dump(R, f, indent=1)
+        os.replace(res_path + ".tmp", res_path)
 
-        def data(step, rgen=rgen):
-            task = associative_recall(S["rbatch"], S["seq_len"], S["pairs"], vocab=S["vocab"],
-                                      generator=rgen, device=dev)
-            w = None
-            if S["r_answer_weight"] > 0:
-                # Per-token KL, with the answer positions (the only ones whose teacher output
-                # depends on distant tokens) weighted up.
-                w = 1.0 + S["r_answer_weight"] * task.answer.float()
-            return task.ids, w
+    log(f"device {dev_name}; preset {preset}; sequence length {S['seq_len']}; sizes {S}")
+    phases = ("pretrain", "retrofit", "eval", "report") if a.phase == "all" else (a.phase,)
+    prog = not a.no_progress
 
-        t = time.perf_counter()
-        hist = retrofit(student, model, data, rcfg, ckpt_dir=os.path.join(ckpt_root, f"dms_cr{cr:g}"),
-                        desc=f"retrofit CR {cr:g}")
-        sync(dev)
-        t_r = time.perf_counter() - t
-        runs[f"CR {cr:g}"] = hist
-        times[f"retrofit CR {cr:g}"] = t_r
-        write_log(hist, os.path.join(a.out, f"retrofit{suffix}_cr{cr:g}_log.tsv"))
-        log(f"retrofit CR {cr:g}: {t_r:.0f} s, final KL {hist[-1]['kl']:.4g}, "
-            f"decisions {hist[-1]['evict_hard']:.3f}, est. CR {hist[-1]['cr_est']:.2f}")
+    # 1. pretraining
+    pre_ckpt = os.path.join(ckdir, "pretrain.pt")
+    st, vanilla = None, None
+    if "pretrain" in phases or os.path.exists(pre_ckpt):
+        if "pretrain" in phases:
+            t = time.perf_counter()
+            st, vanilla = pretrain(S, dev, a.seed, pre_ckpt, None if deadline is None else deadline - 5, prog)
+            sync(dev)
+            inv["pretrain_s"] = time.perf_counter() - t
+        else:
+            saved = torch.load(pre_ckpt, map_location="cpu", weights_only=False)
+            st, vanilla = saved["state"], _model_from(saved, dev)
+        nparam = sum(p.numel() for p in vanilla.parameters())
+        R["pretrain"] = {k: st[k] for k in ("step", "seconds", "done", "stage_steps", "ema")}
+        R["params"] = nparam
+        dump()
+    sets = eval_sets(S, a.seed, dev)
+    if st is not None and st["done"] and "eval" not in R["vanilla"]:
+        for k, task in sets.items():
+            R["vanilla"][k] = accuracy_dense(vanilla, task, "causal", batch=S["eval_batch"])
+        log(f"vanilla: accuracy {R['vanilla']['eval']:.4f} on the unseen set, "
+            f"{R['vanilla']['tune']:.4f} on the tuning set ({S['eval_seqs'] * S['pairs']} answers each)")
+        dump()
+    ready = st is not None and st["done"]
+    if ready and R["vanilla"].get("eval", 0) < 0.95:
+        log(f"WARNING: vanilla accuracy {R['vanilla']['eval']:.4f} < 0.95: the retrofit "
+            "comparison measures little")
 
-        # 3. evaluation
-        t = time.perf_counter()
-        acc_mask = accuracy_dense(student, eval_task, "dms", batch=S["eval_batch"])
-        res = accuracy_cache(student, eval_task, batch=S["eval_batch"], block_size=S["block_size"],
-                             device=cdev)
-        budget = int(math.ceil(res["live"]))
-        row = {"cr_target": cr, "dms_mask": acc_mask, "dms": res["acc"], "dms_cr": res["cr"],
-               "live": res["live"], "live_max": res["live_max"], "budget": budget}
-        log(f"DMS CR {cr:g}: cache accuracy {res['acc']:.4f} (dense mask {acc_mask:.4f}), "
-            f"measured CR {res['cr']:.2f}, live {res['live']:.1f} per head (max {res['live_max']})")
-        for pol in ("window", "h2o", "tova"):
-            # One lockstep batch on the GPU: the heuristics run a Python loop per token.
-            hb = S["eval_seqs"] if dev.type == "cuda" else S["eval_batch"]
-            h = accuracy_heuristic(model, eval_task, pol, budget, batch=hb)
-            row[pol] = h["acc"]
-            log(f"  {pol:6s} at budget {budget}: accuracy {h['acc']:.4f} ({h['seconds']:.0f} s)")
-        times[f"eval CR {cr:g}"] = time.perf_counter() - t
-        rows.append(row)
+    # 2. retrofits
+    dms_ckpt = os.path.join(ckdir, "dms.pt")
+    dms = torch.load(dms_ckpt, map_location="cpu", weights_only=False) if os.path.exists(dms_ckpt) else {}
+    if "retrofit" in phases and ready:
+        for v, cr in runs:
+            name = run_name(v, cr)
+            if name in dms:
+                continue
+            est = max((e["seconds"] for e in dms.values()), default=0.0) * 1.1
+            if est > left():
+                log(f"retrofit {name}: about {est:.0f} s needed, {left():.0f} s left: stopping here")
+                break
+            torch.manual_seed(a.seed + int(cr * 100))
+            student = convert_to_dms(vanilla, v)
+            rcfg = RetrofitConfig(target_cr=cr, steps=S["r_steps"], mode=a.mode, lr=S["r_lr"],
+                                  evict_lr=S["r_evict_lr"], target_margin=S["r_margin"],
+                                  hinge_weight=S["r_hinge"], hinge_adapt=S["r_hinge_adapt"],
+                                  progress=prog)
+            rgen = torch.Generator().manual_seed(a.seed + 1 + int(cr * 100))
 
-    wall = time.perf_counter() - t_start
+            def data(step, rgen=rgen):
+                task = associative_recall(S["rbatch"], S["seq_len"], S["pairs"], vocab=S["vocab"],
+                                          generator=rgen, device=dev)
+                return task.ids, None
+
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = time.perf_counter()
+            hist = retrofit(student, vanilla, data, rcfg, desc=f"retrofit {name}",
+                            deadline=None if deadline is None else deadline - 10)
+            sync(dev)
+            t_r = time.perf_counter() - t
+            if hist is None:
+                log(f"retrofit {name}: would end past the budget; abandoned (run again to resume)")
+                break
+            peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+            # Tokens/s of the steps after the first 10 (compilation, warm-up).
+            k = min(10, len(hist) - 1)
+            tps = (S["rbatch"] * S["seq_len"] * (len(hist) - k)
+                   / max(hist[-1]["seconds"] - hist[k - 1]["seconds"], 1e-9)) if k > 0 else 0.0
+            dms[name] = {"model": {kk: vv.detach().to("cpu", torch.bfloat16)
+                                   for kk, vv in student.state_dict().items()},
+                         "cfg": asdict(student.cfg), "hist": hist, "seconds": t_r,
+                         "tokens_per_s": tps, "peak_mem": peak, "variant": v, "cr": cr}
+            _save(dms, dms_ckpt)
+            R["runs"].setdefault(name, {}).update(
+                variant=v, cr_target=cr, seconds=t_r, tokens_per_s=tps, peak_mem=peak,
+                steps=len(hist), kl=hist[-1]["kl"], cr_est=hist[-1]["cr_est"])
+            dump()
+            log(f"retrofit {name}: {t_r:.0f} s ({tps:.0f} tokens/s), final KL {hist[-1]['kl']:.4g}, "
+                f"est. CR {hist[-1]['cr_est']:.2f}")
+
+    # 3. evaluation
+    if "eval" in phases and ready:
+        for name, e in dms.items():
+            r = R["runs"].setdefault(name, {"variant": e["variant"], "cr_target": e["cr"]})
+            if "eval" in r and "tune" in r:
+                continue
+            if left() < 30:
+                log("eval: budget reached; run again to resume")
+                break
+            student = _model_from(e, dev)
+            for k, task in sets.items():
+                res = accuracy_cache(student, task, batch=S["eval_batch"], block_size=S["block_size"],
+                                     device=cdev)
+                res["dense_mask"] = accuracy_dense(student, task, "dms", batch=S["eval_batch"])
+                res["budget"] = int(math.ceil(res["live"]))
+                r[k] = res
+                log(f"DMS {name} [{k}]: accuracy {res['acc']:.4f}, measured CR {res['cr']:.2f}, "
+                    f"live {res['live']:.1f} per head (max {res['live_max']})")
+            dump()
+        for name, r in R["runs"].items():
+            for k, task in sets.items():
+                if k not in r:
+                    continue
+                b = r[k]["budget"]
+                h = R["heur"].setdefault(f"{k}_{b}", {})
+                for pol in ("window", "h2o", "tova"):
+                    if pol in h:
+                        continue
+                    if left() < 30:
+                        break
+                    hb = S["eval_seqs"] if dev.type == "cuda" else S["eval_batch"]
+                    h[pol] = accuracy_heuristic(vanilla, task, pol, b, batch=hb)["acc"]
+                    log(f"  {pol:6s} [{k}] at budget {b}: accuracy {h[pol]:.4f}")
+                dump()
+
+    names = [run_name(v, cr) for v, cr in runs]
+    R["complete"] = bool(ready and all(
+        "eval" in R["runs"].get(n, {}) and "tune" in R["runs"][n]
+        and all(len(R["heur"].get(f"{k}_{R['runs'][n][k]['budget']}", {})) == 3 for k in sets)
+        for n in names))
     # 4. report
-    date = datetime.date.today().isoformat()
-    png = os.path.join(a.out, f"retrofit_{date}{suffix}.png")
-    plotted = (not a.no_plot) and plot_history(runs, png)
-    write_log(pre_hist, os.path.join(a.out, f"retrofit{suffix}_pretrain_log.tsv"))
-    table = [
-        "| target CR | measured CR | live / head (max) | vanilla | DMS (cache) | DMS (dense mask) "
-        "| window | H2O | TOVA | DMS / vanilla | DMS - best heuristic |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        best = max(r["window"], r["h2o"], r["tova"])
-        table.append(
-            f"| {r['cr_target']:g} | {r['dms_cr']:.2f} | {r['live']:.1f} ({r['live_max']}) "
-            f"| {acc_vanilla:.4f} | {r['dms']:.4f} | {r['dms_mask']:.4f} | {r['window']:.4f} "
-            f"| {r['h2o']:.4f} | {r['tova']:.4f} | {100 * r['dms'] / max(acc_vanilla, 1e-9):.1f}% "
-            f"| {100 * (r['dms'] - best):+.1f} pts |")
-    lines = [
-        f"# DMS retrofit vs training-free eviction ({date}{'' if preset == 'full' else ', ' + preset})",
-        "",
-        f"Command: `python bench/retrofit_experiment.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        f"Device: {dev_name} (DMSCache on {cdev}); torch {torch.__version__}; seed {a.seed}; "
-        f"wall time {wall:.0f} s.",
-        "",
-        "Task: multi-query associative recall in filler: "
-        f"{S['seq_len']}-token sequences, {S['pairs']} key-value pairs scattered among random filler, "
-        f"then {S['pairs']} queries (key, value); {2 * S['pairs']} needed tokens "
-        f"({100 * 2 * S['pairs'] / S['seq_len']:.1f}% of the context). Accuracy: greedy next token at "
-        f"the {S['pairs']} answer positions of {S['eval_seqs']} held-out sequences.",
-        (f"Pretraining: {sum(r['phase'] == 'induction' for r in pre_hist)} induction steps "
-         f"({S['ind_len']}-token copy sequences), then {sum(r['phase'] == 'recall' for r in pre_hist)} "
-         f"logged recall steps (plus one induction step in five; curriculum {S['curr_start']} -> "
-         f"{S['seq_len']} tokens over {S['curr_frac']:.0%} of {S['pre_steps']} planned steps), "
-         f"{S['batch'] * S['seq_len']} tokens per step." if pre_hist else
-         f"Pretraining: skipped, vanilla model loaded from {a.vanilla}."),
-        f"Model: Qwen3-style, {cfg.layers} layers, hidden {cfg.hidden}, Hq {cfg.heads}, Hkv {cfg.kv_heads}, "
-        f"D {cfg.head_dim}, SwiGLU {cfg.intermediate}, vocab {cfg.vocab}, {nparam / 1e6:.2f} M parameters; "
-        f"DMS {a.variant} variant, window {cfg.window}, {a.mode} retrofit, {S['r_steps']} steps per CR.",
-        f"Heuristics at the DMS budget (mean live tokens per head, rounded up), plain torch, "
-        f"H2O with half the budget recent; measured CR = tokens / mean live tokens at the end.",
-        "",
-        *table,
-        "",
-        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f", total {wall:.0f}.",
-        "",
-        f"Curves: {'`' + os.path.basename(png) + '`' if plotted else '(matplotlib missing: no PNG)'}; "
-        f"per-step logs: `retrofit{suffix}_pretrain_log.tsv`, " +
-        ", ".join(f"`retrofit{suffix}_cr{cr:g}_log.tsv`" for cr in crs) + ".",
-    ]
-    md = os.path.join(a.out, f"retrofit_{date}{suffix}.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(table))
-    log(f"wrote {md}; total wall time {wall:.0f} s")
+    if "report" in phases:
+        report(R, S, dms, st, a, preset, dev_name, cdev, runs)
+    dump()
+    log(f"{'COMPLETE' if R['complete'] else 'INCOMPLETE (run the same command again to resume)'}; "
+        f"this invocation {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+def report(R, S, dms, st, a, preset, dev_name, cdev, runs):
+    date = datetime.date.today().isoformat()
+    base = os.path.join(a.out, f"retrofit_{preset}")
+    # One TSV of every per-step log, with a "run" column.
+    with open(base + "_logs.tsv", "w") as f:
+        logs = [("pretrain", st["hist"] if st else [])] + [(n, e["hist"]) for n, e in dms.items()]
+        keys = sorted({k for _, h in logs for r in h for k in r})
+        f.write("run\t" + "\t".join(keys) + "\n")
+        for n, h in logs:
+            for r in h:
+                f.write(n + "\t" + "\t".join(
+                    (f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k])) if k in r else ""
+                    for k in keys) + "\n")
+    png = None
+    if not a.no_plot:
+        # One PNG (a device run returns at most 8 files): accuracy against CR above the curves.
+        png = base + ".png"
+        ok = plot_history({"pretrain": st["hist"] if st else [],
+                           **{n: e["hist"] for n, e in dms.items()}}, png + ".curves.png")
+        ok = ok and plot_acc_cr(R, png + ".acc.png")
+        if ok:
+            import matplotlib.pyplot as plt
+            import numpy as np
+            ims = [plt.imread(png + ".acc.png"), plt.imread(png + ".curves.png")]
+            w = max(i.shape[1] for i in ims)
+            ims = [np.pad(i, ((0, 0), (0, w - i.shape[1]), (0, 0)), constant_values=1.0) for i in ims]
+            plt.imsave(png, np.concatenate(ims, axis=0))
+        for f in (png + ".curves.png", png + ".acc.png"):
+            if os.path.exists(f):
+                os.remove(f)
+        png = png if ok else None
+    van = R["vanilla"]
+    lines = [
+        f"# DMS retrofit vs training-free eviction ({date}, preset {preset})", "",
+        f"GPU / device: **{dev_name}** (DMSCache on {cdev}); sequence length **{S['seq_len']}**; "
+        f"{S['pairs']} pairs; torch {torch.__version__}; seed {a.seed}.",
+        "Invocations: " + "; ".join(f"`{' '.join(i['argv'])}` ({i.get('seconds', 0):.0f} s)"
+                                   for i in R["invocations"]), "",
+        f"Task: multi-query associative recall in filler, {S['seq_len']} tokens, {S['pairs']} "
+        f"key-value pairs among random filler, then {S['pairs']} queries; vocab {S['vocab']}. "
+        f"Accuracy: greedy next token at the answer positions, {S['eval_seqs'] * S['pairs']} "
+        f"answers per set. Sets: **unseen** (data seed {EVAL_SEED}+seed, never used while tuning) "
+        f"and **tune** (data seed {TUNE_SEED}+seed).",
+    ]
+    if "pretrain" in R:
+        p = R["pretrain"]
+        lines.append(
+            f"Model: Qwen3-style, {S['layers']} layers, hidden {S['hidden']}, Hq {S['heads']}, "
+            f"Hkv {S['kv_heads']}, D {S['head_dim']}, {R.get('params', 0) / 1e6:.2f} M parameters. "
+            f"Pretraining: {p['step']} steps, {p['seconds']:.0f} s, {S['tokens']} tokens per step, "
+            f"curriculum (seq_len:pairs at step, seconds) "
+            + ", ".join(f"{n}:{q} at {s} ({t:.0f} s)" for n, q, s, t in p["stage_steps"])
+            + f" (induction: copy task, vocab {S['ind_vocab']}, {S['ind_len']} tokens)"
+            + ("" if p["done"] else " **(unfinished)**") + ".")
+    lines.append(f"Retrofit: {a.mode} mode, {S['r_steps']} steps of {S['rbatch']} x {S['seq_len']} "
+                 f"tokens, lr {S['r_lr']}, DMS window {S['window']}. Heuristics at each run's live "
+                 "KV (mean live tokens per head, rounded up); H2O keeps half its budget recent.")
+    for k, title in (("eval", "unseen seed"), ("tune", "tuning seed")):
+        lines += ["", f"## {title}", "",
+                  "| run | measured CR | live / head (max) | vanilla | DMS (cache) | DMS (dense mask) "
+                  "| window | H2O | TOVA | DMS / vanilla | DMS - best heuristic |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        v = van.get(k)
+        lines.append(f"| vanilla | 1.00 | {S['seq_len']} | {v if v is None else f'{v:.4f}'} "
+                     "| | | | | | | |")
+        for name, r in R["runs"].items():
+            if k not in r:
+                continue
+            e = r[k]
+            h = R["heur"].get(f"{k}_{e['budget']}", {})
+            hs = [h.get(p) for p in ("window", "h2o", "tova")]
+            best = max((x for x in hs if x is not None), default=None)
+            fmt = lambda x: "" if x is None else f"{x:.4f}"
+            lines.append(
+                f"| DMS {r['variant']} CR {r['cr_target']:g} | {e['cr']:.2f} | {e['live']:.1f} "
+                f"({e['live_max']}) | {fmt(v)} | {e['acc']:.4f} | {e['dense_mask']:.4f} | "
+                + " | ".join(fmt(x) for x in hs)
+                + " | " + ("" if not v else f"{100 * e['acc'] / v:.1f}%") + " | "
+                + ("" if best is None else f"{100 * (e['acc'] - best):+.1f} pts") + " |")
+    lines += ["", "## Retrofit cost", "",
+              "| run | steps | seconds | training tokens/s | peak memory |", "|---|---|---|---|---|"]
+    for name, r in R["runs"].items():
+        if "seconds" in r:
+            pm = r.get("peak_mem")
+            lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['tokens_per_s']:.0f} | "
+                         + ("n/a" if pm is None else f"{pm / 2**20:.0f} MiB") + " |")
+    lines += ["", "Reference cost (paper / model card): Qwen3-8B retrofitted to DMS 8x in about "
+              "4 hours on 8 H100s.", "",
+              f"Plot (accuracy against CR on the unseen set, then the training curves): "
+              f"{os.path.basename(png) if png else '(no matplotlib)'}; per-step logs: "
+              f"{os.path.basename(base)}_logs.tsv."]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot_acc_cr(R, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if R["vanilla"].get("eval") is not None:
+        ax.axhline(R["vanilla"]["eval"], color="k", ls="--", lw=0.8, label="vanilla")
+    series = {}
+    for name, r in R["runs"].items():
+        if "eval" not in r:
+            continue
+        e = r["eval"]
+        series.setdefault(f"DMS {r['variant']}", []).append((e["cr"], e["acc"]))
+        h = R["heur"].get(f"eval_{e['budget']}", {})
+        for pol in ("window", "h2o", "tova"):
+            if pol in h:
+                series.setdefault(pol, []).append((e["cr"], h[pol]))
+    for lab, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "DMS" in lab else "s:", label=lab)
+    ax.set_xlabel("compression ratio (tokens / live KV)")
+    ax.set_ylabel("answer accuracy (unseen seed)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -285,14 +285,19 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
              data: Callable[[int], Tuple[torch.Tensor, Optional[torch.Tensor]]],
              cfg: RetrofitConfig, ckpt_dir: Optional[str] = None,
              generator: Optional[torch.Generator] = None,
-             desc: str = "retrofit") -> List[dict]:
+             desc: str = "retrofit", deadline: Optional[float] = None) -> Optional[List[dict]]:
     """Trains ``model`` (a DMS variant, e.g. from :func:`dms_ext.models.convert_to_dms`) to
     follow the frozen ``teacher`` at compression ``cfg.target_cr``.
 
     data(step) -> (input_ids [B, N], token_weights [B, N] or None). Returns the history: one dict
     per step (step, loss, kl, hinge, decisions, target_cr, target, evict_hard (noise-free
     fraction of l > 0), cr_est (the compression that fraction gives at this N and window),
-    lr, seconds). In "adapter" mode the LoRA weights are merged into the model at the end."""
+    lr, seconds). In "adapter" mode the LoRA weights are merged into the model at the end.
+
+    deadline: a ``time.perf_counter()`` value; after 10 steps the run is projected (from the rate
+    of steps 6-10), and if it
+    would end past the deadline it stops there and returns None (the model is then half
+    trained: discard it)."""
     if model.cfg.variant == "none":
         raise ValueError("model: needs a DMS variant ('borrowed' or 'adapter'); see convert_to_dms")
     dev = next(model.parameters()).device
@@ -357,6 +362,15 @@ def retrofit(model: DMSForCausalLM, teacher: DMSForCausalLM,
                "seconds": time.perf_counter() - t0}
         hist.append(rec)
         bar.update(1, kl=rec["kl"], d=rec["decisions"], cr=rec["cr_est"], tgt=cr)
+        if step == 4:
+            t5 = time.perf_counter()              # after compilation / warm-up
+        if deadline is not None and step == 9 and step + 1 < cfg.steps:
+            now = time.perf_counter()
+            if now + (now - t5) / 5 * (cfg.steps - step - 1) > deadline:
+                bar.close()
+                for h in hooks:
+                    h.remove()
+                return None
         if ckpt_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             model.save_pretrained(os.path.join(ckpt_dir, f"step{step + 1}"))
     bar.close()
