@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -115,15 +114,7 @@ def live_bytes(tokens: int, D: int, esize: int) -> int:
 
 
 def _try(fn, label, errors):
-    try:
-        return fn()
-    except Exception as e:  # a failing peer is reported, never fatal
-        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        errors.append(f"{label}: {msg}")
-        print(f"  [{label}] failed: {msg}", flush=True)
-        if os.environ.get("BENCH_TRACEBACK") == "1":
-            traceback.print_exc()
-        return None
+    return common.try_peer(fn, label, errors)
 
 
 def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:

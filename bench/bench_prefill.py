@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -54,21 +53,7 @@ def visible_pairs(d: torch.Tensor, w: int, group: int) -> int:
 
 
 def _try(fn, label, errors):
-    try:
-        return fn()
-    except torch.cuda.OutOfMemoryError as e:
-        errors.append(f"{label}: OOM")
-        print(f"  [{label}] OOM: {str(e).splitlines()[0][:160]}", flush=True)
-        torch.cuda.empty_cache()
-        return "OOM"
-    except Exception as e:  # a failing peer is reported, never fatal
-        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        errors.append(f"{label}: {msg}")
-        print(f"  [{label}] failed: {msg}", flush=True)
-        if os.environ.get("BENCH_TRACEBACK") == "1":
-            traceback.print_exc()
-        torch.cuda.empty_cache()
-        return None
+    return common.try_peer(fn, label, errors, oom_value="OOM")
 
 
 def timed(fn, name, a):

@@ -10,6 +10,7 @@ import math
 import os
 import shlex
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -20,6 +21,27 @@ RESULTS_DIR = os.path.join(REPO, "bench", "results")
 # H200: 60 MB of L2 (brief). Take the larger of this and what the driver reports, so
 # rotation never under-sizes the working set.
 L2_FLOOR_BYTES = 60 << 20
+
+
+def try_peer(fn, label: str, errors: list, oom_value=None):
+    """fn(), or None when it raises (a failing peer is reported in `errors`, never fatal).
+    An out-of-memory error returns `oom_value` instead when one is given (the bench shows it)."""
+    try:
+        return fn()
+    except Exception as e:
+        if oom_value is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+            errors.append(f"{label}: OOM")
+            print(f"  [{label}] OOM: {str(e).splitlines()[0][:160]}", flush=True)
+            torch.cuda.empty_cache()
+            return oom_value
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        errors.append(f"{label}: {msg}")
+        print(f"  [{label}] failed: {msg}", flush=True)
+        if os.environ.get("BENCH_TRACEBACK") == "1":
+            traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 def require_cuda(what: str = "this bench") -> None:

@@ -30,7 +30,6 @@ class RecaptureNeeded(RuntimeError):
 # on the cache's device (torch.ops.dms.supported: the capability table of the C++ library).
 _CACHE_OPS = ("sparse_decode", "sparse_prefill", "append", "fork", "release")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Slots are stored as (slot << 1) | flag in int32 ring entries.
 _MAX_SLOTS = 1 << 30
 
@@ -190,23 +189,19 @@ class DMSCache:
     def _check_supported(self, dtype):
         """What the ops implement on this device; failing here beats failing in the first attend."""
         dev = "cuda" if self.device.type == "cuda" else "cpu"
-        supported = torch.ops.dms.supported
 
-        def first_refusal(dt, head_dim=0, block_size=0):
-            return next((op for op in _CACHE_OPS if not supported(op, dev, dt, head_dim, block_size)),
-                        None)
+        def refusal(dt, head_dim=0, block_size=0):
+            return next((op for op in _CACHE_OPS
+                         if not torch.ops.dms.supported(op, dev, dt, head_dim, block_size)), None)
 
-        if not isinstance(dtype, torch.dtype) or first_refusal(dtype) is not None:
-            allowed = [dt for dt in _FLOAT_DTYPES if first_refusal(dt) is None]
+        if not isinstance(dtype, torch.dtype) or refusal(dtype) is not None:
+            allowed = [dt for dt in _FLOAT_DTYPES if refusal(dt) is None]
             raise ValueError(f"dtype: expected one of {allowed} on {dev}, got {dtype}")
-        op = first_refusal(dtype, head_dim=self.head_dim)
-        if op is not None:
-            raise ValueError(f"head_dim: dms.{op} does not implement head_dim {self.head_dim} "
-                             f"on {dev} (torch.ops.dms.supported)")
-        op = first_refusal(dtype, block_size=self.block_size)
-        if op is not None:
-            raise ValueError(f"block_size: dms.{op} does not implement block_size "
-                             f"{self.block_size} on {dev} (torch.ops.dms.supported)")
+        for name, value in (("head_dim", self.head_dim), ("block_size", self.block_size)):
+            op = refusal(dtype, **{name: value})
+            if op is not None:
+                raise ValueError(f"{name}: dms.{op} does not implement {name} {value} on {dev} "
+                                 "(torch.ops.dms.supported)")
 
     # ---------------------------------------------------------------- sequences
 
@@ -341,7 +336,7 @@ class DMSCache:
             if list(t.shape) != [T, hkv, d]:
                 raise ValueError(f"{name}: expected [{T}, {hkv}, {d}], got {list(t.shape)}")
         self._check_tensor(eviction_logits, "eviction_logits", 2, None)
-        if eviction_logits.dtype not in _LOGIT_DTYPES:
+        if eviction_logits.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"eviction_logits: expected a float dtype, got {eviction_logits.dtype}")
         if list(eviction_logits.shape) != [T, hkv]:
             raise ValueError(f"eviction_logits: expected [{T}, {hkv}], got {list(eviction_logits.shape)}")
