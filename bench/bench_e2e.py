@@ -297,12 +297,7 @@ def time_step(fn, steps: int, device, graph: bool) -> tuple:
             fn()
             ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2], "eager (cpu)"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()                                 # warm-up: cuBLAS / cuDNN plans, workspaces
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    common.warm_up([fn])
     mode = "CUDA graph"
     run = fn
     if graph:

@@ -157,17 +157,11 @@ def check_agreement(b, dtype, gen):
     ring) and close q / logits. Guards the comparison against a baseline that does less."""
     st0 = make_state(b, dtype, gen, ctx=WINDOW + 37, margin=64)
     cs = cos_sin(WINDOW + 200)
-    q = torch.randn(b, HQ, D, device="cuda", dtype=dtype)
+    q, k, v, qn, kn, slots, cu = step_inputs(b, dtype, gen)
     # Donor channels far from the decision threshold: torch's bf16 norm rounds before the
     # logit is read, which may flip a decision that sits on the threshold.
     sign = torch.where(torch.rand(b, HKV, device="cuda") < 0.5, 1.0, -1.0)
     q[:, :: HQ // HKV, -1] = (4.0 * sign).to(dtype)
-    k = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
-    v = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
-    qn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
-    kn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
-    slots = torch.randperm(b, generator=gen).to(torch.int32).cuda()
-    cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
     outs = {}
     for name, fn in (("fused", lambda s: fused(q.clone(), k, v, cs, slots, s, qn, kn)),
                      ("two", lambda s: ours_two_ops(q.clone(), k.clone(), v, cs, slots, s, qn, kn, cu)),
@@ -191,6 +185,18 @@ def check_agreement(b, dtype, gen):
     return problems
 
 
+def step_inputs(b, dtype, gen):
+    """q, k, v of one decode step, q / k norm weights, the batch's state rows, cu_seqlens."""
+    q = torch.randn(b, HQ, D, device="cuda", dtype=dtype)
+    k = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
+    v = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
+    qn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
+    kn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
+    slots = torch.randperm(b, generator=gen).to(torch.int32).cuda()
+    cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    return q, k, v, qn, kn, slots, cu
+
+
 def cos_sin(max_pos):
     from dms_ext.reference import rope_cache
     return rope_cache(max_pos, D, 10000.0).cuda()
@@ -198,13 +204,7 @@ def cos_sin(max_pos):
 
 def bench_decode(b, dtype, gen, target_s):
     cs = cos_sin(CTX + STEP_MARGIN + 8)
-    q0 = torch.randn(b, HQ, D, device="cuda", dtype=dtype)
-    k = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
-    v = torch.randn(b, HKV, D, device="cuda", dtype=dtype)
-    qn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
-    kn = (torch.rand(D, device="cuda") + 0.5).to(dtype)
-    slots = torch.randperm(b, generator=gen).to(torch.int32).cuda()
-    cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    q0, k, v, qn, kn, slots, cu = step_inputs(b, dtype, gen)
     q, kk = q0.clone(), k.clone()
     res = {}
     base = make_state(b, dtype, gen)

@@ -79,6 +79,19 @@ class Timing:
         return f"{self.us:.1f} us (min {self.us_min:.1f}, p90 {self.us_p90:.1f}, {self.mode})"
 
 
+def warm_up(fns: Sequence[Callable[[], object]], rounds: int = 1) -> None:
+    """Runs every fn `rounds` times on a side stream, outside any capture (lazy inits, JIT loads,
+    cached workspaces, cuBLAS / cuDNN plans), then waits for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(rounds):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
 def time_calls(fns: Sequence[Callable[[], object]], name: str, *, min_calls: int = 8,
                target_s: float = 0.25, min_replays: int = 15, max_replays: int = 200,
                use_graph: bool = True) -> Timing:
@@ -92,15 +105,7 @@ def time_calls(fns: Sequence[Callable[[], object]], name: str, *, min_calls: int
     fns = list(fns)
     n = len(fns)
     calls = n * max(1, math.ceil(min_calls / n))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        # Warm-up outside capture: lazy inits, JIT loads, cached workspaces, cuBLAS/cuDNN plans.
-        for _ in range(2):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    warm_up(fns, rounds=2)
 
     mode = "graph"
     graph = None

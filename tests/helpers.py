@@ -228,17 +228,25 @@ class SpecState:
                 self.attn_check(got, ref, self.dtype, what)
         COUNTS["sparse_prefill"] += 1
 
-    def append(self, rows, lens, ks, vs, lgs, cu) -> bool:
-        """append; False (state checked unchanged) when the pool ran dry."""
-        snap = self.snapshot()
+    def unless_out_of_blocks(self, op, call, snap=None):
+        """(True, call()), or (False, None) when the pool ran dry: then the state must be
+        bit-identical to before the call (checked) and COUNTS[op + "_out_of_blocks"] counts it."""
+        snap = self.snapshot() if snap is None else snap
         try:
-            ops.append(*map(self._d, (torch.cat(ks), torch.cat(vs), torch.cat(lgs))),
-                       self._d(torch.tensor(rows, dtype=torch.int32)), self._d(cu), *self.tensors())
+            return True, call()
         except RuntimeError as e:
             if "out of blocks" not in str(e):
                 raise
-            self.assert_unchanged(snap, "append out of blocks")
-            COUNTS["append_out_of_blocks"] += 1
+            self.assert_unchanged(snap, f"{op} out of blocks")
+            COUNTS[f"{op}_out_of_blocks"] += 1
+            return False, None
+
+    def append(self, rows, lens, ks, vs, lgs, cu) -> bool:
+        """append; False (state checked unchanged) when the pool ran dry."""
+        done, _ = self.unless_out_of_blocks("append", lambda: ops.append(
+            *map(self._d, (torch.cat(ks), torch.cat(vs), torch.cat(lgs))),
+            self._d(torch.tensor(rows, dtype=torch.int32)), self._d(cu), *self.tensors()))
+        if not done:
             return False
         for r, k, v, lg in zip(rows, ks, vs, lgs):
             h = self.hist[r]
@@ -285,18 +293,11 @@ class SpecState:
                                                   None, kn64, eps)
             l_ref = given
         qd, kd, vd = self._d(q), self._d(k), self._d(v)
-        snap = self.snapshot()
-        try:
-            logits = ops.decode_step(qd, kd, vd, self._d(cs), self._d(torch.tensor(rows, dtype=torch.int32)),
-                                     *self.tensors(), alpha[0], alpha[1],
-                                     None if qn is None else self._d(qn),
-                                     None if kn is None else self._d(kn), eps,
-                                     None if given is None else self._d(given))
-        except RuntimeError as e:
-            if "out of blocks" not in str(e):
-                raise
-            self.assert_unchanged(snap, "decode_step out of blocks")
-            COUNTS["decode_step_out_of_blocks"] += 1
+        done, logits = self.unless_out_of_blocks("decode_step", lambda: ops.decode_step(
+            qd, kd, vd, self._d(cs), self._d(torch.tensor(rows, dtype=torch.int32)),
+            *self.tensors(), alpha[0], alpha[1], None if qn is None else self._d(qn),
+            None if kn is None else self._d(kn), eps, None if given is None else self._d(given)))
+        if not done:
             return False
         assert same_bits(kd.cpu(), k), "decode_step wrote its k argument"
         if given is None:
@@ -325,13 +326,8 @@ class SpecState:
 
     def fork(self, src, dst) -> bool:
         snap = self.snapshot()
-        try:
-            ops.fork(src, dst, *self.tensors())
-        except RuntimeError as e:
-            if "out of blocks" not in str(e):
-                raise
-            self.assert_unchanged(snap, "fork out of blocks")
-            COUNTS["fork_out_of_blocks"] += 1
+        done, _ = self.unless_out_of_blocks("fork", lambda: ops.fork(src, dst, *self.tensors()), snap)
+        if not done:
             return False
         self.hist[dst] = {key: list(val) for key, val in self.hist[src].items()}
         for i in (2, 3, 4, 5):  # block_table, seq_lens, ring, num_tokens of src untouched
