@@ -322,7 +322,6 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(ckdir, exist_ok=True)
     torch.manual_seed(a.seed)
-    torch.set_flush_denormal(True)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -608,4 +607,7 @@ def plot_acc_cr(R, path) -> bool:
 
 
 if __name__ == "__main__":
+    # Denormals flushed for speed on the CPU; process-wide, so only when run as a program (a
+    # test calling main() must not change how later tests round).
+    torch.set_flush_denormal(True)
     raise SystemExit(main())
