@@ -33,7 +33,7 @@
 // so each can be captured (the torch tests capture sparse_decode, decode_step and
 // sparse_prefill with torch.cuda.graph; the example captures decode_step + sparse_decode in
 // cudaStreamCaptureModeGlobal). A captured call keeps its params: pointers, sizes, scale,
-// dtype, and the split count sparse_decode derived from them. Replays read the pointed-to
+// dtype, and the grid size sparse_decode derived from them. Replays read the pointed-to
 // device data anew, so the state may grow between replays (the decode loop); a different batch
 // size, new buffers or a different pool need a new capture. Host-side CUDA calls made inside
 // an entry point: cudaGetDevice / cudaDeviceGetAttribute (sparse_decode: SM count) and
@@ -75,13 +75,17 @@ namespace dms {
 //   q is read with 16-byte copies: q 16-byte aligned, q_stride_b and q_stride_h multiples of
 //   8 elements; k_cache / v_cache 16-byte aligned. out is written per element (any strides).
 //   An empty head (seq_lens 0) gives zeros and lse -inf. lse is optional (null: not written).
-// Bytes of split-KV scratch sparse_decode needs for these sizes (params.max_splits and
-// params.min_chunk resolved as the launcher resolves them). Depends on sizes only, never on
-// seq_lens, so a caller can allocate once and reuse it across graph replays.
-// num_sms MUST be the multiprocessor count of the device the call runs on
+//   The kernel is persistent and length-balanced: a scheduler kernel scans seq_lens on the
+//   device and cuts the (row, 64-key tile) work into equal ranges, one per resident CTA; rows
+//   cut between CTAs are merged in fp32 by a merge kernel (three launches, chained with
+//   programmatic dependent launch; no host plan, no sync).
+// Bytes of scratch sparse_decode needs for these sizes (the plan and the cut rows' partials;
+// params.max_splits and params.min_chunk resolved as the launcher resolves them). Depends on
+// sizes only, never on seq_lens, so a caller can allocate once and reuse it across graph
+// replays. num_sms MUST be the multiprocessor count of the device the call runs on
 // (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device)): the launcher derives
-// the split count from that device, and a smaller num_sms here under-sizes the scratch.
-// 0 bytes: p.workspace may be null. The scratch holds nothing between calls.
+// the grid from that device, and a smaller num_sms here under-sizes the scratch.
+// Required (> 0 bytes) whenever batch > 0. The scratch holds nothing between calls.
 size_t sparse_decode_workspace_bytes(const SparseDecodeParams& p, int num_sms);
 Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 

@@ -83,11 +83,11 @@ struct SparseDecodeParams {
   PageTable pages;                    // rows = batch: row b is batch entry b (read only)
   int batch = 0, num_q_heads = 0;
   float scale = 1.f;
-  // CUDA only: split-KV scratch. Size from sparse_decode_workspace_bytes(); may be null when
-  // that returns 0.
+  // CUDA only: the scheduler's plan and the partials of rows cut between CTAs. Size from
+  // sparse_decode_workspace_bytes() (> 0 whenever batch > 0); required.
   void* workspace = nullptr;
-  int max_splits = 0;     // 0: chosen by the library from the grid size and SM count
-  int min_chunk = 0;      // 0: library default (keys per split at least this)
+  int max_splits = 0;     // > 0: at most this many CTAs in the persistent grid (0: all resident)
+  int min_chunk = 0;      // > 0: the fewest keys a CTA's range holds (0: library default, 256)
 };
 
 // Borrowed-neuron logits (docs/semantics.md) + channel zeroing + rotate-half RoPE, in place.
