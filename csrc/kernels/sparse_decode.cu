@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
-#include <cstdlib>
 
 #include "dms/dms.h"
 #include "kernels/primitives.cuh"
@@ -546,21 +545,15 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Pipeline stages per warp: 3 at D 64, 2 at D 128 (3 CTAs per SM; DMS_DECODE_STAGES=3 for 3 stages
-// and 2 CTAs, a bench knob: bench/sweep_decode.py), 2 at D 256.
-int stages_for(int head_dim) {
-  if (head_dim == 256) return 2;
-  if (head_dim == 128) {
-    static const int s = [] { const char* e = std::getenv("DMS_DECODE_STAGES"); return e && std::atoi(e) == 3 ? 3 : 2; }();
-    return s;
-  }
-  return 3;
-}
+// Pipeline stages per warp and resident CTAs per SM, per head dim: 3 stages at D 64 (4 CTAs),
+// 2 at D 128 (3 CTAs: measured faster than 3 stages and 2 CTAs on every bench_decode row but
+// B1 x 32k: bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
+template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
 int ctas_per_sm(int head_dim) {
   switch (head_dim) {
-    case 64: return Cfg<64, 3>::kCtasPerSm;
-    case 128: return stages_for(128) == 2 ? Cfg<128, 2>::kCtasPerSm : Cfg<128, 3>::kCtasPerSm;
-    default: return Cfg<256, 2>::kCtasPerSm;
+    case 64: return Cfg<64, kStagesFor<64>>::kCtasPerSm;
+    case 128: return Cfg<128, kStagesFor<128>>::kCtasPerSm;
+    default: return Cfg<256, kStagesFor<256>>::kCtasPerSm;
   }
 }
 
@@ -619,9 +612,9 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   switch (p.kv.head_dim) {
-    case 64: return launch<T, 64, 3>(p, r, s);
-    case 128: return stages_for(128) == 2 ? launch<T, 128, 2>(p, r, s) : launch<T, 128, 3>(p, r, s);
-    case 256: return launch<T, 256, 2>(p, r, s);
+    case 64: return launch<T, 64, kStagesFor<64>>(p, r, s);
+    case 128: return launch<T, 128, kStagesFor<128>>(p, r, s);
+    case 256: return launch<T, 256, kStagesFor<256>>(p, r, s);
     default: return Status::kUnsupported;
   }
 }
