@@ -546,8 +546,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Pipeline stages per warp and resident CTAs per SM, per head dim: 3 stages at D 64 (4 CTAs),
-// 2 at D 128 (3 CTAs: measured faster than 3 stages and 2 CTAs on every bench_decode row but
-// B1 x 32k: bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
+// 2 at D 128 (3 CTAs: faster than 3 stages and 2 CTAs on every swept row but B1 x 32k skewed,
+// bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
 int ctas_per_sm(int head_dim) {
   switch (head_dim) {
