@@ -447,3 +447,35 @@ def test_opcheck_with_fp8_pools_and_scales():
     st2 = new_state(2, 2, 16, 16, 4, 6, 16, F8, "cpu")
     append_one(st2, k, v, [0], [0, 2], lg, 0.5, 0.75)
     oc(torch.ops.dms.fork.default, (0, 1, *state_args(st2)))
+
+
+def test_record_amax_gives_scales_that_just_fit():
+    """dms_ext.fp8.record_amax / scales_from_amax: amax / 448 per layer, so the same data in an
+    fp8 cache built with those scales reaches +-448 and never beyond (no saturation)."""
+    from dms_ext import fp8
+    L, hkv, hq, D = 3, 2, 4, 8
+    kw = dict(num_layers=L, num_kv_heads=hkv, head_dim=D, window=4, block_size=4,
+              num_blocks=32, max_seqs=2, device="cpu")
+    calib = DMSCache(**kw, dtype=torch.float32)
+    amp = [0.5, 30.0, 2000.0]
+    data = [[(torch.randn(6, hq, D), torch.randn(6, hkv, D) * amp[l], torch.randn(6, hkv, D) * amp[l] / 2,
+              make_logits(None, 6, hkv, 0.0)) for l in range(L)] for _ in range(2)]  # no eviction
+    sid = calib.add_sequence()
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with fp8.record_amax(calib) as amax:
+        for step in data:
+            for l, (q, k, v, lg) in enumerate(step):
+                calib.attend(l, [sid], cu, q, k, v, lg)
+    assert "attend" not in vars(calib)                  # the recording wrapper is gone
+    for l in range(L):
+        want_k = max(float(step[l][1].abs().max()) for step in data)
+        assert amax.k[l] == want_k and amax.k_scales()[l] == want_k / 448
+    assert fp8.scales_from_amax([0.0, math.nan, 2.0]) == [1.0, 1.0, 2.0 / 448]
+    cache = DMSCache(**kw, dtype=torch.float32, kv_dtype=F8, k_scale=amax.k_scales(),
+                     v_scale=amax.v_scales())
+    s = cache.add_sequence()
+    for step in data:
+        for l, (q, k, v, lg) in enumerate(step):
+            cache.attend(l, [s], cu, q, k, v, lg)
+    for lay in cache._layers:
+        assert lay.k_cache.float().abs().max().item() == 448.0
