@@ -4,5 +4,6 @@ import torch  # noqa: F401  (_C links against libtorch / libc10, which torch loa
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY block: torch.ops.dms.*)
 from . import ops, reference
 from .cache import DecodePlan, DMSCache, OutOfBlocks, RecaptureNeeded
+from . import fp8  # noqa: E402  (per-layer fp8 scales for DMSCache; imports .cache)
 
-__all__ = ["ops", "reference", "DMSCache", "DecodePlan", "OutOfBlocks", "RecaptureNeeded"]
+__all__ = ["ops", "reference", "fp8", "DMSCache", "DecodePlan", "OutOfBlocks", "RecaptureNeeded"]

@@ -7,11 +7,13 @@ mapping of sequence ids to state rows and the block reservations.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from ._checks import FP8_DTYPES, as_int as _as_int, ceil_div as _ceil_div, layer_scales
+from ._checks import positive as _positive
 
 __all__ = ["DMSCache", "DecodePlan", "OutOfBlocks", "RecaptureNeeded"]
 
@@ -34,33 +36,15 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SLOTS = 1 << 30
 
 
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected an int, got a bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an int, got {type(value).__name__}") from None
-
-
-def _positive(value, name: str) -> int:
-    v = _as_int(value, name)
-    if v < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {v}")
-    return v
-
-
-def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
-    return -(-a // b)
-
-
 class _Layer:
     """Device state of one layer (layout: csrc/include/dms/params.h) + its host reservations."""
 
-    def __init__(self, c: "DMSCache"):
+    def __init__(self, c: "DMSCache", k_scale: float = 1.0, v_scale: float = 1.0):
         dev, hkv = c.device, c.num_kv_heads
         i32 = dict(dtype=torch.int32, device=dev)
-        self.k_cache = torch.zeros(c.num_blocks, c.block_size, c.head_dim, dtype=c.dtype, device=dev)
+        self.k_scale, self.v_scale = k_scale, v_scale   # dequantization scales of an fp8 pool
+        self.k_cache = torch.zeros(c.num_blocks, c.block_size, c.head_dim, dtype=c.kv_dtype,
+                                   device=dev)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.block_table = torch.full((c.max_seqs, hkv, c.max_blocks_per_head), -1, **i32)
         self.seq_lens = torch.zeros(c.max_seqs, hkv, **i32)
@@ -158,7 +142,8 @@ class DMSCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, window: int = 512,
                  block_size: int = 64, num_blocks: int, max_seqs: int,
                  dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 max_blocks_per_head: Optional[int] = None):
+                 max_blocks_per_head: Optional[int] = None,
+                 kv_dtype: Optional[torch.dtype] = None, k_scale=1.0, v_scale=1.0):
         self.num_layers = _positive(num_layers, "num_layers")
         self.num_kv_heads = _positive(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive(head_dim, "head_dim")
@@ -177,22 +162,30 @@ class DMSCache:
             self.device = torch.empty(0, device=device).device  # resolves "cuda" to cuda:N
         except (RuntimeError, TypeError, AssertionError) as e:
             raise ValueError(f"device: {device!r} is not usable: {e}") from None
-        self._check_supported(dtype)
-        self.dtype = dtype
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != dtype and kv_dtype not in FP8_DTYPES:
+            raise ValueError(f"kv_dtype: expected None, dtype ({dtype}) or one of {FP8_DTYPES}, "
+                             f"got {kv_dtype}")
+        self._check_supported(dtype, kv_dtype)
+        self.dtype, self.kv_dtype = dtype, kv_dtype
+        fp8 = kv_dtype in FP8_DTYPES
+        ks = layer_scales(k_scale, "k_scale", self.num_layers, fp8)
+        vs = layer_scales(v_scale, "v_scale", self.num_layers, fp8)
         self._ahead = np.zeros(self.max_seqs, dtype=np.int64)  # see _Layer.ahead
-        self._layers = [_Layer(self) for _ in range(self.num_layers)]
+        self._layers = [_Layer(self, ks[i], vs[i]) for i in range(self.num_layers)]
         self._rows: Dict[int, int] = {}
         self._free_rows: List[int] = list(range(self.max_seqs - 1, -1, -1))
         self._next_id = 0
         self._plans: List["DecodePlan"] = []  # open decode plans
 
-    def _check_supported(self, dtype):
-        """What the ops implement on this device; failing here beats failing in the first attend."""
+    def _check_supported(self, dtype, kv_dtype):
+        """What the ops implement on this device; failing here beats failing in the first attend.
+        An fp8 kv_dtype the device's kernels lack is NotImplementedError (as the ops raise)."""
         dev = "cuda" if self.device.type == "cuda" else "cpu"
 
-        def refusal(dt, head_dim=0, block_size=0):
+        def refusal(dt, head_dim=0, block_size=0, kv=None):
             return next((op for op in _CACHE_OPS
-                         if not torch.ops.dms.supported(op, dev, dt, head_dim, block_size)), None)
+                         if not torch.ops.dms.supported(op, dev, dt, head_dim, block_size, kv)), None)
 
         if not isinstance(dtype, torch.dtype) or refusal(dtype) is not None:
             allowed = [dt for dt in _FLOAT_DTYPES if refusal(dt) is None]
@@ -202,6 +195,10 @@ class DMSCache:
             if op is not None:
                 raise ValueError(f"{name}: dms.{op} does not implement {name} {value} on {dev} "
                                  "(torch.ops.dms.supported)")
+        op = refusal(dtype, kv=kv_dtype)
+        if op is not None:
+            raise NotImplementedError(f"kv_dtype: dms.{op} does not implement kv_dtype {kv_dtype} "
+                                      f"with dtype {dtype} on {dev} (torch.ops.dms.supported)")
 
     # ---------------------------------------------------------------- sequences
 
@@ -384,17 +381,18 @@ class DMSCache:
             cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         logits = eviction_logits.to(torch.float32).contiguous()
+        kv_scales = (lay.k_scale, lay.v_scale)   # an fp8 pool quantizes on the write
         if n == T:
             # Decode: after appending token t the cache holds exactly the keys query t sees.
-            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state())
+            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
             out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache,
                                               lay.block_table[:, :, :cols].index_select(0, slots),
-                                              lay.seq_lens.index_select(0, slots), scale)
+                                              lay.seq_lens.index_select(0, slots), scale, *kv_scales)
         else:
             out = torch.ops.dms.sparse_prefill(q, k, v, logits, slots, cu_dev, lay.k_cache,
                                                lay.v_cache, lay.block_table, lay.seq_lens,
-                                               lay.ring, lay.num_tokens, scale)
-            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state())
+                                               lay.ring, lay.num_tokens, scale, *kv_scales)
+            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
         return out
 
     # ---------------------------------------------------------------- internals

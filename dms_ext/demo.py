@@ -193,7 +193,7 @@ def generate(runner, prompts: List[torch.Tensor], new_tokens: int,
 # ----------------------------------------------------------------------------- numbers
 
 def _kv_bytes_per_slot(cache: DMSCache) -> int:
-    return 2 * cache.head_dim * torch.tensor([], dtype=cache.dtype).element_size()  # K and V
+    return 2 * cache.head_dim * torch.tensor([], dtype=cache.kv_dtype).element_size()  # K and V
 
 
 def _mib(nbytes: float) -> str:

@@ -38,14 +38,16 @@ def _same_device(op, ref_name, ref, **tensors):
 
 
 @torch.library.register_fake("dms::sparse_decode")
-def _sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale=1.0,
+                        v_scale=1.0):
     _same_device("sparse_decode", "q", q, k_cache=k_cache, v_cache=v_cache,
                  block_table=block_table, seq_lens=seq_lens)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dms::sparse_decode_lse")
-def _sparse_decode_lse_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _sparse_decode_lse_fake(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale=1.0,
+                            v_scale=1.0):
     _same_device("sparse_decode_lse", "q", q, k_cache=k_cache, v_cache=v_cache,
                  block_table=block_table, seq_lens=seq_lens)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -63,7 +65,7 @@ def _eviction_rope_fake(q, k, positions, cos_sin_cache, alpha_scale, alpha_offse
 
 @torch.library.register_fake("dms::append")
 def _append_fake(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
-                 ring, num_tokens, free_stack, free_top):
+                 ring, num_tokens, free_stack, free_top, k_scale=1.0, v_scale=1.0):
     _same_device("append", "k", k, v=v, logits=logits, seq_slots=seq_slots, cu_seqlens=cu_seqlens,
                  k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                  ring=ring, num_tokens=num_tokens, free_stack=free_stack, free_top=free_top)
@@ -72,7 +74,7 @@ def _append_fake(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_ta
 
 @torch.library.register_fake("dms::sparse_prefill")
 def _sparse_prefill_fake(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
-                         seq_lens, ring, num_tokens, scale):
+                         seq_lens, ring, num_tokens, scale, k_scale=1.0, v_scale=1.0):
     _same_device("sparse_prefill", "k", k, q=q, v=v, logits=logits, seq_slots=seq_slots,
                  cu_seqlens=cu_seqlens, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
                  seq_lens=seq_lens, ring=ring, num_tokens=num_tokens)
@@ -98,7 +100,8 @@ def _release_fake(row, block_table, seq_lens, ring, num_tokens, free_stack, free
 @torch.library.register_fake("dms::decode_step")
 def _decode_step_fake(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache, block_table, seq_lens,
                       ring, num_tokens, free_stack, free_top, alpha_scale, alpha_offset,
-                      q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, logits=None):
+                      q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, logits=None,
+                      k_scale=1.0, v_scale=1.0):
     _same_device("decode_step", "q", q, k=k, v=v, cos_sin_cache=cos_sin_cache, seq_slots=seq_slots,
                  k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                  ring=ring, num_tokens=num_tokens, free_stack=free_stack, free_top=free_top,
@@ -112,18 +115,22 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  scale: Optional[float] = None) -> torch.Tensor:
-    """Paged per-head decode attention: out [B, Hq, D]; scale defaults to 1/sqrt(D)."""
+                  scale: Optional[float] = None, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
+    """Paged per-head decode attention: out [B, Hq, D]; scale defaults to 1/sqrt(D). An fp8
+    pool (float8_e4m3fn) reads as stored * k_scale / v_scale."""
     return torch.ops.dms.sparse_decode(q, k_cache, v_cache, block_table, seq_lens,
-                                       _scale(scale, q.shape[-1]))
+                                       _scale(scale, q.shape[-1]), float(k_scale), float(v_scale))
 
 
 def sparse_decode_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      scale: Optional[float] = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """sparse_decode plus lse float32 [B, Hq] (-inf for an empty head)."""
     return torch.ops.dms.sparse_decode_lse(q, k_cache, v_cache, block_table, seq_lens,
-                                           _scale(scale, q.shape[-1]))
+                                           _scale(scale, q.shape[-1]), float(k_scale),
+                                           float(v_scale))
 
 
 def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -138,18 +145,23 @@ def eviction_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def append(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens, ring,
-           num_tokens, free_stack, free_top) -> None:
-    """Appends packed chunks with DMS delayed eviction, updating the state tensors in place."""
+           num_tokens, free_stack, free_top, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Appends packed chunks with DMS delayed eviction, updating the state tensors in place. An
+    fp8 pool stores saturate(k / k_scale), saturate(v / v_scale)."""
     torch.ops.dms.append(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
-                         seq_lens, ring, num_tokens, free_stack, free_top)
+                         seq_lens, ring, num_tokens, free_stack, free_top, float(k_scale),
+                         float(v_scale))
 
 
 def sparse_prefill(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
-                   seq_lens, ring, num_tokens, scale: Optional[float] = None) -> torch.Tensor:
-    """Prefill attention of packed chunks over cache + chunk with the DMS rule: out [T, Hq, D]."""
+                   seq_lens, ring, num_tokens, scale: Optional[float] = None,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Prefill attention of packed chunks over cache + chunk with the DMS rule: out [T, Hq, D].
+    The cached keys of an fp8 pool read dequantized, the chunk's own k / v as given."""
     return torch.ops.dms.sparse_prefill(q, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache,
                                         block_table, seq_lens, ring, num_tokens,
-                                        _scale(scale, q.shape[-1]))
+                                        _scale(scale, q.shape[-1]), float(k_scale),
+                                        float(v_scale))
 
 
 def fork(src: int, dst: int, k_cache, v_cache, block_table, seq_lens, ring, num_tokens,
@@ -170,10 +182,12 @@ def decode_step(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache, block_table
                 num_tokens, free_stack, free_top, alpha_scale: float = 100.0,
                 alpha_offset: float = 5.0, q_norm_weight: Optional[torch.Tensor] = None,
                 k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
-                logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits: Optional[torch.Tensor] = None, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> torch.Tensor:
     """Fused decode step (eviction_rope + append, one token per sequence, positions from
     num_tokens): q roped in place, k/v written to the cache; returns logits float32 [B, Hkv]."""
     return torch.ops.dms.decode_step(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache,
                                      block_table, seq_lens, ring, num_tokens, free_stack,
                                      free_top, float(alpha_scale), float(alpha_offset),
-                                     q_norm_weight, k_norm_weight, float(norm_eps), logits)
+                                     q_norm_weight, k_norm_weight, float(norm_eps), logits,
+                                     float(k_scale), float(v_scale))

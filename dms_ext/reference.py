@@ -12,8 +12,30 @@ import torch
 
 __all__ = [
     "visibility_mask", "dms_attention", "live_counts", "rope_cache", "eviction_rope",
-    "sparse_decode", "paged_gather", "rope", "borrowed_logits",
+    "sparse_decode", "paged_gather", "rope", "borrowed_logits", "FP8_MAX", "quantize_fp8",
+    "dequantize_fp8",
 ]
+
+# The largest finite float8_e4m3fn; a write to an fp8 pool saturates to +-FP8_MAX.
+FP8_MAX = 448.0
+
+
+def _f32(scale: float) -> torch.Tensor:
+    """The scale as the ops hold it (a float32 in KVPool)."""
+    return torch.tensor(float(scale), dtype=torch.float32)
+
+
+def quantize_fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """float8_e4m3fn: what a write of x to an fp8 pool with this dequantization scale stores,
+    saturate(x / scale) computed in float32, rounded to nearest even (torch's own cast), clamped
+    to +-448 (torch's cast does not saturate: it would give NaN); NaN stays NaN."""
+    y = x.float() / _f32(scale).to(x.device)
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """float64: what a read of an fp8 pool element gives, stored * scale (exact in float64)."""
+    return x8.double() * _f32(scale).double().item()
 
 
 def _decisions(logits: torch.Tensor) -> torch.Tensor:

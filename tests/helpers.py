@@ -50,7 +50,7 @@ EXTREME_LOGITS = [0.0, -0.0, 1e-45, -1e-45, 1e30, -1e30, 3e38, -3e38, math.inf, 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """An integer view of t, so that equality is bitwise (NaN == NaN, -0.0 != 0.0)."""
     if t.is_floating_point():
-        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t
 
 

@@ -59,8 +59,10 @@ Status run_head(const AppendParams& p, int32_t* ring, int32_t& seq_len, int n0, 
 
 Status append(const AppendParams& p) {
   detail::clear_error();
+  const DType act = compute_dtype(p.kv, p.act_dtype);  // k / v
   if (p.num_seqs < 0 || p.total_tokens < 0 || !valid_sizes(p.kv) || !valid_sizes(p.state) ||
-      !supports_dtype(Op::kAppend, Device::kCPU, p.kv.dtype)) {
+      !supports_dtype(Op::kAppend, Device::kCPU, act) ||
+      !supports_kv_dtype(Op::kAppend, Device::kCPU, act, p.kv.dtype) || !valid_scales(p.kv)) {
     return Status::kInvalidArgument;
   }
   if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
@@ -111,6 +113,7 @@ Status append(const AppendParams& p) {
 
   // Commit.
   const int64_t D = p.kv.head_dim, es = dtype_size(p.kv.dtype);
+  const bool same = act == p.kv.dtype;  // a byte copy; else quantized element by element
   int32_t* top = p.free.top;
   for (int c = 0; c < p.num_seqs; ++c) {
     const int row = p.rows[c], start = p.cu_seqlens[c], len = p.cu_seqlens[c + 1] - start;
@@ -121,12 +124,21 @@ Status append(const AppendParams& p) {
       run_head(p, p.state.ring + rh * R, p.state.pages.seq_lens[rh], p.state.num_tokens[row], len,
                p.logits + int64_t(start) * H + g, &nb, [&](int i, int slot, bool reused) {
                  if (!reused && slot % bs == 0) blocks[slot / bs] = p.free.stack[--*top];
-                 const int64_t dst = (int64_t(blocks[slot / bs]) * bs + slot % bs) * D * es;
-                 const int64_t src = ((int64_t(start) + i) * H + g) * D * es;
-                 std::memcpy(static_cast<char*>(p.kv.k_cache) + dst,
-                             static_cast<const char*>(p.k) + src, size_t(D * es));
-                 std::memcpy(static_cast<char*>(p.kv.v_cache) + dst,
-                             static_cast<const char*>(p.v) + src, size_t(D * es));
+                 const int64_t dst = (int64_t(blocks[slot / bs]) * bs + slot % bs) * D;
+                 const int64_t src = ((int64_t(start) + i) * H + g) * D;
+                 if (same) {
+                   std::memcpy(static_cast<char*>(p.kv.k_cache) + dst * es,
+                               static_cast<const char*>(p.k) + src * es, size_t(D * es));
+                   std::memcpy(static_cast<char*>(p.kv.v_cache) + dst * es,
+                               static_cast<const char*>(p.v) + src * es, size_t(D * es));
+                   return;
+                 }
+                 for (int64_t d = 0; d < D; ++d) {
+                   store_kv(p.kv.k_cache, dst + d, p.kv.dtype, p.kv.k_scale,
+                            load(p.k, src + d, act));
+                   store_kv(p.kv.v_cache, dst + d, p.kv.dtype, p.kv.v_scale,
+                            load(p.v, src + d, act));
+                 }
                });
     }
     p.state.num_tokens[row] += len;

@@ -10,23 +10,37 @@ namespace {
 
 constexpr int kNumOps = 7;
 
-// {f32, f16, bf16}, head dims, count, multiple, block_size pow2, texts.
-constexpr Capability kAny{{true, true, true}, {0, 0, 0, 0}, 0, 1, false,
-                          "float32, float16 or bfloat16", "any", "any"};
-constexpr Capability kEven{{true, true, true}, {0, 0, 0, 0}, 0, 2, false,
-                           "float32, float16 or bfloat16", "even", "any"};
-constexpr Capability kStateOnly{{true, true, true}, {0, 0, 0, 0}, 0, 1, false,
-                                "any (not read)", "any (not read)", "any"};
+// {f32, f16, bf16, fp8 e4m3}, kv_fp8, head dims, count, multiple, block_size pow2, texts.
+constexpr const char* kFloats = "float32, float16 or bfloat16";
+constexpr const char* kAsQ = "the compute dtype (no fp8 pools)";
+constexpr const char* kAsQOrFp8 = "the compute dtype or float8_e4m3fn";
+constexpr Capability kAny{{true, true, true, false}, false, {0, 0, 0, 0}, 0, 1, false,
+                          kFloats, kAsQ, "any", "any"};
+constexpr Capability kEven{{true, true, true, false}, false, {0, 0, 0, 0}, 0, 2, false,
+                           kFloats, kAsQ, "even", "any"};
+constexpr Capability kStateOnly{{true, true, true, true}, true, {0, 0, 0, 0}, 0, 1, false,
+                                "any (not read)", "any (not read)", "any (not read)", "any"};
+// The CPU twins read fp8 pools dequantized and quantize on the write.
+constexpr Capability kAnyFp8{{true, true, true, false}, true, {0, 0, 0, 0}, 0, 1, false,
+                             kFloats, kAsQOrFp8, "any", "any"};
+constexpr Capability kEvenFp8{{true, true, true, false}, true, {0, 0, 0, 0}, 0, 2, false,
+                              kFloats, kAsQOrFp8, "even", "any"};
+// fork takes the pool only: its dtype is the pool's, fp8 included (byte copies).
+constexpr Capability kForkFp8{{true, true, true, true}, true, {0, 0, 0, 0}, 0, 1, false,
+                              "float32, float16, bfloat16 or float8_e4m3fn", kAsQOrFp8, "any",
+                              "any"};
 
-constexpr Capability kCpu[kNumOps] = {kAny, kAny, kAny, kEven, kEven, kAny, kStateOnly};
+constexpr Capability kCpu[kNumOps] = {kAnyFp8, kAnyFp8, kAnyFp8, kEven,
+                                      kEvenFp8, kForkFp8, kStateOnly};
 
+// No CUDA kernel reads or writes fp8 pools yet: kv_fp8 false everywhere but release.
 constexpr Capability kCuda[kNumOps] = {
     // sparse_decode: tensor-core kernels instantiated per head_dim; slots map by shift.
-    {{false, true, true}, {64, 128, 256, 0}, 3, 1, true, "float16 or bfloat16",
-     "64, 128 or 256", "a power of two"},
+    {{false, true, true, false}, false, {64, 128, 256, 0}, 3, 1, true, "float16 or bfloat16",
+     kAsQ, "64, 128 or 256", "a power of two"},
     // sparse_prefill: tensor-core kernels instantiated per head_dim.
-    {{false, true, true}, {64, 128, 0, 0}, 2, 1, false, "float16 or bfloat16", "64 or 128",
-     "any"},
+    {{false, true, true, false}, false, {64, 128, 0, 0}, 2, 1, false, "float16 or bfloat16",
+     kAsQ, "64 or 128", "any"},
     kAny,        // append
     kEven,       // eviction_rope (rotate-half RoPE)
     kEven,       // decode_step
@@ -47,7 +61,13 @@ const Capability& capability(Op op, Device device) {
 
 bool supports_dtype(Op op, Device device, DType dtype) {
   const int i = int(dtype);
-  return i >= 0 && i < 3 && capability(op, device).dtype[i];
+  return i >= 0 && i < kNumDTypes && capability(op, device).dtype[i];
+}
+
+bool supports_kv_dtype(Op op, Device device, DType dtype, DType kv_dtype) {
+  const int i = int(kv_dtype);
+  if (i < 0 || i >= kNumDTypes) return false;
+  return kv_dtype == dtype || (is_fp8(kv_dtype) && capability(op, device).kv_fp8);
 }
 
 bool supports_head_dim(Op op, Device device, int head_dim) {
@@ -69,6 +89,11 @@ bool supported(Op op, Device device, DType dtype, int head_dim, int block_size) 
   return supports_dtype(op, device, dtype) &&
          (head_dim == 0 || supports_head_dim(op, device, head_dim)) &&
          (block_size == 0 || supports_block_size(op, device, block_size));
+}
+
+bool supported(Op op, Device device, DType dtype, int head_dim, int block_size, DType kv_dtype) {
+  return supported(op, device, dtype, head_dim, block_size) &&
+         supports_kv_dtype(op, device, dtype, kv_dtype);
 }
 
 const char* op_name(Op op) {

@@ -12,9 +12,11 @@ namespace cpu {
 
 Status decode_step(const DecodeStepParams& p) {
   detail::clear_error();
+  const DType act = compute_dtype(p.kv, p.act_dtype);  // q / k / v / norm weights
   if (p.batch < 0 || p.state.max_seqs < 0 || p.max_position < 0 || p.num_q_heads <= 0 ||
       p.kv.num_kv_heads <= 0 || p.kv.head_dim <= 0 || p.num_q_heads % p.kv.num_kv_heads != 0 ||
-      !supported(Op::kDecodeStep, Device::kCPU, p.kv.dtype, p.kv.head_dim, 0)) {
+      !supported(Op::kDecodeStep, Device::kCPU, act, p.kv.head_dim, 0, p.kv.dtype) ||
+      !valid_scales(p.kv)) {
     return Status::kInvalidArgument;
   }
   if (p.batch == 0) return Status::kSuccess;
@@ -22,7 +24,7 @@ Status decode_step(const DecodeStepParams& p) {
     return Status::kInvalidArgument;
   }
   const int B = p.batch, Hq = p.num_q_heads, H = p.kv.num_kv_heads, D = p.kv.head_dim;
-  const size_t es = size_t(dtype_size(p.kv.dtype));
+  const size_t es = size_t(dtype_size(act));
   // Rows (distinct, in range) and positions first; append checks the rest of the state.
   std::vector<int32_t> positions(B), cu(B + 1);
   for (int b = 0; b <= B; ++b) cu[b] = b;
@@ -53,7 +55,7 @@ Status decode_step(const DecodeStepParams& p) {
   e.max_position = p.max_position;
   e.alpha_scale = p.alpha_scale;
   e.alpha_offset = p.alpha_offset;
-  e.dtype = p.kv.dtype;
+  e.dtype = act;
   e.norm_eps = p.norm_eps;
   if (!p.logits_in) {
     e.q = q.data();
@@ -100,6 +102,7 @@ Status decode_step(const DecodeStepParams& p) {
   a.free = p.free;
   a.num_seqs = B;
   a.total_tokens = B;
+  a.act_dtype = act;
   Status s = append(a);
   if (s != Status::kSuccess) return s;
   std::memcpy(p.q, q.data(), q_bytes);

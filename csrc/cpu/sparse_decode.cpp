@@ -14,9 +14,12 @@ namespace cpu {
 
 Status sparse_decode(const SparseDecodeParams& p) {
   detail::clear_error();
+  const DType act = compute_dtype(p.kv, p.act_dtype);  // q / out
   if (p.batch < 0 || p.num_q_heads < 0 || !valid_sizes(p.kv) || p.pages.max_blocks_per_head < 0 ||
       p.num_q_heads % p.kv.num_kv_heads != 0 ||
-      !supports_dtype(Op::kSparseDecode, Device::kCPU, p.kv.dtype)) {
+      !supports_dtype(Op::kSparseDecode, Device::kCPU, act) ||
+      !supports_kv_dtype(Op::kSparseDecode, Device::kCPU, act, p.kv.dtype) ||
+      !valid_scales(p.kv)) {
     return Status::kInvalidArgument;
   }
   if (p.batch == 0 || p.num_q_heads == 0) return Status::kSuccess;
@@ -40,12 +43,12 @@ Status sparse_decode(const SparseDecodeParams& p) {
         const int h = g * G + hh;
         const int64_t qoff = b * p.q_stride_b + h * p.q_stride_h;
         const int64_t ooff = b * p.o_stride_b + h * p.o_stride_h;
-        for (int d = 0; d < D; ++d) qv[d] = load(p.q, qoff + d, p.kv.dtype);
+        for (int d = 0; d < D; ++d) qv[d] = load(p.q, qoff + d, act);
         double m = -std::numeric_limits<double>::infinity();
         for (int i = 0; i < n; ++i) {
           const int64_t row = (int64_t(bt[i / bs]) * bs + i % bs) * D;
           double s = 0.0;
-          for (int d = 0; d < D; ++d) s += qv[d] * load(p.kv.k_cache, row + d, p.kv.dtype);
+          for (int d = 0; d < D; ++d) s += qv[d] * load_kv(p.kv.k_cache, row + d, p.kv.dtype, p.kv.k_scale);
           scores[i] = s * p.scale;
           m = std::max(m, scores[i]);
         }
@@ -55,10 +58,10 @@ Status sparse_decode(const SparseDecodeParams& p) {
           const double e = std::exp(scores[i] - m);
           l += e;
           const int64_t row = (int64_t(bt[i / bs]) * bs + i % bs) * D;
-          for (int d = 0; d < D; ++d) acc[d] += e * load(p.kv.v_cache, row + d, p.kv.dtype);
+          for (int d = 0; d < D; ++d) acc[d] += e * load_kv(p.kv.v_cache, row + d, p.kv.dtype, p.kv.v_scale);
         }
         // An empty head has no keys: zeros out, lse = -inf (the identity of an lse merge).
-        for (int d = 0; d < D; ++d) store(p.out, ooff + d, p.kv.dtype, n ? float(acc[d] / l) : 0.f);
+        for (int d = 0; d < D; ++d) store(p.out, ooff + d, act, n ? float(acc[d] / l) : 0.f);
         if (p.lse) {
           p.lse[int64_t(b) * p.num_q_heads + h] =
               n ? float(m + std::log(l)) : -std::numeric_limits<float>::infinity();

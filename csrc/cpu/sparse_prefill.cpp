@@ -24,9 +24,12 @@ struct Key {
 
 Status sparse_prefill(const SparsePrefillParams& p) {
   detail::clear_error();
+  const DType act = compute_dtype(p.kv, p.act_dtype);  // q / k / v / out
   if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
       !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0 ||
-      !supports_dtype(Op::kSparsePrefill, Device::kCPU, p.kv.dtype)) {
+      !supports_dtype(Op::kSparsePrefill, Device::kCPU, act) ||
+      !supports_kv_dtype(Op::kSparsePrefill, Device::kCPU, act, p.kv.dtype) ||
+      !valid_scales(p.kv)) {
     return Status::kInvalidArgument;
   }
   if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
@@ -84,7 +87,7 @@ Status sparse_prefill(const SparsePrefillParams& p) {
         for (int hh = 0; hh < G; ++hh) {
           const int h = g * G + hh;
           const int64_t qoff = ((int64_t(start) + i) * Hq + h) * D;
-          for (int d = 0; d < D; ++d) qv[d] = load(p.q, qoff + d, p.kv.dtype);
+          for (int d = 0; d < D; ++d) qv[d] = load(p.q, qoff + d, act);
           double m = -std::numeric_limits<double>::infinity();
           for (size_t k = 0; k < keys.size(); ++k) {
             const Key& key = keys[k];
@@ -94,9 +97,14 @@ Status sparse_prefill(const SparsePrefillParams& p) {
               scores[k] = -std::numeric_limits<double>::infinity();
               continue;
             }
-            const void* kb = key.cached ? p.kv.k_cache : p.k;
             double s = 0.0;
-            for (int d = 0; d < D; ++d) s += qv[d] * load(kb, key.row + d, p.kv.dtype);
+            if (key.cached) {  // the pool, dequantized
+              for (int d = 0; d < D; ++d) {
+                s += qv[d] * load_kv(p.kv.k_cache, key.row + d, p.kv.dtype, p.kv.k_scale);
+              }
+            } else {  // the chunk, as given
+              for (int d = 0; d < D; ++d) s += qv[d] * load(p.k, key.row + d, act);
+            }
             scores[k] = s * p.scale;
             m = std::max(m, scores[k]);
           }
@@ -106,11 +114,17 @@ Status sparse_prefill(const SparsePrefillParams& p) {
             if (scores[k] == -std::numeric_limits<double>::infinity()) continue;
             const double e = std::exp(scores[k] - m);
             l += e;
-            const void* vb = keys[k].cached ? p.kv.v_cache : p.v;
-            for (int d = 0; d < D; ++d) acc[d] += e * load(vb, keys[k].row + d, p.kv.dtype);
+            const int64_t r = keys[k].row;
+            if (keys[k].cached) {
+              for (int d = 0; d < D; ++d) {
+                acc[d] += e * load_kv(p.kv.v_cache, r + d, p.kv.dtype, p.kv.v_scale);
+              }
+            } else {
+              for (int d = 0; d < D; ++d) acc[d] += e * load(p.v, r + d, act);
+            }
           }
           // A query always sees itself, so l > 0.
-          for (int d = 0; d < D; ++d) store(p.out, qoff + d, p.kv.dtype, float(acc[d] / l));
+          for (int d = 0; d < D; ++d) store(p.out, qoff + d, act, float(acc[d] / l));
         }
       }
     }

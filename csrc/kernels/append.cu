@@ -238,6 +238,8 @@ Status append(const AppendParams& p, cudaStream_t stream) {
   if (!supported(Op::kAppend, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
     return Status::kUnsupported;
   }
+  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
+  if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
   if (p.total_tokens < p.num_seqs) return Status::kInvalidArgument;  // chunks hold >= 1 token
   if (!p.rows || !p.cu_seqlens || !p.k || !p.v || !p.logits || !has_pointers(p.kv) ||

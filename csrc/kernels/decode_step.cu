@@ -157,6 +157,8 @@ Status decode_step(const DecodeStepParams& p, cudaStream_t stream) {
   if (!supported(Op::kDecodeStep, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
     return Status::kUnsupported;
   }
+  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
+  if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.batch == 0) return Status::kSuccess;
   if (!p.q || !p.k || !p.v || !p.cos_sin_cache || !p.rows || !p.logits || !has_pointers(p.kv) ||
       !has_pointers(p.state) || !has_pointers(p.free)) {

@@ -634,6 +634,8 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   // bf16 / fp16, head_dim 64 / 128 / 256, block_size a power of two (slots map by shift).
   if (!supported(Op::kSparseDecode, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
     return Status::kUnsupported;
+  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
+  if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
   if (!p.workspace) return Status::kInvalidArgument;

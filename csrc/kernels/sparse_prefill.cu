@@ -664,6 +664,8 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   // bf16 / fp16, head_dim 64 / 128.
   if (!supported(Op::kSparsePrefill, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
     return Status::kUnsupported;
+  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
+  if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.total_tokens == 0 || p.num_seqs == 0) return Status::kSuccess;
   if (!p.q || !p.k || !p.v || !p.logits || !p.rows || !p.cu_seqlens || !has_pointers(p.kv) ||
       !has_pointers(p.state) || !p.out || !p.workspace)

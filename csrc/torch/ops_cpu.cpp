@@ -26,23 +26,29 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
                                                       const at::Tensor& v_cache,
                                                       const at::Tensor& block_table,
                                                       const at::Tensor& seq_lens, double scale,
+                                                      double k_scale, double v_scale,
                                                       bool want_lse) {
-  SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale);
+  SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale,
+                                                  k_scale, v_scale);
   auto outputs = sparse_decode_outputs(p, q, want_lse);
   check_status(cpu::sparse_decode(p), "sparse_decode");
   return outputs;
 }
 
 at::Tensor sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  return std::get<0>(sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, false));
+                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                              double k_scale, double v_scale) {
+  return std::get<0>(sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale,
+                                        v_scale, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_lse_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache,
                                                          const at::Tensor& block_table,
-                                                         const at::Tensor& seq_lens, double scale) {
-  return sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, true);
+                                                         const at::Tensor& seq_lens, double scale,
+                                                          double k_scale, double v_scale) {
+  return sparse_decode_impl(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale, v_scale,
+                            true);
 }
 
 at::Tensor eviction_rope_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
@@ -60,9 +66,11 @@ at::Tensor eviction_rope_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& pos
 void append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
                 const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, at::Tensor& k_cache,
                 at::Tensor& v_cache, at::Tensor& block_table, at::Tensor& seq_lens, at::Tensor& ring,
-                at::Tensor& num_tokens, at::Tensor& free_stack, at::Tensor& free_top) {
+                at::Tensor& num_tokens, at::Tensor& free_stack, at::Tensor& free_top,
+                double k_scale, double v_scale) {
   AppendParams p = append_params(k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table,
-                                 seq_lens, ring, num_tokens, free_stack, free_top);
+                                 seq_lens, ring, num_tokens, free_stack, free_top, k_scale,
+                                 v_scale);
   check_status(cpu::append(p), "append");
 }
 
@@ -71,9 +79,11 @@ at::Tensor sparse_prefill_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& block_table,
                               const at::Tensor& seq_lens, const at::Tensor& ring,
-                              const at::Tensor& num_tokens, double scale) {
+                              const at::Tensor& num_tokens, double scale, double k_scale,
+                              double v_scale) {
   SparsePrefillParams p = sparse_prefill_params(q, k, v, logits, seq_slots, cu_seqlens, k_cache,
-                                                v_cache, block_table, seq_lens, ring, num_tokens, scale);
+                                                v_cache, block_table, seq_lens, ring, num_tokens, scale,
+                                                k_scale, v_scale);
   at::Tensor out = at::empty(q.sizes(), q.options());
   p.out = out.data_ptr();
   check_status(cpu::sparse_prefill(p), "sparse_prefill");
@@ -103,11 +113,12 @@ at::Tensor decode_step_cpu(at::Tensor& q, const at::Tensor& k, const at::Tensor&
                            at::Tensor& free_stack, at::Tensor& free_top, double alpha_scale,
                            double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
                            const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
-                           const std::optional<at::Tensor>& logits) {
+                           const std::optional<at::Tensor>& logits, double k_scale,
+                           double v_scale) {
   DecodeStepParams p = decode_step_params(q, k, v, cos_sin_cache, seq_slots, k_cache, v_cache,
                                           block_table, seq_lens, ring, num_tokens, free_stack,
                                           free_top, alpha_scale, alpha_offset, q_norm_weight,
-                                          k_norm_weight, norm_eps, logits);
+                                          k_norm_weight, norm_eps, logits, k_scale, v_scale);
   at::Tensor out = eviction_logits_output(q, k);
   p.logits = out.data_ptr<float>();
   check_status(cpu::decode_step(p), "decode_step");

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 #include "dms/capabilities.h"
@@ -20,8 +21,18 @@ namespace {
 
 // torch.ops.dms.supported: the capability table of dms/capabilities.h, whatever this build
 // compiled (a CPU-only build answers for "cuda" too).
+bool to_dtype(c10::ScalarType s, dms::DType* t) {
+  switch (s) {
+    case c10::ScalarType::Float: *t = dms::DType::kFloat32; return true;
+    case c10::ScalarType::Half: *t = dms::DType::kFloat16; return true;
+    case c10::ScalarType::BFloat16: *t = dms::DType::kBFloat16; return true;
+    case c10::ScalarType::Float8_e4m3fn: *t = dms::DType::kFloat8E4M3; return true;
+    default: return false;
+  }
+}
+
 bool supported_op(c10::string_view op, c10::string_view device, c10::ScalarType dtype,
-                  int64_t head_dim, int64_t block_size) {
+                  int64_t head_dim, int64_t block_size, std::optional<c10::ScalarType> kv_dtype) {
   const std::string name(op.data(), op.size()), dev(device.data(), device.size());
   dms::Op id;
   TORCH_CHECK_VALUE(dms::op_from_name(name.c_str(), &id), "supported: op must name a dms op "
@@ -32,15 +43,10 @@ bool supported_op(c10::string_view op, c10::string_view device, c10::ScalarType 
   TORCH_CHECK_VALUE(head_dim >= 0 && block_size >= 0 && head_dim <= INT32_MAX &&
                     block_size <= INT32_MAX, "supported: head_dim and block_size must be in "
                     "[0, 2^31) (0: not asked), got ", head_dim, " and ", block_size);
-  dms::DType t;
-  switch (dtype) {
-    case c10::ScalarType::Float: t = dms::DType::kFloat32; break;
-    case c10::ScalarType::Half: t = dms::DType::kFloat16; break;
-    case c10::ScalarType::BFloat16: t = dms::DType::kBFloat16; break;
-    default: return false;
-  }
+  dms::DType t, kv;
+  if (!to_dtype(dtype, &t) || !to_dtype(kv_dtype.value_or(dtype), &kv)) return false;
   return dms::supported(id, dev == "cuda" ? dms::Device::kCUDA : dms::Device::kCPU, t,
-                        int(head_dim), int(block_size));
+                        int(head_dim), int(block_size), kv);
 }
 
 }  // namespace
@@ -48,21 +54,28 @@ bool supported_op(c10::string_view op, c10::string_view device, c10::ScalarType 
 TORCH_LIBRARY(dms, m) {
   // What each op implements per device (dms/capabilities.h, the one table the ops, the C++ API
   // and DMSCache check against): op "sparse_decode" ... "release", device "cpu" or "cuda";
-  // head_dim / block_size 0 are not asked about. A dtype no op takes gives False.
-  m.def("supported(str op, str device, ScalarType dtype, int head_dim=0, int block_size=0) -> bool",
+  // head_dim / block_size 0 are not asked about. A dtype no op takes gives False. dtype is the
+  // compute dtype (q / k / v / out; fork and release: the pool's), kv_dtype the pool's
+  // (None: dtype), e.g. (op, device, torch.bfloat16, kv_dtype=torch.float8_e4m3fn).
+  m.def("supported(str op, str device, ScalarType dtype, int head_dim=0, int block_size=0, "
+        "ScalarType? kv_dtype=None) -> bool",
         &supported_op);
+  // Pools: k_cache / v_cache have the compute dtype, or are float8_e4m3fn (both alike): a value
+  // reads as stored * k_scale (v_scale), a write stores saturate(x / k_scale) (round to nearest
+  // even, +-448). Every op that reads or writes the pools takes trailing k_scale / v_scale
+  // (> 0, finite; 1.0 for a non-fp8 pool).
   // Paged per-head variable-length decode attention. q [B, Hq, D]; k_cache, v_cache
   // [num_blocks, block_size, D]; block_table int32 [B, Hkv, max_blocks]; seq_lens int32
   // [B, Hkv]. Query head h reads KV head h // (Hq / Hkv). Returns out [B, Hq, D] (q's dtype);
   // seq_lens[b, g] == 0 gives zeros.
   m.def(
       "sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-      "Tensor seq_lens, float scale) -> Tensor");
+      "Tensor seq_lens, float scale, float k_scale=1.0, float v_scale=1.0) -> Tensor");
   // sparse_decode that also returns lse float32 [B, Hq] (natural log of the softmax
   // denominator of the scaled scores; -inf for an empty head), for merging with other states.
   m.def(
       "sparse_decode_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-      "Tensor seq_lens, float scale) -> (Tensor, Tensor)");
+      "Tensor seq_lens, float scale, float k_scale=1.0, float v_scale=1.0) -> (Tensor, Tensor)");
   // Borrowed-neuron eviction logits + channel zeroing + rotate-half RoPE, in place on q [T, Hq, D]
   // and k [T, Hkv, D]. logit[t, g] = q[t, g*G, D-1] * alpha_scale - alpha_offset, read after the
   // optional per-head RMSNorm (q_norm_weight / k_norm_weight [D], Qwen3) and before RoPE.
@@ -78,14 +91,15 @@ TORCH_LIBRARY(dms, m) {
   m.def(
       "append(Tensor k, Tensor v, Tensor logits, Tensor seq_slots, Tensor cu_seqlens, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_table, Tensor(d!) seq_lens, "
-      "Tensor(e!) ring, Tensor(f!) num_tokens, Tensor(g!) free_stack, Tensor(h!) free_top) -> ()");
+      "Tensor(e!) ring, Tensor(f!) num_tokens, Tensor(g!) free_stack, Tensor(h!) free_top, "
+      "float k_scale=1.0, float v_scale=1.0) -> ()");
   // Prefill attention of packed chunks over (what each sequence already holds) + (the chunk,
   // causal), both with the DMS visibility rule. Reads the cache, writes nothing there; call
   // append afterwards. q [T, Hq, D]; returns out [T, Hq, D].
   m.def(
       "sparse_prefill(Tensor q, Tensor k, Tensor v, Tensor logits, Tensor seq_slots, "
       "Tensor cu_seqlens, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor ring, Tensor num_tokens, float scale) -> Tensor");
+      "Tensor ring, Tensor num_tokens, float scale, float k_scale=1.0, float v_scale=1.0) -> Tensor");
   // Copies state row src into the empty row dst: new blocks from free_stack, K/V copied.
   m.def(
       "fork(int src, int dst, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_table, "
@@ -108,5 +122,6 @@ TORCH_LIBRARY(dms, m) {
       "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) block_table, Tensor(e!) seq_lens, "
       "Tensor(f!) ring, Tensor(g!) num_tokens, Tensor(h!) free_stack, Tensor(i!) free_top, "
       "float alpha_scale, float alpha_offset, Tensor? q_norm_weight=None, "
-      "Tensor? k_norm_weight=None, float norm_eps=1e-6, Tensor? logits=None) -> Tensor");
+      "Tensor? k_norm_weight=None, float norm_eps=1e-6, Tensor? logits=None, float k_scale=1.0, "
+      "float v_scale=1.0) -> Tensor");
 }

@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <limits>
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dms {
@@ -105,13 +107,46 @@ void check_scale(const char* op, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
+// The pool's dtype against the capability table (after check_supported passed for the compute
+// dtype of `ref`) and its dequantization scales: finite and > 0 as a float, and 1 unless the
+// pool is fp8. An fp8 pool where the table has none (CUDA for now) is NotImplementedError:
+// a valid request this build does not implement, never a silently wrong answer.
+void check_kv(const char* op, Op id, const at::Tensor& ref, const at::Tensor& k_cache,
+              double k_scale, double v_scale) {
+  const DType kv = dtype_of(k_cache, "k_cache");
+  for (auto [name, s] : {std::pair<const char*, double>{"k_scale", k_scale}, {"v_scale", v_scale}}) {
+    const float f = float(s);
+    TORCH_CHECK_VALUE(std::isfinite(s) && std::isfinite(f) && f > 0.f, op, ": ", name,
+                      " must be finite and > 0 (as a float32), got ", s);
+    TORCH_CHECK_VALUE(is_fp8(kv) || f == 1.f, op, ": ", name, " must be 1.0 unless the pool "
+                      "(k_cache) is float8_e4m3fn, got ", s, " for a ", k_cache.scalar_type(),
+                      " pool");
+  }
+  const Device d = device_kind(ref);
+  TORCH_CHECK_NOT_IMPLEMENTED(supports_kv_dtype(id, d, dtype_of(ref, "q"), kv), op,
+                              ": kv dtype (k_cache / v_cache) ", k_cache.scalar_type(),
+                              " is not implemented on ", device_name(d), " (kv dtype must be ",
+                              capability(id, d).kv_dtypes_text, "; see torch.ops.dms.supported)");
+}
+
+void set_scales(KVPool& kv, double k_scale, double v_scale) {
+  kv.k_scale = float(k_scale);
+  kv.v_scale = float(v_scale);
+}
+
 // The KV pool: [num_blocks, block_size, D], both caches alike.
 void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& ref, const char* ref_name, int64_t D) {
   check_device(op, k_cache, "k_cache", ref.device(), ref_name);
   check_device(op, v_cache, "v_cache", ref.device(), ref_name);
-  check_dtype(op, k_cache, "k_cache", ref.scalar_type());
-  check_dtype(op, v_cache, "v_cache", ref.scalar_type());
+  // The pool has the compute dtype of `ref`, or is fp8 (e4m3fn); both caches alike.
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == ref.scalar_type() ||
+                        k_cache.scalar_type() == at::kFloat8_e4m3fn,
+                    op, ": k_cache must have dtype ", ref.scalar_type(), " (as ", ref_name,
+                    ") or Float8_e4m3fn, got ", k_cache.scalar_type());
+  TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), op,
+                    ": v_cache must have the dtype of k_cache (", k_cache.scalar_type(),
+                    "), got ", v_cache.scalar_type());
   check_shape(op, k_cache, "k_cache", "[num_blocks, block_size, D]", {kAny, kAny, D});
   check_shape(op, v_cache, "v_cache", "[num_blocks, block_size, D] (as k_cache)",
               {k_cache.size(0), k_cache.size(1), D});
@@ -258,14 +293,16 @@ DType dtype_of(const at::Tensor& t, const char* name) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_VALUE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    case at::kFloat8_e4m3fn: return DType::kFloat8E4M3;
+    default: TORCH_CHECK_VALUE(false, name, " must be float32, float16, bfloat16 or float8_e4m3fn, got ", t.scalar_type());
   }
   return DType::kFloat32;
 }
 
 SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache, const at::Tensor& block_table,
-                                        const at::Tensor& seq_lens, double scale) {
+                                        const at::Tensor& seq_lens, double scale,
+                                        double k_scale, double v_scale) {
   const char* op = "sparse_decode";
   check_float_tensor(op, q, "q");
   TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [B, Hq, D], got ", shape_str(q.sizes()));
@@ -285,11 +322,14 @@ SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k
   check_numel(op, q, "q size");
   check_numel(op, block_table, "block_table size");
   check_supported(op, Op::kSparseDecode, q, "q", D, k_cache.size(1));
+  check_kv(op, Op::kSparseDecode, q, k_cache, k_scale, v_scale);
   SparseDecodeParams p;
   p.q = q.data_ptr();
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);
   p.kv = kv_pool(k_cache, v_cache, Hkv);
+  set_scales(p.kv, k_scale, v_scale);
+  p.act_dtype = dtype_of(q, "q");
   p.pages = page_table(block_table, seq_lens);
   p.batch = int(B);
   p.num_q_heads = int(Hq);
@@ -349,7 +389,7 @@ Packed check_packed(const char* op, Op id, const at::Tensor& k, const at::Tensor
                     const at::Tensor& v_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, const at::Tensor& ring,
                     const at::Tensor& num_tokens, const at::Tensor* free_stack,
-                    const at::Tensor* free_top) {
+                    const at::Tensor* free_top, double k_scale, double v_scale) {
   check_float_tensor(op, k, "k");
   TORCH_CHECK_VALUE(k.dim() == 3, op, ": k must have shape [T, Hkv, D], got ", shape_str(k.sizes()));
   check_contiguous(op, k, "k");
@@ -376,6 +416,7 @@ Packed check_packed(const char* op, Op id, const at::Tensor& k, const at::Tensor
               free_top, k_cache.size(0));
   check_numel(op, k, "k size");
   check_supported(op, id, k, "k", s.D, k_cache.size(1));
+  check_kv(op, id, k, k_cache, k_scale, v_scale);
   return s;
 }
 
@@ -385,7 +426,8 @@ void set_packed(P& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor
                 const at::Tensor& seq_slots, const at::Tensor& cu_seqlens,
                 const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_table, const at::Tensor& seq_lens,
-                const at::Tensor& ring, const at::Tensor& num_tokens, const Packed& s) {
+                const at::Tensor& ring, const at::Tensor& num_tokens, const Packed& s,
+                double k_scale, double v_scale) {
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.logits = logits.data_ptr<float>();
@@ -394,6 +436,8 @@ void set_packed(P& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor
   p.num_seqs = int(s.n);
   p.total_tokens = int(s.T);
   p.kv = kv_pool(k_cache, v_cache, s.Hkv);
+  set_scales(p.kv, k_scale, v_scale);
+  p.act_dtype = dtype_of(k, "k");
   p.state = dms_state(block_table, seq_lens, ring, num_tokens);
 }
 
@@ -404,14 +448,15 @@ AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::T
                            const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                            const at::Tensor& ring, const at::Tensor& num_tokens,
-                           const at::Tensor& free_stack, const at::Tensor& free_top) {
+                           const at::Tensor& free_stack, const at::Tensor& free_top,
+                           double k_scale, double v_scale) {
   const char* op = "append";
   const Packed s = check_packed(op, Op::kAppend, k, v, logits, seq_slots, cu_seqlens, k_cache,
                                 v_cache, block_table, seq_lens, ring, num_tokens, &free_stack,
-                                &free_top);
+                                &free_top, k_scale, v_scale);
   AppendParams p;
   set_packed(p, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
-             ring, num_tokens, s);
+             ring, num_tokens, s, k_scale, v_scale);
   p.free = free_list(free_stack, free_top);
   return p;
 }
@@ -420,11 +465,12 @@ SparsePrefillParams sparse_prefill_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
     const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
-    const at::Tensor& ring, const at::Tensor& num_tokens, double scale) {
+    const at::Tensor& ring, const at::Tensor& num_tokens, double scale, double k_scale,
+    double v_scale) {
   const char* op = "sparse_prefill";
   const Packed s = check_packed(op, Op::kSparsePrefill, k, v, logits, seq_slots, cu_seqlens,
                                 k_cache, v_cache, block_table, seq_lens, ring, num_tokens, nullptr,
-                                nullptr);
+                                nullptr, k_scale, v_scale);
   check_device(op, q, "q", k.device(), "k");
   check_dtype(op, q, "q", k.scalar_type());
   check_shape(op, q, "q", "[T, Hq, D]", {s.T, kAny, s.D});
@@ -436,7 +482,7 @@ SparsePrefillParams sparse_prefill_params(
   check_numel(op, q, "q size");
   SparsePrefillParams p;
   set_packed(p, k, v, logits, seq_slots, cu_seqlens, k_cache, v_cache, block_table, seq_lens,
-             ring, num_tokens, s);
+             ring, num_tokens, s, k_scale, v_scale);
   p.q = q.data_ptr();
   p.num_q_heads = int(Hq);
   p.scale = float(scale);
@@ -449,7 +495,10 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
                        const at::Tensor& num_tokens, const at::Tensor& free_stack,
                        const at::Tensor& free_top) {
   const char* op = "fork";
-  check_float_tensor(op, k_cache, "k_cache");
+  const auto kdt = k_cache.scalar_type();
+  TORCH_CHECK_VALUE(kdt == at::kFloat || kdt == at::kHalf || kdt == at::kBFloat16 ||
+                        kdt == at::kFloat8_e4m3fn,
+                    op, ": k_cache must be float32, float16, bfloat16 or float8_e4m3fn, got ", kdt);
   TORCH_CHECK_VALUE(k_cache.dim() == 3, op, ": k_cache must have shape [num_blocks, block_size, D], got ",
                     shape_str(k_cache.sizes()));
   check_caches(op, k_cache, v_cache, k_cache, "k_cache", k_cache.size(2));
@@ -459,6 +508,13 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(src >= 0 && src < s.S, op, ": src must be in [0, ", s.S, "), got ", src);
   TORCH_CHECK_VALUE(dst >= 0 && dst < s.S, op, ": dst must be in [0, ", s.S, "), got ", dst);
   TORCH_CHECK_VALUE(src != dst, op, ": dst must differ from src, got ", src, " for both");
+  // fork copies the pool's bytes: its dtype is the pool's. An fp8 pool where the table has none
+  // (CUDA for now) is NotImplementedError, as for the other ops.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !is_fp8(dtype_of(k_cache, "k_cache")) ||
+          supports_dtype(Op::kFork, device_kind(k_cache), DType::kFloat8E4M3),
+      op, ": kv dtype (k_cache / v_cache) ", kdt, " is not implemented on ",
+      device_name(device_kind(k_cache)), " (see torch.ops.dms.supported)");
   check_supported(op, Op::kFork, k_cache, "k_cache", k_cache.size(2), k_cache.size(1));
   ForkParams p;
   p.src = int(src);
@@ -505,7 +561,7 @@ DecodeStepParams decode_step_params(
     const at::Tensor& num_tokens, const at::Tensor& free_stack, const at::Tensor& free_top,
     double alpha_scale, double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
     const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
-    const std::optional<at::Tensor>& logits) {
+    const std::optional<at::Tensor>& logits, double k_scale, double v_scale) {
   const char* op = "decode_step";
   const QKSizes qk = check_rope_qk(op, Op::kDecodeStep, q, k, "B");
   const int64_t B = qk.n, Hq = qk.Hq, Hkv = qk.Hkv, D = qk.D;
@@ -531,6 +587,7 @@ DecodeStepParams decode_step_params(
   check_numel(op, q, "q size");
   check_numel(op, cos_sin_cache, "cos_sin_cache size");
   check_supported(op, Op::kDecodeStep, q, "q", 0, k_cache.size(1));
+  check_kv(op, Op::kDecodeStep, q, k_cache, k_scale, v_scale);
   DecodeStepParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -544,6 +601,8 @@ DecodeStepParams decode_step_params(
   p.alpha_scale = float(alpha_scale);
   p.alpha_offset = float(alpha_offset);
   p.kv = kv_pool(k_cache, v_cache, Hkv);
+  set_scales(p.kv, k_scale, v_scale);
+  p.act_dtype = dtype_of(q, "q");
   p.state = dms_state(block_table, seq_lens, ring, num_tokens);
   p.free = free_list(free_stack, free_top);
   p.batch = int(B);

@@ -1,4 +1,7 @@
-// Tensor -> params struct, shared by the CPU and CUDA impls. Validates what can be checked
+// Tensor -> params struct, shared by the CPU and CUDA impls. The pools (k_cache / v_cache) have
+// the compute dtype of q / k, or float8_e4m3fn with k_scale / v_scale (dms/params.h); an fp8 pool
+// on a device whose kernels lack it is NotImplementedError (dms/capabilities.h).
+// Validates what can be checked
 // without reading device memory (dtype, device, shape, contiguity, sizes) and raises
 // ValueError (TORCH_CHECK_VALUE) naming the argument, including what the op implements on the
 // tensors' device (dms/capabilities.h: dtype, head_dim, block_size). Data-dependent checks
@@ -22,7 +25,8 @@ DType dtype_of(const at::Tensor& t, const char* name);
 // out / lse are left unset: the caller allocates them after validation.
 SparseDecodeParams sparse_decode_params(const at::Tensor& q, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache, const at::Tensor& block_table,
-                                        const at::Tensor& seq_lens, double scale);
+                                        const at::Tensor& seq_lens, double scale,
+                                        double k_scale = 1.0, double v_scale = 1.0);
 
 // logits is left unset.
 EvictionRopeParams eviction_rope_params(const at::Tensor& q, const at::Tensor& k,
@@ -38,14 +42,16 @@ AppendParams append_params(const at::Tensor& k, const at::Tensor& v, const at::T
                            const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                            const at::Tensor& ring, const at::Tensor& num_tokens,
-                           const at::Tensor& free_stack, const at::Tensor& free_top);
+                           const at::Tensor& free_stack, const at::Tensor& free_top,
+                           double k_scale = 1.0, double v_scale = 1.0);
 
 // out is left unset.
 SparsePrefillParams sparse_prefill_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& logits,
     const at::Tensor& seq_slots, const at::Tensor& cu_seqlens, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
-    const at::Tensor& ring, const at::Tensor& num_tokens, double scale);
+    const at::Tensor& ring, const at::Tensor& num_tokens, double scale, double k_scale = 1.0,
+    double v_scale = 1.0);
 
 ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -66,7 +72,7 @@ DecodeStepParams decode_step_params(
     const at::Tensor& num_tokens, const at::Tensor& free_stack, const at::Tensor& free_top,
     double alpha_scale, double alpha_offset, const std::optional<at::Tensor>& q_norm_weight,
     const std::optional<at::Tensor>& k_norm_weight, double norm_eps,
-    const std::optional<at::Tensor>& logits);
+    const std::optional<at::Tensor>& logits, double k_scale = 1.0, double v_scale = 1.0);
 
 // Outputs, allocated alike on every device once the params have been validated.
 // sparse_decode: out [B, Hq, D] like q and lse float32 [B, Hq]; sets p.out, its strides and

@@ -20,6 +20,9 @@
 // Support. What each entry point implements (dtypes, head_dims, block sizes) is the table of
 // capabilities.h, queried with dms::supported(op, Device::kCUDA, ...); a request outside it
 // returns kUnsupported. sparse_decode and sparse_prefill: float16 / bfloat16 only.
+// FP8 pools (KVPool::dtype kFloat8E4M3): no CUDA kernel yet; sparse_decode, sparse_prefill,
+// append, decode_step and fork return kUnsupported for one; scales other than 1 are
+// kInvalidArgument (fork and release ignore the scales).
 //
 // Stream. The call reads the struct on the host, validates sizes and pointers (never device
 // data), enqueues its kernels on `stream` (0, cudaStreamPerThread or any stream) and returns

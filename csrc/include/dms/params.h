@@ -5,6 +5,8 @@
 // style), so an engine fills each piece once per layer and assigns it:
 //   KVPool    one layer's paged K/V memory (docs/layout.md):
 //               k_cache, v_cache  [num_blocks, block_size, head_dim]  contiguous, dtype `dtype`
+//               (the POOL dtype: float32 / float16 / bfloat16, or float8 e4m3 with one
+//               dequantization scale per pool, k_scale / v_scale)
 //   PageTable per (row, KV head) page lists:
 //               block_table  int32 [rows, num_kv_heads, max_blocks_per_head]
 //               seq_lens     int32 [rows, num_kv_heads]   slots in use of (row, kv head)
@@ -22,8 +24,16 @@
 //   FreeList  the pool's free block ids:
 //               stack        int32 [num_blocks]   free ids in stack[0 .. *top)
 //               top          int32 [1]            number of free blocks
-// num_kv_heads, head_dim, block_size, num_blocks and the dtype are the KVPool's; every other
-// struct reads them from there.
+// num_kv_heads, head_dim, block_size, num_blocks and the pool dtype are the KVPool's; every
+// other struct reads them from there.
+//
+// Pool dtype vs compute dtype. q / k / v / out of an op (SparseDecodeParams, AppendParams,
+// SparsePrefillParams, DecodeStepParams) have the pool's dtype, unless the pool is float8: then
+// they have the op struct's `act_dtype` (float32 / float16 / bfloat16), see compute_dtype().
+// An fp8 pool follows vLLM's convention: a stored value x8 reads as float(x8) * k_scale (V:
+// v_scale); a write stores saturate_e4m3(x / k_scale), rounded to nearest even and clamped to
+// +-448 (NaN stays NaN). For a pool of any other dtype both scales must be 1. act_dtype is read
+// only for an fp8 pool, so an engine written before fp8 pools keeps working unchanged.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -40,15 +50,28 @@ enum class Status : int {
 
 const char* status_string(Status s);
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat8E4M3: OCP float8 e4m3 "fn" (torch.float8_e4m3fn: no inf, max 448), pools only.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
+constexpr int kNumDTypes = 4;
+
+inline constexpr bool is_fp8(DType t) { return t == DType::kFloat8E4M3; }
 
 // One layer's paged K/V memory.
 struct KVPool {
   void* k_cache = nullptr;   // [num_blocks, block_size, head_dim] contiguous
   void* v_cache = nullptr;   // [num_blocks, block_size, head_dim] contiguous
   int num_blocks = 0, block_size = 0, num_kv_heads = 0, head_dim = 0;
-  DType dtype = DType::kBFloat16;
+  DType dtype = DType::kBFloat16;   // the pool's (storage) dtype, both caches alike
+  // Dequantization scales of an fp8 pool (> 0, finite): K reads as stored * k_scale, V as
+  // stored * v_scale. Must be 1 for any other pool dtype.
+  float k_scale = 1.f, v_scale = 1.f;
 };
+
+// The dtype of an op's q / k / v / out: the pool's, unless the pool is fp8 (then `act_dtype`,
+// the op struct's field).
+inline constexpr DType compute_dtype(const KVPool& kv, DType act_dtype) {
+  return is_fp8(kv.dtype) ? act_dtype : kv.dtype;
+}
 
 // Per (row, KV head) page lists: slot i of (row, g) is at block_table[row, g, i / block_size],
 // offset i % block_size.
@@ -83,6 +106,7 @@ struct SparseDecodeParams {
   PageTable pages;                    // rows = batch: row b is batch entry b (read only)
   int batch = 0, num_q_heads = 0;
   float scale = 1.f;
+  DType act_dtype = DType::kBFloat16;  // q / out dtype when kv.dtype is fp8 (compute_dtype())
   // CUDA only: the scheduler's plan and the partials of rows cut between CTAs. Size from
   // sparse_decode_workspace_bytes() (> 0 whenever batch > 0); required.
   void* workspace = nullptr;
@@ -113,16 +137,17 @@ struct EvictionRopeParams {
 // t - (window + 1) is flagged, t takes over its slot; else t goes to slot seq_len (a new
 // block is popped from the free list when the slot opens a block). K and V are written.
 struct AppendParams {
-  const void* k = nullptr;           // [T, Hkv, D] contiguous, kv.dtype
+  const void* k = nullptr;           // [T, Hkv, D] contiguous, compute_dtype(kv, act_dtype)
   const void* v = nullptr;           // [T, Hkv, D] contiguous
   const float* logits = nullptr;     // [T, Hkv] contiguous
   const int32_t* rows = nullptr;     // [n] distinct state rows: chunk c continues rows[c]
   const int32_t* cu_seqlens = nullptr;  // [n + 1]
-  KVPool kv;
+  KVPool kv;                         // an fp8 pool stores saturate_e4m3(k / k_scale), v alike
   DMSState state;
   FreeList free;
   int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
   int num_seqs = 0, total_tokens = 0;
+  DType act_dtype = DType::kBFloat16;  // k / v dtype when kv.dtype is fp8 (compute_dtype())
 };
 
 // Prefill attention of packed chunks: query i of chunk c (position p = num_tokens[row] + i)
@@ -130,8 +155,9 @@ struct AppendParams {
 // rule (position q - p <= window or not flagged; the flag of position num_tokens-1 comes
 // from the chunk's first logit), and (b) the chunk itself, causally, with the same rule
 // (d_j = logits[j + 1] > 0 inside the chunk). The cache and the state are read, never written.
+// With an fp8 pool the cached keys / values are read dequantized, the chunk's own k / v as given.
 struct SparsePrefillParams {
-  const void* q = nullptr;           // [T, Hq, D] contiguous, kv.dtype
+  const void* q = nullptr;           // [T, Hq, D] contiguous, compute_dtype(kv, act_dtype)
   const void* k = nullptr;           // [T, Hkv, D] contiguous
   const void* v = nullptr;           // [T, Hkv, D] contiguous
   const float* logits = nullptr;     // [T, Hkv]
@@ -142,6 +168,7 @@ struct SparsePrefillParams {
   DMSState state;                    // read only
   int num_seqs = 0, total_tokens = 0, num_q_heads = 0;
   float scale = 1.f;
+  DType act_dtype = DType::kBFloat16;  // q / k / v / out dtype when kv.dtype is fp8
   // CUDA only: scratch for the compacted key lists. Size from sparse_prefill_workspace_bytes()
   // (sizes only, never data); may be null when that returns 0. The CPU twin ignores it.
   void* workspace = nullptr;
@@ -173,15 +200,15 @@ struct ReleaseParams {
 // around RoPE) or from the caller (logits_in [B, Hkv]: adapter variant, q keeps all its
 // channels); either way they are written to logits. Same state updates as dms::append.
 struct DecodeStepParams {
-  void* q = nullptr;                 // [B, Hq, D] contiguous, in place, kv.dtype
+  void* q = nullptr;                 // [B, Hq, D] contiguous, in place, compute dtype
   const void* k = nullptr;           // [B, Hkv, D] contiguous
   const void* v = nullptr;           // [B, Hkv, D] contiguous
   const float* cos_sin_cache = nullptr;  // [max_position, D]: D/2 cos then D/2 sin
   const int32_t* rows = nullptr;     // [B] distinct state rows
   const float* logits_in = nullptr;  // optional [B, Hkv]
   float* logits = nullptr;           // [B, Hkv] out
-  const void* q_norm_weight = nullptr;   // optional [D], kv.dtype
-  const void* k_norm_weight = nullptr;   // optional [D], kv.dtype
+  const void* q_norm_weight = nullptr;   // optional [D], compute dtype
+  const void* k_norm_weight = nullptr;   // optional [D], compute dtype
   float norm_eps = 1e-6f;
   float alpha_scale = 100.f, alpha_offset = 5.f;
   KVPool kv;
@@ -189,6 +216,7 @@ struct DecodeStepParams {
   FreeList free;
   int32_t* error = nullptr;          // optional [1]: set to a Status on a device-side failure
   int batch = 0, max_position = 0, num_q_heads = 0;
+  DType act_dtype = DType::kBFloat16;  // q / k / v / norm weight dtype when kv.dtype is fp8
 };
 
 // Bytes per element of `t`; usable in device code too (nvcc sees the annotation).
@@ -197,7 +225,9 @@ struct DecodeStepParams {
 #else
 #define DMS_HOST_DEVICE
 #endif
-DMS_HOST_DEVICE inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+DMS_HOST_DEVICE inline int dtype_size(DType t) {
+  return t == DType::kFloat32 ? 4 : t == DType::kFloat8E4M3 ? 1 : 2;
+}
 
 
 // Host-side contract checks shared by the entry points and the CPU twins (sizes in range,
@@ -209,6 +239,15 @@ inline bool valid_sizes(const DMSState& s) {
   return s.max_seqs >= 0 && s.window >= 1 && s.pages.max_blocks_per_head >= 0;
 }
 inline bool has_pointers(const KVPool& kv) { return kv.k_cache && kv.v_cache; }
+// The pool's scales: finite and > 0, and exactly 1 unless the pool is fp8.
+inline bool valid_scales(const KVPool& kv) {
+  auto ok = [&](float s) {
+    return is_fp8(kv.dtype) ? (s > 0.f && s <= 3.4028235e38f) : s == 1.f;
+  };
+  return ok(kv.k_scale) && ok(kv.v_scale);
+}
+// The compute dtype of an op that reads q / k / v: float32, float16 or bfloat16.
+inline bool valid_compute_dtype(DType t) { return !is_fp8(t) && int(t) >= 0 && int(t) < 3; }
 inline bool has_pointers(const PageTable& t) { return t.block_table && t.seq_lens; }
 inline bool has_pointers(const DMSState& s) {
   return has_pointers(s.pages) && s.ring && s.num_tokens;
