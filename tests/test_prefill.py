@@ -1,4 +1,7 @@
-"""CUDA sparse_prefill against the float64 oracle (reference.dms_attention) and the CPU op.
+"""sparse_prefill against the float64 oracle (reference.dms_attention) on every device (a `device`
+parameter: "cpu" always, "cuda" skipped without a GPU; CUDA-only behaviour is marked `cuda`).
+Was tests/test_cuda_prefill.py. The float64 CPU twin runs a case when it has at most
+CPU_PAIR_LIMIT (query, key) pairs; on CUDA such a case is also compared with the CPU op.
 
 Each case builds per-sequence state with torch.ops.dms.append (history split into prefill
 pieces and one-token decode steps, rows scattered, blocks shuffled, free slots NaN), then runs
@@ -16,11 +19,10 @@ import torch.nn.functional as F
 
 import dms_ext  # noqa: F401  (registers torch.ops.dms)
 from dms_ext import reference
-from helpers import assert_within_bound, bound_violations, dms_bound, make_logits, poison_allocator
+from helpers import (DEVICES, assert_within_bound, bound_violations, dms_bound, make_logits,
+                     poison_allocator)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-# CPU op comparison only where the float64 CPU twin stays fast.
+# The float64 CPU twin (CPU device, or the CPU comparison of a CUDA case) only where it stays fast.
 CPU_PAIR_LIMIT = 3_000_000
 
 
@@ -69,10 +71,13 @@ def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfl
              block_size=16, seed=0, device="cuda", check_cpu=None, scale=None):
     """hist[i] / chunks[i]: tokens already held / new chunk length of sequence i (chunk i of the
     packed call). Returns the max error against the oracle."""
+    hq = hkv * group
+    pairs = sum(c * (h + c) for h, c in zip(hist, chunks)) * hq
+    if str(device) == "cpu" and pairs > CPU_PAIR_LIMIT:
+        pytest.skip(f"{pairs} (query, key) pairs: too slow for the float64 CPU twin")
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     n_seq = len(chunks)
-    hq = hkv * group
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = rng.sample(range(n_seq + 3), n_seq)               # scattered state rows
     max_blocks = max(1, max(math.ceil(h / block_size) for h in hist))
@@ -128,7 +133,6 @@ def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfl
         err = max(err, (o - ref).abs().max().item())
         worst = max(worst, bound_violations(o, ref, tol_i)[1])
 
-    pairs = sum(c * (h + c) for h, c in zip(hist, chunks)) * hq
     if check_cpu is None:
         check_cpu = pairs <= CPU_PAIR_LIMIT
     cpu_err = float("nan")
@@ -150,69 +154,78 @@ def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfl
 
 @pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 63, 64, 65, 200, 1000])
 @pytest.mark.parametrize("group", [1, 3, 4, 5, 8])
-def test_fresh_prompt_chunk_sizes_and_groups(length, group):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fresh_prompt_chunk_sizes_and_groups(length, group, device):
     run_case(f"fresh L={length} G={group}", hist=[0], chunks=[length], hkv=2, group=group, d=128,
-             window=16, rate=0.6, seed=length * 10 + group)
+             window=16, rate=0.6, seed=length * 10 + group, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 7])
-def test_dtypes_and_head_dims(dtype, d, group):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dtypes_and_head_dims(dtype, d, group, device):
     run_case(f"dtype {dtype} D={d} G={group}", hist=[300], chunks=[333], hkv=2, group=group, d=d,
-             window=64, rate=0.5, dtype=dtype, seed=d + group)
+             window=64, rate=0.5, dtype=dtype, seed=d + group, device=device)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("window", [1, 2, 16, 100, 1024])
-def test_eviction_rates_and_windows(rate, window):
+@pytest.mark.parametrize("device", DEVICES)
+def test_eviction_rates_and_windows(rate, window, device):
     run_case(f"rate {rate} w={window}", hist=[700], chunks=[900], hkv=2, group=4, d=128,
-             window=window, rate=rate, seed=int(rate * 100) + window)
+             window=window, rate=rate, seed=int(rate * 100) + window, device=device)
 
 
 # -------------------------------------------------------------------------------------------
 # Over a cache built by append: ring wrap, the pending flag of position n-1, older survivors.
 
 @pytest.mark.parametrize("hist", [1, 5, 16, 17, 18, 40, 300, 2000])
-def test_prefill_after_history(hist):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_after_history(hist, device):
     run_case(f"history {hist}", hist=[hist], chunks=[50], hkv=3, group=3, d=64, window=16,
-             rate=0.7, block_size=7, seed=hist)
+             rate=0.7, block_size=7, seed=hist, device=device)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 16, 17, 100])
-def test_short_chunk_inside_window_of_flagged_ring(chunk):
+@pytest.mark.parametrize("device", DEVICES)
+def test_short_chunk_inside_window_of_flagged_ring(chunk, device):
     # Chunk shorter than the window: flagged ring entries are visible to its first queries only.
     run_case(f"ring chunk {chunk}", hist=[500], chunks=[chunk], hkv=2, group=5, d=128,
-             window=64, rate=0.9, seed=chunk)
+             window=64, rate=0.9, seed=chunk, device=device)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16, 64, 256])
-def test_block_sizes(block_size):
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_sizes(block_size, device):
     run_case(f"block_size {block_size}", hist=[400], chunks=[130], hkv=2, group=2, d=64,
-             window=32, rate=0.5, block_size=block_size, seed=block_size)
+             window=32, rate=0.5, block_size=block_size, seed=block_size, device=device)
 
 
 # -------------------------------------------------------------------------------------------
 # Many sequences per call: mixed histories and chunk lengths, 1-token chunks among them.
 
 @pytest.mark.parametrize("group", [1, 3, 4, 5, 8])
-def test_many_sequences_one_call(group):
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_sequences_one_call(group, device):
     hist = [0, 1, 37, 600, 5, 129, 0, 2048]
     chunks = [1, 64, 1, 257, 3, 1000, 17, 65]
     run_case(f"batch G={group}", hist=hist, chunks=chunks, hkv=2, group=group, d=128, window=48,
-             rate=0.6, seed=group)
+             rate=0.6, seed=group, device=device)
 
 
-def test_many_sequences_fp16_d64_odd_heads():
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_sequences_fp16_d64_odd_heads(device):
     hist = [10, 0, 333, 1]
     chunks = [100, 2, 513, 1]
     run_case("batch fp16 D64 Hkv3 G7", hist=hist, chunks=chunks, hkv=3, group=7, d=64, window=20,
-             rate=0.4, dtype=torch.float16, seed=11)
+             rate=0.4, dtype=torch.float16, seed=11, device=device)
 
 
 # -------------------------------------------------------------------------------------------
-# Long chunks (GPU oracle only).
+# Long chunks (CUDA only: too many pairs for the CPU twin).
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("length,window,rate", [(2048, 512, 0.8), (4096, 512, 0.875),
                                                 (4096, 1024, 0.3), (3000, 16, 0.95)])
 def test_long_chunks(length, window, rate):
@@ -220,50 +233,54 @@ def test_long_chunks(length, window, rate):
              group=4, d=128, window=window, rate=rate, seed=length + window, check_cpu=False)
 
 
+@pytest.mark.cuda
 def test_long_chunk_over_long_history():
     run_case("long over history", hist=[3000], chunks=[2500], hkv=2, group=4, d=128, window=512,
              rate=0.8, block_size=64, seed=5, check_cpu=False)
 
 
-def test_scale_argument():
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_argument(device):
     run_case("scale 0.3", hist=[100], chunks=[200], hkv=2, group=2, d=64, window=32, rate=0.5,
-             scale=0.3, seed=3)
+             scale=0.3, seed=3, device=device)
 
 
-def test_empty_cache_tensors_shapes_and_repeatability():
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_cache_tensors_shapes_and_repeatability(device):
     # Two calls over the same state give identical outputs (no state kept in the workspace).
     gen = torch.Generator().manual_seed(0)
-    st = State(2, 2, 64, 8, 16, 8, 4, torch.bfloat16, "cuda", gen)
+    st = State(2, 2, 64, 8, 16, 8, 4, torch.bfloat16, device, gen)
     T = 70
-    q = torch.randn(T, 4, 64, generator=gen).to(torch.bfloat16).cuda()
-    k = torch.randn(T, 2, 64, generator=gen).to(torch.bfloat16).cuda()
-    v = torch.randn(T, 2, 64, generator=gen).to(torch.bfloat16).cuda()
-    lg = make_logits(gen, T, 2, 0.5).cuda()
-    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device="cuda")
-    slots = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
+    q = torch.randn(T, 4, 64, generator=gen).to(torch.bfloat16).to(device)
+    k = torch.randn(T, 2, 64, generator=gen).to(torch.bfloat16).to(device)
+    v = torch.randn(T, 2, 64, generator=gen).to(torch.bfloat16).to(device)
+    lg = make_logits(gen, T, 2, 0.5).to(device)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device=device)
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=device)
     a = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *st.tensors(), 0.125)
     b = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *st.tensors(), 0.125)
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
-def _small_inputs(seed=0, T=(40, 1, 90), hkv=2, group=3, d=64, window=8):
+def _small_inputs(seed=0, T=(40, 1, 90), hkv=2, group=3, d=64, window=8, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    st = State(len(T) + 1, hkv, d, window, 16, 64, 8, torch.bfloat16, "cuda", gen)
+    st = State(len(T) + 1, hkv, d, window, 16, 64, 8, torch.bfloat16, device, gen)
     n = sum(T)
     # A short history for rows 0 and 2, so cached keys and the ring take part.
-    kh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).cuda()
-    vh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).cuda()
-    lh = make_logits(gen, 50, hkv, 0.5).cuda()
+    kh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).to(device)
+    vh = torch.randn(50, hkv, d, generator=gen).to(torch.bfloat16).to(device)
+    lh = make_logits(gen, 50, hkv, 0.5).to(device)
     st.append(kh, vh, lh, [0, 2], [20, 30])
-    q = torch.randn(n, hkv * group, d, generator=gen).to(torch.bfloat16).cuda()
-    k = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).cuda()
-    v = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).cuda()
-    lg = make_logits(gen, n, hkv, 0.5).cuda()
-    cu = torch.tensor([0] + list(T), dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-    slots = torch.tensor([2, 3, 0], dtype=torch.int32, device="cuda")
+    q = torch.randn(n, hkv * group, d, generator=gen).to(torch.bfloat16).to(device)
+    k = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).to(device)
+    v = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16).to(device)
+    lg = make_logits(gen, n, hkv, 0.5).to(device)
+    cu = torch.tensor([0] + list(T), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    slots = torch.tensor([2, 3, 0], dtype=torch.int32, device=device)
     return (q, k, v, lg, slots, cu, *st.tensors(), 1.0 / math.sqrt(d))
 
 
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay():
     args = _small_inputs(1)
     eager = torch.ops.dms.sparse_prefill(*args)
@@ -281,5 +298,6 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(out, eager)
 
 
-def test_opcheck():
-    torch.library.opcheck(torch.ops.dms.sparse_prefill, _small_inputs(2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    torch.library.opcheck(torch.ops.dms.sparse_prefill, _small_inputs(2, device=device))
