@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/common.cuh"
 #include "kernels/primitives.cuh"
 
 namespace dms {
@@ -133,8 +134,7 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
     __syncthreads();
     if (tid == 0) carry_s = carry + warp_sums[kPlanThreads / 32 - 1];
     __syncthreads();
-  }
-  __syncthreads();  // prefix[] visible to the whole CTA (global writes, same CTA)
+  }  // the loop's last barrier made prefix[] (global writes of this CTA) visible to all of it
   const int64_t U = carry_s;
   const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
   // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
@@ -412,20 +412,17 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     K::merge_warps(st, scratch);
     __syncthreads();
 
-    if (P >= a0 && P_end <= b0) {  // ------------- the whole row is ours: write it
-      for (int i = tid; i < nh * D; i += kThreads) {
-        const int r = i / D, d = i % D;
-        float lse2;
-        const float o = K::merged(scratch, r, d, &lse2);
+    // The whole row is ours: write it. A piece of a cut row: its partial, for the merge kernel.
+    const bool whole = P >= a0 && P_end <= b0;
+    const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
+    for (int i = tid; i < nh * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      float lse2;
+      const float o = K::merged(scratch, r, d, &lse2);
+      if (whole) {
         reinterpret_cast<T*>(p.out)[b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d] = dev::from_float<T>(o);
         if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
-      }
-    } else {  // ---------------------------------- a piece of a cut row: its partial
-      const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
-      for (int i = tid; i < nh * D; i += kThreads) {
-        const int r = i / D, d = i % D;
-        float lse2;
-        const float o = K::merged(scratch, r, d, &lse2);
+      } else {
         part_o[(slot * kHeadTile + r) * D + d] = o;
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
@@ -584,28 +581,27 @@ int device_sms() {
 template <typename T, int D, int S>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
   constexpr int smem = Cfg<D, S>::kSmemBytes;
-  // Set on every launch (a cheap host call, legal during capture): the attribute is per device.
-  if (cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-      cudaSuccess)
-    return Status::kCudaError;
+  // Set on every launch (cheap host calls, legal during capture): the attributes are per device.
   const size_t merge_smem = merge_smem_bytes(r.grid);
-  if (cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)merge_smem) != cudaSuccess)
-    return Status::kCudaError;
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
   // All three kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
-  cudaFuncSetAttribute(sparse_decode_plan_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-  cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_plan_kernel,
+                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>,
+                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
+                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.pages.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
-  if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  if (launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r) != cudaSuccess)
-    return Status::kCudaError;
-  if (launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem, stream, p, r) !=
-      cudaSuccess)
-    return Status::kCudaError;
+  DMS_LAUNCH_CHECK();
+  DMS_CUDA_CHECK(launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
+  DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
+                            stream, p, r));
   return Status::kSuccess;
 }
 
