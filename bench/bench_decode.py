@@ -20,6 +20,7 @@ Live KV bytes = sum(seq_lens) * 2 * D * 2. Writes bench/results/decode_<date>.md
 
   python3 bench/bench_decode.py                 # the table (~1-3 min, plus FlashInfer JIT)
   python3 bench/bench_decode.py --ncu           # our op only, B 64 x 8k, a few calls, for ncu
+  python3 bench/bench_decode.py --ncu --ncu-row "B1 x 32k"   # another row
   python3 bench/bench_decode.py --memcheck      # small edge cases once each, for compute-sanitizer
 """
 from __future__ import annotations
@@ -335,18 +336,21 @@ def report(rows, ceil, a, fi_note, errors, wall_s) -> tuple[str, str]:
 
 
 def ncu_mode(a):
-    """Our op only at B 64 x 8k (for ncu -k regex:sparse_decode): 2 warm-up + a few calls."""
+    """Our op only on one row (--ncu-row, default B 64 x 8k; for ncu -k regex:sparse_decode):
+    2 warm-up + a few calls."""
     dtype = DTYPES[a.dtype]
-    c = Case("B64 x 8k", 64, 8192)
+    c = next((c for c in CASES if c.name == a.ncu_row), None)
+    if c is None:
+        sys.exit(f"--ncu-row: no row named {a.ncu_row!r}; rows: {', '.join(c.name for c in CASES)}")
     gen_cpu = torch.Generator().manual_seed(a.seed)
     gen_dev = torch.Generator(device="cuda").manual_seed(a.seed)
     P = Paged(make_lens(c, a.cr, gen_cpu), a.block_size, c.D, dtype, 1, gen_cpu, gen_dev)
     q = torch.randn(c.B, c.hq, c.D, device="cuda", dtype=dtype, generator=gen_dev)
     for i in range(2 + a.ncu_calls):
-        with torch.cuda.nvtx.range(f"sparse_decode call {i}"):
+        with torch.cuda.nvtx.range(f"sparse_decode {c.name} call {i}"):
             torch.ops.dms.sparse_decode(q, P.k, P.v, P.tables[0], P.lens, c.D ** -0.5)
     torch.cuda.synchronize()
-    print(f"ncu mode: {2 + a.ncu_calls} calls of sparse_decode at B64 x 8k "
+    print(f"ncu mode: {2 + a.ncu_calls} calls of sparse_decode at {c.name} "
           f"({P.live_tokens * 2 * c.D * 2 / 1e6:.0f} MB live)")
 
 
@@ -403,7 +407,8 @@ def main():
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the CR 1 rows")
     ap.add_argument("--fi-timeout", type=float, default=200.0, help="seconds for FlashInfer's JIT")
     ap.add_argument("--max-peer-gb", type=float, default=20.0)
-    ap.add_argument("--ncu", action="store_true", help="our op only at B 64 x 8k, a few calls")
+    ap.add_argument("--ncu", action="store_true", help="our op only on --ncu-row, a few calls")
+    ap.add_argument("--ncu-row", default="B64 x 8k", help="the row --ncu runs")
     ap.add_argument("--ncu-calls", type=int, default=5)
     ap.add_argument("--memcheck", action="store_true", help="small edge cases, for compute-sanitizer")
     ap.add_argument("--results-dir", default=common.RESULTS_DIR)
