@@ -41,7 +41,6 @@ using dev::cp_async_commit;
 using dev::cp_async_wait;
 using dev::kLog2e;
 using dev::launch_pdl;
-using dev::MmaAtom;
 using dev::pdl_launch_dependents;
 using dev::pdl_wait;
 
@@ -152,7 +151,6 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
 template <typename T, int D, int S> struct Decode {
-  using Op = typename MmaAtom<T>::Op;
   using C = Cfg<D, S>;
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
   static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
@@ -232,8 +230,7 @@ template <typename T, int D, int S> struct Decode {
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
           const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-          cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sQ + dev::swz<D>(r, c)),
-                                        qa[k][0], qa[k][1], qa[k][2], qa[k][3]);
+          dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), qa[k]);
         }
       }
       const T* sK = sW + (t % kStages) * 2 * kSliceElems;
@@ -245,15 +242,12 @@ template <typename T, int D, int S> struct Decode {
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {
-        uint32_t b0, b1, b2, b3;
+        uint32_t kb[4];
         const int r = (lane & 7) + (lane >> 4) * 8;
         const int c = 2 * k + ((lane >> 3) & 1);
-        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(sK + dev::swz<D>(r, c)), b0,
-                                      b1, b2, b3);
-        Op::fma(s[0][0], s[0][1], s[0][2], s[0][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b0, b1, s[0][0],
-                s[0][1], s[0][2], s[0][3]);
-        Op::fma(s[1][0], s[1][1], s[1][2], s[1][3], qa[k][0], qa[k][1], qa[k][2], qa[k][3], b2, b3, s[1][0],
-                s[1][1], s[1][2], s[1][3]);
+        dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), kb);
+        dev::mma_16x8x16<T>(s[0], qa[k], kb[0], kb[1]);
+        dev::mma_16x8x16<T>(s[1], qa[k], kb[2], kb[3]);
       }
       // Online softmax (log2 domain), keys past the segment end masked.
       float mx[2] = {-INFINITY, -INFINITY};
@@ -293,16 +287,12 @@ template <typename T, int D, int S> struct Decode {
       // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
 #pragma unroll
       for (int j = 0; j < D / 16; ++j) {
-        uint32_t b0, b1, b2, b3;
+        uint32_t vb[4];
         const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
         const int c = 2 * j + (lane >> 4);
-        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(sV + dev::swz<D>(r, c)), b0, b1,
-                                      b2, b3);
-        Op::fma(st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3], pa[0], pa[1], pa[2], pa[3], b0,
-                b1, st.o[2 * j][0], st.o[2 * j][1], st.o[2 * j][2], st.o[2 * j][3]);
-        Op::fma(st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2], st.o[2 * j + 1][3], pa[0], pa[1],
-                pa[2], pa[3], b2, b3, st.o[2 * j + 1][0], st.o[2 * j + 1][1], st.o[2 * j + 1][2],
-                st.o[2 * j + 1][3]);
+        dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), vb);
+        dev::mma_16x8x16<T>(st.o[2 * j], pa, vb[0], vb[1]);
+        dev::mma_16x8x16<T>(st.o[2 * j + 1], pa, vb[2], vb[3]);
       }
     }
     cp_async_wait<0>();
