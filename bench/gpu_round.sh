@@ -8,6 +8,7 @@
 #         cputests  the CPU test suite (everything but tests/test_cuda_*.py and `cuda` marks)
 #         decode    bench/bench_decode.py (FlashInfer JIT runs in the background during the build)
 #         step      bench/bench_step.py          prefill   bench/bench_prefill.py
+#         hf        bench/bench_hf.py (HF_ARGS: its flags): dms_ext.hf generate vs transformers
 #         e2e       bench/bench_e2e.py if present, else python -m dms_ext.demo --device cuda
 #         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
 #         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
@@ -314,6 +315,7 @@ for s in "${STAGES[@]}"; do
     decode) stage_decode ;;
     step) stage_bench step bench/bench_step.py 240 ;;
     prefill) stage_bench prefill bench/bench_prefill.py 240 ;;
+    hf) stage_bench hf bench/bench_hf.py 240 ${HF_ARGS:-} ;;
     e2e) stage_e2e ;;
     ncu) stage_ncu ;;
     memcheck) stage_memcheck ;;
