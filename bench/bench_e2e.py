@@ -259,8 +259,9 @@ def dms_lens(s: Shape, B: int, L: int, cr: float, window: int, gen) -> torch.Ten
 
 
 def dms_fit(s: Shape, L: int, cr: float, window: int, bs: int, grow: int, budget: int, esize: int,
-            gen) -> tuple:
-    """Largest B whose pools (each layer sized for the most demanding layer) + metadata fit."""
+            gen, max_batch: int = 0) -> tuple:
+    """Largest B whose pools (each layer sized for the most demanding layer) + metadata fit
+    (at most max_batch when > 0)."""
     block_bytes = 2 * bs * s.d * esize
     mean_blocks = (L / cr + grow) / bs + 0.5
     guess = int(budget / (s.layers * (s.hkv * mean_blocks * block_bytes))) + 8
@@ -273,7 +274,7 @@ def dms_fit(s: Shape, L: int, cr: float, window: int, bs: int, grow: int, budget
         blocks = int(per_b[:, b - 1].max())
         return s.layers * blocks * block_bytes + s.layers * b * meta_bytes_per_row(s.hkv, maxb, window + 1) <= budget, blocks
 
-    lo, hi = 0, lens.shape[1]
+    lo, hi = 0, lens.shape[1] if max_batch <= 0 else min(lens.shape[1], max_batch)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid)[0]:
@@ -336,6 +337,8 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
     # Dense.
     per_seq = 2 * s.layers * s.hkv * L * s.d * esize
     Bd = budget // per_seq
+    if a.batch:
+        Bd = min(Bd, a.batch)
     r["dense_B"] = int(Bd)
     if Bd >= 1:
         try:
@@ -359,7 +362,7 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
     st = tokens = None
     try:
         Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize,
-                                    gen_cpu)
+                                    gen_cpu, a.batch or 0)
         p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
         st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu,
                       p_evict)
@@ -433,6 +436,9 @@ def main():
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--kv-gib", type=float, default=40.0)
     ap.add_argument("--cr", type=float, default=8.0)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="at most this batch on both paths (default: the largest that fits the budget); "
+                         "bench_hf compares its per-step time with this at its own batch")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--alpha-scale", type=float, default=100.0)

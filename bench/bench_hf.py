@@ -35,6 +35,13 @@ CONFIG = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermedi
               tie_word_embeddings=False, dms_alpha_scale=100.0, dms_separate_alpha=False)
 
 
+_T0 = time.perf_counter()
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_hf {time.perf_counter() - _T0:6.1f} s] {msg}", flush=True)
+
+
 def _timed(fn):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -61,18 +68,21 @@ def main() -> None:
     cfg = dict(CONFIG, dms_window_size=args.window,
                dms_initial_alpha_offset=args.offset if args.offset is not None else -115.0)
     model = hf.load_dms_model(cfg, dtype=torch.bfloat16, device="cuda")
+    _log("model built")
     b, p, n = args.batch, args.prompt, args.new
     prompts = torch.randint(0, cfg["vocab_size"], (b, p)).tolist()
     rows = []
 
     # DMS, hf.generate: prefill alone, then prefill + decode.
     _, pre_s = _timed(lambda: hf.generate(model, prompts, max_new_tokens=1))
+    _log(f"prefill {pre_s:.2f} s")
     cache = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
     free0 = cache.dms.num_free_blocks
     hf.generate(model, prompts, max_new_tokens=8, cache=cache)          # warm-up, graphs
     r, tot = _timed(lambda: hf.generate(model, prompts, max_new_tokens=n, cache=cache))
     dec = max(tot - pre_s, 1e-9)
     step_ms = dec / max(r.decode_steps, 1) * 1e3
+    _log(f"hf.generate: {step_ms:.2f} ms / step")
     rows.append(["dms hf.generate (graphs)", b, r.decode_tokens / dec, step_ms,
                  r.stats.get("graph_replays")])
     # KV bytes DMS holds right after the prompt (sequences kept: measure, then release).
@@ -87,6 +97,7 @@ def main() -> None:
     dms_bytes = live * 128 * 2 * 2              # K and V, bf16, D 128 (block padding not counted)
     dense_per_seq = 36 * 2 * 8 * (p + n) * 128 * 2
     del c2
+    _log(f"DMS KV after the prompt: {dms_bytes / 2**30:.2f} GiB")
     torch.cuda.empty_cache()
 
     # DMS through transformers' own generate loop.
@@ -97,12 +108,14 @@ def main() -> None:
     rows.append(["dms model.generate + DMSCacheHF", b, b * (n - 1) / max(tot3 - pre_s, 1e-9),
                  (tot3 - pre_s) / (n - 1) * 1e3, c3.graph_replays])
     del c3, free0
+    _log("model.generate done")
     sd = {k: v for k, v in model.state_dict().items()}
     del model
     torch.cuda.empty_cache()
 
-    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIG), attn_implementation="sdpa",
-                                             dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):
+        dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIG), attn_implementation="sdpa",
+                                                 dtype=torch.bfloat16).eval()
     dense.load_state_dict(sd, strict=False)
     del sd
     for label, bb in (("hf static + sdpa, same batch", b),
@@ -115,6 +128,7 @@ def main() -> None:
             _, t1 = _timed(lambda: gen(1))
             _, tn = _timed(lambda: gen(n))
             rows.append([label, bb, bb * (n - 1) / (tn - t1), (tn - t1) / (n - 1) * 1e3, None])
+            _log(f"{label}: batch {bb} done")
         except torch.cuda.OutOfMemoryError:
             rows.append([label, bb, float("nan"), float("nan"), "OOM"])
         torch.cuda.empty_cache()
