@@ -9,7 +9,7 @@
 #         decode    bench/bench_decode.py (FlashInfer JIT runs in the background during the build)
 #         step      bench/bench_step.py          prefill   bench/bench_prefill.py
 #         hf        bench/bench_hf.py (HF_ARGS: its flags): dms_ext.hf generate vs transformers
-#         e2e       bench/bench_e2e.py if present, else python -m dms_ext.demo --device cuda
+#         e2e       bench/bench_e2e.py (E2E_ARGS: its flags) if present, else python -m dms_ext.demo --device cuda
 #         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
 #         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
 #         sanitize  bench/sanitize.sh: memcheck, racecheck, initcheck, synccheck over every kernel,
@@ -302,7 +302,7 @@ stage_reliability() {
 }
 
 stage_e2e() {
-  if [ -f bench/bench_e2e.py ]; then stage_bench e2e bench/bench_e2e.py 240; return; fi
+  if [ -f bench/bench_e2e.py ]; then stage_bench e2e bench/bench_e2e.py 240 ${E2E_ARGS:-}; return; fi
   run_cmd e2e 240 "$LOGS/e2e.log" $PY -m dms_ext.demo --device cuda
   add_row e2e "$RC" "$SECS" "$(bench_key "$LOGS/e2e.log")"
   [ "$RC" != 0 ] && note_failures e2e "$LOGS/e2e.log" "Error|error|Traceback"
