@@ -108,7 +108,7 @@ def main() -> None:
     rows.append(["dms model.generate + DMSCacheHF", b, b * (n - 1) / max(tot3 - pre_s, 1e-9),
                  (tot3 - pre_s) / (n - 1) * 1e3, c3.graph_replays])
     del c3, free0
-    _log("model.generate done")
+    _log(f"model.generate: {rows[-1][3]:.2f} ms / step")
     sd = {k: v for k, v in model.state_dict().items()}
     del model
     torch.cuda.empty_cache()
