@@ -116,9 +116,9 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
   const int row_bytes = D * int(sizeof(T));
   if (is_fp8(p.kv.dtype)) {
     // fp8 pool: the staged rows (already rounded to T, as the CPU twin) stored as
-    // e4m3(x / scale); a group of D / 8 (or 32) threads per row.
-    const int tpr = VEC == 8 ? min(32, D / 8) : 32, rows_at_once = kThreads / tpr;
-    const int j0 = threadIdx.x < rows_at_once * tpr ? threadIdx.x / tpr : 2 * H;
+    // e4m3(x / scale); wpr threads per row (D / 8 of them, or 32).
+    const int wpr = VEC == 8 ? min(32, D / 8) : 32, rows_at_once = kThreads / wpr;
+    const int j0 = threadIdx.x < rows_at_once * wpr ? threadIdx.x / wpr : 2 * H;
     for (int j = j0; j < 2 * H; j += rows_at_once) {
       const int g = j >> 1;
       const int64_t cr = s_cr[g];
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
       const bool is_k = (j & 1) == 0;
       dev::store_row_e4m3(static_cast<uint8_t*>(is_k ? p.kv.k_cache : p.kv.v_cache) + cr * D,
                           (is_k ? s_k : s_v) + g * D, D, is_k ? p.kv.k_scale : p.kv.v_scale,
-                          VEC == 8, threadIdx.x % tpr, tpr);
+                          VEC == 8, threadIdx.x % wpr, wpr);
     }
   } else if (VEC == 8) {
     const int nvec = row_bytes / 16, per_head = 2 * nvec;
