@@ -4,8 +4,10 @@ Rows (Hq 32, Hkv 8, D 128, block 64 unless noted): B 1 x 32k, B 16 x 16k, B 64 x
 B 128 x 4k, B 1 x 128k, B 8 x 128k, each with three per-(seq, head) length distributions:
 uniform (0.5x-1.5x of ctx / CR), skewed (a quarter of the heads keep all ctx tokens, the rest
 only the 512-token window) and heavy tail (per-head CR drawn log-uniform in [1, 64], mean about
-8, as real DMS heads do); B 64 x 8k at D 64; B 64 x 8k with G 1 (Hq 8). Block tables are random
-permutations of the pool.
+8, as real DMS heads do); B 64 x 8k at D 64; B 64 x 8k with G 1 (Hq 8); and the uniform rows again with an fp8 e4m3 pool
+(rows "... fp8": q / out in --dtype, k_scale = v_scale = 4 / 448, bandwidth counted on the fp8
+bytes; no peer: FlashInfer 0.2.14's fp8 decode is not wired into flashinfer_peer.py). Block
+tables are random permutations of the pool.
 
 Peers, measured in the same run with the same timing (CUDA-graph replay, median):
   FlashInfer per-head   each (seq, kv head) a request (num_kv_heads 1), tensor cores on/off,
@@ -50,6 +52,7 @@ class Case:
     hkv: int = 8
     D: int = 128
     dist: str = "uniform"   # "skewed" or "heavy"
+    kv: str = "act"         # the pool's dtype: "act" (as q) or "fp8" (float8_e4m3fn)
 
 
 _SIZES = [("B1 x 32k", 1, 32768), ("B16 x 16k", 16, 16384), ("B64 x 8k", 64, 8192),
@@ -57,7 +60,9 @@ _SIZES = [("B1 x 32k", 1, 32768), ("B16 x 16k", 16, 16384), ("B64 x 8k", 64, 819
 CASES = ([Case(n, B, ctx) for n, B, ctx in _SIZES]
          + [Case(f"{n} skewed", B, ctx, dist="skewed") for n, B, ctx in _SIZES]
          + [Case(f"{n} heavy", B, ctx, dist="heavy") for n, B, ctx in _SIZES]
-         + [Case("B64 x 8k D64", 64, 8192, D=64), Case("B64 x 8k G1", 64, 8192, hq=8)])
+         + [Case("B64 x 8k D64", 64, 8192, D=64), Case("B64 x 8k G1", 64, 8192, hq=8)]
+         + [Case(f"{n} fp8", B, ctx, kv="fp8") for n, B, ctx in _SIZES])
+FP8_SCALE = 4.0 / 448   # randn data: |x| > 4 saturates, the rest spans the e4m3 range
 WINDOW = 512
 _DENSE_DONE: dict = {}  # (B, ctx, hq, hkv, D, dtype) -> (dense peer times, SDPA backend)
 DEV = "cuda"  # a CPU dry run of run_case's data paths sets this to "cpu"
@@ -127,12 +132,18 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     scale = 1.0 / math.sqrt(c.D)
     lens = make_lens(c, a.cr, gen_cpu)
     tokens = int(lens.long().sum())
-    lb = live_bytes(tokens, c.D, es)
+    fp8 = c.kv == "fp8"
+    lb = live_bytes(tokens, c.D, 1 if fp8 else es)
     copies = common.copies_to_beat_l2(lb + c.B * c.hq * c.D * es)
     r = {"case": c, "live_mb": lb / 1e6, "tokens": tokens, "copies": copies, "t": {}, "modes": {}}
     print(f"{c.name}: live {lb / 1e6:.1f} MB, lengths {int(lens.min())}..{int(lens.max())}, "
           f"{copies} input copies", flush=True)
     P = Paged(lens, a.block_size, c.D, dtype, copies, gen_cpu, gen_dev)
+    kv_scales = ()
+    if fp8:
+        P.k = (P.k.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+        P.v = (P.v.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+        kv_scales = (FP8_SCALE, FP8_SCALE)
     qs = [torch.randn(c.B, c.hq, c.D, device=DEV, dtype=dtype, generator=gen_dev)
           for _ in range(copies)]
 
@@ -146,9 +157,14 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
 
     op = torch.ops.dms.sparse_decode
     outs = {}
-    timed("ours", [lambda i=i: op(qs[i], P.k, P.v, P.tables[i], P.lens, scale) for i in range(copies)],
-          "ours")
-    outs["ours"] = _try(lambda: op(qs[0], P.k, P.v, P.tables[0], P.lens, scale), "ours", errors)
+    timed("ours", [lambda i=i: op(qs[i], P.k, P.v, P.tables[i], P.lens, scale, *kv_scales)
+                   for i in range(copies)], "ours")
+    outs["ours"] = _try(lambda: op(qs[0], P.k, P.v, P.tables[0], P.lens, scale, *kv_scales), "ours", errors)
+    if fp8:  # no peer takes this fp8 pool (see the module docstring)
+        r["no_peer"] = True
+        del P, qs, outs
+        torch.cuda.empty_cache()
+        return r
 
     # FlashInfer, each (sequence, kv head) its own request.
     if fi_ok:
@@ -304,6 +320,7 @@ def report(rows, ceil, a, fi_note, errors, wall_s) -> tuple[str, str]:
                       (100 * dense_gbs(t["ours_cr1"]) / ce) if t.get("ours_cr1") else None])
         if ours:
             vs = f" vs FI {fi_ph:.1f} (x{fi_ph / ours:.2f})" if fi_ph else ""
+            vs = " (no peer)" if r.get("no_peer") else vs
             summ.append(f"{c.name.replace(' ', '')} {ours:.1f}us {gbs / 1e3:.2f}TB/s{vs}")
         else:
             summ.append(f"{c.name.replace(' ', '')} ours n/a")
@@ -320,7 +337,8 @@ def report(rows, ceil, a, fi_note, errors, wall_s) -> tuple[str, str]:
     if modes:
         body.append(f"- some measurements fell back to eager timing: {modes}\n")
     body += ["## Ours vs peers", "",
-             "live MB = sum(seq_lens) * 2 * D * 2; GB/s and % of ceiling count live KV bytes; "
+             "live MB = sum(seq_lens) * 2 * D * element size (2; 1 on the fp8 rows, which have no "
+             "peer); GB/s and % of ceiling count live KV bytes; "
              "speedup = peer us / our us (> 1: we are faster). FI per-head = the faster of "
              "tensor cores on/off. diff = max |ours - peer| on the same inputs.", "",
              common.md_table(["case", "D", "G", "live MB", "ours us", "GB/s", "% ceil",

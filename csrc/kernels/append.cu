@@ -12,6 +12,9 @@
 //   CTA-wide prefix count of the appended tokens gives their slots, and the blocks they open
 //   are popped with one atomic. Then all NT threads copy the batch's K/V rows. A second tiny
 //   kernel bumps num_tokens, since other heads' CTAs of the same row read it.
+// An fp8 e4m3 pool stores saturate(x / scale) (dev::store_row_e4m3, bitwise as the CPU twin)
+// instead of raw bytes: the decode shape then skips the prefetch, the chunk shape converts a
+// token's rows per warp.
 // Blocks come off the shared free stack with atomics, so block ids may differ from the CPU
 // twin; the logical state (seq_lens, ring, num_tokens, K/V per slot) is identical.
 #include "dms/dms.h"
@@ -22,9 +25,37 @@ namespace {
 
 constexpr int kMaxDecodeWarps = 8;
 
+// Vector path. Raw copies: 16-byte rows. fp8 pools (rows converted, 8 values per access): D a
+// multiple of 8 (k / v rows then start 16-byte aligned, cache rows 8-byte aligned).
 inline bool kv_vec16(const AppendParams& p) {
-  return (int64_t(p.kv.head_dim) * dtype_size(p.kv.dtype)) % 16 == 0 && dev::aligned16(p.k) &&
-         dev::aligned16(p.v) && dev::aligned16(p.kv.k_cache) && dev::aligned16(p.kv.v_cache);
+  const bool f8 = is_fp8(p.kv.dtype);
+  return (f8 ? p.kv.head_dim % 8 == 0 : (int64_t(p.kv.head_dim) * dtype_size(p.kv.dtype)) % 16 == 0) &&
+         dev::aligned16(p.k) && dev::aligned16(p.v) && dev::aligned16(p.kv.k_cache) &&
+         dev::aligned16(p.kv.v_cache);
+}
+
+// fp8 pool: token `src_row` of k and v (act_dtype) into cache row `cache_row`, stored as
+// e4m3(x / k_scale) and e4m3(x / v_scale), by threads tid, tid + n, ...
+__device__ __forceinline__ void store_kv_e4m3(const AppendParams& p, int64_t src_row,
+                                              int64_t cache_row, bool vec8, int tid, int n) {
+  const int D = p.kv.head_dim;
+  uint8_t* kd = static_cast<uint8_t*>(p.kv.k_cache) + cache_row * D;
+  uint8_t* vd = static_cast<uint8_t*>(p.kv.v_cache) + cache_row * D;
+  const int64_t off = src_row * D;
+  switch (p.act_dtype) {
+    case DType::kFloat32:
+      dev::store_row_e4m3(kd, static_cast<const float*>(p.k) + off, D, p.kv.k_scale, vec8, tid, n);
+      dev::store_row_e4m3(vd, static_cast<const float*>(p.v) + off, D, p.kv.v_scale, vec8, tid, n);
+      break;
+    case DType::kFloat16:
+      dev::store_row_e4m3(kd, static_cast<const __half*>(p.k) + off, D, p.kv.k_scale, vec8, tid, n);
+      dev::store_row_e4m3(vd, static_cast<const __half*>(p.v) + off, D, p.kv.v_scale, vec8, tid, n);
+      break;
+    default:
+      dev::store_row_e4m3(kd, static_cast<const __nv_bfloat16*>(p.k) + off, D, p.kv.k_scale, vec8, tid, n);
+      dev::store_row_e4m3(vd, static_cast<const __nv_bfloat16*>(p.v) + off, D, p.kv.v_scale, vec8, tid, n);
+      break;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -46,7 +77,8 @@ __global__ void append_decode_kernel(AppendParams p, bool vec16) {
     const int nvec = vec16 ? row_bytes / 16 : 0;
     constexpr int kPre = 4;
     uint4 pre[kPre];
-    const bool prefetch = vec16 && 2 * nvec <= 32 * kPre;
+    const bool f8 = is_fp8(p.kv.dtype);  // rows are converted, not copied: no prefetch
+    const bool prefetch = !f8 && vec16 && 2 * nvec <= 32 * kPre;
     if (prefetch) {
 #pragma unroll
       for (int j = 0; j < kPre; ++j) {
@@ -67,6 +99,10 @@ __global__ void append_decode_kernel(AppendParams p, bool vec16) {
     }
     cache_row = __shfl_sync(0xffffffffu, cache_row, 0);
     if (cache_row < 0) continue;
+    if (f8) {
+      store_kv_e4m3(p, int64_t(tok) * H + g, cache_row, vec16, lane, 32);
+      continue;
+    }
     char* kdst = static_cast<char*>(p.kv.k_cache) + cache_row * row_bytes;
     char* vdst = static_cast<char*>(p.kv.v_cache) + cache_row * row_bytes;
     if (prefetch) {
@@ -190,8 +226,13 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
     }
     seq_len += base >= 0 ? fresh : 0;
     __syncthreads();
-    // All threads copy the batch's 2 * nb rows.
-    if (vec16) {
+    // All threads copy the batch's 2 * nb rows (fp8 pools: a warp converts a token's rows).
+    if (is_fp8(p.kv.dtype)) {
+      for (int k = i / 32; k < nb; k += NT / 32) {
+        const int64_t cr = s_cache_row[k];
+        if (cr >= 0) store_kv_e4m3(p, (int64_t(start) + b0 + k) * H + g, cr, vec16, i % 32, 32);
+      }
+    } else if (vec16) {
       const int nvec = row_bytes / 16, per_tok = 2 * nvec;
       for (int j = i; j < nb * per_tok; j += NT) {
         const int k = j / per_tok, r = j % per_tok;
@@ -235,10 +276,11 @@ Status append(const AppendParams& p, cudaStream_t stream) {
   if (p.num_seqs < 0 || p.total_tokens < 0 || !valid_sizes(p.kv) || !valid_sizes(p.state)) {
     return Status::kInvalidArgument;
   }
-  if (!supported(Op::kAppend, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
+  // k / v of the compute dtype; the pool of that dtype (raw copies) or fp8 e4m3 (converted).
+  if (!supported(Op::kAppend, Device::kCUDA, compute_dtype(p.kv, p.act_dtype), p.kv.head_dim,
+                 p.kv.block_size, p.kv.dtype)) {
     return Status::kUnsupported;
   }
-  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
   if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.num_seqs == 0) return p.total_tokens == 0 ? Status::kSuccess : Status::kInvalidArgument;
   if (p.total_tokens < p.num_seqs) return Status::kInvalidArgument;  // chunks hold >= 1 token

@@ -1,6 +1,7 @@
 // dms::decode_step: the whole per-token DMS step of a decode batch in ONE kernel: RMSNorm,
 // borrowed-neuron logit, channel zeroing, RoPE of q (in place) and k, the ring bookkeeping and
-// the K/V write into the paged cache. One CTA per sequence.
+// the K/V write into the paged cache (an fp8 e4m3 pool stores saturate(x / scale)). One CTA per
+// sequence.
 //
 // The step is latency-bound (a few KB per sequence), so the CTA overlaps its two dependent
 // chains: warp 0 runs the slot choice of every KV head (ring, seq_len, block pops: pointer
@@ -113,7 +114,21 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeStepParams 
     }
   }
   const int row_bytes = D * int(sizeof(T));
-  if (VEC == 8) {
+  if (is_fp8(p.kv.dtype)) {
+    // fp8 pool: the staged rows (already rounded to T, as the CPU twin) stored as
+    // e4m3(x / scale); wpr threads per row (D / 8 of them, or 32).
+    const int wpr = VEC == 8 ? min(32, D / 8) : 32, rows_at_once = kThreads / wpr;
+    const int j0 = threadIdx.x < rows_at_once * wpr ? threadIdx.x / wpr : 2 * H;
+    for (int j = j0; j < 2 * H; j += rows_at_once) {
+      const int g = j >> 1;
+      const int64_t cr = s_cr[g];
+      if (cr < 0) continue;
+      const bool is_k = (j & 1) == 0;
+      dev::store_row_e4m3(static_cast<uint8_t*>(is_k ? p.kv.k_cache : p.kv.v_cache) + cr * D,
+                          (is_k ? s_k : s_v) + g * D, D, is_k ? p.kv.k_scale : p.kv.v_scale,
+                          VEC == 8, threadIdx.x % wpr, wpr);
+    }
+  } else if (VEC == 8) {
     const int nvec = row_bytes / 16, per_head = 2 * nvec;
     for (int j = threadIdx.x; j < H * per_head; j += kThreads) {
       const int g = j / per_head, r = j % per_head;
@@ -154,10 +169,11 @@ Status decode_step(const DecodeStepParams& p, cudaStream_t stream) {
       !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0) {
     return Status::kInvalidArgument;
   }
-  if (!supported(Op::kDecodeStep, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size)) {
+  // q / k / v / norm weights of the compute dtype; the pool of that dtype or fp8 e4m3.
+  const DType act = compute_dtype(p.kv, p.act_dtype);
+  if (!supported(Op::kDecodeStep, Device::kCUDA, act, p.kv.head_dim, p.kv.block_size, p.kv.dtype)) {
     return Status::kUnsupported;
   }
-  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
   if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.batch == 0) return Status::kSuccess;
   if (!p.q || !p.k || !p.v || !p.cos_sin_cache || !p.rows || !p.logits || !has_pointers(p.kv) ||
@@ -167,7 +183,8 @@ Status decode_step(const DecodeStepParams& p, cudaStream_t stream) {
   if (int64_t(p.state.pages.max_blocks_per_head) * p.kv.block_size > (int64_t(1) << 30)) {
     return Status::kUnsupported;  // slots are stored as slot << 1 in the ring
   }
-  const size_t smem = smem_layout(p.kv.num_kv_heads, p.kv.head_dim, dtype_size(p.kv.dtype)).total;
+  // k and v are staged in the compute dtype (an fp8 pool converts them on the way out).
+  const size_t smem = smem_layout(p.kv.num_kv_heads, p.kv.head_dim, dtype_size(act)).total;
   if (smem > size_t(kMaxSmem)) return Status::kUnsupported;
   // Vector path: whole 16-byte chunks of every row, of each RoPE half, and of cos/sin rows.
   const bool vec = p.kv.head_dim % 16 == 0 && dev::aligned16(p.q) && dev::aligned16(p.k) &&
@@ -175,7 +192,7 @@ Status decode_step(const DecodeStepParams& p, cudaStream_t stream) {
                    dev::aligned16(p.kv.k_cache) && dev::aligned16(p.kv.v_cache) &&
                    (!p.q_norm_weight || dev::aligned16(p.q_norm_weight)) &&
                    (!p.k_norm_weight || dev::aligned16(p.k_norm_weight));
-  return DMS_DISPATCH_DTYPE(p.kv.dtype, T, {
+  return DMS_DISPATCH_DTYPE(act, T, {
     return vec ? launch<T, 8>(p, smem, stream) : launch<T, 1>(p, smem, stream);
   });
 }

@@ -1,6 +1,6 @@
 // dms::fork and dms::release: whole-row state moves (not on the per-token path).
 //
-// fork: a CTA per KV head pops that head's blocks with one atomic and copies seq_len and the
+// fork: raw bytes by the pool's element size (fp8 pools included: 1 byte). A CTA per KV head pops that head's blocks with one atomic and copies seq_len and the
 // ring (ring entries hold slots, not block ids, so they stay valid under the new block
 // table); then a grid-stride copy moves the used rows of every block, K and V.
 // release: a CTA per KV head pushes [0, ceil(seq_len / bs)) back with one atomic, sets that
@@ -46,7 +46,9 @@ __global__ void __launch_bounds__(kThreads) fork_state_kernel(ForkParams p) {
   if (g == 0 && threadIdx.x == 0) p.state.num_tokens[p.dst] = p.state.num_tokens[p.src];
 }
 
-__global__ void __launch_bounds__(kThreads) fork_copy_kernel(ForkParams p, bool vec16) {
+// vec16: 16-byte copies; else 2-byte ones, or single bytes when bytes1 (an fp8 pool of odd
+// head_dim: rows of odd size, at odd addresses).
+__global__ void __launch_bounds__(kThreads) fork_copy_kernel(ForkParams p, bool vec16, bool bytes1) {
   const int H = p.kv.num_kv_heads, M = p.state.pages.max_blocks_per_head, bs = p.kv.block_size;
   const int row_bytes = p.kv.head_dim * dtype_size(p.kv.dtype);
   const int64_t items = int64_t(H) * M;
@@ -60,6 +62,15 @@ __global__ void __launch_bounds__(kThreads) fork_copy_kernel(ForkParams p, bool 
     const int32_t to = p.state.pages.block_table[(int64_t(p.dst) * H + g) * M + j];
     if (from < 0 || from >= p.kv.num_blocks || to < 0 || to >= p.kv.num_blocks) continue;
     const int64_t off_from = int64_t(from) * bs * row_bytes, off_to = int64_t(to) * bs * row_bytes;
+    if (bytes1) {
+      uint8_t* k = static_cast<uint8_t*>(p.kv.k_cache);
+      uint8_t* v = static_cast<uint8_t*>(p.kv.v_cache);
+      for (int i = threadIdx.x; i < rows * row_bytes; i += kThreads) {
+        k[off_to + i] = k[off_from + i];
+        v[off_to + i] = v[off_from + i];
+      }
+      continue;
+    }
     dev::copy_row(static_cast<char*>(p.kv.k_cache) + off_to,
                   static_cast<const char*>(p.kv.k_cache) + off_from, rows * row_bytes, vec16,
                   threadIdx.x, kThreads);
@@ -112,7 +123,8 @@ Status fork(const ForkParams& p, cudaStream_t stream) {
   const bool vec16 = (int64_t(p.kv.head_dim) * dtype_size(p.kv.dtype)) % 16 == 0 &&
                      dev::aligned16(p.kv.k_cache) && dev::aligned16(p.kv.v_cache);
   const int grid = int(items < 4096 ? items : 4096);
-  fork_copy_kernel<<<grid, kThreads, 0, stream>>>(p, vec16);
+  const bool bytes1 = (int64_t(p.kv.head_dim) * dtype_size(p.kv.dtype)) % 2 != 0;
+  fork_copy_kernel<<<grid, kThreads, 0, stream>>>(p, vec16, bytes1);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }

@@ -1,6 +1,8 @@
 // Device primitives shared by the dms kernels, one place per concept:
 //   conversion   to_float / from_float<T> (float, __half, __nv_bfloat16), pack2<T> (two floats
 //                into one 32-bit MMA operand), dtype_size (params.h)
+//   fp8 e4m3     e4m3x4_to<T> (4 stored bytes -> two T2 MMA registers, exact), float_to_e4m3
+//                (saturating store, as csrc/cpu/convert.h), store_row_e4m3 (x / scale, a row)
 //   vectors      Vec8 / load_n / store_n / load_f32_n (8 elements per 16-byte access),
 //                copy_row (raw bytes), aligned16
 //   async copies smem_u32, cp_async16 (with the zero-fill form), cp_async_commit,
@@ -14,6 +16,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cute/arch/copy_sm75.hpp>
@@ -133,6 +136,54 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8 e4m3 ("fn": no inf, max 448) pools (sm_89+ conversion instructions).
+
+// Four stored e4m3 bytes (byte 0 lowest) -> two registers of T pairs (lo: bytes 0, 1; hi: bytes
+// 2, 3, low half first), exactly: every e4m3 value, subnormals and NaN included, is a half and
+// a bfloat16. One cvt.rn.f16x2.e4m3x2 per pair; bf16 goes through float.
+template <typename T> __device__ __forceinline__ void e4m3x4_to(uint32_t x, uint32_t& lo, uint32_t& hi);
+template <> __device__ __forceinline__ void e4m3x4_to<__half>(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(x & 0xffffu), __NV_E4M3);
+  const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(x >> 16), __NV_E4M3);
+  lo = uint32_t(a.x) | (uint32_t(a.y) << 16);
+  hi = uint32_t(b.x) | (uint32_t(b.y) << 16);
+}
+template <> __device__ __forceinline__ void e4m3x4_to<__nv_bfloat16>(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  const __half2 a(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(x & 0xffffu), __NV_E4M3));
+  const __half2 b(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(x >> 16), __NV_E4M3));
+  const float2 fa = __half22float2(a), fb = __half22float2(b);
+  lo = pack2<__nv_bfloat16>(fa.x, fa.y);
+  hi = pack2<__nv_bfloat16>(fb.x, fb.y);
+}
+
+// x -> e4m3 as csrc/cpu/convert.h's float_to_e4m3: round to nearest even, |x| >= 448 (inf
+// included) saturates to +-448 (the satfinite conversion), NaN stays NaN with x's sign.
+__device__ __forceinline__ uint8_t float_to_e4m3(float x) {
+  const uint8_t r = uint8_t(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+  return x != x ? uint8_t(((__float_as_uint(x) >> 24) & 0x80u) | 0x7fu) : r;
+}
+
+// One row of n values of T (the compute dtype) into an fp8 pool: dst[i] = e4m3(src[i] / scale)
+// (a true division, as the CPU twin's store_kv), by threads tid, tid + nthreads, ... vec8: n a
+// multiple of 8, src 16-byte and dst 8-byte aligned.
+template <typename T>
+__device__ __forceinline__ void store_row_e4m3(uint8_t* dst, const T* src, int n, float scale,
+                                               bool vec8, int tid, int nthreads) {
+  if (vec8) {
+    for (int c = tid; c < n / 8; c += nthreads) {
+      float x[8];
+      load_n<8>(src + 8 * c, x);
+      uint32_t w[2] = {0u, 0u};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) w[i / 4] |= uint32_t(float_to_e4m3(__fdiv_rn(x[i], scale))) << (8 * (i % 4));
+      *reinterpret_cast<uint2*>(dst + 8 * c) = make_uint2(w[0], w[1]);
+    }
+  } else {
+    for (int i = tid; i < n; i += nthreads) dst[i] = float_to_e4m3(__fdiv_rn(to_float(src[i]), scale));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

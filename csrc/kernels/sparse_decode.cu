@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "dms/dms.h"
 #include "kernels/common.cuh"
@@ -50,14 +51,26 @@ constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
 constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
 
-template <int D, int S> struct Cfg {
+// F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
+// bf16 / fp16 slice), and one extra slice of the compute dtype per warp receives the converted
+// tile (e4m3 -> bf16 / fp16 is exact) that the ldmatrix / MMA path reads.
+template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kStages = S;
   static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
-  static constexpr int kSmemBytes = (kHeadTile * D + kStages * 2 * kWarps * kSliceElems) * 2;
+  static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
+  static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
+  static constexpr int kConvBytes = F8 ? 2 * kSliceElems * 2 : 0;    // converted K + V
+  static constexpr int kWarpBytes = kStages * kStageBytes + kConvBytes;
+  static constexpr int kSmemBytes = kHeadTile * D * 2 + kWarps * kWarpBytes;
   static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
-  static_assert(kMergeBytes <= kStages * 2 * kWarps * kSliceElems * 2, "merge scratch must fit the stages");
-  // Resident CTAs per SM on H100/H200 (228 KB shared memory, 64K registers): the persistent grid.
-  static constexpr int kCtasPerSm = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
+  static_assert(kMergeBytes <= kWarps * kWarpBytes, "merge scratch must fit the stages");
+  // Resident CTAs per SM on H100/H200 (228 KB shared memory, 1 KB reserved per CTA, 64K
+  // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
+  // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
+  static constexpr int kBySmem = (228 * 1024) / (kSmemBytes + 1024);
+  static constexpr int kCtasPerSm =
+      F8 ? (kBySmem < 4 ? (kBySmem < 1 ? 1 : kBySmem) : 4)
+         : (D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1));
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -150,10 +163,13 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
-template <typename T, int D, int S> struct Decode {
-  using C = Cfg<D, S>;
+template <typename T, int D, int S, bool F8 = false> struct Decode {
+  using C = Cfg<D, S, F8>;
+  using KV = typename std::conditional<F8, uint8_t, T>::type;  // pool element
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
-  static constexpr int kChunks = D / 8;                          // 16-byte chunks per row
+  static constexpr int kQChunks = D / 8;                         // 16-byte chunks of a q row
+  static constexpr int kChunkElems = 16 / int(sizeof(KV));       // pool elements per chunk
+  static constexpr int kChunks = D / kChunkElems;                // 16-byte chunks per pool row
   static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
   static constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
 
@@ -164,14 +180,55 @@ template <typename T, int D, int S> struct Decode {
     float m[2], l[2];
   };
 
+  // Chunk offset (in 16-byte chunks) of (row r, chunk c) of a warp's fp8 slice [16][D bytes]:
+  // XOR-swizzled so that the 8 lanes of a conversion phase (rows r .. r+7, one chunk column)
+  // read 8 different bank groups (D 64: two rows share a 128-byte line).
+  static __device__ __forceinline__ int swz8(int r, int c) {
+    constexpr int kRowsPerLine = kChunks >= 8 ? 1 : 8 / kChunks;
+    constexpr int kMask = (kChunks >= 8 ? 8 : kChunks) - 1;
+    return r * kChunks + (c ^ ((r / kRowsPerLine) & kMask));
+  }
+  // Stage offset (pool elements) of (row r, chunk c) of a slice.
+  static __device__ __forceinline__ int stage_off(int r, int c) {
+    if constexpr (F8) return swz8(r, c) * 16;
+    else return dev::swz<D>(r, c);
+  }
+
+  // fp8 only: the warp converts its slice (K and V, 16 keys) from the stage into sC (the
+  // compute dtype, the swizzled layout ldmatrix reads). Lane i of a phase takes row i % 16:
+  // conflict-free on both sides (swz8 for the reads, swz<D> for the writes).
+  static __device__ __forceinline__ void convert_slice(const uint8_t* s8, T* sC, int lane) {
+#pragma unroll
+    for (int kv = 0; kv < 2; ++kv) {
+#pragma unroll 2  // D 256: 8 chunks per lane; fully unrolled they spill
+      for (int i = lane; i < 16 * kChunks; i += 32) {
+        const int r = i & 15, c = i >> 4;
+        const uint4 x = *reinterpret_cast<const uint4*>(s8 + kv * kSliceElems + swz8(r, c) * 16);
+        uint4 lo, hi;
+        dev::e4m3x4_to<T>(x.x, lo.x, lo.y);
+        dev::e4m3x4_to<T>(x.y, lo.z, lo.w);
+        dev::e4m3x4_to<T>(x.z, hi.x, hi.y);
+        dev::e4m3x4_to<T>(x.w, hi.z, hi.w);
+        T* dst = sC + kv * kSliceElems;
+        *reinterpret_cast<uint4*>(dst + dev::swz<D>(r, 2 * c)) = lo;
+        *reinterpret_cast<uint4*>(dst + dev::swz<D>(r, 2 * c + 1)) = hi;
+      }
+    }
+  }
+
   // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
   // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
+  // sW: this warp's stages (kStages x [K slice, V slice] of pool elements), then (fp8) its
+  // converted slice. An fp8 pool's k_scale is folded into the score scale here; v_scale is
+  // applied by the epilogue.
   static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
-                                                  int kbeg, int kend, int bs_shift, const T* sQ, T* sW,
-                                                  State& st) {
+                                                  int kbeg, int kend, int bs_shift, const T* sQ,
+                                                  unsigned char* sW, State& st) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const T* __restrict__ kc = reinterpret_cast<const T*>(p.kv.k_cache);
-    const T* __restrict__ vc = reinterpret_cast<const T*>(p.kv.v_cache);
+    const KV* __restrict__ kc = reinterpret_cast<const KV*>(p.kv.k_cache);
+    const KV* __restrict__ vc = reinterpret_cast<const KV*>(p.kv.v_cache);
+    KV* const stages = reinterpret_cast<KV*>(sW);
+    T* const sConv = reinterpret_cast<T*>(sW + kStages * C::kStageBytes);
     const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
     const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
     const int bs_mask = (1 << bs_shift) - 1;
@@ -187,16 +244,17 @@ template <typename T, int D, int S> struct Decode {
     };
     auto load_slice = [&](int t) {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
-      T* sK = sW + (t % kStages) * 2 * kSliceElems;
-      T* sV = sK + kSliceElems;
+      KV* sK = stages + (t % kStages) * 2 * kSliceElems;
+      KV* sV = sK + kSliceElems;
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
         const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
         const bool valid = slot < kend;
-        const int64_t off = valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * 8 : 0;
-        cp_async16(sK + dev::swz<D>(r, cc), kc + off, valid);
-        cp_async16(sV + dev::swz<D>(r, cc), vc + off, valid);
+        const int64_t off =
+            valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * kChunkElems : 0;
+        cp_async16(sK + stage_off(r, cc), kc + off, valid);
+        cp_async16(sV + stage_off(r, cc), vc + off, valid);
       }
     };
 #pragma unroll
@@ -214,7 +272,7 @@ template <typename T, int D, int S> struct Decode {
     st.m[0] = st.m[1] = -INFINITY;
     st.l[0] = st.l[1] = 0.f;
     uint32_t qa[D / 16][4];
-    const float sl2 = p.scale * kLog2e;
+    const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
 
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
@@ -233,10 +291,18 @@ template <typename T, int D, int S> struct Decode {
           dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), qa[k]);
         }
       }
-      const T* sK = sW + (t % kStages) * 2 * kSliceElems;
-      const T* sV = sK + kSliceElems;
       const int key0 = slice0(t);
       if (key0 >= kend) continue;
+      const T* sK;
+      if constexpr (F8) {
+        convert_slice(reinterpret_cast<const uint8_t*>(stages + (t % kStages) * 2 * kSliceElems),
+                      sConv, lane);
+        __syncwarp();  // the converted slice is complete
+        sK = sConv;
+      } else {
+        sK = reinterpret_cast<const T*>(stages) + (t % kStages) * 2 * kSliceElems;
+      }
+      const T* sV = sK + kSliceElems;
 
       // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -349,13 +415,14 @@ template <typename T, int D, int S> struct Decode {
   }
 };
 
-template <typename T, int D, int S>
-__global__ void __launch_bounds__(kThreads)
+// fp8: the residency the grid assumes is promised to ptxas (3 CTAs at D 128: <= 168 registers).
+template <typename T, int D, int S, bool F8>
+__global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
-  using K = Decode<T, D, S>;
+  using K = Decode<T, D, S, F8>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sStages = sQ + kHeadTile * D;
+  unsigned char* sStages = smem_raw + kHeadTile * D * sizeof(T);
   float* scratch = reinterpret_cast<float*>(sStages);
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
@@ -374,7 +441,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
   const int tid = threadIdx.x, warp = tid >> 5;
   const int G = p.num_q_heads / p.kv.num_kv_heads;
-  T* const sW = sStages + warp * K::kStages * 2 * K::kSliceElems;  // this warp's stages
+  unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages
+  // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
+  const float o_scale = F8 ? p.kv.v_scale : 1.f;
 
   int64_t v = cta_row[c];
   int64_t a = a0;
@@ -391,8 +460,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     __syncthreads();  // the previous segment is done with sQ and the scratch
     {  // queries of the head tile; rows beyond the group are zero (finite, unused scores)
       const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
-      for (int i = tid; i < kHeadTile * K::kChunks; i += kThreads) {
-        const int r = i / K::kChunks, cc = i % K::kChunks;
+      for (int i = tid; i < kHeadTile * K::kQChunks; i += kThreads) {
+        const int r = i / K::kQChunks, cc = i % K::kQChunks;
         cp_async16(sQ + dev::swz<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
       }
     }
@@ -408,7 +477,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     for (int i = tid; i < nh * D; i += kThreads) {
       const int r = i / D, d = i % D;
       float lse2;
-      const float o = K::merged(scratch, r, d, &lse2);
+      float o = K::merged(scratch, r, d, &lse2);
+      if constexpr (F8) o *= o_scale;
       if (whole) {
         reinterpret_cast<T*>(p.out)[b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d] = dev::from_float<T>(o);
         if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
@@ -536,11 +606,18 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 // 2 at D 128 (3 CTAs: faster than 3 stages and 2 CTAs on every swept row but B1 x 32k skewed,
 // bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
-int ctas_per_sm(int head_dim) {
+// fp8 pools: a stage is half the bytes, so D 64 and 256 take 4 stages at the same residency
+// (4 CTAs, 50 KB; 1 CTA, 200 KB); D 128 keeps 2 stages at 3 CTAs (68 KB, as bf16 / fp16).
+// Not swept yet (bench/sweep_decode.py).
+template <int D> constexpr int kStagesFor8 = D == 128 ? 2 : 4;
+template <int D> constexpr int ctas_for(bool fp8) {
+  return fp8 ? Cfg<D, kStagesFor8<D>, true>::kCtasPerSm : Cfg<D, kStagesFor<D>>::kCtasPerSm;
+}
+int ctas_per_sm(int head_dim, bool fp8) {
   switch (head_dim) {
-    case 64: return Cfg<64, kStagesFor<64>>::kCtasPerSm;
-    case 128: return Cfg<128, kStagesFor<128>>::kCtasPerSm;
-    default: return Cfg<256, kStagesFor<256>>::kCtasPerSm;
+    case 64: return ctas_for<64>(fp8);
+    case 128: return ctas_for<128>(fp8);
+    default: return ctas_for<256>(fp8);
   }
 }
 
@@ -549,7 +626,7 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows_v = (int64_t)p.batch * p.kv.num_kv_heads * r.head_tiles;
-  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim);
+  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype));
   r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   // At least this many units per CTA: a piece of a row costs a query load and a partial write,
   // worth it only over a few tiles (bench/sweep_decode.py).
@@ -568,12 +645,12 @@ int device_sms() {
   return n;
 }
 
-template <typename T, int D, int S>
+template <typename T, int D, int S, bool F8>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
-  constexpr int smem = Cfg<D, S>::kSmemBytes;
+  constexpr int smem = Cfg<D, S, F8>::kSmemBytes;
   // Set on every launch (cheap host calls, legal during capture): the attributes are per device.
   const size_t merge_smem = merge_smem_bytes(r.grid);
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>,
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
@@ -581,7 +658,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   // between back-to-back kernels would drain the SMs.
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_plan_kernel,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S>,
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
@@ -589,7 +666,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
   sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.pages.seq_lens, r.rows_v, r.head_tiles, r.grid,
                                                              r.min_units, ws, r.ws);
   DMS_LAUNCH_CHECK();
-  DMS_CUDA_CHECK(launch_pdl(sparse_decode_kernel<T, D, S>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
+  DMS_CUDA_CHECK(launch_pdl(sparse_decode_kernel<T, D, S, F8>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
   DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));
   return Status::kSuccess;
@@ -597,10 +674,11 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
 
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
+  const bool f8 = is_fp8(p.kv.dtype);
   switch (p.kv.head_dim) {
-    case 64: return launch<T, 64, kStagesFor<64>>(p, r, s);
-    case 128: return launch<T, 128, kStagesFor<128>>(p, r, s);
-    case 256: return launch<T, 256, kStagesFor<256>>(p, r, s);
+    case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
+    case 128: return f8 ? launch<T, 128, kStagesFor8<128>, true>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
+    case 256: return f8 ? launch<T, 256, kStagesFor8<256>, true>(p, r, s) : launch<T, 256, kStagesFor<256>, false>(p, r, s);
     default: return Status::kUnsupported;
   }
 }
@@ -617,10 +695,11 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
       p.num_q_heads % p.kv.num_kv_heads != 0 || p.pages.max_blocks_per_head <= 0 || !p.q ||
       !has_pointers(p.kv) || !has_pointers(p.pages) || !p.out)
     return Status::kInvalidArgument;
-  // bf16 / fp16, head_dim 64 / 128 / 256, block_size a power of two (slots map by shift).
-  if (!supported(Op::kSparseDecode, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
+  // bf16 / fp16 q / out, head_dim 64 / 128 / 256, block_size a power of two (slots map by
+  // shift); the pool of q's dtype or fp8 e4m3 (then q / out have act_dtype).
+  const DType act = compute_dtype(p.kv, p.act_dtype);
+  if (!supported(Op::kSparseDecode, Device::kCUDA, act, p.kv.head_dim, p.kv.block_size, p.kv.dtype))
     return Status::kUnsupported;
-  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
   if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.batch == 0) return Status::kSuccess;
   const Resolved r = resolve(p, device_sms());
@@ -628,8 +707,8 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
   const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + kRowCost);
   if (max_units >= INT32_MAX) return Status::kUnsupported;
-  return p.kv.dtype == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
-                                     : dispatch_dim<__half>(p, r, stream);
+  return act == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
+                                 : dispatch_dim<__half>(p, r, stream);
 }
 
 }  // namespace dms
