@@ -16,6 +16,18 @@ FlexAttention's (max abs difference, bf16 both sides). Writes bench/results/pref
 
   python3 bench/bench_prefill.py                 # the table (~1-3 min, mostly flex compiles)
   python3 bench/bench_prefill.py --lens 4096 --crs 1 8 --no-flex
+
+Small chunks (--small): T = 1 / 2 / 4 / 8 / 16 new tokens per sequence over a B 64 x 8k cache
+at CR 8 (per-head lengths uniform 0.5x-1.5x of ctx / CR, at least w + 1; synthetic DMS state:
+ring of the last w + 1 positions over the newest slots, flags at the rate that gives CR 8),
+against one-token sparse_decode over the same cache (the T = 1 floor: same bytes) and, with
+--small-fi, FlashInfer's BatchPrefillWithPagedKVCacheWrapper with each (sequence, kv head) its
+own request (G query heads, T query tokens, the cached keys only, no mask: a lower bound on
+what a per-head paged prefill costs; its prefill module JIT-compiles on first use). CUDA-graph
+timing, block tables rotated through copies so no call finds the cache in L2.
+DMS_PREFILL_SMALL=0 in the environment gives the general kernel's times for the same rows.
+
+  python3 bench/bench_prefill.py --small [--small-ts 1 4] [--small-b 64] [--small-ctx 8192] [--small-fi]
 """
 from __future__ import annotations
 
@@ -75,8 +87,16 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-budget-s", type=float, default=150.0,
                     help="skip FlexAttention once the run is this old (its compiles dominate)")
+    ap.add_argument("--small", action="store_true", help="the small-chunk table instead (see above)")
+    ap.add_argument("--small-ts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--small-b", type=int, default=64)
+    ap.add_argument("--small-ctx", type=int, default=8192)
+    ap.add_argument("--small-cr", type=float, default=8.0)
+    ap.add_argument("--small-fi", action="store_true", help="time FlashInfer's paged prefill too")
     a = ap.parse_args()
     common.require_cuda("bench_prefill")
+    if a.small:
+        return small_main(a)
     t_start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16
@@ -212,6 +232,124 @@ def main():
     best = [r for r in rows if isinstance(r.get("ours"), float)]
     summ = ", ".join(f"{r['n'] // 1024}k CR{r['cr']:g} {r['ours']:.2f}ms "
                      f"(x{ratio(r.get('cudnn'), r.get('ours')) or 0:.1f} cuDNN)" for r in best)
+    print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
+
+
+def small_state(B, hkv, ctx, cr, w, D, dtype, bs, copies, gen):
+    """Synthetic DMS state of B rows that have seen ctx tokens each: per-head lengths around
+    ctx / cr (>= w + 1), the ring's w + 1 newest positions on the newest slots, flags at the
+    rate that gives CR `cr`. `copies` block tables over disjoint shuffled blocks."""
+    dev = "cuda"
+    mean = ctx / cr
+    lens = torch.randint(max(w + 1, round(0.5 * mean)), max(w + 2, round(1.5 * mean)) + 1, (B, hkv),
+                         generator=gen, dtype=torch.int32)
+    nb = (lens.long() + bs - 1) // bs
+    per, maxb = int(nb.sum()), int(nb.max())
+    k_cache = torch.randn(per * copies, bs, D, dtype=dtype, device=dev)
+    v_cache = torch.randn(per * copies, bs, D, dtype=dtype, device=dev)
+    perm = torch.randperm(per * copies, generator=gen).to(torch.int32)
+    mask = torch.arange(maxb)[None, None, :] < nb[..., None]
+    tables = []
+    for c in range(copies):
+        t = torch.zeros(B, hkv, maxb, dtype=torch.int32)
+        t[mask] = perm[c * per:(c + 1) * per]
+        tables.append(t.to(dev))
+    pflag = flag_prob(ctx, cr, w)
+    pos = torch.arange(ctx - w - 1, ctx)                                    # ring positions
+    slot = lens[..., None].long() - (w + 1) + (pos - (ctx - w - 1))[None, None, :]
+    flag = (torch.rand(B, hkv, w + 1, generator=gen) < pflag).long()
+    ring = torch.zeros(B, hkv, w + 1, dtype=torch.int32)
+    ring[:, :, pos % (w + 1)] = ((slot << 1) | flag).to(torch.int32)
+    num_tokens = torch.full((B,), ctx, dtype=torch.int32)
+    return (k_cache, v_cache, tables, lens.to(dev), ring.to(dev), num_tokens.to(dev), pflag)
+
+
+def small_main(a):
+    dtype, D, hq, hkv, w, bs = torch.bfloat16, a.dim, a.hq, a.hkv, a.window, 16
+    G, B, ctx = hq // hkv, a.small_b, a.small_ctx
+    scale = 1.0 / math.sqrt(D)
+    print(f"{common.gpu_info()}", flush=True)
+    errors = []
+    gen = torch.Generator().manual_seed(a.seed)
+    live = B * hkv * ctx / a.small_cr
+    copies = common.copies_to_beat_l2(int(live * D * 2 * 2))
+    k_cache, v_cache, tables, seq_lens, ring, num_tokens, pflag = small_state(
+        B, hkv, ctx, a.small_cr, w, D, dtype, bs, copies, gen)
+    live = int(seq_lens.sum())
+    slots = torch.arange(B, dtype=torch.int32, device="cuda")
+    print(f"B {B} x ctx {ctx}, CR {B * hkv * ctx / live:.2f} (flag p {pflag:.3f}), {copies} table "
+          f"copies, {live * D * 4 / 2**30:.2f} GiB K+V", flush=True)
+
+    def t_ms(fns, name):
+        t = common.time_calls(fns, name, target_s=a.target_s)
+        return t.us / 1e3
+
+    qd = [torch.randn(B, hq, D, dtype=dtype, device="cuda") for _ in range(copies)]
+    dec = _try(lambda: t_ms([lambda i=i: torch.ops.dms.sparse_decode(qd[i], k_cache, v_cache, tables[i],
+                                                                        seq_lens, scale)
+                             for i in range(copies)], "small/decode"), "sparse_decode", errors)
+    print(f"sparse_decode (T=1): {fmt(dec)} ms", flush=True)
+
+    fi = None
+    if a.small_fi:
+        import flashinfer_peer as fp
+        fi = fp.load()
+        if fi is None:
+            errors.append(f"flashinfer: {fp.reason()}")
+    rows = []
+    for T in a.small_ts:
+        n = B * T
+        q = torch.randn(n, hq, D, dtype=dtype, device="cuda")
+        k = torch.randn(n, hkv, D, dtype=dtype, device="cuda")
+        v = torch.randn(n, hkv, D, dtype=dtype, device="cuda")
+        lg = torch.where(torch.rand(n, hkv, device="cuda") < pflag, 1.0, -1.0).float()
+        cu = torch.arange(B + 1, dtype=torch.int32, device="cuda") * T
+
+        def ours(i):
+            return torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, k_cache, v_cache, tables[i],
+                                                seq_lens, ring, num_tokens, scale)
+        r = {"T": T, "ours": _try(lambda: t_ms([lambda i=i: ours(i) for i in range(copies)],
+                                               f"small/T{T}/ours"), f"T{T} ours", errors)}
+        if fi is not None:
+            def fi_peer():
+                import flashinfer_peer as fp
+                wss = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+                qh = q.view(B, T, hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B * hkv * T, G, D).contiguous()
+                qo_indptr = torch.arange(B * hkv + 1, dtype=torch.int32, device="cuda") * T
+                kv = (k_cache.view(-1, bs, 1, D), v_cache.view(-1, bs, 1, D))
+                wrs = []
+                for i in range(copies):
+                    indptr, indices, last = fp.per_head_indices(tables[i], seq_lens, bs)
+                    wr = fi.BatchPrefillWithPagedKVCacheWrapper(wss if i == 0 else torch.zeros_like(wss), "NHD")
+                    wr.plan(qo_indptr, indptr, indices, last, G, 1, D, bs, causal=False,
+                            pos_encoding_mode="NONE", sm_scale=scale, q_data_type=dtype,
+                            kv_data_type=dtype)
+                    wrs.append(wr)
+                return t_ms([lambda i=i: wrs[i].run(qh, kv) for i in range(copies)], f"small/T{T}/fi")
+            r["fi"] = _try(fi_peer, f"T{T} flashinfer", errors)
+        rows.append(r)
+        print(f"  T {T}: ours {fmt(r['ours'])} ms, decode {fmt(dec)} ms, ratio "
+              f"{fmt(ratio(r['ours'], dec))}, FlashInfer {fmt(r.get('fi'))} ms", flush=True)
+        del q, k, v, lg
+
+    headers = ["T", "ours ms", "sparse_decode (T=1) ms", "ours / decode", "FlashInfer prefill ms"]
+    table = [[r["T"], cell(r["ours"]), cell(dec), ratio(r["ours"], dec),
+              cell(r.get("fi")) if a.small_fi else "not run (--small-fi)"] for r in rows]
+    md = common.md_table(headers, table)
+    print()
+    print(md)
+    knob = os.environ.get("DMS_PREFILL_SMALL")
+    notes = [f"Small chunks: B {B} x ctx {ctx}, CR {a.small_cr:g}, Hq {hq}, Hkv {hkv}, D {D}, bf16, "
+             f"window {w}, block_size {bs}; T new tokens per sequence, one packed call. "
+             f"DMS_PREFILL_SMALL={knob if knob is not None else '(unset)'}. FlashInfer: each "
+             f"(sequence, kv head) a request, cached keys only, no mask."]
+    if errors:
+        notes.append("Failures: " + "; ".join(errors))
+    path = common.write_results("prefill_small", "sparse_prefill, small chunks, vs sparse_decode",
+                                "\n\n".join(notes) + "\n\n" + md + "\n")
+    print(f"\nwrote {path}")
+    summ = ", ".join(f"T{r['T']} {r['ours']:.3f}ms (x{ratio(r['ours'], dec) or 0:.2f} decode)"
+                     for r in rows if isinstance(r.get("ours"), float))
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
 
 

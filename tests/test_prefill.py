@@ -301,3 +301,116 @@ def test_cuda_graph_capture_and_replay():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     torch.library.opcheck(torch.ops.dms.sparse_prefill, _small_inputs(2, device=device))
+
+
+# -------------------------------------------------------------------------------------------
+# Short chunks (T = 1 .. 16 tokens per sequence: speculative verification, MTP, multi-token
+# decode). A call whose chunks hold <= 16 tokens on average takes the small-chunk kernel on CUDA
+# (csrc/kernels/sparse_prefill_small.cu: G x T rows of a KV head in the MMA M dimension, keys
+# streamed once, stream-K split with a merge); the CPU twin is the same code as above. Rows
+# per work row are 16, 32 or 64 (G * T), so G 16 x T 16 takes four groups of 64 rows.
+
+SMALL_HIST = [0, 1, 17, 300, 1500, 64, 129]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("group", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks(T, group, device):
+    # Different T per sequence (the average stays <= 16) over very different cache lengths,
+    # an empty cache first.
+    chunks = [T, max(1, T - 1), T, 1, T, min(16, T + 3), T]
+    run_case(f"small T={T} G={group}", hist=SMALL_HIST, chunks=chunks, hkv=2, group=group,
+             d=128, window=64, rate=0.8, seed=100 * T + group, device=device)
+
+
+@pytest.mark.parametrize("T", [1, 4, 16])
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 64),
+                                     (torch.float16, 128)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_dtypes_head_dims(T, dtype, d, device):
+    run_case(f"small T={T} {dtype} D={d}", hist=[40, 700, 3], chunks=[T, T, T], hkv=3, group=4,
+             d=d, window=32, rate=0.7, dtype=dtype, seed=T + d, device=device)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 8, 15, 16, 17, 600])
+@pytest.mark.parametrize("T", [2, 7, 16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_cross_the_window(window, T, device):
+    # Histories around the window: flagged ring entries that the chunk's later queries no longer
+    # see (t - p > w), the pending flag of position n - 1 (the chunk's first logit), a ring not
+    # yet full (n < w + 1), and chunk keys that leave the window inside the chunk (T > w).
+    hist = [window - 1, window, window + 1, window + 2, 2 * window + 3, 3, 0]
+    run_case(f"small cross w={window} T={T}", hist=hist, chunks=[T] * len(hist), hkv=2, group=3,
+             d=64, window=window, rate=0.9, seed=window * 31 + T, device=device)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_eviction_rates(rate, device):
+    run_case(f"small rate {rate}", hist=[200, 513, 90], chunks=[4, 4, 9], hkv=2, group=5, d=128,
+             window=16, rate=rate, seed=int(rate * 10) + 7, device=device)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_block_boundaries(block_size, device):
+    # Cache lengths on and around block (and 64-key tile) boundaries; any block size, also not
+    # a power of two.
+    hist = [63, 64, 65, 127, 128, 129, 1]
+    run_case(f"small block_size {block_size}", hist=hist, chunks=[4, 3, 16, 1, 8, 4, 2], hkv=2,
+             group=4, d=64, window=8, rate=0.95, block_size=block_size, seed=block_size,
+             device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_skewed_lengths(device):
+    # One long head among short ones: the stream-K plan cuts the long rows over several CTAs
+    # and the merge combines the pieces.
+    hist = [6000, 2, 40, 0, 3000, 9]
+    run_case("small skewed", hist=hist, chunks=[4, 4, 4, 1, 16, 4], hkv=2, group=4, d=128,
+             window=128, rate=0.9, block_size=32, seed=77, device=device)
+
+
+@pytest.mark.parametrize("group", [1, 7])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_with_one_long_chunk(group, device):
+    # A mixed call (one prompt chunk among one-token decodes, <= 16 tokens per chunk on average):
+    # the small-chunk kernel takes it and cuts the long chunk into row groups; with a window
+    # above 64, its ring positions that a query can no longer see outnumber the shared list.
+    hist = [600, 5, 0, 300, 1200, 1, 77, 64, 2, 3, 150, 0, 9, 700, 31, 8]
+    chunks = [120] + [1] * 15
+    run_case(f"small + long G={group}", hist=hist, chunks=chunks, hkv=2, group=group, d=64,
+             window=100, rate=0.8, seed=5 + group, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_many_sequences(device):
+    # 64 sequences of T = 1 .. 16 in one call (graph-capturable: nothing read on the host).
+    rng = random.Random(3)
+    hist = [rng.choice([0, 1, 30, 200, 900]) for _ in range(64)]
+    chunks = [rng.randint(1, 16) for _ in range(64)]
+    run_case("small 64 sequences", hist=hist, chunks=chunks, hkv=2, group=4, d=128, window=32,
+             rate=0.85, seed=9, device=device)
+
+
+@pytest.mark.cuda
+def test_small_chunks_cuda_graph_capture_and_replay():
+    # Chunks of 4, 1 and 16 tokens (the small-chunk kernel): the plan is made on the device, so
+    # a replay recomputes it from whatever the state holds.
+    args = _small_inputs(4, T=(4, 1, 16))
+    eager = torch.ops.dms.sparse_prefill(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.dms.sparse_prefill(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dms.sparse_prefill(*args)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    cpu = torch.ops.dms.sparse_prefill(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in args))
+    assert (out.cpu().float() - cpu.float()).abs().max().item() < 0.05

@@ -27,11 +27,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
 #include "dms/dms.h"
 #include "kernels/primitives.cuh"
+#include "kernels/sparse_prefill_small.h"
 
 namespace dms {
 namespace {
@@ -654,7 +656,8 @@ Status launch_d(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t str
 
 size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p) {
   if (p.total_tokens <= 0 || p.num_seqs <= 0 || p.kv.num_kv_heads <= 0 || p.state.window < 1) return 0;
-  return ws_layout(p).total;
+  // Either kernel may take the call (short chunks: sparse_prefill_small.cu): room for both.
+  return std::max(ws_layout(p).total, prefill_small::workspace_bytes(p));
 }
 
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
@@ -674,6 +677,9 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.kv.k_cache) ||
       !aligned16(p.kv.v_cache) || !aligned16(p.out) || !aligned16(p.workspace))
     return Status::kInvalidArgument;
+
+  // ---- Short chunks (<= 16 tokens per chunk on average): sparse_prefill_small.cu. ----
+  if (prefill_small::applies(p)) return prefill_small::launch(p, stream);
 
   const WsLayout l = ws_layout(p);
   const WsPtrs ws = ws_ptrs(p, l);

@@ -144,6 +144,13 @@ at::Tensor sparse_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const a
   at::Tensor out = at::empty(q.sizes(), q.options());
   p.out = out.data_ptr();
   if (p.num_seqs == 0) return out;
+  // A/B knob for benchmarks, read once per process: DMS_PREFILL_SMALL=0 keeps short chunks on
+  // the general kernel (unset: the library default, the small-chunk kernel).
+  static const int small_chunks = [] {
+    const char* e = std::getenv("DMS_PREFILL_SMALL");
+    return e && std::atoi(e) == 0 ? 0 : 1;
+  }();
+  p.small_chunks = small_chunks;
   const size_t ws = sparse_prefill_workspace_bytes(p);
   at::Tensor workspace;
   if (ws > 0) {

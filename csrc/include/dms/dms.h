@@ -111,8 +111,11 @@ Status append(const AppendParams& p, cudaStream_t stream);
 // q, k, v, k_cache, v_cache, out and workspace 16-byte aligned (else kInvalidArgument);
 // q, k, v, out contiguous.
 // Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,
-// num_kv_heads, window, max_blocks_per_head * block_size only. The workspace is required
-// (never null) whenever the call has tokens; it holds nothing between calls.
+// num_q_heads, num_kv_heads, head_dim, window, max_blocks_per_head * block_size,
+// small_chunks and the current device's SM count only (never on device data). The workspace is
+// required (never null) whenever the call has tokens; it holds nothing between calls.
+// Calls of short chunks (total_tokens <= 16 * num_seqs, small_chunks != 0) take a decode-style
+// kernel (stream-K over the heads' keys); the others the tiled prefill kernel.
 size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);
 Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream);
 

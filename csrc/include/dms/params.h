@@ -172,6 +172,10 @@ struct SparsePrefillParams {
   // CUDA only: scratch for the compacted key lists. Size from sparse_prefill_workspace_bytes()
   // (sizes only, never data); may be null when that returns 0. The CPU twin ignores it.
   void* workspace = nullptr;
+  // CUDA only: 0 keeps calls of short chunks (<= 16 tokens per chunk on average) on the general
+  // kernel instead of the small-chunk kernel (A/B benchmarks; the torch op sets it from the
+  // environment variable DMS_PREFILL_SMALL). Same output either way, up to rounding.
+  int small_chunks = 1;
 };
 
 // Copy of a row's whole state (fork): new blocks from the free list, K/V copied.
