@@ -53,13 +53,15 @@ constexpr int kPlanThreads = 1024;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
 // bf16 / fp16 slice), and one extra slice of the compute dtype per warp receives the converted
-// tile (e4m3 -> bf16 / fp16 is exact) that the ldmatrix / MMA path reads.
+// K, then the converted V, of the current tile (e4m3 -> bf16 / fp16 is exact) that the
+// ldmatrix / MMA path reads. One slice, not two: at D 128 that keeps 3 CTAs per SM with 3
+// stages, the bytes in flight of the bf16 kernel's 2 stages.
 template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kStages = S;
   static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
   static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
   static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
-  static constexpr int kConvBytes = F8 ? 2 * kSliceElems * 2 : 0;    // converted K + V
+  static constexpr int kConvBytes = F8 ? kSliceElems * 2 : 0;        // converted K, then V
   static constexpr int kWarpBytes = kStages * kStageBytes + kConvBytes;
   static constexpr int kSmemBytes = kHeadTile * D * 2 + kWarps * kWarpBytes;
   static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
@@ -194,25 +196,21 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     else return dev::swz<D>(r, c);
   }
 
-  // fp8 only: the warp converts its slice (K and V, 16 keys) from the stage into sC (the
+  // fp8 only: the warp converts one slice (K or V, 16 keys) from the stage into sC (the
   // compute dtype, the swizzled layout ldmatrix reads). Lane i of a phase takes row i % 16:
   // conflict-free on both sides (swz8 for the reads, swz<D> for the writes).
   static __device__ __forceinline__ void convert_slice(const uint8_t* s8, T* sC, int lane) {
-#pragma unroll
-    for (int kv = 0; kv < 2; ++kv) {
 #pragma unroll 2  // D 256: 8 chunks per lane; fully unrolled they spill
-      for (int i = lane; i < 16 * kChunks; i += 32) {
-        const int r = i & 15, c = i >> 4;
-        const uint4 x = *reinterpret_cast<const uint4*>(s8 + kv * kSliceElems + swz8(r, c) * 16);
-        uint4 lo, hi;
-        dev::e4m3x4_to<T>(x.x, lo.x, lo.y);
-        dev::e4m3x4_to<T>(x.y, lo.z, lo.w);
-        dev::e4m3x4_to<T>(x.z, hi.x, hi.y);
-        dev::e4m3x4_to<T>(x.w, hi.z, hi.w);
-        T* dst = sC + kv * kSliceElems;
-        *reinterpret_cast<uint4*>(dst + dev::swz<D>(r, 2 * c)) = lo;
-        *reinterpret_cast<uint4*>(dst + dev::swz<D>(r, 2 * c + 1)) = hi;
-      }
+    for (int i = lane; i < 16 * kChunks; i += 32) {
+      const int r = i & 15, c = i >> 4;
+      const uint4 x = *reinterpret_cast<const uint4*>(s8 + swz8(r, c) * 16);
+      uint4 lo, hi;
+      dev::e4m3x4_to<T>(x.x, lo.x, lo.y);
+      dev::e4m3x4_to<T>(x.y, lo.z, lo.w);
+      dev::e4m3x4_to<T>(x.z, hi.x, hi.y);
+      dev::e4m3x4_to<T>(x.w, hi.z, hi.w);
+      *reinterpret_cast<uint4*>(sC + dev::swz<D>(r, 2 * c)) = lo;
+      *reinterpret_cast<uint4*>(sC + dev::swz<D>(r, 2 * c + 1)) = hi;
     }
   }
 
@@ -294,15 +292,15 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       const int key0 = slice0(t);
       if (key0 >= kend) continue;
       const T* sK;
+      const uint8_t* s8 = reinterpret_cast<const uint8_t*>(stages + (t % kStages) * 2 * kSliceElems);
       if constexpr (F8) {
-        convert_slice(reinterpret_cast<const uint8_t*>(stages + (t % kStages) * 2 * kSliceElems),
-                      sConv, lane);
-        __syncwarp();  // the converted slice is complete
+        convert_slice(s8, sConv, lane);
+        __syncwarp();  // the converted K slice is complete
         sK = sConv;
       } else {
         sK = reinterpret_cast<const T*>(stages) + (t % kStages) * 2 * kSliceElems;
       }
-      const T* sV = sK + kSliceElems;
+      const T* sV = F8 ? sConv : sK + kSliceElems;
 
       // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -349,6 +347,11 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       for (int j = 0; j < D / 8; ++j) {
         st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
         st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+      }
+      if constexpr (F8) {  // V into the conversion slice, once every lane has read K from it
+        __syncwarp();
+        convert_slice(s8 + kSliceElems, sConv, lane);
+        __syncwarp();
       }
       // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
 #pragma unroll
@@ -607,9 +610,9 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 // bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
 // fp8 pools: a stage is half the bytes, so D 64 and 256 take 4 stages at the same residency
-// (4 CTAs, 50 KB; 1 CTA, 200 KB); D 128 keeps 2 stages at 3 CTAs (68 KB, as bf16 / fp16).
-// Not swept yet (bench/sweep_decode.py).
-template <int D> constexpr int kStagesFor8 = D == 128 ? 2 : 4;
+// (4 CTAs, 42 KB; 1 CTA, 168 KB); D 128 takes 3 stages at 3 CTAs (68 KB: two tiles ahead of
+// 4 KB, the bytes in flight of bf16's 2 stages). Not swept yet (bench/sweep_decode.py).
+template <int D> constexpr int kStagesFor8 = D == 128 ? 3 : 4;
 template <int D> constexpr int ctas_for(bool fp8) {
   return fp8 ? Cfg<D, kStagesFor8<D>, true>::kCtasPerSm : Cfg<D, kStagesFor<D>>::kCtasPerSm;
 }
