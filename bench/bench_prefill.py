@@ -14,6 +14,14 @@ Peers, measured in the same run (CUDA events, median after warm-up):
 Hq N (N + 1) / 2. Sanity: at CR 1 our output is compared with cuDNN's, and at every CR with
 FlexAttention's (max abs difference, bf16 both sides). Writes bench/results/prefill_<date>.md.
 
+fp8 rows (--fp8-lens, default 16k / 32k, at --fp8-crs, default CR 1 / 8; same heads, D, window,
+flags): a fresh prompt never reads the pool, so these rows split the same prompt into a cache
+and a chunk: the first N - --fp8-chunk tokens (default 4096) are appended (dms append, same
+flags) to a float8_e4m3fn pool with k_scale = v_scale = 1/64 (a power of two, so the pool's
+values are exact in bf16), and the timed call prefills the last chunk over it. The same call
+on a bf16 pool holding those values dequantized is timed too ("bf16-pool ms"); their outputs
+are compared (max abs difference: rounding order only).
+
   python3 bench/bench_prefill.py                 # the table (~1-3 min, mostly flex compiles)
   python3 bench/bench_prefill.py --lens 4096 --crs 1 8 --no-flex
 
@@ -28,6 +36,7 @@ timing, block tables rotated through copies so no call finds the cache in L2.
 DMS_PREFILL_SMALL=0 in the environment gives the general kernel's times for the same rows.
 
   python3 bench/bench_prefill.py --small [--small-ts 1 4] [--small-b 64] [--small-ctx 8192] [--small-fi]
+  python3 bench/bench_prefill.py --lens --fp8-lens 16384 --fp8-crs 8   # one fp8 row only
 """
 from __future__ import annotations
 
@@ -76,7 +85,7 @@ def timed(fn, name, a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lens", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--lens", type=int, nargs="*", default=[4096, 16384, 32768])
     ap.add_argument("--crs", type=float, nargs="+", default=[1, 4, 8])
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
@@ -85,6 +94,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-s", type=float, default=0.3, help="timing seconds per measurement")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--fp8-lens", type=int, nargs="*", default=[16384, 32768],
+                    help="prompt lengths of the fp8-pool rows (none: no fp8 rows)")
+    ap.add_argument("--fp8-crs", type=float, nargs="+", default=[1, 8])
+    ap.add_argument("--fp8-chunk", type=int, default=4096,
+                    help="fp8 rows: the timed chunk; the rest of the prompt is in the pool")
     ap.add_argument("--flex-budget-s", type=float, default=150.0,
                     help="skip FlexAttention once the run is this old (its compiles dominate)")
     ap.add_argument("--small", action="store_true", help="the small-chunk table instead (see above)")
@@ -207,6 +221,8 @@ def main():
         del q, k, v, qs, ke, ve, kf, vf, dense
         torch.cuda.empty_cache()
 
+    fp8_rows = fp8_cases(a, gen, errors) if a.fp8_lens else []
+
     headers = ["N", "CR (got)", "flag p", "pairs vs dense", "ours ms", "ours TFLOP/s", "flex ms",
                "cuDNN ms", "flash ms", "x cuDNN", "x flex", "max|ours-flex|", "max|ours-cuDNN|"]
     table = []
@@ -216,11 +232,22 @@ def main():
                       cell(r.get("flash")), ratio(r.get("cudnn"), r.get("ours")),
                       ratio(r.get("flex"), r.get("ours")), r.get("err_flex"), r.get("err_dense")])
     md = common.md_table(headers, table)
+    if fp8_rows:
+        md += "\n\n" + common.md_table(
+            ["N", "CR (got)", "cached (live)", "chunk", "fp8 ms", "bf16-pool ms", "fp8 / bf16",
+             "max|fp8 - bf16-pool|"],
+            [[f"{r['n']} fp8", f"{r['cr']:g} ({r['cr_got']:.2f})", f"{r['cached']} ({r['live']:.0f})",
+              r["chunk"], cell(r.get("fp8")), cell(r.get("bf16")), ratio(r.get("fp8"), r.get("bf16")),
+              r.get("err")] for r in fp8_rows])
     print()
     print(md)
     notes = [f"Hq {hq}, Hkv {hkv}, D {D}, bf16, window {w}, one fresh prompt (empty cache), "
              f"scale 1/sqrt(D). ms: median of CUDA-event timings after warm-up. TFLOP/s counts "
              f"4 D flops per kept pair. FlexAttention's block-mask build is not timed."]
+    if fp8_rows:
+        notes.append(f"fp8 rows: the prompt's last {a.fp8_chunk} tokens prefilled over the rest, "
+                     "appended first to a float8_e4m3fn pool (k_scale = v_scale = 1/64), against "
+                     "the same call on a bf16 pool of the dequantized values (exact).")
     flex_builds = [f"{r['n']}@CR{r['cr']:g}: {r['flex_build_s']:.1f} s" for r in rows if "flex_build_s" in r]
     if flex_builds:
         notes.append("Flex block-mask build (incl. compile on first use): " + ", ".join(flex_builds))
@@ -232,6 +259,9 @@ def main():
     best = [r for r in rows if isinstance(r.get("ours"), float)]
     summ = ", ".join(f"{r['n'] // 1024}k CR{r['cr']:g} {r['ours']:.2f}ms "
                      f"(x{ratio(r.get('cudnn'), r.get('ours')) or 0:.1f} cuDNN)" for r in best)
+    summ = ", ".join([summ] * bool(summ) + [
+        f"{r['n'] // 1024}k CR{r['cr']:g} fp8 {r['fp8']:.2f}ms (bf16 pool {fmt(r.get('bf16'))}ms)"
+        for r in fp8_rows if isinstance(r.get("fp8"), float)])
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
 
 
@@ -351,6 +381,66 @@ def small_main(a):
     summ = ", ".join(f"T{r['T']} {r['ours']:.3f}ms (x{ratio(r['ours'], dec) or 0:.2f} decode)"
                      for r in rows if isinstance(r.get("ours"), float))
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
+
+
+def fp8_cases(a, gen, errors):
+    """The fp8-pool rows (see the module docstring): per (N, CR), the prompt's first
+    N - fp8_chunk tokens appended to a float8_e4m3fn pool, the last fp8_chunk prefilled over it;
+    the same prefill on a bf16 pool of the dequantized values for comparison."""
+    dtype, dev = torch.bfloat16, "cuda"
+    hq, hkv, D, w = a.hq, a.hkv, a.dim, a.window
+    G, scale, kvs, bs = hq // hkv, 1.0 / math.sqrt(D), 1.0 / 64, 64
+    i32 = dict(dtype=torch.int32, device=dev)
+    rows = []
+    for n in a.fp8_lens:
+        c = min(a.fp8_chunk, n)
+        h = n - c
+        q = torch.randn(c, hq, D, device=dev, dtype=dtype, generator=gen)
+        k = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
+        v = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
+        for cr in a.fp8_crs:
+            p = flag_prob(n, cr, w)
+            lg = torch.where(torch.rand(n, hkv, device=dev, generator=gen) < p, 1.0, -1.0).float()
+            r = {"n": n, "cr": cr, "cr_got": n / reference.live_counts(lg, w).double().mean().item(),
+                 "cached": h, "chunk": c}
+            print(f"N = {n} fp8, CR {cr}: {h} cached + {c}", flush=True)
+            try:
+                mb = max(1, -(-h // bs))
+                k8 = torch.zeros(hkv * mb + 1, bs, D, device=dev, dtype=torch.float8_e4m3fn)
+                v8 = torch.zeros_like(k8)
+                st = dict(block_table=torch.zeros(1, hkv, mb, **i32), seq_lens=torch.zeros(1, hkv, **i32),
+                          ring=torch.zeros(1, hkv, w + 1, **i32), num_tokens=torch.zeros(1, **i32))
+                slots = torch.zeros(1, **i32)
+                if h > 0:
+                    torch.ops.dms.append(k[:h], v[:h], lg[:h], slots, torch.tensor([0, h], **i32), k8, v8,
+                                         st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"],
+                                         torch.arange(k8.shape[0], **i32),
+                                         torch.tensor([k8.shape[0]], **i32), kvs, kvs)
+                r["live"] = st["seq_lens"].double().mean().item() if h > 0 else 0.0
+                kb = (k8.float() * kvs).to(dtype)   # exact: e4m3 times a power of two
+                vb = (v8.float() * kvs).to(dtype)
+                cu = torch.tensor([0, c], **i32)
+                meta = (st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"])
+                chunk = (q, k[h:].contiguous(), v[h:].contiguous(), lg[h:].contiguous(), slots, cu)
+
+                def run8():
+                    return torch.ops.dms.sparse_prefill(*chunk, k8, v8, *meta, scale, kvs, kvs)
+
+                def runb():
+                    return torch.ops.dms.sparse_prefill(*chunk, kb, vb, *meta, scale)
+                r["fp8"] = _try(lambda: timed(run8, f"{n}/cr{cr}/fp8", a), f"{n} CR{cr} fp8", errors)
+                r["bf16"] = _try(lambda: timed(runb, f"{n}/cr{cr}/bf16pool", a), f"{n} CR{cr} bf16 pool", errors)
+                if isinstance(r["fp8"], float) and isinstance(r["bf16"], float):
+                    r["err"] = (run8().float() - runb().float()).abs().max().item()
+                del k8, v8, kb, vb
+            except Exception as e:  # noqa: BLE001  (a failed row is reported, the run goes on)
+                errors.append(f"{n} CR{cr} fp8: {type(e).__name__}: {e}")
+            rows.append(r)
+            print(f"  fp8 {fmt(r.get('fp8'))} ms, bf16 pool {fmt(r.get('bf16'))} ms, "
+                  f"max|diff| {fmt(r.get('err'))}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
 
 
 def fmt(x):

@@ -6,10 +6,9 @@ what the pool must hold (bitwise), dms_attention / sparse_decode on those values
 the ops must return. Tolerances come from the rounding model of tests/helpers.attention_bound
 (the output's rounding to q's dtype); the fp8 rounding itself (relative 2^-4 per stored value) is
 in the data the reference reads, never in a tolerance. CUDA (tests marked `cuda`, skipped without
-a GPU): sparse_decode(_lse), append, decode_step, fork and release take fp8 pools, held to the
-same oracle and bounds (attention_bound models the CUDA kernel), and their stores bitwise to
-quantize_fp8 (the CPU twin's conversion); sparse_prefill and DMSCache still refuse them with
-NotImplementedError naming the kv dtype.
+a GPU): sparse_decode(_lse), sparse_prefill, append, decode_step, fork and release take fp8
+pools, held to the same oracle and bounds (attention_bound models the CUDA kernels), and their
+stores bitwise to quantize_fp8 (the CPU twin's conversion); DMSCache takes them end to end.
 """
 import math
 
@@ -137,8 +136,6 @@ class Run:
         slots = torch.tensor(rows, dtype=torch.int32, device=self.dev)
         cu_t = torch.tensor(cu, dtype=torch.int32, device=self.dev)
         decode = all(lens[r] == 1 for r in rows)
-        # CUDA has no fp8 sparse_prefill yet: its chunks are appended, their outputs not checked.
-        no_prefill = not decode and self.dev != "cpu"
         if decode:
             append_one(self.st, k, v, rows, cu, lg, self.ks, self.vs)
             bt = self.st["block_table"].index_select(0, slots)
@@ -154,9 +151,8 @@ class Run:
             v64 = reference.dequantize_fp8(self.st["v_cache"], self.vs)
             o, lse_ref, tol, tol_lse = decode_bound(q, k64, v64, bt, sl, self.scale, self.act)
             assert_within_bound(out, o, tol, "sparse_decode fp8", lse, lse_ref, tol_lse)
-        elif no_prefill:
-            append_one(self.st, k, v, rows, cu, lg, self.ks, self.vs)
         else:
+            poison_allocator((tuple(q.shape), q.dtype))
             out = ops.sparse_prefill(q, k, v, lg, slots, cu_t, self.st["k_cache"],
                                      self.st["v_cache"], self.st["block_table"],
                                      self.st["seq_lens"], self.st["ring"], self.st["num_tokens"],
@@ -165,7 +161,7 @@ class Run:
         append_one(self.shadow, k, v, rows, cu, lg)
         # The oracle on the history: each query sees what the DMS rule leaves visible, cached
         # tokens dequantized (decode: the new token too, it was appended first).
-        for i, r in enumerate(rows if not no_prefill else []):
+        for i, r in enumerate(rows):
             qa = torch.cat([c[0] for c in self.hist[r]])
             la = torch.cat([c[3] for c in self.hist[r]])
             N = qa.shape[0]
@@ -204,8 +200,8 @@ def assert_same_bookkeeping(sa, sb, a, b):
 
 
 def run_args(device, act):
-    """Run's sizes on a device: CUDA's sparse_decode takes head_dim 64 / 128 / 256, float16 or
-    bfloat16 q (the float32 cases skip there)."""
+    """Run's sizes on a device: CUDA's sparse_decode / sparse_prefill take head_dim 64 (and
+    128), float16 or bfloat16 q (the float32 cases skip there)."""
     if device == "cpu":
         return {}
     if act == torch.float32:
@@ -219,8 +215,7 @@ def run_args(device, act):
 def test_ops_with_fp8_pool_match_the_oracle(act, ks, vs, device):
     """Prefill chunks, then decode steps, with eviction (rate 0.6, window 6), two sequences
     packed; scales 1, ordinary, and saturating (amplitude 3 / scale 0.004: most writes clamp).
-    CUDA: the chunks are appended without a prefill (none for fp8 pools yet), the decode steps
-    checked as on the CPU."""
+    The same on CUDA (head_dim 64)."""
     run = Run(act, ks, vs, **run_args(device, act))
     amp = 3.0 if ks < 0.01 else 1.0
     run.step([9, 5], amp)
@@ -365,14 +360,18 @@ def test_supported_separates_compute_and_pool_dtype():
     for op in ("sparse_decode", "sparse_prefill", "append", "decode_step"):
         for act in ACT_DTYPES:
             assert s(op, "cpu", act, kv_dtype=F8)
-            # CUDA: fp8 pools where the op takes the compute dtype, except sparse_prefill (not yet).
-            assert s(op, "cuda", act, kv_dtype=F8) == (op != "sparse_prefill" and s(op, "cuda", act))
+            # CUDA: fp8 pools wherever the op takes the compute dtype.
+            assert s(op, "cuda", act, kv_dtype=F8) == s(op, "cuda", act)
             assert s(op, "cpu", act, kv_dtype=act)
         assert not s(op, "cpu", F8) and not s(op, "cpu", torch.bfloat16, kv_dtype=torch.float8_e5m2)
         assert not s(op, "cuda", F8) and not s(op, "cuda", torch.bfloat16, kv_dtype=torch.float8_e5m2)
     assert s("sparse_decode", "cuda", torch.bfloat16, 128, 16, kv_dtype=F8)
     assert not s("sparse_decode", "cuda", torch.float32, kv_dtype=F8)
     assert not s("sparse_decode", "cuda", torch.bfloat16, 96, kv_dtype=F8)
+    assert s("sparse_prefill", "cuda", torch.float16, 64, 16, kv_dtype=F8)
+    assert s("sparse_prefill", "cuda", torch.bfloat16, 128, 5, kv_dtype=F8)
+    assert not s("sparse_prefill", "cuda", torch.bfloat16, 256, kv_dtype=F8)
+    assert not s("sparse_prefill", "cuda", torch.float32, kv_dtype=F8)
     assert not s("eviction_rope", "cpu", torch.bfloat16, kv_dtype=F8)  # takes no pool
     assert s("fork", "cpu", F8) and s("fork", "cuda", F8)
     assert s("release", "cpu", F8) and s("release", "cuda", F8)
@@ -381,18 +380,36 @@ def test_supported_separates_compute_and_pool_dtype():
 # ------------------------------------------------------------------------ DMSCache
 
 
-def test_cache_with_fp8_pools_matches_the_oracle():
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_with_fp8_pools_matches_the_oracle(device):
     """DMSCache(kv_dtype=float8_e4m3fn) with per-layer scales: prefill, decode, fork; every
-    attend against dms_attention on the dequantized history (chunk tokens of a prefill as given)."""
-    L, hkv, hq, D, W = 2, 2, 4, 16, 5
+    attend against dms_attention on the dequantized history (chunk tokens of a prefill as given).
+    CUDA (head_dim 64; prefills of 12 and 70 tokens, the second over history and past the window):
+    the same, and a CPU cache driven alongside holds the same logical state and fp8 bytes."""
+    L, hkv, hq, W = 2, 2, 4, 5
+    D = 16 if device == "cpu" else 64
     ks, vs = [0.5, 0.03], [2.0, 0.05]
-    c = DMSCache(L, hkv, D, window=W, block_size=4, num_blocks=64, max_seqs=4,
-                 dtype=torch.float16, device="cpu", kv_dtype=F8, k_scale=ks, v_scale=vs)
+    kw = dict(window=W, block_size=4, num_blocks=96, max_seqs=4, dtype=torch.float16,
+              kv_dtype=F8, k_scale=ks, v_scale=vs)
+    c = DMSCache(L, hkv, D, device=device, **kw)
+    twin = DMSCache(L, hkv, D, device="cpu", **kw) if device != "cpu" else None
     assert c.kv_dtype == F8 and c._layers[0].k_cache.dtype == F8
     gen = torch.Generator().manual_seed(5)
     hist = {}
     a = c.add_sequence()
+    if twin is not None:
+        assert twin.add_sequence() == a
     hist[a] = [[] for _ in range(L)]
+
+    def same_as_twin():
+        if twin is None:
+            return
+        keys = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens")
+        for layer in range(L):
+            x = logical_view({k: getattr(c._layers[layer], k) for k in keys})
+            y = logical_view({k: getattr(twin._layers[layer], k) for k in keys})
+            for u, w, name in zip(x, y, ("num_tokens", "seq_lens", "ring", "live", "k", "v")):
+                assert torch.equal(bits(u), bits(w)), f"layer {layer} {name}: cuda vs cpu cache"
 
     def attend(sid, n):
         for layer in range(L):
@@ -402,7 +419,13 @@ def test_cache_with_fp8_pools_matches_the_oracle():
             lg = make_logits(gen, n, hkv, 0.6)
             n0 = sum(x[0].shape[0] for x in hist[sid][layer])
             hist[sid][layer].append((q, k, v, lg))
-            out = c.attend(layer, [sid], torch.tensor([0, n], dtype=torch.int32), q, k, v, lg)
+            cu = torch.tensor([0, n], dtype=torch.int32)
+            if device != "cpu":
+                poison_allocator(((n, hq, D), torch.float16))
+            out = c.attend(layer, [sid], cu.to(device), q.to(device), k.to(device), v.to(device),
+                           lg.to(device))
+            if twin is not None:
+                twin.attend(layer, [sid], cu, q, k, v, lg)
             qa, ka, va, la = (torch.cat([x[i] for x in hist[sid][layer]]) for i in range(4))
             ka, va = ka.double(), va.double()
             m = qa.shape[0] if n == 1 else n0
@@ -410,17 +433,24 @@ def test_cache_with_fp8_pools_matches_the_oracle():
             va[:m] = reference.dequantize_fp8(reference.quantize_fp8(va[:m], vs[layer]), vs[layer])
             o, _, tol, _ = dms_bound(qa, ka, va, la, W, 1 / math.sqrt(D), torch.float16,
                                      rows=list(range(n0, n0 + n)))
-            assert_within_bound(out, o, tol, f"DMSCache fp8 layer {layer} n={n}")
+            assert_within_bound(out.cpu(), o, tol, f"DMSCache fp8 {device} layer {layer} n={n}")
+        same_as_twin()
 
     attend(a, 12)
     attend(a, 6)
     for _ in range(4):
         attend(a, 1)
+    if device != "cpu":
+        attend(a, 70)   # CUDA: a prefill over cached tokens, flagged ring entries and the band
+        attend(a, 1)
     b = c.fork(a)
+    if twin is not None:
+        assert twin.fork(a) == b
     hist[b] = [list(h) for h in hist[a]]
     for _ in range(3):
         attend(b, 1)
         attend(a, 1)
+    attend(b, 9)        # a prefill on the forked sequence
     c.release(b)
     assert (c._layers[1].k_cache.float().abs() == 448).any()  # layer 1's scale saturates
 
@@ -452,25 +482,122 @@ def test_cache_fp8_arguments_are_checked():
 # ------------------------------------------------------------------------ CUDA
 
 
-@pytest.mark.cuda
-def test_cuda_refuses_fp8_pools_in_sparse_prefill_and_the_cache():
-    """sparse_prefill has no fp8 kernel on CUDA yet: NotImplementedError naming the kv dtype,
-    state untouched; DMSCache (which prefills) refuses kv_dtype fp8 there."""
-    dev = "cuda"
-    st = new_state(2, 2, 64, 16, 16, 4, 16, F8, dev)
-    k = torch.randn(3, 2, 64, dtype=torch.bfloat16, device=dev)
-    lg = -torch.ones(3, 2, device=dev)
-    slots = torch.tensor([0], dtype=torch.int32, device=dev)
-    cu = torch.tensor([0, 3], dtype=torch.int32, device=dev)
+def fp8_prefill_case(act, D, G, ks, vs, hist, chunks, window, rate=0.6, bs=16, amp=1.0, seed=0):
+    """One CUDA sparse_prefill call over packed chunks (chunk i continues sequence i, which
+    holds hist[i] tokens appended to an fp8 pool with eviction: a prefill piece and single
+    tokens, rows scattered, blocks shuffled, unowned slots NaN), against dms_bound on the
+    history dequantized (the chunk as given), and the CPU twin on the same state likewise.
+    Output poisoned first; the state is read, never written. Returns the fp8 pool."""
+    dev, hkv = "cuda", 2
+    hq = hkv * G
+    gen = torch.Generator().manual_seed(seed)
+    n_seq = len(chunks)
+    rows = [(3 * i + 1) % (n_seq + 2) for i in range(n_seq)]        # distinct, scattered
+    max_blocks = max(1, max(-(-h // bs) for h in hist))
+    nb = sum(hkv * -(-h // bs) for h in hist) + 5
+    st = new_state(n_seq + 2, hkv, D, nb, bs, window, max_blocks, F8, dev, gen=gen)
+    full = []
+    for i in range(n_seq):
+        n = hist[i] + chunks[i]
+        full.append((torch.randn(n, hq, D, generator=gen).to(act),
+                     (torch.randn(n, hkv, D, generator=gen) * amp).to(act),
+                     (torch.randn(n, hkv, D, generator=gen) * amp).to(act),
+                     make_logits(gen, n, hkv, rate)))
+    for i, h in enumerate(hist):        # a piece, then up to three single tokens
+        cuts = sorted({0, h} | {max(0, h - j) for j in range(1, 4)})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            _, k, v, lg = full[i]
+            append_one(st, k[a:b].to(dev), v[a:b].to(dev), [rows[i]], [0, b - a],
+                       lg[a:b].to(dev), ks, vs)
+    cu = [0]
+    for c in chunks:
+        cu.append(cu[-1] + c)
+    q, k, v, lg = (torch.cat([full[i][j][hist[i]:] for i in range(n_seq)]) for j in range(4))
+    slots = torch.tensor(rows, dtype=torch.int32)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    scale = D ** -0.5
+    pool = [st[key] for key in ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens")]
     before = snapshot(st)
-    with pytest.raises(NotImplementedError, match="kv dtype"):
-        ops.sparse_prefill(torch.randn(3, 4, 64, dtype=torch.bfloat16, device=dev), k, k, lg, slots,
-                           cu, st["k_cache"], st["v_cache"], st["block_table"], st["seq_lens"],
-                           st["ring"], st["num_tokens"])
-    assert_same_state(before, st, "cuda fp8 prefill")
-    with pytest.raises(NotImplementedError, match="kv_dtype"):
-        DMSCache(1, 2, 64, block_size=16, num_blocks=8, max_seqs=2, dtype=torch.bfloat16,
-                 device=dev, kv_dtype=F8)
+    poison_allocator(((q.shape[0], hq, D), act))
+    out = ops.sparse_prefill(q.to(dev), k.to(dev), v.to(dev), lg.to(dev), slots.to(dev),
+                             cu_t.to(dev), *pool, scale, k_scale=ks, v_scale=vs)
+    torch.cuda.synchronize()
+    assert_same_state(before, st, "cuda fp8 prefill reads the state")
+    out_cpu = ops.sparse_prefill(q, k, v, lg, slots, cu_t, *(t.cpu() for t in pool), scale,
+                                 k_scale=ks, v_scale=vs)
+    for i in range(n_seq):
+        qf, kf, vf, lf = full[i]
+        h, n = hist[i], hist[i] + chunks[i]
+        kk, vv = kf.double(), vf.double()
+        kk[:h] = reference.dequantize_fp8(reference.quantize_fp8(kk[:h], ks), ks)
+        vv[:h] = reference.dequantize_fp8(reference.quantize_fp8(vv[:h], vs), vs)
+        o, _, tol, _ = dms_bound(qf, kk, vv, lf, window, scale, act, rows=range(h, n))
+        what = f"cuda fp8 prefill D{D} G{G} seq {i} (hist {h}, chunk {chunks[i]})"
+        assert_within_bound(out[cu[i]:cu[i + 1]].cpu(), o, tol, what)
+        assert_within_bound(out_cpu[cu[i]:cu[i + 1]], o, tol, what + " CPU twin")
+    return st
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 5])
+@pytest.mark.parametrize("ks,vs", SCALES)
+def test_cuda_sparse_prefill_fp8_matches_the_oracle(act, D, G, ks, vs):
+    """The CUDA prefill kernel on an fp8 pool: five sequences in one call, histories of 0 to
+    450 tokens (survivors, flagged ring entries, evicted slots), chunks of 1 to 200 tokens (rows
+    token x G: none a multiple of the 128-row tile or the 64-key tile), window 16 (queries inside
+    and past it), GQA groups 1, 4 and 5; scales 1, ordinary, and saturating (amplitude 3 at
+    scale 0.004: most cached values clamp at +-448)."""
+    amp = 3.0 if ks < 0.01 else 1.0
+    st = fp8_prefill_case(act, D, G, ks, vs, hist=[0, 7, 50, 300, 450], chunks=[37, 1, 200, 129, 65],
+                          window=16, amp=amp, seed=hash((D, G)) & 0xffff)
+    if ks < 0.01:
+        assert (st["k_cache"].float().abs() == 448).any(), "the saturating case did not saturate"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+def test_cuda_sparse_prefill_fp8_long_window_and_block_sizes(act):
+    """Window 100 over short histories (every cached query sees the flagged ring: segment 1
+    carries most keys), odd block size 5, head_dim 128, G 3."""
+    fp8_prefill_case(act, 128, 3, 0.37, 2.5, hist=[90, 130, 3], chunks=[150, 17, 64], window=100,
+                     rate=0.9, bs=5, seed=3)
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_prefill_matches_the_compute_pool_prefill():
+    """An fp8 pool and its values dequantized into a bf16 pool (exact: power-of-two scales) give
+    the same attention up to the folding of the scales; both within the oracle's bound."""
+    act, D, G, hkv, W, bs = torch.bfloat16, 128, 4, 2, 8, 16
+    ks, vs = 0.25, 2.0
+    gen = torch.Generator().manual_seed(9)
+    st8 = new_state(2, hkv, D, 64, bs, W, 32, F8, "cuda", gen=torch.Generator().manual_seed(1))
+    hist = 230
+    k0 = (torch.randn(hist, hkv, D, generator=gen) * 3).to(act)
+    v0 = (torch.randn(hist, hkv, D, generator=gen) * 3).to(act)
+    lg0 = make_logits(gen, hist, hkv, 0.7)
+    append_one(st8, k0.cuda(), v0.cuda(), [1], [0, hist], lg0.cuda(), ks, vs)
+    sta = {key: t.clone() for key, t in st8.items()}
+    sta["k_cache"] = reference.dequantize_fp8(st8["k_cache"].cpu(), ks).to(act).cuda()
+    sta["v_cache"] = reference.dequantize_fp8(st8["v_cache"].cpu(), vs).to(act).cuda()
+    T = 77
+    q = torch.randn(T, hkv * G, D, generator=gen).to(act)
+    k = (torch.randn(T, hkv, D, generator=gen) * 3).to(act)
+    v = (torch.randn(T, hkv, D, generator=gen) * 3).to(act)
+    lg = make_logits(gen, T, hkv, 0.7)
+    args = [x.cuda() for x in (q, k, v, lg)] + [torch.tensor([1], dtype=torch.int32, device="cuda"),
+                                                torch.tensor([0, T], dtype=torch.int32, device="cuda")]
+    keys = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens")
+    out8 = ops.sparse_prefill(*args, *(st8[x] for x in keys), k_scale=ks, v_scale=vs)
+    outa = ops.sparse_prefill(*args, *(sta[x] for x in keys))
+    kk = torch.cat([reference.dequantize_fp8(reference.quantize_fp8(k0.double(), ks), ks), k.double()])
+    vv = torch.cat([reference.dequantize_fp8(reference.quantize_fp8(v0.double(), vs), vs), v.double()])
+    qq = torch.cat([torch.zeros(hist, hkv * G, D, dtype=act), q])
+    o, _, tol, _ = dms_bound(qq, kk, vv, torch.cat([lg0, lg]), W, D ** -0.5, act,
+                             rows=range(hist, hist + T))
+    assert_within_bound(out8.cpu(), o, tol, "fp8 pool")
+    assert_within_bound(outa.cpu(), o, tol, "compute pool")
 
 
 def random_fp8_pool(B, hkv, D, bs, lens, ks, vs, amp, gen):

@@ -33,15 +33,15 @@ constexpr Capability kForkFp8{{true, true, true, true}, true, {0, 0, 0, 0}, 0, 1
 constexpr Capability kCpu[kNumOps] = {kAnyFp8, kAnyFp8, kAnyFp8, kEven,
                                       kEvenFp8, kForkFp8, kStateOnly};
 
-// CUDA fp8 pools: sparse_decode (converted to the compute dtype in shared memory), append and
-// decode_step (saturating stores), fork (byte copies), release. sparse_prefill has none yet.
+// CUDA fp8 pools: sparse_decode and sparse_prefill (converted to the compute dtype in shared
+// memory), append and decode_step (saturating stores), fork (byte copies), release.
 constexpr Capability kCuda[kNumOps] = {
     // sparse_decode: tensor-core kernels instantiated per head_dim; slots map by shift.
     {{false, true, true, false}, true, {64, 128, 256, 0}, 3, 1, true, "float16 or bfloat16",
      kAsQOrFp8, "64, 128 or 256", "a power of two"},
-    // sparse_prefill: tensor-core kernels instantiated per head_dim.
-    {{false, true, true, false}, false, {64, 128, 0, 0}, 2, 1, false, "float16 or bfloat16",
-     kAsQ, "64 or 128", "any"},
+    // sparse_prefill: tensor-core kernels instantiated per head_dim (and per pool: fp8 or q's).
+    {{false, true, true, false}, true, {64, 128, 0, 0}, 2, 1, false, "float16 or bfloat16",
+     kAsQOrFp8, "64 or 128", "any"},
     kAnyFp8,     // append
     kEven,       // eviction_rope (rotate-half RoPE)
     kEvenFp8,    // decode_step

@@ -23,6 +23,9 @@
 //                     2 kept chunk keys j < i0 - w (list)  always visible
 //                     3 band j in [max(0, i0 - w), i1)     j <= i and (i - j <= w or !d_j)
 //                   Every key of a tile carries [a, b]: query i sees it iff a <= i <= b.
+//                   An fp8 e4m3 pool (q / k / v / out bf16 or fp16): segments 0 and 1 are
+//                   copied as fp8 bytes and converted (exactly) in shared memory before the
+//                   ldmatrix path; k_scale scales their scores, v_scale their share of O.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -185,14 +188,24 @@ struct TileCtx {
   int i0, i1, r, c;
 };
 
-template <int D>
+// F8 (fp8 e4m3 pool): plus one stage of kTileKeys fp8 rows, shared by K and V (see the kernel).
+template <int D, bool F8 = false>
 constexpr int smem_bytes() {
-  return (kTileRows + 2 * kTileKeys) * D * 2 + kTileKeys * (int)(sizeof(int) + sizeof(int2));
+  return (kTileRows + 2 * kTileKeys) * D * 2 + kTileKeys * (int)(sizeof(int) + sizeof(int2)) +
+         (F8 ? kTileKeys * D : 0);
 }
 
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D>
+// F8: the pool is fp8 e4m3 (q / k / v / out are T). Cached key tiles (segments 0 and 1) are
+// copied as fp8 bytes (half of T's) into a stage, then each thread converts the bytes it copied
+// itself into sK / sV (e4m3 -> T is exact), before the barrier that publishes the tile: the
+// ldmatrix / MMA path is unchanged. One stage serves K and V: V(t)'s bytes are issued after
+// K(t)'s conversion and barrier, K(t + 1)'s after V(t)'s. k_scale is folded into the score
+// scale of cached tiles; v_scale multiplies O once, when the first chunk tile (segments 2, 3)
+// comes (cached tiles come first, and a tile always has a band tile): O then holds exactly
+// the cached keys' sum P.V_stored.
+template <typename T, int D, bool F8 = false>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillParams p, WsPtrs ws) {
   constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;    // key rows per loader pass
@@ -208,6 +221,12 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   static_assert(kTileKeys % kRowsPerPass == 0 && (kTileRows * kChunksPerRow) % kThreads == 0,
                 "tile shapes");
   static_assert(kLoaderLanes <= 32 && kLoaderLanes * kWarps == kTileKeys, "loader lanes");
+  // F8 stage copies: a warp copies the kLoaderLanes keys its lanes resolved, kKeys8PerPass per
+  // pass (16-byte chunks of D fp8 bytes).
+  constexpr int kChunks8 = D / 16;
+  constexpr int kKeys8PerPass = 32 / kChunks8;
+  constexpr int kLoadPasses8 = kLoaderLanes / kKeys8PerPass;
+  static_assert(kLoaderLanes % kKeys8PerPass == 0, "fp8 loader passes");
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -215,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   T* sV = sK + kTileKeys * D;
   int* sRow = reinterpret_cast<int*>(sV + kTileKeys * D);
   int2* sMeta = reinterpret_cast<int2*>(sRow + kTileKeys);
+  uint8_t* s8 = reinterpret_cast<uint8_t*>(sMeta + kTileKeys);  // F8: [kTileKeys][D] stage
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = blockIdx.y;
@@ -273,10 +293,36 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   __syncthreads();
   const float* lg = p.logits;
   const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.kv.k_cache);
+  const T* kc = static_cast<const T*>(p.kv.k_cache);  // !F8 only
   const T* vc = static_cast<const T*>(p.kv.v_cache);
   const T* kk = static_cast<const T*>(p.k);
   const T* vv = static_cast<const T*>(p.v);
+
+  // F8: the key and 16-byte fp8 chunk this thread copies in stage pass `pass`: keys resolved by
+  // lane (pass * kKeys8PerPass + lane / kChunks8) of this warp (the same key mapping as load_k).
+  auto lane8 = [&](int pass) { return pass * kKeys8PerPass + lane / kChunks8; };
+  auto key8 = [&](int pass) {
+    const int l = lane8(pass);
+    return warp * kKeysPerWarpPass + l % kKeysPerWarpPass + (l / kKeysPerWarpPass) * kRowsPerPass;
+  };
+  // F8: converts the stage chunks this thread copied (after its cp_async_wait) into dst, the T
+  // tile ldmatrix reads. Chunk c8 becomes T chunks 2 c8, 2 c8 + 1; the upper half of a 128-byte
+  // row stores them in the other order, so that each store's 8-lane phase hits 8 bank groups.
+  auto convert8 = [&](T* dst) {
+#pragma unroll
+    for (int pass = 0; pass < kLoadPasses8; ++pass) {
+      const int key = key8(pass), c8 = lane % kChunks8;
+      const uint4 x = *reinterpret_cast<const uint4*>(s8 + key * D + c8 * 16);
+      uint4 lo, hi;
+      dev::e4m3x4_to<T>(x.x, lo.x, lo.y);
+      dev::e4m3x4_to<T>(x.y, lo.z, lo.w);
+      dev::e4m3x4_to<T>(x.z, hi.x, hi.y);
+      dev::e4m3x4_to<T>(x.w, hi.z, hi.w);
+      const bool sw = (c8 >> 2) & 1;
+      *reinterpret_cast<uint4*>(dst + swz<D>(key, 2 * c8 + sw)) = sw ? hi : lo;
+      *reinterpret_cast<uint4*>(dst + swz<D>(key, 2 * c8 + !sw)) = sw ? lo : hi;
+    }
+  };
 
   // Issues the K tile `tile` and records, per key, its source row and visibility interval.
   // Each key's source is worked out once, by one lane of the warp that copies it (the copies
@@ -335,6 +381,19 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
       sMeta[key] = make_int2(ma, mb);
     }
     const bool all_vis = lane >= kLoaderLanes || (mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1);
+    if constexpr (F8) {
+      if (tile < x.end_flagged) {  // fp8 bytes into the stage (converted by convert8)
+        const uint8_t* k8 = static_cast<const uint8_t*>(p.kv.k_cache);
+#pragma unroll
+        for (int pass = 0; pass < kLoadPasses8; ++pass) {
+          const int row = __shfl_sync(0xffffffffu, mrow, lane8(pass));
+          const int c8 = lane % kChunks8;
+          const uint8_t* gp = row >= 0 ? k8 + (long long)row * D + c8 * 16 : k8;
+          cp_async16(s8 + key8(pass) * D + c8 * 16, gp, row >= 0);
+        }
+        return all_vis;
+      }
+    }
 #pragma unroll
     for (int pass = 0; pass < kLoadPasses; ++pass) {
       const int key = tid / kChunksPerRow + pass * kRowsPerPass;
@@ -379,6 +438,19 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   };
   // V rows are the ones recorded by the K load of the same tile (visible after a barrier).
   auto load_v = [&](int tile) {
+    if constexpr (F8) {
+      if (tile < s_ctx.end_flagged) {  // fp8 bytes into the stage (converted by convert8)
+        const uint8_t* v8 = static_cast<const uint8_t*>(p.kv.v_cache);
+#pragma unroll
+        for (int pass = 0; pass < kLoadPasses8; ++pass) {
+          const int row = sRow[key8(pass)];
+          const int c8 = lane % kChunks8;
+          const uint8_t* gp = row >= 0 ? v8 + (long long)row * D + c8 * 16 : v8;
+          cp_async16(s8 + key8(pass) * D + c8 * 16, gp, row >= 0);
+        }
+        return;
+      }
+    }
     const int ch16 = tid % kChunksPerRow;
     const T* src = tile < s_ctx.end_flagged ? vc : vv;
 #pragma unroll
@@ -421,6 +493,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   const float sl2 = p.scale * kLog2e;
 
   cp_async_wait<0>();
+  if constexpr (F8) {
+    if (0 < s_ctx.end_flagged) convert8(sK);
+  }
   bool full = __syncthreads_and(vis_next);
 
   uint32_t qf[kQInRegs ? kMTiles : 1][kQInRegs ? kQkSteps : 1][4];
@@ -458,6 +533,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   for (int tile = 0; tile < ntiles; ++tile) {
     if (tile > 0) {
       cp_async_wait<0>();
+      if constexpr (F8) {
+        if (tile < s_ctx.end_flagged) convert8(sK);
+      }
       // K(tile) landed; every warp is done with V(tile - 1). Also: is K(tile) fully visible?
       full = __syncthreads_and(vis_next);
     }
@@ -501,6 +579,14 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
     float mx[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) mx[mt][0] = mx[mt][1] = -INFINITY;
+    // F8: cached tiles read K as stored * k_scale; at the first chunk tile O (the cached keys'
+    // P.V_stored so far) takes v_scale.
+    float sc = sl2, o_scale = 1.f;
+    if constexpr (F8) {
+      const int end_flagged = s_ctx.end_flagged;
+      if (tile < end_flagged) sc = p.scale * p.kv.k_scale * kLog2e;
+      if (tile == end_flagged) o_scale = p.kv.v_scale;
+    }
     if (full) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
@@ -508,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
         for (int t = 0; t < kKeyNTiles; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[mt][t][e] *= sl2;
+            s[mt][t][e] *= sc;
             mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], s[mt][t][e]);
           }
     } else {
@@ -523,7 +609,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
             for (int rs = 0; rs < 2; ++rs) {
               const bool vis = ab.x <= qi[mt][rs] && qi[mt][rs] <= ab.y;
               float& x = s[mt][t][rs * 2 + e2];
-              x = vis ? x * sl2 : -INFINITY;
+              x = vis ? x * sc : -INFINITY;
               mx[mt][rs] = fmaxf(mx[mt][rs], x);
             }
           }
@@ -543,8 +629,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
         const float alpha = ex2(m_run[mt][rs] - base);
         m_run[mt][rs] = m_new;
         l_run[mt][rs] *= alpha;
+        const float oa = F8 ? alpha * o_scale : alpha;
 #pragma unroll
-        for (int d = 0; d < kDimNTiles; ++d) { o[mt][d][rs * 2] *= alpha; o[mt][d][rs * 2 + 1] *= alpha; }
+        for (int d = 0; d < kDimNTiles; ++d) { o[mt][d][rs * 2] *= oa; o[mt][d][rs * 2 + 1] *= oa; }
         mx[mt][rs] = base;
       }
 #pragma unroll
@@ -558,6 +645,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
     }
 
     cp_async_wait<0>();
+    if constexpr (F8) {
+      if (tile < s_ctx.end_flagged) convert8(sV);
+    }
     __syncthreads();  // V(tile) landed; every warp is done with K(tile) and its metadata
     if (tile + 1 < ntiles) {
       vis_next = load_k(tile + 1);
@@ -629,25 +719,26 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool F8 = false>
 Status launch(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes<D>();
+  constexpr int bytes = smem_bytes<D, F8>();
   // Above 48 KiB the kernel must opt in (per device, so on every call; it is cheap).
-  if (cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (cudaFuncSetAttribute(prefill_kernel<T, D, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            bytes) != cudaSuccess)
     return Status::kCudaError;
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const long long slots = (long long)p.total_tokens * G / kTileRows + p.num_seqs;
   if (slots > INT_MAX) return Status::kUnsupported;
-  prefill_kernel<T, D><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
+  prefill_kernel<T, D, F8><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
   return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
 }
 
 template <typename T>
 Status launch_d(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t stream) {
+  const bool f8 = is_fp8(p.kv.dtype);
   switch (p.kv.head_dim) {
-    case 64: return launch<T, 64>(p, ws, stream);
-    case 128: return launch<T, 128>(p, ws, stream);
+    case 64: return f8 ? launch<T, 64, true>(p, ws, stream) : launch<T, 64>(p, ws, stream);
+    case 128: return f8 ? launch<T, 128, true>(p, ws, stream) : launch<T, 128>(p, ws, stream);
     default: return Status::kUnsupported;
   }
 }
@@ -664,10 +755,11 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
       !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0)
     return Status::kInvalidArgument;
-  // bf16 / fp16, head_dim 64 / 128.
-  if (!supported(Op::kSparsePrefill, Device::kCUDA, p.kv.dtype, p.kv.head_dim, p.kv.block_size))
+  // bf16 / fp16 q / k / v / out, head_dim 64 / 128; the pool of q's dtype or fp8 e4m3 (then
+  // q / k / v / out have act_dtype).
+  const DType act = compute_dtype(p.kv, p.act_dtype);
+  if (!supported(Op::kSparsePrefill, Device::kCUDA, act, p.kv.head_dim, p.kv.block_size, p.kv.dtype))
     return Status::kUnsupported;
-  // No CUDA kernel takes fp8 pools yet (kUnsupported above) nor reads the scales: 1 only.
   if (!valid_scales(p.kv)) return Status::kInvalidArgument;
   if (p.total_tokens == 0 || p.num_seqs == 0) return Status::kSuccess;
   if (!p.q || !p.k || !p.v || !p.logits || !p.rows || !p.cu_seqlens || !has_pointers(p.kv) ||
@@ -685,8 +777,8 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   const WsPtrs ws = ws_ptrs(p, l);
   prepare_kernel<<<dim3(p.num_seqs, p.kv.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
-  return p.kv.dtype == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
-                                     : launch_d<__half>(p, ws, stream);
+  return act == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
+                                 : launch_d<__half>(p, ws, stream);
 }
 
 }  // namespace dms

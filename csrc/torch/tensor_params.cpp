@@ -109,7 +109,7 @@ void check_scale(const char* op, double scale) {
 
 // The pool's dtype against the capability table (after check_supported passed for the compute
 // dtype of `ref`) and its dequantization scales: finite and > 0 as a float, and 1 unless the
-// pool is fp8. An fp8 pool where the table has none (CUDA for now) is NotImplementedError:
+// pool is fp8. An fp8 pool where the table has none is NotImplementedError:
 // a valid request this build does not implement, never a silently wrong answer.
 void check_kv(const char* op, Op id, const at::Tensor& ref, const at::Tensor& k_cache,
               double k_scale, double v_scale) {
@@ -509,7 +509,7 @@ ForkParams fork_params(int64_t src, int64_t dst, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(dst >= 0 && dst < s.S, op, ": dst must be in [0, ", s.S, "), got ", dst);
   TORCH_CHECK_VALUE(src != dst, op, ": dst must differ from src, got ", src, " for both");
   // fork copies the pool's bytes: its dtype is the pool's. An fp8 pool where the table has none
-  // (CUDA for now) is NotImplementedError, as for the other ops.
+  // is NotImplementedError, as for the other ops.
   TORCH_CHECK_NOT_IMPLEMENTED(
       !is_fp8(dtype_of(k_cache, "k_cache")) ||
           supports_dtype(Op::kFork, device_kind(k_cache), DType::kFloat8E4M3),

@@ -18,8 +18,9 @@
 // Pool dtype (kv_dtype) vs compute dtype (dtype, of q / k / v / out): a pool has the compute
 // dtype, or float8 e4m3 (dms::is_fp8) with k_scale / v_scale where the op's kv_fp8 says so:
 //   fp8 pools       cpu     sparse_decode, sparse_prefill, append, decode_step, fork, release
-//                   cuda    sparse_decode, append, decode_step, fork, release (sparse_prefill
-//                           refuses kUnsupported: its kernel reads pools of q's dtype only)
+//                   cuda    sparse_decode, sparse_prefill, append, decode_step, fork, release
+//                           (the attention kernels convert fp8 tiles to q's dtype in shared
+//                           memory; eviction_rope takes no pool)
 // fork and release take no compute tensors: their `dtype` is the pool's (fork on cpu takes
 // float8_e4m3fn there).
 //
