@@ -108,8 +108,11 @@ int device_sms() {
   return n;
 }
 
+// D 128, one m-tile: 3 CTAs per SM (69 KB of shared memory each) if the registers allow it,
+// so ptxas is held to 168.
+template <int D, int MT> constexpr int kMinCtas = D == 128 && MT == 1 ? 3 : 0;
 template <typename T, int D, int MT>
-__global__ void __launch_bounds__(kThreads) attn_kernel(const SparsePrefillParams p, const Resolved rs);
+__global__ void __launch_bounds__(kThreads, kMinCtas<D, MT>) attn_kernel(const SparsePrefillParams p, const Resolved rs);
 
 // Resident CTAs per SM of one instantiation (registers and shared memory): the persistent grid.
 // The same answer for both dtypes (same code shape); asked of the bf16 kernel.
@@ -260,7 +263,7 @@ struct SegCtx {
 
 // ------------------------------------------------------------------------------------------------
 template <typename T, int D, int MT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtas<D, MT>)
 attn_kernel(const SparsePrefillParams p, const Resolved rs) {
   using C = Cfg<D, MT>;
   constexpr int kRows = C::kRows, kStages = C::kStages;
@@ -379,6 +382,37 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
         const int blk = bt[bi];
         return blk >= 0 && blk < p.kv.num_blocks ? (int64_t)blk * bs + off : -1;
       };
+      // Every pass's block id is read before the first copy is issued: the copies are ordered
+      // (asm volatile), so reading each id just before its copy would serialize kPasses
+      // dependent global loads per tile.
+      const int ch = tid % kChunks;
+      int64_t off[kPasses];
+      int src[kPasses];  // 0: nothing (zero fill), 1: the pool, 2: the chunk's own k / v
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int key = k0 + tid / kChunks + pass * kRowsPerPass;
+        off[pass] = 0;
+        src[pass] = 0;
+        if (key < x.kend) {
+          if (key < x.seq_len) {
+            const int64_t cr = cache_row(key);
+            src[pass] = cr >= 0 ? 1 : 0;
+            off[pass] = cr >= 0 ? cr * D + ch * 8 : 0;
+          } else {
+            src[pass] = 2;
+            off[pass] = ((int64_t)(x.start + key - x.seq_len) * H + x.g) * D + ch * 8;
+          }
+        }
+      }
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int row = tid / kChunks + pass * kRowsPerPass;
+        const T* ks_ = src[pass] == 2 ? kk : kc;
+        const T* vs_ = src[pass] == 2 ? vv : vc;
+        cp_async16(sK + swz<D>(row, ch), ks_ + off[pass], src[pass] != 0);
+        cp_async16(sV + swz<D>(row, ch), vs_ + off[pass], src[pass] != 0);
+      }
+      // The keys' [a, b] after the copies are in flight (read by the compute of tile t only).
       if (tid < kTileKeys) {
         const int key = k0 + tid;
         int2 m = make_int2(INT_MAX, INT_MIN);
@@ -410,29 +444,6 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
           }
         }
         sMeta[stage * kTileKeys + tid] = m;
-      }
-      const int ch = tid % kChunks;
-#pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int row = tid / kChunks + pass * kRowsPerPass;
-        const int key = k0 + row;
-        const T* ks_ = kc;
-        const T* vs_ = vc;
-        int64_t off = 0;
-        bool valid = key < x.kend;
-        if (valid) {
-          if (key < x.seq_len) {
-            const int64_t cr = cache_row(key);
-            valid = cr >= 0;
-            off = valid ? cr * D + ch * 8 : 0;
-          } else {
-            ks_ = kk;
-            vs_ = vv;
-            off = ((int64_t)(x.start + key - x.seq_len) * H + x.g) * D + ch * 8;
-          }
-        }
-        cp_async16(sK + swz<D>(row, ch), ks_ + off, valid);
-        cp_async16(sV + swz<D>(row, ch), vs_ + off, valid);
       }
     };
 
