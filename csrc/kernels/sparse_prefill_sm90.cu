@@ -44,8 +44,8 @@ namespace {
 constexpr int kBlockM = 128;   // query rows per CTA (two consumer warpgroups of 64)
 constexpr int kBlockN = 128;   // keys per key tile (= producer threads: one key each)
 constexpr int kThreads = 384;
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+[[maybe_unused]] constexpr int kProducerRegs = 40;
+[[maybe_unused]] constexpr int kConsumerRegs = 232;
 
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }
 
@@ -339,7 +339,15 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
     return false;
-  return major == 9 && minor == 0;
+  if (major != 9 || minor != 0) return false;
+  // A build for compute_90 without the "a" features compiles the kernel to an empty body (no
+  // wgmma / setmaxnreg): that body declares no shared memory, the real one does.
+  static const bool has_body = [] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128>) == cudaSuccess &&
+           a.sharedSizeBytes > 0;
+  }();
+  return has_body;
 }
 
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
