@@ -1,7 +1,8 @@
 """One-shot GPU smoke test of sparse_prefill v2 (csrc/kernels/sparse_prefill_sm90.cu) on an H200
 / H100: which kernel runs, correctness against the float64 oracle (dms_ext.reference through
 tests/helpers.dms_bound, per-element error bound), and v2 vs the mma.sync kernel
-(DMS_PREFILL_V2=0, read once per process, so the old kernel is timed in a subprocess) vs cuDNN
+(DMS_PREFILL_V2=0, read once per process, so the old kernel is timed in a subprocess; also v2
+without the warpgroup ping-pong, DMS_PREFILL_V2_PINGPONG=0) vs cuDNN
 dense causal at Hq 32 / Hkv 8 / D 128 bf16, window 512: 4k / 16k / 32k CR 1 and 32k CR 8.
 Runs in well under 90 s.
 
@@ -71,7 +72,7 @@ def events_ms(fn, reps):
     return ts[len(ts) // 2]
 
 
-def timing_worker(out_path):
+def timing_worker(out_path, with_cudnn):
     """Times the timed shapes with whatever kernel this process dispatches to; writes JSON and
     a sample of output rows (every 97th token) for the v2 / old comparison."""
     dev, dtype = "cuda", torch.bfloat16
@@ -96,7 +97,7 @@ def timing_worker(out_path):
         pairs = visible_pairs(lg, W, G)
         r = {"ms": ms, "tflops": 4.0 * D * pairs / (ms * 1e-3) / 1e12,
              "cr_got": n / reference.live_counts(lg.cpu(), W).double().mean().item()}
-        if os.environ.get("DMS_PREFILL_V2", "1") != "0":
+        if with_cudnn:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             qs = q.view(1, n, HQ, D).transpose(1, 2)
             ke = k.repeat_interleave(G, dim=1).view(1, n, HQ, D).transpose(1, 2)
@@ -171,11 +172,12 @@ def correctness():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cudnn", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     a = ap.parse_args()
     if a.worker:
-        timing_worker(a.worker)
+        timing_worker(a.worker, a.cudnn)
         return
     t0 = time.time()
     print(torch.cuda.get_device_name(), "| DMS_PREFILL_V2 =", os.environ.get("DMS_PREFILL_V2", "(unset: v2 on)"))
@@ -186,11 +188,13 @@ def main():
     if not a.no_time:
         tmp = tempfile.mkdtemp()
         res = {}
-        for label, env in (("v2", "1"), ("old", "0")):
+        for label, env in (("v2", {"DMS_PREFILL_V2": "1"}),
+                           ("nopp", {"DMS_PREFILL_V2": "1", "DMS_PREFILL_V2_PINGPONG": "0"}),
+                           ("old", {"DMS_PREFILL_V2": "0"})):
             path = os.path.join(tmp, f"{label}.json")
-            e = dict(os.environ, DMS_PREFILL_V2=env)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path], env=e,
-                               capture_output=True, text=True, timeout=300)
+            e = dict(os.environ, **env)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", path] + (["--cudnn"] if label == "v2" else [])
+            p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
             if p.returncode != 0:
                 print(f"{label} timing worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
                 res[label] = {}
@@ -199,11 +203,12 @@ def main():
             with open(path) as f:
                 res[label] = json.load(f)
         print("\ntimings (Hq 32, Hkv 8, D 128, bf16, w 512, fresh prompt; ms = median CUDA events)")
-        print(f"{'shape':12s} {'CR got':>6s} {'v2 ms':>8s} {'old ms':>8s} {'old/v2':>7s} {'cuDNN ms':>9s} "
+        print(f"{'shape':12s} {'CR got':>6s} {'v2 ms':>8s} {'noPP ms':>8s} {'old ms':>8s} {'old/v2':>7s} {'cuDNN ms':>9s} "
               f"{'x cuDNN':>8s} {'v2 TF/s':>8s} {'old TF/s':>8s} {'|v2-old|':>9s} {'|v2-cuDNN|':>10s}")
         for n, cr in TIMED:
             key = f"{n}/{cr}"
             v2, old = res.get("v2", {}).get(key, {}), res.get("old", {}).get(key, {})
+            nopp = res.get("nopp", {}).get(key, {})
             f = lambda x, p=3: f"{x:.{p}f}" if isinstance(x, float) else ("-" if x is None else str(x))  # noqa: E731
             diff = None
             try:
@@ -215,11 +220,12 @@ def main():
             sp = old.get("ms") / v2["ms"] if v2.get("ms") and old.get("ms") else None
             dense = res.get("v2", {}).get(f"{n}/1", {}).get("cudnn")   # dense causal: the CR 1 row's
             xc = dense / v2["ms"] if isinstance(dense, float) and v2.get("ms") else None
-            print(f"{n // 1024:>3d}k CR{cr:<6g} {f(v2.get('cr_got'), 2):>6s} {f(v2.get('ms')):>8s} {f(old.get('ms')):>8s} "
+            print(f"{n // 1024:>3d}k CR{cr:<6g} {f(v2.get('cr_got'), 2):>6s} {f(v2.get('ms')):>8s} {f(nopp.get('ms')):>8s} {f(old.get('ms')):>8s} "
                   f"{f(sp, 2):>7s} {f(dense):>9s} {f(xc, 2):>8s} {f(v2.get('tflops'), 0):>8s} "
                   f"{f(old.get('tflops'), 0):>8s} {f(diff, 4):>9s} {f(v2.get('err_cudnn'), 4):>10s}")
         print("targets: x cuDNN >= 0.85 at 16k/32k CR1, >= 0.7 at 4k CR1; 32k CR8 >= 5x cuDNN(CR1) "
-              "and >= 500 TF/s on kept pairs. |v2-old|: max abs diff on every 97th token (bf16).")
+              "and >= 500 TF/s on kept pairs. |v2-old|: max abs diff on every 97th token (bf16). "
+              "noPP: v2 with DMS_PREFILL_V2_PINGPONG=0 (no warpgroup ping-pong).")
     print(f"\n{'OK' if ok else 'FAILURES'} in {time.time() - t0:.0f} s")
     sys.exit(0 if ok else 1)
 

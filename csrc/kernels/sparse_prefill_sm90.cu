@@ -65,7 +65,7 @@ struct SmemLayout {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws) {
+    prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int pingpong) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = SmemLayout<D>;
   constexpr int kS = L::kS;
@@ -226,11 +226,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto meta_of = [&](int st) { return reinterpret_cast<const int4*>(meta + st * kBlockN); };
 
+  // Ping-pong (FA3's warp scheduler barrier): the two consumer warpgroups take turns issuing
+  // their GEMMs of a step, so one's softmax runs while the other's GEMMs hold the tensor cores.
+  // Named barrier 3 + cw gates warpgroup cw (256 = its 128 syncing + the other's 128 arriving);
+  // warpgroup 0 gets the first turn, and warpgroup 1 skips its last hand-over so that no arrival
+  // is left pending at exit.
+  auto turn_wait = [&]() { if (pingpong) named_sync(3 + cw, 256); };
+  auto turn_pass = [&](bool last) {
+    if (pingpong && !(last && cw == 1)) named_arrive(3 + (cw ^ 1), 256);
+  };
+  if (pingpong && cw == 1) named_arrive(3, 256);
+
   mbar_wait(q_full, 0);
   // Tile 0: S_0 and its softmax, nothing to overlap with yet.
   mbar_wait(k_full(0), 0);
   fence_proxy_async();
+  turn_wait();
   gemm_s(0);
+  turn_pass(ntiles == 1);
   wgmma_wait<0>();
   fence_regs(s);
   {
@@ -244,11 +257,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int j = 1; j < ntiles; ++j) {
     const int st = j % kS, sp = (j - 1) % kS;
     mbar_wait(k_full(st), (uint32_t)(j / kS) & 1u);
-    fence_proxy_async();
-    gemm_s(st);
     mbar_wait(v_full(sp), (uint32_t)((j - 1) / kS) & 1u);
     fence_proxy_async();
+    turn_wait();
+    gemm_s(st);
     gemm_pv(sp);
+    turn_pass(j == ntiles - 1);
     wgmma_wait<1>();
     fence_regs(s);
     float alpha[2];
@@ -307,6 +321,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+bool pingpong_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_PINGPONG");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
 template <typename T, int D>
 Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
   constexpr int bytes = SmemLayout<D>::kBytes;
@@ -315,7 +337,8 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
   if (slots > INT_MAX) return Status::kUnsupported;
-  prefill_v2_kernel<T, D><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
+  prefill_v2_kernel<T, D><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(
+      p, ws, pingpong_enabled() ? 1 : 0);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
