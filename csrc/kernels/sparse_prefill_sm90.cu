@@ -7,8 +7,8 @@
 //   WG0      producer: Q once, then per key tile resolves the 128 keys (source row + visibility
 //            interval), gathers K and V rows with cp.async into the 128-byte-swizzled GMMA
 //            layout, arrives on the stage's mbarrier (cp.async.mbarrier.arrive + arrive).
-//            setmaxnreg 40.
-//   WG1, WG2 consumers, 64 query rows each (the wgmma M). setmaxnreg 232. Per key tile j:
+//            setmaxnreg 56 (56 * 128 + 224 * 256 = 168 * 384: the launch allocation).
+//   WG1, WG2 consumers, 64 query rows each (the wgmma M). setmaxnreg 224. Per key tile j:
 //              S_j = Q K_j^T        wgmma SS (m64 n128 k16, D / 16 steps), issued async
 //              O  += P_{j-1} V_{j-1}  wgmma RS (P from registers, V MN-major), issued async
 //              wait S_j; mask + online softmax of S_j while P_{j-1} V_{j-1} runs
@@ -44,8 +44,8 @@ namespace {
 constexpr int kBlockM = 128;   // query rows per CTA (two consumer warpgroups of 64)
 constexpr int kBlockN = 128;   // keys per key tile (= producer threads: one key each)
 constexpr int kThreads = 384;
-[[maybe_unused]] constexpr int kProducerRegs = 40;
-[[maybe_unused]] constexpr int kConsumerRegs = 232;
+[[maybe_unused]] constexpr int kProducerRegs = 56;
+[[maybe_unused]] constexpr int kConsumerRegs = 224;
 
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }
 
@@ -138,24 +138,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* vc = static_cast<const T*>(p.kv.v_cache);
     const T* kk = static_cast<const T*>(p.k);
     const T* vv = static_cast<const T*>(p.v);
-    for (int tile = 0; tile < x.ntiles; ++tile) {
+    // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
+    // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
+    auto load_k = [&](int tile) -> int {
       const int s = tile % kS;
-      const uint32_t par = (uint32_t)(tile / kS) & 1u;
       int mrow, ma, mb;
       resolve_key<kBlockN>(p, ws, x, g, tile, t, mrow, ma, mb);
       const bool vis = mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1;
       const bool all_vis = __all_sync(0xffffffffu, vis);
-      const bool cached = tile < x.end_flagged;
-      mbar_wait(k_empty(s), par ^ 1u);
+      mbar_wait(k_empty(s), ((uint32_t)(tile / kS) & 1u) ^ 1u);
       meta[s * kBlockN + t] = make_int2(ma, mb);
       if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
-      copy_rows<T, D, kBlockN>(sK(s), cached ? kc : kk, mrow, warp, lane);
+      copy_rows<T, D, kBlockN>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
       mbar_cp_async_arrive(k_full(s));
       mbar_arrive(k_full(s));
-      mbar_wait(v_empty(s), par ^ 1u);
-      copy_rows<T, D, kBlockN>(sV(s), cached ? vc : vv, mrow, warp, lane);
+      return mrow;
+    };
+    auto load_v = [&](int tile, int mrow) {
+      const int s = tile % kS;
+      mbar_wait(v_empty(s), ((uint32_t)(tile / kS) & 1u) ^ 1u);
+      copy_rows<T, D, kBlockN>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
       mbar_cp_async_arrive(v_full(s));
       mbar_arrive(v_full(s));
+    };
+    int mrow_v = load_k(0);
+    for (int tile = 0; tile < x.ntiles; ++tile) {
+      const int mrow_next = tile + 1 < x.ntiles ? load_k(tile + 1) : -1;
+      load_v(tile, mrow_v);
+      mrow_v = mrow_next;
     }
     // Keep the CTA alive until the copies have landed (the consumers wait on them anyway).
     asm volatile("cp.async.wait_all;\n" ::: "memory");
