@@ -10,8 +10,9 @@
 // something visible are ever walked):
 //   0 cached slots [0, seq_len)           flagged ring slots masked out
 //   1 flagged ring slots (list)           visible iff t - p <= w   (only when i0 < w)
-//   2 kept chunk keys j < i0 - w (list)   always visible
-//   3 band j in [max(0, i0 - w), i1)      j <= i and (i - j <= w or !d_j)
+//   2 kept chunk keys j < band_start (list)  always visible
+//   3 band j in [band_start, i1)          j <= i and (i - j <= w or !d_j); band_start <=
+//                                         max(0, i0 - w), the band a whole number of tiles
 #pragma once
 #include <cstdint>
 
@@ -56,8 +57,12 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   const int i1 = (int)min((long long)L, (r0 + kBlockM - 1) / G + 1);
   const long long ch = (long long)c * H + g;
   const int num_flagged = i0 < w ? ws.fcount[ch] : 0;
-  const int num_kept = i0 - w > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + (i0 - w)] : 0;
-  const int band_start = max(0, i0 - w);
+  // The band must cover [i0 - w, i1); it is stretched down to whole key tiles ending at i1
+  // (the per-key rule holds for any j, so a longer band is still exact), and the kept list
+  // stops where the band starts: one partial tile instead of two.
+  const int band_len = i1 - max(0, i0 - w);
+  const int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
+  const int num_kept = band_start > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + band_start] : 0;
   x.r0 = r0; x.rows_total = rows_total;
   x.start = start; x.L = L; x.n = n; x.seq_len = seq_len;
   x.num_flagged = num_flagged; x.num_kept = num_kept; x.band_start = band_start;
