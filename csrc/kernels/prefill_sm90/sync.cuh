@@ -35,9 +35,12 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   return ok != 0;
 }
 // Waits until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
+// Called by whole warps; the lanes leave the spin together (the .aligned wgmma / setmaxnreg
+// that follow want a converged warp).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   while (!mbar_try_wait(bar, parity)) {
   }
+  __syncwarp();
 }
 
 __device__ __forceinline__ void named_sync(int id, int threads) {
