@@ -133,70 +133,127 @@ def which_kernel():
     return sorted(n[:60] for n in names)
 
 
-def correctness():
+CASES = [
+    ("fresh L=1000 G=4 D128", dict(hist=[0], chunks=[1000], hkv=2, group=4, d=128, window=16, rate=0.6)),
+    ("hist 700 + 900 G=4 w=100", dict(hist=[700], chunks=[900], hkv=2, group=4, d=128, window=100, rate=0.5)),
+    ("G=1 L=257 hist 130", dict(hist=[130], chunks=[257], hkv=2, group=1, d=128, window=24, rate=0.6)),
+    ("G=8 L=130 hist 383 bs128", dict(hist=[383], chunks=[130], hkv=2, group=8, d=128, window=64, rate=0.8, block_size=128)),
+    ("G=3 unequal batch", dict(hist=[0, 900, 0, 3, 260, 0], chunks=[1, 300, 129, 2, 5, 40], hkv=2, group=3, d=128, window=32, rate=0.7, block_size=32)),
+    ("fp16 D64 G=7 batch", dict(hist=[10, 0, 333, 1], chunks=[100, 2, 513, 1], hkv=3, group=7, d=64, window=20, rate=0.4, dtype="fp16")),
+    ("bf16 D64 G=5 rate 1.0", dict(hist=[400], chunks=[300], hkv=1, group=5, d=64, window=40, rate=1.0)),
+    ("fp16 D128 rate 0.0", dict(hist=[400], chunks=[300], hkv=1, group=4, d=128, window=40, rate=0.0, dtype="fp16")),
+    ("long L=4096 w=512 r=.875", dict(hist=[0], chunks=[4096], hkv=2, group=4, d=128, window=512, rate=0.875)),
+]
+
+
+def check_worker(out_path, names):
+    """Runs the named correctness cases (all when empty) with this process's kernel choice."""
     from test_prefill import run_case
-    bf, fp = torch.bfloat16, torch.float16
-    cases = [
-        ("fresh L=1000 G=4 D128", dict(hist=[0], chunks=[1000], hkv=2, group=4, d=128, window=16, rate=0.6)),
-        ("hist 700 + 900 G=4 w=100", dict(hist=[700], chunks=[900], hkv=2, group=4, d=128, window=100, rate=0.5)),
-        ("G=1 L=257 hist 130", dict(hist=[130], chunks=[257], hkv=2, group=1, d=128, window=24, rate=0.6)),
-        ("G=8 L=130 hist 383 bs128", dict(hist=[383], chunks=[130], hkv=2, group=8, d=128, window=64, rate=0.8, block_size=128)),
-        ("G=3 unequal batch", dict(hist=[0, 900, 0, 3, 260, 0], chunks=[1, 300, 129, 2, 5, 40], hkv=2, group=3, d=128, window=32, rate=0.7, block_size=32)),
-        ("fp16 D64 G=7 batch", dict(hist=[10, 0, 333, 1], chunks=[100, 2, 513, 1], hkv=3, group=7, d=64, window=20, rate=0.4, dtype=fp)),
-        ("bf16 D64 G=5 rate 1.0", dict(hist=[400], chunks=[300], hkv=1, group=5, d=64, window=40, rate=1.0, dtype=bf)),
-        ("fp16 D128 rate 0.0", dict(hist=[400], chunks=[300], hkv=1, group=4, d=128, window=40, rate=0.0, dtype=fp)),
-        ("long L=4096 w=512 r=.875", dict(hist=[0], chunks=[4096], hkv=2, group=4, d=128, window=512, rate=0.875)),
-    ]
-    rows = []
-    for name, kw in cases:
+    dev = os.environ.get("DMS_SMOKE_DEVICE", "cuda")   # "cpu": a dry run of this script's plumbing
+    res = {"kernels": which_kernel() if dev == "cuda" else [], "cases": []}
+    for idx, (name, kw) in enumerate(CASES):
+        if names and name not in names:
+            continue
+        kw = dict(kw)
+        kw["dtype"] = torch.float16 if kw.get("dtype") == "fp16" else torch.bfloat16
         buf = io.StringIO()
         t0 = time.time()
         status = "PASS"
         try:
             with contextlib.redirect_stdout(buf):
-                run_case(name, device="cuda", check_cpu=False, seed=len(rows) + 1, **kw)
+                run_case(name, device=dev, check_cpu=False, seed=idx + 1, **kw)
         except AssertionError as e:
             status = "FAIL: " + str(e).splitlines()[0][:90]
-        except Exception as e:  # noqa: BLE001
+        except (Exception, BaseException) as e:  # noqa: BLE001  (pytest's Skipped is a BaseException)
+            if isinstance(e, KeyboardInterrupt):
+                raise
             status = f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         m = re.search(r"max\|out-ref\| (\S+)\s+max err / bound (\S+)", buf.getvalue())
         err, ratio = (m.group(1), m.group(2)) if m else ("-", "-")
-        rows.append((name, err, ratio, status, time.time() - t0))
-    print("\ncorrectness vs float64 oracle (error bound: tests/helpers.attention_bound)")
-    print(f"{'case':32s} {'max|out-ref|':>12s} {'err/bound':>10s}  {'s':>5s}  status")
-    for name, err, ratio, status, s in rows:
-        print(f"{name:32s} {err:>12s} {ratio:>10s}  {s:5.1f}  {status}")
-    return all(r[3] == "PASS" for r in rows)
+        res["cases"].append([name, err, ratio, status, time.time() - t0])
+        with open(out_path, "w") as f:      # partial results survive a hang
+            json.dump(res, f)
+        if status.startswith("ERROR"):
+            break                           # a CUDA error poisons the context
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+def spawn(args, env, timeout):
+    e = dict(os.environ, **env)
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=e,
+                           capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as t:
+        return "TIMEOUT", (t.stdout or b"").decode(errors="replace") if isinstance(t.stdout, bytes) else str(t.stdout or "")
+
+
+def run_checks(tmp, env, names, timeout):
+    path = os.path.join(tmp, f"check_{abs(hash(str(env))) % 10**8}.json")
+    rc, log = spawn(["--check-worker", path] + (["--cases"] + names if names else []), env, timeout)
+    res = {"kernels": [], "cases": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+    res["rc"] = rc
+    res["log"] = log[-1500:]
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cudnn", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--check-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     a = ap.parse_args()
     if a.worker:
         timing_worker(a.worker, a.cudnn)
         return
+    if a.check_worker:
+        check_worker(a.check_worker, a.cases)
+        return
     t0 = time.time()
-    print(torch.cuda.get_device_name(), "| DMS_PREFILL_V2 =", os.environ.get("DMS_PREFILL_V2", "(unset: v2 on)"))
-    print("kernels launched by sparse_prefill:", which_kernel())
+    print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "| DMS_PREFILL_V2 =", os.environ.get("DMS_PREFILL_V2", "(unset: v2 on)"))
+    tmp = tempfile.mkdtemp()
     ok = True
     if not a.no_check:
-        ok = correctness()
+        res = run_checks(tmp, {}, [], 75)
+        print("kernels launched by sparse_prefill:", res.get("kernels"))
+        print("\ncorrectness vs float64 oracle (error bound: tests/helpers.attention_bound)")
+        print(f"{'case':32s} {'max|out-ref|':>12s} {'err/bound':>10s}  {'s':>5s}  status")
+        for name, err, ratio, status, sec in res["cases"]:
+            print(f"{name:32s} {err:>12s} {ratio:>10s}  {sec:5.1f}  {status}")
+        bad = [c[0] for c in res["cases"] if c[3] != "PASS"]
+        done = len(res["cases"]) == len(CASES)
+        if res["rc"] != 0 or not done:
+            print(f"check worker rc={res['rc']} after {len(res['cases'])} / {len(CASES)} cases; log tail:\n{res['log']}")
+        if bad or not done:
+            ok = False
+            todo = bad + ([CASES[len(res['cases'])][0]] if not done and len(res["cases"]) < len(CASES) else [])
+            todo = todo[:3]
+            print(f"\nbisection on {todo} (PASS / FAIL per variant; TIMEOUT = hang):")
+            variants = [("old kernel", {"DMS_PREFILL_V2": "0"}),
+                        ("v2 no ping-pong", {"DMS_PREFILL_V2_PINGPONG": "0"}),
+                        ("v2 always mask", {"DMS_PREFILL_V2_DEBUG": "1"}),
+                        ("v2 serial GEMMs", {"DMS_PREFILL_V2_DEBUG": "2"}),
+                        ("v2 serial+mask+noPP", {"DMS_PREFILL_V2_DEBUG": "3", "DMS_PREFILL_V2_PINGPONG": "0"})]
+            for label, env in variants:
+                r = run_checks(tmp, env, todo, 40)
+                got = {c[0]: f"{c[3][:4]} ({c[2]})" for c in r["cases"]}
+                print(f"  {label:22s} rc={r['rc']}: " + ", ".join(f"{n}: {got.get(n, 'not run')}" for n in todo))
     if not a.no_time:
-        tmp = tempfile.mkdtemp()
         res = {}
         for label, env in (("v2", {"DMS_PREFILL_V2": "1"}),
                            ("nopp", {"DMS_PREFILL_V2": "1", "DMS_PREFILL_V2_PINGPONG": "0"}),
                            ("old", {"DMS_PREFILL_V2": "0"})):
             path = os.path.join(tmp, f"{label}.json")
-            e = dict(os.environ, **env)
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", path] + (["--cudnn"] if label == "v2" else [])
-            p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
-            if p.returncode != 0:
-                print(f"{label} timing worker failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+            rc, log = spawn(["--worker", path] + (["--cudnn"] if label == "v2" else []), env, 90)
+            if rc != 0 or not os.path.exists(path):
+                print(f"{label} timing worker failed (rc={rc}):\n{log[-2500:]}")
                 res[label] = {}
                 ok = False
                 continue

@@ -47,6 +47,10 @@ constexpr int kThreads = 384;
 [[maybe_unused]] constexpr int kProducerRegs = 56;
 [[maybe_unused]] constexpr int kConsumerRegs = 224;
 
+// DMS_PREFILL_V2_DEBUG bits (bisection on a GPU; results stay exact, only slower):
+constexpr int kDebugAlwaysMask = 1;  // mask every key tile (no fully-visible fast path)
+constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
+
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }
 
 // Dynamic shared memory, from a 1024-byte aligned base (the swizzle works on address bits).
@@ -65,7 +69,8 @@ struct SmemLayout {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int pingpong) {
+    prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int pingpong,
+                      const int debug) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = SmemLayout<D>;
   constexpr int kS = L::kS;
@@ -206,6 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_ss<T, kBlockN>(q_desc + qo, k_desc + ko, s, ks > 0);
     }
     wgmma_commit();
+    if (debug & kDebugSerial) wgmma_wait<0>();
     fence_regs(s);
   };
   auto gemm_pv = [&](int st) {
@@ -218,6 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < kBlockN / 16; ++kk)
       wgmma_rs<T, D>(pf[kk], v_desc + (uint64_t)((kk * 16 * 128) >> 4), o);
     wgmma_commit();
+    if (debug & kDebugSerial) wgmma_wait<0>();
     fence_regs(o);
   };
   auto pack_p = [&]() {
@@ -232,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto is_full = [&](int st) {
     const int4 f = *reinterpret_cast<const int4*>(fullf + st * 4);
-    return (f.x & f.y & f.z & f.w) != 0;
+    return (f.x & f.y & f.z & f.w) != 0 && !(debug & kDebugAlwaysMask);
   };
   auto meta_of = [&](int st) { return reinterpret_cast<const int4*>(meta + st * kBlockN); };
 
@@ -331,6 +338,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+int debug_bits() {
+  static const int bits = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_DEBUG");
+    return e ? std::atoi(e) : 0;
+  }();
+  return bits;
+}
+
 bool pingpong_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("DMS_PREFILL_V2_PINGPONG");
@@ -348,7 +363,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
   if (slots > INT_MAX) return Status::kUnsupported;
   prefill_v2_kernel<T, D><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(
-      p, ws, pingpong_enabled() ? 1 : 0);
+      p, ws, pingpong_enabled() ? 1 : 0, debug_bits());
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
