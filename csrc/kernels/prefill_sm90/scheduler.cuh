@@ -26,7 +26,7 @@ struct TileCtx {
   long long r0, rows_total;
   int start, L, n, seq_len, num_flagged, num_kept, band_start;
   int end_cached, end_flagged, end_kept, ntiles;  // tile index where each key segment ends
-  int i0, i1, r, c;
+  int i0, i1, r, c, g;
 };
 
 // Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
