@@ -55,8 +55,8 @@ constexpr int kThreads = 384;
 [[maybe_unused]] constexpr int kConsumerRegs = 224;
 
 // DMS_PREFILL_V2_DEBUG bits (bisection on a GPU; results stay exact, only slower):
-constexpr int kDebugAlwaysMask = 1;  // mask every key tile (no fully-visible fast path)
-constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
+[[maybe_unused]] constexpr int kDebugAlwaysMask = 1;  // mask every key tile (no fully-visible fast path)
+[[maybe_unused]] constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
 
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }
 
