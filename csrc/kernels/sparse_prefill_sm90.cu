@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   reg_alloc<kConsumerRegs>();
   const int cw = wg - 1;
   const float sl2 = p.scale * dev::kLog2e;
+  const bool pos_scale = sl2 > 0.f;
   // Descriptors: Q rows cw * 64 .. of the Q tile (K-major), K / V stage tiles.
   const uint64_t q_desc = make_desc(sQ + cw * 64 * 128, 16, 1024);
   float o[D / 2];
@@ -310,7 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(s);
       if (ntiles == 1) mbar_arrive(q_empty);  // the last read of Q is done
       float alpha[2];
-      sm.step(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
       mbar_arrive(k_empty(st));
       pack_p();
     }
@@ -328,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(s);
       if (j == ntiles - 1) mbar_arrive(q_empty);
       float alpha[2];
-      sm.step(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
       mbar_arrive(k_empty(st));
       wgmma_wait<0>();
       fence_regs(o);

@@ -5,7 +5,8 @@
 // A key tile the producer marked fully visible (every key visible to every query token of the
 // tile) skips the mask; otherwise key k carries [a, b] (sMeta) and query qi sees it iff
 // a <= qi <= b. Rows past the chunk have qi = -1 (never visible on masked tiles; never stored).
-// Scores go to the log2 domain (scale * log2 e) before the max, so any sign of scale works.
+// Scores go to the log2 domain (scale * log2 e): for scale > 0 through the exponent's FFMA
+// after a max on the raw scores, otherwise before the max (any sign of scale works).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -27,13 +28,16 @@ struct OnlineSoftmax {
 
   // Masks and scales s in place, turns it into exp2(s - running max), updates (m, l) and
   // returns in alpha the factor the output accumulated so far must be scaled by.
+  // kPos (sl2 > 0): the max is taken on the raw scores and scaled once, and the scale folds
+  // into the exponent (one FFMA per score, FA3's form); otherwise every score is scaled first.
+  template <bool kPos>
   __device__ __forceinline__ void step(float (&s)[kBlockN / 2], bool full, const int4* meta,
                                        const int (&qi)[2], float sl2, int lane, float (&alpha)[2]) {
     float mx[2] = {-INFINITY, -INFINITY};
     if (full) {
 #pragma unroll
       for (int i = 0; i < kBlockN / 2; ++i) {
-        s[i] *= sl2;
+        if constexpr (!kPos) s[i] *= sl2;
         mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
       }
     } else {
@@ -45,8 +49,8 @@ struct OnlineSoftmax {
           const int q = qi[rs];
           float& x0 = s[4 * i + 2 * rs];
           float& x1 = s[4 * i + 2 * rs + 1];
-          x0 = (ab.x <= q && q <= ab.y) ? x0 * sl2 : -INFINITY;
-          x1 = (ab.z <= q && q <= ab.w) ? x1 * sl2 : -INFINITY;
+          x0 = (ab.x <= q && q <= ab.y) ? (kPos ? x0 : x0 * sl2) : -INFINITY;
+          x1 = (ab.z <= q && q <= ab.w) ? (kPos ? x1 : x1 * sl2) : -INFINITY;
           mx[rs] = fmaxf(mx[rs], fmaxf(x0, x1));
         }
       }
@@ -57,6 +61,7 @@ struct OnlineSoftmax {
       float v = mx[rs];
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+      if constexpr (kPos) v *= sl2;   // -inf stays -inf
       const float m_new = fmaxf(m[rs], v);
       // A row with nothing visible yet keeps base 0: exp2(-inf - 0) = 0, never NaN.
       base[rs] = m_new == -INFINITY ? 0.f : m_new;
@@ -67,7 +72,7 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) {
       const int rs = (i >> 1) & 1;
-      s[i] = dev::ex2(s[i] - base[rs]);
+      s[i] = kPos ? dev::ex2(fmaf(s[i], sl2, -base[rs])) : dev::ex2(s[i] - base[rs]);
       l[rs] += s[i];
     }
   }
