@@ -2,9 +2,9 @@
 // the key lives (cache row or chunk row) and its visibility interval [a, b] (query i sees it
 // iff a <= i <= b; the rule of sparse_prefill.cu's load_k, unchanged), then gathers the K and V
 // rows with cp.async straight into the 128-byte-swizzled GMMA layout and signals the stage's
-// mbarrier when they land. One thread per key (kBlockN = 128 = the warpgroup); the 16-byte
-// chunks of a key row are copied by the lanes of the warp that resolved it (shuffles), so a warp
-// reads whole rows.
+// mbarrier when they land. One thread per key (kBlockN = 128 = the warpgroup; at kBlockN 64 two,
+// each copying half the row); the 16-byte chunks of a key row are copied by the lanes of a warp
+// that resolved it (shuffles), so a warp reads whole rows (or halves).
 #pragma once
 #include <climits>
 #include <cstdint>
@@ -63,23 +63,28 @@ __device__ __forceinline__ void resolve_key(const SparsePrefillParams& p, const 
   }
 }
 
-// Copies the rows of the warp's 32 keys (row of key kw = shfl(mrow, kw)) into a [kBlockN][D]
-// tile at shared address `dst`, keys warp * 32 + [0, 32).
-template <typename T, int D, int kBlockN>
+// Copies rows into a [kBlockN][D] tile at shared address `dst`. kParts producer threads share
+// a key (thread t resolved key t % kBlockN): warp w copies keys (w % (kBlockN / 32)) * 32 +
+// [0, 32), chunks part w / (kBlockN / 32) of kParts; the row of key kw of the warp is
+// shfl(mrow, kw).
+template <typename T, int D, int kBlockN, int kParts>
 __device__ __forceinline__ void copy_rows(uint32_t dst, const T* src, int mrow, int warp, int lane) {
-  constexpr int kChunks = D / 8;
-  constexpr int kKeysPerPass = kChunks >= 32 ? 1 : 32 / kChunks;
+  static_assert(kParts * kBlockN == 128, "one producer warpgroup");
+  constexpr int kChunks = D / 8 / kParts;            // 16-byte chunks of a row this warp copies
   constexpr int kLanesPerKey = kChunks >= 32 ? 32 : kChunks;
+  constexpr int kKeysPerPass = 32 / kLanesPerKey;
   constexpr int kPasses = 32 / kKeysPerPass;
   constexpr int kChunkIters = kChunks / kLanesPerKey;
+  const int key0 = (warp % (kBlockN / 32)) * 32;
+  const int c0 = (warp / (kBlockN / 32)) * kChunks;
 #pragma unroll 4
   for (int pass = 0; pass < kPasses; ++pass) {
     const int kw = pass * kKeysPerPass + lane / kLanesPerKey;
     const int row = __shfl_sync(0xffffffffu, mrow, kw);
-    const int key = warp * 32 + kw;
+    const int key = key0 + kw;
 #pragma unroll
     for (int ci = 0; ci < kChunkIters; ++ci) {
-      const int c16 = lane % kLanesPerKey + ci * kLanesPerKey;
+      const int c16 = c0 + lane % kLanesPerKey + ci * kLanesPerKey;
       const T* gp = row >= 0 ? src + (long long)row * D + c16 * 8 : src;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + tile_off<kBlockN>(key, c16)),
                    "l"(gp), "r"(row >= 0 ? 16 : 0)
