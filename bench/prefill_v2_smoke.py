@@ -224,6 +224,11 @@ def main():
     if not a.no_check:
         res = run_checks(tmp, {}, [], 75)
         print("kernels launched by sparse_prefill:", res.get("kernels"))
+        if not any("prefill_v2" in k for k in res.get("kernels", [])):
+            print("WARNING: the v2 kernel (prefill_v2_kernel) was NOT launched: the cases below "
+                  "test the old kernel (DMS_PREFILL_V2=0 set? not an sm_90 device? a build "
+                  "without compute_90a?)")
+            ok = False
         print("\ncorrectness vs float64 oracle (error bound: tests/helpers.attention_bound)")
         print(f"{'case':32s} {'max|out-ref|':>12s} {'err/bound':>10s}  {'s':>5s}  status")
         for name, err, ratio, status, sec in res["cases"]:

@@ -108,9 +108,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
-  __shared__ int s_flag;  // the real body declares shared memory (prefill_v2_supported)
+  // The real body owns static shared memory, the empty one does not (prefill_v2_supported);
+  // a volatile store keeps the compiler from dropping it.
+  __shared__ int s_flag;
   if (tid == 0) {
-    s_flag = 1;
+    *reinterpret_cast<volatile int*>(&s_flag) = 1;
     mbar_init(q_full, 128);
     mbar_init(q_empty, 256);
 #pragma unroll
