@@ -10,6 +10,7 @@ Peers, measured in the same run (CUDA events, median after warm-up):
                   mask from create_block_mask(_compile=True) (its build is not timed; printed)
   cuDNN SDPA      dense causal (what DMS saves against), K/V pre-expanded to Hq heads
   flash SDPA      dense causal, same inputs
+Extra rows (--extra, default D 64 bf16 and D 128 fp16 at 16k, CR 1 / 8) with cuDNN only.
 "pairs" is the number of (query head, key) score pairs the DMS rule keeps; dense causal has
 Hq N (N + 1) / 2. Sanity: at CR 1 our output is compared with cuDNN's, and at every CR with
 FlexAttention's (max abs difference, bf16 both sides). Writes bench/results/prefill_<date>.md.
@@ -99,6 +100,11 @@ def main():
     ap.add_argument("--fp8-crs", type=float, nargs="+", default=[1, 8])
     ap.add_argument("--fp8-chunk", type=int, default=4096,
                     help="fp8 rows: the timed chunk; the rest of the prompt is in the pool")
+    ap.add_argument("--extra", nargs="*", default=["64:bf16", "128:fp16"],
+                    help="extra D:dtype configs (dtype bf16 / fp16), run at --extra-lens x "
+                         "--extra-crs without peers other than cuDNN")
+    ap.add_argument("--extra-lens", type=int, nargs="*", default=[16384])
+    ap.add_argument("--extra-crs", type=float, nargs="*", default=[1, 8])
     ap.add_argument("--flex-budget-s", type=float, default=150.0,
                     help="skip FlexAttention once the run is this old (its compiles dominate)")
     ap.add_argument("--small", action="store_true", help="the small-chunk table instead (see above)")
@@ -132,8 +138,14 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device=dev).manual_seed(a.seed)
-    for n in a.lens:
-        print(f"N = {n}", flush=True)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    configs = [(n, D, dtype, a.crs, flex) for n in a.lens]
+    for e in a.extra:
+        d_s, dt_s = e.split(":")
+        configs += [(n, int(d_s), dtypes[dt_s], a.extra_crs, None) for n in a.extra_lens]
+    for n, D, dtype, crs, flex in configs:
+        scale = 1.0 / math.sqrt(D)
+        print(f"N = {n}, D {D}, {dtype}", flush=True)
         q = torch.randn(n, hq, D, device=dev, dtype=dtype, generator=gen)
         k = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
         v = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
@@ -167,7 +179,7 @@ def main():
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & ((q_idx - kv_idx <= w) | ~flags[h // G, kv_idx])
 
-        for cr in a.crs:
+        for cr in crs:
             p = flag_prob(n, cr, w)
             lg = torch.where(torch.rand(n, hkv, device=dev, generator=gen) < p, 1.0, -1.0).float()
             d = torch.zeros(n, hkv, dtype=torch.bool, device=dev)
@@ -176,7 +188,7 @@ def main():
             live = reference.live_counts(lg, w).double().mean().item()
             pairs = visible_pairs(flags, w, G)
             dense_pairs = hq * n * (n + 1) // 2
-            r = {"n": n, "cr": cr, "p": p, "cr_got": n / live, "pair_ratio": dense_pairs / pairs,
+            r = {"n": n, "D": D, "dtype": str(dtype).replace("torch.", ""), "cr": cr, "p": p, "cr_got": n / live, "pair_ratio": dense_pairs / pairs,
                  "cudnn": dense.get("cudnn"), "flash": dense.get("flash")}
 
             def ours():
@@ -223,11 +235,12 @@ def main():
 
     fp8_rows = fp8_cases(a, gen, errors) if a.fp8_lens else []
 
-    headers = ["N", "CR (got)", "flag p", "pairs vs dense", "ours ms", "ours TFLOP/s", "flex ms",
-               "cuDNN ms", "flash ms", "x cuDNN", "x flex", "max|ours-flex|", "max|ours-cuDNN|"]
+    headers = ["N", "D", "dtype", "CR (got)", "flag p", "pairs vs dense", "ours ms",
+               "ours TFLOP/s", "flex ms", "cuDNN ms", "flash ms", "x cuDNN", "x flex",
+               "max|ours-flex|", "max|ours-cuDNN|"]
     table = []
     for r in rows:
-        table.append([r["n"], f"{r['cr']:g} ({r['cr_got']:.2f})", r["p"], f"1/{r['pair_ratio']:.2f}",
+        table.append([r["n"], r["D"], r["dtype"], f"{r['cr']:g} ({r['cr_got']:.2f})", r["p"], f"1/{r['pair_ratio']:.2f}",
                       cell(r.get("ours")), r.get("tflops"), cell(r.get("flex")), cell(r.get("cudnn")),
                       cell(r.get("flash")), ratio(r.get("cudnn"), r.get("ours")),
                       ratio(r.get("flex"), r.get("ours")), r.get("err_flex"), r.get("err_dense")])
@@ -241,9 +254,12 @@ def main():
               r.get("err")] for r in fp8_rows])
     print()
     print(md)
-    notes = [f"Hq {hq}, Hkv {hkv}, D {D}, bf16, window {w}, one fresh prompt (empty cache), "
-             f"scale 1/sqrt(D). ms: median of CUDA-event timings after warm-up. TFLOP/s counts "
-             f"4 D flops per kept pair. FlexAttention's block-mask build is not timed."]
+    notes = [f"Hq {hq}, Hkv {hkv}, window {w}, one fresh prompt (empty cache), scale 1/sqrt(D). "
+             f"ms: median of CUDA-event timings after warm-up. TFLOP/s (\"ours TFLOP/s\") is "
+             f"achieved on kept pairs: 4 D flops per kept (query head, key) pair. The D / dtype "
+             f"rows after the main ones (--extra) skip FlexAttention. DMS_PREFILL_V2="
+             f"{os.environ.get('DMS_PREFILL_V2', '1 (default)')} (0: the mma.sync kernel). "
+             f"FlexAttention's block-mask build is not timed."]
     if fp8_rows:
         notes.append(f"fp8 rows: the prompt's last {a.fp8_chunk} tokens prefilled over the rest, "
                      "appended first to a float8_e4m3fn pool (k_scale = v_scale = 1/64), against "
@@ -257,7 +273,7 @@ def main():
     path = common.write_results("prefill", "sparse_prefill vs FlexAttention (DMS mask) and dense SDPA", body)
     print(f"\nwrote {path}")
     best = [r for r in rows if isinstance(r.get("ours"), float)]
-    summ = ", ".join(f"{r['n'] // 1024}k CR{r['cr']:g} {r['ours']:.2f}ms "
+    summ = ", ".join(f"{r['n'] // 1024}k D{r['D']} {r['dtype']} CR{r['cr']:g} {r['ours']:.2f}ms "
                      f"(x{ratio(r.get('cudnn'), r.get('ours')) or 0:.1f} cuDNN)" for r in best)
     summ = ", ".join([summ] * bool(summ) + [
         f"{r['n'] // 1024}k CR{r['cr']:g} fp8 {r['fp8']:.2f}ms (bf16 pool {fmt(r.get('bf16'))}ms)"

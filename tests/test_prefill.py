@@ -414,3 +414,91 @@ def test_small_chunks_cuda_graph_capture_and_replay():
     assert torch.equal(out, eager)
     cpu = torch.ops.dms.sparse_prefill(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in args))
     assert (out.cpu().float() - cpu.float()).abs().max().item() < 0.05
+
+
+# -------------------------------------------------------------------------------------------
+# Edges of the sm_90a kernel (sparse_prefill_sm90.cu, dispatched on Hopper): 128-row query tiles
+# of (token, head) rows, 128-key tiles, the four key segments, several chunks per launch.
+
+@pytest.mark.parametrize("length,group", [(127, 1), (128, 1), (129, 1), (255, 1), (257, 1),
+                                          (31, 4), (32, 4), (33, 4), (95, 4), (16, 8), (17, 8),
+                                          (43, 3), (77, 5), (200, 6)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_query_tile_edges(length, group, device):
+    run_case(f"v2 tile L={length} G={group}", hist=[130], chunks=[length], hkv=2, group=group,
+             d=128, window=24, rate=0.6, block_size=16, seed=length * 7 + group, device=device)
+
+
+@pytest.mark.parametrize("hist", [127, 128, 129, 256, 383])
+@pytest.mark.parametrize("block_size", [16, 128])
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_cached_key_tile_and_block_boundaries(hist, block_size, device):
+    # Cached slots end exactly on / around a 128-key tile and a block; ring of 65 flagged-heavy.
+    run_case(f"v2 cache hist={hist} bs={block_size}", hist=[hist], chunks=[70], hkv=2, group=4,
+             d=64, window=64, rate=0.8, block_size=block_size, seed=hist + block_size,
+             device=device)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_unequal_chunks_and_empty_caches(group, device):
+    # Very unequal chunks in one launch; fresh rows (every head's cache empty) next to long ones.
+    hist = [0, 900, 0, 3, 260, 0]
+    chunks = [1, 300, 129, 2, 5, 40]
+    run_case(f"v2 unequal G={group}", hist=hist, chunks=chunks, hkv=2, group=group, d=128,
+             window=32, rate=0.7, block_size=32, seed=40 + group, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_all_kept_and_all_flagged(dtype, d, device):
+    # rate 0: every key tile fully visible (the unmasked path); rate 1: only the window band.
+    for rate in (0.0, 1.0):
+        run_case(f"v2 rate={rate} {dtype} D={d}", hist=[400], chunks=[300], hkv=1, group=4, d=d,
+                 window=40, rate=rate, dtype=dtype, block_size=64, seed=d, device=device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group", [1, 4, 5, 8])
+def test_v2_long_unequal_batch(group):
+    hist = [0, 5000, 17, 1200]
+    chunks = [3000, 1, 2048, 700]
+    run_case(f"v2 long unequal G={group}", hist=hist, chunks=chunks, hkv=2, group=group, d=128,
+             window=512, rate=0.85, block_size=64, seed=group, check_cpu=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.float16)])
+def test_v2_long_prompt_chunked_into_cache(d, dtype):
+    """A 16k prompt in four 4k chunks: sparse_prefill then append per chunk, as an engine runs
+    it; every chunk against the oracle over the whole prefix (a subset of rows, to keep the
+    float64 oracle short)."""
+    device = "cuda"
+    hkv, group, window, bs, chunk, n_chunks = 2, 4, 512, 64, 4096, 4
+    hq, N = hkv * group, chunk * n_chunks
+    gen = torch.Generator().manual_seed(16)
+    st = State(2, hkv, d, window, bs, hkv * N // bs + 4, N // bs, dtype, device, gen)
+    q = torch.randn(N, hq, d, generator=gen).to(dtype)
+    k = torch.randn(N, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(N, hkv, d, generator=gen).to(dtype)
+    lg = make_logits(gen, N, hkv, 0.9)
+    slots = torch.tensor([1], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+    scale = 1.0 / math.sqrt(d)
+    for c in range(n_chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        qc, kc, vc, lc = (t[sl].contiguous().to(device) for t in (q, k, v, lg))
+        poison_allocator(((qc.numel(),), dtype))
+        out = torch.ops.dms.sparse_prefill(qc, kc, vc, lc, slots, cu, *st.tensors(), scale)
+        torch.cuda.synchronize()
+        rows = list(range(c * chunk, c * chunk + 256)) + list(range((c + 1) * chunk - 256, (c + 1) * chunk))
+        end = (c + 1) * chunk
+        ref, _, tol, _ = dms_bound(q[:end], k[:end], v[:end], lg[:end], window, scale, rows=rows)
+        local = torch.tensor(rows) - c * chunk
+        got = out.cpu()[local]
+        print(f"[prefill] chunked 16k D={d} chunk {c}: max|out-ref| "
+              f"{(got.double() - ref).abs().max().item():.3e}  max err / bound "
+              f"{bound_violations(got, ref, tol)[1]:.3g}")
+        assert_within_bound(got, ref, tol, f"chunked 16k D={d} chunk {c}")
+        st.append(kc, vc, lc, [1], [chunk])

@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/prefill_sm90/launch.h"
 #include "kernels/primitives.cuh"
 #include "kernels/sparse_prefill_small.h"
 
@@ -777,6 +778,11 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   const WsPtrs ws = ws_ptrs(p, l);
   prepare_kernel<<<dim3(p.num_seqs, p.kv.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
+  // Hopper: the warp-specialized wgmma kernel (sparse_prefill_sm90.cu) for what it supports.
+  if (sm90::prefill_v2_supported(p))
+    return sm90::sparse_prefill_v2(
+        p, sm90::PrefillWs{ws.cnt, ws.idx, ws.bitmap, ws.flist, ws.fcount, ws.cnt_stride, ws.cap_words},
+        stream);
   return act == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
                                  : launch_d<__half>(p, ws, stream);
 }

@@ -1,0 +1,32 @@
+// sparse_prefill v2 (sm_90a, csrc/kernels/sparse_prefill_sm90.cu): the entry the launcher of
+// sparse_prefill.cu dispatches to. The workspace is the one prepare_kernel fills (compacted kept
+// chunk keys, flagged ring slots), handed over as plain pointers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dms/params.h"
+
+namespace dms {
+namespace sm90 {
+
+struct PrefillWs {
+  int32_t* cnt;        // [Hkv][T + n] prefix counts of kept chunk keys (chunk c at cu[c] + c)
+  int32_t* idx;        // [Hkv][T] compacted kept chunk keys (chunk c at cu[c])
+  uint32_t* bitmap;    // [n][Hkv][cap_words] flagged ring slots
+  int2* flist;         // [n][Hkv][w + 1] (slot, position) of the flagged ring slots
+  int32_t* fcount;     // [n][Hkv]
+  long long cnt_stride;
+  long long cap_words;
+};
+
+// Whether v2 takes this call: an sm_90 device, bf16 / fp16 pool, a head_dim it is built for,
+// and DMS_PREFILL_V2 not set to 0 (read once per process).
+bool prefill_v2_supported(const SparsePrefillParams& p);
+
+// Launches the v2 kernel (after prepare_kernel on the same stream).
+Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace dms

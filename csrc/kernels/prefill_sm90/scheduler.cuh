@@ -1,0 +1,78 @@
+// sparse_prefill v2 (sm_90a): which (chunk, query tile) a CTA owns and the key tiles it walks.
+//
+// Same tile map as the mma.sync kernel (sparse_prefill.cu), so both agree on what a "tile" is:
+// rows of a tile are (token, head in the GQA group) pairs, row = token * G + head, kBlockM rows
+// per tile; chunk c owns tile slots from floor(cu[c] * G / kBlockM) + c (strictly increasing in
+// c, room for ceil(L * G / kBlockM) tiles); blockIdx.x counts down so heavy tiles (late in a
+// chunk, more keys) start first. Slots past a chunk's tiles exit at once.
+//
+// Key tiles of a query tile [i0, i1) come from four segments, in this order (only tiles with
+// something visible are ever walked):
+//   0 cached slots [0, seq_len)           flagged ring slots masked out
+//   1 flagged ring slots (list)           visible iff t - p <= w   (only when i0 < w)
+//   2 kept chunk keys j < band_start (list)  always visible
+//   3 band j in [band_start, i1)          j <= i and (i - j <= w or !d_j); band_start <=
+//                                         max(0, i0 - w), the band a whole number of tiles
+#pragma once
+#include <cstdint>
+
+#include "dms/params.h"
+#include "kernels/prefill_sm90/launch.h"
+
+namespace dms {
+namespace sm90 {
+
+struct TileCtx {
+  long long r0, rows_total;
+  int start, L, n, seq_len, num_flagged, num_kept, band_start;
+  int end_cached, end_flagged, end_kept, ntiles;  // tile index where each key segment ends
+  int i0, i1, r, c, g;
+};
+
+// Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const PrefillWs& ws,
+                                          long long b, int g, TileCtx& x) {
+  const int H = p.kv.num_kv_heads, G = p.num_q_heads / H, w = p.state.window;
+  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kBlockM + c; };
+  if (p.num_seqs <= 0 || tstart(0) > b) return false;
+  int lo = 0, hi = p.num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tstart(mid) <= b) lo = mid; else hi = mid - 1;
+  }
+  const int c = lo;
+  const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
+  const int r = p.rows[c];
+  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return false;
+  const int L = end - start;
+  const long long rows_total = (long long)L * G;
+  const long long r0 = (b - tstart(c)) * kBlockM;
+  if (r0 >= rows_total) return false;
+
+  const int n = p.state.num_tokens[r];
+  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
+  const int seq_len = (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
+  const int i0 = (int)(r0 / G);
+  const int i1 = (int)min((long long)L, (r0 + kBlockM - 1) / G + 1);
+  const long long ch = (long long)c * H + g;
+  const int num_flagged = i0 < w ? ws.fcount[ch] : 0;
+  // The band must cover [i0 - w, i1); it is stretched down to whole key tiles ending at i1
+  // (the per-key rule holds for any j, so a longer band is still exact), and the kept list
+  // stops where the band starts: one partial tile instead of two.
+  const int band_len = i1 - max(0, i0 - w);
+  const int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
+  const int num_kept = band_start > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + band_start] : 0;
+  x.r0 = r0; x.rows_total = rows_total;
+  x.start = start; x.L = L; x.n = n; x.seq_len = seq_len;
+  x.num_flagged = num_flagged; x.num_kept = num_kept; x.band_start = band_start;
+  x.end_cached = (seq_len + kBlockN - 1) / kBlockN;
+  x.end_flagged = x.end_cached + (num_flagged + kBlockN - 1) / kBlockN;
+  x.end_kept = x.end_flagged + (num_kept + kBlockN - 1) / kBlockN;
+  x.ntiles = x.end_kept + (i1 - band_start + kBlockN - 1) / kBlockN;
+  x.i0 = i0; x.i1 = i1; x.r = r; x.c = c;
+  return true;
+}
+
+}  // namespace sm90
+}  // namespace dms

@@ -1,0 +1,65 @@
+// sparse_prefill v2 (sm_90a): the synchronisation pieces of the warp-specialized kernel.
+//   mbarriers      init / arrive / cp.async-arrive / parity wait (the K, V and Q pipelines)
+//   named barriers bar.sync on ids 1.. (warpgroup-local steps; id 0 is __syncthreads)
+//   registers      setmaxnreg (the producer warpgroup gives registers to the consumers)
+//   proxy fence    fence.proxy.async: cp.async writes (generic proxy) before wgmma reads them
+// Everything here is only used under __CUDA_ARCH_FEAT_SM90_ALL (sparse_prefill_sm90.cu).
+#pragma once
+#include <cstdint>
+
+namespace dms {
+namespace sm90 {
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Plain arrive: release semantics, so this thread's earlier shared stores (the key metadata)
+// are visible to a thread whose wait sees the phase complete.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// The phase cannot complete before this thread's earlier cp.async copies have landed (the
+// incrementing form: pending count +1 now, -1 on completion; pair it with mbar_arrive).
+__device__ __forceinline__ void mbar_cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(ok)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return ok != 0;
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
+// Called by whole warps; the lanes leave the spin together (the .aligned wgmma / setmaxnreg
+// that follow want a converged warp).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+  __syncwarp();
+}
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int N> __device__ __forceinline__ void reg_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void reg_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+}  // namespace sm90
+}  // namespace dms

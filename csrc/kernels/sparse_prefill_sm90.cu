@@ -1,0 +1,474 @@
+// sparse_prefill v2: warp-specialized wgmma kernel for Hopper (sm_90a). Same op, same DMS rule
+// and same key segments as sparse_prefill.cu (see prefill_sm90/scheduler.cuh); the launcher of
+// sparse_prefill.cu dispatches here after its prepare_kernel (sm_90 device, bf16 / fp16, head_dim
+// 64 / 128; DMS_PREFILL_V2=0 forces the old kernel).
+//
+// Work items are (query tile of kBlockM = 128 (token, head) rows, kv head); a CTA of 3
+// warpgroups (384 threads) walks items blockIdx.x, then snake order over rounds of gridDim.x
+// (persistent grid of one CTA per SM; DMS_PREFILL_V2_PERSISTENT=0: one CTA per item):
+//   WG0      producer: per item, its TileCtx (scheduler.cuh) and Q (once Q's previous item is
+//            done with it), then per key tile resolves the 128 keys (source row + visibility
+//            interval), gathers K and V rows with cp.async into the 128-byte-swizzled GMMA
+//            layout and arrives on the stage's mbarrier (cp.async.mbarrier.arrive + arrive);
+//            K runs one tile ahead of V. setmaxnreg 56 (56 * 128 + 224 * 256 = 168 * 384:
+//            the launch allocation).
+//   WG1, WG2 consumers, 64 query rows each (the wgmma M). setmaxnreg 224. Per key tile j:
+//              S_j = Q K_j^T        wgmma SS (m64 n128 k16, D / 16 steps), issued async
+//              O  += P_{j-1} V_{j-1}  wgmma RS (P from registers, V MN-major), issued async
+//              wait S_j; mask + online softmax of S_j while P_{j-1} V_{j-1} runs
+//              wait P V; P_j = bf16(S_j); O *= alpha_j
+//            (FA3's intra-warpgroup overlap) with the two warpgroups taking turns on the GEMM
+//            issue (ping-pong; DMS_PREFILL_V2_PINGPONG=0 turns it off); the epilogue stores
+//            O / l from the accumulators (the Q tile may already hold the next item's Q).
+// Pipeline: kStages K and kStages V stages, each with a full (producer -> consumers, 128
+// arrivals) and an empty (consumers -> producer, 256 arrivals) mbarrier; the tile counter runs
+// on across items, parity (counter / kStages) & 1. Q: q_full / q_empty, the item's TileCtx
+// published with it (by item parity); a TileCtx with ntiles 0 ends the consumers' loop.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "dms/dms.h"
+#include "kernels/common.cuh"
+#include "kernels/prefill_sm90/gmma.cuh"
+#include "kernels/prefill_sm90/launch.h"
+#include "kernels/prefill_sm90/producer.cuh"
+#include "kernels/prefill_sm90/scheduler.cuh"
+#include "kernels/prefill_sm90/softmax.cuh"
+#include "kernels/prefill_sm90/sync.cuh"
+#include "kernels/primitives.cuh"
+
+namespace dms {
+namespace sm90 {
+namespace {
+
+constexpr int kBlockM = 128;   // query rows per CTA (two consumer warpgroups of 64)
+// Keys per key tile: 128 (one per producer thread) up to D 128; 64 at D 256 (O takes 128
+// registers there; two producer threads per key, each copying half of its row).
+template <int D> constexpr int block_n() { return D > 128 ? 64 : 128; }
+constexpr int kThreads = 384;
+[[maybe_unused]] constexpr int kProducerRegs = 56;
+[[maybe_unused]] constexpr int kConsumerRegs = 224;
+
+// DMS_PREFILL_V2_DEBUG bits (bisection on a GPU; results stay exact, only slower):
+[[maybe_unused]] constexpr int kDebugAlwaysMask = 1;  // mask every key tile (no fully-visible fast path)
+[[maybe_unused]] constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
+
+template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }  // D 256: 64-key tiles, 2
+
+// Dynamic shared memory, from a 1024-byte aligned base (the swizzle works on address bits).
+template <int D>
+struct SmemLayout {
+  static constexpr int kBlockN = block_n<D>();
+  static constexpr int kS = stages<D>();
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kBlockM * D * 2;
+  static constexpr int kV = kK + kS * kBlockN * D * 2;
+  static constexpr int kMeta = kV + kS * kBlockN * D * 2;          // int2 [kS][kBlockN]
+  static constexpr int kFull = kMeta + kS * kBlockN * 8;            // int [kS][4]
+  static constexpr int kBars = kFull + kS * 16;                     // uint64 [2 + 4 kS]
+  static constexpr int kCtx = kBars + (2 + 4 * kS) * 8;             // TileCtx [2] (consumers)
+  static constexpr int kCtxP = kCtx + 2 * (int)sizeof(TileCtx);      // TileCtx [2] (producer)
+  static constexpr int kBytes = kCtxP + 2 * (int)sizeof(TileCtx) + 1024; // + alignment slack
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
+                      const int pingpong, const int debug) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = SmemLayout<D>;
+  constexpr int kS = L::kS;
+  constexpr int kBlockN = L::kBlockN;
+  constexpr int kKeyParts = 128 / kBlockN;   // producer threads per key
+  constexpr int kChunks = D / 8;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = dev::smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* const sbase = smem_raw + (base - raw);
+  TileCtx* const ctxs = reinterpret_cast<TileCtx*>(sbase + L::kCtx);  // [2]: by item parity
+  TileCtx* const ctxp = reinterpret_cast<TileCtx*>(sbase + L::kCtxP);
+  const uint32_t sQ = base + L::kQ;
+  auto sK = [&](int s) { return base + L::kK + (uint32_t)s * (kBlockN * D * 2); };
+  auto sV = [&](int s) { return base + L::kV + (uint32_t)s * (kBlockN * D * 2); };
+  int2* const meta = reinterpret_cast<int2*>(sbase + L::kMeta);
+  int* const fullf = reinterpret_cast<int*>(sbase + L::kFull);
+  const uint32_t bars = base + L::kBars;
+  const uint32_t q_full = bars, q_empty = bars + 8u;
+  auto k_full = [&](int s) { return bars + 8u * (2 + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (2 + kS + s); };
+  auto v_full = [&](int s) { return bars + 8u * (2 + 2 * kS + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (2 + 3 * kS + s); };
+
+  const int tid = threadIdx.x;
+  const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
+  // The real body owns static shared memory, the empty one does not (prefill_v2_supported);
+  // a volatile store keeps the compiler from dropping it.
+  __shared__ int s_flag;
+  if (tid == 0) {
+    *reinterpret_cast<volatile int*>(&s_flag) = 1;
+    mbar_init(q_full, 128);
+    mbar_init(q_empty, 256);
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      mbar_init(k_full(s), 128);
+      mbar_init(v_full(s), 128);
+      mbar_init(k_empty(s), 256);
+      mbar_init(v_empty(s), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = tid / 128;
+  const int t = tid % 128, warp = t / 32, lane = t % 32;
+  const long long num_items = (long long)num_slots * H;
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer warpgroup
+    // Work items w = blockIdx.x, + gridDim.x, ...: query tile slot num_slots - 1 - w / H (heavy
+    // first), kv head w % H. Per valid item: wait until the consumers are done with Q, publish
+    // the item's TileCtx, load Q, then the K / V tiles (stage / parity from a counter that runs
+    // on across items). A TileCtx with ntiles 0 tells the consumers to stop.
+    reg_dealloc<kProducerRegs>();
+    const T* q = static_cast<const T*>(p.q);
+    const T* kc = static_cast<const T*>(p.kv.k_cache);
+    const T* vc = static_cast<const T*>(p.kv.v_cache);
+    const T* kk = static_cast<const T*>(p.k);
+    const T* vv = static_cast<const T*>(p.v);
+    int item = 0, it = 0, cand = 0;
+    // Snake order over rounds of gridDim.x items (forward, backward, ...): with items sorted
+    // heavy first, every CTA of a persistent grid gets about the same work.
+    for (long long round = 0; round * gridDim.x < num_items; ++round) {
+      const long long w = round * gridDim.x +
+                          ((round & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+      if (w >= num_items) continue;
+      const int g = (int)(w % H);
+      // Thread 0 works the item out into the producer's own slot (by candidate parity: the
+      // other threads may still read the previous candidate's, never an older one: all passed
+      // its barrier); the rest read it from there (in registers across the loop it would not
+      // fit the producer's 56).
+      TileCtx& x = ctxp[cand++ & 1];
+      if (t == 0) {
+        if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x)) x.g = g;
+        else x.ntiles = -1;
+      }
+      named_sync(5, 128);
+      if (x.ntiles < 0) continue;
+      mbar_wait(q_empty, ((uint32_t)item & 1u) ^ 1u);
+      if (t == 0) ctxs[item & 1] = x;
+      // Q rows: row = token * G + head; rows past the chunk are zero-filled and never stored.
+#pragma unroll 4
+      for (int i8 = 0; i8 < kBlockM * kChunks / 128; ++i8) {
+        const int e = t + i8 * 128;
+        const int row = e / kChunks, c16 = e % kChunks;
+        const long long R = x.r0 + row;
+        const bool valid = R < x.rows_total;
+        const T* gp = q;
+        if (valid) {
+          const int i = (int)(R / G), hh = (int)(R % G);
+          gp = q + ((long long)(x.start + i) * Hq + (long long)g * G + hh) * D + c16 * 8;
+        }
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sQ + tile_off<kBlockM>(row, c16)),
+                     "l"(gp), "r"(valid ? 16 : 0)
+                     : "memory");
+      }
+      mbar_cp_async_arrive(q_full);
+      mbar_arrive(q_full);
+
+      // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
+      // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
+      auto load_k = [&](int tile) -> int {
+        const int s = (it + tile) % kS;
+        int mrow, ma, mb;
+        resolve_key<kBlockN>(p, ws, x, g, tile, t % kBlockN, mrow, ma, mb);
+        const bool vis = mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1;
+        const bool all_vis = __all_sync(0xffffffffu, vis);
+        mbar_wait(k_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
+        if (t < kBlockN) meta[s * kBlockN + t] = make_int2(ma, mb);
+        if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
+        copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
+        mbar_cp_async_arrive(k_full(s));
+        mbar_arrive(k_full(s));
+        return mrow;
+      };
+      auto load_v = [&](int tile, int mrow) {
+        const int s = (it + tile) % kS;
+        mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
+        copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
+        mbar_cp_async_arrive(v_full(s));
+        mbar_arrive(v_full(s));
+      };
+      int mrow_v = load_k(0);
+      for (int tile = 0; tile < x.ntiles; ++tile) {
+        const int mrow_next = tile + 1 < x.ntiles ? load_k(tile + 1) : -1;
+        load_v(tile, mrow_v);
+        mrow_v = mrow_next;
+      }
+      it += x.ntiles;
+      ++item;
+    }
+    mbar_wait(q_empty, ((uint32_t)item & 1u) ^ 1u);
+    if (t == 0) ctxs[item & 1].ntiles = 0;
+    mbar_arrive(q_full);
+    // Keep the CTA alive until the copies have landed (the consumers wait on them anyway).
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumer warpgroups
+  reg_alloc<kConsumerRegs>();
+  const int cw = wg - 1;
+  const float sl2 = p.scale * dev::kLog2e;
+  const bool pos_scale = sl2 > 0.f;
+  // Descriptors: Q rows cw * 64 .. of the Q tile (K-major), K / V stage tiles.
+  const uint64_t q_desc = make_desc(sQ + cw * 64 * 128, 16, 1024);
+  float o[D / 2];
+  float s[kBlockN / 2];
+  uint32_t pf[kBlockN / 16][4];
+  OnlineSoftmax<kBlockN> sm;
+
+  auto gemm_s = [&](int st) {
+    const uint64_t k_desc = make_desc(sK(st), 16, 1024);
+    fence_regs(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t qo = (uint32_t)((ks >> 2) * kBlockM * 128 + (ks & 3) * 32) >> 4;
+      const uint32_t ko = (uint32_t)((ks >> 2) * kBlockN * 128 + (ks & 3) * 32) >> 4;
+      wgmma_ss<T, kBlockN>(q_desc + qo, k_desc + ko, s, ks > 0);
+    }
+    wgmma_commit();
+    if (debug & kDebugSerial) wgmma_wait<0>();
+    fence_regs(s);
+  };
+  auto gemm_pv = [&](int st) {
+    const uint64_t v_desc = make_desc(sV(st), kBlockN * 128, 1024);
+    fence_regs(o);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) fence_regs(pf[kk]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_rs<T, D>(pf[kk], v_desc + (uint64_t)((kk * 16 * 128) >> 4), o);
+    wgmma_commit();
+    if (debug & kDebugSerial) wgmma_wait<0>();
+    fence_regs(o);
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pf[kk][e] = dev::pack2<T>(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+  };
+  auto is_full = [&](int st) {
+    const int4 f = *reinterpret_cast<const int4*>(fullf + st * 4);
+    return (f.x & f.y & f.z & f.w) != 0 && !(debug & kDebugAlwaysMask);
+  };
+  auto meta_of = [&](int st) { return reinterpret_cast<const int4*>(meta + st * kBlockN); };
+
+  // Ping-pong (FA3's warp scheduler barrier): the two consumer warpgroups take turns issuing
+  // their GEMMs of a step, so one's softmax runs while the other's GEMMs hold the tensor cores.
+  // Named barrier 3 + cw gates warpgroup cw (256 = its 128 syncing + the other's 128 arriving).
+  // Per item, warpgroup 0 gets the first turn and warpgroup 1 skips its last hand-over, so the
+  // arrivals balance within every item.
+  auto turn_wait = [&]() { if (pingpong) named_sync(3 + cw, 256); };
+  auto turn_pass = [&](bool last) {
+    if (pingpong && !(last && cw == 1)) named_arrive(3 + (cw ^ 1), 256);
+  };
+
+  T* const out = static_cast<T*>(p.out);
+  for (int item = 0, it = 0;; ++item) {
+    mbar_wait(q_full, (uint32_t)item & 1u);
+    const TileCtx* const ctx = ctxs + (item & 1);
+    const int ntiles = ctx->ntiles;
+    if (ntiles == 0) break;
+    const long long r0 = ctx->r0, rows_total = ctx->rows_total;
+    const int o_start = ctx->start, g = ctx->g;
+    int qi[2];
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) {
+      const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2) + rs * 8;
+      qi[rs] = R < rows_total ? (int)(R / G) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    sm.init();
+    if (pingpong && cw == 1) named_arrive(3, 256);
+
+    // Tile 0: S_0 and its softmax, nothing to overlap with yet.
+    {
+      const int st = it % kS;
+      mbar_wait(k_full(st), (uint32_t)(it / kS) & 1u);
+      fence_proxy_async();
+      turn_wait();
+      gemm_s(st);
+      turn_pass(ntiles == 1);
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (ntiles == 1) mbar_arrive(q_empty);  // the last read of Q is done
+      float alpha[2];
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      mbar_arrive(k_empty(st));
+      pack_p();
+    }
+#pragma unroll 1
+    for (int j = 1; j < ntiles; ++j) {
+      const int st = (it + j) % kS, sp = (it + j - 1) % kS;
+      mbar_wait(k_full(st), (uint32_t)((it + j) / kS) & 1u);
+      mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kS) & 1u);
+      fence_proxy_async();
+      turn_wait();
+      gemm_s(st);
+      gemm_pv(sp);
+      turn_pass(j == ntiles - 1);
+      wgmma_wait<1>();
+      fence_regs(s);
+      if (j == ntiles - 1) mbar_arrive(q_empty);
+      float alpha[2];
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      mbar_arrive(k_empty(st));
+      wgmma_wait<0>();
+      fence_regs(o);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) fence_regs(pf[kk]);
+      mbar_arrive(v_empty(sp));
+      pack_p();
+      rescale_o(alpha);
+    }
+    {
+      const int sp = (it + ntiles - 1) % kS;
+      mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kS) & 1u);
+      fence_proxy_async();
+      gemm_pv(sp);
+      wgmma_wait<0>();
+      fence_regs(o);
+      mbar_arrive(v_empty(sp));
+    }
+    it += ntiles;
+
+    // Epilogue: O / l straight from the accumulators (the Q tile may already hold the next
+    // item's Q): per 8-column block, 4 lanes write 16 contiguous bytes of a row.
+    float inv[2];
+    sm.finish(inv);
+#pragma unroll
+    for (int rs = 0; rs < 2; ++rs) {
+      const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2) + rs * 8;
+      if (R < rows_total) {
+        const int i = (int)(R / G), hh = (int)(R % G);
+        T* const orow = out + ((long long)(o_start + i) * Hq + (long long)g * G + hh) * D + (lane & 3) * 2;
+#pragma unroll
+        for (int c = 0; c < D / 8; ++c) {
+          const uint32_t v = dev::pack2<T>(o[4 * c + 2 * rs] * inv[rs], o[4 * c + 2 * rs + 1] * inv[rs]);
+          *reinterpret_cast<uint32_t*>(orow + c * 8) = v;
+        }
+      }
+    }
+  }
+#endif
+}
+
+int debug_bits() {
+  static const int bits = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_DEBUG");
+    return e ? std::atoi(e) : 0;
+  }();
+  return bits;
+}
+
+bool persistent_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_PERSISTENT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+bool pingpong_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_PINGPONG");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+template <typename T, int D>
+Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
+  constexpr int bytes = SmemLayout<D>::kBytes;
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
+  const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
+  const long long items = slots * p.kv.num_kv_heads;
+  if (items > INT_MAX) return Status::kUnsupported;
+  // Persistent: one CTA per SM (the shared memory allows no second) walking the items;
+  // otherwise one CTA per item.
+  long long grid = items;
+  if (persistent_enabled()) {
+    int dev = 0, sms = 0;
+    DMS_CUDA_CHECK(cudaGetDevice(&dev));
+    DMS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    grid = std::min<long long>(items, std::max(sms, 1));
+  }
+  prefill_v2_kernel<T, D><<<(unsigned)grid, kThreads, bytes, stream>>>(
+      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits());
+  DMS_LAUNCH_CHECK();
+  return Status::kSuccess;
+}
+
+bool v2_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+}  // namespace
+
+bool prefill_v2_supported(const SparsePrefillParams& p) {
+  if (!v2_enabled()) return false;
+  if (p.kv.dtype != DType::kBFloat16 && p.kv.dtype != DType::kFloat16) return false;
+  // D 256 (64-key tiles) compiles but spills at the 224 / 56 register split: not taken yet.
+  if (p.kv.head_dim != 64 && p.kv.head_dim != 128) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  if (major != 9 || minor != 0) return false;
+  // A build for compute_90 without the "a" features compiles the kernel to an empty body (no
+  // wgmma / setmaxnreg): that body declares no shared memory, the real one does.
+  static const bool has_body = [] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128>) == cudaSuccess &&
+           a.sharedSizeBytes > 0;
+  }();
+  return has_body;
+}
+
+Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
+  if (p.kv.dtype == DType::kBFloat16) {
+    if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64>(p, ws, stream);
+  } else if (p.kv.dtype == DType::kFloat16) {
+    if (p.kv.head_dim == 128) return launch<__half, 128>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__half, 64>(p, ws, stream);
+  }
+  return Status::kUnsupported;
+}
+
+}  // namespace sm90
+}  // namespace dms
