@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import subprocess
 import shlex
 import sys
 import traceback
@@ -227,8 +228,26 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(out)
 
 
+def commit_id() -> str:
+    """The commit the numbers belong to: $GIT_COMMIT (the device copy of the tree has no .git;
+    bench/gpu_round.sh users set it), else `git rev-parse --short HEAD`, with "+ local changes"
+    when the tracked files differ from it."""
+    env = os.environ.get("GIT_COMMIT")
+    if env:
+        return f"{env} (GIT_COMMIT; working tree of that commit)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" + local changes" if dirty else "")
+
+
 def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULTS_DIR) -> str:
-    """bench/results/<kind>_<date>.md with date, GPU, torch version and the exact command."""
+    """bench/results/<kind>_<date>.md with date, GPU, torch version, commit and the exact command."""
     os.makedirs(results_dir, exist_ok=True)
     now = _dt.datetime.now()
     path = os.path.join(results_dir, f"{kind}_{now:%Y-%m-%d_%H%M%S}.md")
@@ -238,6 +257,7 @@ def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULT
             f"- GPU: {info.get('gpu')} ({info.get('sms')} SMs, {info.get('mem_gib')} GiB, "
             f"L2 used for rotation {info.get('l2_mib')} MiB)",
             f"- torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}",
+            f"- commit: {commit_id()}",
             f"- command: `{command_line()}` (cwd {os.getcwd()})", ""]
     with open(path, "w") as f:
         f.write("\n".join(head) + "\n" + body_md.rstrip() + "\n")
