@@ -13,6 +13,7 @@
   fork / release, decode_step (borrowed and adapter logits, norms, head_dim 40/64/128/256,
     batch 1..64, block size 1), and DMSCache: prefill, decode, fork, release, and a CUDA graph of
     a decode step (prepare_decode / advance / replay; only with the caching allocator on)
+  fp8: e4m3 pools through append (saturating), sparse_prefill, sparse_decode(_lse), fork
   graph: decode_step + sparse_decode_lse captured in one CUDA graph, replayed with fresh inputs
     (only with the caching allocator on: `sanitize.sh memcheck-graph`)
 
@@ -351,9 +352,50 @@ def group_graph(quick):
         check(int(st["num_tokens"][0]) == 5 + (3 if quick else 6), f"graph B{B} D{D}: replays did not step")
 
 
+def group_fp8(quick):
+    """fp8 e4m3 pools: append (one-token and chunk kernels, saturating stores), sparse_prefill
+    over the pool (the fp8 loader), sparse_decode(_lse) (fp8 slices, D 64 / 128 / 256), fork."""
+    F8 = torch.float8_e4m3fn
+    for hkv, G, D, bs, w, dt in [(2, 4, 128, 16, 16, BF16), (1, 3, 64, 1, 4, F16),
+                                 (2, 2, 256, 16, 8, BF16)][: 2 if quick else None]:
+        S, ks, vs = 3, 0.05, 0.5    # rows 0, 1 filled, row 2 empty (an empty head; fork's dst)
+        M = -(-300 // bs) + 2
+        st = new_state(S, hkv, D, S * hkv * M, bs, w, M, dt)
+        st["k_cache"], st["v_cache"] = st["k_cache"].to(F8), st["v_cache"].to(F8)
+        for lens in ([150, 40], [1, 1], [60, 1]):
+            T = sum(lens)
+            k, v = rnd(T, hkv, D, dtype=dt, scale=20.0), rnd(T, hkv, D, dtype=dt)  # k saturates
+            cu = i32([0] + list(torch.tensor(lens).cumsum(0)))
+            lg = logits(T, hkv)
+            if D != 256:  # CUDA sparse_prefill takes head_dim 64 / 128
+                q = rnd(T, hkv * G, D, dtype=dt)
+                out = ops.sparse_prefill(q, k, v, lg, i32([0, 1]), cu, st["k_cache"], st["v_cache"],
+                                         st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"],
+                                         k_scale=ks, v_scale=vs)
+                sync()
+                check(bool(torch.isfinite(out.float()).all()), f"fp8 sparse_prefill D{D}: non-finite output")
+            ops.append(k, v, lg, i32([0, 1]), cu, *st_args(st), k_scale=ks, v_scale=vs)
+            sync()
+            CASES[0] += 1
+        qd = rnd(S, hkv * G, D, dtype=dt)
+        args = (qd, st["k_cache"], st["v_cache"], st["block_table"], st["seq_lens"])
+        out = ops.sparse_decode(*args, k_scale=ks, v_scale=vs)
+        out2, _ = ops.sparse_decode_lse(*args, k_scale=ks, v_scale=vs)
+        sync()
+        CASES[0] += 1
+        ref = ops.sparse_decode(qd.cpu().float(), st["k_cache"].cpu(), st["v_cache"].cpu(),
+                                st["block_table"].cpu(), st["seq_lens"].cpu(), k_scale=ks, v_scale=vs)
+        err = (out.float().cpu() - ref).abs().max().item()
+        check(err < 0.05 * max(1.0, ref.abs().max().item()), f"fp8 sparse_decode D{D}: err {err}")
+        check(torch.equal(out, out2), "fp8 sparse_decode vs sparse_decode_lse")
+        ops.fork(0, 2, *st_args(st))
+        sync()
+        CASES[0] += 1
+
+
 GROUPS = dict(decode=group_decode, rope=group_rope, append=group_append, prefill=group_prefill,
               fork_release=group_fork_release, decode_step=group_decode_step, cache=group_cache,
-              graph=group_graph)
+              graph=group_graph, fp8=group_fp8)
 
 
 def main(argv=None) -> int:
