@@ -411,9 +411,9 @@ def test_small_chunks_cuda_graph_capture_and_replay():
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+    # The replay wrote every element (NaN-poisoned) and bitwise what eager wrote; eager's values
+    # on these shapes are held to the oracle's error bound by the small-chunk run_case tests.
     assert torch.equal(out, eager)
-    cpu = torch.ops.dms.sparse_prefill(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in args))
-    assert (out.cpu().float() - cpu.float()).abs().max().item() < 0.05
 
 
 # -------------------------------------------------------------------------------------------
