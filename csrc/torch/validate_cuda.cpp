@@ -14,7 +14,7 @@ namespace dms {
 namespace torch_ext {
 
 void validate_device_data(const char* op, const ValidateParams& v) {
-  if (!validate_enabled()) return;
+  if (!validate_enabled() || v.num_rows == 0) return;
   int64_t items = 0;
   for (int s = 0; s < validate_detail::kNumStages; ++s) items += validate_detail::stage_items(v, s);
   if (items == 0) return;
