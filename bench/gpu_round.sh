@@ -3,9 +3,10 @@
 #
 #   bash bench/gpu_round.sh [stage ...]          default stages: tests decode
 #
-# stages: tests     tests/test_decode.py (-m cuda) and each tests/test_cuda_*.py in its own pytest
-#                   (a crash loses one file only)
-#         cputests  the CPU test suite (everything but tests/test_cuda_*.py and `cuda` marks)
+# stages: tests     the CUDA cases (-m cuda) of the device-parametrized files (test_decode,
+#                   test_prefill, test_decode_step, test_graph_api, test_validate), each file in
+#                   its own pytest (a crash loses one file only)
+#         cputests  the CPU test suite (everything but `cuda` marks)
 #         decode    bench/bench_decode.py (FlashInfer JIT runs in the background during the build)
 #         step      bench/bench_step.py          prefill   bench/bench_prefill.py
 #         hf        bench/bench_hf.py (HF_ARGS: its flags): dms_ext.hf generate vs transformers
@@ -27,7 +28,7 @@
 # bench/results/*.md this round wrote.
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
-# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_prefill.py tests/test_cuda_*.py), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py; those run with -m cuda, any other file whole), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
 set -u -o pipefail
 
 T0=$(date +%s)
@@ -157,11 +158,11 @@ TEST_LOGS=()  # pytest logs of this round, for the gpu_round report
 
 stage_tests() {
   local f base mark
-  for f in ${TEST_FILES:-tests/test_decode.py tests/test_prefill.py tests/test_cuda_*.py}; do
+  for f in ${TEST_FILES:-tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py}; do
     [ -e "$f" ] || continue
     base=$(basename "$f" .py)
-    # test_decode.py / test_prefill.py hold CPU and CUDA cases (a device parameter): the CUDA ones here.
-    mark=(); case "$f" in tests/test_decode.py|tests/test_prefill.py) mark=(-m cuda) ;; esac
+    # These files hold CPU and CUDA cases (a device parameter, CUDA-only tests marked): the CUDA ones here.
+    mark=(); case "$f" in tests/test_decode.py|tests/test_prefill.py|tests/test_decode_step.py|tests/test_graph_api.py|tests/test_validate.py) mark=(-m cuda) ;; esac
     run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider "${mark[@]}" ${PYTEST_ARGS:-} "$f"
     TEST_LOGS+=("$base|$LOGS/$base.log")
     add_row "$base" "$RC" "$SECS" "$(pytest_key "$LOGS/$base.log")"
@@ -171,7 +172,7 @@ stage_tests() {
 
 stage_cputests() {
   run_cmd cputests 300 "$LOGS/cputests.log" $PY -m pytest -q -rfE -p no:cacheprovider \
-    --ignore-glob='tests/test_cuda_*' -m "not cuda" tests
+    -m "not cuda" tests
   TEST_LOGS+=("cputests|$LOGS/cputests.log")
   add_row cputests "$RC" "$SECS" "$(pytest_key "$LOGS/cputests.log")"
   [ "$RC" != 0 ] && note_failures cputests "$LOGS/cputests.log" "^(FAILED|ERROR)"

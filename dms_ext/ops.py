@@ -113,6 +113,15 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def validate_mode(enabled: Optional[bool] = None) -> bool:
+    """DMS_VALIDATE mode of the CUDA ops (docs/errors.md section 4): when on, each CUDA op checks
+    the device data it reads (block ids, lengths, rows, ring entries, free list, positions)
+    before it runs, with a sync, and raises the CPU ops' ValueError. Starts as the environment
+    says (DMS_VALIDATE=1); None asks, True / False sets it for the process. Returns the mode
+    before the call."""
+    return torch.ops.dms.validate_mode(enabled)
+
+
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor,
                   scale: Optional[float] = None, k_scale: float = 1.0,

@@ -626,9 +626,10 @@ def attention_bound(q, k, v, scale, dtype, mask=None):
     dp = torch.maximum((logp + delta - le_minus).exp() - p, p - (logp - delta - le_plus).exp())
     dp = dp.masked_fill(~mask, 0.0).nan_to_num(0.0, posinf=math.inf)
     va = v64.abs()
-    # sum_j dp_j |v_jd - o_d| without materialising [Q, n, D] for long heads: chunks of keys.
+    # sum_j dp_j |v_jd - o_d| without materialising [Q, n, D] for long heads: chunks of keys
+    # (larger on a GPU, where each chunk is a launch; only the float64 summation order differs).
     e_score = torch.zeros(Q, D, dtype=torch.float64, device=q64.device)
-    step = max(1, (1 << 22) // max(1, Q * D))
+    step = max(1, (1 << (22 if q64.device.type == "cpu" else 25)) // max(1, Q * D))
     for a in range(0, n, step):
         e_score += (dp[:, a:a + step, None] * (v64[None, a:a + step] - o[:, None]).abs()).sum(1)
     a_j = torch.maximum(u * p, (eta / 2) * (m - lse_safe).exp()).masked_fill(~mask, 0.0)
@@ -661,43 +662,46 @@ def paged_heads(q, k_cache, v_cache, block_table, seq_lens):
                        reference.paged_gather(v_cache, block_table[b, g], n))
 
 
-def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None):
+def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None, device="cpu"):
     """attention_bound for every (row, KV head) of a paged decode: (o [B, Hq, D], lse [B, Hq],
-    tol_o, tol_lse), float64 on the CPU, from the tensors as the kernel read them."""
-    q, k_cache, v_cache = q.cpu(), k_cache.cpu(), v_cache.cpu()
-    block_table, seq_lens = block_table.cpu(), seq_lens.cpu()
+    tol_o, tol_lse), float64 on the CPU, from the tensors as the kernel read them. `device`:
+    where the float64 math runs (the same oracle; a GPU only changes float64 rounding, far below
+    any bound), the results come back to the CPU."""
+    q, k_cache, v_cache = q.to(device), k_cache.to(device), v_cache.to(device)
+    block_table, seq_lens = block_table.to(device), seq_lens.cpu()
     B, hq, D = q.shape
     dtype = dtype or q.dtype
-    o = torch.zeros(B, hq, D, dtype=torch.float64)
-    lse = torch.full((B, hq), -math.inf, dtype=torch.float64)
+    o = torch.zeros(B, hq, D, dtype=torch.float64, device=device)
+    lse = torch.full((B, hq), -math.inf, dtype=torch.float64, device=device)
     tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
     for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, block_table, seq_lens):
         o[b, hs], lse[b, hs], tol_o[b, hs], tol_lse[b, hs] = attention_bound(
             q[b, hs], kk, vv, scale, dtype)
-    return o, lse, tol_o, tol_lse
+    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
 
 
-def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None):
+def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None, device="cpu"):
     """attention_bound under the DMS visibility rule for one sequence: q [N, Hq, D], k, v
     [N, Hkv, D], logits [N, Hkv]; rows: the query positions to bound (default all). Returns
-    (o, lse, tol_o, tol_lse) with o [R, Hq, D]."""
-    q, k, v, logits = q.cpu(), k.cpu(), v.cpu(), logits.cpu()
+    (o, lse, tol_o, tol_lse) with o [R, Hq, D], float64 on the CPU. `device`: where the float64
+    math runs (as decode_bound)."""
+    q, k, v, logits = q.to(device), k.to(device), v.to(device), logits.to(device)
     N, hq, D = q.shape
     hkv = k.shape[1]
     G = hq // hkv
-    rows = torch.arange(N) if rows is None else torch.as_tensor(rows)
+    rows = (torch.arange(N) if rows is None else torch.as_tensor(rows)).to(device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dtype = dtype or q.dtype
     mask = reference.visibility_mask(logits, window)[:, rows]          # [Hkv, R, N]
     R = rows.numel()
-    o = torch.zeros(R, hq, D, dtype=torch.float64)
-    lse = torch.zeros(R, hq, dtype=torch.float64)
+    o = torch.zeros(R, hq, D, dtype=torch.float64, device=device)
+    lse = torch.zeros(R, hq, dtype=torch.float64, device=device)
     tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
     for h in range(hq):
         g = h // G
         o[:, h], lse[:, h], tol_o[:, h], tol_lse[:, h] = attention_bound(
             q[rows, h], k[:, g], v[:, g], scale, dtype, mask[g])
-    return o, lse, tol_o, tol_lse
+    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
 
 
 def bound_violations(out, ref, tol):

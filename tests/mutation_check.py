@@ -12,6 +12,15 @@ is right except for ONE mutation and asserts the bound REJECTS it:
   window_minus1  the window is one shorter (the oldest in-window flagged key is dropped)
   wrong_flag     an eviction flag lands on the next token (token j kept, j + 1 evicted)
 
+Each case runs twice. "random": the key a mutation moves is an ordinary one (slots 5 and 7, the
+keys at the window edge and the flag as drawn), weight ~1/700; that moves a bf16 output by about
+the P-rounding bound itself, so bf16 catches it in ~2 of 3 cases, fp16 in every case. "chosen"
+(names ending in *): the key is chosen to matter, as a real bug's key may: the doubled and the
+misread slot are the head's highest-scoring key, and the key the length / window / flag
+mutations add or drop gets a high score for the query (its K along the query's direction, score
+about 4 against N(0, 1) for the rest: weight ~0.05). Verdict: every chosen mutation caught in
+every case in both dtypes; random ones as before (fp16 every case, bf16 at least one).
+
 The mutated output is the float64 reference of the mutated problem rounded to the dtype (a perfect
 kernel but for the bug), so a rejection is the bound's doing, not rounding noise. Both bf16 and
 fp16. Prints one line per (mutation, dtype) and `MUTATION: k/n caught`; exit 1 if any mutation
@@ -29,7 +38,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _TESTS)
+sys.path.insert(1, os.path.dirname(_TESTS))   # the repo root: `python3 tests/mutation_check.py`
 import dms_ext  # noqa: E402,F401
 from dms_ext import ops, reference  # noqa: E402
 from helpers import (bound_violations, decode_bound, dms_bound, make_logits, new_state,  # noqa: E402
@@ -52,7 +63,7 @@ def emulate_kernel(q, kk, vv, scale, dtype, mask=None):
 
 # ------------------------------------------------------------------ paged decode cases
 
-def paged_case(gen, dtype, B=2, hkv=2, G=4, D=128, bs=32):
+def paged_case(gen, dtype, B=2, hkv=2, G=4, D=128, bs=32, chosen=False):
     lens = torch.randint(600, 900, (B, hkv), generator=gen, dtype=torch.int32)
     M = -(-int(lens.max()) // bs) + 1
     nb = B * hkv * M + 1
@@ -60,6 +71,9 @@ def paged_case(gen, dtype, B=2, hkv=2, G=4, D=128, bs=32):
     kc = torch.randn(nb, bs, D, generator=gen).to(dtype)
     vc = torch.randn(nb, bs, D, generator=gen).to(dtype)
     q = torch.randn(B, hkv * G, D, generator=gen).to(dtype)
+    if chosen:  # drop_key drops the last key of head (0, 0): along query head 0 (score ~4)
+        n = int(lens[0, 0])
+        kc[bt[0, 0, (n - 1) // bs], (n - 1) % bs] = (q[0, 0].float() * (4.0 / D ** 0.5)).to(dtype)
     return q, kc, vc, bt, lens, D ** -0.5
 
 
@@ -70,25 +84,31 @@ def paged_emulated(q, kc, vc, bt, lens, scale):
     return out
 
 
-def paged_mutants(q, kc, vc, bt, lens, scale):
+def paged_mutants(q, kc, vc, bt, lens, scale, chosen=False):
     """{name: output of a kernel with that one bug} for head (0, 0)."""
     out = {}
     l2 = lens.clone()
     l2[0, 0] -= 1
     out["drop_key"] = reference.sparse_decode(q, kc, vc, bt, l2, scale)
-    # dup_key: slot 5 read twice (the head sees n + 1 keys, the last a copy of slot 5).
+    # dup_key: slot 5 (chosen: the top-scoring slot of any query head of the group) read twice
+    # (the head sees n + 1 keys, the last a copy of that slot).
     n = int(lens[0, 0])
     G = q.shape[1] // bt.shape[1]
+    bs = kc.shape[1]
     kk = reference.paged_gather(kc, bt[0, 0], n)
     vv = reference.paged_gather(vc, bt[0, 0], n)
+    top = 5
+    if chosen:  # (not the last slot: drop_key's)
+        top = int((q[0, :G].double() @ kk[:n - 1].double().t()).amax(0).argmax())
     o = reference.sparse_decode(q, kc, vc, bt, lens, scale)
-    k2, v2 = torch.cat([kk, kk[5:6]]), torch.cat([vv, vv[5:6]])
+    k2, v2 = torch.cat([kk, kk[top:top + 1]]), torch.cat([vv, vv[top:top + 1]])
     o[0, :G] = torch.softmax(q[0, :G].double() @ k2.double().t() * scale, -1) @ v2.double()
     out["dup_key"] = o
-    # neighbour_row: slot 7 reads the same row of block (its block id + 1).
-    nbr = (int(bt[0, 0, 0]) + 1) % kc.shape[0]
+    # neighbour_row: slot 7 (chosen: the top slot) reads the same row of block (its id + 1).
+    s3 = top if chosen else 7
+    nbr = (int(bt[0, 0, s3 // bs]) + 1) % kc.shape[0]
     k3, v3 = kk.clone(), vv.clone()
-    k3[7], v3[7] = kc[nbr, 7], vc[nbr, 7]
+    k3[s3], v3[s3] = kc[nbr, s3 % bs], vc[nbr, s3 % bs]
     o = reference.sparse_decode(q, kc, vc, bt, lens, scale)
     o[0, :G] = torch.softmax(q[0, :G].double() @ k3.double().t() * scale, -1) @ v3.double()
     out["neighbour_row"] = o
@@ -97,7 +117,7 @@ def paged_mutants(q, kc, vc, bt, lens, scale):
 
 # ------------------------------------------------------------------ DMS state cases
 
-def dms_case(gen, dtype, n=700, hkv=2, G=3, D=64, window=16, bs=16, device="cpu"):
+def dms_case(gen, dtype, n=700, hkv=2, G=3, D=64, window=16, bs=16, device="cpu", chosen=False):
     """A sequence of n tokens appended to a fresh state; the query of token n - 1. Flags every
     token at rate 0.5, and forces the ones the window / flag mutations need."""
     q = torch.randn(n, hkv * G, D, generator=gen).to(dtype)
@@ -105,12 +125,17 @@ def dms_case(gen, dtype, n=700, hkv=2, G=3, D=64, window=16, bs=16, device="cpu"
     v = torch.randn(n, hkv, D, generator=gen).to(dtype)
     lg = make_logits(gen, n, hkv, 0.5)
     t = n - 1
+    j = t - window - 20
+    # chosen: the keys the mutations add or drop score ~4 for query t (along each group's first
+    # query head): t - w - 1 (window_plus1 sees it), t - w (window_minus1 drops it), j + 1
+    # (wrong_flag evicts it).
+    for p in ((t - window - 1, t - window, j + 1) if chosen else ()):
+        k[p] = (q[t, ::G].float() * (4.0 / D ** 0.5)).to(dtype)
     # Token t - w - 1 (just outside the window) flagged, t - w (oldest inside) flagged:
     # logits[j + 1] > 0 flags token j.
     lg[t - window] = 2.0
     lg[t - window + 1] = 2.0
     # wrong_flag: token j = t - w - 20 flagged, j + 1 not.
-    j = t - window - 20
     lg[j + 1], lg[j + 2] = 2.0, -2.0
     M = -(-n // bs) + 1
     st = new_state(1, hkv, D, hkv * M + 2, bs, window, M, dtype, device, gen)
@@ -139,9 +164,10 @@ def run(device="cpu", cases=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     caught, total, accept_fail, ratio = {}, {}, [], {}
     for name_dt, dt in DTYPES.items():
-        for c in range(cases):
+        for c, chosen in [(c, ch) for c in range(cases) for ch in (False, True)]:
+            star = "*" if chosen else ""
             # Paged decode.
-            q, kc, vc, bt, lens, scale = paged_case(gen, dt)
+            q, kc, vc, bt, lens, scale = paged_case(gen, dt, chosen=chosen)
             ref, _, tol, _ = decode_bound(q, kc, vc, bt, lens, scale)
             dev = [x.to(device) for x in (q, kc, vc, bt, lens)]
             op = ops.sparse_decode(*dev, scale)
@@ -149,14 +175,14 @@ def run(device="cpu", cases=3, seed=0):
                 nbad, worst, _ = bound_violations(o, ref, tol)
                 if nbad:
                     accept_fail.append(f"{name_dt} paged case {c}: {what} output rejected ({worst:.3g} x bound)")
-            for mut, mo in paged_mutants(q, kc, vc, bt, lens, scale).items():
+            for mut, mo in paged_mutants(q, kc, vc, bt, lens, scale, chosen).items():
                 nbad, worst, _ = bound_violations(mo.to(dt), ref, tol)
-                key = (mut, name_dt)
+                key = (mut + star, name_dt)
                 total[key] = total.get(key, 0) + 1
                 caught[key] = caught.get(key, 0) + (nbad > 0)
                 ratio.setdefault(key, []).append(worst)
             # DMS state: the op reads what append kept.
-            q, k, v, lg, w, st, j = dms_case(gen, dt, device=device)
+            q, k, v, lg, w, st, j = dms_case(gen, dt, device=device, chosen=chosen)
             scale = q.shape[-1] ** -0.5
             t = q.shape[0] - 1
             o_ref, _, tol, _ = dms_bound(q, k, v, lg, w, scale, rows=[t])
@@ -167,12 +193,12 @@ def run(device="cpu", cases=3, seed=0):
                 accept_fail.append(f"{name_dt} dms case {c}: op output rejected ({worst:.3g} x bound)")
             for mut, mo in dms_mutants(q, k, v, lg, w, j, scale).items():
                 nbad, worst, _ = bound_violations(mo.to(dt), o_ref, tol)
-                key = (mut, name_dt)
+                key = (mut + star, name_dt)
                 total[key] = total.get(key, 0) + 1
                 caught[key] = caught.get(key, 0) + (nbad > 0)
                 ratio.setdefault(key, []).append(worst)
     for key in total:
-        print(f"MUTATION {key[0]:14s} {key[1]}: caught {caught[key]}/{total[key]}, max err / bound "
+        print(f"MUTATION {key[0]:15s} {key[1]}: caught {caught[key]}/{total[key]}, max err / bound "
               + " ".join(f"{r:.2f}" for r in ratio[key]))
     for a in accept_fail:
         print(f"ACCEPT FAILED: {a}")
@@ -183,10 +209,12 @@ def run(device="cpu", cases=3, seed=0):
 
 
 def verdict(caught, total, accept_fail):
-    """Pass: every unmutated output accepted, every fp16 mutation caught in every case, every
-    bf16 mutation caught in at least one case (a one-key error of weight ~1/700 is near the
-    bf16 P-rounding bound: about 2 / 3 of such keys are caught, see the printed ratios)."""
-    missed = [k for k in total if (caught[k] < total[k] if k[1] == "fp16" else caught[k] == 0)]
+    """Pass: every unmutated output accepted; every chosen mutation (name ending in *) caught in
+    every case, both dtypes; every random fp16 mutation caught in every case, every random bf16
+    mutation in at least one (a one-key error of weight ~1/700 is near the bf16 P-rounding bound:
+    about 2 / 3 of such keys are caught, see the printed ratios)."""
+    strict = lambda k: k[0].endswith("*") or k[1] == "fp16"
+    missed = [k for k in total if (caught[k] < total[k] if strict(k) else caught[k] == 0)]
     return not accept_fail and not missed, missed
 
 

@@ -12,7 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_e2e_smoke_runs_both_paths():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_e2e.py"), "--smoke",
                         "--contexts", "200,400", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       # a script's sys.path starts at bench/: the in-place build is at ROOT
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     m = re.findall(r"L(\d+) dense B(\d+) \d+ tok/s, DMS B(\d+) \d+ tok/s", p.stdout)
     assert [x[0] for x in m] == ["200", "400"], p.stdout[-2000:]

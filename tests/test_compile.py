@@ -201,7 +201,7 @@ def test_cuda_compile_fullgraph_inductor(dtype):
 
 # --------------------------------------------------------------------------------------------
 # opcheck on CUDA for the ops the CUDA test files do not opcheck (sparse_decode, sparse_prefill
-# and decode_step are opchecked in test_decode / test_prefill / test_cuda_step).
+# and decode_step are opchecked in test_decode / test_prefill / test_decode_step).
 
 
 @pytest.mark.cuda

@@ -88,7 +88,7 @@ def check_out(out, c: Case, scale, label=""):
     exact zeros for empty heads."""
     B, hq, D = c.q.shape
     assert out.shape == (B, hq, D) and out.dtype == c.q.dtype and out.device == c.q.device
-    ref, _, tol, _ = decode_bound(*c.args, scale)
+    ref, _, tol, _ = decode_bound(*c.args, scale, device=c.q.device)
     nonfinite = int((~torch.isfinite(out)).sum())
     print(f"{label} lens {int(c.lens.min()) if c.lens.numel() else 0}.."
           f"{int(c.lens.max()) if c.lens.numel() else 0}: non-finite {nonfinite}")
@@ -103,7 +103,7 @@ def check_out(out, c: Case, scale, label=""):
 def check_lse(lse, c: Case, scale, label=""):
     B, hq, _ = c.q.shape
     assert lse.shape == (B, hq) and lse.dtype == torch.float32
-    ref, want, tol, tol_lse = decode_bound(*c.args, scale)
+    ref, want, tol, tol_lse = decode_bound(*c.args, scale, device=c.q.device)
     empty = torch.isneginf(want)
     assert bool(torch.isneginf(lse.cpu()[empty]).all()), f"{label}: lse of an empty head must be -inf"
     if (~empty).any():

@@ -253,7 +253,7 @@ def run_state_schedule(seed: int, events: int, device="cpu"):
     if cuda:
         st.attn_check = None                             # helpers.attention_bound
         st.rope_ulps, st.float_math = 2.0, True
-        st.logit_rtol, st.logit_atol = 1e-5, 1e-3       # as tests/test_cuda_step.py
+        st.logit_rtol, st.logit_atol = 1e-5, 1e-3       # as tests/test_decode_step.py
     label = (f"seed {seed}: {dtype}, Hkv {hkv}, G {G}, D {d}, window {w}, block {bs}, rows {S}, "
              f"blocks {nb}, rate {rate}, extreme {extreme}")
     for _ in range(events):

@@ -127,7 +127,9 @@ def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfl
     for i in range(n_seq):
         qf, kf, vf, lf = full[i]
         n = hist[i] + chunks[i]
-        ref, _, tol_i, _ = dms_bound(qf, kf, vf, lf, window, scale, rows=range(hist[i], n))
+        # The float64 oracle runs where the case runs (a CUDA case: on the GPU, same math).
+        ref, _, tol_i, _ = dms_bound(qf, kf, vf, lf, window, scale, rows=range(hist[i], n),
+                                     device=device)
         refs.append((ref, tol_i))
         o = out[cu_list[i]:cu_list[i + 1]].double().cpu()
         err = max(err, (o - ref).abs().max().item())

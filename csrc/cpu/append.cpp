@@ -73,18 +73,10 @@ Status append(const AppendParams& p) {
   const int H = p.kv.num_kv_heads, R = p.state.window + 1, M = p.state.pages.max_blocks_per_head;
   const int bs = p.kv.block_size;
   // Packing, rows, their pages and ring entries, the free list: every check before a write.
-  std::vector<int> rows;
-  Status st = detail::check_chunk_rows(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens, p.kv,
-                                       p.state, &rows);
-  if (st == Status::kSuccess) st = detail::check_free(p.free, p.kv.num_blocks);
+  // (num_tokens + each chunk fitting int32 included.)
+  Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
-  for (int c = 0; c < p.num_seqs; ++c) {
-    const int row = rows[c];
-    if (int64_t(p.state.num_tokens[row]) + (p.cu_seqlens[c + 1] - p.cu_seqlens[c]) > INT32_MAX) {
-      return detail::refuse(Status::kInvalidArgument, "num_tokens[", row,
-                            "] + the chunk's tokens overflow int32");
-    }
-  }
+  const int32_t* rows = p.rows;
   const int free_top = *p.free.top;
 
   // Dry run on copies: blocks needed, and room in every page list.

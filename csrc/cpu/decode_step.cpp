@@ -20,25 +20,18 @@ Status decode_step(const DecodeStepParams& p) {
     return Status::kInvalidArgument;
   }
   if (p.batch == 0) return Status::kSuccess;
-  if (!p.q || !p.k || !p.v || !p.rows || !p.state.num_tokens || !p.logits) {
+  if (!p.q || !p.k || !p.v || !p.rows || !has_pointers(p.state) || !has_pointers(p.free) ||
+      !p.logits) {
     return Status::kInvalidArgument;
   }
   const int B = p.batch, Hq = p.num_q_heads, H = p.kv.num_kv_heads, D = p.kv.head_dim;
   const size_t es = size_t(dtype_size(act));
-  // Rows (distinct, in range) and positions first; append checks the rest of the state.
+  // Rows (distinct, in range), positions, then what append checks (dms/validate.h).
   std::vector<int32_t> positions(B), cu(B + 1);
   for (int b = 0; b <= B; ++b) cu[b] = b;
-  std::vector<int> rows;
-  const Status st = detail::check_chunks(p.rows, cu.data(), B, B, p.state.max_seqs, &rows);
+  const Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
-  for (int b = 0; b < B; ++b) {
-    positions[b] = p.state.num_tokens[rows[b]];
-    if (positions[b] < 0 || positions[b] >= p.max_position) {
-      return detail::refuse(Status::kInvalidArgument, "position num_tokens[", rows[b], "] = ",
-                            positions[b], " is outside cos_sin_cache's [0, ", p.max_position,
-                            ")");
-    }
-  }
+  for (int b = 0; b < B; ++b) positions[b] = p.state.num_tokens[p.rows[b]];
   // Work on copies: k is an input, and q must stay untouched if append refuses the batch.
   const size_t q_bytes = size_t(B) * Hq * D * es, k_bytes = size_t(B) * H * D * es;
   std::vector<unsigned char> q(q_bytes), k(k_bytes);

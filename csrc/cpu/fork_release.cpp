@@ -21,31 +21,10 @@ Status fork(const ForkParams& p) {
   }
   const int H = p.kv.num_kv_heads, M = p.state.pages.max_blocks_per_head, bs = p.kv.block_size;
   const int R = p.state.window + 1;
-  Status st = detail::check_pages(p.state.pages, p.kv, {p.src});
+  // src's pages and num_tokens, dst empty (a fork target is a freshly added or released row),
+  // the free list and room in it for the copy (kOutOfBlocks): dms/validate.h.
+  const Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
-  if (p.state.num_tokens[p.src] < 0) {
-    return detail::refuse(Status::kInvalidArgument, "num_tokens[", p.src, "] = ",
-                          p.state.num_tokens[p.src], " is negative");
-  }
-  // dst must be empty: a fork target is a freshly added (or released) row.
-  if (p.state.num_tokens[p.dst] != 0) {
-    return detail::refuse(Status::kInvalidArgument, "dst row ", p.dst,
-                          " must be empty (num_tokens[dst] == 0)");
-  }
-  int64_t need = 0;
-  for (int g = 0; g < H; ++g) {
-    if (p.state.pages.seq_lens[int64_t(p.dst) * H + g] != 0) {
-      return detail::refuse(Status::kInvalidArgument, "dst row ", p.dst,
-                            " must be empty (seq_lens[dst, ", g, "] == 0)");
-    }
-    need += detail::blocks_for(p.state.pages.seq_lens[int64_t(p.src) * H + g], bs);
-  }
-  st = detail::check_free(p.free, p.kv.num_blocks);
-  if (st != Status::kSuccess) return st;
-  const int top = *p.free.top;
-  if (need > top) {
-    return detail::refuse(Status::kOutOfBlocks, "needs ", need, " blocks, ", top, " free");
-  }
 
   const size_t block_bytes = size_t(bs) * p.kv.head_dim * dtype_size(p.kv.dtype);
   for (int g = 0; g < H; ++g) {
@@ -77,17 +56,9 @@ Status release(const ReleaseParams& p) {
   if (!has_pointers(p.state) || !has_pointers(p.free)) return Status::kInvalidArgument;
   const int H = p.kv.num_kv_heads, M = p.state.pages.max_blocks_per_head, bs = p.kv.block_size;
   const int R = p.state.window + 1;
-  const Status st = detail::check_pages(p.state.pages, p.kv, {p.row});
+  // The row's pages, and room for its blocks on the free list: dms/validate.h.
+  const Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
-  int64_t count = 0;
-  for (int g = 0; g < H; ++g) {
-    count += detail::blocks_for(p.state.pages.seq_lens[int64_t(p.row) * H + g], bs);
-  }
-  const int top = *p.free.top;
-  if (top < 0 || int64_t(top) + count > p.kv.num_blocks) {
-    return detail::refuse(Status::kInvalidArgument, "free_top = ", top, " plus the row's ", count,
-                          " blocks exceeds num_blocks = ", p.kv.num_blocks);
-  }
   for (int g = 0; g < H; ++g) {
     const int64_t rh = int64_t(p.row) * H + g;
     for (int b = 0; b < detail::blocks_for(p.state.pages.seq_lens[rh], bs); ++b) {

@@ -28,9 +28,7 @@ Status sparse_decode(const SparseDecodeParams& p) {
   }
   const int G = p.num_q_heads / p.kv.num_kv_heads, D = p.kv.head_dim, bs = p.kv.block_size;
   // Validate every length and referenced block before writing anything.
-  std::vector<int> rows(p.batch);
-  for (int b = 0; b < p.batch; ++b) rows[b] = b;
-  const Status st = detail::check_pages(p.pages, p.kv, rows);
+  const Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
   std::vector<double> qv(D), acc(D), scores;
   for (int b = 0; b < p.batch; ++b) {

@@ -40,11 +40,10 @@ Status sparse_prefill(const SparsePrefillParams& p) {
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, D = p.kv.head_dim;
   const int W = p.state.window, R = W + 1, M = p.state.pages.max_blocks_per_head;
   const int bs = p.kv.block_size;
-  std::vector<int> rows;
-  const Status st = detail::check_chunk_rows(p.rows, p.cu_seqlens, p.num_seqs, p.total_tokens,
-                                             p.kv, p.state, &rows);
+  const Status st = detail::check_data(validate_params(p));
   if (st != Status::kSuccess) return st;
-  for (int row : rows) {
+  for (int c = 0; c < p.num_seqs; ++c) {
+    const int row = p.rows[c];
     for (int g = 0; g < H; ++g) {
       if (p.state.pages.seq_lens[int64_t(row) * H + g] > 0 && !has_pointers(p.kv)) {
         return Status::kInvalidArgument;

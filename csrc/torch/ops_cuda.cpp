@@ -12,6 +12,7 @@
 
 #include "dms/dms.h"
 #include "torch/tensor_params.h"
+#include "torch/validate.h"
 
 namespace dms {
 namespace torch_ext {
@@ -60,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   SparseDecodeParams p = sparse_decode_params(q, k_cache, v_cache, block_table, seq_lens, scale,
                                                   k_scale, v_scale);
   const c10::cuda::CUDAGuard guard(q.device());
+  validate_device_data("sparse_decode", validate_params(p));  // DMS_VALIDATE=1 only
   // The kernel moves q rows with 16-byte copies: a view with odd strides or offset is copied.
   at::Tensor qc = q;
   if (q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
@@ -125,6 +127,7 @@ void append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& log
                                  seq_lens, ring, num_tokens, free_stack, free_top, k_scale,
                                  v_scale);
   const c10::cuda::CUDAGuard guard(k.device());
+  validate_device_data("append", validate_params(p));  // DMS_VALIDATE=1 only
   if (p.num_seqs == 0) return;
   check_launch(append(p, c10::cuda::getCurrentCUDAStream()), "append");
 }
@@ -141,6 +144,7 @@ at::Tensor sparse_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                                 v_cache, block_table, seq_lens, ring, num_tokens, scale,
                                                 k_scale, v_scale);
   const c10::cuda::CUDAGuard guard(q.device());
+  validate_device_data("sparse_prefill", validate_params(p));  // DMS_VALIDATE=1 only
   at::Tensor out = at::empty(q.sizes(), q.options());
   p.out = out.data_ptr();
   if (p.num_seqs == 0) return out;
@@ -168,6 +172,7 @@ void fork_cuda(int64_t src, int64_t dst, at::Tensor& k_cache, at::Tensor& v_cach
   ForkParams p = fork_params(src, dst, k_cache, v_cache, block_table, seq_lens, ring, num_tokens,
                              free_stack, free_top);
   const c10::cuda::CUDAGuard guard(k_cache.device());
+  validate_device_data("fork", validate_params(p));  // DMS_VALIDATE=1 only
   check_launch(fork(p, c10::cuda::getCurrentCUDAStream()), "fork");
 }
 
@@ -178,6 +183,7 @@ void release_cuda(int64_t row, at::Tensor& block_table, at::Tensor& seq_lens, at
   ReleaseParams p = release_params(row, block_table, seq_lens, ring, num_tokens, free_stack,
                                    free_top, block_size);
   const c10::cuda::CUDAGuard guard(block_table.device());
+  validate_device_data("release", validate_params(p));  // DMS_VALIDATE=1 only
   check_launch(release(p, c10::cuda::getCurrentCUDAStream()), "release");
 }
 
@@ -196,6 +202,7 @@ at::Tensor decode_step_cuda(at::Tensor& q, const at::Tensor& k, const at::Tensor
                                           free_top, alpha_scale, alpha_offset, q_norm_weight,
                                           k_norm_weight, norm_eps, logits, k_scale, v_scale);
   const c10::cuda::CUDAGuard guard(q.device());
+  validate_device_data("decode_step", validate_params(p));  // DMS_VALIDATE=1 only
   at::Tensor out = eviction_logits_output(q, k);
   p.logits = out.data_ptr<float>();
   if (p.batch == 0) return out;

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dms/capabilities.h"
+#include "torch/validate.h"
 
 // dms_ext._C is imported only for its side effect of running this block.
 extern "C" {
@@ -60,6 +61,11 @@ TORCH_LIBRARY(dms, m) {
   m.def("supported(str op, str device, ScalarType dtype, int head_dim=0, int block_size=0, "
         "ScalarType? kv_dtype=None) -> bool",
         &supported_op);
+  // DMS_VALIDATE mode (docs/errors.md section 4): the CUDA ops check the device data they read
+  // (block ids, lengths, rows, ring entries, the free list, positions) before running, with a
+  // sync, and raise what the CPU ops raise. Starts as the environment says (DMS_VALIDATE=1);
+  // enabled=None asks, True / False sets it for this process. Returns the mode before the call.
+  m.def("validate_mode(bool? enabled=None) -> bool", &dms::torch_ext::set_validate);
   // Pools: k_cache / v_cache have the compute dtype, or are float8_e4m3fn (both alike): a value
   // reads as stored * k_scale (v_scale), a write stores saturate(x / k_scale) (round to nearest
   // even, +-448). Every op that reads or writes the pools takes trailing k_scale / v_scale

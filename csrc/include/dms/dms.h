@@ -67,6 +67,7 @@
 #include <cuda_runtime_api.h>
 #include "dms/capabilities.h"
 #include "dms/params.h"
+#include "dms/validate.h"
 
 namespace dms {
 
@@ -136,5 +137,13 @@ Status release(const ReleaseParams& p, cudaStream_t stream);
 // even; num_kv_heads * head_dim * 2 * dtype size must fit in 48 KB of shared memory
 // (kUnsupported otherwise). Pops at most one block per (row, KV head).
 Status decode_step(const DecodeStepParams& p, cudaStream_t stream);
+
+// validate: the data checks of dms/validate.h on the device, for an op's validate_params(p)
+// (device pointers), BEFORE that op is enqueued on the same stream. Writes the first violation
+// into *report (device memory, sizeof(ValidationReport), any contents): report->violation is
+// kNone (0) when the data is good. Read it back (a sync) and dms::describe() it; the op must not
+// be launched on bad data. Two small kernels and a memset, no host sync; capturable, though
+// reading the report back is not. The torch CUDA ops run it when DMS_VALIDATE=1.
+Status validate(const ValidateParams& p, ValidationReport* report, cudaStream_t stream);
 
 }  // namespace dms
