@@ -33,6 +33,7 @@
 #include "dms/dms.h"
 #include "kernels/common.cuh"
 #include "kernels/primitives.cuh"
+#include "kernels/streamk.cuh"
 
 namespace dms {
 namespace {
@@ -102,11 +103,9 @@ struct Resolved {
 __device__ __forceinline__ int units_of(int L) {
   return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
 }
-// First unit of CTA c when U units are cut into n ranges, and the CTA owning unit u.
-__device__ __forceinline__ int64_t range_begin(int64_t c, int64_t U, int64_t n) { return c * U / n; }
-__device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
-  return (int)(((u + 1) * n - 1) / U);
-}
+using streamk::kMergeThreads;
+using streamk::owner_of;
+using streamk::range_begin;
 
 // ------------------------------------------------------------------------------------------------
 // Scheduler: one CTA. Inclusive prefix of the row costs, the number n of CTAs that get work
@@ -114,53 +113,11 @@ __device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
 __global__ void __launch_bounds__(kPlanThreads)
 sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, int head_tiles,
                           int grid, int min_units, unsigned char* ws, Layout lo) {
-  int32_t* meta = reinterpret_cast<int32_t*>(ws + lo.meta);
-  int32_t* prefix = reinterpret_cast<int32_t*>(ws + lo.prefix);
-  int32_t* cta_row = reinterpret_cast<int32_t*>(ws + lo.cta_row);
-  __shared__ int warp_sums[kPlanThreads / 32];
   pdl_launch_dependents();  // the attention kernel may start its launch; it waits for our writes
-  __shared__ int carry_s;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) carry_s = 0;
-  __syncthreads();
-  for (int64_t base = 0; base < rows_v; base += kPlanThreads) {
-    const int64_t v = base + tid;
-    int x = v < rows_v ? units_of(__ldg(seq_lens + v / head_tiles)) : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-      int w = warp_sums[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += y;
-      }
-      warp_sums[lane] = w;  // inclusive over warps
-    }
-    __syncthreads();
-    const int carry = carry_s;
-    if (v < rows_v) prefix[v] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
-    __syncthreads();
-    if (tid == 0) carry_s = carry + warp_sums[kPlanThreads / 32 - 1];
-    __syncthreads();
-  }  // the loop's last barrier made prefix[] (global writes of this CTA) visible to all of it
-  const int64_t U = carry_s;
-  const int n = (int)(U / (min_units > 0 ? min_units : 1) < grid ? (U / (min_units > 0 ? min_units : 1) > 0 ? U / (min_units > 0 ? min_units : 1) : 1) : grid);
-  // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
-  for (int64_t v = tid; v < rows_v; v += kPlanThreads) {
-    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-    const int64_t c_lo = (P * n + U - 1) / U, c_hi = (P_end * n + U - 1) / U;
-    for (int64_t c = c_lo; c < c_hi; ++c) cta_row[c] = (int32_t)v;
-  }
-  if (tid == 0) {
-    meta[0] = n;
-    meta[1] = (int32_t)U;
-  }
+  streamk::plan_line<kPlanThreads>(
+      rows_v, grid, min_units, reinterpret_cast<int32_t*>(ws + lo.prefix),
+      reinterpret_cast<int32_t*>(ws + lo.cta_row), reinterpret_cast<int32_t*>(ws + lo.meta),
+      [&](int64_t v) { return units_of(__ldg(seq_lens + v / head_tiles)); });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -498,21 +455,13 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment). Two phases, each a few independent
-// loads per thread: the pieces' lse give per-head weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces.
-constexpr int kMergeThreads = 256;
-inline size_t merge_smem_bytes(int grid) { return (size_t)grid * kHeadTile * 4 + kMergeThreads * 16 + 2 * kHeadTile * 4; }
+// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces.
+inline size_t merge_smem_bytes(int grid) { return streamk::merge_smem_bytes(grid, kHeadTile); }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
-  constexpr int kVec = D / 4;  // float4 columns per head row
   extern __shared__ __align__(16) float merge_smem[];
-  float4* sAcc = reinterpret_cast<float4*>(merge_smem);        // [kMergeThreads]
-  float* sMax = merge_smem + kMergeThreads * 4;                // [16]
-  float* sSum = sMax + kHeadTile;                              // [16]
-  float* sW = sSum + kHeadTile;                                // [pieces][16]
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
@@ -521,87 +470,25 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const int n = meta[0], c = blockIdx.x;
-  if (c >= n) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
-  int64_t v = cta_row[c];
-  while (prefix[v] < b0) ++v;  // the row holding c's last unit
-  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-  if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
-  if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
-  const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
-  const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
+  const int c = blockIdx.x;
+  streamk::CutRow cr;
+  if (!streamk::cut_row_of(meta, prefix, cta_row, c, cr)) return;
+  const int row = (int)(cr.v / rs.head_tiles), ht = (int)(cr.v % rs.head_tiles);
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Piece j of the row is CTA c + j's first segment (slot 0), except for j = 0 when c's range
-  // starts before the row (then it is c's last segment, slot 1).
-  auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && a0 < P ? 1 : 0); };
-
-  for (int i = tid; i < k * nh; i += kMergeThreads) {  // phase 1: lse of every piece and head
-    const int j = i / nh, r = i % nh;
-    sW[j * kHeadTile + r] = part_lse[slot_of(j) * kHeadTile + r];
-  }
-  __syncthreads();
-  for (int r = warp; r < nh; r += kMergeThreads / 32) {  // a warp per head: max, weights, sum
-    float M = -INFINITY;
-    for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kHeadTile + r]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float l = 0.f;
-    for (int j = lane; j < k; j += 32) {
-      const float w = M == -INFINITY ? 0.f : exp2f(sW[j * kHeadTile + r] - M);  // empty piece: 0
-      sW[j * kHeadTile + r] = w;
-      l += w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (lane == 0) {
-      sMax[r] = M;
-      sSum[r] = l;
-    }
-  }
-  __syncthreads();
-  // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
-  const int E = nh * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
-  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
-  for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
-    const int e = e0 + (groups > 1 ? tid % E : tid);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (e < E && grp < groups) {
-      const int r = e / kVec, d4 = e % kVec;
-#pragma unroll 8
-      for (int j = grp; j < k; j += groups) {
-        const float w = sW[j * kHeadTile + r];
-        const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kHeadTile + r) * D) + d4);
-        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
-      }
-    }
-    if (groups > 1) {
-      sAcc[tid] = acc;
-      __syncthreads();
-      if (tid < E) {
-        for (int q = 1; q < groups; ++q) {
-          const float4 y = sAcc[q * E + tid];
-          acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
-        }
-      }
-    }
-    if (e < E && (groups == 1 || tid < E)) {
-      const int r = e / kVec, d = (e % kVec) * 4;
-      const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
-      T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
-      out[0] = dev::from_float<T>(acc.x * inv);
-      out[1] = dev::from_float<T>(acc.y * inv);
-      out[2] = dev::from_float<T>(acc.z * inv);
-      out[3] = dev::from_float<T>(acc.w * inv);
-      if (p.lse && d == 0)
-        p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
-    }
-  }
+  streamk::merge_pieces<D, kHeadTile, 8>(
+      cr, c, nh, part_o, part_lse, merge_smem,
+      [&](int r, int d, float4 acc, float inv, const float* sSum, const float* sMax) {
+        T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
+        out[0] = dev::from_float<T>(acc.x * inv);
+        out[1] = dev::from_float<T>(acc.y * inv);
+        out[2] = dev::from_float<T>(acc.z * inv);
+        out[3] = dev::from_float<T>(acc.w * inv);
+        const float l = sSum[r];
+        if (p.lse && d == 0)
+          p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
+      });
 }
 
 // ------------------------------------------------------------------------------------------------

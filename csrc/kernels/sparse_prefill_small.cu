@@ -40,6 +40,7 @@
 #include "dms/dms.h"
 #include "kernels/common.cuh"
 #include "kernels/primitives.cuh"
+#include "kernels/streamk.cuh"
 #include "kernels/sparse_prefill_small.h"
 
 namespace dms {
@@ -60,7 +61,7 @@ constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kTileKeys = 64;     // keys per pipeline tile
 constexpr int kRowCost = 1;       // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
-constexpr int kMergeThreads = 256;
+using streamk::kMergeThreads;
 constexpr int kMaxExc = 64;       // ring positions listed in shared memory (more: read the ring)
 
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
@@ -156,10 +157,8 @@ Resolved resolve(const SparsePrefillParams& p) {
   return r;
 }
 
-__device__ __forceinline__ int64_t range_begin(int64_t c, int64_t U, int64_t n) { return c * U / n; }
-__device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
-  return (int)(((u + 1) * n - 1) / U);
-}
+using streamk::owner_of;
+using streamk::range_begin;
 
 // The chunk of a slot (-1: before chunk 0's first slot).
 __device__ __forceinline__ int chunk_of_slot(const SparsePrefillParams& p, int64_t slot, int G, int rows) {
@@ -184,76 +183,33 @@ __device__ __forceinline__ int clamped_seq_len(const SparsePrefillParams& p, int
 __global__ void __launch_bounds__(kPlanThreads)
 plan_kernel(const SparsePrefillParams p, const Resolved rs) {
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
-  int32_t* meta = reinterpret_cast<int32_t*>(ws + rs.ws.meta);
-  int32_t* prefix = reinterpret_cast<int32_t*>(ws + rs.ws.prefix);
   int2* vinfo = reinterpret_cast<int2*>(ws + rs.ws.vinfo);
-  int32_t* cta_row = reinterpret_cast<int32_t*>(ws + rs.ws.cta_row);
-  __shared__ int warp_sums[kPlanThreads / 32];
-  __shared__ int carry_s;
   pdl_launch_dependents();  // the attention kernel may launch; it waits for our writes
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H;
-  if (tid == 0) carry_s = 0;
-  __syncthreads();
-  for (int64_t base = 0; base < rs.rows_v; base += kPlanThreads) {
-    const int64_t v = base + tid;
-    int x = 0;
-    if (v < rs.rows_v) {
-      const int64_t slot = v / H;
-      const int g = (int)(v % H);
-      const int c = chunk_of_slot(p, slot, G, rs.rows);
-      int2 info = make_int2(-1, 0);
-      if (c >= 0) {
-        const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
-        const int64_t rg = slot - ((int64_t)start * G / rs.rows + c);
-        const int64_t R0 = rg * rs.rows, L = end - start;
-        if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs &&
-            R0 < L * G) {
-          const int i1 = (int)min(L, (R0 + rs.rows - 1) / G + 1);
-          const int keys = clamped_seq_len(p, r, g) + i1;
-          x = (keys + kTileKeys - 1) / kTileKeys + kRowCost;
-          info = make_int2(c, (int)rg);
+  streamk::plan_line<kPlanThreads>(
+      rs.rows_v, rs.grid, rs.min_units, reinterpret_cast<int32_t*>(ws + rs.ws.prefix),
+      reinterpret_cast<int32_t*>(ws + rs.ws.cta_row), reinterpret_cast<int32_t*>(ws + rs.ws.meta),
+      [&](int64_t v) {  // also records the row's (chunk, row group)
+        int x = 0;
+        const int64_t slot = v / H;
+        const int g = (int)(v % H);
+        const int c = chunk_of_slot(p, slot, G, rs.rows);
+        int2 info = make_int2(-1, 0);
+        if (c >= 0) {
+          const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
+          const int64_t rg = slot - ((int64_t)start * G / rs.rows + c);
+          const int64_t R0 = rg * rs.rows, L = end - start;
+          if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs &&
+              R0 < L * G) {
+            const int i1 = (int)min(L, (R0 + rs.rows - 1) / G + 1);
+            const int keys = clamped_seq_len(p, r, g) + i1;
+            x = (keys + kTileKeys - 1) / kTileKeys + kRowCost;
+            info = make_int2(c, (int)rg);
+          }
         }
-      }
-      vinfo[v] = info;
-    }
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-      int w = warp_sums[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += y;
-      }
-      warp_sums[lane] = w;
-    }
-    __syncthreads();
-    const int carry = carry_s;
-    if (v < rs.rows_v) prefix[v] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
-    __syncthreads();
-    if (tid == 0) carry_s = carry + warp_sums[kPlanThreads / 32 - 1];
-    __syncthreads();
-  }
-  const int64_t U = carry_s;
-  int64_t n = U / rs.min_units;
-  n = n < 1 ? 1 : (n > rs.grid ? rs.grid : n);
-  if (U > 0) {
-    for (int64_t v = tid; v < rs.rows_v; v += kPlanThreads) {
-      const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-      const int64_t c_lo = (P * n + U - 1) / U, c_hi = (P_end * n + U - 1) / U;
-      for (int64_t c = c_lo; c < c_hi; ++c) cta_row[c] = (int32_t)v;
-    }
-  }
-  if (tid == 0) {
-    meta[0] = U > 0 ? (int32_t)n : 0;
-    meta[1] = (int32_t)U;
-  }
+        vinfo[v] = info;
+        return x;
+      });
 }
 
 // Scalars of the current work row, in shared memory (registers are kept for the accumulators).
@@ -644,22 +600,17 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most
-// one), as sparse_decode's merge kernel.
+// one): streamk::merge_pieces, as sparse_decode's merge kernel.
 template <int MT>
 inline size_t merge_smem_bytes(int grid) {
-  return (size_t)grid * 16 * MT * 4 + kMergeThreads * 16 + 2 * 16 * MT * 4;
+  return streamk::merge_smem_bytes(grid, 16 * MT);
 }
 
 template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kMergeThreads)
 merge_kernel(const SparsePrefillParams p, const Resolved rs) {
   constexpr int kRows = 16 * MT;
-  constexpr int kVec = D / 4;
   extern __shared__ __align__(16) float merge_smem[];
-  float4* sAcc = reinterpret_cast<float4*>(merge_smem);        // [kMergeThreads]
-  float* sMax = merge_smem + kMergeThreads * 4;                // [kRows]
-  float* sSum = sMax + kRows;                                  // [kRows]
-  float* sW = sSum + kRows;                                    // [pieces][kRows]
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
@@ -669,85 +620,25 @@ merge_kernel(const SparsePrefillParams p, const Resolved rs) {
   const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const int n = meta[0], c = blockIdx.x;
-  if (c >= n) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
-  int64_t v = cta_row[c];
-  while (prefix[v] < b0) ++v;  // the row holding c's last unit (never an unused slot)
-  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-  if (P_end <= b0 && P >= a0) return;          // whole in c: written directly
-  if (owner_of(P, U, n) != c) return;          // starts in an earlier CTA, merged there
-  const int k = owner_of(P_end - 1, U, n) - c + 1;  // pieces: CTAs c .. c + k - 1
+  const int c = blockIdx.x;
+  streamk::CutRow cr;  // (never an unused slot: those cost no unit)
+  if (!streamk::cut_row_of(meta, prefix, cta_row, c, cr)) return;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
-  const int2 info = vinfo[v];
-  const int g = (int)(v % H);
+  const int2 info = vinfo[cr.v];
+  const int g = (int)(cr.v % H);
   const int start = p.cu_seqlens[info.x], L = p.cu_seqlens[info.x + 1] - start;
   const int R0 = info.y * kRows, nrows = min(kRows, L * G - R0);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && a0 < P ? 1 : 0); };
-
-  for (int i = tid; i < k * nrows; i += kMergeThreads) {
-    const int j = i / nrows, r = i % nrows;
-    sW[j * kRows + r] = part_lse[slot_of(j) * kRows + r];
-  }
-  __syncthreads();
-  for (int r = warp; r < nrows; r += kMergeThreads / 32) {
-    float M = -INFINITY;
-    for (int j = lane; j < k; j += 32) M = fmaxf(M, sW[j * kRows + r]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float l = 0.f;
-    for (int j = lane; j < k; j += 32) {
-      const float wt = M == -INFINITY ? 0.f : exp2f(sW[j * kRows + r] - M);
-      sW[j * kRows + r] = wt;
-      l += wt;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (lane == 0) {
-      sMax[r] = M;
-      sSum[r] = l;
-    }
-  }
-  __syncthreads();
-  const int E = nrows * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
-  const int grp = tid / E < groups ? tid / E : groups;
   T* out = static_cast<T*>(p.out);
-  for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
-    const int e = e0 + (groups > 1 ? tid % E : tid);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (e < E && grp < groups) {
-      const int r = e / kVec, d4 = e % kVec;
-#pragma unroll 4
-      for (int j = grp; j < k; j += groups) {
-        const float wt = sW[j * kRows + r];
-        const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + r) * D) + d4);
-        acc.x += wt * x.x; acc.y += wt * x.y; acc.z += wt * x.z; acc.w += wt * x.w;
-      }
-    }
-    if (groups > 1) {
-      sAcc[tid] = acc;
-      __syncthreads();
-      if (tid < E) {
-        for (int q = 1; q < groups; ++q) {
-          const float4 y = sAcc[q * E + tid];
-          acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
-        }
-      }
-    }
-    if (e < E && (groups == 1 || tid < E)) {
-      const int r = e / kVec, d = (e % kVec) * 4;
-      const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
-      const int R = R0 + r, i = R / G, hh = R % G;
-      T* o = out + ((int64_t)(start + i) * Hq + (int64_t)g * G + hh) * D + d;
-      o[0] = dev::from_float<T>(acc.x * inv);
-      o[1] = dev::from_float<T>(acc.y * inv);
-      o[2] = dev::from_float<T>(acc.z * inv);
-      o[3] = dev::from_float<T>(acc.w * inv);
-    }
-  }
+  streamk::merge_pieces<D, kRows, 4>(
+      cr, c, nrows, part_o, part_lse, merge_smem,
+      [&](int r, int d, float4 acc, float inv, const float*, const float*) {
+        const int R = R0 + r, i = R / G, hh = R % G;
+        T* o = out + ((int64_t)(start + i) * Hq + (int64_t)g * G + hh) * D + d;
+        o[0] = dev::from_float<T>(acc.x * inv);
+        o[1] = dev::from_float<T>(acc.y * inv);
+        o[2] = dev::from_float<T>(acc.z * inv);
+        o[3] = dev::from_float<T>(acc.w * inv);
+      });
 }
 
 // ------------------------------------------------------------------------------------------------
