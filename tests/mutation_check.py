@@ -163,6 +163,13 @@ def dms_mutants(q, k, v, lg, window, j, scale):
 def run(device="cpu", cases=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     caught, total, accept_fail, ratio = {}, {}, [], {}
+
+    def tally(key, mutated, ref, tol):
+        """One mutant's verdict: caught when an element is outside the bound."""
+        nbad, worst, _ = bound_violations(mutated, ref, tol)
+        total[key] = total.get(key, 0) + 1
+        caught[key] = caught.get(key, 0) + (nbad > 0)
+        ratio.setdefault(key, []).append(worst)
     for name_dt, dt in DTYPES.items():
         for c, chosen in [(c, ch) for c in range(cases) for ch in (False, True)]:
             star = "*" if chosen else ""
@@ -176,11 +183,7 @@ def run(device="cpu", cases=3, seed=0):
                 if nbad:
                     accept_fail.append(f"{name_dt} paged case {c}: {what} output rejected ({worst:.3g} x bound)")
             for mut, mo in paged_mutants(q, kc, vc, bt, lens, scale, chosen).items():
-                nbad, worst, _ = bound_violations(mo.to(dt), ref, tol)
-                key = (mut + star, name_dt)
-                total[key] = total.get(key, 0) + 1
-                caught[key] = caught.get(key, 0) + (nbad > 0)
-                ratio.setdefault(key, []).append(worst)
+                tally((mut + star, name_dt), mo.to(dt), ref, tol)
             # DMS state: the op reads what append kept.
             q, k, v, lg, w, st, j = dms_case(gen, dt, device=device, chosen=chosen)
             scale = q.shape[-1] ** -0.5
@@ -192,11 +195,7 @@ def run(device="cpu", cases=3, seed=0):
             if nbad:
                 accept_fail.append(f"{name_dt} dms case {c}: op output rejected ({worst:.3g} x bound)")
             for mut, mo in dms_mutants(q, k, v, lg, w, j, scale).items():
-                nbad, worst, _ = bound_violations(mo.to(dt), o_ref, tol)
-                key = (mut + star, name_dt)
-                total[key] = total.get(key, 0) + 1
-                caught[key] = caught.get(key, 0) + (nbad > 0)
-                ratio.setdefault(key, []).append(worst)
+                tally((mut + star, name_dt), mo.to(dt), o_ref, tol)
     for key in total:
         print(f"MUTATION {key[0]:15s} {key[1]}: caught {caught[key]}/{total[key]}, max err / bound "
               + " ".join(f"{r:.2f}" for r in ratio[key]))

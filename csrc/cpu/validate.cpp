@@ -62,25 +62,28 @@ ValidateParams validate_params(const DecodeStepParams& p) {
   return v;
 }
 
-ValidateParams validate_params(const ForkParams& p) {
+// One state row (fork's source, release's row) and the free list.
+template <typename P>
+ValidateParams one_row_of(const P& p, int row) {
   ValidateParams v = pages_of(p.state.pages, p.kv);
-  v.row_base = p.src;
+  v.row_base = row;
   v.num_rows = 1;
   v.max_rows = p.state.max_seqs;
+  v.free = p.free;
+  return v;
+}
+
+ValidateParams validate_params(const ForkParams& p) {
+  ValidateParams v = one_row_of(p, p.src);
   v.num_tokens = p.state.num_tokens;
   v.fork_dst = p.dst;
-  v.free = p.free;
   v.check_free = true;
   v.fork_capacity = true;
   return v;
 }
 
 ValidateParams validate_params(const ReleaseParams& p) {
-  ValidateParams v = pages_of(p.state.pages, p.kv);
-  v.row_base = p.row;
-  v.num_rows = 1;
-  v.max_rows = p.state.max_seqs;
-  v.free = p.free;
+  ValidateParams v = one_row_of(p, p.row);
   v.release_capacity = true;
   return v;
 }
