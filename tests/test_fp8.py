@@ -843,10 +843,11 @@ def test_fp8_quality_kl_is_zero_for_identical_logits_and_right_on_two_tokens():
     assert torch.equal(q.kl_per_token(x, x), torch.zeros(3, 5, dtype=torch.float64))
     assert float(q.kl_per_token(x, x + 7.5).abs().max()) < 1e-12     # a shift is no change
     # P = (1/2, 1/2), Q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
-    kl = q.kl_per_token(torch.tensor([0.0, 0.0]), torch.tensor([math.log(3.0), 0.0]))
+    f64 = dict(dtype=torch.float64)   # log(3) exactly as math has it (float32 would round it)
+    kl = q.kl_per_token(torch.tensor([0.0, 0.0], **f64), torch.tensor([math.log(3.0), 0.0], **f64))
     assert abs(float(kl) - 0.5 * math.log(4.0 / 3.0)) < 1e-12
     # KL(P || Q) is not symmetric: KL(Q || P) = 3/4 ln(3/2) + 1/4 ln(1/2).
-    kl = q.kl_per_token(torch.tensor([math.log(3.0), 0.0]), torch.tensor([0.0, 0.0]))
+    kl = q.kl_per_token(torch.tensor([math.log(3.0), 0.0], **f64), torch.tensor([0.0, 0.0], **f64))
     assert abs(float(kl) - (0.75 * math.log(1.5) + 0.25 * math.log(0.5))) < 1e-12
 
 
