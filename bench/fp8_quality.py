@@ -72,6 +72,7 @@ def compare(ref_logits: torch.Tensor, ref_tokens: torch.Tensor, tf_logits: torch
 
 # ----------------------------------------------------------------------------- decoding
 
+@torch.no_grad()
 def decode(runner, prompts: List[torch.Tensor], new_tokens: int,
            forced: Optional[torch.Tensor] = None) -> tuple:
     """Prefill all prompts packed, then new_tokens - 1 decode steps. Returns the logits of every

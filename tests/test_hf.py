@@ -608,3 +608,40 @@ def test_cuda_graph_generate_equals_eager_token_for_token(variant):
         runs.append(r)
     assert runs[0].sequences == runs[1].sequences
     assert runs[1].stats["graph_replays"] > 0 and runs[0].stats["graph_replays"] == 0
+
+
+def test_dmscachehf_fp8_pools_generate_and_stay_near_the_oracle():
+    """DMSCacheHF.from_model(kv_dtype=float8_e4m3fn, k_scale, v_scale) with per-layer scales from
+    dms_ext.fp8.record_amax: the pools are fp8 with those scales, hf.generate runs and releases,
+    the first token (from the prefill, which reads its own chunk unquantized) is the compute-pool
+    run's, and token-by-token logits stay near the float64 oracle (fp8's 2^-4 relative rounding of
+    every cached K / V is in the error, so the bound is loose, but a wrong scale would break it)."""
+    from dms_ext.fp8 import record_amax
+    F8 = torch.float8_e4m3fn
+    m = make_model(seed=21)
+    gen = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist() for n in (12, 7)]
+    calib = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=40, block_size=4)
+    with record_amax(calib.dms) as amax:
+        ref = hf.generate(m, prompts, max_new_tokens=8, cache=calib)
+    ks, vs = amax.k_scales(), amax.v_scales()
+    assert all(0 < s < 1 for s in ks + vs), (ks, vs)                  # amax of a few, not 448
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=40, block_size=4, kv_dtype=F8,
+                                     k_scale=ks, v_scale=vs)
+    assert cache.dms.kv_dtype == F8 and cache.dms.dtype == torch.float32
+    free0 = cache.dms.num_free_blocks
+    out = hf.generate(m, prompts, max_new_tokens=8, cache=cache)
+    assert len(cache.dms) == 0 and cache.dms.num_free_blocks == free0
+    for s, r in zip(out.sequences, ref.sequences):
+        assert len(s[0]) == 8 and s[0][0] == r[0][0]
+    # Token by token (decode steps read every cached key / value back from fp8).
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=40, block_size=4, kv_dtype=F8,
+                                     k_scale=ks, v_scale=vs)
+    ids = torch.tensor(prompts[0] + ref.sequences[0][0])
+    got = run_turns(m, cache, [0], [[ids[:6]]] + [[ids[t:t + 1]] for t in range(6, len(ids))])[0]
+    oracle, _ = oracle_logits(m, ids)
+    assert_close(got[:6], oracle[:6], 1e-4, "fp8 prefill (own chunk, unquantized)")
+    assert_close(got, oracle, 0.1, "fp8 decode steps")
+    for layer, k, v in zip(cache.dms._layers, ks, vs):
+        assert layer.k_cache.dtype == layer.v_cache.dtype == F8
+        assert (layer.k_scale, layer.v_scale) == (k, v)
