@@ -2,6 +2,7 @@
 
     python bench/bench_e2e.py [--contexts 8192,32768] [--kv-gib 40] [--cr 8] [--steps 20]
     python bench/bench_e2e.py --smoke          # tiny shapes on the CPU ops: checks the code path
+    python bench/bench_e2e.py --kv-dtype fp8   # adds a DMS row with fp8 e4m3 pools (same budget)
 
 The model: 36 layers, hidden 4096, Hq 32, Hkv 8, D 128, MLP 12288, vocab 151936, q/k RMSNorm,
 random bf16 weights (about 16 GB), so projections, MLP, lm_head and greedy argmax all run and the
@@ -20,6 +21,12 @@ Memory: both paths get the same KV budget (--kv-gib, default 40 GiB); each runs 
 whose cache fits. Dense: B * 36 * 2 * Hkv * L * D * 2 bytes. DMS: the block pools (every layer's
 pool sized for the layer that needs most) plus block tables, rings and lengths, with room for
 each head to grow by one token per timed step.
+
+FP8 (``--kv-dtype fp8``): the DMS path runs twice in the same run, once with pools of the compute
+dtype ('DMS CR 8') and once with float8_e4m3fn pools ('DMS CR 8 fp8') at the same KV budget, so
+its batch is about 2x; ``decode_step`` quantizes the new K/V on the write and ``sparse_decode``
+dequantizes with k_scale = v_scale = FP8_SCALE (1.0: the random K/V are ~N(0, 1), far from the
+e4m3 limit of 448, so nothing saturates).
 
 Prefill is synthetic (what "at context L" means here): every DMS sequence has seen L tokens; each
 (sequence, layer, head) keeps n tokens, n uniform in [0.5, 1.5] x L/CR (at least the window + 1),
@@ -60,6 +67,9 @@ class Shape:
     def g(self) -> int:
         return self.hq // self.hkv
 
+
+FP8_SCALE = 1.0          # k_scale = v_scale of the fp8 pools (a power of two: exact)
+KV_DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}   # None: the compute dtype
 
 SMOKE = Shape(layers=2, hidden=256, hq=8, hkv=2, d=32, inter=512, vocab=1000)
 
@@ -114,10 +124,13 @@ class DMSState:
     """Synthetic prefill of every layer's paged per-head cache (see the module docstring)."""
 
     def __init__(self, s: Shape, lens: torch.Tensor, L: int, window: int, bs: int, grow: int,
-                 num_blocks: int, dtype, device, gen_cpu, p_evict: float):
+                 num_blocks: int, dtype, device, gen_cpu, p_evict: float, kv_dtype=None,
+                 kv_scale: float = 1.0):
         nl, B, hkv = lens.shape
         R = window + 1
         self.B, self.bs, self.window = B, bs, window
+        kv_dtype = kv_dtype or dtype
+        self.k_scale = self.v_scale = float(kv_scale) if kv_dtype != dtype else 1.0
         maxb = int(-(-(int(lens.max()) + grow) // bs))
         self.layers = []
         dev = device
@@ -141,6 +154,9 @@ class DMSState:
             ring[..., t % R] = (slots << 1) | flags
             kc = torch.empty(num_blocks, bs, s.d, dtype=dtype, device=dev).normal_()
             vc = torch.empty_like(kc).normal_()
+            if kv_dtype != dtype:   # fp8: stored = x / scale (N(0, 1) never nears +-448)
+                kc = (kc / self.k_scale).to(kv_dtype)
+                vc = (vc / self.v_scale).to(kv_dtype)
             self.layers.append(dict(
                 k_cache=kc, v_cache=vc, block_table=table.to(dev), seq_lens=ln.to(torch.int32).to(dev),
                 ring=ring.to(torch.int32).to(dev),
@@ -148,7 +164,7 @@ class DMSState:
                 free_stack=free.to(dev),
                 free_top=torch.tensor([num_blocks - used], dtype=torch.int32, device=dev)))
         self.slots = torch.arange(B, dtype=torch.int32, device=dev)
-        self.pool_bytes = nl * 2 * num_blocks * bs * s.d * torch.tensor([], dtype=dtype).element_size()
+        self.pool_bytes = nl * 2 * num_blocks * bs * s.d * torch.tensor([], dtype=kv_dtype).element_size()
         self.meta_bytes = nl * meta_bytes_per_row(hkv, maxb, R) * B
 
     def live_tokens(self) -> int:
@@ -172,9 +188,9 @@ def dms_step(w: Weights, s: Shape, st: DMSState, table, tokens, alpha_scale, alp
         torch.ops.dms.decode_step(q, k, v, table, st.slots, L["k_cache"], L["v_cache"],
                                   L["block_table"], L["seq_lens"], L["ring"], L["num_tokens"],
                                   L["free_stack"], L["free_top"], alpha_scale, alpha_offset,
-                                  W["qn"], W["kn"], s.eps, None)
+                                  W["qn"], W["kn"], s.eps, None, st.k_scale, st.v_scale)
         o = torch.ops.dms.sparse_decode(q, L["k_cache"], L["v_cache"], L["block_table"],
-                                        L["seq_lens"], scale)
+                                        L["seq_lens"], scale, st.k_scale, st.v_scale)
         x = x + o.view(B, s.hq * s.d) @ W["wo"].t()
         x = _mlp(x, W, s)
     _head(x, w, s, tokens)
@@ -356,16 +372,30 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # DMS.
-    r.update(dms_B=0, dms_s=math.nan, dms_mode="-", dms_pool=0, dms_meta=0, dms_live=0,
-             dms_tps=0.0, cr=math.nan, live_growth=0.0, sane=False)
+    # DMS: one row per pool dtype (bf16 first; with --kv-dtype fp8 also fp8 at the same budget).
+    r["dms"] = [run_dms(L, a, s, w, dtype, device, gen_cpu, gen_dev, table, budget, grow, kvd)
+                for kvd in (["bf16"] if a.kv_dtype == "bf16" else ["bf16", a.kv_dtype])]
+    if device.type == "cuda":
+        r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    for d in r["dms"]:
+        d["speedup"] = d["tps"] / r["dense_tps"] if r.get("dense_tps") else None
+    return r
+
+
+def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, table, budget: int,
+            grow: int, kvd: str) -> dict:
+    """The DMS path with pools of KV_DTYPES[kvd] (None: the compute dtype) at the KV budget."""
+    kv_dtype = KV_DTYPES[kvd] or dtype
+    esize = torch.tensor([], dtype=kv_dtype).element_size()
+    d = dict(kv=kvd if kv_dtype != dtype else "", B=0, s=math.nan, mode="-", pool=0, meta=0,
+             live=0, tps=0.0, cr=math.nan, live_growth=0.0, sane=False)
     st = tokens = None
     try:
         Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize,
                                     gen_cpu, a.batch or 0)
         p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
         st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu,
-                      p_evict)
+                      p_evict, kv_dtype=kv_dtype, kv_scale=FP8_SCALE)
         live0 = st.live_tokens()
         tokens = torch.randint(0, s.vocab, (Bm,), device=device, generator=gen_dev)
         t, mode = time_step(lambda: dms_step(w, s, st, table, tokens, a.alpha_scale,
@@ -377,19 +407,17 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
                   for Ly in st.layers)
               and 0 <= live1 - live0 <= (a.steps + 2) * s.layers * Bm * s.hkv
               and bool(((tokens >= 0) & (tokens < s.vocab)).all()))
-        r.update(dms_B=Bm, dms_s=t, dms_mode=mode, dms_pool=st.pool_bytes, dms_meta=st.meta_bytes,
-                 dms_live=live0 * 2 * s.d * esize, dms_tps=Bm / t,
+        d.update(B=Bm, s=t, mode=mode, pool=st.pool_bytes, meta=st.meta_bytes,
+                 live=live0 * 2 * s.d * esize, tps=Bm / t,
                  cr=(Bm * s.layers * s.hkv * L) / live0,
                  live_growth=(live1 - live0) / max(live0, 1), sane=ok)
     except Exception as e:  # report it in the table; the other rows still mean something
-        r["dms_mode"] = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        print(f"L {L} DMS {r['dms_mode']}", flush=True)
+        d["mode"] = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        print(f"L {L} DMS {d['kv']} {d['mode']}", flush=True)
     st = tokens = None
     if device.type == "cuda":
-        r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.empty_cache()
-    r["speedup"] = r["dms_tps"] / r["dense_tps"] if r.get("dense_tps") else None
-    return r
+    return d
 
 
 def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
@@ -402,11 +430,12 @@ def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
                     gib(r.get("dense_kv")), (r.get("dense_s") or math.nan) * 1e3, r.get("dense_tps"),
                     1.0 if r.get("dense_tps") else None,
                     r.get("dense_error") or r.get("dense_mode", "-")])
-        out.append([r["L"], f"DMS CR {a.cr:g}", r["dms_B"], gib(r["dms_pool"] + r["dms_meta"]),
-                    r["dms_s"] * 1e3, r["dms_tps"], r.get("speedup"),
-                    f"{r['dms_mode']}; live KV {gib(r['dms_live']):.1f} GiB, achieved CR "
-                    f"{r['cr']:.2f}, metadata {r['dms_meta'] / 2**20:.0f} MiB, live grew "
-                    f"{100 * r['live_growth']:.2f}% over the steps{'' if r['sane'] else ', NOT SANE'}"])
+        for d in r["dms"]:
+            out.append([r["L"], dms_name(a, d), d["B"], gib(d["pool"] + d["meta"]),
+                        d["s"] * 1e3, d["tps"], d.get("speedup"),
+                        f"{d['mode']}; live KV {gib(d['live']):.1f} GiB, achieved CR "
+                        f"{d['cr']:.2f}, metadata {d['meta'] / 2**20:.0f} MiB, live grew "
+                        f"{100 * d['live_growth']:.2f}% over the steps{'' if d['sane'] else ', NOT SANE'}"])
     md = common.md_table(hdr, out)
     lines = [
         f"Model: {s.layers} layers, hidden {s.hidden}, Hq {s.hq}, Hkv {s.hkv}, D {s.d}, MLP "
@@ -422,6 +451,10 @@ def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
         "live lengths uniform in [0.5, 1.5] x L/CR (>= window + 1); KV GiB counts the whole block "
         "pools (sized for the most demanding layer, with growth room) plus tables and rings.",
     ]
+    if a.kv_dtype != "bf16":
+        lines.append(f"- 'DMS CR {a.cr:g} {a.kv_dtype}': float8_e4m3fn pools at the same budget "
+                     f"(1 byte per K/V value), k_scale = v_scale = {FP8_SCALE:g}; the other DMS "
+                     f"row has pools of the compute dtype ({a.dtype}).")
     for r in rows:
         if r.get("dense_backend_notes"):
             lines.append(f"- L {r['L']}: SDPA backends: {r['dense_backend_notes']}")
@@ -429,6 +462,10 @@ def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
         lines.append(f"- peak memory allocated: {rows[-1]['peak_gib']:.1f} GiB")
     lines.append(f"- wall time {wall:.0f} s; GPU {info.get('gpu')}, torch {info.get('torch')}")
     return "\n".join(lines)
+
+
+def dms_name(a, d: dict) -> str:
+    return f"DMS CR {a.cr:g}" + (f" {d['kv']}" if d["kv"] else "")
 
 
 def main():
@@ -446,6 +483,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per path")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick look)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES),
+                    help="DMS pool dtype: bf16 = the compute dtype (--dtype); fp8 = e4m3 pools, "
+                         "run next to the compute-dtype DMS row at the same KV budget")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
@@ -477,20 +517,21 @@ def main():
     rows = []
     for L in [int(x) for x in a.contexts.split(",")]:
         r = run_context(L, a, s, w, dtype, device, gen_cpu, gen_dev)
-        print(f"L {L}: dense B {r.get('dense_B')} {r.get('dense_tps', 0):.0f} tok/s | DMS B "
-              f"{r['dms_B']} {r['dms_tps']:.0f} tok/s | x{(r.get('speedup') or 0):.2f} "
-              f"(CR {r['cr']:.2f}, {r['dms_mode']})", flush=True)
+        print(f"L {L}: dense B {r.get('dense_B')} {r.get('dense_tps', 0):.0f} tok/s | " + " | ".join(
+              f"{dms_name(a, d)} B {d['B']} {d['tps']:.0f} tok/s x{(d.get('speedup') or 0):.2f} "
+              f"(CR {d['cr']:.2f}, {d['mode']})" for d in r["dms"]), flush=True)
         rows.append(r)
     body = report(rows, a, s, w.nbytes(), time.time() - t0, info)
     print(body)
     print("SUMMARY: " + "; ".join(
-        f"L{r['L']} dense B{r.get('dense_B')} {r.get('dense_tps') or 0:.0f} tok/s, DMS B{r['dms_B']} "
-        f"{r['dms_tps']:.0f} tok/s, x{(r.get('speedup') or 0):.2f}" for r in rows), flush=True)
+        f"L{r['L']} dense B{r.get('dense_B')} {r.get('dense_tps') or 0:.0f} tok/s, " + ", ".join(
+            ("DMS" if not d["kv"] else f"DMS {d['kv']}") + f" B{d['B']} {d['tps']:.0f} tok/s, "
+            f"x{(d.get('speedup') or 0):.2f}" for d in r["dms"]) for r in rows), flush=True)
     if not a.smoke:
         path = common.write_results("e2e", "End-to-end decode: DMS vs dense at equal KV memory",
                                     body, a.results_dir)
         print(f"wrote {path}")
-    if not all(r["sane"] for r in rows):
+    if not all(d["sane"] for r in rows for d in r["dms"]):
         sys.exit(1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import platform
 import subprocess
 import shlex
 import sys
@@ -252,11 +253,16 @@ def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULT
     now = _dt.datetime.now()
     path = os.path.join(results_dir, f"{kind}_{now:%Y-%m-%d_%H%M%S}.md")
     info = gpu_info() if torch.cuda.is_available() else {}
+    if info:
+        dev = [f"- GPU: {info.get('gpu')} ({info.get('sms')} SMs, {info.get('mem_gib')} GiB, "
+               f"L2 used for rotation {info.get('l2_mib')} MiB)",
+               f"- torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}"]
+    else:  # a CPU run (no CUDA visible): say so rather than a row of None
+        dev = [f"- device: cpu ({platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} torch threads), no CUDA",
+               f"- torch {torch.__version__}"]
     head = [f"# {title}", "",
-            f"- date: {now:%Y-%m-%d %H:%M:%S}",
-            f"- GPU: {info.get('gpu')} ({info.get('sms')} SMs, {info.get('mem_gib')} GiB, "
-            f"L2 used for rotation {info.get('l2_mib')} MiB)",
-            f"- torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}",
+            f"- date: {now:%Y-%m-%d %H:%M:%S}", *dev,
             f"- commit: {commit_id()}",
             f"- command: `{command_line()}` (cwd {os.getcwd()})", ""]
     with open(path, "w") as f:

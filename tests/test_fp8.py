@@ -822,3 +822,46 @@ def test_record_amax_gives_scales_that_just_fit():
             cache.attend(l, [s], cu, q, k, v, lg)
     for lay in cache._layers:
         assert lay.k_cache.float().abs().max().item() == 448.0
+
+
+# ------------------------------------------------------------------------ bench/fp8_quality.py
+
+
+def _fp8_quality():
+    import importlib
+    import os
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("fp8_quality")
+
+
+def test_fp8_quality_kl_is_zero_for_identical_logits_and_right_on_two_tokens():
+    q = _fp8_quality()
+    x = torch.randn(3, 5, 17)
+    assert torch.equal(q.kl_per_token(x, x), torch.zeros(3, 5, dtype=torch.float64))
+    assert float(q.kl_per_token(x, x + 7.5).abs().max()) < 1e-12     # a shift is no change
+    # P = (1/2, 1/2), Q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
+    f64 = dict(dtype=torch.float64)   # log(3) exactly as math has it (float32 would round it)
+    kl = q.kl_per_token(torch.tensor([0.0, 0.0], **f64), torch.tensor([math.log(3.0), 0.0], **f64))
+    assert abs(float(kl) - 0.5 * math.log(4.0 / 3.0)) < 1e-12
+    # KL(P || Q) is not symmetric: KL(Q || P) = 3/4 ln(3/2) + 1/4 ln(1/2).
+    kl = q.kl_per_token(torch.tensor([math.log(3.0), 0.0], **f64), torch.tensor([0.0, 0.0], **f64))
+    assert abs(float(kl) - (0.75 * math.log(1.5) + 0.25 * math.log(0.5))) < 1e-12
+
+
+def test_fp8_quality_agreement_and_divergence_counts():
+    q = _fp8_quality()
+    assert q.tokens_until_divergence([1, 2, 3], [1, 2, 3]) == 3
+    assert q.tokens_until_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert q.tokens_until_divergence([1, 2, 3], [4, 2, 3]) == 0
+    ref_tokens = torch.tensor([[2, 0], [1, 1]])
+    ref = torch.nn.functional.one_hot(ref_tokens, 3).float() * 4      # argmax = ref_tokens
+    tf = ref.clone()
+    tf[1, 1] = torch.tensor([0.0, 0.0, 4.0])                          # one of 4 disagrees
+    r = q.compare(ref, ref_tokens, tf, torch.tensor([[2, 0], [1, 2]]))
+    assert r["agree"] == 75.0 and r["tokens"] == 4
+    assert r["div_min"] == 1 and r["div_mean"] == 1.5
+    assert r["kl_max"] == pytest.approx(float(q.kl_per_token(ref[1, 1], tf[1, 1])))
+    assert r["kl_mean"] == pytest.approx(r["kl_max"] / 4)

@@ -608,3 +608,61 @@ def test_cuda_graph_generate_equals_eager_token_for_token(variant):
         runs.append(r)
     assert runs[0].sequences == runs[1].sequences
     assert runs[1].stats["graph_replays"] > 0 and runs[0].stats["graph_replays"] == 0
+
+
+def test_dmscachehf_fp8_pools_generate_and_read_what_they_stored():
+    """DMSCacheHF.from_model(kv_dtype=float8_e4m3fn, k_scale, v_scale) with per-layer scales from
+    dms_ext.fp8.record_amax: the pools are fp8 with those scales, hf.generate runs and releases,
+    the first token (from the prefill, which reads its own chunk unquantized) is the compute-pool
+    run's, the prefill logits are the float64 oracle's, and the decode steps are those of a
+    float32 pool whose K / V writes are rounded through fp8 (same values read, float32 bound)."""
+    from dms_ext.fp8 import record_amax
+    F8 = torch.float8_e4m3fn
+    m = make_model(seed=21)
+    gen = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist() for n in (12, 7)]
+    calib = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=40, block_size=4)
+    with record_amax(calib.dms) as amax:
+        ref = hf.generate(m, prompts, max_new_tokens=8, cache=calib)
+    ks, vs = amax.k_scales(), amax.v_scales()
+    assert all(0 < s < 1 for s in ks + vs), (ks, vs)                  # amax of a few, not 448
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=40, block_size=4, kv_dtype=F8,
+                                     k_scale=ks, v_scale=vs)
+    assert cache.dms.kv_dtype == F8 and cache.dms.dtype == torch.float32
+    free0 = cache.dms.num_free_blocks
+    out = hf.generate(m, prompts, max_new_tokens=8, cache=cache)
+    assert len(cache.dms) == 0 and cache.dms.num_free_blocks == free0
+    for s, r in zip(out.sequences, ref.sequences):
+        assert len(s[0]) == 8 and s[0][0] == r[0][0]
+    # Token by token (decode steps read every cached key / value back from fp8).
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=40, block_size=4, kv_dtype=F8,
+                                     k_scale=ks, v_scale=vs)
+    ids = torch.tensor(prompts[0] + ref.sequences[0][0])
+    got = run_turns(m, cache, [0], [[ids[:6]]] + [[ids[t:t + 1]] for t in range(6, len(ids))])[0]
+    oracle, _ = oracle_logits(m, ids)
+    assert_close(got[:6], oracle[:6], 1e-4, "fp8 prefill (own chunk, unquantized)")
+    # Decode steps read every cached K / V back from fp8: compare with a float32 pool holding
+    # the same values: its prefill as the fp8 run's (the chunk reads itself unquantized), then
+    # its pools rounded through fp8 (quantize_fp8, then stored * scale), then decode steps whose
+    # K / V writes are rounded the same way. Both runs read the same values, so they agree to
+    # float32 rounding (the prefill's bound; measured 2e-6 of the logit scale); a scale left off
+    # a read, or a wrong rounding, is far outside it.
+    from dms_ext import reference
+
+    def rounded(x, scale):
+        return reference.dequantize_fp8(reference.quantize_fp8(x, scale), scale).to(x.dtype)
+
+    twin = hf.DMSCacheHF.from_model(m, max_seqs=1, max_tokens=40, block_size=4)
+    pre = run_turns(m, twin, [0], [[ids[:6]]])[0]
+    for lay, k, v in zip(twin.dms._layers, ks, vs):
+        lay.k_cache.copy_(rounded(lay.k_cache, k))
+        lay.v_cache.copy_(rounded(lay.v_cache, v))
+    attend = twin.dms.attend
+    twin.dms.attend = lambda layer, sids, cu, q, k, v, lg, *a, **kw: attend(
+        layer, sids, cu, q, rounded(k, ks[layer]), rounded(v, vs[layer]), lg, *a, **kw)
+    want = run_turns(m, twin, [0], [[ids[t:t + 1]] for t in range(6, len(ids))])[0]
+    assert_close(pre, got[:6], 1e-4, "prefill, float32 pool vs fp8 pool")
+    assert_close(got[6:], want, 1e-4, "fp8 decode steps vs fp8-rounded float32 pool")
+    for layer, k, v in zip(cache.dms._layers, ks, vs):
+        assert layer.k_cache.dtype == layer.v_cache.dtype == F8
+        assert (layer.k_scale, layer.v_scale) == (k, v)

@@ -107,11 +107,14 @@ class DMSCacheHF(Cache):
     def from_model(cls, model, *, max_seqs: int, max_tokens: Optional[int] = None,
                    block_size: Optional[int] = None, num_blocks: Optional[int] = None,
                    dtype: Optional[torch.dtype] = None, device=None,
-                   cuda_graphs: bool = True) -> "DMSCacheHF":
+                   cuda_graphs: bool = True, kv_dtype: Optional[torch.dtype] = None,
+                   k_scale=1.0, v_scale=1.0) -> "DMSCacheHF":
         """A cache sized for ``max_seqs`` sequences of up to ``max_tokens`` tokens each with no
         eviction at all (the worst case); pass ``num_blocks`` to size the pool yourself.
         ``max_tokens`` defaults to the config's ``dms_preallocate_for_tokens`` and
-        ``block_size`` to its ``dms_paged_attention_block_size`` (else 64)."""
+        ``block_size`` to its ``dms_paged_attention_block_size`` (else 64). ``kv_dtype``,
+        ``k_scale``, ``v_scale`` go to :class:`dms_ext.DMSCache` as they are (FP8 KV cache:
+        ``kv_dtype=torch.float8_e4m3fn`` with per-layer scales from ``dms_ext.fp8``)."""
         st = state_of(model).settings
         if max_tokens is None:
             max_tokens = st.preallocate_for_tokens
@@ -129,7 +132,8 @@ class DMSCacheHF(Cache):
         c = DMSCache(cfg.num_hidden_layers, hkv, d, window=st.window, block_size=block_size,
                      num_blocks=num_blocks, max_seqs=max_seqs, dtype=dtype or p.dtype,
                      device=device if device is not None else p.device,
-                     max_blocks_per_head=max(1, min(num_blocks, per_head)))
+                     max_blocks_per_head=max(1, min(num_blocks, per_head)),
+                     kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
         return cls(c, cuda_graphs=cuda_graphs)
 
     # -- transformers' Cache API
