@@ -20,9 +20,12 @@
 // Support. What each entry point implements (dtypes, head_dims, block sizes) is the table of
 // capabilities.h, queried with dms::supported(op, Device::kCUDA, ...); a request outside it
 // returns kUnsupported. sparse_decode and sparse_prefill: float16 / bfloat16 only.
-// FP8 pools (KVPool::dtype kFloat8E4M3): no CUDA kernel yet; sparse_decode, sparse_prefill,
-// append, decode_step and fork return kUnsupported for one; scales other than 1 are
-// kInvalidArgument (fork and release ignore the scales).
+// FP8 pools (KVPool::dtype kFloat8E4M3, the op's act_dtype float16 / bfloat16 for q / k / v /
+// out): sparse_decode, sparse_prefill, append, decode_step and fork have fp8 kernels (a value
+// reads as stored * k_scale / v_scale; writes store saturate(x / scale)); a scale that is not
+// finite and > 0, or other than 1 on a non-fp8 pool, is kInvalidArgument (fork and release
+// ignore the scales). sparse_prefill over an fp8 pool runs its mma.sync kernel (v2, the sm_90a
+// wgmma kernel, takes float16 / bfloat16 pools).
 //
 // Stream. The call reads the struct on the host, validates sizes and pointers (never device
 // data), enqueues its kernels on `stream` (0, cudaStreamPerThread or any stream) and returns
