@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -100,6 +99,21 @@ def main() -> None:
     _log(f"DMS KV after the prompt: {dms_bytes / 2**30:.2f} GiB")
     torch.cuda.empty_cache()
 
+    out_path = [""]
+
+    def emit() -> str:
+        """The table so far, (re)written to one results file after every row: a run cut short
+        (the dense peers compile for minutes) keeps what it measured."""
+        table = common.md_table(["path", "batch", "decode tok/s", "ms / step", "graph replays"], rows)
+        body = (f"- transformers {transformers.__version__}\n"
+                f"- prompt {p}, new tokens {n}, window {args.window}; DMS KV after the prompt "
+                f"{dms_bytes / 2**30:.2f} GiB (dense: {dense_per_seq * b / 2**30:.2f} GiB at batch {b})\n\n"
+                + table + "\n")
+        out_path[0] = common.write_results("hf", "dms_ext.hf generate vs transformers static cache",
+                                           body, path=out_path[0])
+        return body
+
+    emit()
     # DMS through transformers' own generate loop.
     ids = torch.tensor(prompts, device="cuda")
     c3 = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
@@ -109,6 +123,7 @@ def main() -> None:
                  (tot3 - pre_s) / (n - 1) * 1e3, c3.graph_replays])
     del c3, free0
     _log(f"model.generate: {rows[-1][3]:.2f} ms / step")
+    emit()
     sd = {k: v for k, v in model.state_dict().items()}
     del model
     torch.cuda.empty_cache()
@@ -129,19 +144,14 @@ def main() -> None:
             _, tn = _timed(lambda: gen(n))
             rows.append([label, bb, bb * (n - 1) / (tn - t1), (tn - t1) / (n - 1) * 1e3, None])
             _log(f"{label}: batch {bb} done")
+            emit()
         except torch.cuda.OutOfMemoryError:
             rows.append([label, bb, float("nan"), float("nan"), "OOM"])
+            emit()
         torch.cuda.empty_cache()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    table = common.md_table(["path", "batch", "decode tok/s", "ms / step", "graph replays"], rows)
-    body = (f"- transformers {transformers.__version__}, commit {commit}\n"
-            f"- prompt {p}, new tokens {n}, window {args.window}; DMS KV after the prompt "
-            f"{dms_bytes / 2**30:.2f} GiB (dense: {dense_per_seq * b / 2**30:.2f} GiB at batch {b})\n\n"
-            + table + "\n")
-    print(body)
-    print("wrote", common.write_results("hf", "dms_ext.hf generate vs transformers static cache", body))
+    print(emit())
+    print("wrote", out_path[0])
 
 
 if __name__ == "__main__":

@@ -247,11 +247,14 @@ def commit_id() -> str:
     return (head or "unknown") + (" + local changes" if dirty else "")
 
 
-def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULTS_DIR) -> str:
-    """bench/results/<kind>_<date>.md with date, GPU, torch version, commit and the exact command."""
+def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULTS_DIR,
+                  path: str = "") -> str:
+    """bench/results/<kind>_<date>.md with date, GPU, torch version, commit and the exact command.
+    path: rewrite this file instead (a bench that writes its table after every row, so a run
+    cut short still leaves what it measured)."""
     os.makedirs(results_dir, exist_ok=True)
     now = _dt.datetime.now()
-    path = os.path.join(results_dir, f"{kind}_{now:%Y-%m-%d_%H%M%S}.md")
+    path = path or os.path.join(results_dir, f"{kind}_{now:%Y-%m-%d_%H%M%S}.md")
     info = gpu_info() if torch.cuda.is_available() else {}
     if info:
         dev = [f"- GPU: {info.get('gpu')} ({info.get('sms')} SMs, {info.get('mem_gib')} GiB, "
