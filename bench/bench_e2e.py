@@ -315,19 +315,8 @@ def time_step(fn, steps: int, device, graph: bool) -> tuple:
             ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2], "eager (cpu)"
     common.warm_up([fn])
-    mode = "CUDA graph"
-    run = fn
-    if graph:
-        try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            run = g.replay
-        except Exception as e:  # eager timing still means something; say why
-            mode = f"eager ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-            torch.cuda.synchronize()
-    else:
-        mode = "eager"
+    g, mode = common.capture(fn, "CUDA graph") if graph else (None, "eager")
+    run = g.replay if g is not None else fn
     run()
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

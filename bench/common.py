@@ -94,6 +94,20 @@ def warm_up(fns: Sequence[Callable[[], object]], rounds: int = 1) -> None:
     torch.cuda.synchronize()
 
 
+def capture(fn: Callable[[], object], label: str = "graph") -> tuple:
+    """One CUDA graph holding a call of fn: (graph, label), or (None, "eager (why)") when capture
+    fails (best effort: eager timing still means something, and the mode says why)."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph, label
+    except Exception as e:
+        torch.cuda.synchronize()
+        return None, f"eager ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+
+
 def time_calls(fns: Sequence[Callable[[], object]], name: str, *, min_calls: int = 8,
                target_s: float = 0.25, min_replays: int = 15, max_replays: int = 200,
                use_graph: bool = True) -> Timing:
@@ -109,28 +123,12 @@ def time_calls(fns: Sequence[Callable[[], object]], name: str, *, min_calls: int
     calls = n * max(1, math.ceil(min_calls / n))
     warm_up(fns, rounds=2)
 
-    mode = "graph"
-    graph = None
-    if use_graph:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(calls):
-                    fns[i % n]()
-            torch.cuda.synchronize()
-        except Exception as e:  # capture is best effort; eager timing still means something
-            graph = None
-            mode = f"eager ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-            torch.cuda.synchronize()
-    else:
-        mode = "eager"
+    def round_robin():
+        for i in range(calls):
+            fns[i % n]()
 
-    if graph is not None:
-        run = graph.replay
-    else:
-        def run():
-            for i in range(calls):
-                fns[i % n]()
+    graph, mode = capture(round_robin) if use_graph else (None, "eager")
+    run = graph.replay if graph is not None else round_robin
 
     run()
     torch.cuda.synchronize()

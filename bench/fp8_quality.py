@@ -111,6 +111,14 @@ class HFRunner:
 
 # ----------------------------------------------------------------------------- models
 
+def describe(model: str, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
+             window: int, rest: str) -> str:
+    """The results file's line for a model: what it is, its shape (hidden = heads x head_dim in
+    both models here), then ``rest``."""
+    return (f"{model}: {layers} layers, hidden {heads * head_dim}, Hq {heads}, Hkv {kv_heads}, "
+            f"D {head_dim}, vocab {vocab}, window {window}, {rest}")
+
+
 def hf_model(a, dtype, device):
     """Tiny random-weight Qwen3 via dms_ext.hf.load_dms_model (weights as tests/test_hf.py draws
     them: matrices N(0, 0.15^2), norms N(1, 0.3^2), so logits and eviction carry signal)."""
@@ -134,10 +142,10 @@ def hf_model(a, dtype, device):
                                        kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
         return HFRunner(m, hfc)
 
-    desc = (f"tiny random-weight Qwen3 (dms_ext.hf.load_dms_model, borrowed variant): "
-            f"{a.hf_layers} layers, hidden {a.hf_heads * a.hf_head_dim}, Hq {a.hf_heads}, Hkv "
-            f"{a.hf_kv_heads}, D {a.hf_head_dim}, vocab {a.hf_vocab}, window {a.hf_window}, alpha "
-            f"100/5; weights N(0, 0.15^2), norms N(1, 0.3^2), seed {a.seed}; through DMSCacheHF")
+    desc = describe("tiny random-weight Qwen3 (dms_ext.hf.load_dms_model, borrowed variant)",
+                    a.hf_layers, a.hf_heads, a.hf_kv_heads, a.hf_head_dim, a.hf_vocab, a.hf_window,
+                    f"alpha 100/5; weights N(0, 0.15^2), norms N(1, 0.3^2), seed {a.seed}; "
+                    "through DMSCacheHF")
     return make, a.hf_vocab, desc
 
 
@@ -161,10 +169,10 @@ def demo_model(a, dtype, device):
                      kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
         return ModelRunner(m, c)
 
-    desc = (f"dms_ext.demo default model (dms_ext.models.DMSForCausalLM, random weights with "
-            f"its own init N(0, 0.02^2), no checkpoint): {cfg.layers} layers, hidden {cfg.hidden}, "
-            f"Hq {cfg.heads}, Hkv {cfg.kv_heads}, D {cfg.head_dim}, vocab {cfg.vocab}, window "
-            f"{cfg.window}, aimed eviction rate 0.8, seed {a.seed}; through DMSCache")
+    desc = describe("dms_ext.demo default model (dms_ext.models.DMSForCausalLM, random weights "
+                    "with its own init N(0, 0.02^2), no checkpoint)", cfg.layers, cfg.heads,
+                    cfg.kv_heads, cfg.head_dim, cfg.vocab, cfg.window,
+                    f"aimed eviction rate 0.8, seed {a.seed}; through DMSCache")
     return make, cfg.vocab, desc
 
 

@@ -440,11 +440,34 @@ def plot_history(runs: Dict[str, Sequence[dict]], path: str) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _answers(logits: torch.Tensor, task: Recall) -> Tuple[int, int]:
-    pred = logits[:, :-1].argmax(-1)
-    tgt = task.ids[:, 1:]
-    m = task.answer[:, :-1]
-    return int((pred == tgt)[m].sum()), int(m.sum())
+class _Tally:
+    """Answers right over answers asked (greedy next token at the answer positions), summed
+    over the batches of a task, and the seconds since it was made."""
+
+    def __init__(self):
+        self.right = self.total = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, logits: torch.Tensor, task: Recall, first: int = 0) -> None:
+        """logits [b, >= n - 1 - first, V]: position j predicts the token at first + j + 1."""
+        n = task.ids.shape[1]
+        pred = logits[:, :n - 1 - first].argmax(-1)
+        m = task.answer[:, first:n - 1]
+        self.right += int((pred == task.ids[:, first + 1:])[m].sum())
+        self.total += int(m.sum())
+
+    @property
+    def acc(self) -> float:
+        return self.right / max(self.total, 1)
+
+    def result(self, **more) -> Dict[str, float]:
+        return {"acc": self.acc, **more, "seconds": time.perf_counter() - self.t0}
+
+
+def _batches(task: Recall, batch: int):
+    """The task's sequences, ``batch`` at a time, as tasks of their own."""
+    for i in range(0, task.ids.shape[0], batch):
+        yield Recall(task.ids[i:i + batch], task.answer[i:i + batch], task.prefix)
 
 
 @torch.no_grad()
@@ -453,14 +476,12 @@ def accuracy_dense(model: DMSForCausalLM, task: Recall, attention: str = "causal
     """Fraction of answers right (greedy next token at the answer positions), dense forward."""
     model.eval()
     dev = next(model.parameters()).device
-    right = total = 0
-    for i in range(0, task.ids.shape[0], batch):
-        sub = Recall(task.ids[i:i + batch], task.answer[i:i + batch], task.prefix)
+    tally = _Tally()
+    for sub in _batches(task, batch):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(sub.ids, attention=attention)
-        r, t = _answers(logits.float(), sub)
-        right, total = right + r, total + t
-    return right / max(total, 1)
+        tally.add(logits.float(), sub)
+    return tally.acc
 
 
 @torch.no_grad()
@@ -477,19 +498,17 @@ def accuracy_cache(model: DMSForCausalLM, task: Recall, *, batch: int = 16, bloc
     if dtype is None:
         dtype = torch.bfloat16 if cdev.type == "cuda" else torch.float32
     c = model.cfg
-    n_all, n = task.ids.shape
-    right = total = 0
-    live_sum = live_cnt = 0
-    live_max = 0
-    t0 = time.perf_counter()
-    for i in range(0, n_all, batch):
-        ids = task.ids[i:i + batch]
+    n = task.ids.shape[1]
+    p = task.prefix
+    tally = _Tally()
+    live_sum = live_cnt = live_max = 0
+    for sub in _batches(task, batch):
+        ids = sub.ids
         b = ids.shape[0]
         blocks = b * c.kv_heads * (-(-n // block_size)) + b * c.kv_heads
         cache = DMSCache(c.layers, c.kv_heads, c.head_dim, window=c.window, block_size=block_size,
                          num_blocks=blocks, max_seqs=b, dtype=dtype, device=cdev)
         sids = [cache.add_sequence() for _ in range(b)]
-        p = task.prefix
         cu = torch.arange(b + 1, dtype=torch.int32) * p
         flat = ids[:, :p].reshape(-1)
         pos = torch.arange(p, device=mdev).repeat(b)
@@ -500,13 +519,8 @@ def accuracy_cache(model: DMSForCausalLM, task: Recall, *, batch: int = 16, bloc
                 tok = ids[:, t]
                 pos_t = torch.full((b,), t, device=mdev, dtype=torch.long)
                 out.append(model.forward_cache(cache, sids, step_cu, tok, pos_t, use_kernel)[:, None])
-        # out[j] predicts token p + j (j = 0 from the prefill's last position).
-        logits = torch.cat(out, dim=1)                              # [b, n - p, V]
-        pred = logits.argmax(-1)
-        tgt = ids[:, p:]
-        m = task.answer[i:i + b, p - 1:n - 1]
-        right += int((pred == tgt)[m].sum())
-        total += int(m.sum())
+        # out[j] predicts token p + j (j = 0 from the prefill's last position, p - 1).
+        tally.add(torch.cat(out, dim=1), sub, first=p - 1)
         for layer in range(c.layers):
             for s in sids:
                 lv = cache.live_tokens(layer, s)
@@ -514,8 +528,7 @@ def accuracy_cache(model: DMSForCausalLM, task: Recall, *, batch: int = 16, bloc
                 live_cnt += lv.numel()
                 live_max = max(live_max, int(lv.max()))
     live = live_sum / max(live_cnt, 1)
-    return {"acc": right / max(total, 1), "cr": n / live, "live": live, "live_max": live_max,
-            "seconds": time.perf_counter() - t0}
+    return tally.result(cr=n / live, live=live, live_max=live_max)
 
 
 @torch.no_grad()
@@ -527,14 +540,13 @@ def accuracy_heuristic(model: DMSForCausalLM, task: Recall, policy: str, budget:
     model.eval()
     dev = next(model.parameters()).device
     c = model.cfg
-    n_all, n = task.ids.shape
-    right = total = 0
+    n = task.ids.shape[1]
+    tally = _Tally()
     live_max = 0
-    t0 = time.perf_counter()
-    for i in range(0, n_all, batch):
-        ids = task.ids[i:i + batch]
-        b = ids.shape[0]
-        hc = HeuristicCache(policy, budget, c.layers, b, c.kv_heads, c.heads, c.head_dim, n, dev,
+    for sub in _batches(task, batch):
+        ids = sub.ids
+        hc = HeuristicCache(policy, budget, c.layers, ids.shape[0], c.kv_heads, c.heads,
+                            c.head_dim, n, dev,
                             dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                             recent=recent)
         first = min(budget, n)
@@ -543,11 +555,5 @@ def accuracy_heuristic(model: DMSForCausalLM, task: Recall, policy: str, budget:
             for t in range(first, n - 1):
                 out.append(model.forward_heuristic(hc, ids[:, t:t + 1]))
         live_max = max(live_max, max(int(hc.live(layer).max()) for layer in range(c.layers)))
-        logits = torch.cat(out, dim=1)                              # positions 0 .. n-2 (or n-1)
-        if logits.shape[1] < n:
-            logits = torch.cat([logits, logits[:, -1:]], dim=1)     # the last one predicts nothing
-        sub = Recall(ids, task.answer[i:i + b], task.prefix)
-        r, tt = _answers(logits, sub)
-        right, total = right + r, total + tt
-    return {"acc": right / max(total, 1), "budget": budget, "live_max": live_max,
-            "seconds": time.perf_counter() - t0}
+        tally.add(torch.cat(out, dim=1), sub)                  # positions 0 .. n-2 (or n-1)
+    return tally.result(budget=budget, live_max=live_max)

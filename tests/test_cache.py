@@ -11,6 +11,11 @@ from dms_ext.cache import DMSCache, OutOfBlocks, _Layer
 from helpers import SequenceHistory, assert_same_state, assert_within_bound, dms_bound, make_logits, poison_free, snapshot
 
 
+def cpu_cache(layers, kv_heads, head_dim, **kw) -> DMSCache:
+    """A float32 DMSCache on the CPU, the cache of most tests here."""
+    return DMSCache(layers, kv_heads, head_dim, dtype=torch.float32, device="cpu", **kw)
+
+
 class Model(SequenceHistory):
     """Drives a cache and keeps each sequence's full history per layer for the reference."""
 
@@ -66,6 +71,14 @@ class Model(SequenceHistory):
             assert live.cpu().tolist() == reference.live_counts(lg, w).tolist(), (layer, sid)
 
 
+
+def one_sequence(hq, rate, seed, *cache_args, **cache_kw):
+    """cpu_cache(*cache_args, **cache_kw) driven by Model(cache, hq, rate, seed) holding one
+    sequence: (cache, model, seq id)."""
+    cache = cpu_cache(*cache_args, **cache_kw)
+    m = Model(cache, hq, rate, seed)
+    return cache, m, m.add()
+
 CONFIGS = [  # (hkv, G, head_dim, block_size)
     (2, 1, 16, 4), (1, 3, 32, 8), (2, 5, 16, 16), (3, 7, 8, 4), (2, 2, 64, 64),
 ]
@@ -77,8 +90,7 @@ def test_chunking_invariance_random_schedule(window, rate):
     seed = window * 10 + int(rate * 10)
     rng = random.Random(seed)
     hkv, G, d, bs = CONFIGS[seed % len(CONFIGS)]
-    cache = DMSCache(2, hkv, d, window=window, block_size=bs, num_blocks=400, max_seqs=4,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(2, hkv, d, window=window, block_size=bs, num_blocks=400, max_seqs=4)
     poison_free(cache)
     m = Model(cache, hkv * G, rate, seed)
     sids = [m.add() for _ in range(3)]
@@ -97,8 +109,7 @@ def test_decode_many_steps_matches_reference_and_never_syncs_with_room(monkeypat
     syncs = []
     orig = _Layer.sync
     monkeypatch.setattr(_Layer, "sync", lambda self, rows: (syncs.append(1), orig(self, rows)))
-    cache = DMSCache(3, 2, 16, window=4, block_size=4, num_blocks=200, max_seqs=3,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(3, 2, 16, window=4, block_size=4, num_blocks=200, max_seqs=3)
     m = Model(cache, 6, 0.6, 1)
     sids = [m.add() for _ in range(3)]
     m.step(sids, [5, 9, 2])
@@ -108,8 +119,7 @@ def test_decode_many_steps_matches_reference_and_never_syncs_with_room(monkeypat
 
 
 def test_first_chunk_of_one_token_and_reordered_seq_ids():
-    cache = DMSCache(1, 2, 16, window=3, block_size=4, num_blocks=64, max_seqs=3,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(1, 2, 16, window=3, block_size=4, num_blocks=64, max_seqs=3)
     m = Model(cache, 4, 0.5, 2)
     a, b, c = m.add(), m.add(), m.add()
     m.step([c, a], [1, 1])
@@ -131,8 +141,7 @@ def test_bf16_and_fp16_close_to_float64_reference():
 
 
 def test_custom_scale():
-    cache = DMSCache(1, 1, 16, window=2, block_size=4, num_blocks=32, max_seqs=1,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(1, 1, 16, window=2, block_size=4, num_blocks=32, max_seqs=1)
     m = Model(cache, 3, 0.5, 4, scale=0.37)
     s = m.add()
     m.step([s], [7])
@@ -141,8 +150,7 @@ def test_custom_scale():
 
 @pytest.mark.parametrize("rate", [0.0, 0.9])
 def test_fork_is_independent(rate):
-    cache = DMSCache(2, 2, 16, window=3, block_size=4, num_blocks=200, max_seqs=4,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(2, 2, 16, window=3, block_size=4, num_blocks=200, max_seqs=4)
     poison_free(cache)
     m = Model(cache, 6, rate, 5)
     a = m.add()
@@ -164,8 +172,7 @@ def test_fork_is_independent(rate):
 
 
 def test_release_returns_every_block():
-    cache = DMSCache(2, 3, 8, window=2, block_size=4, num_blocks=60, max_seqs=4,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(2, 3, 8, window=2, block_size=4, num_blocks=60, max_seqs=4)
     start = cache.num_free_blocks
     assert start == 120
     m = Model(cache, 3, 0.3, 6)
@@ -184,8 +191,7 @@ def test_release_returns_every_block():
 
 
 def test_add_sequence_beyond_max_seqs_raises():
-    cache = DMSCache(1, 1, 8, window=2, block_size=4, num_blocks=8, max_seqs=2,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(1, 1, 8, window=2, block_size=4, num_blocks=8, max_seqs=2)
     a = cache.add_sequence()
     cache.add_sequence()
     with pytest.raises(RuntimeError, match="max_seqs"):
@@ -275,8 +281,7 @@ def test_constructor_rejects_bad_arguments():
 
 
 def test_empty_call_returns_empty():
-    cache = DMSCache(1, 2, 16, window=3, block_size=4, num_blocks=16, max_seqs=2,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(1, 2, 16, window=3, block_size=4, num_blocks=16, max_seqs=2)
     e = torch.empty(0, 2, 16)
     out = cache.attend(0, [], torch.zeros(1, dtype=torch.int32), torch.empty(0, 4, 16), e, e,
                        torch.empty(0, 2))
@@ -285,8 +290,7 @@ def test_empty_call_returns_empty():
 
 def test_out_of_blocks_leaves_sequences_intact_and_release_retry_works():
     # Pool of 6 blocks of 4 tokens per layer, 2 heads, nothing evicted (rate 0).
-    cache = DMSCache(2, 2, 16, window=2, block_size=4, num_blocks=6, max_seqs=3,
-                     dtype=torch.float32, device="cpu")
+    cache = cpu_cache(2, 2, 16, window=2, block_size=4, num_blocks=6, max_seqs=3)
     poison_free(cache)
     m = Model(cache, 4, 0.0, 8)
     a, b = m.add(), m.add()
@@ -309,10 +313,8 @@ def test_out_of_blocks_leaves_sequences_intact_and_release_retry_works():
 
 
 def test_out_of_blocks_when_a_head_outgrows_its_block_table():
-    cache = DMSCache(1, 1, 8, window=1, block_size=4, num_blocks=32, max_seqs=2,
-                     dtype=torch.float32, device="cpu", max_blocks_per_head=2)
-    m = Model(cache, 1, 0.0, 9)
-    s = m.add()
+    cache, m, s = one_sequence(1, 0.0, 9, 1, 1, 8, window=1, block_size=4,
+                               num_blocks=32, max_seqs=2, max_blocks_per_head=2)
     m.step([s], [6])
     before = snapshot(cache)
     with pytest.raises(OutOfBlocks, match="max_blocks_per_head"):
@@ -324,10 +326,8 @@ def test_out_of_blocks_when_a_head_outgrows_its_block_table():
 def test_reservation_syncs_instead_of_failing_when_evictions_keep_the_cache_small():
     # Every token flagged, window 2: each head keeps 3 tokens (1 block) however long it runs,
     # while the worst-case bound grows by a block every 4 steps: syncs must absorb that.
-    cache = DMSCache(2, 2, 8, window=2, block_size=4, num_blocks=2, max_seqs=1,
-                     dtype=torch.float32, device="cpu", max_blocks_per_head=1)
-    m = Model(cache, 2, 1.0, 10)
-    s = m.add()
+    cache, m, s = one_sequence(2, 1.0, 10, 2, 2, 8, window=2, block_size=4,
+                               num_blocks=2, max_seqs=1, max_blocks_per_head=1)
     m.step([s], [3])
     for _ in range(30):
         m.step([s], [1])

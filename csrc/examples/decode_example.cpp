@@ -345,6 +345,46 @@ class Scenario {
     return p;
   }
 
+  // A prefill call's packed chunks (device or host pointers): sparse_prefill and append take
+  // the same inputs, over the cache of the same side.
+  struct Chunk {
+    const void* k;
+    const void* v;
+    const float* logits;
+    const int32_t* rows;
+    const int32_t* cu_seqlens;
+    int num_seqs, total_tokens;
+  };
+  template <class Params>
+  void set_chunk(Params& p, const Chunk& c, bool device) {
+    p.k = c.k;
+    p.v = c.v;
+    p.logits = c.logits;
+    p.rows = c.rows;
+    p.cu_seqlens = c.cu_seqlens;
+    p.kv = pool(device);
+    p.state = state(device);
+    p.num_seqs = c.num_seqs;
+    p.total_tokens = c.total_tokens;
+  }
+  // workspace is left unset (the caller sizes it; the CPU twin needs none).
+  dms::SparsePrefillParams prefill_params(const void* q, void* out, const Chunk& c, bool device) {
+    dms::SparsePrefillParams p;
+    set_chunk(p, c, device);
+    p.q = q;
+    p.out = out;
+    p.num_q_heads = Hq_;
+    p.scale = scale_;
+    return p;
+  }
+  dms::AppendParams append_params(const Chunk& c, bool device) {
+    dms::AppendParams p;
+    set_chunk(p, c, device);
+    p.free = free_list(device);
+    p.error = device ? d_error_.p : nullptr;
+    return p;
+  }
+
   // Attention over a page table of `batch` rows (bt [batch, H, M], sl [batch, H]).
   dms::SparseDecodeParams decode_params(const void* q, int32_t* bt, int32_t* sl, void* out,
                                         int batch, int64_t q_stride_b, int64_t o_stride_b, float* lse,
@@ -472,64 +512,19 @@ class Scenario {
 
     // Attention first: sparse_prefill reads the cache as it was before this chunk and takes
     // the chunk's own keys from k / v; append then writes them.
-    dms::SparsePrefillParams pp;
-    pp.q = dq.p;
-    pp.k = dk.p;
-    pp.v = dv.p;
-    pp.logits = dl.p;
-    pp.rows = dslots.p;
-    pp.cu_seqlens = dcu.p;
-    pp.out = dout.p;
-    pp.kv = pool(true);
-    pp.state = state(true);
-    pp.num_seqs = n;
-    pp.total_tokens = T;
-    pp.num_q_heads = Hq_;
-    pp.scale = scale_;
+    const Chunk on_gpu{dk.p, dv.p, dl.p, dslots.p, dcu.p, n, T};
+    dms::SparsePrefillParams pp = prefill_params(dq.p, dout.p, on_gpu, true);
     DevBuf<uint8_t> ws(dms::sparse_prefill_workspace_bytes(pp));
     pp.workspace = ws.p;  // cudaMalloc'd: 256-byte aligned, as the kernels want
     DMS_OK(dms::sparse_prefill(pp, stream_));
-
-    dms::AppendParams ap;
-    ap.k = dk.p;
-    ap.v = dv.p;
-    ap.logits = dl.p;
-    ap.rows = dslots.p;
-    ap.cu_seqlens = dcu.p;
-    ap.kv = pool(true);
-    ap.state = state(true);
-    ap.free = free_list(true);
-    ap.error = d_error_.p;
-    ap.num_seqs = n;
-    ap.total_tokens = T;
-    DMS_OK(dms::append(ap, stream_));
+    DMS_OK(dms::append(append_params(on_gpu, true), stream_));
     const std::vector<uint16_t> out_gpu = dout.download(stream_);
 
     // The CPU twins on the host copy of the state, same inputs.
     std::vector<uint16_t> out_cpu(q.size());
-    dms::SparsePrefillParams hp = pp;
-    hp.q = q.data();
-    hp.k = k.data();
-    hp.v = v.data();
-    hp.logits = logits.data();
-    hp.rows = rows.data();
-    hp.cu_seqlens = cu.data();
-    hp.kv = pool(false);
-    hp.state = state(false);
-    hp.out = out_cpu.data();
-    hp.workspace = nullptr;
-    DMS_OK(dms::cpu::sparse_prefill(hp));
-    dms::AppendParams ha = ap;
-    ha.k = k.data();
-    ha.v = v.data();
-    ha.logits = logits.data();
-    ha.rows = rows.data();
-    ha.cu_seqlens = cu.data();
-    ha.kv = pool(false);
-    ha.state = state(false);
-    ha.free = free_list(false);
-    ha.error = nullptr;
-    DMS_OK(dms::cpu::append(ha));
+    const Chunk on_host{k.data(), v.data(), logits.data(), rows.data(), cu.data(), n, T};
+    DMS_OK(dms::cpu::sparse_prefill(prefill_params(q.data(), out_cpu.data(), on_host, false)));
+    DMS_OK(dms::cpu::append(append_params(on_host, false)));
 
     Check& vs_cpu = rep_.get("prefill out: GPU vs CPU twin", tol_out_);
     for (size_t i = 0; i < q.size(); ++i) vs_cpu.add(f(out_gpu, i), f(out_cpu, i));

@@ -35,6 +35,16 @@ void check_cuda(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
 }
 
+// The kernel's scratch: `bytes` on q's device, held by the returned tensor until the launch is
+// queued (the caching allocator keeps it for the stream); p.workspace stays null when none.
+template <class Params>
+at::Tensor workspace_for(Params& p, size_t bytes, const at::Tensor& q) {
+  if (bytes == 0) return at::Tensor();
+  at::Tensor workspace = at::empty({int64_t(bytes)}, q.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  return workspace;
+}
+
 // Tuning knobs for benchmarks only (bench/sweep_decode.py), read once per process; unset means
 // the library default (0).
 struct DecodeKnobs {
@@ -76,12 +86,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_impl(const at::Tensor& q, const
   p.max_splits = knobs.max_splits;
   p.min_chunk = knobs.min_chunk;
   const int num_sms = sm_count(q.device());
-  const size_t ws = sparse_decode_workspace_bytes(p, num_sms);
-  at::Tensor workspace;
-  if (ws > 0) {
-    workspace = at::empty({int64_t(ws)}, q.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace = workspace_for(p, sparse_decode_workspace_bytes(p, num_sms), q);
   check_launch(sparse_decode(p, c10::cuda::getCurrentCUDAStream()), "sparse_decode");
   return outputs;
 }
@@ -155,12 +160,7 @@ at::Tensor sparse_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const a
     return e && std::atoi(e) == 0 ? 0 : 1;
   }();
   p.small_chunks = small_chunks;
-  const size_t ws = sparse_prefill_workspace_bytes(p);
-  at::Tensor workspace;
-  if (ws > 0) {
-    workspace = at::empty({int64_t(ws)}, q.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace = workspace_for(p, sparse_prefill_workspace_bytes(p), q);
   check_launch(sparse_prefill(p, c10::cuda::getCurrentCUDAStream()), "sparse_prefill");
   return out;
 }
