@@ -3,7 +3,7 @@ vLLM's convention (a value reads as stored * k_scale; a write stores saturate(x 
 
 The CPU twins are checked against the oracle on dequantized values: reference.quantize_fp8 gives
 what the pool must hold (bitwise), dms_attention / sparse_decode on those values (float64) what
-the ops must return. Tolerances come from the rounding model of tests/helpers.attention_bound
+the ops must return. Tolerances come from the rounding model of tests/bounds.attention_bound
 (the output's rounding to q's dtype); the fp8 rounding itself (relative 2^-4 per stored value) is
 in the data the reference reads, never in a tolerance. CUDA (tests marked `cuda`, skipped without
 a GPU): sparse_decode(_lse), sparse_prefill, append, decode_step, fork and release take fp8
