@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from dms_ext import DMSCache, ops, reference
+from dms_ext import ops, reference
 from helpers import (DEVICES, assert_same_state, assert_within_bound, bits, decode_bound, dms_bound,
                      logical_view, make_logits, new_state, poison_allocator, snapshot, state_args)
 
