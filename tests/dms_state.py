@@ -1,5 +1,5 @@
-"""DMS state tensors (params.h) and their logical comparison (test_decode_step: CPU and CUDA;
-test_validate, test_compile, test_bad_inputs, mutation_check).
+"""DMS state tensors (params.h) and their logical comparison, CPU and CUDA alike (test_decode_step,
+test_fp8, test_validate, test_compile, test_bad_inputs, mutation_check).
 
 `new_state` / `state_args` / `clone_state` (the tensors one state op takes, in STATE_KEYS order),
 `logical_view` / `compare_logical` / `assert_same_logical` (what a query can see, independent of

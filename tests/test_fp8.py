@@ -379,7 +379,7 @@ def test_supported_separates_compute_and_pool_dtype():
     assert s("release", "cpu", F8) and s("release", "cuda", F8)
 
 
-# ------------------------------------------------------------------------ CUDA: state ops on fp8 pools
+# ------------------------------------------------------------ CUDA: state ops on fp8 pools
 
 
 @pytest.mark.cuda
