@@ -295,8 +295,8 @@ stage_sanitize() {
 
 stage_reliability() {
   DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 420 "$LOGS/reliability.log" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda \
-    ${PYTEST_ARGS:-} tests/test_hf.py tests/test_cache.py tests/test_demo.py tests/test_differential.py \
-    tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
+    ${PYTEST_ARGS:-} tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py tests/test_demo.py \
+    tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
   TEST_LOGS+=("reliability (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/reliability.log")
   add_row reliability "$RC" "$SECS" "$(pytest_key "$LOGS/reliability.log")"
   [ "$RC" != 0 ] && note_failures reliability "$LOGS/reliability.log" "^(FAILED|ERROR)|Error:|error:"

@@ -1,6 +1,6 @@
 """One-shot GPU smoke test of sparse_prefill v2 (csrc/kernels/sparse_prefill_sm90.cu) on an H200
 / H100: which kernel runs, correctness against the float64 oracle (dms_ext.reference through
-tests/helpers.dms_bound, per-element error bound), and v2 vs the mma.sync kernel
+tests/bounds.dms_bound, per-element error bound), and v2 vs the mma.sync kernel
 (DMS_PREFILL_V2=0, read once per process, so the old kernel is timed in a subprocess; also v2
 without the warpgroup ping-pong, DMS_PREFILL_V2_PINGPONG=0, and without the persistent grid,
 DMS_PREFILL_V2_PERSISTENT=0) vs cuDNN
@@ -229,7 +229,7 @@ def main():
                   "test the old kernel (DMS_PREFILL_V2=0 set? not an sm_90 device? a build "
                   "without compute_90a?)")
             ok = False
-        print("\ncorrectness vs float64 oracle (error bound: tests/helpers.attention_bound)")
+        print("\ncorrectness vs float64 oracle (error bound: tests/bounds.attention_bound)")
         print(f"{'case':32s} {'max|out-ref|':>12s} {'err/bound':>10s}  {'s':>5s}  status")
         for name, err, ratio, status, sec in res["cases"]:
             print(f"{name:32s} {err:>12s} {ratio:>10s}  {sec:5.1f}  {status}")

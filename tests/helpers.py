@@ -1,16 +1,20 @@
-"""The one helpers module of the test suite (conftest puts tests/ on sys.path).
+"""The helpers module of the test suite (conftest puts tests/ on sys.path).
 
 Sections: devices (`DEVICES`, a `device` parameter as pytorch/extension-cpp's tests use it:
 "cpu" always, "cuda" marked `cuda`, so it skips without a GPU); case counts (`SCALE`);
 random inputs (`make_logits`, `step_inputs`, `norm_weights`); state snapshots and comparisons
-(`snapshot`, `assert_same_state`, `poison_allocator`, `poison_free`); the error bound every
-CUDA attention comparison uses (`attention_bound`, `assert_attention_close`); DMS state tensors
-and their logical comparison (`new_state`, `logical_view`, `assert_same_logical`); and for the
+(`snapshot`, `assert_same_state`, `poison_allocator`, `poison_free`); and for the
 reliability suites (test_differential, test_soak, test_bad_inputs, test_compile):
 a tolerance that only admits the final rounding, eviction logits with extreme values, and
 SpecState, which drives the state ops (append / decode_step / fork / release / sparse_prefill)
 on one set of state tensors and checks every touched row against SPEC section 1 through
 dms_ext.reference after each call.
+
+Two topics live in their own modules and are re-exported here, so `from helpers import X` works
+for all of them: tests/bounds.py, the error bound every CUDA attention comparison uses
+(`attention_bound`, `decode_bound`, `dms_bound`, `assert_within_bound`, `bound_violations`), and
+tests/dms_state.py, the DMS state tensors and their logical comparison (`new_state`,
+`logical_view`, `assert_same_logical`, `assert_pool_consistent`).
 
 Token identity: V channels 0 and 1 of every token carry its position (p // 64, p % 64, exact in
 every dtype for p < 16384), so what a (row, head) holds can be read back from the cache alone and
@@ -29,6 +33,12 @@ import torch
 
 from dms_ext import ops, reference
 from dms_ext.cache import DMSCache, OutOfBlocks
+
+# Re-exported (one definition each, in its topic module): `from helpers import X` keeps working.
+from bounds import (LAMBDA, SAFETY, U32, assert_within_bound, attention_bound,  # noqa: F401
+                    bound_violations, decode_bound, dms_bound, paged_heads, unit_roundoff)
+from dms_state import (STATE_KEYS, assert_pool_consistent, assert_same_logical,  # noqa: F401
+                       clone_state, compare_logical, logical_view, new_state, state_args)
 
 # Multiplies every case count of the differential and soak suites: DMS_TEST_SCALE=10 for the
 # GPU round (bench/gpu_round.sh sets it), default 1 (the CPU suite). DMS_DIFF_SCALE is the old name.
@@ -545,228 +555,12 @@ def poison_free(cache):
 
 
 # --------------------------------------------------------------------------------------------
-# The error bound of a half-precision attention kernel (issue 17)
-
-LAMBDA = 8.0     # probabilistic rounding-error bounds hold with probability >= 1 - 2 exp(-L^2 / 2)
-SAFETY = 2.0     # every modelled rounding may happen twice (see attention_bound)
-U32 = 2.0 ** -24
-
-
-def unit_roundoff(dtype):
-    """u = eps / 2: round to nearest moves x by at most u |x| (normal range)."""
-    return torch.finfo(dtype).eps / 2
-
-
-def attention_bound(q, k, v, scale, dtype, mask=None):
-    """Reference and per-element error bounds of one KV head's attention, in float64.
-
-    q [Q, D] (the queries that read this KV head), k, v [n, D] (the keys and values as stored,
-    already rounded to `dtype`), mask [Q, n] bool (visible keys; None: all). Returns
-    (o [Q, D], lse [Q], tol_o [Q, D], tol_lse [Q]); rows that see no key have o = 0, lse = -inf,
-    tol = 0 (the kernel must give exact zeros / -inf there).
-
-    The algorithm bounded: flash-decoding with float32 scores and accumulators: s_j = scale q.k_j
-    (dtype x dtype products are exact in float32, D - 1 float32 additions, then x scale), an online
-    softmax P_j = exp(s_j - m) in float32, l = sum_j P_j in float32, P rounded to `dtype` for the
-    PV product (tensor cores), acc = sum_j P_j v_j in float32, o = acc / l rounded to `dtype`,
-    lse = m + log l. u32 = 2^-24, u = unit roundoff of dtype, eta = its smallest subnormal,
-    c_j = |scale| sum_i |q_i k_ji| (the condition of the dot product), m = max_j s_j, p = softmax(s).
-
-    1. Scores: |s^_j - s_j| <= Delta_j = u32 ((D + 2) c_j + |s_j - m|): D - 1 additions of terms
-       bounded by c_j (recursive summation, gamma_{D-1} ~ (D-1) u32), the scale product, the
-       log2(e) product, and the rounding of s_j - m before exp. Worst case, not probabilistic.
-    2. Through softmax, exactly: p^_j / p_j = e^{d_j} / E with E = sum_i p_i e^{d_i} in
-       [E-, E+] = [sum p e^{-Delta}, sum p e^{Delta}], so |p^_j - p_j| <= dp_j =
-       max(p_j e^{Delta_j} / E- - p_j, p_j - p_j e^{-Delta_j} / E+) and, since sum p^ = sum p,
-       |o(s^) - o(s)| <= sum_j dp_j |v_j - o|.   lse: lse(s - Delta) <= lse(s^) <= lse(s + Delta).
-       Both are evaluated in float64 in the log domain, so huge Delta (scores of order 1e5) and
-       far-off keys (p_j ~ 0, Delta_j large) are handled without a max over keys.
-    3. P rounded to dtype: each P_j moves by at most a_j = max(u P_j, eta / 2); l may be summed
-       from the unrounded P, so the error is sum_j eps_j p_j v_j (not v_j - o): we take |v_j| + |o|
-       to cover either convention. The eps_j are independent, mean-zero, bounded roundings
-       (Higham & Mary, SIAM J. Sci. Comput. 2019): Hoeffding gives
-       |sum_j a_j e_j (|v_j| + |o|)| <= LAMBDA sqrt(sum_j a_j^2 (|v_j| + |o|)^2) with probability
-       >= 1 - 2 exp(-LAMBDA^2 / 2) = 1 - 2.5e-14 per element (LAMBDA = 8). Exactly tied scores
-       give P_j = 1, exact, so correlated roundings do not arise from ties.
-    4. float32 accumulation of acc and l over n keys (any order, split-KV merge included), the
-       same probabilistic model: LAMBDA sqrt(n) u32 (sum_j p_j |v_j| + |o|); for lse,
-       LAMBDA sqrt(n) u32 + 4 u32 (exp2 / log2 approximations, 2 ulp each).
-    5. Output rounding to dtype: u |o| + eta / 2 (exact, not multiplied by SAFETY); lse is
-       float32: u32 |lse|.
-
-    tol_o = SAFETY (term 2 + term 3 + term 4) + term 5, tol_lse likewise. SAFETY = 2 is not
-    needed by any modelled term (their products, the second-order terms, are below 1%): it lets
-    every modelled rounding happen twice (a kernel that rounds P once more, stores a partial
-    result of a split in float32 and reloads it, or folds scale and log2 e into separate
-    multiplies), and it is not tuned to any measured error.
-    """
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    Q, D = q64.shape
-    n = k64.shape[0]
-    u = unit_roundoff(dtype)
-    eta = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps   # smallest subnormal
-    scale = abs(float(scale))
-    if mask is None:
-        mask = torch.ones(Q, n, dtype=torch.bool, device=q64.device)
-    mask = mask.to(q64.device)
-    seen = mask.any(dim=1)
-    s = (q64 @ k64.t()) * scale
-    s = s.masked_fill(~mask, -math.inf)
-    c = (q64.abs() @ k64.abs().t()) * scale
-    m = s.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    lse = torch.logsumexp(s, dim=1, keepdim=True)
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    logp = s - lse_safe
-    p = logp.exp()                                             # 0 where masked
-    o = p @ v64
-    delta = U32 * ((D + 2) * c + (s - m).abs().nan_to_num(0.0, posinf=0.0))
-    delta = delta.masked_fill(~mask, 0.0)
-    le_plus = torch.logsumexp(s + delta, dim=1, keepdim=True) - lse_safe     # log E+
-    le_minus = torch.logsumexp(s - delta, dim=1, keepdim=True) - lse_safe    # log E-
-    dp = torch.maximum((logp + delta - le_minus).exp() - p, p - (logp - delta - le_plus).exp())
-    dp = dp.masked_fill(~mask, 0.0).nan_to_num(0.0, posinf=math.inf)
-    va = v64.abs()
-    # sum_j dp_j |v_jd - o_d| without materialising [Q, n, D] for long heads: chunks of keys
-    # (larger on a GPU, where each chunk is a launch; only the float64 summation order differs).
-    e_score = torch.zeros(Q, D, dtype=torch.float64, device=q64.device)
-    step = max(1, (1 << (22 if q64.device.type == "cpu" else 25)) // max(1, Q * D))
-    for a in range(0, n, step):
-        e_score += (dp[:, a:a + step, None] * (v64[None, a:a + step] - o[:, None]).abs()).sum(1)
-    a_j = torch.maximum(u * p, (eta / 2) * (m - lse_safe).exp()).masked_fill(~mask, 0.0)
-    a2 = a_j * a_j
-    oa = o.abs()
-    # sum_j a_j^2 (|v_jd| + |o_d|)^2 = a2 @ |v|^2 + 2 |o_d| (a2 @ |v|) + |o_d|^2 sum a2
-    e_p = LAMBDA * (a2 @ (va * va) + 2 * oa * (a2 @ va) + oa * oa * a2.sum(1, keepdim=True)).sqrt()
-    n_seen = mask.sum(1, keepdim=True).double()
-    e_acc = LAMBDA * n_seen.sqrt() * U32 * (p @ va + oa)
-    tol_o = SAFETY * (e_score + e_p + e_acc) + u * oa + eta / 2
-    lse_err = torch.maximum(le_plus, -le_minus)
-    tol_lse = SAFETY * (lse_err + LAMBDA * n_seen.sqrt() * U32 + 4 * U32) + U32 * lse_safe.abs()
-    o = torch.where(seen[:, None], o, torch.zeros_like(o))
-    tol_o = torch.where(seen[:, None], tol_o, torch.zeros_like(tol_o))
-    tol_lse = torch.where(seen[:, None], tol_lse, torch.zeros_like(tol_lse))
-    return o, lse[:, 0], tol_o, tol_lse[:, 0]
-
-
-def paged_heads(q, k_cache, v_cache, block_table, seq_lens):
-    """Yields (b, heads, K, V) for every non-empty (row b, KV head) of a paged decode problem:
-    heads the slice of q's query heads that read it, K and V [n, D] gathered from the pool."""
-    hkv = block_table.shape[1]
-    G = q.shape[1] // max(1, hkv)
-    lens = seq_lens.cpu()
-    for b in range(q.shape[0]):
-        for g in range(hkv):
-            n = int(lens[b, g])
-            if n:
-                yield (b, slice(g * G, (g + 1) * G), reference.paged_gather(k_cache, block_table[b, g], n),
-                       reference.paged_gather(v_cache, block_table[b, g], n))
-
-
-def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None, device="cpu"):
-    """attention_bound for every (row, KV head) of a paged decode: (o [B, Hq, D], lse [B, Hq],
-    tol_o, tol_lse), float64 on the CPU, from the tensors as the kernel read them. `device`:
-    where the float64 math runs (the same oracle; a GPU only changes float64 rounding, far below
-    any bound), the results come back to the CPU."""
-    q, k_cache, v_cache = q.to(device), k_cache.to(device), v_cache.to(device)
-    block_table, seq_lens = block_table.to(device), seq_lens.cpu()
-    B, hq, D = q.shape
-    dtype = dtype or q.dtype
-    o = torch.zeros(B, hq, D, dtype=torch.float64, device=device)
-    lse = torch.full((B, hq), -math.inf, dtype=torch.float64, device=device)
-    tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
-    for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, block_table, seq_lens):
-        o[b, hs], lse[b, hs], tol_o[b, hs], tol_lse[b, hs] = attention_bound(
-            q[b, hs], kk, vv, scale, dtype)
-    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
-
-
-def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None, device="cpu"):
-    """attention_bound under the DMS visibility rule for one sequence: q [N, Hq, D], k, v
-    [N, Hkv, D], logits [N, Hkv]; rows: the query positions to bound (default all). Returns
-    (o, lse, tol_o, tol_lse) with o [R, Hq, D], float64 on the CPU. `device`: where the float64
-    math runs (as decode_bound)."""
-    q, k, v, logits = q.to(device), k.to(device), v.to(device), logits.to(device)
-    N, hq, D = q.shape
-    hkv = k.shape[1]
-    G = hq // hkv
-    rows = (torch.arange(N) if rows is None else torch.as_tensor(rows)).to(device)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    dtype = dtype or q.dtype
-    mask = reference.visibility_mask(logits, window)[:, rows]          # [Hkv, R, N]
-    R = rows.numel()
-    o = torch.zeros(R, hq, D, dtype=torch.float64, device=device)
-    lse = torch.zeros(R, hq, dtype=torch.float64, device=device)
-    tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
-    for h in range(hq):
-        g = h // G
-        o[:, h], lse[:, h], tol_o[:, h], tol_lse[:, h] = attention_bound(
-            q[rows, h], k[:, g], v[:, g], scale, dtype, mask[g])
-    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
-
-
-def bound_violations(out, ref, tol):
-    """(count, worst err / tol, first bad index) of |out - ref| > tol, NaN counting as bad."""
-    o = out.double().cpu()
-    err = (o - ref).abs()
-    bad = ~(err <= tol)                                   # NaN compares False: bad
-    ratio = (err / tol.clamp_min(1e-300)).nan_to_num(math.inf)
-    first = bad.nonzero()[0].tolist() if bad.any() else None
-    return int(bad.sum()), (ratio.max().item() if ratio.numel() else 0.0), first
-
-
-def assert_within_bound(out, ref, tol, what, lse=None, lse_ref=None, lse_tol=None):
-    """out within tol of ref elementwise (tol from attention_bound); lse likewise when given,
-    with -inf exactly where the reference is -inf (heads that see no key)."""
-    assert list(out.shape) == list(ref.shape), f"{what}: shape {list(out.shape)} vs {list(ref.shape)}"
-    nbad, worst, first = bound_violations(out, ref, tol)
-    print(f"{what}: max err/bound {worst:.3g}")
-    assert nbad == 0, (f"{what}: {nbad} of {out.numel()} elements outside the error bound, worst "
-                       f"{worst:.3g} x bound, first at {first}: got {out.double().cpu()[tuple(first)].item()!r}, "
-                       f"want {ref[tuple(first)].item()!r} +- {tol[tuple(first)].item():.3g}")
-    if lse is not None:
-        lse = lse.double().cpu()
-        empty = torch.isneginf(lse_ref)
-        assert torch.equal(torch.isneginf(lse), empty), f"{what}: lse -inf pattern differs"
-        nbad, worst, first = bound_violations(lse[~empty], lse_ref[~empty], lse_tol[~empty])
-        assert nbad == 0, f"{what}: lse outside the bound ({nbad} heads, worst {worst:.3g} x bound)"
-
-
-# --------------------------------------------------------------------------------------------
-# DMS state tensors (params.h) and their logical comparison (test_decode_step: CPU and CUDA)
+# Random inputs for the state ops (test_decode_step: CPU and CUDA)
 
 
 def seed_of(*args):
     """A seed fixed by the test's parameters (hash() of a str changes from run to run)."""
     return zlib.crc32(repr(args).encode()) & 0x7FFFFFFF
-
-
-STATE_KEYS = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens", "free_stack",
-              "free_top")
-
-
-def new_state(max_seqs, hkv, dim, num_blocks, block_size, window, max_blocks, dtype, device,
-              gen=None):
-    """Empty state per params.h. Caches start as NaN so that a read of an unwritten row shows;
-    the free stack is a random permutation so that block ids are not accidentally positional."""
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    return dict(
-        k_cache=torch.full((num_blocks, block_size, dim), math.nan, dtype=dtype, device=device),
-        v_cache=torch.full((num_blocks, block_size, dim), math.nan, dtype=dtype, device=device),
-        block_table=torch.full((max_seqs, hkv, max_blocks), -1, dtype=torch.int32, device=device),
-        seq_lens=torch.zeros(max_seqs, hkv, dtype=torch.int32, device=device),
-        ring=torch.zeros(max_seqs, hkv, window + 1, dtype=torch.int32, device=device),
-        num_tokens=torch.zeros(max_seqs, dtype=torch.int32, device=device),
-        free_stack=perm.to(device),
-        free_top=torch.tensor([num_blocks], dtype=torch.int32, device=device),
-    )
-
-
-def state_args(st):
-    return [st[k] for k in STATE_KEYS]
-
-
-def clone_state(st, device=None):
-    return {k: v.clone() if device is None else v.to(device).clone() for k, v in st.items()}
 
 
 def step_inputs(b, hq, hkv, dim, dtype, evict_p, gen, device="cpu"):
@@ -784,66 +578,3 @@ def norm_weights(dim, dtype, gen, device="cpu"):
     # Positive, so the norm keeps the sign of the donor channel.
     return ((torch.rand(dim, generator=gen) + 0.5).to(dtype).to(device),
             (torch.rand(dim, generator=gen) + 0.5).to(dtype).to(device))
-def logical_view(st):
-    """What a query can see, independent of block ids, for every (row, head) at once (CPU):
-    num_tokens [S], seq_lens [S, H], the ring masked to the entries of the last min(n, w+1)
-    positions [S, H, w+1], live [S, H, L] (slot < seq_len, L = max_blocks * block_size), and
-    K and V [live slots, D] gathered through the block table in (row, head, slot) order."""
-    st = {k: v.cpu() for k, v in st.items()}
-    nt, lens, ring, bt = st["num_tokens"].long(), st["seq_lens"].long(), st["ring"], st["block_table"]
-    r = ring.shape[2]
-    idx = torch.arange(r)
-    valid = (nt[:, None] >= r) | (idx[None, :] < nt[:, None])            # [S, R]
-    ring = torch.where(valid[:, None, :], ring, torch.zeros_like(ring))
-    bs = st["k_cache"].shape[1]
-    slots = torch.arange(bt.shape[2] * bs)
-    live = slots[None, None, :] < lens[:, :, None]                        # [S, H, L]
-    blocks = bt.long()[:, :, slots // bs][live]                           # [live slots]
-    within = (slots % bs)[None, None, :].expand_as(live)[live]
-    return [nt, lens, ring, live, st["k_cache"][blocks, within], st["v_cache"][blocks, within]]
-
-
-def _where_rows(live, diff):
-    """(row, head, slot) of the first differing live slots."""
-    return live.nonzero()[diff.any(-1)][:5].tolist()
-
-
-def compare_logical(a, b, k_rtol=0.0, where=""):
-    """a, b: logical_view()s. Same tokens, lengths, ring entries (slot and flag), K/V at every
-    live slot (K within k_rtol when it was roped in float on one side, double on the other)."""
-    na, la, ra, live, ka, va = a
-    nb, lb, rb, _, kb, vb = b
-    assert torch.equal(na, nb), f"num_tokens differ {where}: {na.tolist()} vs {nb.tolist()}"
-    assert torch.equal(la, lb), f"seq_lens differ {where}: {(la != lb).nonzero().tolist()}"
-    assert torch.equal(ra, rb), f"ring entries differ {where} at (row, head) " \
-        f"{(ra != rb).any(-1).nonzero().tolist()}"
-    for x, name in ((ka, "K"), (va, "V"), (kb, "K"), (vb, "V")):
-        assert not torch.isnan(x).any(), f"unwritten {name} slot read {where}"
-    if k_rtol == 0.0:
-        assert torch.equal(ka, kb), f"K differs {where} at (row, head) " \
-            f"{_where_rows(live, ka != kb)}"
-    else:
-        torch.testing.assert_close(ka.float(), kb.float(), rtol=k_rtol, atol=k_rtol,
-                                   msg=lambda m: f"K {where}: {m}")
-    assert torch.equal(va, vb), f"V differs {where} at (row, head) " \
-        f"{_where_rows(live, va != vb)}"
-
-
-def assert_same_logical(a, b, rows=None, hkv=None, k_rtol=0.0, where=""):
-    """States a and b hold the same logical content (rows/hkv kept for the old call form)."""
-    compare_logical(logical_view(a), logical_view(b), k_rtol, where)
-    assert int(a["free_top"][0]) == int(b["free_top"][0]), f"free_top differs {where}"
-
-
-def assert_pool_consistent(st, rows_live, block_size):
-    """Every block is either free or owned by exactly one live (row, head) block-table entry."""
-    nb = st["k_cache"].shape[0]
-    top = int(st["free_top"][0])
-    owned = []
-    for row in rows_live:
-        for g in range(st["seq_lens"].shape[1]):
-            n = math.ceil(int(st["seq_lens"][row, g]) / block_size)
-            owned += st["block_table"][row, g, :n].cpu().tolist()
-    free = st["free_stack"][:top].cpu().tolist()
-    assert len(owned) + len(free) == nb, f"{len(owned)} owned + {len(free)} free != {nb} blocks"
-    assert sorted(owned + free) == list(range(nb)), "a block is lost or owned twice"

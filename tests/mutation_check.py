@@ -1,4 +1,4 @@
-"""Mutation check (issue 17): is the bound-based comparison (helpers.attention_bound) sensitive?
+"""Mutation check (issue 17): is the bound-based comparison (bounds.attention_bound) sensitive?
 
 For each case it runs the real op (`--device cpu`: the CPU twins; `--device cuda`: the kernels)
 and a CPU emulation of a flash-decoding kernel (float32 scores and sums, P rounded to the dtype for

@@ -230,7 +230,7 @@ def test_cuda_opcheck_eviction_rope_append_fork_release():
 
 
 def test_cpu_opcheck_every_op_with_norms_and_adapter_logits():
-    """test_ops / test_decode_step opcheck each op once; here the optional arguments the
+    """test_ops_interface / test_decode_step opcheck each op once; here the optional arguments the
     compiled modules above use (both norm weights, adapter logits) go through opcheck too."""
     from helpers import SpecState
     gen = torch.Generator().manual_seed(6)

@@ -1,0 +1,198 @@
+"""The error bound of a half-precision attention kernel (issue 17): every CUDA attention
+comparison of the test suite holds a kernel to it.
+
+`attention_bound` (one KV head, float64 reference and per-element bounds, derivation in its
+docstring), `paged_heads` / `decode_bound` (every (row, KV head) of a paged decode), `dms_bound`
+(one sequence under the DMS visibility rule), `bound_violations` / `assert_within_bound` (the
+comparison). Re-exported by helpers, so `from helpers import attention_bound` works too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dms_ext import reference
+
+LAMBDA = 8.0     # probabilistic rounding-error bounds hold with probability >= 1 - 2 exp(-L^2 / 2)
+SAFETY = 2.0     # every modelled rounding may happen twice (see attention_bound)
+U32 = 2.0 ** -24
+
+
+def unit_roundoff(dtype):
+    """u = eps / 2: round to nearest moves x by at most u |x| (normal range)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def attention_bound(q, k, v, scale, dtype, mask=None):
+    """Reference and per-element error bounds of one KV head's attention, in float64.
+
+    q [Q, D] (the queries that read this KV head), k, v [n, D] (the keys and values as stored,
+    already rounded to `dtype`), mask [Q, n] bool (visible keys; None: all). Returns
+    (o [Q, D], lse [Q], tol_o [Q, D], tol_lse [Q]); rows that see no key have o = 0, lse = -inf,
+    tol = 0 (the kernel must give exact zeros / -inf there).
+
+    The algorithm bounded: flash-decoding with float32 scores and accumulators: s_j = scale q.k_j
+    (dtype x dtype products are exact in float32, D - 1 float32 additions, then x scale), an online
+    softmax P_j = exp(s_j - m) in float32, l = sum_j P_j in float32, P rounded to `dtype` for the
+    PV product (tensor cores), acc = sum_j P_j v_j in float32, o = acc / l rounded to `dtype`,
+    lse = m + log l. u32 = 2^-24, u = unit roundoff of dtype, eta = its smallest subnormal,
+    c_j = |scale| sum_i |q_i k_ji| (the condition of the dot product), m = max_j s_j, p = softmax(s).
+
+    1. Scores: |s^_j - s_j| <= Delta_j = u32 ((D + 2) c_j + |s_j - m|): D - 1 additions of terms
+       bounded by c_j (recursive summation, gamma_{D-1} ~ (D-1) u32), the scale product, the
+       log2(e) product, and the rounding of s_j - m before exp. Worst case, not probabilistic.
+    2. Through softmax, exactly: p^_j / p_j = e^{d_j} / E with E = sum_i p_i e^{d_i} in
+       [E-, E+] = [sum p e^{-Delta}, sum p e^{Delta}], so |p^_j - p_j| <= dp_j =
+       max(p_j e^{Delta_j} / E- - p_j, p_j - p_j e^{-Delta_j} / E+) and, since sum p^ = sum p,
+       |o(s^) - o(s)| <= sum_j dp_j |v_j - o|.   lse: lse(s - Delta) <= lse(s^) <= lse(s + Delta).
+       Both are evaluated in float64 in the log domain, so huge Delta (scores of order 1e5) and
+       far-off keys (p_j ~ 0, Delta_j large) are handled without a max over keys.
+    3. P rounded to dtype: each P_j moves by at most a_j = max(u P_j, eta / 2); l may be summed
+       from the unrounded P, so the error is sum_j eps_j p_j v_j (not v_j - o): we take |v_j| + |o|
+       to cover either convention. The eps_j are independent, mean-zero, bounded roundings
+       (Higham & Mary, SIAM J. Sci. Comput. 2019): Hoeffding gives
+       |sum_j a_j e_j (|v_j| + |o|)| <= LAMBDA sqrt(sum_j a_j^2 (|v_j| + |o|)^2) with probability
+       >= 1 - 2 exp(-LAMBDA^2 / 2) = 1 - 2.5e-14 per element (LAMBDA = 8). Exactly tied scores
+       give P_j = 1, exact, so correlated roundings do not arise from ties.
+    4. float32 accumulation of acc and l over n keys (any order, split-KV merge included), the
+       same probabilistic model: LAMBDA sqrt(n) u32 (sum_j p_j |v_j| + |o|); for lse,
+       LAMBDA sqrt(n) u32 + 4 u32 (exp2 / log2 approximations, 2 ulp each).
+    5. Output rounding to dtype: u |o| + eta / 2 (exact, not multiplied by SAFETY); lse is
+       float32: u32 |lse|.
+
+    tol_o = SAFETY (term 2 + term 3 + term 4) + term 5, tol_lse likewise. SAFETY = 2 is not
+    needed by any modelled term (their products, the second-order terms, are below 1%): it lets
+    every modelled rounding happen twice (a kernel that rounds P once more, stores a partial
+    result of a split in float32 and reloads it, or folds scale and log2 e into separate
+    multiplies), and it is not tuned to any measured error.
+    """
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    Q, D = q64.shape
+    n = k64.shape[0]
+    u = unit_roundoff(dtype)
+    eta = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps   # smallest subnormal
+    scale = abs(float(scale))
+    if mask is None:
+        mask = torch.ones(Q, n, dtype=torch.bool, device=q64.device)
+    mask = mask.to(q64.device)
+    seen = mask.any(dim=1)
+    s = (q64 @ k64.t()) * scale
+    s = s.masked_fill(~mask, -math.inf)
+    c = (q64.abs() @ k64.abs().t()) * scale
+    m = s.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    lse = torch.logsumexp(s, dim=1, keepdim=True)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    logp = s - lse_safe
+    p = logp.exp()                                             # 0 where masked
+    o = p @ v64
+    delta = U32 * ((D + 2) * c + (s - m).abs().nan_to_num(0.0, posinf=0.0))
+    delta = delta.masked_fill(~mask, 0.0)
+    le_plus = torch.logsumexp(s + delta, dim=1, keepdim=True) - lse_safe     # log E+
+    le_minus = torch.logsumexp(s - delta, dim=1, keepdim=True) - lse_safe    # log E-
+    dp = torch.maximum((logp + delta - le_minus).exp() - p, p - (logp - delta - le_plus).exp())
+    dp = dp.masked_fill(~mask, 0.0).nan_to_num(0.0, posinf=math.inf)
+    va = v64.abs()
+    # sum_j dp_j |v_jd - o_d| without materialising [Q, n, D] for long heads: chunks of keys
+    # (larger on a GPU, where each chunk is a launch; only the float64 summation order differs).
+    e_score = torch.zeros(Q, D, dtype=torch.float64, device=q64.device)
+    step = max(1, (1 << (22 if q64.device.type == "cpu" else 25)) // max(1, Q * D))
+    for a in range(0, n, step):
+        e_score += (dp[:, a:a + step, None] * (v64[None, a:a + step] - o[:, None]).abs()).sum(1)
+    a_j = torch.maximum(u * p, (eta / 2) * (m - lse_safe).exp()).masked_fill(~mask, 0.0)
+    a2 = a_j * a_j
+    oa = o.abs()
+    # sum_j a_j^2 (|v_jd| + |o_d|)^2 = a2 @ |v|^2 + 2 |o_d| (a2 @ |v|) + |o_d|^2 sum a2
+    e_p = LAMBDA * (a2 @ (va * va) + 2 * oa * (a2 @ va) + oa * oa * a2.sum(1, keepdim=True)).sqrt()
+    n_seen = mask.sum(1, keepdim=True).double()
+    e_acc = LAMBDA * n_seen.sqrt() * U32 * (p @ va + oa)
+    tol_o = SAFETY * (e_score + e_p + e_acc) + u * oa + eta / 2
+    lse_err = torch.maximum(le_plus, -le_minus)
+    tol_lse = SAFETY * (lse_err + LAMBDA * n_seen.sqrt() * U32 + 4 * U32) + U32 * lse_safe.abs()
+    o = torch.where(seen[:, None], o, torch.zeros_like(o))
+    tol_o = torch.where(seen[:, None], tol_o, torch.zeros_like(tol_o))
+    tol_lse = torch.where(seen[:, None], tol_lse, torch.zeros_like(tol_lse))
+    return o, lse[:, 0], tol_o, tol_lse[:, 0]
+
+
+def paged_heads(q, k_cache, v_cache, block_table, seq_lens):
+    """Yields (b, heads, K, V) for every non-empty (row b, KV head) of a paged decode problem:
+    heads the slice of q's query heads that read it, K and V [n, D] gathered from the pool."""
+    hkv = block_table.shape[1]
+    G = q.shape[1] // max(1, hkv)
+    lens = seq_lens.cpu()
+    for b in range(q.shape[0]):
+        for g in range(hkv):
+            n = int(lens[b, g])
+            if n:
+                yield (b, slice(g * G, (g + 1) * G), reference.paged_gather(k_cache, block_table[b, g], n),
+                       reference.paged_gather(v_cache, block_table[b, g], n))
+
+
+def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None, device="cpu"):
+    """attention_bound for every (row, KV head) of a paged decode: (o [B, Hq, D], lse [B, Hq],
+    tol_o, tol_lse), float64 on the CPU, from the tensors as the kernel read them. `device`:
+    where the float64 math runs (the same oracle; a GPU only changes float64 rounding, far below
+    any bound), the results come back to the CPU."""
+    q, k_cache, v_cache = q.to(device), k_cache.to(device), v_cache.to(device)
+    block_table, seq_lens = block_table.to(device), seq_lens.cpu()
+    B, hq, D = q.shape
+    dtype = dtype or q.dtype
+    o = torch.zeros(B, hq, D, dtype=torch.float64, device=device)
+    lse = torch.full((B, hq), -math.inf, dtype=torch.float64, device=device)
+    tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
+    for b, hs, kk, vv in paged_heads(q, k_cache, v_cache, block_table, seq_lens):
+        o[b, hs], lse[b, hs], tol_o[b, hs], tol_lse[b, hs] = attention_bound(
+            q[b, hs], kk, vv, scale, dtype)
+    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
+
+
+def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None, device="cpu"):
+    """attention_bound under the DMS visibility rule for one sequence: q [N, Hq, D], k, v
+    [N, Hkv, D], logits [N, Hkv]; rows: the query positions to bound (default all). Returns
+    (o, lse, tol_o, tol_lse) with o [R, Hq, D], float64 on the CPU. `device`: where the float64
+    math runs (as decode_bound)."""
+    q, k, v, logits = q.to(device), k.to(device), v.to(device), logits.to(device)
+    N, hq, D = q.shape
+    hkv = k.shape[1]
+    G = hq // hkv
+    rows = (torch.arange(N) if rows is None else torch.as_tensor(rows)).to(device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dtype = dtype or q.dtype
+    mask = reference.visibility_mask(logits, window)[:, rows]          # [Hkv, R, N]
+    R = rows.numel()
+    o = torch.zeros(R, hq, D, dtype=torch.float64, device=device)
+    lse = torch.zeros(R, hq, dtype=torch.float64, device=device)
+    tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
+    for h in range(hq):
+        g = h // G
+        o[:, h], lse[:, h], tol_o[:, h], tol_lse[:, h] = attention_bound(
+            q[rows, h], k[:, g], v[:, g], scale, dtype, mask[g])
+    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
+
+
+def bound_violations(out, ref, tol):
+    """(count, worst err / tol, first bad index) of |out - ref| > tol, NaN counting as bad."""
+    o = out.double().cpu()
+    err = (o - ref).abs()
+    bad = ~(err <= tol)                                   # NaN compares False: bad
+    ratio = (err / tol.clamp_min(1e-300)).nan_to_num(math.inf)
+    first = bad.nonzero()[0].tolist() if bad.any() else None
+    return int(bad.sum()), (ratio.max().item() if ratio.numel() else 0.0), first
+
+
+def assert_within_bound(out, ref, tol, what, lse=None, lse_ref=None, lse_tol=None):
+    """out within tol of ref elementwise (tol from attention_bound); lse likewise when given,
+    with -inf exactly where the reference is -inf (heads that see no key)."""
+    assert list(out.shape) == list(ref.shape), f"{what}: shape {list(out.shape)} vs {list(ref.shape)}"
+    nbad, worst, first = bound_violations(out, ref, tol)
+    print(f"{what}: max err/bound {worst:.3g}")
+    assert nbad == 0, (f"{what}: {nbad} of {out.numel()} elements outside the error bound, worst "
+                       f"{worst:.3g} x bound, first at {first}: got {out.double().cpu()[tuple(first)].item()!r}, "
+                       f"want {ref[tuple(first)].item()!r} +- {tol[tuple(first)].item():.3g}")
+    if lse is not None:
+        lse = lse.double().cpu()
+        empty = torch.isneginf(lse_ref)
+        assert torch.equal(torch.isneginf(lse), empty), f"{what}: lse -inf pattern differs"
+        nbad, worst, first = bound_violations(lse[~empty], lse_ref[~empty], lse_tol[~empty])
+        assert nbad == 0, f"{what}: lse outside the bound ({nbad} heads, worst {worst:.3g} x bound)"
