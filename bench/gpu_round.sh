@@ -28,7 +28,7 @@
 # bench/results/*.md this round wrote.
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
-# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py; those run with -m cuda, any other file whole), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+# DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py tests/test_fp8.py tests/test_fp8_attention.py tests/test_hf_generate.py; those run with -m cuda, any other file whole), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
 set -u -o pipefail
 
 T0=$(date +%s)
@@ -158,11 +158,11 @@ TEST_LOGS=()  # pytest logs of this round, for the gpu_round report
 
 stage_tests() {
   local f base mark
-  for f in ${TEST_FILES:-tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py}; do
+  for f in ${TEST_FILES:-tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py tests/test_fp8.py tests/test_fp8_attention.py tests/test_hf_generate.py}; do
     [ -e "$f" ] || continue
     base=$(basename "$f" .py)
     # These files hold CPU and CUDA cases (a device parameter, CUDA-only tests marked): the CUDA ones here.
-    mark=(); case "$f" in tests/test_decode.py|tests/test_prefill.py|tests/test_decode_step.py|tests/test_graph_api.py|tests/test_validate.py) mark=(-m cuda) ;; esac
+    mark=(); case "$f" in tests/test_decode.py|tests/test_prefill.py|tests/test_decode_step.py|tests/test_graph_api.py|tests/test_validate.py|tests/test_fp8.py|tests/test_fp8_attention.py|tests/test_hf_generate.py) mark=(-m cuda) ;; esac
     run_cmd tests 300 "$LOGS/$base.log" $PY -m pytest -q -rfE -p no:cacheprovider "${mark[@]}" ${PYTEST_ARGS:-} "$f"
     TEST_LOGS+=("$base|$LOGS/$base.log")
     add_row "$base" "$RC" "$SECS" "$(pytest_key "$LOGS/$base.log")"
