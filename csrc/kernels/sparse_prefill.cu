@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "dms/dms.h"
+#include "kernels/prefill_slots.cuh"
 #include "kernels/prefill_sm90/launch.h"
 #include "kernels/primitives.cuh"
 #include "kernels/sparse_prefill_small.h"
@@ -246,20 +247,14 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillPa
   // ceil(L * G / kTileRows) tiles; the grid covers floor(T * G / kTileRows) + n slots. Heavy
   // tiles (late in a chunk, more keys) are launched first.
   const long long b = (long long)gridDim.x - 1 - blockIdx.x;
-  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kTileRows + c; };
-  if (tstart(0) > b) return;
-  int lo = 0, hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tstart(mid) <= b) lo = mid; else hi = mid - 1;
-  }
-  const int c = lo;
+  const int c = prefill_slots::chunk_of_slot(p, b, G, kTileRows);
+  if (c < 0) return;
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
   const int r = p.rows[c];
   if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return;
   const int L = end - start;
   const long long rows_total = (long long)L * G;
-  const long long r0 = (b - tstart(c)) * kTileRows;
+  const long long r0 = (b - prefill_slots::slot_start(p, c, G, kTileRows)) * kTileRows;
   if (r0 >= rows_total) return;
 
   const int n = p.state.num_tokens[r];

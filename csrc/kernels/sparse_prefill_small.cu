@@ -39,6 +39,7 @@
 
 #include "dms/dms.h"
 #include "kernels/common.cuh"
+#include "kernels/prefill_slots.cuh"
 #include "kernels/primitives.cuh"
 #include "kernels/streamk.cuh"
 #include "kernels/sparse_prefill_small.h"
@@ -161,16 +162,8 @@ using streamk::owner_of;
 using streamk::range_begin;
 
 // The chunk of a slot (-1: before chunk 0's first slot).
-__device__ __forceinline__ int chunk_of_slot(const SparsePrefillParams& p, int64_t slot, int G, int rows) {
-  auto tstart = [&](int c) { return (int64_t)p.cu_seqlens[c] * G / rows + c; };
-  if (p.num_seqs <= 0 || tstart(0) > slot) return -1;
-  int lo = 0, hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tstart(mid) <= slot) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
+using prefill_slots::chunk_of_slot;
+using prefill_slots::slot_start;
 
 __device__ __forceinline__ int clamped_seq_len(const SparsePrefillParams& p, int r, int g) {
   const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
@@ -197,7 +190,7 @@ plan_kernel(const SparsePrefillParams p, const Resolved rs) {
         int2 info = make_int2(-1, 0);
         if (c >= 0) {
           const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
-          const int64_t rg = slot - ((int64_t)start * G / rs.rows + c);
+          const int64_t rg = slot - slot_start(p, c, G, rs.rows);
           const int64_t R0 = rg * rs.rows, L = end - start;
           if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs &&
               R0 < L * G) {

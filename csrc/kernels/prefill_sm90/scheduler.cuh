@@ -18,6 +18,7 @@
 
 #include "dms/params.h"
 #include "kernels/prefill_sm90/launch.h"
+#include "kernels/prefill_slots.cuh"
 
 namespace dms {
 namespace sm90 {
@@ -34,20 +35,14 @@ template <int kBlockM, int kBlockN>
 __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const PrefillWs& ws,
                                           long long b, int g, TileCtx& x) {
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H, w = p.state.window;
-  auto tstart = [&](int c) { return (long long)p.cu_seqlens[c] * G / kBlockM + c; };
-  if (p.num_seqs <= 0 || tstart(0) > b) return false;
-  int lo = 0, hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tstart(mid) <= b) lo = mid; else hi = mid - 1;
-  }
-  const int c = lo;
+  const int c = prefill_slots::chunk_of_slot(p, b, G, kBlockM);
+  if (c < 0) return false;
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
   const int r = p.rows[c];
   if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return false;
   const int L = end - start;
   const long long rows_total = (long long)L * G;
-  const long long r0 = (b - tstart(c)) * kBlockM;
+  const long long r0 = (b - prefill_slots::slot_start(p, c, G, kBlockM)) * kBlockM;
   if (r0 >= rows_total) return false;
 
   const int n = p.state.num_tokens[r];
