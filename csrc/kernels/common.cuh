@@ -13,6 +13,17 @@
     if ((expr) != cudaSuccess) return ::dms::Status::kCudaError; \
   } while (0)
 
+namespace dms {
+// SMs of the current device, for sizing persistent grids (sparse_decode, the short-chunk
+// sparse_prefill); 132 (an H100 / H200) when the runtime cannot say.
+inline int device_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return n;
+}
+}  // namespace dms
+
 // After a launch: configuration errors (grid too large, too much shared memory) surface only
 // through cudaGetLastError.
 #define DMS_LAUNCH_CHECK() DMS_CUDA_CHECK(cudaGetLastError())

@@ -528,13 +528,6 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   return r;
 }
 
-int device_sms() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
-  return n;
-}
-
 template <typename T, int D, int S, bool F8>
 Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
   constexpr int smem = Cfg<D, S, F8>::kSmemBytes;

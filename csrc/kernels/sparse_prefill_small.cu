@@ -103,13 +103,6 @@ struct Resolved {
   Layout ws;
 };
 
-int device_sms() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
-  return n;
-}
-
 // D 128, one m-tile: 3 CTAs per SM (69 KB of shared memory each) if the registers allow it,
 // so ptxas is held to 168.
 template <int D, int MT> constexpr int kMinCtas = D == 128 && MT == 1 ? 3 : 0;
