@@ -104,8 +104,6 @@ __device__ __forceinline__ int units_of(int L) {
   return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
 }
 using streamk::kMergeThreads;
-using streamk::owner_of;
-using streamk::range_begin;
 
 // ------------------------------------------------------------------------------------------------
 // Scheduler: one CTA. Inclusive prefix of the row costs, the number n of CTAs that get work
@@ -394,11 +392,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
   pdl_wait();               // the plan is written
-  const int n = meta[0];
   const int c = blockIdx.x;
-  if (c >= n) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  streamk::CtaRange range;
+  if (!streamk::cta_range(meta, c, range)) return;
+  const int64_t a0 = range.a0, b0 = range.b0;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages

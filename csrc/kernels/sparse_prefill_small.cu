@@ -151,8 +151,6 @@ Resolved resolve(const SparsePrefillParams& p) {
   return r;
 }
 
-using streamk::owner_of;
-using streamk::range_begin;
 
 // The chunk of a slot (-1: before chunk 0's first slot).
 using prefill_slots::chunk_of_slot;
@@ -235,11 +233,10 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
   pdl_wait();               // the plan is written
-  const int nct = meta[0];
   const int cta = blockIdx.x;
-  if (cta >= nct) return;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(cta, U, nct), b0 = range_begin(cta + 1, U, nct);
+  streamk::CtaRange range;
+  if (!streamk::cta_range(meta, cta, range)) return;
+  const int64_t a0 = range.a0, b0 = range.b0;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int mt = warp % MT, ks = warp / MT;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, w = p.state.window;

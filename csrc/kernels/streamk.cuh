@@ -82,6 +82,21 @@ __device__ __forceinline__ void plan_line(int64_t rows_v, int grid, int min_unit
 
 constexpr int kMergeThreads = 256;
 
+// CTA c's share of the unit line (meta = {n, U}): units [a0, b0); false when c gets none.
+struct CtaRange {
+  int n;
+  int64_t U, a0, b0;
+};
+
+__device__ __forceinline__ bool cta_range(const int32_t* meta, int c, CtaRange& r) {
+  r.n = meta[0];
+  if (c >= r.n) return false;
+  r.U = meta[1];
+  r.a0 = range_begin(c, r.U, r.n);
+  r.b0 = range_begin(c + 1, r.U, r.n);
+  return true;
+}
+
 // The cut row CTA c merges, if any: row v, its first unit P, c's first unit a0 and its number
 // of pieces k (CTAs c .. c + k - 1).
 struct CutRow {
@@ -91,10 +106,10 @@ struct CutRow {
 
 __device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* prefix,
                                            const int32_t* cta_row, int c, CutRow& out) {
-  const int n = meta[0];
-  if (c >= n) return false;
-  const int64_t U = meta[1];
-  const int64_t a0 = range_begin(c, U, n), b0 = range_begin(c + 1, U, n);
+  CtaRange cr;
+  if (!cta_range(meta, c, cr)) return false;
+  const int n = cr.n;
+  const int64_t U = cr.U, a0 = cr.a0, b0 = cr.b0;
   int64_t v = cta_row[c];
   while (prefix[v] < b0) ++v;  // the row holding c's last unit
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
