@@ -19,6 +19,9 @@
 #                   whole stage <= 270 s)
 #         reliability  the CUDA parts of the reliability suites (differential, soak, compile,
 #                   bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case counts)
+#         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
+#         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
+#         extra     bash -c "$EXTRA_CMD" (a one-off command, log in logs.tgz, last line in the summary)
 #         all       tests decode step prefill e2e ncu
 # It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext
 # in place for sm_90a, runs the stages (each under `timeout`, continuing past failures) and
@@ -331,6 +334,12 @@ for s in "${STAGES[@]}"; do
     retrofit) run_cmd retrofit 560 "$LOGS/retrofit.log" $PY bench/retrofit_experiment.py --seed 0 ${RETROFIT_ARGS:-}
           add_row retrofit "$RC" "$SECS" "$(bench_key "$LOGS/retrofit.log")"
           [ "$RC" != 0 ] && note_failures retrofit "$LOGS/retrofit.log" "Error|error|Traceback" ;;
+    smoke) stage_bench smoke bench/prefill_v2_smoke.py 200 ${SMOKE_ARGS:-} ;;
+    mutation) stage_bench mutation tests/mutation_check.py 150 --device cuda ;;
+    bvalidate) stage_bench bvalidate bench/bench_validate.py 120 ;;
+    extra) run_cmd extra 300 "$LOGS/extra.log" bash -c "${EXTRA_CMD:-echo no EXTRA_CMD}"
+           add_row extra "$RC" "$SECS" "$(bench_key "$LOGS/extra.log")"
+           [ "$RC" != 0 ] && note_failures extra "$LOGS/extra.log" "^(FAILED|ERROR)|Error|error|Traceback" ;;
     *) add_row "$s" unknown 0 "unknown stage" ;;
   esac
 done
