@@ -24,12 +24,14 @@
 // arrivals) and an empty (consumers -> producer, 256 arrivals) mbarrier; the tile counter runs
 // on across items, parity (counter / kStages) & 1. Q: q_full / q_empty, the item's TileCtx
 // published with it (by item parity); a TileCtx with ntiles 0 ends the consumers' loop.
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -81,7 +83,9 @@ struct SmemLayout {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
-                      const int pingpong, const int debug) {
+                      const int pingpong, const int debug, const int tma,
+                      const __grid_constant__ CUtensorMap tm_k,
+                      const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = SmemLayout<D>;
   constexpr int kS = L::kS;
@@ -156,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // fit the producer's 56).
       TileCtx& x = ctxp[cand++ & 1];
       if (t == 0) {
-        if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x)) x.g = g;
+        if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x, tma != 0)) x.g = g;
         else x.ntiles = -1;
       }
       named_sync(5, 128);
@@ -184,6 +188,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
       // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
+      // Band tiles (tma): the tile's keys are rows start + j0 + [0, kBlockN) of head g of the
+      // chunk's k / v, one TMA box of [kBlockN][64] per 64 columns (tensor map: 128-byte
+      // swizzle, the layout of tile_off); thread 0 arrives with the tile's bytes as the
+      // barrier's transaction count and issues the boxes, the other 127 threads arrive plainly
+      // (128 arrivals as on the cp.async path; their meta stores are released by the arrive).
+      // Keys j >= i1 of the last band tile are loaded but masked (resolve_key: never visible);
+      // rows past the tensor are zero-filled.
+      auto tma_tile = [&](uint32_t dst, const CUtensorMap* tm, uint32_t bar, int tile) {
+        if (t == 0) {
+          mbar_arrive_expect_tx(bar, (uint32_t)(kBlockN * D * 2));
+          // Order this stage's earlier reads / cp.async writes (generic proxy, completed: the
+          // consumers released the stage after them) before the async-proxy writes.
+          fence_proxy_async();
+          const int row = x.start + x.band_start + (tile - x.end_kept) * kBlockN;
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            tma_load_3d(dst + (uint32_t)cb * (kBlockN * 128), tm, bar, cb * 64, g, row);
+        } else {
+          mbar_arrive(bar);
+        }
+      };
       auto load_k = [&](int tile) -> int {
         const int s = (it + tile) % kS;
         int mrow, ma, mb;
@@ -193,17 +218,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(k_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
         if (t < kBlockN) meta[s * kBlockN + t] = make_int2(ma, mb);
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
-        copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
-        mbar_cp_async_arrive(k_full(s));
-        mbar_arrive(k_full(s));
+        if (tma && tile >= x.end_kept) {
+          tma_tile(sK(s), &tm_k, k_full(s), tile);
+        } else {
+          copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
+          mbar_cp_async_arrive(k_full(s));
+          mbar_arrive(k_full(s));
+        }
         return mrow;
       };
       auto load_v = [&](int tile, int mrow) {
         const int s = (it + tile) % kS;
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
-        copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
-        mbar_cp_async_arrive(v_full(s));
-        mbar_arrive(v_full(s));
+        if (tma && tile >= x.end_kept) {
+          tma_tile(sV(s), &tm_v, v_full(s), tile);
+        } else {
+          copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
+          mbar_cp_async_arrive(v_full(s));
+          mbar_arrive(v_full(s));
+        }
       };
       int mrow_v = load_k(0);
       for (int tile = 0; tile < x.ntiles; ++tile) {
@@ -404,6 +437,58 @@ bool pingpong_enabled() {
   return on;
 }
 
+bool tma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_TMA");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda); null when the
+// driver does not have it (then the band is gathered with cp.async like the other segments).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of the chunk's k or v, [T][Hkv][D] row-major, as the 3-D tensor (D, Hkv, T);
+// box (64, 1, kBlockN): 64 columns (128 bytes, the swizzle span) of kBlockN keys of one head,
+// 128-byte swizzle (= tile_off's layout per 64-column block). Rows past T are zero-filled.
+template <typename T, int D>
+bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int block_n) {
+  const EncodeTiledFn fn = encode_tiled();
+  if (!fn || !ptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) || total_tokens <= 0 || H <= 0)
+    return false;
+  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)H, (cuuint64_t)total_tokens};
+  const cuuint64_t strides[2] = {(cuuint64_t)D * sizeof(T), (cuuint64_t)H * D * sizeof(T)};
+  const cuuint32_t box[3] = {64u, 1u, (cuuint32_t)block_n};
+  const cuuint32_t estr[3] = {1u, 1u, 1u};
+  const CUtensorMapDataType dt = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return fn(m, dt, 3, const_cast<void*>(ptr), dims, strides, box, estr,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int D>
 Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
   constexpr int bytes = SmemLayout<D>::kBytes;
@@ -422,8 +507,15 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     DMS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     grid = std::min<long long>(items, std::max(sms, 1));
   }
+  // TMA for the band (and merged kept list): both maps or neither; otherwise cp.async.
+  CUtensorMap tm_k, tm_v;
+  std::memset(&tm_k, 0, sizeof(tm_k));
+  std::memset(&tm_v, 0, sizeof(tm_v));
+  const bool tma = tma_enabled() &&
+                   make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, SmemLayout<D>::kBlockN) &&
+                   make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, SmemLayout<D>::kBlockN);
   prefill_v2_kernel<T, D><<<(unsigned)grid, kThreads, bytes, stream>>>(
-      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits());
+      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
