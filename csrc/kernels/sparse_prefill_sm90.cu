@@ -63,32 +63,36 @@ constexpr int kThreads = 384;
 [[maybe_unused]] constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
 
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }  // D 256: 64-key tiles, 2
+// K stages: the V stage count, or (D 128, DMS_PREFILL_V2_KSTAGES unset / not 2) one more: K(j)
+// is needed a tile before V(j), and the gathered kept list is latency-bound (~197 KB smem).
+template <int D> constexpr int k_stages_deep() { return D == 128 ? 3 : stages<D>(); }
 
 // Dynamic shared memory, from a 1024-byte aligned base (the swizzle works on address bits).
-template <int D>
+template <int D, int KS>
 struct SmemLayout {
   static constexpr int kBlockN = block_n<D>();
-  static constexpr int kS = stages<D>();
+  static constexpr int kS = KS;              // K stages (meta / full flags go with K)
+  static constexpr int kSV = stages<D>();    // V stages
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kBlockM * D * 2;
   static constexpr int kV = kK + kS * kBlockN * D * 2;
-  static constexpr int kMeta = kV + kS * kBlockN * D * 2;          // int2 [kS][kBlockN]
+  static constexpr int kMeta = kV + kSV * kBlockN * D * 2;         // int2 [kS][kBlockN]
   static constexpr int kFull = kMeta + kS * kBlockN * 8;            // int [kS][4]
-  static constexpr int kBars = kFull + kS * 16;                     // uint64 [2 + 4 kS]
-  static constexpr int kCtx = kBars + (2 + 4 * kS) * 8;             // TileCtx [2] (consumers)
+  static constexpr int kBars = kFull + kS * 16;                     // uint64 [2 + 2 kS + 2 kSV]
+  static constexpr int kCtx = kBars + (2 + 2 * kS + 2 * kSV) * 8;   // TileCtx [2] (consumers)
   static constexpr int kCtxP = kCtx + 2 * (int)sizeof(TileCtx);      // TileCtx [2] (producer)
   static constexpr int kBytes = kCtxP + 2 * (int)sizeof(TileCtx) + 1024; // + alignment slack
 };
 
-template <typename T, int D>
+template <typename T, int D, int KS>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
                       const int pingpong, const int debug, const int tma,
                       const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = SmemLayout<D>;
-  constexpr int kS = L::kS;
+  using L = SmemLayout<D, KS>;
+  constexpr int kS = L::kS, kSV = L::kSV;
   constexpr int kBlockN = L::kBlockN;
   constexpr int kKeyParts = 128 / kBlockN;   // producer threads per key
   constexpr int kChunks = D / 8;
@@ -108,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto k_full = [&](int s) { return bars + 8u * (2 + s); };
   auto k_empty = [&](int s) { return bars + 8u * (2 + kS + s); };
   auto v_full = [&](int s) { return bars + 8u * (2 + 2 * kS + s); };
-  auto v_empty = [&](int s) { return bars + 8u * (2 + 3 * kS + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (2 + 2 * kS + kSV + s); };
 
   const int tid = threadIdx.x;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
@@ -122,8 +126,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
       mbar_init(k_full(s), 128);
-      mbar_init(v_full(s), 128);
       mbar_init(k_empty(s), 256);
+    }
+#pragma unroll
+    for (int s = 0; s < kSV; ++s) {
+      mbar_init(v_full(s), 128);
       mbar_init(v_empty(s), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -228,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         return mrow;
       };
       auto load_v = [&](int tile, int mrow) {
-        const int s = (it + tile) % kS;
-        mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
+        const int s = (it + tile) % kSV;
+        mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
         if (tma && tile >= x.end_kept) {
           tma_tile(sV(s), &tm_v, v_full(s), tile);
         } else {
@@ -358,9 +365,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll 1
     for (int j = 1; j < ntiles; ++j) {
-      const int st = (it + j) % kS, sp = (it + j - 1) % kS;
+      const int st = (it + j) % kS, sp = (it + j - 1) % kSV;
       mbar_wait(k_full(st), (uint32_t)((it + j) / kS) & 1u);
-      mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kS) & 1u);
+      mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kSV) & 1u);
       fence_proxy_async();
       turn_wait();
       gemm_s(st);
@@ -382,8 +389,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       rescale_o(alpha);
     }
     {
-      const int sp = (it + ntiles - 1) % kS;
-      mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kS) & 1u);
+      const int sp = (it + ntiles - 1) % kSV;
+      mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kSV) & 1u);
       fence_proxy_async();
       gemm_pv(sp);
       wgmma_wait<0>();
@@ -489,10 +496,20 @@ bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int b
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int D>
+bool k_deep_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_KSTAGES");
+    return !(e && std::strcmp(e, "2") == 0);
+  }();
+  return on;
+}
+
+template <typename T, int D, int KS>
 Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
-  constexpr int bytes = SmemLayout<D>::kBytes;
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D>,
+  using L = SmemLayout<D, KS>;
+  constexpr int bytes = L::kBytes;
+  static_assert(bytes + 1024 <= 227 * 1024, "shared memory (dynamic + the static flag's 1 KB)");
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D, KS>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
@@ -512,9 +529,9 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   std::memset(&tm_k, 0, sizeof(tm_k));
   std::memset(&tm_v, 0, sizeof(tm_v));
   const bool tma = tma_enabled() &&
-                   make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, SmemLayout<D>::kBlockN) &&
-                   make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, SmemLayout<D>::kBlockN);
-  prefill_v2_kernel<T, D><<<(unsigned)grid, kThreads, bytes, stream>>>(
+                   make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, L::kBlockN) &&
+                   make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, L::kBlockN);
+  prefill_v2_kernel<T, D, KS><<<(unsigned)grid, kThreads, bytes, stream>>>(
       p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
@@ -545,19 +562,24 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   // wgmma / setmaxnreg): that body declares no shared memory, the real one does.
   static const bool has_body = [] {
     cudaFuncAttributes a{};
-    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128>) == cudaSuccess &&
+    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128, stages<128>()>) == cudaSuccess &&
            a.sharedSizeBytes > 0;
   }();
   return has_body;
 }
 
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
+  const bool deep = k_deep_enabled();
   if (p.kv.dtype == DType::kBFloat16) {
-    if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128>(p, ws, stream);
-    if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64>(p, ws, stream);
+    if (p.kv.head_dim == 128)
+      return deep ? launch<__nv_bfloat16, 128, k_stages_deep<128>()>(p, ws, stream)
+                  : launch<__nv_bfloat16, 128, stages<128>()>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>()>(p, ws, stream);
   } else if (p.kv.dtype == DType::kFloat16) {
-    if (p.kv.head_dim == 128) return launch<__half, 128>(p, ws, stream);
-    if (p.kv.head_dim == 64) return launch<__half, 64>(p, ws, stream);
+    if (p.kv.head_dim == 128)
+      return deep ? launch<__half, 128, k_stages_deep<128>()>(p, ws, stream)
+                  : launch<__half, 128, stages<128>()>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__half, 64, stages<64>()>(p, ws, stream);
   }
   return Status::kUnsupported;
 }
