@@ -275,7 +275,7 @@ def main():
                 continue
             tw = time.time()
             rc, log = spawn(["--worker", path] + (["--cudnn"] if label == "v2" else []), env,
-                            90 if label in ("v2", "old") else max(30, min(90, int(left))))
+                            90 if label in ("v2", "old", "notma") else max(30, min(90, int(left))))
             est = time.time() - tw
             if rc != 0 or not os.path.exists(path):
                 print(f"{label} timing worker failed (rc={rc}):\n{log[-2500:]}")
