@@ -10,6 +10,10 @@
 //            done with it), then per key tile resolves the 128 keys (source row + visibility
 //            interval), gathers K and V rows with cp.async into the 128-byte-swizzled GMMA
 //            layout and arrives on the stage's mbarrier (cp.async.mbarrier.arrive + arrive);
+//            band tiles (the chunk's own keys, a strided box of k / v) come by TMA instead
+//            (thread 0: arrive.expect_tx + one box per 64 columns; DMS_PREFILL_V2_TMA=0: the
+//            cp.async gathers), and with TMA a kept list holding >= 31/32 of the keys before
+//            the band is merged into it (a fresh CR 1 prompt: every chunk key by TMA);
 //            K runs one tile ahead of V. setmaxnreg 56 (56 * 128 + 224 * 256 = 168 * 384:
 //            the launch allocation).
 //   WG1, WG2 consumers, 64 query rows each (the wgmma M). setmaxnreg 224. Per key tile j:
@@ -20,9 +24,10 @@
 //            (FA3's intra-warpgroup overlap) with the two warpgroups taking turns on the GEMM
 //            issue (ping-pong; DMS_PREFILL_V2_PINGPONG=0 turns it off); the epilogue stores
 //            O / l from the accumulators (the Q tile may already hold the next item's Q).
-// Pipeline: kStages K and kStages V stages, each with a full (producer -> consumers, 128
-// arrivals) and an empty (consumers -> producer, 256 arrivals) mbarrier; the tile counter runs
-// on across items, parity (counter / kStages) & 1. Q: q_full / q_empty, the item's TileCtx
+// Pipeline: kS K and kSV V stages (D 128: 3 K / 2 V, DMS_PREFILL_V2_KSTAGES=2: 2 / 2; D 64:
+// 3 / 3), each with a full (producer -> consumers, 128 arrivals) and an empty (consumers ->
+// producer, 256 arrivals) mbarrier; the tile counter runs on across items, stage counter %
+// stages, parity (counter / stages) & 1. Q: q_full / q_empty, the item's TileCtx
 // published with it (by item parity); a TileCtx with ntiles 0 ends the consumers' loop.
 #include <cuda.h>
 #include <cuda_runtime.h>
