@@ -10,6 +10,10 @@
 //            done with it), then per key tile resolves the 128 keys (source row + visibility
 //            interval), gathers K and V rows with cp.async into the 128-byte-swizzled GMMA
 //            layout and arrives on the stage's mbarrier (cp.async.mbarrier.arrive + arrive);
+//            band tiles (the chunk's own keys, a strided box of k / v) come by TMA instead
+//            (thread 0: arrive.expect_tx + one box per 64 columns; DMS_PREFILL_V2_TMA=0: the
+//            cp.async gathers), and with TMA a kept list holding >= 31/32 of the keys before
+//            the band is merged into it (a fresh CR 1 prompt: every chunk key by TMA);
 //            K runs one tile ahead of V. setmaxnreg 56 (56 * 128 + 224 * 256 = 168 * 384:
 //            the launch allocation).
 //   WG1, WG2 consumers, 64 query rows each (the wgmma M). setmaxnreg 224. Per key tile j:
@@ -20,16 +24,19 @@
 //            (FA3's intra-warpgroup overlap) with the two warpgroups taking turns on the GEMM
 //            issue (ping-pong; DMS_PREFILL_V2_PINGPONG=0 turns it off); the epilogue stores
 //            O / l from the accumulators (the Q tile may already hold the next item's Q).
-// Pipeline: kStages K and kStages V stages, each with a full (producer -> consumers, 128
-// arrivals) and an empty (consumers -> producer, 256 arrivals) mbarrier; the tile counter runs
-// on across items, parity (counter / kStages) & 1. Q: q_full / q_empty, the item's TileCtx
+// Pipeline: kS K and kSV V stages (D 128: 3 K / 2 V, DMS_PREFILL_V2_KSTAGES=2: 2 / 2; D 64:
+// 3 / 3), each with a full (producer -> consumers, 128 arrivals) and an empty (consumers ->
+// producer, 256 arrivals) mbarrier; the tile counter runs on across items, stage counter %
+// stages, parity (counter / stages) & 1. Q: q_full / q_empty, the item's TileCtx
 // published with it (by item parity); a TileCtx with ntiles 0 ends the consumers' loop.
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -61,30 +68,36 @@ constexpr int kThreads = 384;
 [[maybe_unused]] constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
 
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }  // D 256: 64-key tiles, 2
+// K stages: the V stage count, or (D 128, DMS_PREFILL_V2_KSTAGES unset / not 2) one more: K(j)
+// is needed a tile before V(j), and the gathered kept list is latency-bound (~197 KB smem).
+template <int D> constexpr int k_stages_deep() { return D == 128 ? 3 : stages<D>(); }
 
 // Dynamic shared memory, from a 1024-byte aligned base (the swizzle works on address bits).
-template <int D>
+template <int D, int KS>
 struct SmemLayout {
   static constexpr int kBlockN = block_n<D>();
-  static constexpr int kS = stages<D>();
+  static constexpr int kS = KS;              // K stages (meta / full flags go with K)
+  static constexpr int kSV = stages<D>();    // V stages
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kBlockM * D * 2;
   static constexpr int kV = kK + kS * kBlockN * D * 2;
-  static constexpr int kMeta = kV + kS * kBlockN * D * 2;          // int2 [kS][kBlockN]
+  static constexpr int kMeta = kV + kSV * kBlockN * D * 2;         // int2 [kS][kBlockN]
   static constexpr int kFull = kMeta + kS * kBlockN * 8;            // int [kS][4]
-  static constexpr int kBars = kFull + kS * 16;                     // uint64 [2 + 4 kS]
-  static constexpr int kCtx = kBars + (2 + 4 * kS) * 8;             // TileCtx [2] (consumers)
+  static constexpr int kBars = kFull + kS * 16;                     // uint64 [2 + 2 kS + 2 kSV]
+  static constexpr int kCtx = kBars + (2 + 2 * kS + 2 * kSV) * 8;   // TileCtx [2] (consumers)
   static constexpr int kCtxP = kCtx + 2 * (int)sizeof(TileCtx);      // TileCtx [2] (producer)
   static constexpr int kBytes = kCtxP + 2 * (int)sizeof(TileCtx) + 1024; // + alignment slack
 };
 
-template <typename T, int D>
+template <typename T, int D, int KS>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
-                      const int pingpong, const int debug) {
+                      const int pingpong, const int debug, const int tma,
+                      const __grid_constant__ CUtensorMap tm_k,
+                      const __grid_constant__ CUtensorMap tm_v) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = SmemLayout<D>;
-  constexpr int kS = L::kS;
+  using L = SmemLayout<D, KS>;
+  constexpr int kS = L::kS, kSV = L::kSV;
   constexpr int kBlockN = L::kBlockN;
   constexpr int kKeyParts = 128 / kBlockN;   // producer threads per key
   constexpr int kChunks = D / 8;
@@ -104,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto k_full = [&](int s) { return bars + 8u * (2 + s); };
   auto k_empty = [&](int s) { return bars + 8u * (2 + kS + s); };
   auto v_full = [&](int s) { return bars + 8u * (2 + 2 * kS + s); };
-  auto v_empty = [&](int s) { return bars + 8u * (2 + 3 * kS + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (2 + 2 * kS + kSV + s); };
 
   const int tid = threadIdx.x;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
@@ -118,8 +131,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
       mbar_init(k_full(s), 128);
-      mbar_init(v_full(s), 128);
       mbar_init(k_empty(s), 256);
+    }
+#pragma unroll
+    for (int s = 0; s < kSV; ++s) {
+      mbar_init(v_full(s), 128);
       mbar_init(v_empty(s), 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -156,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // fit the producer's 56).
       TileCtx& x = ctxp[cand++ & 1];
       if (t == 0) {
-        if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x)) x.g = g;
+        if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x, tma != 0)) x.g = g;
         else x.ntiles = -1;
       }
       named_sync(5, 128);
@@ -184,6 +200,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
       // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
+      // Band tiles (tma): the tile's keys are rows start + j0 + [0, kBlockN) of head g of the
+      // chunk's k / v, one TMA box of [kBlockN][64] per 64 columns (tensor map: 128-byte
+      // swizzle, the layout of tile_off); thread 0 arrives with the tile's bytes as the
+      // barrier's transaction count and issues the boxes, the other 127 threads arrive plainly
+      // (128 arrivals as on the cp.async path; their meta stores are released by the arrive).
+      // Keys j >= i1 of the last band tile are loaded but masked (resolve_key: never visible);
+      // rows past the tensor are zero-filled.
+      auto tma_tile = [&](uint32_t dst, const CUtensorMap* tm, uint32_t bar, int tile) {
+        if (t == 0) {
+          mbar_arrive_expect_tx(bar, (uint32_t)(kBlockN * D * 2));
+          // Order this stage's earlier reads / cp.async writes (generic proxy, completed: the
+          // consumers released the stage after them) before the async-proxy writes.
+          fence_proxy_async();
+          const int row = x.start + x.band_start + (tile - x.end_kept) * kBlockN;
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            tma_load_3d(dst + (uint32_t)cb * (kBlockN * 128), tm, bar, cb * 64, g, row);
+        } else {
+          mbar_arrive(bar);
+        }
+      };
       auto load_k = [&](int tile) -> int {
         const int s = (it + tile) % kS;
         int mrow, ma, mb;
@@ -193,17 +230,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(k_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
         if (t < kBlockN) meta[s * kBlockN + t] = make_int2(ma, mb);
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
-        copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
-        mbar_cp_async_arrive(k_full(s));
-        mbar_arrive(k_full(s));
+        if (tma && tile >= x.end_kept) {
+          tma_tile(sK(s), &tm_k, k_full(s), tile);
+        } else {
+          copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
+          mbar_cp_async_arrive(k_full(s));
+          mbar_arrive(k_full(s));
+        }
         return mrow;
       };
       auto load_v = [&](int tile, int mrow) {
-        const int s = (it + tile) % kS;
-        mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
-        copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
-        mbar_cp_async_arrive(v_full(s));
-        mbar_arrive(v_full(s));
+        const int s = (it + tile) % kSV;
+        mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
+        if (tma && tile >= x.end_kept) {
+          tma_tile(sV(s), &tm_v, v_full(s), tile);
+        } else {
+          copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
+          mbar_cp_async_arrive(v_full(s));
+          mbar_arrive(v_full(s));
+        }
       };
       int mrow_v = load_k(0);
       for (int tile = 0; tile < x.ntiles; ++tile) {
@@ -325,9 +370,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll 1
     for (int j = 1; j < ntiles; ++j) {
-      const int st = (it + j) % kS, sp = (it + j - 1) % kS;
+      const int st = (it + j) % kS, sp = (it + j - 1) % kSV;
       mbar_wait(k_full(st), (uint32_t)((it + j) / kS) & 1u);
-      mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kS) & 1u);
+      mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kSV) & 1u);
       fence_proxy_async();
       turn_wait();
       gemm_s(st);
@@ -349,8 +394,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       rescale_o(alpha);
     }
     {
-      const int sp = (it + ntiles - 1) % kS;
-      mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kS) & 1u);
+      const int sp = (it + ntiles - 1) % kSV;
+      mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kSV) & 1u);
       fence_proxy_async();
       gemm_pv(sp);
       wgmma_wait<0>();
@@ -404,10 +449,72 @@ bool pingpong_enabled() {
   return on;
 }
 
+bool tma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_TMA");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda); null when the
+// driver does not have it (then the band is gathered with cp.async like the other segments).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of the chunk's k or v, [T][Hkv][D] row-major, as the 3-D tensor (D, Hkv, T);
+// box (64, 1, kBlockN): 64 columns (128 bytes, the swizzle span) of kBlockN keys of one head,
+// 128-byte swizzle (= tile_off's layout per 64-column block). Rows past T are zero-filled.
 template <typename T, int D>
+bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int block_n) {
+  const EncodeTiledFn fn = encode_tiled();
+  if (!fn || !ptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) || total_tokens <= 0 || H <= 0)
+    return false;
+  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)H, (cuuint64_t)total_tokens};
+  const cuuint64_t strides[2] = {(cuuint64_t)D * sizeof(T), (cuuint64_t)H * D * sizeof(T)};
+  const cuuint32_t box[3] = {64u, 1u, (cuuint32_t)block_n};
+  const cuuint32_t estr[3] = {1u, 1u, 1u};
+  const CUtensorMapDataType dt = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return fn(m, dt, 3, const_cast<void*>(ptr), dims, strides, box, estr,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+bool k_deep_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DMS_PREFILL_V2_KSTAGES");
+    return !(e && std::strcmp(e, "2") == 0);
+  }();
+  return on;
+}
+
+template <typename T, int D, int KS>
 Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
-  constexpr int bytes = SmemLayout<D>::kBytes;
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D>,
+  using L = SmemLayout<D, KS>;
+  constexpr int bytes = L::kBytes;
+  static_assert(bytes + 1024 <= 227 * 1024, "shared memory (dynamic + the static flag's 1 KB)");
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D, KS>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
@@ -422,8 +529,15 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     DMS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     grid = std::min<long long>(items, std::max(sms, 1));
   }
-  prefill_v2_kernel<T, D><<<(unsigned)grid, kThreads, bytes, stream>>>(
-      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits());
+  // TMA for the band (and merged kept list): both maps or neither; otherwise cp.async.
+  CUtensorMap tm_k, tm_v;
+  std::memset(&tm_k, 0, sizeof(tm_k));
+  std::memset(&tm_v, 0, sizeof(tm_v));
+  const bool tma = tma_enabled() &&
+                   make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, L::kBlockN) &&
+                   make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, L::kBlockN);
+  prefill_v2_kernel<T, D, KS><<<(unsigned)grid, kThreads, bytes, stream>>>(
+      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
@@ -453,19 +567,24 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   // wgmma / setmaxnreg): that body declares no shared memory, the real one does.
   static const bool has_body = [] {
     cudaFuncAttributes a{};
-    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128>) == cudaSuccess &&
+    return cudaFuncGetAttributes(&a, prefill_v2_kernel<__nv_bfloat16, 128, stages<128>()>) == cudaSuccess &&
            a.sharedSizeBytes > 0;
   }();
   return has_body;
 }
 
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
+  const bool deep = k_deep_enabled();
   if (p.kv.dtype == DType::kBFloat16) {
-    if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128>(p, ws, stream);
-    if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64>(p, ws, stream);
+    if (p.kv.head_dim == 128)
+      return deep ? launch<__nv_bfloat16, 128, k_stages_deep<128>()>(p, ws, stream)
+                  : launch<__nv_bfloat16, 128, stages<128>()>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>()>(p, ws, stream);
   } else if (p.kv.dtype == DType::kFloat16) {
-    if (p.kv.head_dim == 128) return launch<__half, 128>(p, ws, stream);
-    if (p.kv.head_dim == 64) return launch<__half, 64>(p, ws, stream);
+    if (p.kv.head_dim == 128)
+      return deep ? launch<__half, 128, k_stages_deep<128>()>(p, ws, stream)
+                  : launch<__half, 128, stages<128>()>(p, ws, stream);
+    if (p.kv.head_dim == 64) return launch<__half, 64, stages<64>()>(p, ws, stream);
   }
   return Status::kUnsupported;
 }

@@ -13,6 +13,7 @@
 //   2 kept chunk keys j < band_start (list)  always visible
 //   3 band j in [band_start, i1)          j <= i and (i - j <= w or !d_j); band_start <=
 //                                         max(0, i0 - w), the band a whole number of tiles
+//                                         (or, merged, band_start 0 and the last tile partial)
 #pragma once
 #include <cstdint>
 
@@ -33,7 +34,7 @@ struct TileCtx {
 // Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const PrefillWs& ws,
-                                          long long b, int g, TileCtx& x) {
+                                          long long b, int g, TileCtx& x, bool merge) {
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H, w = p.state.window;
   const int c = prefill_slots::chunk_of_slot(p, b, G, kBlockM);
   if (c < 0) return false;
@@ -56,8 +57,17 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   // (the per-key rule holds for any j, so a longer band is still exact), and the kept list
   // stops where the band starts: one partial tile instead of two.
   const int band_len = i1 - max(0, i0 - w);
-  const int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
-  const int num_kept = band_start > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + band_start] : 0;
+  int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
+  int num_kept = band_start > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + band_start] : 0;
+  // merge (the band is TMA-loaded): when (nearly) every chunk key before the band is kept, the
+  // band starts at key 0 and the kept list is empty. Exact: for j < band_start <= i0 - w the
+  // band's rule is "visible iff !d_j", the kept list's rule (kept = j < L - 1 && !d_j, and
+  // j < i0 - w < L - 1). At most 1 / 32 of the keys walked are evicted ones (masked to 0); with
+  // none evicted (a fresh CR 1 prompt) the tile count is unchanged: ceil(i1 / kBlockN).
+  if (merge && band_start > 0 && (band_start - num_kept) * 32 <= band_start) {
+    band_start = 0;
+    num_kept = 0;
+  }
   x.r0 = r0; x.rows_total = rows_total;
   x.start = start; x.L = L; x.n = n; x.seq_len = seq_len;
   x.num_flagged = num_flagged; x.num_kept = num_kept; x.band_start = band_start;

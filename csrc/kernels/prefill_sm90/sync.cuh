@@ -3,6 +3,7 @@
 //   named barriers bar.sync on ids 1.. (warpgroup-local steps; id 0 is __syncthreads)
 //   registers      setmaxnreg (the producer warpgroup gives registers to the consumers)
 //   proxy fence    fence.proxy.async: cp.async writes (generic proxy) before wgmma reads them
+//   TMA            cp.async.bulk.tensor 3-D loads completing on an mbarrier (expect_tx)
 // Everything here is only used under __CUDA_ARCH_FEAT_SM90_ALL (sparse_prefill_sm90.cu).
 #pragma once
 #include <cstdint>
@@ -55,6 +56,25 @@ template <int N> __device__ __forceinline__ void reg_dealloc() {
 }
 template <int N> __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Arrive (one of the barrier's counted arrivals, release semantics like mbar_arrive) and add
+// `bytes` to the transaction count the phase waits for (the TMA copies that follow complete it).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// TMA: box at coordinates (c0, c1, c2) of the 3-D tensor map `tmap` (the address of a
+// __grid_constant__ kernel parameter) into shared memory at `dst`; its bytes complete_tx on
+// mbarrier `bar`. Elements outside the tensor are zero-filled (and still counted).
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint32_t bar, int c0,
+                                            int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
 }
 
 __device__ __forceinline__ void fence_proxy_async() {
