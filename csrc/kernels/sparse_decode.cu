@@ -126,6 +126,14 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 template <typename T, int D, int S, bool F8 = false> struct Decode {
   using C = Cfg<D, S, F8>;
   using KV = typename std::conditional<F8, uint8_t, T>::type;  // pool element
+  // MMA operand type: fp8 pools compute in f16 whatever q's dtype (e4m3 -> f16 is one exact
+  // cvt per pair, -> bf16 four instructions); a bf16 q is rescaled per head row into f16.
+  using MT = typename std::conditional<F8, __half, T>::type;
+  static constexpr bool kScaledQ = F8 && std::is_same<T, __nv_bfloat16>::value;
+  // fp8: the running max the state keeps is the true one minus kPOff, so that P = exp2(s - m)
+  // lies in [0, 2^15] (f16 keeps 11 bits of P down to 2^-29 of the max, a bf16 P 8 bits). l
+  // and o scale by 2^kPOff with it: o / l and m + log2(l) (the lse) are unchanged.
+  static constexpr float kPOff = F8 ? 15.f : 0.f;
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
   static constexpr int kQChunks = D / 8;                         // 16-byte chunks of a q row
   static constexpr int kChunkElems = 16 / int(sizeof(KV));       // pool elements per chunk
@@ -208,6 +216,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     st.m[0] = st.m[1] = -INFINITY;
     st.l[0] = st.l[1] = 0.f;
     uint32_t qa[D / 16][4];
+    float qf[2] = {1.f, 1.f};  // kScaledQ: the per-row factor of the scores (rows lane/4, +8)
     const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
 
     for (int t = 0; t < ntiles; ++t) {
@@ -235,6 +244,37 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
             qa[k][1] = x1.x;
             qa[k][2] = x0.y;
             qa[k][3] = x1.y;
+          }
+          if constexpr (kScaledQ) {
+            // bf16 q -> f16: head row r times 2^(14 - E_r), E_r = floor(log2 max_d |q_r|)
+            // clamped to [-112, 127] (biased exponent field [15, 254]). The scaled row stays
+            // below 2^15 (no f16 overflow; inf / NaN stay), and every element within 2^31 of
+            // the row's max stays exact (8 significant bits >= 2^-24); smaller ones are off by
+            // at most 2^-39 of the max. The scores are scaled back by qf = 2^(E_r - 14), a
+            // normal float, exactly: the fp32 sums are the bf16 MMA's times a power of two.
+            const uint32_t kHi = 0xffff0000u;
+            float mq[2] = {0.f, 0.f};  // rows lane/4 (registers 0, 2) and lane/4 + 8 (1, 3)
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                mq[i & 1] = fmaxf(mq[i & 1], fmaxf(fabsf(__uint_as_float(qa[k][i] << 16)),
+                                                   fabsf(__uint_as_float(qa[k][i] & kHi))));
+            float up[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {  // the quad holds the row's D elements
+              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 1));
+              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 2));
+              const int eb = min(max(int((__float_as_uint(mq[i]) >> 23) & 0xffu), 15), 254);
+              up[i] = __uint_as_float(uint32_t(268 - eb) << 23);  // 2^(141 - eb) = 2^(14 - E)
+              qf[i] = __uint_as_float(uint32_t(eb - 14) << 23);   // 2^(eb - 141) = 2^(E - 14)
+            }
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                qa[k][i] = dev::pack2<__half>(__uint_as_float(qa[k][i] << 16) * up[i & 1],
+                                              __uint_as_float(qa[k][i] & kHi) * up[i & 1]);
           }
         } else {
 #pragma unroll
@@ -264,8 +304,8 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             uint32_t b0, b1;
-            dev::e4m3x4_to<T>(kr[i], b0, b1);
-            dev::mma_16x8x16<T>(s[i & 1], qa[k + (i >> 1)], b0, b1);
+            dev::e4m3x4_to<MT>(kr[i], b0, b1);
+            dev::mma_16x8x16<MT>(s[i & 1], qa[k + (i >> 1)], b0, b1);
           }
         }
       } else {
@@ -286,7 +326,9 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
-          s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
+          float sv = s[n][e];
+          if constexpr (kScaledQ) sv *= qf[e >> 1];  // exact: the bf16 q's score
+          s[n][e] = key < kend ? sv * sl2 : -INFINITY;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
       float alpha[2];
@@ -294,7 +336,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        const float m_new = fmaxf(st.m[i], mx[i]);  // finite: key0 < kend gives one real key
+        const float m_new = fmaxf(st.m[i], mx[i] - kPOff);  // finite: key0 < kend gives one real key
         alpha[i] = exp2f(st.m[i] - m_new);
         st.m[i] = m_new;
         st.l[i] *= alpha[i];
@@ -306,8 +348,8 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
         st.l[0] += p0 + p1;
         st.l[1] += p2 + p3;
-        pa[2 * n] = dev::pack2<T>(p0, p1);
-        pa[2 * n + 1] = dev::pack2<T>(p2, p3);
+        pa[2 * n] = dev::pack2<MT>(p0, p1);
+        pa[2 * n + 1] = dev::pack2<MT>(p2, p3);
       }
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
@@ -330,10 +372,10 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t e0, o0, e1, o1;
-            dev::e4m3x4_to<T>(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);      // keys 2t, 2t + 1
-            dev::e4m3x4_to<T>(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
-            dev::mma_16x8x16<T>(st.o[2 * (j + h)], pa, e0, e1);
-            dev::mma_16x8x16<T>(st.o[2 * (j + h) + 1], pa, o0, o1);
+            dev::e4m3x4_to<MT>(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);      // keys 2t, 2t + 1
+            dev::e4m3x4_to<MT>(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
+            dev::mma_16x8x16<MT>(st.o[2 * (j + h)], pa, e0, e1);
+            dev::mma_16x8x16<MT>(st.o[2 * (j + h) + 1], pa, o0, o1);
           }
         }
       } else {
