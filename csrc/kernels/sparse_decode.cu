@@ -123,6 +123,16 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
+
+// dev::e4m3x4_to<__half> as one asm block: the same two cvt.rn.f16x2.e4m3x2 (bytes 0, 1 -> lo,
+// bytes 2, 3 -> hi, low half first), but the high pair is read as the register's upper half
+// (no shift instruction).
+__device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+      " cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+}
 template <typename T, int D, int S, bool F8 = false> struct Decode {
   using C = Cfg<D, S, F8>;
   using KV = typename std::conditional<F8, uint8_t, T>::type;  // pool element
@@ -304,7 +314,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             uint32_t b0, b1;
-            dev::e4m3x4_to<MT>(kr[i], b0, b1);
+            e4m3x4_to_f16(kr[i], b0, b1);
             dev::mma_16x8x16<MT>(s[i & 1], qa[k + (i >> 1)], b0, b1);
           }
         }
@@ -377,8 +387,8 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t e0, o0, e1, o1;
-            dev::e4m3x4_to<MT>(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);      // keys 2t, 2t + 1
-            dev::e4m3x4_to<MT>(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
+            e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);     // keys 2t, 2t + 1
+            e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
             dev::mma_16x8x16<MT>(st.o[2 * (j + h)], pa, e0, e1);
             dev::mma_16x8x16<MT>(st.o[2 * (j + h) + 1], pa, o0, o1);
           }
