@@ -188,7 +188,17 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     const int bs_mask = (1 << bs_shift) - 1;
     int ids[kRowsPerLane];
     auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
+    // fp8 with blocks of >= 16 slots: a slice (16 slots from a multiple of 16) lies in one
+    // block, so one block id and one 64-bit base per slice; the lane's rows are constant
+    // offsets from it (rows past kend included: they are slots of the same block, readable,
+    // and copied as zeros). Every instruction of the copy path is per tile, and the fp8 tile's
+    // math is short.
+    const bool one_block = F8 && bs_shift >= 4;
     auto fetch_ids = [&](int t) {
+      if (one_block) {
+        ids[0] = slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
+        return;
+      }
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
@@ -200,6 +210,18 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
       KV* sK = stages + (t % kStages) * 2 * kSliceElems;
       KV* sV = sK + kSliceElems;
+      if (one_block) {
+        const int sl = slice0(t);
+        const int64_t base = (((int64_t)ids[0] << bs_shift) + (sl & bs_mask) + r0) * D + cc * kChunkElems;
+#pragma unroll
+        for (int n = 0; n < kRowsPerLane; ++n) {
+          const int r = r0 + n * kRowStep;
+          const bool valid = sl + r < kend;
+          cp_async16(sK + stage_off(r, cc), kc + base + n * kRowStep * D, valid);
+          cp_async16(sV + stage_off(r, cc), vc + base + n * kRowStep * D, valid);
+        }
+        return;
+      }
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
