@@ -128,10 +128,14 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 // bytes 2, 3 -> hi, low half first), but the high pair is read as the register's upper half
 // (no shift instruction).
 __device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
       " cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
       : "=r"(lo), "=r"(hi)
       : "r"(x));
+#else
+  dev::e4m3x4_to<__half>(x, lo, hi);  // the intrinsics' emulation below sm_89
+#endif
 }
 template <typename T, int D, int S, bool F8 = false> struct Decode {
   using C = Cfg<D, S, F8>;
