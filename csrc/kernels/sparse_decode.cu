@@ -176,6 +176,14 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     else return dev::swz<D>(r, c);
   }
 
+  // exp2 of the mainloop's softmax. fp8: ex2.approx.ftz, exp2f's instruction without its
+  // subnormal-result fixup (3 instructions): results below 2^-126 become 0, where a P (at most
+  // 2^15, packed to f16) rounds to 0 anyway and an alpha leaves 2^-126 of the old state.
+  static __device__ __forceinline__ float sexp2(float x) {
+    if constexpr (F8) return dev::ex2(x);
+    else return exp2f(x);
+  }
+
   // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
   // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
   // sW: this warp's stages (kStages x [K slice, V slice] of pool elements). An fp8 pool's
@@ -373,15 +381,15 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
         const float m_new = fmaxf(st.m[i], mx[i] - kPOff);  // finite: key0 < kend gives one real key
-        alpha[i] = exp2f(st.m[i] - m_new);
+        alpha[i] = sexp2(st.m[i] - m_new);
         st.m[i] = m_new;
         st.l[i] *= alpha[i];
       }
       uint32_t pa[4];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const float p0 = exp2f(s[n][0] - st.m[0]), p1 = exp2f(s[n][1] - st.m[0]);
-        const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
+        const float p0 = sexp2(s[n][0] - st.m[0]), p1 = sexp2(s[n][1] - st.m[0]);
+        const float p2 = sexp2(s[n][2] - st.m[1]), p3 = sexp2(s[n][3] - st.m[1]);
         st.l[0] += p0 + p1;
         st.l[1] += p2 + p3;
         pa[2 * n] = dev::pack2<MT>(p0, p1);
