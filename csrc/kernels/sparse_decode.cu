@@ -53,17 +53,20 @@ constexpr int kRowCost = 1;     // scheduling units charged per work row besides
 constexpr int kPlanThreads = 1024;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
-// bf16 / fp16 slice), and one extra slice of the compute dtype per warp receives the converted
-// K, then the converted V, of the current tile (e4m3 -> bf16 / fp16 is exact) that the
-// ldmatrix / MMA path reads. One slice, not two: at D 128 that keeps 3 CTAs per SM with 3
-// stages, the bytes in flight of the bf16 kernel's 2 stages.
+// bf16 / fp16 slice) that the MMA path reads directly, no converted copy in shared memory:
+// ldmatrix (b16 elements = byte pairs) hands each lane 4 bytes, converted in registers
+// (e4m3 -> bf16 / fp16 is exact). K: a lane gets 4 consecutive d of one key, so the MMA's
+// contraction index runs over d in a permuted order, and Q's A fragment is loaded in the same
+// order (a dot product does not depend on the order of its terms). V: ldmatrix.trans gives
+// two keys x two d per lane; a byte permute makes key pairs, one for the even d and one for
+// the odd d of the 16-d block, so the two n-tiles of a block hold the even and the odd d
+// (merge_warps writes them back in place).
 template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kStages = S;
   static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
   static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
   static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
-  static constexpr int kConvBytes = F8 ? kSliceElems * 2 : 0;        // converted K, then V
-  static constexpr int kWarpBytes = kStages * kStageBytes + kConvBytes;
+  static constexpr int kWarpBytes = kStages * kStageBytes;
   static constexpr int kSmemBytes = kHeadTile * D * 2 + kWarps * kWarpBytes;
   static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
   static_assert(kMergeBytes <= kWarps * kWarpBytes, "merge scratch must fit the stages");
@@ -120,9 +123,31 @@ sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, 
 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
+
+// dev::e4m3x4_to<__half> as one asm block: the same two cvt.rn.f16x2.e4m3x2 (bytes 0, 1 -> lo,
+// bytes 2, 3 -> hi, low half first), but the high pair is read as the register's upper half
+// (no shift instruction).
+__device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+      " cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+#else
+  dev::e4m3x4_to<__half>(x, lo, hi);  // the intrinsics' emulation below sm_89
+#endif
+}
 template <typename T, int D, int S, bool F8 = false> struct Decode {
   using C = Cfg<D, S, F8>;
   using KV = typename std::conditional<F8, uint8_t, T>::type;  // pool element
+  // MMA operand type: fp8 pools compute in f16 whatever q's dtype (e4m3 -> f16 is one exact
+  // cvt per pair, -> bf16 four instructions); a bf16 q is rescaled per head row into f16.
+  using MT = typename std::conditional<F8, __half, T>::type;
+  static constexpr bool kScaledQ = F8 && std::is_same<T, __nv_bfloat16>::value;
+  // fp8: the running max the state keeps is the true one minus kPOff, so that P = exp2(s - m)
+  // lies in [0, 2^15] (f16 keeps 11 bits of P down to 2^-29 of the max, a bf16 P 8 bits). l
+  // and o scale by 2^kPOff with it: o / l and m + log2(l) (the lse) are unchanged.
+  static constexpr float kPOff = F8 ? 15.f : 0.f;
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
   static constexpr int kQChunks = D / 8;                         // 16-byte chunks of a q row
   static constexpr int kChunkElems = 16 / int(sizeof(KV));       // pool elements per chunk
@@ -151,29 +176,18 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     else return dev::swz<D>(r, c);
   }
 
-  // fp8 only: the warp converts one slice (K or V, 16 keys) from the stage into sC (the
-  // compute dtype, the swizzled layout ldmatrix reads). Lane i of a phase takes row i % 16:
-  // conflict-free on both sides (swz8 for the reads, swz<D> for the writes).
-  static __device__ __forceinline__ void convert_slice(const uint8_t* s8, T* sC, int lane) {
-#pragma unroll 2  // D 256: 8 chunks per lane; fully unrolled they spill
-    for (int i = lane; i < 16 * kChunks; i += 32) {
-      const int r = i & 15, c = i >> 4;
-      const uint4 x = *reinterpret_cast<const uint4*>(s8 + swz8(r, c) * 16);
-      uint4 lo, hi;
-      dev::e4m3x4_to<T>(x.x, lo.x, lo.y);
-      dev::e4m3x4_to<T>(x.y, lo.z, lo.w);
-      dev::e4m3x4_to<T>(x.z, hi.x, hi.y);
-      dev::e4m3x4_to<T>(x.w, hi.z, hi.w);
-      *reinterpret_cast<uint4*>(sC + dev::swz<D>(r, 2 * c)) = lo;
-      *reinterpret_cast<uint4*>(sC + dev::swz<D>(r, 2 * c + 1)) = hi;
-    }
+  // exp2 of the mainloop's softmax. fp8: ex2.approx.ftz, exp2f's instruction without its
+  // subnormal-result fixup (3 instructions): results below 2^-126 become 0, where a P (at most
+  // 2^15, packed to f16) rounds to 0 anyway and an alpha leaves 2^-126 of the old state.
+  static __device__ __forceinline__ float sexp2(float x) {
+    if constexpr (F8) return dev::ex2(x);
+    else return exp2f(x);
   }
 
   // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
   // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
-  // sW: this warp's stages (kStages x [K slice, V slice] of pool elements), then (fp8) its
-  // converted slice. An fp8 pool's k_scale is folded into the score scale here; v_scale is
-  // applied by the epilogue.
+  // sW: this warp's stages (kStages x [K slice, V slice] of pool elements). An fp8 pool's
+  // k_scale is folded into the score scale here; v_scale is applied by the epilogue.
   static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
                                                   int kbeg, int kend, int bs_shift, const T* sQ,
                                                   unsigned char* sW, State& st) {
@@ -181,13 +195,22 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     const KV* __restrict__ kc = reinterpret_cast<const KV*>(p.kv.k_cache);
     const KV* __restrict__ vc = reinterpret_cast<const KV*>(p.kv.v_cache);
     KV* const stages = reinterpret_cast<KV*>(sW);
-    T* const sConv = reinterpret_cast<T*>(sW + kStages * C::kStageBytes);
     const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
     const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
     const int bs_mask = (1 << bs_shift) - 1;
     int ids[kRowsPerLane];
     auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
+    // fp8 with blocks of >= 16 slots: a slice (16 slots from a multiple of 16) lies in one
+    // block, so one block id and one 64-bit base per slice; the lane's rows are constant
+    // offsets from it (rows past kend included: they are slots of the same block, readable,
+    // and copied as zeros). Every instruction of the copy path is per tile, and the fp8 tile's
+    // math is short.
+    const bool one_block = F8 && bs_shift >= 4;
     auto fetch_ids = [&](int t) {
+      if (one_block) {
+        ids[0] = slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
+        return;
+      }
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
@@ -199,6 +222,18 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
       KV* sK = stages + (t % kStages) * 2 * kSliceElems;
       KV* sV = sK + kSliceElems;
+      if (one_block) {
+        const int sl = slice0(t);
+        const int64_t base = (((int64_t)ids[0] << bs_shift) + (sl & bs_mask) + r0) * D + cc * kChunkElems;
+#pragma unroll
+        for (int n = 0; n < kRowsPerLane; ++n) {
+          const int r = r0 + n * kRowStep;
+          const bool valid = sl + r < kend;
+          cp_async16(sK + stage_off(r, cc), kc + base + n * kRowStep * D, valid);
+          cp_async16(sV + stage_off(r, cc), vc + base + n * kRowStep * D, valid);
+        }
+        return;
+      }
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
@@ -225,6 +260,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     st.m[0] = st.m[1] = -INFINITY;
     st.l[0] = st.l[1] = 0.f;
     uint32_t qa[D / 16][4];
+    float qf[2] = {1.f, 1.f};  // kScaledQ: the per-row factor of the scores (rows lane/4, +8)
     const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
 
     for (int t = 0; t < ntiles; ++t) {
@@ -238,35 +274,94 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       __syncwarp();                  // ... and the other lanes'
       if (t == 0) {
         __syncthreads();  // Q was copied by the whole CTA
+        if constexpr (F8) {
+          // Block k's contraction index i (lane quad position t: i = 2t, 2t+1, 2t+8, 2t+9)
+          // is d = 16k + 4t + {0, 1, 2, 3}: the d order of the K fragments below. a0 / a2 are
+          // 4 consecutive d of head row lane/4 (one 8-byte load), a1 / a3 of row lane/4 + 8.
 #pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-          dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), qa[k]);
+          for (int k = 0; k < D / 16; ++k) {
+            const int g = lane >> 2, t4 = lane & 3;
+            const int c = 2 * k + (t4 >> 1), e = (t4 & 1) * 4;
+            const uint2 x0 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g, c) + e);
+            const uint2 x1 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g + 8, c) + e);
+            qa[k][0] = x0.x;
+            qa[k][1] = x1.x;
+            qa[k][2] = x0.y;
+            qa[k][3] = x1.y;
+          }
+          if constexpr (kScaledQ) {
+            // bf16 q -> f16: head row r times 2^(14 - E_r), E_r = floor(log2 max_d |q_r|)
+            // clamped to [-112, 127] (biased exponent field [15, 254]). The scaled row stays
+            // below 2^15 (no f16 overflow; inf / NaN stay), and every element within 2^31 of
+            // the row's max stays exact (8 significant bits >= 2^-24); smaller ones are off by
+            // at most 2^-39 of the max. The scores are scaled back by qf = 2^(E_r - 14), a
+            // normal float, exactly: the fp32 sums are the bf16 MMA's times a power of two.
+            const uint32_t kHi = 0xffff0000u;
+            float mq[2] = {0.f, 0.f};  // rows lane/4 (registers 0, 2) and lane/4 + 8 (1, 3)
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                mq[i & 1] = fmaxf(mq[i & 1], fmaxf(fabsf(__uint_as_float(qa[k][i] << 16)),
+                                                   fabsf(__uint_as_float(qa[k][i] & kHi))));
+            float up[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {  // the quad holds the row's D elements
+              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 1));
+              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 2));
+              const int eb = min(max(int((__float_as_uint(mq[i]) >> 23) & 0xffu), 15), 254);
+              up[i] = __uint_as_float(uint32_t(268 - eb) << 23);  // 2^(141 - eb) = 2^(14 - E)
+              qf[i] = __uint_as_float(uint32_t(eb - 14) << 23);   // 2^(eb - 141) = 2^(E - 14)
+            }
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                qa[k][i] = dev::pack2<__half>(__uint_as_float(qa[k][i] << 16) * up[i & 1],
+                                              __uint_as_float(qa[k][i] & kHi) * up[i & 1]);
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < D / 16; ++k) {
+            const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
+            dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), qa[k]);
+          }
         }
       }
       const int key0 = slice0(t);
       if (key0 >= kend) continue;
-      const T* sK;
-      const uint8_t* s8 = reinterpret_cast<const uint8_t*>(stages + (t % kStages) * 2 * kSliceElems);
-      if constexpr (F8) {
-        convert_slice(s8, sConv, lane);
-        __syncwarp();  // the converted K slice is complete
-        sK = sConv;
-      } else {
-        sK = reinterpret_cast<const T*>(stages) + (t % kStages) * 2 * kSliceElems;
-      }
-      const T* sV = F8 ? sConv : sK + kSliceElems;
+      const KV* sK = stages + (t % kStages) * 2 * kSliceElems;
+      const KV* sV = sK + kSliceElems;
 
       // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      if constexpr (F8) {
+        // One ldmatrix.x4 per two 16-byte chunks (= d blocks k, k + 1): matrices (keys 0-7,
+        // chunk k), (keys 8-15, k), (keys 0-7, k + 1), (keys 8-15, k + 1). Lane l gets key
+        // l / 4, bytes d = 16 chunk + 4 (l % 4) .. + 3: the B fragment (b0, b1) of its n-tile
+        // in Q's d order. swz8 keeps each matrix's 8 rows on 8 different bank groups.
 #pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        uint32_t kb[4];
-        const int r = (lane & 7) + (lane >> 4) * 8;
-        const int c = 2 * k + ((lane >> 3) & 1);
-        dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), kb);
-        dev::mma_16x8x16<T>(s[0], qa[k], kb[0], kb[1]);
-        dev::mma_16x8x16<T>(s[1], qa[k], kb[2], kb[3]);
+        for (int k = 0; k < D / 16; k += 2) {
+          uint32_t kr[4];
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = k + (lane >> 4);
+          dev::ldsm_x4(dev::smem_u32(sK + swz8(r, c) * 16), kr);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            uint32_t b0, b1;
+            e4m3x4_to_f16(kr[i], b0, b1);
+            dev::mma_16x8x16<MT>(s[i & 1], qa[k + (i >> 1)], b0, b1);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+          uint32_t kb[4];
+          const int r = (lane & 7) + (lane >> 4) * 8;
+          const int c = 2 * k + ((lane >> 3) & 1);
+          dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), kb);
+          dev::mma_16x8x16<T>(s[0], qa[k], kb[0], kb[1]);
+          dev::mma_16x8x16<T>(s[1], qa[k], kb[2], kb[3]);
+        }
       }
       // Online softmax (log2 domain), keys past the segment end masked.
       float mx[2] = {-INFINITY, -INFINITY};
@@ -275,7 +370,9 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
-          s[n][e] = key < kend ? s[n][e] * sl2 : -INFINITY;
+          float sv = s[n][e];
+          if constexpr (kScaledQ) sv *= qf[e >> 1];  // exact: the bf16 q's score
+          s[n][e] = key < kend ? sv * sl2 : -INFINITY;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
       float alpha[2];
@@ -283,40 +380,63 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        const float m_new = fmaxf(st.m[i], mx[i]);  // finite: key0 < kend gives one real key
-        alpha[i] = exp2f(st.m[i] - m_new);
+        const float m_new = fmaxf(st.m[i], mx[i] - kPOff);  // finite: key0 < kend gives one real key
+        alpha[i] = sexp2(st.m[i] - m_new);
         st.m[i] = m_new;
         st.l[i] *= alpha[i];
       }
       uint32_t pa[4];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const float p0 = exp2f(s[n][0] - st.m[0]), p1 = exp2f(s[n][1] - st.m[0]);
-        const float p2 = exp2f(s[n][2] - st.m[1]), p3 = exp2f(s[n][3] - st.m[1]);
+        const float p0 = sexp2(s[n][0] - st.m[0]), p1 = sexp2(s[n][1] - st.m[0]);
+        const float p2 = sexp2(s[n][2] - st.m[1]), p3 = sexp2(s[n][3] - st.m[1]);
         st.l[0] += p0 + p1;
         st.l[1] += p2 + p3;
-        pa[2 * n] = dev::pack2<T>(p0, p1);
-        pa[2 * n + 1] = dev::pack2<T>(p2, p3);
+        pa[2 * n] = dev::pack2<MT>(p0, p1);
+        pa[2 * n + 1] = dev::pack2<MT>(p2, p3);
       }
+      // fp8: the rescale only when some lane's max moved (alpha != 1; o * 1 == o exactly):
+      // past the first tiles of a long row the max rarely moves, and the D / 2 FMULs are the
+      // largest item of the tile after the conversions.
+      if (!F8 || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
-        st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
-      }
-      if constexpr (F8) {  // V into the conversion slice, once every lane has read K from it
-        __syncwarp();
-        convert_slice(s8 + kSliceElems, sConv, lane);
-        __syncwarp();
+        for (int j = 0; j < D / 8; ++j) {
+          st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
+          st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+        }
       }
       // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
+      if constexpr (F8) {
+        // Matrices (keys 0-7, chunk j), (keys 8-15, j), (keys 0-7, j + 1), (keys 8-15, j + 1)
+        // of byte pairs, transposed: lane l (g = l / 4, t = l % 4) gets the bytes
+        // [V(2t, 2g), V(2t, 2g + 1), V(2t + 1, 2g), V(2t + 1, 2g + 1)] (key, d within the
+        // block). Permuted to [V(2t, 2g), V(2t + 1, 2g), V(2t, 2g + 1), V(2t + 1, 2g + 1)]
+        // and converted: the key pair of d = 2g (B fragment of the even-d n-tile, st.o[2 jj])
+        // and of d = 2g + 1 (the odd-d n-tile, st.o[2 jj + 1]).
 #pragma unroll
-      for (int j = 0; j < D / 16; ++j) {
-        uint32_t vb[4];
-        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int c = 2 * j + (lane >> 4);
-        dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), vb);
-        dev::mma_16x8x16<T>(st.o[2 * j], pa, vb[0], vb[1]);
-        dev::mma_16x8x16<T>(st.o[2 * j + 1], pa, vb[2], vb[3]);
+        for (int j = 0; j < D / 16; j += 2) {
+          uint32_t vr[4];
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = j + (lane >> 4);
+          dev::ldsm_x4_trans(dev::smem_u32(sV + swz8(r, c) * 16), vr);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t e0, o0, e1, o1;
+            e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);     // keys 2t, 2t + 1
+            e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
+            dev::mma_16x8x16<MT>(st.o[2 * (j + h)], pa, e0, e1);
+            dev::mma_16x8x16<MT>(st.o[2 * (j + h) + 1], pa, o0, o1);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+          uint32_t vb[4];
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int c = 2 * j + (lane >> 4);
+          dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), vb);
+          dev::mma_16x8x16<T>(st.o[2 * j], pa, vb[0], vb[1]);
+          dev::mma_16x8x16<T>(st.o[2 * j + 1], pa, vb[2], vb[3]);
+        }
       }
     }
     cp_async_wait<0>();
@@ -336,10 +456,20 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     float* sL = sM + kWarps * kHeadTile;              // [warp][16]
     float* wo = sO + warp * kHeadTile * D;
     const int r = lane >> 2, c = 2 * (lane & 3);
+    if constexpr (F8) {  // block j: st.o[2j] holds d = 16j + 4t + {0, 2}, st.o[2j + 1] d + 1
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(st.o[j][0], st.o[j][1]);
-      *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(st.o[j][2], st.o[j][3]);
+      for (int j = 0; j < D / 16; ++j) {
+        *reinterpret_cast<float4*>(wo + r * D + 16 * j + 2 * c) =
+            make_float4(st.o[2 * j][0], st.o[2 * j + 1][0], st.o[2 * j][1], st.o[2 * j + 1][1]);
+        *reinterpret_cast<float4*>(wo + (r + 8) * D + 16 * j + 2 * c) =
+            make_float4(st.o[2 * j][2], st.o[2 * j + 1][2], st.o[2 * j][3], st.o[2 * j + 1][3]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<float2*>(wo + r * D + 8 * j + c) = make_float2(st.o[j][0], st.o[j][1]);
+        *reinterpret_cast<float2*>(wo + (r + 8) * D + 8 * j + c) = make_float2(st.o[j][2], st.o[j][3]);
+      }
     }
     if ((lane & 3) == 0) {
       sM[warp * kHeadTile + r] = st.m[0];
@@ -493,10 +623,11 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 // 2 at D 128 (3 CTAs: faster than 3 stages and 2 CTAs on every swept row but B1 x 32k skewed,
 // bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
-// fp8 pools: a stage is half the bytes, so D 64 and 256 take 4 stages at the same residency
-// (4 CTAs, 42 KB; 1 CTA, 168 KB); D 128 takes 3 stages at 3 CTAs (68 KB: two tiles ahead of
-// 4 KB, the bytes in flight of bf16's 2 stages). Not swept yet (bench/sweep_decode.py).
-template <int D> constexpr int kStagesFor8 = D == 128 ? 3 : 4;
+// fp8 pools: a stage is half the bytes and there is no conversion slice, so every head dim
+// takes 4 stages: D 64 at 4 CTAs (34 KB), D 128 at 3 CTAs (68 KB; 4 CTAs at 3 stages would
+// hold ptxas to 128 registers, which spills in the loop), D 256 at 1 CTA (136 KB). Not swept
+// yet (bench/sweep_decode.py).
+template <int D> constexpr int kStagesFor8 = 4;
 template <int D> constexpr int ctas_for(bool fp8) {
   return fp8 ? Cfg<D, kStagesFor8<D>, true>::kCtasPerSm : Cfg<D, kStagesFor<D>>::kCtasPerSm;
 }
