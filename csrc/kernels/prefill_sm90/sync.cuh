@@ -17,7 +17,7 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 // Plain arrive: release semantics, so this thread's earlier shared stores (the key metadata)
 // are visible to a thread whose wait sees the phase complete.
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar)
                : "memory");
 }
 // The phase cannot complete before this thread's earlier cp.async copies have landed (the
