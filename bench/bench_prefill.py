@@ -10,7 +10,8 @@ Peers, measured in the same run (CUDA events, median after warm-up):
                   mask from create_block_mask(_compile=True) (its build is not timed; printed)
   cuDNN SDPA      dense causal (what DMS saves against), K/V pre-expanded to Hq heads
   flash SDPA      dense causal, same inputs
-Extra rows (--extra, default D 64 bf16 and D 128 fp16 at 16k, CR 1 / 8) with cuDNN only.
+Extra rows (--extra, default D 64 bf16, D 128 fp16 and D 256 bf16 at 16k, CR 1 / 8) with cuDNN
+and flash only; "unsupported" where torch.ops.dms.supported has no CUDA sparse_prefill for the D.
 "pairs" is the number of (query head, key) score pairs the DMS rule keeps; dense causal has
 Hq N (N + 1) / 2. Sanity: at CR 1 our output is compared with cuDNN's, and at every CR with
 FlexAttention's (max abs difference, bf16 both sides). Writes bench/results/prefill_<date>.md.
@@ -38,6 +39,17 @@ DMS_PREFILL_SMALL=0 in the environment gives the general kernel's times for the 
 
   python3 bench/bench_prefill.py --small [--small-ts 1 4] [--small-b 64] [--small-ctx 8192] [--small-fi]
   python3 bench/bench_prefill.py --lens --fp8-lens 16384 --fp8-crs 8   # one fp8 row only
+
+Chunked prefill (--chunked): one --chunked-len prompt (default 128k; Hq, Hkv, D, window as above,
+bf16, flags for each of --chunked-crs, default CR 1 / 8) prefilled in one call over an empty
+cache ("one-shot") and in --chunked-chunk pieces (default 8k) as an engine runs it: per chunk,
+sparse_prefill over the cache of the earlier chunks, then dms append of the chunk. Chunked ms sums
+the prefills and appends (prefill-only also given); CUDA events, median of --chunked-reps
+(default 5) after a warm-up, the cache reset (untimed) before each. speed = one-shot ms / chunked
+ms (target >= 0.8); max|diff|: the chunks' outputs against the one-shot's (rounding only).
+Writes bench/results/prefill_chunked_<date>.md.
+
+  python3 bench/bench_prefill.py --chunked [--chunked-len 131072 --chunked-chunk 8192 --chunked-crs 1 8]
 """
 from __future__ import annotations
 
@@ -45,6 +57,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -62,6 +75,33 @@ def flag_prob(n: int, cr: float, w: int) -> float:
         return 0.0
     keep = (n / cr - w - 1) / (n - w - 1)
     return float(min(1.0, max(0.0, 1.0 - keep)))
+
+
+def eviction_logits(n: int, hkv: int, cr: float, w: int, gen: torch.Generator):
+    """(p, logits float32 [n, Hkv] of +-1 with P(+1) = p = flag_prob, the CR they give)."""
+    p = flag_prob(n, cr, w)
+    lg = torch.where(torch.rand(n, hkv, device=gen.device, generator=gen) < p, 1.0, -1.0).float()
+    return p, lg, n / reference.live_counts(lg, w).double().mean().item()
+
+
+def prompt_qkv(nq, n, hq, hkv, D, dtype, gen):
+    """q [nq, Hq, D], k / v [n, Hkv, D], standard normal."""
+    return (torch.randn(nq, hq, D, device=gen.device, dtype=dtype, generator=gen),
+            torch.randn(n, hkv, D, device=gen.device, dtype=dtype, generator=gen),
+            torch.randn(n, hkv, D, device=gen.device, dtype=dtype, generator=gen))
+
+
+def empty_state(n_max, hkv, w, D, dtype, dev, bs=64):
+    """One empty state row with room for n_max tokens per head, in append's argument order:
+    (k_cache, v_cache, block_table, seq_lens, ring, num_tokens, free_stack, free_top);
+    sparse_prefill takes the first six. n_max 0: a one-block pool (a fresh prompt's)."""
+    i32 = dict(dtype=torch.int32, device=dev)
+    nb = -(-n_max // bs)
+    blocks = hkv * nb + 1
+    k_cache = torch.zeros(blocks, bs, D, device=dev, dtype=dtype)
+    return (k_cache, torch.zeros_like(k_cache), torch.zeros(1, hkv, max(1, nb), **i32),
+            torch.zeros(1, hkv, **i32), torch.zeros(1, hkv, w + 1, **i32), torch.zeros(1, **i32),
+            torch.arange(blocks, **i32), torch.tensor([blocks], **i32))
 
 
 def visible_pairs(d: torch.Tensor, w: int, group: int) -> int:
@@ -100,7 +140,7 @@ def main():
     ap.add_argument("--fp8-crs", type=float, nargs="+", default=[1, 8])
     ap.add_argument("--fp8-chunk", type=int, default=4096,
                     help="fp8 rows: the timed chunk; the rest of the prompt is in the pool")
-    ap.add_argument("--extra", nargs="*", default=["64:bf16", "128:fp16"],
+    ap.add_argument("--extra", nargs="*", default=["64:bf16", "128:fp16", "256:bf16"],
                     help="extra D:dtype configs (dtype bf16 / fp16), run at --extra-lens x "
                          "--extra-crs without peers other than cuDNN")
     ap.add_argument("--extra-lens", type=int, nargs="*", default=[16384])
@@ -113,7 +153,16 @@ def main():
     ap.add_argument("--small-ctx", type=int, default=8192)
     ap.add_argument("--small-cr", type=float, default=8.0)
     ap.add_argument("--small-fi", action="store_true", help="time FlashInfer's paged prefill too")
+    ap.add_argument("--chunked", action="store_true", help="the chunked-prefill table instead (see above)")
+    ap.add_argument("--chunked-len", type=int, default=131072)
+    ap.add_argument("--chunked-chunk", type=int, default=8192)
+    ap.add_argument("--chunked-crs", type=float, nargs="+", default=[1, 8])
+    ap.add_argument("--chunked-reps", type=int, default=5, help="timed repetitions (after one warm-up)")
+    # --chunked's data path on the CPU ops at tiny sizes, untimed in effect: checks max|diff|.
+    ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.chunked or a.cpu_dry_run:
+        return chunked_main(a)
     common.require_cuda("bench_prefill")
     if a.small:
         return small_main(a)
@@ -146,19 +195,12 @@ def main():
     for n, D, dtype, crs, flex in configs:
         scale = 1.0 / math.sqrt(D)
         print(f"N = {n}, D {D}, {dtype}", flush=True)
-        q = torch.randn(n, hq, D, device=dev, dtype=dtype, generator=gen)
-        k = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
-        v = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
+        q, k, v = prompt_qkv(n, n, hq, hkv, D, dtype, gen)
         # Empty per-sequence state (one row): the whole prompt is the chunk.
-        i32 = dict(dtype=torch.int32, device=dev)
-        k_cache = torch.zeros(1, 64, D, device=dev, dtype=dtype)
-        v_cache = torch.zeros_like(k_cache)
-        block_table = torch.zeros(1, hkv, 1, **i32)
-        seq_lens = torch.zeros(1, hkv, **i32)
-        ring = torch.zeros(1, hkv, w + 1, **i32)
-        num_tokens = torch.zeros(1, **i32)
-        slots = torch.zeros(1, **i32)
-        cu = torch.tensor([0, n], **i32)
+        state = empty_state(0, hkv, w, D, dtype, dev)[:6]
+        slots = torch.zeros(1, dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        ours_ok = torch.ops.dms.supported("sparse_prefill", "cuda", dtype, D)
         # SDPA layout [1, Hq, N, D] as strided views of the packed tensors; K/V expanded once.
         qs = q.view(1, n, hq, D).transpose(1, 2)
         ke = k.repeat_interleave(G, dim=1).view(1, n, hq, D).transpose(1, 2)
@@ -180,21 +222,19 @@ def main():
             return (kv_idx <= q_idx) & ((q_idx - kv_idx <= w) | ~flags[h // G, kv_idx])
 
         for cr in crs:
-            p = flag_prob(n, cr, w)
-            lg = torch.where(torch.rand(n, hkv, device=dev, generator=gen) < p, 1.0, -1.0).float()
+            p, lg, cr_got = eviction_logits(n, hkv, cr, w, gen)
             d = torch.zeros(n, hkv, dtype=torch.bool, device=dev)
             d[:-1] = lg[1:] > 0
             flags.copy_(d.t())
-            live = reference.live_counts(lg, w).double().mean().item()
             pairs = visible_pairs(flags, w, G)
             dense_pairs = hq * n * (n + 1) // 2
-            r = {"n": n, "D": D, "dtype": str(dtype).replace("torch.", ""), "cr": cr, "p": p, "cr_got": n / live, "pair_ratio": dense_pairs / pairs,
+            r = {"n": n, "D": D, "dtype": str(dtype).replace("torch.", ""), "cr": cr, "p": p, "cr_got": cr_got, "pair_ratio": dense_pairs / pairs,
                  "cudnn": dense.get("cudnn"), "flash": dense.get("flash")}
 
             def ours():
-                return torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, k_cache, v_cache,
-                                                    block_table, seq_lens, ring, num_tokens, scale)
-            r["ours"] = _try(lambda: timed(ours, f"{n}/cr{cr}/ours", a), f"{n} CR{cr} ours", errors)
+                return torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *state, scale)
+            r["ours"] = (_try(lambda: timed(ours, f"{n}/cr{cr}/ours", a), f"{n} CR{cr} ours", errors)
+                         if ours_ok else f"unsupported (D {D})")
             out = None
             if isinstance(r["ours"], float):
                 out = ours()
@@ -259,7 +299,8 @@ def main():
              f"achieved on kept pairs: 4 D flops per kept (query head, key) pair. The D / dtype "
              f"rows after the main ones (--extra) skip FlexAttention. DMS_PREFILL_V2="
              f"{os.environ.get('DMS_PREFILL_V2', '1 (default)')} (0: the mma.sync kernel). "
-             f"FlexAttention's block-mask build is not timed."]
+             f"FlexAttention's block-mask build is not timed. \"unsupported\": no CUDA sparse_prefill "
+             f"kernel for that D / dtype (torch.ops.dms.supported); the dense peers still run."]
     if fp8_rows:
         notes.append(f"fp8 rows: the prompt's last {a.fp8_chunk} tokens prefilled over the rest, "
                      "appended first to a float8_e4m3fn pool (k_scale = v_scale = 1/64), against "
@@ -399,6 +440,124 @@ def small_main(a):
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
 
 
+def step_times(run, reset, reps, dev):
+    """run(mark) reps times after one warm-up, reset() before each (untimed); run calls mark()
+    after each step. Returns (per repetition the steps' ms, the last run's result). CUDA events;
+    time.perf_counter on the CPU."""
+    cuda = dev == "cuda"
+
+    def stamp():
+        if not cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    times = []
+    for i in range(reps + 1):
+        reset()
+        marks = [stamp()]
+        out = run(lambda: marks.append(stamp()))
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append([x.elapsed_time(y) if cuda else (y - x) * 1e3 for x, y in zip(marks, marks[1:])])
+    return times, out
+
+
+def chunked_case(a, cr, gen, dev):
+    """One --chunked row: the prompt in one sparse_prefill over an empty cache, and chunk by
+    chunk (sparse_prefill over the cache of the earlier chunks, then append of the chunk)."""
+    dtype, n, c = torch.bfloat16, a.chunked_len, a.chunked_chunk
+    hq, hkv, D, w = a.hq, a.hkv, a.dim, a.window
+    scale, i32 = 1.0 / math.sqrt(D), dict(dtype=torch.int32, device=dev)
+    q, k, v = prompt_qkv(n, n, hq, hkv, D, dtype, gen)
+    _, lg, cr_got = eviction_logits(n, hkv, cr, w, gen)
+    slots = torch.zeros(1, **i32)
+    one_state = empty_state(0, hkv, w, D, dtype, dev)[:6]
+    cu = torch.tensor([0, n], **i32)
+    st = empty_state(n, hkv, w, D, dtype, dev)
+    init = [t.clone() for t in st[2:]]      # the pool's contents are written before read
+    pieces = [(q[s:s + c], k[s:s + c], v[s:s + c], lg[s:s + c], slots,
+               torch.tensor([0, min(c, n - s)], **i32)) for s in range(0, n, c)]
+
+    def reset():
+        for t, t0 in zip(st[2:], init):
+            t.copy_(t0)
+
+    def one_shot(mark):
+        out = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *one_state, scale)
+        mark()
+        return out
+
+    def chunked(mark):
+        outs = []
+        for qc, kc, vc, lc, sl, cc in pieces:
+            outs.append(torch.ops.dms.sparse_prefill(qc, kc, vc, lc, sl, cc, *st[:6], scale))
+            mark()
+            torch.ops.dms.append(kc, vc, lc, sl, cc, *st)
+            mark()
+        return outs
+    t1, out1 = step_times(one_shot, lambda: None, a.chunked_reps, dev)
+    tc, outc = step_times(chunked, reset, a.chunked_reps, dev)
+    med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731
+    r = {"n": n, "chunk": c, "cr": cr, "cr_got": cr_got, "one": med([sum(t) for t in t1]),
+         "chunked": med([sum(t) for t in tc]), "prefill": med([sum(t[::2]) for t in tc]),
+         "err": (torch.cat(outc).float() - out1.float()).abs().max().item()}
+    r["speed"] = r["one"] / r["chunked"]
+    return r
+
+
+def chunked_main(a):
+    """--chunked: the one-shot vs chunked-into-the-cache table (see the module docstring)."""
+    if a.cpu_dry_run:
+        a.chunked_len, a.chunked_chunk, a.hq, a.hkv, a.dim, a.window = 512, 128, 4, 2, 64, 32
+        dev = "cpu"
+    else:
+        common.require_cuda("bench_prefill --chunked")
+        dev = "cuda"
+        print(f"{common.gpu_info()}", flush=True)
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    errors, rows = [], []
+    for cr in a.chunked_crs:
+        print(f"chunked: N = {a.chunked_len} in chunks of {a.chunked_chunk}, CR {cr:g}", flush=True)
+        r = _try(lambda: chunked_case(a, cr, gen, dev), f"chunked CR{cr:g}", errors)
+        if isinstance(r, dict):
+            rows.append(r)
+            print(f"  CR {r['cr_got']:.2f}: one-shot {r['one']:.3g} ms, chunked {r['chunked']:.3g} ms "
+                  f"(prefill {r['prefill']:.3g} ms), speed x{r['speed']:.3f}, max|diff| {r['err']:.3g}",
+                  flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    md = common.md_table(
+        ["N", "chunk", "CR (got)", "one-shot ms", "chunked ms", "chunked prefill-only ms",
+         "chunked / one-shot speed", "max\\|diff\\|"],
+        [[r["n"], r["chunk"], f"{r['cr']:g} ({r['cr_got']:.2f})", r["one"], r["chunked"], r["prefill"],
+          r["speed"], r["err"]] for r in rows])
+    print()
+    print(md)
+    notes = [f"Hq {a.hq}, Hkv {a.hkv}, D {a.dim}, bf16, window {a.window}, block_size 64, one "
+             f"sequence. One-shot: one sparse_prefill over the prompt, empty cache. Chunked: per "
+             f"chunk, sparse_prefill over the cache of the earlier chunks, then dms append of the "
+             f"chunk (as an engine runs it); the cache reset (untimed) before every repetition. "
+             f"ms: median over {a.chunked_reps} repetitions after one warm-up "
+             f"({'time.perf_counter, CPU ops: dry run' if a.cpu_dry_run else 'CUDA events'}); "
+             f"chunked ms includes the appends. speed = one-shot ms / chunked ms (target >= 0.8). "
+             f"max|diff|: the chunks' outputs against the one-shot output (bf16, rounding only)."]
+    if errors:
+        notes.append("Failures / OOM: " + "; ".join(errors))
+    path = common.write_results("prefill_chunked", "sparse_prefill: chunked prefill into the cache vs one shot",
+                                "\n\n".join(notes) + "\n\n" + md + "\n",
+                                **({"results_dir": tempfile.gettempdir()} if a.cpu_dry_run else {}))
+    print(f"\nwrote {path}")
+    summ = " ".join(f"CR{r['cr']:g} x{r['speed']:.2f}" for r in rows)
+    kib = lambda x: f"{x // 1024}k" if x % 1024 == 0 else str(x)   # noqa: E731
+    print(f"SUMMARY: chunked {kib(a.chunked_len)}/{kib(a.chunked_chunk)} {summ or 'no timings'}"
+          + (f"; {len(errors)} failures" if errors else ""))
+    if a.cpu_dry_run:
+        assert len(rows) == len(a.chunked_crs) and all(r["err"] <= 1e-2 for r in rows), (rows, errors)
+        print("dry run OK")
+
+
 def fp8_cases(a, gen, errors):
     """The fp8-pool rows (see the module docstring): per (N, CR), the prompt's first
     N - fp8_chunk tokens appended to a float8_e4m3fn pool, the last fp8_chunk prefilled over it;
@@ -411,32 +570,21 @@ def fp8_cases(a, gen, errors):
     for n in a.fp8_lens:
         c = min(a.fp8_chunk, n)
         h = n - c
-        q = torch.randn(c, hq, D, device=dev, dtype=dtype, generator=gen)
-        k = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
-        v = torch.randn(n, hkv, D, device=dev, dtype=dtype, generator=gen)
+        q, k, v = prompt_qkv(c, n, hq, hkv, D, dtype, gen)
         for cr in a.fp8_crs:
-            p = flag_prob(n, cr, w)
-            lg = torch.where(torch.rand(n, hkv, device=dev, generator=gen) < p, 1.0, -1.0).float()
-            r = {"n": n, "cr": cr, "cr_got": n / reference.live_counts(lg, w).double().mean().item(),
-                 "cached": h, "chunk": c}
+            _, lg, cr_got = eviction_logits(n, hkv, cr, w, gen)
+            r = {"n": n, "cr": cr, "cr_got": cr_got, "cached": h, "chunk": c}
             print(f"N = {n} fp8, CR {cr}: {h} cached + {c}", flush=True)
             try:
-                mb = max(1, -(-h // bs))
-                k8 = torch.zeros(hkv * mb + 1, bs, D, device=dev, dtype=torch.float8_e4m3fn)
-                v8 = torch.zeros_like(k8)
-                st = dict(block_table=torch.zeros(1, hkv, mb, **i32), seq_lens=torch.zeros(1, hkv, **i32),
-                          ring=torch.zeros(1, hkv, w + 1, **i32), num_tokens=torch.zeros(1, **i32))
+                k8, v8, *meta, free_stack, free_top = empty_state(h, hkv, w, D, torch.float8_e4m3fn, dev, bs)
                 slots = torch.zeros(1, **i32)
                 if h > 0:
                     torch.ops.dms.append(k[:h], v[:h], lg[:h], slots, torch.tensor([0, h], **i32), k8, v8,
-                                         st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"],
-                                         torch.arange(k8.shape[0], **i32),
-                                         torch.tensor([k8.shape[0]], **i32), kvs, kvs)
-                r["live"] = st["seq_lens"].double().mean().item() if h > 0 else 0.0
+                                         *meta, free_stack, free_top, kvs, kvs)
+                r["live"] = meta[1].double().mean().item() if h > 0 else 0.0
                 kb = (k8.float() * kvs).to(dtype)   # exact: e4m3 times a power of two
                 vb = (v8.float() * kvs).to(dtype)
                 cu = torch.tensor([0, c], **i32)
-                meta = (st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"])
                 chunk = (q, k[h:].contiguous(), v[h:].contiguous(), lg[h:].contiguous(), slots, cu)
 
                 def run8():
