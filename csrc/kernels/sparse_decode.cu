@@ -1,11 +1,12 @@
 // dms::sparse_decode v2: a persistent, length-balanced decode over the paged per-head KV layout.
 //
 // Pieces (top to bottom):
-//   Scheduler  one small kernel scans seq_lens on the device into a cost line: every work row
-//              (b, g, head tile) costs one unit of fixed work plus one unit per 64-key tile. The
-//              line is cut into `n` equal ranges, one per CTA of the persistent attention kernel,
-//              so every CTA gets the same number of tiles whatever the length distribution
-//              (stream-K). No host plan, no host sync: graph replays may change every length.
+//   Scheduler  every work row (b, g, head tile) costs one unit of fixed work plus one unit per
+//              64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
+//              persistent attention kernel, so every CTA gets the same number of tiles whatever
+//              the length distribution (stream-K). Each CTA scans seq_lens itself at its start
+//              (streamk::locate): no plan kernel, no host plan, no host sync; graph replays may
+//              change every length.
 //   Mainloop   a CTA walks its range row segment by row segment. For each segment it loads the
 //              group's queries once and streams the segment's keys: 4 warps, each with its own
 //              16-key slice of every 64-key tile, gathered through the block table by 16-byte
@@ -18,9 +19,9 @@
 //              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
 //              most two per CTA (its first and its last segment), and the attention kernel never
 //              waits: a merge kernel combines the partials of every cut row, over many CTAs.
-// The three kernels are chained with programmatic dependent launch, so each one's launch and
-// prologue overlap the previous one's tail. The scratch is bounded by the grid, not by the
-// lengths: the workspace depends on sizes only.
+// The two kernels are launched with programmatic dependent launch, so each one's launch and
+// prologue overlap the previous kernel's tail. The scratch is bounded by the grid, not by the
+// lengths: the workspace depends on sizes only (and holds nothing from one call to the next).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -50,7 +51,6 @@ constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
 constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
-constexpr int kPlanThreads = 1024;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
 // bf16 / fp16 slice) that the MMA path reads directly, no converted copy in shared memory:
@@ -82,15 +82,13 @@ template <int D, int S, bool F8 = false> struct Cfg {
 // ------------------------------------------------------------------------------------------------
 // Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
 struct Layout {
-  int64_t meta, prefix, cta_row, part_o, part_lse, bytes;
+  int64_t cut, part_o, part_lse, bytes;
 };
 __host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
-__host__ __device__ inline Layout layout(int64_t rows_v, int grid, int D) {
+__host__ __device__ inline Layout layout(int grid, int D) {
   Layout l;
-  l.meta = 0;                                         // int32 [4]: n, U
-  l.prefix = 256;                                     // int32 [rows_v]: inclusive unit prefix
-  l.cta_row = align256(l.prefix + rows_v * 4);        // int32 [grid]: first work row of CTA c
-  l.part_o = align256(l.cta_row + (int64_t)grid * 4);   // f32 [2 grid][16][D]
+  l.cut = 0;                                            // streamk::CutRow [grid]
+  l.part_o = align256((int64_t)grid * sizeof(streamk::CutRow));  // f32 [2 grid][16][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
   return l;
@@ -107,19 +105,6 @@ __device__ __forceinline__ int units_of(int L) {
   return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
 }
 using streamk::kMergeThreads;
-
-// ------------------------------------------------------------------------------------------------
-// Scheduler: one CTA. Inclusive prefix of the row costs, the number n of CTAs that get work
-// (at least min_units each) and each working CTA's first row.
-__global__ void __launch_bounds__(kPlanThreads)
-sparse_decode_plan_kernel(const int32_t* __restrict__ seq_lens, int64_t rows_v, int head_tiles,
-                          int grid, int min_units, unsigned char* ws, Layout lo) {
-  pdl_launch_dependents();  // the attention kernel may start its launch; it waits for our writes
-  streamk::plan_line<kPlanThreads>(
-      rows_v, grid, min_units, reinterpret_cast<int32_t*>(ws + lo.prefix),
-      reinterpret_cast<int32_t*>(ws + lo.cta_row), reinterpret_cast<int32_t*>(ws + lo.meta),
-      [&](int64_t v) { return units_of(__ldg(seq_lens + v / head_tiles)); });
-}
 
 // ------------------------------------------------------------------------------------------------
 // Attention kernel pieces.
@@ -514,29 +499,32 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   float* scratch = reinterpret_cast<float*>(sStages);
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
-  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
-  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
+  streamk::CutRow* cut = reinterpret_cast<streamk::CutRow*>(ws + rs.ws.cut);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
-  pdl_wait();               // the plan is written
+  pdl_wait();               // the previous kernel on the stream (q, seq_lens, the workspace) is done
   const int c = blockIdx.x;
-  streamk::CtaRange range;
-  if (!streamk::cta_range(meta, c, range)) return;
-  const int64_t a0 = range.a0, b0 = range.b0;
   const int tid = threadIdx.x, warp = tid >> 5;
+  const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
+  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + v / rs.head_tiles)); };
+  const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
+  if (!pl) {
+    if (tid == 0) cut[c] = streamk::no_cut_row();
+    return;
+  }
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages
   // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
   const float o_scale = F8 ? p.kv.v_scale : 1.f;
 
-  int64_t v = cta_row[c];
-  int64_t a = a0;
-  while (a < b0) {
-    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-    const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
+  // The walk: row v = units [P, P_end), this segment [a, seg_hi). The range (pl->a0, pl->b0) is
+  // read from shared memory where used: fewer registers live across the mainloop.
+  int v = pl->v, P = pl->P, P_end = P, a = pl->a0;
+  while (a < pl->b0) {
+    P_end = P + cost(v);
+    const int seg_lo = a, seg_hi = min(pl->b0, P_end);
     const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
     const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
     const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
@@ -559,8 +547,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     __syncthreads();
 
     // The whole row is ours: write it. A piece of a cut row: its partial, for the merge kernel.
-    const bool whole = P >= a0 && P_end <= b0;
-    const int64_t slot = 2 * (int64_t)c + (seg_lo == a0 ? 0 : 1);
+    const bool whole = P >= pl->a0 && P_end <= pl->b0;
+    const int64_t slot = 2 * (int64_t)c + (seg_lo == pl->a0 ? 0 : 1);
     for (int i = tid; i < nh * D; i += kThreads) {
       const int r = i / D, d = i % D;
       float lse2;
@@ -575,8 +563,12 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       }
     }
     a = seg_hi;
-    ++v;
+    if (a < pl->b0) {  // the next row (never past the last: a < b0 <= U)
+      P = P_end;
+      ++v;
+    }
   }
+  if (tid == 0) cut[c] = streamk::cut_record(*pl, c, v, P, P_end);  // v: the last segment's row
 }
 
 
@@ -591,15 +583,13 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
+  pdl_launch_dependents();  // the next call's attention kernel may launch; it waits for us
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
-  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
-  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
   const int c = blockIdx.x;
-  streamk::CutRow cr;
-  if (!streamk::cut_row_of(meta, prefix, cta_row, c, cr)) return;
+  const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
+  if (cr.v < 0) return;
   const int row = (int)(cr.v / rs.head_tiles), ht = (int)(cr.v % rs.head_tiles);
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
@@ -652,7 +642,7 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
-  r.ws = layout(r.rows_v, r.grid, p.kv.head_dim);
+  r.ws = layout(r.grid, p.kv.head_dim);
   return r;
 }
 
@@ -665,18 +655,12 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
-  // All three kernels prefer the largest shared-memory carveout: switching the L1 / shared split
+  // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_plan_kernel,
-                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  sparse_decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(p.pages.seq_lens, r.rows_v, r.head_tiles, r.grid,
-                                                             r.min_units, ws, r.ws);
-  DMS_LAUNCH_CHECK();
   DMS_CUDA_CHECK(launch_pdl(sparse_decode_kernel<T, D, S, F8>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
   DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));

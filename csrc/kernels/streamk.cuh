@@ -1,14 +1,15 @@
 // Stream-K over a persistent grid, shared by sparse_decode (sparse_decode.cu) and the short-chunk
 // sparse_prefill (sparse_prefill_small.cu). Device code only; no torch.
 //
-// The plan kernel of each op lays the work rows on one line of U units (a row of L keys costs
-// ceil(L / tile) + 1 units), writes the inclusive prefix `prefix[v]` and, per CTA c, the first
-// row its range [c U / n, (c + 1) U / n) touches (`cta_row[c]`; meta = {n, U}). The attention
-// kernel walks its range: a row whole inside it is written directly, a cut row's pieces go to
-// float32 partials (two slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the
-// last), and the merge below, one CTA per cut row (the CTA where the row starts), combines
-// them. What differs between the ops (rows per work row, where an output row is stored) stays
-// with the op: the Store functor.
+// The work rows of an op lie on one line of U units (a row of L keys costs ceil(L / tile) + 1
+// units; a row may cost 0). CTA c of the n working CTAs owns units [c U / n, (c + 1) U / n).
+// There is no plan kernel: every CTA finds its own place on the line (locate: one block scan
+// of the row costs, a few hundred rows per microsecond), then walks its range row by row,
+// summing the costs as it goes. A row whole inside the range is written directly, a cut row's
+// pieces go to float32 partials (two slots per CTA: slot 2c for the first piece of c's range,
+// 2c + 1 for the last), and the CTA where a cut row starts leaves a record (CutRow) for the
+// merge kernel, which combines the pieces (merge_pieces). What differs between the ops (rows per
+// work row, where an output row is stored) stays with the op: the Store functor.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -25,102 +26,80 @@ __device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
   return (int)(((u + 1) * n - 1) / U);
 }
 
-// The plan, run by one CTA of kThreads threads: prefix[v] = sum of cost(v') over v' <= v for the
-// rows_v work rows (cost(v): that row's units, evaluated once per row, in order of v per thread),
-// then n = clamp(U / min_units, 1, grid) CTAs get work and cta_row[c] = the row holding unit
-// floor(c U / n); meta = {n (0 when U = 0: nothing to do), U}.
+// CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
+// first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
+struct Place {
+  int n, U, a0, b0, v, P;
+};
+
+// Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
+// Thread t sums cost(v) over its block of consecutive rows, a block scan gives each block's first
+// unit and U, then n = clamp(U / min_units, 1, grid) and the thread whose block holds unit a0
+// finds its row. cost(v) >= 0, evaluated at most twice per row. Returns the CTA's place in
+// shared memory (read it where needed rather than keeping copies in registers across the
+// mainloop), or nullptr: c gets no work.
 template <int kThreads, typename Cost>
-__device__ __forceinline__ void plan_line(int64_t rows_v, int grid, int min_units, int32_t* prefix,
-                                          int32_t* cta_row, int32_t* meta, Cost&& cost) {
-  __shared__ int warp_sums[kThreads / 32];
-  __shared__ int carry_s;
+__device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c,
+                                               Cost&& cost) {
+  __shared__ int s_warp[kThreads / 32];
+  __shared__ Place s_place;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) carry_s = 0;
+  const int64_t per = (rows_v + kThreads - 1) / kThreads;
+  const int64_t v_lo = min(rows_v, (int64_t)tid * per), v_hi = min(rows_v, v_lo + per);
+  int sum = 0;
+  for (int64_t v = v_lo; v < v_hi; ++v) sum += cost(v);
+  int x = sum;  // inclusive scan over the CTA
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) s_warp[warp] = x;
   __syncthreads();
-  for (int64_t base = 0; base < rows_v; base += kThreads) {
-    const int64_t v = base + tid;
-    int x = v < rows_v ? cost(v) : 0;
+  int before = 0, U = 0;
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-      int w = warp_sums[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += y;
-      }
-      warp_sums[lane] = w;  // inclusive over warps
-    }
-    __syncthreads();
-    const int carry = carry_s;
-    if (v < rows_v) prefix[v] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
-    __syncthreads();
-    if (tid == 0) carry_s = carry + warp_sums[kThreads / 32 - 1];
-    __syncthreads();
-  }  // the loop's last barrier made prefix[] (global writes of this CTA) visible to all of it
-  const int64_t U = carry_s;
-  int64_t n = U / (min_units > 0 ? min_units : 1);
+  for (int w = 0; w < kThreads / 32; ++w) {
+    if (w < warp) before += s_warp[w];
+    U += s_warp[w];
+  }
+  const int excl = before + x - sum;  // first unit of this thread's block
+  int n = U / (min_units > 0 ? min_units : 1);
   n = n < 1 ? 1 : (n > grid ? grid : n);
-  // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
-  if (U > 0) {
-    for (int64_t v = tid; v < rows_v; v += kThreads) {
-      const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-      const int64_t c_lo = (P * n + U - 1) / U, c_hi = (P_end * n + U - 1) / U;
-      for (int64_t c = c_lo; c < c_hi; ++c) cta_row[c] = (int32_t)v;
+  if (U == 0 || c >= n) return nullptr;  // uniform over the CTA
+  const int a0 = (int)range_begin(c, U, n);
+  if (excl <= a0 && a0 < excl + sum) {  // exactly one thread: the blocks partition the units
+    int P = excl;
+    int64_t v = v_lo;
+    for (;; ++v) {
+      const int e = P + cost(v);
+      if (e > a0) break;
+      P = e;
     }
+    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P};
   }
-  if (tid == 0) {
-    meta[0] = U > 0 ? (int32_t)n : 0;
-    meta[1] = (int32_t)U;
-  }
+  __syncthreads();
+  return &s_place;
 }
+
+// The cut row a CTA leaves for the merge kernel (v < 0: none): row v, its first unit P, the
+// CTA's first unit a0 and the row's number of pieces k (CTAs c .. c + k - 1). Every CTA of the
+// grid writes its record every call (those without work too), so nothing is left from a
+// previous call.
+struct CutRow {
+  int v, P, a0, k;
+};
+
+// The record of CTA c whose last segment is row v = [P, P_end) (c's range [a0, b0), n CTAs over
+// U units): the row when it is cut and starts in c, else none.
+__device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int P, int P_end) {
+  CutRow r{-1, 0, 0, 0};
+  if ((P_end > pl.b0 || P < pl.a0) && owner_of(P, pl.U, pl.n) == c)
+    r = CutRow{v, P, pl.a0, owner_of(P_end - 1, pl.U, pl.n) - c + 1};
+  return r;
+}
+__device__ __forceinline__ CutRow no_cut_row() { return CutRow{-1, 0, 0, 0}; }
 
 constexpr int kMergeThreads = 256;
-
-// CTA c's share of the unit line (meta = {n, U}): units [a0, b0); false when c gets none.
-struct CtaRange {
-  int n;
-  int64_t U, a0, b0;
-};
-
-__device__ __forceinline__ bool cta_range(const int32_t* meta, int c, CtaRange& r) {
-  r.n = meta[0];
-  if (c >= r.n) return false;
-  r.U = meta[1];
-  r.a0 = range_begin(c, r.U, r.n);
-  r.b0 = range_begin(c + 1, r.U, r.n);
-  return true;
-}
-
-// The cut row CTA c merges, if any: row v, its first unit P, c's first unit a0 and its number
-// of pieces k (CTAs c .. c + k - 1).
-struct CutRow {
-  int64_t v, P, a0;
-  int k;
-};
-
-__device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* prefix,
-                                           const int32_t* cta_row, int c, CutRow& out) {
-  CtaRange cr;
-  if (!cta_range(meta, c, cr)) return false;
-  const int n = cr.n;
-  const int64_t U = cr.U, a0 = cr.a0, b0 = cr.b0;
-  int64_t v = cta_row[c];
-  while (prefix[v] < b0) ++v;  // the row holding c's last unit
-  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-  if (P_end <= b0 && P >= a0) return false;  // whole in c: written directly
-  if (owner_of(P, U, n) != c) return false;  // starts in an earlier CTA, merged there
-  out.v = v;
-  out.P = P;
-  out.a0 = a0;
-  out.k = owner_of(P_end - 1, U, n) - c + 1;
-  return true;
-}
 
 // Shared memory of merge_pieces for up to `grid` pieces of kRows rows.
 __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
