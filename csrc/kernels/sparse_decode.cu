@@ -19,8 +19,8 @@
 //              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
 //              most two per CTA (its first and its last segment), and the attention kernel never
 //              waits: a merge kernel combines the partials of every cut row, over many CTAs.
-// The two kernels are launched with programmatic dependent launch, so each one's launch and
-// prologue overlap the previous kernel's tail. The scratch is bounded by the grid, not by the
+// The merge kernel is launched with programmatic dependent launch, so its launch overlaps the
+// attention kernel's tail. The scratch is bounded by the grid, not by the
 // lengths: the workspace depends on sizes only (and holds nothing from one call to the next).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -504,11 +504,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
-  pdl_wait();               // the previous kernel on the stream (q, seq_lens, the workspace) is done
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
-  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + v / rs.head_tiles)); };
+  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
   const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   if (!pl) {
     if (tid == 0) cut[c] = streamk::no_cut_row();
@@ -583,7 +582,6 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
-  pdl_launch_dependents();  // the next call's attention kernel may launch; it waits for us
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
@@ -661,7 +659,10 @@ Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t strea
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  DMS_CUDA_CHECK(launch_pdl(sparse_decode_kernel<T, D, S, F8>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
+  // A plain launch (the op's first kernel): launched programmatically after the previous call's
+  // merge kernel, every row of bench_decode ran 4-20 us slower (bench/results/decode_ab_*.md).
+  sparse_decode_kernel<T, D, S, F8><<<r.grid, kThreads, smem, stream>>>(p, r);
+  DMS_LAUNCH_CHECK();
   DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));
   return Status::kSuccess;

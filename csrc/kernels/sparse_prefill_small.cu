@@ -22,7 +22,7 @@
 //             64-key tile plus one per row) on the device and takes its equal share of the
 //             line, one range per resident CTA; rows cut by a range boundary leave fp32
 //             partials (o, lse) that a merge kernel combines. No host plan, no plan kernel, no
-//             sync: graph replays may change every length. Both kernels are launched with
+//             sync: graph replays may change every length. The merge kernel is launched with
 //             programmatic dependent launch.
 //   mainloop  4 warps, warp w owns m-tile w % MT and the key slice w / MT of every 64-key tile
 //             (16 * MT keys), so each warp holds one m-tile of O, like sparse_decode's warps.
@@ -215,7 +215,6 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
-  pdl_wait();               // the previous kernel on the stream (inputs, the workspace) is done
   const int cta = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const streamk::Place* pl = streamk::locate<kThreads>(
@@ -588,7 +587,6 @@ merge_kernel(const SparsePrefillParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
-  pdl_launch_dependents();  // the next kernel may launch; it waits for us
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
@@ -624,7 +622,8 @@ Status launch_t(const SparsePrefillParams& p, const Resolved& r, cudaStream_t st
                                       (int)msmem));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, D, MT>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel<T, D, MT>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  DMS_CUDA_CHECK(launch_pdl(attn_kernel<T, D, MT>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
+  attn_kernel<T, D, MT><<<r.grid, kThreads, smem, stream>>>(p, r);  // plain: as sparse_decode's
+  DMS_LAUNCH_CHECK();
   DMS_CUDA_CHECK(launch_pdl(merge_kernel<T, D, MT>, dim3(r.grid), dim3(kMergeThreads), msmem, stream, p, r));
   return Status::kSuccess;
 }

@@ -41,13 +41,24 @@ struct Place {
 template <int kThreads, typename Cost>
 __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c,
                                                Cost&& cost) {
+  // Up to kHeld rows per thread: all their costs are loaded at once (independent loads, one
+  // memory latency) and kept in registers for the owner's search; more rows: a loop.
+  constexpr int kHeld = 8;
   __shared__ int s_warp[kThreads / 32];
   __shared__ Place s_place;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t per = (rows_v + kThreads - 1) / kThreads;
   const int64_t v_lo = min(rows_v, (int64_t)tid * per), v_hi = min(rows_v, v_lo + per);
+  int held[kHeld];
   int sum = 0;
-  for (int64_t v = v_lo; v < v_hi; ++v) sum += cost(v);
+  if (per <= kHeld) {
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i) held[i] = v_lo + i < v_hi ? cost(v_lo + i) : 0;
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i) sum += held[i];
+  } else {
+    for (int64_t v = v_lo; v < v_hi; ++v) sum += cost(v);
+  }
   int x = sum;  // inclusive scan over the CTA
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -70,10 +81,22 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   if (excl <= a0 && a0 < excl + sum) {  // exactly one thread: the blocks partition the units
     int P = excl;
     int64_t v = v_lo;
-    for (;; ++v) {
-      const int e = P + cost(v);
-      if (e > a0) break;
-      P = e;
+    if (per <= kHeld) {
+      bool found = false;
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) {
+        if (!found && P + held[i] > a0) {
+          v = v_lo + i;
+          found = true;
+        }
+        if (!found) P += held[i];
+      }
+    } else {
+      for (;; ++v) {
+        const int e = P + cost(v);
+        if (e > a0) break;
+        P = e;
+      }
     }
     s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P};
   }
