@@ -18,12 +18,11 @@
 //                                                             query of the group: at most i1 of
 //                                                             them, listed in shared memory)
 //               chunk key j                 [j, d_j ? j + w : INT_MAX], d_j = logit[j+1] > 0
-//   schedule  stream-K as sparse_decode: every CTA scans the work rows' costs (one unit per
-//             64-key tile plus one per row) on the device and takes its equal share of the
-//             line, one range per resident CTA; rows cut by a range boundary leave fp32
-//             partials (o, lse) that a merge kernel combines. No host plan, no plan kernel, no
-//             sync: graph replays may change every length. The merge kernel is launched with
-//             programmatic dependent launch.
+//   schedule  stream-K as sparse_decode: a plan kernel scans the work rows' costs (one unit per
+//             64-key tile plus one per row) on the device and cuts the line into equal ranges,
+//             one per resident CTA; rows cut by a range boundary leave fp32 partials (o, lse)
+//             that a merge kernel combines. No host plan, no sync: graph replays may change
+//             every length. The three kernels are chained with programmatic dependent launch.
 //   mainloop  4 warps, warp w owns m-tile w % MT and the key slice w / MT of every 64-key tile
 //             (16 * MT keys), so each warp holds one m-tile of O, like sparse_decode's warps.
 //             K/V tiles are gathered through the block table by 16-byte cp.async into XOR-
@@ -62,6 +61,7 @@ using dev::swz;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kTileKeys = 64;     // keys per pipeline tile
 constexpr int kRowCost = 1;       // scheduling units charged per work row besides its tiles
+constexpr int kPlanThreads = 1024;
 using streamk::kMergeThreads;
 constexpr int kMaxExc = 64;       // ring positions listed in shared memory (more: read the ring)
 
@@ -82,13 +82,16 @@ template <int D, int MT> struct Cfg {
 // Workspace: sizes only. Work row v = slot * H + g; chunk c owns slots [tstart(c), tstart(c+1)),
 // tstart(c) = floor(cu[c] * G / kRows) + c, which leaves room for its ceil(L * G / kRows) groups.
 struct Layout {
-  int64_t cut, part_o, part_lse, bytes;
+  int64_t meta, prefix, vinfo, cta_row, part_o, part_lse, bytes;
 };
 inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
-inline Layout layout(int grid, int rows, int D) {
+inline Layout layout(int64_t rows_v, int grid, int rows, int D) {
   Layout l;
-  l.cut = 0;                                                             // streamk::CutRow [grid]
-  l.part_o = align256((int64_t)grid * sizeof(streamk::CutRow));          // f32 [2 grid][rows][D]
+  l.meta = 0;                                              // int32 [4]: n, U
+  l.prefix = 256;                                          // int32 [rows_v]: inclusive unit prefix
+  l.vinfo = align256(l.prefix + rows_v * 4);               // int2 [rows_v]: (chunk, group)
+  l.cta_row = align256(l.vinfo + rows_v * 8);              // int32 [grid]
+  l.part_o = align256(l.cta_row + (int64_t)grid * 4);      // f32 [2 grid][rows][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * rows * D * 4);  // f32 [2 grid][rows]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * rows * 4);
   return l;
@@ -144,7 +147,7 @@ Resolved resolve(const SparsePrefillParams& p) {
     if ((1 << s) == p.kv.block_size) r.bs_shift = s;
   r.slots = (int64_t)p.total_tokens * G / r.rows + p.num_seqs;
   r.rows_v = r.slots * H;
-  r.ws = layout(r.grid, r.rows, p.kv.head_dim);
+  r.ws = layout(r.rows_v, r.grid, r.rows, p.kv.head_dim);
   return r;
 }
 
@@ -159,27 +162,38 @@ __device__ __forceinline__ int clamped_seq_len(const SparsePrefillParams& p, int
 }
 
 // ------------------------------------------------------------------------------------------------
-// Work row v = slot * H + g: its units (0 for an unused slot or a malformed chunk) and its
-// (chunk, row group). Evaluated by every CTA's scan (streamk::locate), its walk and the merge.
-struct RowWork {
-  int units, chunk, group;
-};
-__device__ __forceinline__ RowWork row_work(const SparsePrefillParams& p, const Resolved& rs, int64_t v) {
+// Plan: one CTA. Units of every work row (0 for an unused slot or a malformed chunk), their
+// inclusive prefix, the CTAs that get work and each one's first row (as sparse_decode's plan).
+__global__ void __launch_bounds__(kPlanThreads)
+plan_kernel(const SparsePrefillParams p, const Resolved rs) {
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  int2* vinfo = reinterpret_cast<int2*>(ws + rs.ws.vinfo);
+  pdl_launch_dependents();  // the attention kernel may launch; it waits for our writes
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H;
-  const int64_t slot = v / H;
-  const int g = (int)(v % H);
-  const int c = chunk_of_slot(p, slot, G, rs.rows);
-  if (c >= 0) {
-    const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
-    const int64_t rg = slot - slot_start(p, c, G, rs.rows);
-    const int64_t R0 = rg * rs.rows, L = end - start;
-    if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs && R0 < L * G) {
-      const int i1 = (int)min(L, (R0 + rs.rows - 1) / G + 1);
-      const int keys = clamped_seq_len(p, r, g) + i1;
-      return RowWork{(keys + kTileKeys - 1) / kTileKeys + kRowCost, c, (int)rg};
-    }
-  }
-  return RowWork{0, -1, 0};
+  streamk::plan_line<kPlanThreads>(
+      rs.rows_v, rs.grid, rs.min_units, reinterpret_cast<int32_t*>(ws + rs.ws.prefix),
+      reinterpret_cast<int32_t*>(ws + rs.ws.cta_row), reinterpret_cast<int32_t*>(ws + rs.ws.meta),
+      [&](int64_t v) {  // also records the row's (chunk, row group)
+        int x = 0;
+        const int64_t slot = v / H;
+        const int g = (int)(v % H);
+        const int c = chunk_of_slot(p, slot, G, rs.rows);
+        int2 info = make_int2(-1, 0);
+        if (c >= 0) {
+          const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
+          const int64_t rg = slot - slot_start(p, c, G, rs.rows);
+          const int64_t R0 = rg * rs.rows, L = end - start;
+          if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs &&
+              R0 < L * G) {
+            const int i1 = (int)min(L, (R0 + rs.rows - 1) / G + 1);
+            const int keys = clamped_seq_len(p, r, g) + i1;
+            x = (keys + kTileKeys - 1) / kTileKeys + kRowCost;
+            info = make_int2(c, (int)rg);
+          }
+        }
+        vinfo[v] = info;
+        return x;
+      });
 }
 
 // Scalars of the current work row, in shared memory (registers are kept for the accumulators).
@@ -210,19 +224,20 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
   __shared__ SegCtx s_ctx;
 
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
-  streamk::CutRow* cut = reinterpret_cast<streamk::CutRow*>(ws + rs.ws.cut);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int2* vinfo = reinterpret_cast<const int2*>(ws + rs.ws.vinfo);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
+  pdl_wait();               // the plan is written
   const int cta = blockIdx.x;
+  streamk::CtaRange range;
+  if (!streamk::cta_range(meta, cta, range)) return;
+  const int64_t a0 = range.a0, b0 = range.b0;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const streamk::Place* pl = streamk::locate<kThreads>(
-      rs.rows_v, rs.grid, rs.min_units, cta, [&](int64_t v) { return row_work(p, rs, v).units; });
-  if (!pl) {
-    if (tid == 0) cut[cta] = streamk::no_cut_row();
-    return;
-  }
   const int mt = warp % MT, ks = warp / MT;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, w = p.state.window;
   const T* kc = static_cast<const T*>(p.kv.k_cache);
@@ -231,21 +246,19 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
   const T* vv = static_cast<const T*>(p.v);
   const float sl2 = p.scale * kLog2e;
 
-  // The walk: row v = units [P, P_end), this segment [a, seg_hi); the range is read from shared
-  // memory (pl) where used.
-  int v = pl->v, P = pl->P, P_end = P, a = pl->a0;
-  while (a < pl->b0) {
-    P_end = P + row_work(p, rs, v).units;
+  int64_t v = cta_row[cta];
+  int64_t a = a0;
+  while (a < b0) {
+    const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
     if (P_end == P) {  // unused slot
       ++v;
       continue;
     }
-    const int seg_lo = a, seg_hi = min(pl->b0, P_end);
+    const int64_t seg_lo = a, seg_hi = b0 < P_end ? b0 : P_end;
 
     __syncthreads();  // the previous segment is done with shared memory
     if (tid == 0) {
-      const RowWork rw = row_work(p, rs, v);
-      const int2 info = make_int2(rw.chunk, rw.group);
+      const int2 info = vinfo[v];
       SegCtx x;
       x.g = (int)(v % H);
       x.start = p.cu_seqlens[info.x];
@@ -534,8 +547,8 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
       const float* sO = scratch;
       const float* sM = sO + kWarps * 16 * D;
       const float* sL = sM + kWarps * 16;
-      const bool whole = P >= pl->a0 && P_end <= pl->b0;
-      const int64_t pslot = 2 * (int64_t)cta + (seg_lo == pl->a0 ? 0 : 1);
+      const bool whole = P >= a0 && P_end <= b0;
+      const int64_t pslot = 2 * (int64_t)cta + (seg_lo == a0 ? 0 : 1);
       T* out = static_cast<T*>(p.out);
       for (int e = tid; e < x.nrows * D; e += kThreads) {
         const int row = e / D, d = e % D;
@@ -564,12 +577,8 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
       }
     }
     a = seg_hi;
-    if (a < pl->b0) {  // the next row (never past the last: a < b0 <= U)
-      P = P_end;
-      ++v;
-    }
+    ++v;
   }
-  if (tid == 0) cut[cta] = streamk::cut_record(*pl, cta, v, P, P_end);  // v: the last segment's row
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -588,14 +597,17 @@ merge_kernel(const SparsePrefillParams p, const Resolved rs) {
   pdl_wait();  // the attention kernel's partials and direct outputs are written
 
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(ws + rs.ws.meta);
+  const int32_t* prefix = reinterpret_cast<const int32_t*>(ws + rs.ws.prefix);
+  const int2* vinfo = reinterpret_cast<const int2*>(ws + rs.ws.vinfo);
+  const int32_t* cta_row = reinterpret_cast<const int32_t*>(ws + rs.ws.cta_row);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
   const int c = blockIdx.x;
-  const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
-  if (cr.v < 0) return;  // (never an unused slot: those cost no unit)
+  streamk::CutRow cr;  // (never an unused slot: those cost no unit)
+  if (!streamk::cut_row_of(meta, prefix, cta_row, c, cr)) return;
   const int H = p.kv.num_kv_heads, Hq = p.num_q_heads, G = Hq / H;
-  const RowWork rw = row_work(p, rs, cr.v);
-  const int2 info = make_int2(rw.chunk, rw.group);
+  const int2 info = vinfo[cr.v];
   const int g = (int)(cr.v % H);
   const int start = p.cu_seqlens[info.x], L = p.cu_seqlens[info.x + 1] - start;
   const int R0 = info.y * kRows, nrows = min(kRows, L * G - R0);
@@ -620,10 +632,12 @@ Status launch_t(const SparsePrefillParams& p, const Resolved& r, cudaStream_t st
   DMS_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, D, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel<T, D, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)msmem));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(plan_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, D, MT>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel<T, D, MT>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  attn_kernel<T, D, MT><<<r.grid, kThreads, smem, stream>>>(p, r);  // plain: as sparse_decode's
+  plan_kernel<<<1, kPlanThreads, 0, stream>>>(p, r);
   DMS_LAUNCH_CHECK();
+  DMS_CUDA_CHECK(launch_pdl(attn_kernel<T, D, MT>, dim3(r.grid), dim3(kThreads), smem, stream, p, r));
   DMS_CUDA_CHECK(launch_pdl(merge_kernel<T, D, MT>, dim3(r.grid), dim3(kMergeThreads), msmem, stream, p, r));
   return Status::kSuccess;
 }

@@ -3,9 +3,10 @@
 //
 // The work rows of an op lie on one line of U units (a row of L keys costs ceil(L / tile) + 1
 // units; a row may cost 0). CTA c of the n working CTAs owns units [c U / n, (c + 1) U / n).
-// There is no plan kernel: every CTA finds its own place on the line (locate: one block scan
-// of the row costs, a few hundred rows per microsecond), then walks its range row by row,
-// summing the costs as it goes. A row whole inside the range is written directly, a cut row's
+// sparse_decode has no plan kernel: every CTA finds its own place on the line (locate: one
+// block scan of the row costs, loaded at once), then walks its range row by row, summing the
+// costs as it goes. The short-chunk sparse_prefill, whose row cost is a search over the chunks,
+// keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row whole inside the range is written directly, a cut row's
 // pieces go to float32 partials (two slots per CTA: slot 2c for the first piece of c's range,
 // 2c + 1 for the last), and the CTA where a cut row starts leaves a record (CutRow) for the
 // merge kernel, which combines the pieces (merge_pieces). What differs between the ops (rows per
@@ -123,6 +124,100 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
 __device__ __forceinline__ CutRow no_cut_row() { return CutRow{-1, 0, 0, 0}; }
 
 constexpr int kMergeThreads = 256;
+
+// ---- The plan-kernel form, for an op whose row cost is too dear to evaluate in every CTA (the
+// short-chunk sparse_prefill: a binary search over the chunks per row; evaluated by every CTA it
+// cost 35 us per call at T 4, bench/results/prefill_small_2026-11-30_020501.md). One plan CTA
+// writes the prefix of the row costs and each CTA's first row; the attention kernel reads its
+// range (cta_range) and the merge kernel finds its cut row (cut_row_of).
+// The plan, run by one CTA of kThreads threads: prefix[v] = sum of cost(v') over v' <= v for the
+// rows_v work rows (cost(v): that row's units, evaluated once per row, in order of v per thread),
+// then n = clamp(U / min_units, 1, grid) CTAs get work and cta_row[c] = the row holding unit
+// floor(c U / n); meta = {n (0 when U = 0: nothing to do), U}.
+template <int kThreads, typename Cost>
+__device__ __forceinline__ void plan_line(int64_t rows_v, int grid, int min_units, int32_t* prefix,
+                                          int32_t* cta_row, int32_t* meta, Cost&& cost) {
+  __shared__ int warp_sums[kThreads / 32];
+  __shared__ int carry_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) carry_s = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < rows_v; base += kThreads) {
+    const int64_t v = base + tid;
+    int x = v < rows_v ? cost(v) : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int w = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, w, o);
+        if (lane >= o) w += y;
+      }
+      warp_sums[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const int carry = carry_s;
+    if (v < rows_v) prefix[v] = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
+    __syncthreads();
+    if (tid == 0) carry_s = carry + warp_sums[kThreads / 32 - 1];
+    __syncthreads();
+  }  // the loop's last barrier made prefix[] (global writes of this CTA) visible to all of it
+  const int64_t U = carry_s;
+  int64_t n = U / (min_units > 0 ? min_units : 1);
+  n = n < 1 ? 1 : (n > grid ? grid : n);
+  // CTA c starts in row v when floor(c U / n) lies in [P_v, P_end_v): c in [ceil(P n / U), ceil(P_end n / U)).
+  if (U > 0) {
+    for (int64_t v = tid; v < rows_v; v += kThreads) {
+      const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+      const int64_t c_lo = (P * n + U - 1) / U, c_hi = (P_end * n + U - 1) / U;
+      for (int64_t c = c_lo; c < c_hi; ++c) cta_row[c] = (int32_t)v;
+    }
+  }
+  if (tid == 0) {
+    meta[0] = U > 0 ? (int32_t)n : 0;
+    meta[1] = (int32_t)U;
+  }
+}
+
+// CTA c's share of the unit line (meta = {n, U}): units [a0, b0); false when c gets none.
+struct CtaRange {
+  int n;
+  int64_t U, a0, b0;
+};
+
+__device__ __forceinline__ bool cta_range(const int32_t* meta, int c, CtaRange& r) {
+  r.n = meta[0];
+  if (c >= r.n) return false;
+  r.U = meta[1];
+  r.a0 = range_begin(c, r.U, r.n);
+  r.b0 = range_begin(c + 1, r.U, r.n);
+  return true;
+}
+
+// The cut row CTA c merges (plan-kernel form), if any.
+__device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* prefix,
+                                           const int32_t* cta_row, int c, CutRow& out) {
+  CtaRange cr;
+  if (!cta_range(meta, c, cr)) return false;
+  const int n = cr.n;
+  const int64_t U = cr.U, a0 = cr.a0, b0 = cr.b0;
+  int64_t v = cta_row[c];
+  while (prefix[v] < b0) ++v;  // the row holding c's last unit
+  const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
+  if (P_end <= b0 && P >= a0) return false;  // whole in c: written directly
+  if (owner_of(P, U, n) != c) return false;  // starts in an earlier CTA, merged there
+  out.v = (int)v;
+  out.P = (int)P;
+  out.a0 = (int)a0;
+  out.k = owner_of(P_end - 1, U, n) - c + 1;
+  return true;
+}
 
 // Shared memory of merge_pieces for up to `grid` pieces of kRows rows.
 __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
