@@ -162,15 +162,11 @@ class Ceiling:
     read_bytes: int
     copy_bytes: int
 
-    @property
-    def best_gbs(self) -> float:
-        return max(self.read_gbs, self.copy_gbs)
-
     def md(self) -> str:
         return (f"read ceiling: torch.sum over {self.read_bytes / 2**30:.0f} GiB bf16 = "
                 f"{self.read_gbs:.0f} GB/s; copy of {self.copy_bytes / 2**31:.0f} GiB = "
-                f"{self.copy_gbs:.0f} GB/s (read + write counted); % of ceiling below uses "
-                f"the larger, {self.best_gbs:.0f} GB/s")
+                f"{self.copy_gbs:.0f} GB/s (read + write counted); the ceiling for % is the "
+                f"best bandwidth of the run, these or any row's, whichever is higher")
 
 
 def measure_ceiling(read_gib: float = 4.0, copy_gib: float = 2.0) -> Ceiling:
