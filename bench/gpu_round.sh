@@ -353,8 +353,9 @@ count_of() {  # count_of WORD "summary line" -> the number before WORD (0 if abs
 if [ ${#TEST_LOGS[@]} -gt 0 ] || [ ${#SANITIZE_LINES[@]} -gt 0 ]; then
   REPORT="bench/results/gpu_round_$(date -u '+%Y-%m-%d_%H%M').md"
   mkdir -p bench/results
-  commit=$(git rev-parse HEAD 2>/dev/null || true)
-  [ -z "$commit" ] && commit="${GIT_COMMIT:-unknown (no .git here and no GIT_COMMIT)}"
+  # GIT_COMMIT first: the device copy of a working tree may carry a stale .git.
+  commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
+  [ -z "$commit" ] && commit="unknown (no .git here and no GIT_COMMIT)"
   {
     echo "# GPU round $(date -u '+%Y-%m-%d %H:%M') UTC"
     echo
