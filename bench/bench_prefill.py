@@ -70,6 +70,14 @@ import dms_ext  # noqa: E402,F401  (registers torch.ops.dms)
 from dms_ext import reference  # noqa: E402
 
 
+def write_report(kind: str, title: str, notes: list, err_label: str, errors: list, md: str, **kw):
+    """notes (+ the failures, if any) and the table into bench/results/<kind>_<date>.md."""
+    if errors:
+        notes = notes + [f"{err_label}: " + "; ".join(errors)]
+    path = common.write_results(kind, title, "\n\n".join(notes) + "\n\n" + md + "\n", **kw)
+    print(f"\nwrote {path}")
+
+
 def flag_prob(n: int, cr: float, w: int) -> float:
     if cr <= 1 or n <= w + 1:
         return 0.0
@@ -430,11 +438,8 @@ def small_main(a):
              f"window {w}, block_size {bs}; T new tokens per sequence, one packed call. "
              f"DMS_PREFILL_SMALL={knob if knob is not None else '(unset)'}. FlashInfer: each "
              f"(sequence, kv head) a request, cached keys only, no mask."]
-    if errors:
-        notes.append("Failures: " + "; ".join(errors))
-    path = common.write_results("prefill_small", "sparse_prefill, small chunks, vs sparse_decode",
-                                "\n\n".join(notes) + "\n\n" + md + "\n")
-    print(f"\nwrote {path}")
+    write_report("prefill_small", "sparse_prefill, small chunks, vs sparse_decode", notes,
+                 "Failures", errors, md)
     summ = ", ".join(f"T{r['T']} {r['ours']:.3f}ms (x{ratio(r['ours'], dec) or 0:.2f} decode)"
                      for r in rows if isinstance(r.get("ours"), float))
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
@@ -543,12 +548,9 @@ def chunked_main(a):
              f"({'time.perf_counter, CPU ops: dry run' if a.cpu_dry_run else 'CUDA events'}); "
              f"chunked ms includes the appends. speed = one-shot ms / chunked ms (target >= 0.8). "
              f"max|diff|: the chunks' outputs against the one-shot output (bf16, rounding only)."]
-    if errors:
-        notes.append("Failures / OOM: " + "; ".join(errors))
-    path = common.write_results("prefill_chunked", "sparse_prefill: chunked prefill into the cache vs one shot",
-                                "\n\n".join(notes) + "\n\n" + md + "\n",
-                                **({"results_dir": tempfile.gettempdir()} if a.cpu_dry_run else {}))
-    print(f"\nwrote {path}")
+    write_report("prefill_chunked", "sparse_prefill: chunked prefill into the cache vs one shot",
+                 notes, "Failures / OOM", errors, md,
+                 **({"results_dir": tempfile.gettempdir()} if a.cpu_dry_run else {}))
     summ = " ".join(f"CR{r['cr']:g} x{r['speed']:.2f}" for r in rows)
     kib = lambda x: f"{x // 1024}k" if x % 1024 == 0 else str(x)   # noqa: E731
     print(f"SUMMARY: chunked {kib(a.chunked_len)}/{kib(a.chunked_chunk)} {summ or 'no timings'}"
