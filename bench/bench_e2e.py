@@ -3,6 +3,7 @@
     python bench/bench_e2e.py [--contexts 8192,32768] [--kv-gib 40] [--cr 8] [--steps 20]
     python bench/bench_e2e.py --smoke          # tiny shapes on the CPU ops: checks the code path
     python bench/bench_e2e.py --kv-dtype fp8   # adds a DMS row with fp8 e4m3 pools (same budget)
+    python bench/bench_e2e.py --dists uniform,skewed,heavy   # one DMS row per length distribution
 
 The model: 36 layers, hidden 4096, Hq 32, Hkv 8, D 128, MLP 12288, vocab 151936, q/k RMSNorm,
 random bf16 weights (about 16 GB), so projections, MLP, lm_head and greedy argmax all run and the
@@ -29,11 +30,21 @@ dequantizes with k_scale = v_scale = FP8_SCALE (1.0: the random K/V are ~N(0, 1)
 e4m3 limit of 448, so nothing saturates).
 
 Prefill is synthetic (what "at context L" means here): every DMS sequence has seen L tokens; each
-(sequence, layer, head) keeps n tokens, n uniform in [0.5, 1.5] x L/CR (at least the window + 1),
-the state tensors are written directly and consistently (block tables from a shuffled pool, the
-ring holding the last window + 1 tokens with flags drawn at the steady-state eviction rate, the
-free stack holding the rest), K/V are random. From there each timed step runs the real
-bookkeeping with the random model's own eviction logits.
+(sequence, layer, head) keeps n tokens, drawn by bench_decode.make_lens's rule for the
+distribution (``--dists``, comma list, default uniform; one DMS row per distribution, and per
+pool dtype with --kv-dtype fp8), over all layers x sequences x heads at once:
+
+* uniform: n uniform in [0.5, 1.5] x L/CR (the only one that --cr sets);
+* skewed:  a quarter of the heads keep all L tokens, the rest only the window;
+* heavy:   per-head CR log-uniform in [1, 64] (n = L / CR; mean live about L / 4.2).
+
+n is then floored at window + 1 (the ring) and capped at L. The batch that fits the budget
+depends on the distribution: every layer's pool is sized for the layer whose heads need most.
+The state tensors are written directly and consistently (block tables from a shuffled pool, the
+ring holding the last window + 1 tokens with flags drawn at each head's own steady-state eviction
+rate, 1 - (n - window - 1) / (L - window - 1), so a full-context head keeps every token and a
+window-only head evicts every one; the free stack holds the rest), K/V are random. From there
+each timed step runs the real bookkeeping with the random model's own eviction logits.
 """
 from __future__ import annotations
 
@@ -48,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode  # noqa: E402  make_lens: the per-head length distributions
 import common  # noqa: E402
 
 
@@ -72,6 +84,7 @@ FP8_SCALE = 1.0          # k_scale = v_scale of the fp8 pools (a power of two: e
 KV_DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}   # None: the compute dtype
 
 SMOKE = Shape(layers=2, hidden=256, hq=8, hkv=2, d=32, inter=512, vocab=1000)
+DISTS = ("uniform", "skewed", "heavy")   # bench_decode.Case.dist
 
 
 class Weights:
@@ -148,7 +161,8 @@ class DMSState:
             # flags follow the steady-state eviction rate; the newest token's is not decided yet.
             t = torch.arange(L - R, L)
             slots = ln[..., None] - R + torch.arange(R)[None, None, :]      # [B, hkv, R]
-            flags = (torch.rand(B, hkv, R, generator=gen_cpu) < p_evict).to(torch.int64)
+            pe = p_evict[li][..., None] if torch.is_tensor(p_evict) else p_evict   # [B, hkv, 1]
+            flags = (torch.rand(B, hkv, R, generator=gen_cpu) < pe).to(torch.int64)
             flags[..., -1] = 0
             ring = torch.zeros(B, hkv, R, dtype=torch.int64)
             ring[..., t % R] = (slots << 1) | flags
@@ -268,38 +282,64 @@ def pick_sdpa_backend(s: Shape, B: int, L: int, dtype, device) -> tuple:
 
 # ----------------------------------------------------------------------------- sizing
 
-def dms_lens(s: Shape, B: int, L: int, cr: float, window: int, gen) -> torch.Tensor:
-    mean = L / cr
-    u = torch.rand(s.layers, B, s.hkv, generator=gen) + 0.5
-    return (mean * u).round().clamp(min=min(L, window + 1), max=L).to(torch.int64)
+def dms_lens(s: Shape, B: int, L: int, cr: float, window: int, gen,
+             dist: str = "uniform") -> torch.Tensor:
+    """int64 [layers, B, Hkv] live lengths: bench_decode.make_lens's rule for `dist` drawn over
+    all layers x B x Hkv heads at once (its skewed heads keep `window` tokens), then floored at
+    window + 1 (the ring) and capped at L."""
+    if dist not in DISTS:
+        raise ValueError(f"unknown length distribution {dist!r} (one of {', '.join(DISTS)})")
+    c = bench_decode.Case(f"e2e {dist}", s.layers * B, L, hq=s.hq, hkv=s.hkv, D=s.d, dist=dist)
+    saved = bench_decode.WINDOW
+    bench_decode.WINDOW = window          # make_lens's skewed rule reads the module's window
+    try:
+        lens = bench_decode.make_lens(c, cr, gen)
+    finally:
+        bench_decode.WINDOW = saved
+    return lens.view(s.layers, B, s.hkv).to(torch.int64).clamp(min=min(L, window + 1), max=L)
 
 
 def dms_fit(s: Shape, L: int, cr: float, window: int, bs: int, grow: int, budget: int, esize: int,
-            gen, max_batch: int = 0) -> tuple:
+            gen, max_batch: int = 0, dist: str = "uniform") -> tuple:
     """Largest B whose pools (each layer sized for the most demanding layer) + metadata fit
-    (at most max_batch when > 0)."""
+    (at most max_batch when > 0), lengths drawn from `dist`: (B, lens [layers, B, hkv], blocks).
+
+    B is searched over the prefixes of one long draw, then the lengths are drawn again for
+    exactly B rows (so the state follows the rule as make_lens applies it to a whole draw, e.g.
+    skewed: exactly a quarter of the heads at L), one row fewer while that draw does not fit."""
     block_bytes = 2 * bs * s.d * esize
+
+    def cost(lens):  # per row count b: (fits, pool blocks per layer) of rows [0, b)
+        per_b = ((lens + grow + bs - 1) // bs).cumsum(1).sum(-1)  # [layers, B] prefix sums
+        maxb = int(-(-(int(lens.max()) + grow) // bs))
+
+        def fits(b):
+            blocks = int(per_b[:, b - 1].max())
+            meta = s.layers * b * meta_bytes_per_row(s.hkv, maxb, window + 1)
+            return s.layers * blocks * block_bytes + meta <= budget, blocks
+        return fits
+
     mean_blocks = (L / cr + grow) / bs + 0.5
-    guess = int(budget / (s.layers * (s.hkv * mean_blocks * block_bytes))) + 8
-    lens = dms_lens(s, 2 * guess + 16, L, cr, window, gen)
-    need = ((lens + grow + bs - 1) // bs).cumsum(1)               # [layers, B, hkv] -> prefix sums
-    per_b = need.sum(-1)                                          # blocks of rows [0, b] per layer
-    maxb = int(-(-(int(lens.max()) + grow) // bs))
-
-    def fits(b):
-        blocks = int(per_b[:, b - 1].max())
-        return s.layers * blocks * block_bytes + s.layers * b * meta_bytes_per_row(s.hkv, maxb, window + 1) <= budget, blocks
-
-    lo, hi = 0, lens.shape[1] if max_batch <= 0 else min(lens.shape[1], max_batch)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid)[0]:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise ValueError("kv budget too small for one DMS sequence")
-    return lo, lens[:, :lo], fits(lo)[1]
+    rows = 2 * (int(budget / (s.layers * (s.hkv * mean_blocks * block_bytes))) + 8) + 16
+    while True:  # the guess is from uniform's mean: draw more rows while all of them fit
+        fits = cost(dms_lens(s, rows, L, cr, window, gen, dist))
+        lo, hi = 0, rows if max_batch <= 0 else min(rows, max_batch)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid)[0]:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < rows or 0 < max_batch <= rows:
+            break
+        rows *= 2
+    while lo > 0:
+        lens = dms_lens(s, lo, L, cr, window, gen, dist)
+        ok, blocks = cost(lens)(lo)
+        if ok:
+            return lo, lens, blocks
+        lo -= 1
+    raise ValueError("kv budget too small for one DMS sequence")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -361,8 +401,10 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # DMS: one row per pool dtype (bf16 first; with --kv-dtype fp8 also fp8 at the same budget).
-    r["dms"] = [run_dms(L, a, s, w, dtype, device, gen_cpu, gen_dev, table, budget, grow, kvd)
+    # DMS: one row per length distribution and pool dtype (bf16 first; with --kv-dtype fp8 also
+    # fp8 at the same budget).
+    r["dms"] = [run_dms(L, a, s, w, dtype, device, gen_cpu, gen_dev, table, budget, grow, kvd, dist)
+                for dist in parse_dists(a.dists)
                 for kvd in (["bf16"] if a.kv_dtype == "bf16" else ["bf16", a.kv_dtype])]
     if device.type == "cuda":
         r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -372,17 +414,23 @@ def run_context(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev
 
 
 def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, table, budget: int,
-            grow: int, kvd: str) -> dict:
-    """The DMS path with pools of KV_DTYPES[kvd] (None: the compute dtype) at the KV budget."""
+            grow: int, kvd: str, dist: str = "uniform") -> dict:
+    """The DMS path with pools of KV_DTYPES[kvd] (None: the compute dtype) at the KV budget,
+    live lengths drawn from `dist`."""
     kv_dtype = KV_DTYPES[kvd] or dtype
     esize = torch.tensor([], dtype=kv_dtype).element_size()
-    d = dict(kv=kvd if kv_dtype != dtype else "", B=0, s=math.nan, mode="-", pool=0, meta=0,
-             live=0, tps=0.0, cr=math.nan, live_growth=0.0, sane=False)
+    d = dict(kv=kvd if kv_dtype != dtype else "", dist=dist, B=0, s=math.nan, mode="-", pool=0,
+             meta=0, live=0, tps=0.0, cr=math.nan, live_growth=0.0, sane=False, len_min=0,
+             len_max=0, full_frac=math.nan)
     st = tokens = None
     try:
         Bm, lens, nblocks = dms_fit(s, L, a.cr, a.window, a.block_size, grow, budget, esize,
-                                    gen_cpu, a.batch or 0)
-        p_evict = 1.0 - max(0.0, (L / a.cr - a.window - 1) / max(1.0, L - a.window - 1))
+                                    gen_cpu, a.batch or 0, dist)
+        d.update(len_min=int(lens.min()), len_max=int(lens.max()),
+                 full_frac=float((lens == L).double().mean()))
+        # Each head's steady-state eviction rate: it kept n - R of the L - R tokens past the ring.
+        R = a.window + 1
+        p_evict = 1.0 - ((lens - R).double() / max(1, L - R)).clamp(0.0, 1.0)
         st = DMSState(s, lens, L, a.window, a.block_size, grow, nblocks, dtype, device, gen_cpu,
                       p_evict, kv_dtype=kv_dtype, kv_scale=FP8_SCALE)
         live0 = st.live_tokens()
@@ -402,7 +450,7 @@ def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, ta
                  live_growth=(live1 - live0) / max(live0, 1), sane=ok)
     except Exception as e:  # report it in the table; the other rows still mean something
         d["mode"] = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        print(f"L {L} DMS {d['kv']} {d['mode']}", flush=True)
+        print(f"L {L} DMS {dist} {d['kv']} {d['mode']}", flush=True)
     st = tokens = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -411,19 +459,20 @@ def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, ta
 
 def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
     gib = lambda x: x / 2**30 if x is not None else None  # noqa: E731
-    hdr = ["context", "path", "max batch", "KV GiB (budget " + f"{a.kv_gib:g})", "step ms",
+    hdr = ["context", "path", "dist", "max batch", "KV GiB (budget " + f"{a.kv_gib:g})", "step ms",
            "tokens/s", "x dense", "notes"]
     out = []
     for r in rows:
-        out.append([r["L"], f"dense ({r.get('dense_backend', '-')})", r.get("dense_B"),
+        out.append([r["L"], f"dense ({r.get('dense_backend', '-')})", "-", r.get("dense_B"),
                     gib(r.get("dense_kv")), (r.get("dense_s") or math.nan) * 1e3, r.get("dense_tps"),
                     1.0 if r.get("dense_tps") else None,
                     r.get("dense_error") or r.get("dense_mode", "-")])
         for d in r["dms"]:
-            out.append([r["L"], dms_name(a, d), d["B"], gib(d["pool"] + d["meta"]),
+            out.append([r["L"], dms_name(a, d), d["dist"], d["B"], gib(d["pool"] + d["meta"]),
                         d["s"] * 1e3, d["tps"], d.get("speedup"),
                         f"{d['mode']}; live KV {gib(d['live']):.1f} GiB, achieved CR "
-                        f"{d['cr']:.2f}, metadata {d['meta'] / 2**20:.0f} MiB, live grew "
+                        f"{d['cr']:.2f}, live lengths {d['len_min']}..{d['len_max']} "
+                        f"({100 * d['full_frac']:.1f}% of heads at L), metadata {d['meta'] / 2**20:.0f} MiB, live grew "
                         f"{100 * d['live_growth']:.2f}% over the steps{'' if d['sane'] else ', NOT SANE'}"])
     md = common.md_table(hdr, out)
     lines = [
@@ -437,8 +486,11 @@ def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
         "",
         "Dense: contiguous cache, exactly L tokens per sequence (slot = position mod L), SDPA "
         "backend picked by timing. DMS: paged per-head cache from a synthetic prefill, per-head "
-        "live lengths uniform in [0.5, 1.5] x L/CR (>= window + 1); KV GiB counts the whole block "
-        "pools (sized for the most demanding layer, with growth room) plus tables and rings.",
+        "live lengths by the row's dist (bench_decode.make_lens's rules; all floored at window + 1): "
+        f"uniform = [0.5, 1.5] x L/CR (CR {a.cr:g}), skewed = a quarter of the heads keep all L "
+        "tokens and the rest only the window, heavy = per-head CR log-uniform in [1, 64]; --cr sets "
+        "only uniform, the others' CR is the achieved one in the notes. KV GiB counts the whole "
+        "block pools (sized for the most demanding layer, with growth room) plus tables and rings.",
     ]
     if a.kv_dtype != "bf16":
         lines.append(f"- 'DMS CR {a.cr:g} {a.kv_dtype}': float8_e4m3fn pools at the same budget "
@@ -454,7 +506,23 @@ def report(rows, a, s: Shape, wbytes: int, wall: float, info: dict) -> str:
 
 
 def dms_name(a, d: dict) -> str:
-    return f"DMS CR {a.cr:g}" + (f" {d['kv']}" if d["kv"] else "")
+    """'DMS CR 8' (uniform: the CR that --cr sets), 'DMS skewed', 'DMS heavy'; + ' fp8'."""
+    base = f"DMS CR {a.cr:g}" if d.get("dist", "uniform") == "uniform" else f"DMS {d['dist']}"
+    return base + (f" {d['kv']}" if d["kv"] else "")
+
+
+def summary_name(d: dict) -> str:
+    """'DMS', 'DMS fp8', 'DMS skewed', 'DMS skewed fp8', ... (the SUMMARY line's labels)."""
+    return " ".join(["DMS"] + [x for x in (d.get("dist", "uniform"), d["kv"])
+                               if x and x != "uniform"])
+
+
+def parse_dists(text: str) -> list:
+    dists = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in dists if x not in DISTS]
+    if bad or not dists:
+        raise ValueError(f"--dists: {', '.join(bad) or 'empty'}; accepted: {', '.join(DISTS)}")
+    return dists
 
 
 def main():
@@ -475,6 +543,9 @@ def main():
     ap.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES),
                     help="DMS pool dtype: bf16 = the compute dtype (--dtype); fp8 = e4m3 pools, "
                          "run next to the compute-dtype DMS row at the same KV budget")
+    ap.add_argument("--dists", default="uniform",
+                    help="comma list of per-head live-length distributions, one DMS row each "
+                         f"(and each pool dtype): {', '.join(DISTS)} (bench_decode.make_lens)")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
@@ -482,6 +553,10 @@ def main():
     ap.add_argument("--device", default=None)
     ap.add_argument("--results-dir", default=common.RESULTS_DIR)
     a = ap.parse_args()
+    try:
+        parse_dists(a.dists)
+    except ValueError as e:
+        ap.error(str(e))
 
     t0 = time.time()
     s = Shape()
@@ -514,7 +589,7 @@ def main():
     print(body)
     print("SUMMARY: " + "; ".join(
         f"L{r['L']} dense B{r.get('dense_B')} {r.get('dense_tps') or 0:.0f} tok/s, " + ", ".join(
-            ("DMS" if not d["kv"] else f"DMS {d['kv']}") + f" B{d['B']} {d['tps']:.0f} tok/s, "
+            summary_name(d) + f" B{d['B']} {d['tps']:.0f} tok/s, "
             f"x{(d.get('speedup') or 0):.2f}" for d in r["dms"]) for r in rows), flush=True)
     if not a.smoke:
         path = common.write_results("e2e", "End-to-end decode: DMS vs dense at equal KV memory",
