@@ -6,12 +6,18 @@ uniform (0.5x-1.5x of ctx / CR), skewed (a quarter of the heads keep all ctx tok
 only the 512-token window) and heavy tail (per-head CR drawn log-uniform in [1, 64], mean about
 8, as real DMS heads do); B 64 x 8k at D 64; B 64 x 8k with G 1 (Hq 8); and the uniform rows again with an fp8 e4m3 pool
 (rows "... fp8": q / out in --dtype, k_scale = v_scale = 4 / 448, bandwidth counted on the fp8
-bytes; no peer: FlashInfer 0.2.14's fp8 decode is not wired into flashinfer_peer.py). Block
+bytes; their one peer is FlashInfer's fp8 decode, per head, over the same fp8 pool). Block
 tables are random permutations of the pool.
 
 Peers, measured in the same run with the same timing (CUDA-graph replay, median):
   FlashInfer per-head   each (seq, kv head) a request (num_kv_heads 1), tensor cores on/off,
-                        the faster kept; host-side plan() not counted
+                        the faster kept; host-side plan() not counted. On the fp8 rows it is
+                        FlashInfer 0.2.14's KV-only fp8 decode (plan(q_data_type=--dtype,
+                        kv_data_type=float8_e4m3fn), run(k_scale=, v_scale=)), which exists in
+                        both modes: CUDA-core decode kernel and tensor cores (fa2 prefill kernel,
+                        fp8 K/V cast to q's type); its run() applies v_scale as a separate
+                        out *= v_scale after the kernel, counted in its time. The fp8 rows have
+                        no other peer (SDPA / dense / CR 1 cells are '-').
   SDPA + bool mask      padded per-head layout [B, Hkv, Lmax, D], the G query heads as rows
   cuDNN SDPA dense      the uncompressed cache (ctx tokens per head): what DMS saves against
   FlashInfer dense      paged decode over the uncompressed cache (CR 1 reference)
@@ -123,7 +129,17 @@ def _try(fn, label, errors):
     return common.try_peer(fn, label, errors)
 
 
-def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
+def _diffs(r: dict, outs: dict) -> None:
+    """Our output against the peers on the same inputs (copy 0): r["diff_<peer>"]."""
+    if outs.get("ours") is not None:
+        for k in ("sdpa_mask", "fi_ph"):
+            if outs.get(k) is not None:
+                r[f"diff_{k}"] = (outs["ours"].float() - outs[k].float()).abs().max().item()
+
+
+def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors, fi_fp8=None) -> dict:
+    """fi_fp8: {(D, use_tensor_cores): None if usable else why not}, the FlashInfer fp8-KV modes
+    the warm-up built and checked (fp8 rows only time those)."""
     dtype = DTYPES[a.dtype]
     es = torch.tensor([], dtype=dtype).element_size()
     gen_cpu = torch.Generator().manual_seed(a.seed)
@@ -160,27 +176,33 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
     timed("ours", [lambda i=i: op(qs[i], P.k, P.v, P.tables[i], P.lens, scale, *kv_scales)
                    for i in range(copies)], "ours")
     outs["ours"] = _try(lambda: op(qs[0], P.k, P.v, P.tables[0], P.lens, scale, *kv_scales), "ours", errors)
-    if fp8:  # no peer takes this fp8 pool (see the module docstring)
-        r["no_peer"] = True
+
+    # FlashInfer, each (sequence, kv head) its own request. fp8 rows: the same fp8 pool through
+    # FlashInfer's KV-only fp8 decode (q in dtype, k_scale / v_scale), in the modes that built.
+    if fp8:
+        fi_modes = [tc for tc in (True, False) if (c.D, tc) in (fi_fp8 or {}) and fi_fp8[(c.D, tc)] is None]
+        fi_kw = {"q_dtype": dtype, "k_scale": FP8_SCALE, "v_scale": FP8_SCALE}
+    else:
+        fi_modes = [tc for tc in (True, False) if fi_ok and (not tc or c.D in fi_tc_dims)]
+        fi_kw = {}
+    if fi_modes:
+        import flashinfer_peer as fp
+    for tc in fi_modes:
+        key = "fi_ph_tc" if tc else "fi_ph_cc"
+        label = f"FlashInfer per-head{' fp8' if fp8 else ''} tc={tc}"
+        wr = _try(lambda: [fp.PerHeadDecode(P.k, P.v, P.tables[i], P.lens, c.hq, scale, tc, **fi_kw)
+                           for i in range(copies)], label, errors)
+        if wr:
+            timed(key, [lambda i=i: wr[i](qs[i]) for i in range(copies)], label)
+            if "fi_ph" not in outs:
+                outs["fi_ph"] = _try(lambda: wr[0](qs[0]), label, errors)
+        del wr
+    if fp8:  # no other peer takes this fp8 pool (see the module docstring)
+        r["no_peer"] = not any(k in r["t"] for k in ("fi_ph_tc", "fi_ph_cc"))
+        _diffs(r, outs)
         del P, qs, outs
         torch.cuda.empty_cache()
         return r
-
-    # FlashInfer, each (sequence, kv head) its own request.
-    if fi_ok:
-        import flashinfer_peer as fp
-        for tc in (True, False):
-            if tc and c.D not in fi_tc_dims:
-                continue
-            key = "fi_ph_tc" if tc else "fi_ph_cc"
-            label = f"FlashInfer per-head tc={tc}"
-            wr = _try(lambda: [fp.PerHeadDecode(P.k, P.v, P.tables[i], P.lens, c.hq, scale, tc)
-                               for i in range(copies)], label, errors)
-            if wr:
-                timed(key, [lambda i=i: wr[i](qs[i]) for i in range(copies)], label)
-                if "fi_ph" not in outs:
-                    outs["fi_ph"] = _try(lambda: wr[0](qs[0]), label, errors)
-            del wr
 
     # SDPA with a boolean mask over a padded per-head layout; the group's query heads are the
     # query rows of their KV head (no K/V repeat).
@@ -266,10 +288,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors) -> dict:
                                   r.get("dense_sdpa_backend"))
 
     # Sanity: our output against the peers on the same inputs (copy 0).
-    if outs.get("ours") is not None:
-        for k in ("sdpa_mask", "fi_ph"):
-            if outs.get(k) is not None:
-                r[f"diff_{k}"] = (outs["ours"].float() - outs[k].float()).abs().max().item()
+    _diffs(r, outs)
     del qs, outs
     torch.cuda.empty_cache()
     return r
@@ -337,10 +356,17 @@ def report(rows, ceil, a, fi_note, errors, wall_s) -> tuple[str, str]:
     if modes:
         body.append(f"- some measurements fell back to eager timing: {modes}\n")
     body += ["## Ours vs peers", "",
-             "live MB = sum(seq_lens) * 2 * D * element size (2; 1 on the fp8 rows, which have no "
-             "peer); GB/s and % of ceiling count live KV bytes; "
+             "live MB = sum(seq_lens) * 2 * D * element size (2; 1 on the fp8 rows); GB/s and % of "
+             "ceiling count live KV bytes; "
              "speedup = peer us / our us (> 1: we are faster). FI per-head = the faster of "
-             "tensor cores on/off. diff = max |ours - peer| on the same inputs.", "",
+             "tensor cores on/off. diff = max |ours - peer| on the same inputs. fp8 rows: FI "
+             "per-head is FlashInfer's fp8-KV decode (q / out in the row's dtype, e4m3 pages, "
+             "k_scale folded into sm_scale, v_scale applied by its run() as a separate "
+             "out *= v_scale, counted); FlashInfer 0.2.14 has it with tensor cores off (CUDA-core "
+             "decode kernel) and on (fa2 prefill kernel, fp8 K/V cast to q's type before the "
+             "MMAs; fp8 q / fp8 MMAs are fa3-only, not offered by the decode wrapper); both "
+             "dequantize the same stored values, so diff FI is rounding only. The fp8 rows "
+             "have no other peer.", "",
              common.md_table(["case", "D", "G", "live MB", "ours us", "GB/s", "% ceil",
                               "x FI per-head", "x SDPA mask", "x cuDNN dense", "x FI dense",
                               "diff SDPA", "diff FI"], main), "",
@@ -444,10 +470,12 @@ def main():
     info = common.gpu_info()
     print(f"{info['gpu']}, torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}", flush=True)
 
+    errors = []
     fi_ok, fi_note, fi_tc_dims = False, "disabled (--no-flashinfer)", (64, 128)
+    fi_fp8 = None
     if a.flashinfer and a.peers:
         import flashinfer_peer as fp
-        dims = sorted({c.D for c in cases})
+        dims = sorted({c.D for c in cases if c.kv != "fp8"})  # the fp8 rows' modules: below
         tc_dims = [d for d in dims if d in fi_tc_dims]
         fi_ok, msg = fp.ensure_built(a.fi_timeout, head_dims=dims, dtypes=(a.dtype,), tc_head_dims=tc_dims)
         if fi_ok and fp.load() is None:
@@ -455,15 +483,27 @@ def main():
         fi_note = f"0.2.14.post1 from the sdist, {msg}" if fi_ok else f"unavailable: {msg}"
         if fi_ok and fp.stubs():
             fi_note += f" (stubbed missing modules: {', '.join(fp.stubs())})"
+        fp8_dims = sorted({c.D for c in cases if c.kv == "fp8"})
+        if fi_ok and fp8_dims:
+            # Its own warm-up call: an fp8 JIT failure or timeout loses the fp8 peer only.
+            ok8, msg8 = fp.ensure_built(a.fi_timeout, head_dims=(), dtypes=(a.dtype,), tc_head_dims=(),
+                                        fp8_head_dims=fp8_dims, fp8_tc_head_dims=fp8_dims)
+            got = {(d, tc): why for (q, d, tc), why in fp.fp8_modes().items() if q == a.dtype}
+            fi_fp8 = {(d, tc): (got.get((d, tc), "not reported by the warm-up") if ok8 else msg8)
+                      for d in fp8_dims for tc in (True, False)}
+            fi_note += "; fp8 KV peer: " + ", ".join(
+                f"D{d} tc={tc} {'ok' if why is None else 'unavailable'}"
+                for (d, tc), why in sorted(fi_fp8.items()))
+            errors += [f"FlashInfer fp8 D{d} tc={tc}: {why}" for (d, tc), why in sorted(fi_fp8.items())
+                       if why is not None]
         print(f"FlashInfer: {fi_note}", flush=True)
 
-    errors = []
     ceil = _try(common.measure_ceiling, "ceiling", errors)
     if ceil:
         print(ceil.md(), flush=True)
     rows = []
     for c in cases:
-        r = _try(lambda: run_case(c, a, ceil, fi_ok, fi_tc_dims, errors), c.name, errors)
+        r = _try(lambda: run_case(c, a, ceil, fi_ok, fi_tc_dims, errors, fi_fp8), c.name, errors)
         if r is not None:
             rows.append(r)
         torch.cuda.empty_cache()

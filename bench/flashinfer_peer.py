@@ -9,9 +9,19 @@ the background while dms_ext builds.
 Peers offered:
   PerHeadDecode  each (sequence, kv head) its own request: num_kv_heads=1, the GQA group as
                  its query heads, pages = our single-head blocks (NHD view [blocks, bs, 1, D]).
-                 This is how NVIDIA's DMS code decodes variable per-head lengths.
+                 This is how NVIDIA's DMS code decodes variable per-head lengths. With
+                 float8_e4m3fn pools (q_dtype bf16/fp16, k_scale, v_scale) it is FlashInfer's
+                 KV-only fp8 decode: plan(q_data_type=q, kv_data_type=e4m3); run(k_scale=,
+                 v_scale=) folds k_scale into sm_scale and multiplies the output by v_scale in a
+                 separate elementwise op after the kernel (decode.py, 0.2.14.post1). Both modes
+                 take it: use_tensor_cores=False (the CUDA-core decode kernel, fp8 loads) and
+                 True (the fa2 prefill kernel, fp8 K/V cast to q's type before the MMAs); fp8
+                 tensor-core math (fp8 q) is fa3-only and not reachable from the decode wrapper.
   DenseDecode    ordinary paged decode over an uncompressed cache, Hkv heads per page.
 If FlashInfer cannot be imported or compiled, load() says why and the bench goes on without it.
+The fp8-KV modules are built in the same --warm run (--fp8-head-dims, --fp8-tc-head-dims) but
+cannot fail it: a failed build or self-check is reported per mode (lines "FP8KV ..."), which
+ensure_built() parses into fp8_modes().
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import argparse
 import glob
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -34,7 +45,8 @@ SDIST_DIR = os.path.join(SRC_ROOT, SDIST_NAME)
 DATA_LINKS = {"cutlass": "3rdparty/cutlass", "spdlog": "3rdparty/spdlog", "csrc": "csrc",
               "include": "include", "tvm_binding": "tvm_binding"}
 
-_state = {"fi": None, "reason": None, "stubs": []}
+_state = {"fi": None, "reason": None, "stubs": [], "fp8": {}}
+FP8_SCALE = 4.0 / 448   # the self-check's k_scale = v_scale (bench_decode uses the same)
 
 
 def setup_env() -> None:
@@ -122,12 +134,20 @@ def stubs() -> list:
     return list(_state["stubs"])
 
 
+def _csv(xs) -> str:
+    return ",".join(map(str, xs))
+
+
 def ensure_built(timeout_s: float = 240.0, head_dims=(64, 128), dtypes=("bf16",),
-                 tc_head_dims=(128,)) -> tuple[bool, str]:
-    """Runs --warm in a subprocess (so a hung or failed JIT cannot take the bench down)."""
+                 tc_head_dims=(128,), fp8_head_dims=(), fp8_tc_head_dims=()) -> tuple[bool, str]:
+    """Runs --warm in a subprocess (so a hung or failed JIT cannot take the bench down).
+
+    The fp8-KV modes it built and checked land in fp8_modes(); their failures do not make
+    this return False (only the bf16/fp16 modules, a crash or the timeout do)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--warm",
-           "--head-dims", ",".join(map(str, head_dims)), "--dtypes", ",".join(dtypes),
-           "--tc-head-dims", ",".join(map(str, tc_head_dims))]
+           "--head-dims", _csv(head_dims), "--dtypes", _csv(dtypes),
+           "--tc-head-dims", _csv(tc_head_dims), "--fp8-head-dims", _csv(fp8_head_dims),
+           "--fp8-tc-head-dims", _csv(fp8_tc_head_dims)]
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -135,14 +155,25 @@ def ensure_built(timeout_s: float = 240.0, head_dims=(64, 128), dtypes=("bf16",)
         return False, f"JIT build did not finish within {timeout_s:.0f} s"
     dt = time.time() - t0
     tail = (p.stdout + p.stderr).strip().splitlines()
+    for line in tail:
+        m = re.match(r"FP8KV q=(\w+) D=(\d+) tc=(True|False) (ok|built|FAILED)(.*)", line)
+        if m:
+            key = (m.group(1), int(m.group(2)), m.group(3) == "True")
+            _state["fp8"][key] = None if m.group(4) != "FAILED" else m.group(5).strip(" :")[:300]
     if p.returncode != 0:
         return False, f"warm failed (rc {p.returncode}) after {dt:.0f} s: " + " | ".join(tail[-3:])[:400]
     return True, f"ready after {dt:.0f} s ({tail[-1] if tail else ''})"
 
 
+def fp8_modes() -> dict:
+    """{(q dtype name, head dim, use_tensor_cores): None if usable, else why not} for the
+    fp8-KV modes an ensure_built() call asked for."""
+    return dict(_state["fp8"])
+
+
 def _torch_dtype(name):
     import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}[name]
 
 
 def per_head_indices(block_table, seq_lens, block_size):
@@ -178,22 +209,27 @@ class _Wrapper:
 
 
 class PerHeadDecode:
-    """DMS per-head cache through FlashInfer: q [B, Hq, D] -> out [B, Hq, D]."""
+    """DMS per-head cache through FlashInfer: q [B, Hq, D] -> out [B, Hq, D].
+
+    k_cache / v_cache [blocks, bs, D] in q's dtype, or float8_e4m3fn with q_dtype (q's dtype)
+    and the dequantization scales k_scale / v_scale (stored value * scale = the real value)."""
 
     def __init__(self, k_cache, v_cache, block_table, seq_lens, num_q_heads: int, scale: float,
-                 use_tensor_cores: bool):
+                 use_tensor_cores: bool, q_dtype=None, k_scale=None, v_scale=None):
         nb, bs, d = k_cache.shape
         B, hkv = seq_lens.shape
         self.B, self.hq, self.hkv, self.d = B, num_q_heads, hkv, d
         self.g = num_q_heads // hkv
+        self.scales = {"k_scale": k_scale, "v_scale": v_scale}
         indptr, indices, last = per_head_indices(block_table, seq_lens, bs)
         self.kv = (k_cache.view(nb, bs, 1, d), v_cache.view(nb, bs, 1, d))
         self._w = _Wrapper(use_tensor_cores, k_cache.device)
         self._w.w.plan(indptr, indices, last, self.g, 1, d, bs, pos_encoding_mode="NONE",
-                       q_data_type=k_cache.dtype, kv_data_type=k_cache.dtype, sm_scale=scale)
+                       q_data_type=q_dtype or k_cache.dtype, kv_data_type=k_cache.dtype,
+                       sm_scale=scale)
 
     def __call__(self, q):
-        o = self._w.w.run(q.view(self.B * self.hkv, self.g, self.d), self.kv)
+        o = self._w.w.run(q.view(self.B * self.hkv, self.g, self.d), self.kv, **self.scales)
         return o.view(self.B, self.hq, self.d)
 
 
@@ -214,8 +250,9 @@ class DenseDecode:
         return self._w.w.run(q, self.kv)
 
 
-def _self_check(dtype, d: int, modes=(False, True)) -> str:
-    """Small per-head decode vs float32 torch math in both modes; raises on a mismatch."""
+def _self_check(dtype, d: int, modes=(False, True), fp8: bool = False) -> str:
+    """Small per-head decode vs float32 torch math in the given modes; raises on a mismatch.
+    fp8: the pools are float8_e4m3fn with k_scale = v_scale = FP8_SCALE, q / out in dtype."""
     import torch
     g, hkv, B, bs = 4, 2, 3, 16
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -227,31 +264,59 @@ def _self_check(dtype, d: int, modes=(False, True)) -> str:
     table = torch.zeros(B, hkv, maxb, dtype=torch.int32, device="cuda")
     mask = torch.arange(maxb, device="cuda") < nbh[..., None]
     table[mask] = perm[: int(mask.sum())]
-    kc = torch.randn(nblocks, bs, d, device="cuda", generator=gen).to(dtype)
-    vc = torch.randn(nblocks, bs, d, device="cuda", generator=gen).to(dtype)
+    kc = torch.randn(nblocks, bs, d, device="cuda", generator=gen)
+    vc = torch.randn(nblocks, bs, d, device="cuda", generator=gen)
+    if fp8:
+        kc, vc = [(x / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for x in (kc, vc)]
+        deq, extra = FP8_SCALE, {"q_dtype": dtype, "k_scale": FP8_SCALE, "v_scale": FP8_SCALE}
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+        deq, extra = 1.0, {}
     q = torch.randn(B, g * hkv, d, device="cuda", generator=gen).to(dtype)
     scale = d ** -0.5
     ref = torch.empty(B, g * hkv, d, device="cuda")
+    kf, vf = kc.float().view(-1, d) * deq, vc.float().view(-1, d) * deq
     for b in range(B):
         for h in range(hkv):
             n = int(lens[b, h])
             slots = torch.arange(n, device="cuda")
             rows = table[b, h, slots // bs].long() * bs + slots % bs
-            k = kc.view(-1, d)[rows].float()
-            v = vc.view(-1, d)[rows].float()
+            k, v = kf[rows], vf[rows]
             p = torch.softmax(q[b, h * g:(h + 1) * g].float() @ k.T * scale, -1)
             ref[b, h * g:(h + 1) * g] = p @ v
     msgs = []
     for tc in modes:
-        out = PerHeadDecode(kc, vc, table, lens, g * hkv, scale, tc)(q)
+        out = PerHeadDecode(kc, vc, table, lens, g * hkv, scale, tc, **extra)(q)
         err = (out.float() - ref).abs().max().item()
         if not err < 3e-2:
-            raise RuntimeError(f"flashinfer per-head decode D{d} tc={tc} max err {err}")
+            raise RuntimeError(f"flashinfer per-head decode{' fp8' if fp8 else ''} D{d} tc={tc} "
+                               f"max err {err}")
         msgs.append(f"D{d} tc={tc} err {err:.1e}")
     return ", ".join(msgs)
 
 
-def warm(head_dims, dtypes, tc_head_dims) -> None:
+def _decode_spec(q, kv, d):
+    """The JIT spec BatchDecodeWithPagedKVCacheWrapper.plan builds (decode.py, CUDA-core branch):
+    o in q's type, int32 indices, no RoPE, no sliding window, no soft cap."""
+    import torch
+    from flashinfer.jit import gen_batch_decode_module
+    return gen_batch_decode_module(q, kv, q, torch.int32, d, d, 0, False, False)
+
+
+def _tc_spec(q, kv, d):
+    """The tensor-core mode's module: the fa2 prefill kernel (decode.py, use_tensor_cores branch)."""
+    import torch
+    from flashinfer.jit import gen_batch_prefill_module
+    return gen_batch_prefill_module("fa2", q, kv, q, torch.int32, d, d, 0, False, False, False)
+
+
+def _one_line(e: Exception) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    err = [x for x in lines if "error" in x.lower()]
+    return f"{type(e).__name__}: {(err or lines or [''])[0].strip()[:200]}"
+
+
+def warm(head_dims, dtypes, tc_head_dims, fp8_head_dims=(), fp8_tc_head_dims=()) -> None:
     import torch
     t0 = time.time()
     fi = load()
@@ -260,28 +325,65 @@ def warm(head_dims, dtypes, tc_head_dims) -> None:
         sys.exit(2)
     if stubs():
         print("stubbed missing modules:", ", ".join(stubs()))
-    from flashinfer.jit import gen_batch_decode_module, gen_batch_prefill_module
     from flashinfer.jit.core import build_jit_specs
+    verbose = os.environ.get("FLASHINFER_JIT_VERBOSE") == "1"
+    fp8 = _torch_dtype("fp8")
     specs = []
     for name in dtypes:
         dt = _torch_dtype(name)
-        for d in head_dims:
-            # The same argument lists BatchDecodeWithPagedKVCacheWrapper.plan uses (decode.py):
-            # no RoPE, no sliding window, no soft cap; tensor-core mode runs the fa2 prefill.
-            specs.append(gen_batch_decode_module(dt, dt, dt, torch.int32, d, d, 0, False, False))
-        for d in tc_head_dims:
-            # The fa2 prefill module is ~10 kernel files: only build it where it is timed.
-            specs.append(gen_batch_prefill_module("fa2", dt, dt, dt, torch.int32, d, d, 0,
-                                                  False, False, False))
-    print(f"building {len(specs)} modules ({os.environ.get('MAX_JOBS')} jobs): "
-          + ", ".join(sp.name[:40] for sp in specs), flush=True)
-    build_jit_specs(specs, verbose=os.environ.get("FLASHINFER_JIT_VERBOSE") == "1")
-    print(f"built {len(specs)} modules in {time.time() - t0:.0f} s", flush=True)
+        specs += [_decode_spec(dt, dt, d) for d in head_dims]
+        # The fa2 prefill module is ~10 kernel files: only build it where it is timed.
+        specs += [_tc_spec(dt, dt, d) for d in tc_head_dims]
+    # fp8 KV (q and out in each of dtypes): {(q name, D, tensor cores): spec}.
+    fp8_specs = {}
+    for name in dtypes:
+        dt = _torch_dtype(name)
+        fp8_specs.update({(name, d, False): _decode_spec(dt, fp8, d) for d in fp8_head_dims})
+        fp8_specs.update({(name, d, True): _tc_spec(dt, fp8, d) for d in fp8_tc_head_dims})
+    fp8_state = {k: None for k in fp8_specs}  # None: usable so far, else why not
+    every = specs + list(fp8_specs.values())
+    print(f"building {len(every)} modules ({os.environ.get('MAX_JOBS')} jobs): "
+          + ", ".join(sp.name[:40] for sp in every), flush=True)
+    try:
+        build_jit_specs(every, verbose=verbose)  # one ninja run: all modules in parallel
+    except Exception:
+        if not fp8_specs:
+            raise
+        # Something failed: the bf16/fp16 modules must still build (or this warm fails as
+        # before); each fp8 module is then built on its own so one bad mode spares the others.
+        print("combined build failed; retrying the modules one group at a time", flush=True)
+        if specs:
+            build_jit_specs(specs, verbose=verbose)
+        for k, sp in fp8_specs.items():
+            try:
+                build_jit_specs([sp], verbose=verbose)
+            except Exception as e:
+                fp8_state[k] = "JIT build: " + _one_line(e)
+    n_bad = sum(why is not None for why in fp8_state.values())
+    print(f"built {len(every) - n_bad} of {len(every)} modules in {time.time() - t0:.0f} s", flush=True)
     if torch.cuda.is_available():
         checks = [_self_check(_torch_dtype(n), d, (False, True) if d in tc_head_dims else (False,))
                   for n in dtypes for d in head_dims]
-        print("self-check ok:", "; ".join(checks))
-    print(f"flashinfer {getattr(fi, '__version__', '?')} ready in {time.time() - t0:.0f} s")
+        if checks:
+            print("self-check ok:", "; ".join(checks))
+        for (name, d, tc), why in fp8_state.items():
+            if why is None:
+                try:
+                    _self_check(_torch_dtype(name), d, (tc,), fp8=True)
+                except Exception as e:
+                    fp8_state[(name, d, tc)] = "self-check: " + _one_line(e)
+    for (name, d, tc), why in fp8_state.items():
+        status = "FAILED: " + why if why else "ok" if torch.cuda.is_available() else "built"
+        print(f"FP8KV q={name} D={d} tc={tc} {status}", flush=True)
+    fp8_msg = ""
+    if fp8_state:
+        good = sum(why is None for why in fp8_state.values())
+        fp8_msg = f", fp8 KV modes usable {good}/{len(fp8_state)}"
+    print(f"flashinfer {getattr(fi, '__version__', '?')} ready in {time.time() - t0:.0f} s{fp8_msg}")
+
+
+def _ints(s: str) -> list:
+    return [int(x) for x in s.split(",") if x.strip()]
 
 
 def main():
@@ -291,13 +393,19 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--tc-head-dims", default="128", help="head dims of the tensor-core (fa2) module")
+    # bench_decode's "... fp8" rows are D 128; bench/gpu_round.sh's background warm (no flags)
+    # thus builds their modules too.
+    ap.add_argument("--fp8-head-dims", default="128",
+                    help="head dims of the fp8-KV CUDA-core decode module (q in --dtypes); '' for none")
+    ap.add_argument("--fp8-tc-head-dims", default="128",
+                    help="head dims of the fp8-KV tensor-core (fa2) module; '' for none")
     a = ap.parse_args()
     if a.unpack:
         print(unpack())
         return
     if a.warm:
-        warm([int(x) for x in a.head_dims.split(",")], a.dtypes.split(","),
-             [int(x) for x in a.tc_head_dims.split(",") if x])
+        warm(_ints(a.head_dims), [x for x in a.dtypes.split(",") if x], _ints(a.tc_head_dims),
+             _ints(a.fp8_head_dims), _ints(a.fp8_tc_head_dims))
         return
     fi = load()
     print("flashinfer:", getattr(fi, "__version__", None), "| reason:", reason(), "| stubs:", stubs())
