@@ -27,6 +27,16 @@ __device__ __forceinline__ int owner_of(int64_t u, int64_t U, int64_t n) {
   return (int)(((u + 1) * n - 1) / U);
 }
 
+// Inclusive prefix sum of x over the lanes of a (converged) warp.
+__device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  return x;
+}
+
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
 // first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
 struct Place {
@@ -60,12 +70,7 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   } else {
     for (int64_t v = v_lo; v < v_hi; ++v) sum += cost(v);
   }
-  int x = sum;  // inclusive scan over the CTA
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
+  const int x = warp_inclusive_scan(sum, lane);  // then over the CTA
   if (lane == 31) s_warp[warp] = x;
   __syncthreads();
   int before = 0, U = 0;
@@ -144,22 +149,11 @@ __device__ __forceinline__ void plan_line(int64_t rows_v, int grid, int min_unit
   __syncthreads();
   for (int64_t base = 0; base < rows_v; base += kThreads) {
     const int64_t v = base + tid;
-    int x = v < rows_v ? cost(v) : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
+    const int x = warp_inclusive_scan(v < rows_v ? cost(v) : 0, lane);
     if (lane == 31) warp_sums[warp] = x;
     __syncthreads();
     if (warp == 0) {
-      int w = warp_sums[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += y;
-      }
-      warp_sums[lane] = w;  // inclusive over warps
+      warp_sums[lane] = warp_inclusive_scan(warp_sums[lane], lane);  // inclusive over warps
     }
     __syncthreads();
     const int carry = carry_s;
