@@ -74,10 +74,10 @@ _DENSE_DONE: dict = {}  # (B, ctx, hq, hkv, D, dtype) -> (dense peer times, SDPA
 DEV = "cuda"  # a CPU dry run of run_case's data paths sets this to "cpu"
 
 
-def make_lens(c: Case, cr: float, gen: torch.Generator) -> torch.Tensor:
-    """int32 [B, Hkv] on the CPU."""
+def make_lens(c: Case, cr: float, gen: torch.Generator, window: int = WINDOW) -> torch.Tensor:
+    """int32 [B, Hkv] on the CPU (skewed: the short heads keep `window` tokens)."""
     if c.dist == "skewed":
-        lens = torch.full((c.B * c.hkv,), WINDOW, dtype=torch.int32)
+        lens = torch.full((c.B * c.hkv,), window, dtype=torch.int32)
         full = torch.randperm(c.B * c.hkv, generator=gen)[: (c.B * c.hkv) // 4]
         lens[full] = c.ctx
         return lens.view(c.B, c.hkv)

@@ -290,12 +290,7 @@ def dms_lens(s: Shape, B: int, L: int, cr: float, window: int, gen,
     if dist not in DISTS:
         raise ValueError(f"unknown length distribution {dist!r} (one of {', '.join(DISTS)})")
     c = bench_decode.Case(f"e2e {dist}", s.layers * B, L, hq=s.hq, hkv=s.hkv, D=s.d, dist=dist)
-    saved = bench_decode.WINDOW
-    bench_decode.WINDOW = window          # make_lens's skewed rule reads the module's window
-    try:
-        lens = bench_decode.make_lens(c, cr, gen)
-    finally:
-        bench_decode.WINDOW = saved
+    lens = bench_decode.make_lens(c, cr, gen, window)
     return lens.view(s.layers, B, s.hkv).to(torch.int64).clamp(min=min(L, window + 1), max=L)
 
 
