@@ -6,11 +6,12 @@
 // sparse_decode has no plan kernel: every CTA finds its own place on the line (locate: one
 // block scan of the row costs, loaded at once), then walks its range row by row, summing the
 // costs as it goes. The short-chunk sparse_prefill, whose row cost is a search over the chunks,
-// keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row whole inside the range is written directly, a cut row's
-// pieces go to float32 partials (two slots per CTA: slot 2c for the first piece of c's range,
-// 2c + 1 for the last), and the CTA where a cut row starts leaves a record (CutRow) for the
-// merge kernel, which combines the pieces (merge_pieces). What differs between the ops (rows per
-// work row, where an output row is stored) stays with the op: the Store functor.
+// keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row
+// whole inside the range is written directly, a cut row's pieces go to float32 partials (two
+// slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the CTA
+// where a cut row starts leaves a record (CutRow) for the merge kernel, which combines the
+// pieces (merge_pieces). What differs between the ops (rows per work row, where an output row
+// is stored) stays with the op: the Store functor.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -120,13 +121,12 @@ struct CutRow {
 
 // The record of CTA c whose last segment is row v = [P, P_end) (c's range [a0, b0), n CTAs over
 // U units): the row when it is cut and starts in c, else none.
-__device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int P, int P_end) {
-  CutRow r{-1, 0, 0, 0};
-  if ((P_end > pl.b0 || P < pl.a0) && owner_of(P, pl.U, pl.n) == c)
-    r = CutRow{v, P, pl.a0, owner_of(P_end - 1, pl.U, pl.n) - c + 1};
-  return r;
-}
 __device__ __forceinline__ CutRow no_cut_row() { return CutRow{-1, 0, 0, 0}; }
+__device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int P, int P_end) {
+  if ((P_end > pl.b0 || P < pl.a0) && owner_of(P, pl.U, pl.n) == c)
+    return CutRow{v, P, pl.a0, owner_of(P_end - 1, pl.U, pl.n) - c + 1};
+  return no_cut_row();
+}
 
 constexpr int kMergeThreads = 256;
 
@@ -204,13 +204,10 @@ __device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* p
   int64_t v = cta_row[c];
   while (prefix[v] < b0) ++v;  // the row holding c's last unit
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
-  if (P_end <= b0 && P >= a0) return false;  // whole in c: written directly
-  if (owner_of(P, U, n) != c) return false;  // starts in an earlier CTA, merged there
-  out.v = (int)v;
-  out.P = (int)P;
-  out.a0 = (int)a0;
-  out.k = owner_of(P_end - 1, U, n) - c + 1;
-  return true;
+  // The rule of the in-kernel form: a row cut and starting in c (else whole in c, written
+  // directly, or merged by the earlier CTA where it starts).
+  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0}, c, (int)v, (int)P, (int)P_end);
+  return out.v >= 0;
 }
 
 // Shared memory of merge_pieces for up to `grid` pieces of kRows rows.
