@@ -195,8 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      "l"(gp), "r"(valid ? 16 : 0)
                      : "memory");
       }
-      mbar_cp_async_arrive(q_full);
-      mbar_arrive(q_full);
+      mbar_copies_arrive(q_full);
 
       // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
       // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
@@ -234,8 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           tma_tile(sK(s), &tm_k, k_full(s), tile);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
-          mbar_cp_async_arrive(k_full(s));
-          mbar_arrive(k_full(s));
+          mbar_copies_arrive(k_full(s));
         }
         return mrow;
       };
@@ -246,8 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           tma_tile(sV(s), &tm_v, v_full(s), tile);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
-          mbar_cp_async_arrive(v_full(s));
-          mbar_arrive(v_full(s));
+          mbar_copies_arrive(v_full(s));
         }
       };
       int mrow_v = load_k(0);
