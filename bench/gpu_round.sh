@@ -18,7 +18,9 @@
 #                   replayed; caching allocator on) (one row per tool; SANITIZE_TOOLS to pick,
 #                   whole stage <= 270 s)
 #         reliability  the CUDA parts of the reliability suites (differential, soak, compile,
-#                   bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case counts)
+#                   bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case counts), one pytest
+#                   per file, each <= 150 s (STAGE_TIMEOUT_reliability); the whole stage may need
+#                   a call of its own
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         extra     bash -c "$EXTRA_CMD" (a one-off command, log in logs.tgz, last line in the summary)
@@ -296,13 +298,20 @@ stage_sanitize() {
   [ "$RC" != 0 ] && note_failures sanitize "$LOGS/sanitize.log" "^SANITIZE|^    "
 }
 
-stage_reliability() {
-  DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 420 "$LOGS/reliability.log" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda \
-    ${PYTEST_ARGS:-} tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py tests/test_demo.py \
-    tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
-  TEST_LOGS+=("reliability (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/reliability.log")
-  add_row reliability "$RC" "$SECS" "$(pytest_key "$LOGS/reliability.log")"
-  [ "$RC" != 0 ] && note_failures reliability "$LOGS/reliability.log" "^(FAILED|ERROR)|Error:|error:"
+stage_reliability() {  # one pytest per file (a timeout loses that file's count only)
+  local f base key
+  for f in tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py tests/test_demo.py \
+           tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py; do
+    base=rel_$(basename "$f" .py)
+    DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" $PY -m pytest -q -rfE \
+      -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
+    TEST_LOGS+=("$base (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/$base.log")
+    key=$(pytest_key "$LOGS/$base.log")
+    # Stopped by its timeout: what pytest -q's progress dots had reached.
+    [ -z "$key" ] && key="stopped after $(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -cd '.' | wc -c) passed, $(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -cd 'FE' | wc -c) failed"
+    add_row "$base" "$RC" "$SECS" "$key"
+    [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:"
+  done
 }
 
 stage_e2e() {
