@@ -84,7 +84,7 @@ def decode_case(rng: random.Random, gen: torch.Generator, cuda: bool = False):
     k_cache = torch.randn(nb, bs, D, generator=gen).to(dtype)
     v_cache = (torch.randn(nb, bs, D, generator=gen) * vs).to(dtype)
     if rng.random() < 0.05:
-        k_cache[:] = k_cache[0, 0]                                     # every score ties
+        k_cache[:] = k_cache[0, 0].clone()                             # every score ties
     k_cache[~used] = math.nan
     v_cache[~used] = math.nan
     q = (torch.randn(B, hkv * G, D, generator=gen) * qs).to(dtype)
