@@ -23,6 +23,8 @@
 #                   a call of its own
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
+#         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
+#                   string of bench_decode case names, e.g. "B1 x 32k,B1 x 32k skewed")
 #         extra     bash -c "$EXTRA_CMD" (a one-off command, log in logs.tgz, last line in the summary)
 #         all       tests decode step prefill e2e ncu
 # It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext
@@ -334,7 +336,7 @@ for s in "${STAGES[@]}"; do
     memcheck) stage_memcheck ;;
     sanitize) stage_sanitize ;;
     reliability) stage_reliability ;;
-    sweep) run_cmd sweep 200 "$LOGS/sweep.log" $PY bench/sweep_decode.py ${SWEEP_CASES:-}
+    sweep) run_cmd sweep 200 "$LOGS/sweep.log" $PY bench/sweep_decode.py ${SWEEP_CASES:+"$SWEEP_CASES"}
            add_row sweep "$RC" "$SECS" "$(grep -c SWEEP "$LOGS/sweep.log") configs"
            while IFS= read -r l; do NOTES+=("$l"); done < <(grep SWEEP "$LOGS/sweep.log") ;;
     capi) run_cmd capi 240 "$LOGS/capi.log" bash -c 'cmake -S . -B build/capi -G Ninja -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DDMS_CUDA_ARCH=90a -DPython3_EXECUTABLE="$(command -v '"$PY"')" && cmake --build build/capi -j16 && ctest --test-dir build/capi -V'
