@@ -8,7 +8,7 @@
 #   AB_PATCH=.carry/d5.patch bash bench/ab_decode.sh [bench_decode flags, e.g. --rows B1,B64]
 #
 # Run it after a gpu_round.sh build (the in-place _C.so is A); it builds B incrementally, puts A's
-# library back and reverses the patch at the end. Writes $OUT/ab_decode.md (OUT default
+# library back and reverses the patch at the end. Writes $OUT/ab_decode_<patch name>.md (OUT default
 # /tmp/dms_round).
 set -u -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +37,7 @@ for run in A1 B1 A2 B2; do
     || { echo "$run failed:"; tail -n 20 "$AB/$run.log"; }
 done
 cp "$AB/A.so" "$SO"
-$PY - "$AB" "$AB_PATCH" "$*" <<'EOF' | tee "$OUT/ab_decode.md"
+$PY - "$AB" "$AB_PATCH" "$*" <<'EOF' | tee "$OUT/ab_decode_$(basename "$AB_PATCH" .patch).md"
 import glob, os, sys
 ab, patch, flags = sys.argv[1:4]
 def rows(run):
