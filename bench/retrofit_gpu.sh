@@ -12,6 +12,8 @@
 # To resume, copy ck/*.pt and r/retrofit_full.json of the last invocation into .retro_carry/
 # of the checkout (ignored: echo /.retro_carry/ >> .git/info/exclude) and carry .retro_carry.
 # Builds the extension in place first unless its CUDA kernels already load (wheels: .carry/).
+# RETRO_ARGS: more retrofit_experiment.py flags (word-split), e.g. "--runs borrowed:8" for the one
+# run the long-context eval reads (one invocation of ~300 s instead of two).
 set -u
 T0=$SECONDS
 BUDGET=${1:-540}
@@ -38,7 +40,7 @@ fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 # Leave 150 s for the long-context eval when this invocation may finish the experiment.
 left=$(( BUDGET - (SECONDS - T0) - 20 ))
-$PY bench/retrofit_experiment.py --seed 0 --out "$OUT/r" --ckpt-dir "$OUT/ck" --budget-s "$left" --no-progress
+$PY bench/retrofit_experiment.py --seed 0 --out "$OUT/r" --ckpt-dir "$OUT/ck" --budget-s "$left" --no-progress ${RETRO_ARGS:-}
 complete=$($PY -c "import json; print(int(json.load(open('$OUT/r/retrofit_full.json')).get('complete', False)))" 2>/dev/null)
 left=$(( BUDGET - (SECONDS - T0) - 10 ))
 if [ "$complete" = 1 ] && [ $left -gt 60 ]; then
