@@ -9,7 +9,7 @@
 //   WG0      producer: per item, its TileCtx (scheduler.cuh) and Q (once Q's previous item is
 //            done with it), then per key tile resolves the 128 keys (source row + visibility
 //            interval), gathers K and V rows with cp.async into the 128-byte-swizzled GMMA
-//            layout and arrives on the stage's mbarrier (cp.async.mbarrier.arrive + arrive);
+//            layout and arrives on the stage's mbarrier (fence + cp.async.mbarrier.arrive.noinc);
 //            band tiles (the chunk's own keys, a strided box of k / v) come by TMA instead
 //            (thread 0: arrive.expect_tx + one box per 64 columns; DMS_PREFILL_V2_TMA=0: the
 //            cp.async gathers), and with TMA a kept list holding >= 31/32 of the keys before
@@ -422,6 +422,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// An A/B knob (read once per process by its caller): the environment variable `name` is set to
+// exactly `value`.
+bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
+}
+
 int debug_bits() {
   static const int bits = [] {
     const char* e = std::getenv("DMS_PREFILL_V2_DEBUG");
@@ -431,26 +438,17 @@ int debug_bits() {
 }
 
 bool persistent_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMS_PREFILL_V2_PERSISTENT");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = !env_is("DMS_PREFILL_V2_PERSISTENT", "0");
   return on;
 }
 
 bool pingpong_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMS_PREFILL_V2_PINGPONG");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = !env_is("DMS_PREFILL_V2_PINGPONG", "0");
   return on;
 }
 
 bool tma_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMS_PREFILL_V2_TMA");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = !env_is("DMS_PREFILL_V2_TMA", "0");
   return on;
 }
 
@@ -499,10 +497,7 @@ bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int b
 }
 
 bool k_deep_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMS_PREFILL_V2_KSTAGES");
-    return !(e && std::strcmp(e, "2") == 0);
-  }();
+  static const bool on = !env_is("DMS_PREFILL_V2_KSTAGES", "2");
   return on;
 }
 
@@ -540,10 +535,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
 }
 
 bool v2_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("DMS_PREFILL_V2");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  static const bool on = !env_is("DMS_PREFILL_V2", "0");
   return on;
 }
 
