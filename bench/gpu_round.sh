@@ -301,7 +301,7 @@ stage_sanitize() {
 }
 
 stage_reliability() {  # one pytest per file (a timeout loses that file's count only)
-  local f base key
+  local f base key dots
   for f in tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py tests/test_demo.py \
            tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py; do
     base=rel_$(basename "$f" .py)
@@ -309,8 +309,11 @@ stage_reliability() {  # one pytest per file (a timeout loses that file's count 
       -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
     TEST_LOGS+=("$base (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/$base.log")
     key=$(pytest_key "$LOGS/$base.log")
-    # Stopped by its timeout: what pytest -q's progress dots had reached.
-    [ -z "$key" ] && key="stopped after $(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -cd '.' | wc -c) passed, $(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -cd 'FE' | wc -c) failed"
+    # Stopped by its timeout: what pytest -q's progress lines had reached.
+    if [ -z "$key" ]; then
+      dots=$(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -d ' []%0-9\n')
+      key="stopped after $(printf %s "$dots" | tr -cd '.' | wc -c) passed, $(printf %s "$dots" | tr -cd 'FE' | wc -c) failed"
+    fi
     add_row "$base" "$RC" "$SECS" "$key"
     [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:"
   done
