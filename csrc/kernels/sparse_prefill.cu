@@ -23,6 +23,8 @@
 //                     2 kept chunk keys j < i0 - w (list)  always visible
 //                     3 band j in [max(0, i0 - w), i1)     j <= i and (i - j <= w or !d_j)
 //                   Every key of a tile carries [a, b]: query i sees it iff a <= i <= b.
+//                   (On sm_90a, head_dim 64 / 128, any of these pools, fp8 included: v2 runs
+//                   instead, sparse_prefill_sm90.cu.)
 //                   An fp8 e4m3 pool (q / k / v / out bf16 or fp16): segments 0 and 1 are
 //                   copied as fp8 bytes and converted (exactly) in shared memory before the
 //                   ldmatrix path; k_scale scales their scores, v_scale their share of O.

@@ -89,7 +89,11 @@ struct SmemLayout {
   static constexpr int kBytes = kCtxP + 2 * (int)sizeof(TileCtx) + 1024; // + alignment slack
 };
 
-template <typename T, int D, int KS>
+// F8: the pool is fp8 e4m3 (q / k / v / out are T). The producer converts the cached tiles
+// (tiles < end_flagged) exactly to T in shared memory (convert_rows); the consumers fold k_scale
+// into those tiles' score scale and multiply the output accumulated over them by v_scale at the
+// first chunk tile (the cached tiles come first), or at the end when every tile is cached.
+template <typename T, int D, int KS, bool F8 = false>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
                       const int pingpong, const int debug, const int tma,
@@ -154,8 +158,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // on across items). A TileCtx with ntiles 0 tells the consumers to stop.
     reg_dealloc<kProducerRegs>();
     const T* q = static_cast<const T*>(p.q);
-    const T* kc = static_cast<const T*>(p.kv.k_cache);
+    const T* kc = static_cast<const T*>(p.kv.k_cache);  // !F8: the pools hold T
     const T* vc = static_cast<const T*>(p.kv.v_cache);
+    const uint8_t* kc8 = static_cast<const uint8_t*>(p.kv.k_cache);  // F8
+    const uint8_t* vc8 = static_cast<const uint8_t*>(p.kv.v_cache);
     const T* kk = static_cast<const T*>(p.k);
     const T* vv = static_cast<const T*>(p.v);
     int item = 0, it = 0, cand = 0;
@@ -231,6 +237,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
         if (tma && tile >= x.end_kept) {
           tma_tile(sK(s), &tm_k, k_full(s), tile);
+        } else if (F8 && tile < x.end_flagged) {
+          convert_rows<T, D, kBlockN, kKeyParts>(sK(s), kc8, mrow, warp, lane);
+          mbar_arrive(k_full(s));
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
           mbar_copies_arrive(k_full(s));
@@ -242,6 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
         if (tma && tile >= x.end_kept) {
           tma_tile(sV(s), &tm_v, v_full(s), tile);
+        } else if (F8 && tile < x.end_flagged) {
+          convert_rows<T, D, kBlockN, kKeyParts>(sV(s), vc8, mrow, warp, lane);
+          mbar_arrive(v_full(s));
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
           mbar_copies_arrive(v_full(s));
@@ -268,7 +280,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   reg_alloc<kConsumerRegs>();
   const int cw = wg - 1;
   const float sl2 = p.scale * dev::kLog2e;
-  const bool pos_scale = sl2 > 0.f;
+  const float sl2_cached = F8 ? sl2 * p.kv.k_scale : sl2;  // F8: cached tiles hold K / k_scale
+  const bool pos_scale = sl2 > 0.f;                        // (k_scale > 0: the same sign)
   // Descriptors: Q rows cw * 64 .. of the Q tile (K-major), K / V stage tiles.
   const uint64_t q_desc = make_desc(sQ + cw * 64 * 128, 16, 1024);
   float o[D / 2];
@@ -337,6 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (ntiles == 0) break;
     const long long r0 = ctx->r0, rows_total = ctx->rows_total;
     const int o_start = ctx->start, g = ctx->g;
+    const int ef = F8 ? ctx->end_flagged : 0;  // F8: tiles [0, ef) come from the fp8 pool
     int qi[2];
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
@@ -360,8 +374,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(s);
       if (ntiles == 1) mbar_arrive(q_empty);  // the last read of Q is done
       float alpha[2];
-      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
-      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      const float sc = 0 < ef ? sl2_cached : sl2;
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sc, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sc, lane, alpha);
       mbar_arrive(k_empty(st));
       pack_p();
     }
@@ -379,8 +394,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(s);
       if (j == ntiles - 1) mbar_arrive(q_empty);
       float alpha[2];
-      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
-      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sl2, lane, alpha);
+      const float sc = j < ef ? sl2_cached : sl2;
+      if (pos_scale) sm.template step<true>(s, is_full(st), meta_of(st), qi, sc, lane, alpha);
+      else sm.template step<false>(s, is_full(st), meta_of(st), qi, sc, lane, alpha);
+      if (F8 && j == ef) {  // o holds exactly the cached tiles' P V (stored V): times v_scale
+        alpha[0] *= p.kv.v_scale;
+        alpha[1] *= p.kv.v_scale;
+      }
       mbar_arrive(k_empty(st));
       wgmma_wait<0>();
       fence_regs(o);
@@ -405,6 +425,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // item's Q): per 8-column block, 4 lanes write 16 contiguous bytes of a row.
     float inv[2];
     sm.finish(inv);
+    if (F8 && ef >= ntiles) {  // every tile was cached: v_scale not applied yet
+      inv[0] *= p.kv.v_scale;
+      inv[1] *= p.kv.v_scale;
+    }
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
       const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2) + rs * 8;
@@ -501,12 +525,12 @@ bool k_deep_enabled() {
   return on;
 }
 
-template <typename T, int D, int KS>
+template <typename T, int D, int KS, bool F8 = false>
 Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
   using L = SmemLayout<D, KS>;
   constexpr int bytes = L::kBytes;
   static_assert(bytes + 1024 <= 227 * 1024, "shared memory (dynamic + the static flag's 1 KB)");
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D, KS>,
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(prefill_v2_kernel<T, D, KS, F8>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const long long slots = (long long)p.total_tokens * G / kBlockM + p.num_seqs;
@@ -528,7 +552,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   const bool tma = tma_enabled() &&
                    make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, L::kBlockN) &&
                    make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, L::kBlockN);
-  prefill_v2_kernel<T, D, KS><<<(unsigned)grid, kThreads, bytes, stream>>>(
+  prefill_v2_kernel<T, D, KS, F8><<<(unsigned)grid, kThreads, bytes, stream>>>(
       p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
@@ -543,7 +567,10 @@ bool v2_enabled() {
 
 bool prefill_v2_supported(const SparsePrefillParams& p) {
   if (!v2_enabled()) return false;
-  if (p.kv.dtype != DType::kBFloat16 && p.kv.dtype != DType::kFloat16) return false;
+  // bf16 / fp16, the pool of that dtype or fp8 e4m3.
+  const DType act = compute_dtype(p.kv, p.act_dtype);
+  if (act != DType::kBFloat16 && act != DType::kFloat16) return false;
+  if (p.kv.dtype != act && !is_fp8(p.kv.dtype)) return false;
   // D 256 (64-key tiles) compiles but spills at the 224 / 56 register split: not taken yet.
   if (p.kv.head_dim != 64 && p.kv.head_dim != 128) return false;
   int dev = 0, major = 0, minor = 0;
@@ -564,6 +591,17 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
 
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
   const bool deep = k_deep_enabled();
+  const DType act = compute_dtype(p.kv, p.act_dtype);
+  if (is_fp8(p.kv.dtype)) {  // one stage count (3 K stages at D 128): no KSTAGES A/B variant
+    if (act == DType::kBFloat16) {
+      if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128, k_stages_deep<128>(), true>(p, ws, stream);
+      if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>(), true>(p, ws, stream);
+    } else if (act == DType::kFloat16) {
+      if (p.kv.head_dim == 128) return launch<__half, 128, k_stages_deep<128>(), true>(p, ws, stream);
+      if (p.kv.head_dim == 64) return launch<__half, 64, stages<64>(), true>(p, ws, stream);
+    }
+    return Status::kUnsupported;
+  }
   if (p.kv.dtype == DType::kBFloat16) {
     if (p.kv.head_dim == 128)
       return deep ? launch<__nv_bfloat16, 128, k_stages_deep<128>()>(p, ws, stream)
