@@ -63,28 +63,40 @@ __device__ __forceinline__ void resolve_key(const SparsePrefillParams& p, const 
   }
 }
 
-// Copies rows into a [kBlockN][D] tile at shared address `dst`. kParts producer threads share
-// a key (thread t resolved key t % kBlockN): warp w copies keys (w % (kBlockN / 32)) * 32 +
-// [0, 32), chunks part w / (kBlockN / 32) of kParts; the row of key kw of the warp is
-// shfl(mrow, kw).
+// Which key and 16-byte chunk column of a [kBlockN][D] tile a producer lane moves. kParts
+// producer threads share a key (thread t resolved key t % kBlockN): warp w moves keys
+// (w % (kBlockN / 32)) * 32 + [0, 32), chunks part w / (kBlockN / 32) of kParts, kPasses passes
+// of kKeysPerPass keys, kChunkIters chunks of its key per lane and pass; the row of key kw of the
+// warp is shfl(mrow, kw).
+template <int D, int kBlockN, int kParts>
+struct RowChunks {
+  static_assert(kParts * kBlockN == 128, "one producer warpgroup");
+  static constexpr int kChunks = D / 8 / kParts;            // 16-byte chunks of a row this warp moves
+  static constexpr int kLanesPerKey = kChunks >= 32 ? 32 : kChunks;
+  static constexpr int kKeysPerPass = 32 / kLanesPerKey;
+  static constexpr int kPasses = 32 / kKeysPerPass;
+  static constexpr int kChunkIters = kChunks / kLanesPerKey;
+  // The key (within the warp's 32) of this lane in pass `pass`.
+  static __device__ __forceinline__ int kw(int pass, int lane) { return pass * kKeysPerPass + lane / kLanesPerKey; }
+  // Its key in the tile, and its chunk column in chunk iteration ci.
+  static __device__ __forceinline__ int key(int kw, int warp) { return (warp % (kBlockN / 32)) * 32 + kw; }
+  static __device__ __forceinline__ int c16(int ci, int warp, int lane) {
+    return (warp / (kBlockN / 32)) * kChunks + lane % kLanesPerKey + ci * kLanesPerKey;
+  }
+};
+
+// Copies rows into a [kBlockN][D] tile at shared address `dst` (RowChunks' lanes).
 template <typename T, int D, int kBlockN, int kParts>
 __device__ __forceinline__ void copy_rows(uint32_t dst, const T* src, int mrow, int warp, int lane) {
-  static_assert(kParts * kBlockN == 128, "one producer warpgroup");
-  constexpr int kChunks = D / 8 / kParts;            // 16-byte chunks of a row this warp copies
-  constexpr int kLanesPerKey = kChunks >= 32 ? 32 : kChunks;
-  constexpr int kKeysPerPass = 32 / kLanesPerKey;
-  constexpr int kPasses = 32 / kKeysPerPass;
-  constexpr int kChunkIters = kChunks / kLanesPerKey;
-  const int key0 = (warp % (kBlockN / 32)) * 32;
-  const int c0 = (warp / (kBlockN / 32)) * kChunks;
+  using RC = RowChunks<D, kBlockN, kParts>;
 #pragma unroll 4
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int kw = pass * kKeysPerPass + lane / kLanesPerKey;
+  for (int pass = 0; pass < RC::kPasses; ++pass) {
+    const int kw = RC::kw(pass, lane);
     const int row = __shfl_sync(0xffffffffu, mrow, kw);
-    const int key = key0 + kw;
+    const int key = RC::key(kw, warp);
 #pragma unroll
-    for (int ci = 0; ci < kChunkIters; ++ci) {
-      const int c16 = c0 + lane % kLanesPerKey + ci * kLanesPerKey;
+    for (int ci = 0; ci < RC::kChunkIters; ++ci) {
+      const int c16 = RC::c16(ci, warp, lane);
       const T* gp = row >= 0 ? src + (long long)row * D + c16 * 8 : src;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + tile_off<kBlockN>(key, c16)),
                    "l"(gp), "r"(row >= 0 ? 16 : 0)
@@ -100,40 +112,32 @@ __device__ __forceinline__ void copy_rows(uint32_t dst, const T* src, int mrow, 
 // mbarrier arrive (release: these generic stores), not a cp.async arrive.
 template <typename T, int D, int kBlockN, int kParts>
 __device__ __forceinline__ void convert_rows(uint32_t dst, const uint8_t* src, int mrow, int warp, int lane) {
-  static_assert(kParts * kBlockN == 128, "one producer warpgroup");
-  constexpr int kChunks = D / 8 / kParts;
-  constexpr int kLanesPerKey = kChunks >= 32 ? 32 : kChunks;
-  constexpr int kKeysPerPass = 32 / kLanesPerKey;
-  constexpr int kPasses = 32 / kKeysPerPass;
-  constexpr int kChunkIters = kChunks / kLanesPerKey;
-  constexpr int kBatch = kPasses >= 4 ? 4 : kPasses;  // passes whose loads are in flight at once
-  static_assert(kPasses % kBatch == 0, "fp8 passes");
-  const int key0 = (warp % (kBlockN / 32)) * 32;
-  const int c0 = (warp / (kBlockN / 32)) * kChunks;
+  using RC = RowChunks<D, kBlockN, kParts>;
+  constexpr int kBatch = RC::kPasses >= 4 ? 4 : RC::kPasses;  // passes whose loads are in flight at once
+  static_assert(RC::kPasses % kBatch == 0, "fp8 passes");
 #pragma unroll 1
-  for (int pass0 = 0; pass0 < kPasses; pass0 += kBatch) {
-    uint2 x[kBatch][kChunkIters];
+  for (int pass0 = 0; pass0 < RC::kPasses; pass0 += kBatch) {
+    uint2 x[kBatch][RC::kChunkIters];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int kw = (pass0 + b) * kKeysPerPass + lane / kLanesPerKey;
-      const int row = __shfl_sync(0xffffffffu, mrow, kw);
+      const int row = __shfl_sync(0xffffffffu, mrow, RC::kw(pass0 + b, lane));
 #pragma unroll
-      for (int ci = 0; ci < kChunkIters; ++ci) {
-        const int c16 = c0 + lane % kLanesPerKey + ci * kLanesPerKey;
+      for (int ci = 0; ci < RC::kChunkIters; ++ci) {
+        const int c16 = RC::c16(ci, warp, lane);
         x[b][ci] = row >= 0 ? __ldg(reinterpret_cast<const uint2*>(src + (long long)row * D + c16 * 8))
                             : make_uint2(0u, 0u);
       }
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      const int key = key0 + (pass0 + b) * kKeysPerPass + lane / kLanesPerKey;
+      const int key = RC::key(RC::kw(pass0 + b, lane), warp);
 #pragma unroll
-      for (int ci = 0; ci < kChunkIters; ++ci) {
-        const int c16 = c0 + lane % kLanesPerKey + ci * kLanesPerKey;
+      for (int ci = 0; ci < RC::kChunkIters; ++ci) {
         uint32_t w0, w1, w2, w3;
         dev::e4m3x4_to<T>(x[b][ci].x, w0, w1);
         dev::e4m3x4_to<T>(x[b][ci].y, w2, w3);
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + tile_off<kBlockN>(key, c16)),
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n"
+                     ::"r"(dst + tile_off<kBlockN>(key, RC::c16(ci, warp, lane))),
                      "r"(w0), "r"(w1), "r"(w2), "r"(w3)
                      : "memory");
       }
