@@ -540,12 +540,16 @@ def _heuristic_steps(model: DMSForCausalLM, hc: HeuristicCache, ids: torch.Tenso
     position: the cache keeps it on the device), a few hundred launches per step fewer; on the
     CPU, or for fewer than 3 steps, eager."""
     if not ids.is_cuda or hi - lo < 3:
-        return [model.forward_heuristic(hc, ids[:, t:t + 1]) for t in range(lo, hi)]
+        return _eager_steps(model, hc, ids, lo, hi)
     hc.static = True
     try:
         return _graph_steps(model, hc, ids, lo, hi)
     finally:
         hc.static = False
+
+
+def _eager_steps(model, hc, ids, lo, hi):
+    return [model.forward_heuristic(hc, ids[:, t:t + 1]) for t in range(lo, hi)]
 
 
 def _graph_steps(model, hc, ids, lo, hi):
@@ -567,7 +571,7 @@ def _graph_steps(model, hc, ids, lo, hi):
     except RuntimeError as e:  # nothing ran during the capture: the same steps, eagerly
         warnings.warn(f"accuracy_heuristic: CUDA-graph capture failed ({e}); eager steps")
         hc.length = length
-        return out + [model.forward_heuristic(hc, ids[:, t:t + 1]) for t in range(lo + 1, hi)]
+        return out + _eager_steps(model, hc, ids, lo + 1, hi)
     hc.length = length                     # the capture ran advance() on the host only
     for t in range(lo + 1, hi):
         step_ids.copy_(ids[:, t:t + 1])
