@@ -19,7 +19,14 @@ class HeuristicCache:
     all queries so far (summed over the query heads of the group); "tova" (Oren et al. 2024)
     evicts, after each query, the token with the lowest attention of that query (mean over the
     group's query heads), the newest token included. Evictions happen one token per step as soon
-    as a head holds more than ``budget``, so no head ever exceeds it after a step."""
+    as a head holds more than ``budget``, so no head ever exceeds it after a step.
+
+    The position lives on the device too (``pos``, advanced by :meth:`advance`) and a step reads
+    no host value of it, so a one-token step can be captured in a CUDA graph and replayed
+    (:func:`dms_ext.retrofit.accuracy_heuristic` does). With ``static`` set (for the capture)
+    ``attend`` covers all ``max_len`` positions (those not written yet are not held, so masked),
+    else the ``length + T`` written so far: the same results. ``length`` is the host's count;
+    after replays the caller sets it."""
 
     def __init__(self, policy: str, budget: int, num_layers: int, batch: int, kv_heads: int,
                  heads: int, head_dim: int, max_len: int, device, dtype=torch.float32,
@@ -39,7 +46,10 @@ class HeuristicCache:
         self.keep = torch.zeros(shape, dtype=torch.bool, device=device)
         self.score = torch.zeros(shape, dtype=torch.float32, device=device)
         self.length = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)    # == length, on the device
+        self.static = False
         self.max_len = max_len
+        self._arange = torch.arange(max_len, device=device)
 
     def live(self, layer: int) -> torch.Tensor:
         """int64 [B, Hkv]: tokens held."""
@@ -47,6 +57,7 @@ class HeuristicCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+        self.pos += t
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, T, Hq, D], k, v [B, T, Hkv, D] of the tokens at positions length..length+T-1."""
@@ -56,34 +67,34 @@ class HeuristicCache:
             raise ValueError(f"q: cache of {self.max_len} positions is full")
         if t > 1 and s0 + t > self.budget:
             raise ValueError("q: a chunk of several tokens must fit in the budget; step one by one")
+        n = self.max_len if self.static else s0 + t            # positions attended over
         kc, vc, keep, score = self.k[layer], self.v[layer], self.keep[layer], self.score[layer]
-        kc[:, :, s0:s0 + t] = k.transpose(1, 2).to(kc.dtype)
-        vc[:, :, s0:s0 + t] = v.transpose(1, 2).to(vc.dtype)
-        keep[:, :, s0:s0 + t] = True
-        n = s0 + t
+        idx = self.pos + self._arange[:t]                      # the new tokens' positions
+        kc.index_copy_(2, idx, k.transpose(1, 2).to(kc.dtype))
+        vc.index_copy_(2, idx, v.transpose(1, 2).to(vc.dtype))
+        keep.index_fill_(2, idx, True)
         g = self.group
         qh = q.transpose(1, 2).to(kc.dtype).view(b, -1, g, t, d)          # [B, Hkv, G, T, D]
         s = torch.einsum("bkgtd,bknd->bkgtn", qh.float(), kc[:, :, :n].float()) * d ** -0.5
-        vis = keep[:, :, None, None, :n].clone()
-        if t > 1:
-            pos = torch.arange(n, device=q.device)
-            vis = vis & (pos[None, :] <= (s0 + torch.arange(t, device=q.device))[:, None])
+        # Held and not after the query (within a chunk: causal).
+        vis = keep[:, :, None, None, :n] & (self._arange[:n] <= idx[:, None])
         p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
         out = torch.einsum("bkgtn,bknd->bkgtd", p, vc[:, :, :n].float())
         score[:, :, :n] += p.sum(dim=(2, 3))
-        if n > self.budget:
-            self._evict(keep, score, p[:, :, :, -1].mean(dim=2), n)
+        if t == 1:  # a chunk fits in the budget (checked above): only single steps evict
+            self._evict(keep[:, :, :n], score[:, :, :n], p[:, :, :, -1].mean(dim=2), idx[-1] + 1)
         return out.reshape(b, hq, t, d).transpose(1, 2)
 
-    def _evict(self, keep, score, last_p, n: int) -> None:
+    def _evict(self, live, score, last_p, held) -> None:
+        """One eviction per (sequence, head) where ``held`` (a device count: the positions
+        written) exceeds the budget; live / score / last_p cover the attended positions."""
         inf = float("inf")
-        live = keep[:, :, :n]
         if self.policy == "window":
             victim = live.to(torch.int8).argmax(dim=-1)                   # oldest held token
         elif self.policy == "h2o":
-            cand = live.clone()
-            cand[:, :, max(n - self.recent, 0):] = False
-            victim = score[:, :, :n].masked_fill(~cand, inf).argmin(dim=-1)
+            old = self._arange[:live.shape[-1]] < held - self.recent     # outside the recent
+            victim = score.masked_fill(~(live & old), inf).argmin(dim=-1)
         else:
             victim = last_p.masked_fill(~live, inf).argmin(dim=-1)
-        keep.scatter_(2, victim[..., None], False)
+        at = victim[..., None]
+        live.scatter_(2, at, live.gather(2, at) & (held <= self.budget))

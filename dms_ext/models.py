@@ -443,7 +443,7 @@ class DMSForCausalLM(nn.Module):
         logits [B, T, vocab] float32. T > 1 only while the cache stays within its budget."""
         c = self.cfg
         b, t = input_ids.shape
-        positions = torch.arange(hcache.length, hcache.length + t, device=input_ids.device)
+        positions = hcache.pos + torch.arange(t, device=input_ids.device)  # no host sync
         cos_sin = self.cos_sin.float()
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):

@@ -306,6 +306,29 @@ def test_heuristic_outputs_match_attention_over_kept_tokens():
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+def test_heuristic_static_steps_equal_sliced_steps(policy):
+    """static (every step over all max_len positions, as the CUDA graph runs it) makes the same
+    evictions and outputs as attending over the positions written so far."""
+    torch.manual_seed(13)
+    b, hkv, g, d, n = 3, 2, 3, 16, 70
+    q, k, v = torch.randn(b, n, hkv * g, d), torch.randn(b, n, hkv, d), torch.randn(b, n, hkv, d)
+    for budget in (1, 9, 33):
+        caches = [HeuristicCache(policy, budget, 1, b, hkv, hkv * g, d, n, "cpu") for _ in range(2)]
+        outs = [[], []]
+        for i, hc in enumerate(caches):
+            outs[i].append(hc.attend(0, q[:, :budget], k[:, :budget], v[:, :budget]))
+            hc.advance(budget)
+            hc.static = i == 1
+            for t in range(budget, n):
+                outs[i].append(hc.attend(0, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]))
+                hc.advance(1)
+        assert torch.equal(caches[0].keep, caches[1].keep)
+        assert int(caches[1].pos) == n == caches[1].length
+        # The same terms summed over more (zero) entries: fp32 reassociation only.
+        torch.testing.assert_close(torch.cat(outs[1], 1), torch.cat(outs[0], 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_heuristic_with_large_budget_equals_causal(policy):
     torch.manual_seed(12)
     m = DMSForCausalLM(tiny_cfg())
@@ -531,6 +554,33 @@ def test_cuda_retrofit_steps_and_cache_eval():
     assert abs(r["acc"] - dense) <= 0.1                     # bf16 cache vs bf16 dense
     for pol in POLICIES:
         assert accuracy_heuristic(teacher, task, pol, 32, batch=8)["live_max"] <= 32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_heuristic_graph_steps_equal_eager_steps(policy):
+    """The CUDA-graph replay of a one-token heuristic step (accuracy_heuristic's loop) gives
+    bit for bit the logits and evictions of the same static step run eagerly."""
+    from dms_ext.retrofit import _heuristic_steps
+    torch.manual_seed(14)
+    m = DMSForCausalLM(tiny_cfg()).cuda().eval()
+    ids = torch.randint(0, 48, (3, 40), generator=torch.Generator().manual_seed(14)).cuda()
+    budget = 7
+    res = []
+    for graph in (False, True):
+        hc = HeuristicCache(policy, budget, m.cfg.layers, 3, m.cfg.kv_heads, m.cfg.heads,
+                            m.cfg.head_dim, 40, "cuda", dtype=torch.bfloat16)
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            out = [m.forward_heuristic(hc, ids[:, :budget])]
+            if graph:
+                out += _heuristic_steps(m, hc, ids, budget, 39)
+            else:
+                hc.static = True
+                out += [m.forward_heuristic(hc, ids[:, t:t + 1]) for t in range(budget, 39)]
+        res.append((torch.cat(out, 1), hc.keep.clone(), hc.length, int(hc.pos)))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert res[0][2:] == res[1][2:] == (39, 39)
 
 
 def test_full_mode_borrowed_rows_train_at_evict_lr():
