@@ -3,7 +3,8 @@ per (case, knobs). For choosing defaults. DMS_DECODE_MAX_SPLITS caps the persist
 resident CTAs of the device), DMS_DECODE_MIN_CHUNK is the fewest keys a CTA's range holds (0: 256).
 The op reads the knobs once per process, so each knob setting runs in its own child process.
 
-  python3 bench/sweep_decode.py ["B1 x 32k,B64 x 8k skewed"]"""
+  python3 bench/sweep_decode.py ["B1 x 32k,B64 x 8k skewed"]
+  SWEEP_KNOBS="0:0,132:0,264:1024" python3 bench/sweep_decode.py   # other (max_splits:min_chunk)"""
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import dms_ext  # noqa: E402,F401
 
 
 KNOBS = [(4, ms, mc) for ms, mc in ((0, 0), (0, 64), (0, 128), (0, 512), (132, 0), (132, 128))]
+if os.environ.get("SWEEP_KNOBS"):  # "max_splits:min_chunk,..." e.g. "0:0,132:0,264:1024"
+    KNOBS = [(4, *(int(x) for x in k.split(":"))) for k in os.environ["SWEEP_KNOBS"].split(",")]
 DEFAULT_CASES = "B1 x 32k,B64 x 8k,B128 x 4k,B16 x 16k"
 
 
