@@ -74,9 +74,8 @@ template <int D, int S, bool F8 = false> struct Cfg {
   // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
   // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
   static constexpr int kBySmem = (228 * 1024) / (kSmemBytes + 1024);
-  static constexpr int kCtasPerSm =
-      F8 ? (kBySmem < 4 ? (kBySmem < 1 ? 1 : kBySmem) : 4)
-         : (D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1));
+  static constexpr int kSwept = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
+  static constexpr int kCtasPerSm = kBySmem < 1 ? 1 : (kBySmem < (F8 ? 4 : kSwept) ? kBySmem : (F8 ? 4 : kSwept));
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -185,12 +184,10 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     const int bs_mask = (1 << bs_shift) - 1;
     int ids[kRowsPerLane];
     auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
-    // fp8 with blocks of >= 16 slots: a slice (16 slots from a multiple of 16) lies in one
-    // block, so one block id and one 64-bit base per slice; the lane's rows are constant
-    // offsets from it (rows past kend included: they are slots of the same block, readable,
-    // and copied as zeros). Every instruction of the copy path is per tile, and the fp8 tile's
-    // math is short.
-    const bool one_block = F8 && bs_shift >= 4;
+    // Blocks of >= 16 slots: a slice (16 slots from a multiple of 16) lies in one block, so one
+    // block id and one 64-bit base per slice; the lane's rows are constant offsets from it
+    // (rows past kend are not read: cp.async zero-fills them). Smaller blocks: an id per row.
+    const bool one_block = bs_shift >= 4;
     auto fetch_ids = [&](int t) {
       if (one_block) {
         ids[0] = slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
@@ -230,15 +227,25 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         cp_async16(sV + stage_off(r, cc), vc + off, valid);
       }
     };
+    // Prologue: one block id per slice, the ids of all kStages first slices loaded at once (one
+    // memory latency before the first copies, not one per stage).
+    int pre[kStages];
+#pragma unroll
+    for (int t = 0; t < kStages; ++t)
+      pre[t] = one_block && t < ntiles && slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
 #pragma unroll
     for (int t = 0; t < kStages - 1; ++t) {
       if (t < ntiles) {
-        fetch_ids(t);
+        if (one_block) ids[0] = pre[t];
+        else fetch_ids(t);
         load_slice(t);
       }
       cp_async_commit();  // the Q copies ride in group 0
     }
-    if (kStages - 1 < ntiles) fetch_ids(kStages - 1);
+    if (kStages - 1 < ntiles) {
+      if (one_block) ids[0] = pre[kStages - 1];
+      else fetch_ids(kStages - 1);
+    }
 
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
