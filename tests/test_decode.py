@@ -161,6 +161,20 @@ def test_long_heads_split_kv(G, D, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("rows", [16, 17, 40])
+def test_d128_both_pipelines(rows):
+    # D 128 bf16 / fp16 pools: up to 16 work rows (batch x KV heads x head tiles) take the
+    # deep-pipeline grid (6 stages, one CTA per SM), more rows the 2-stage one. Both sides of
+    # the cut, with long, short and empty heads and the lse of split rows.
+    torch.manual_seed(rows)
+    lens = random_lens(rows, 1, 0, 9000, specials=(0, 1, 64, 8191))
+    c = make_case(lens, 4, 128, 64, torch.bfloat16)
+    out, lse = run_op(c, 128 ** -0.5, with_lse=True)
+    check_out(out, c, 128 ** -0.5, f"rows {rows}")
+    check_lse(lse, c, 128 ** -0.5, f"rows {rows}")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_one_very_long_head_many_splits(dtype):
     c = make_case([[65536 + 17]], 8, 128, 64, DTYPES[dtype])

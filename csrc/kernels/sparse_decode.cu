@@ -96,6 +96,7 @@ __host__ __device__ inline Layout layout(int grid, int D) {
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
   int grid, head_tiles, min_units, bs_shift;
+  bool deep;       // the deep-pipeline variant (kDeepStages, one CTA per SM): few work rows
   int64_t rows_v;  // batch * num_kv_heads * head_tiles
   Layout ws;
 };
@@ -618,6 +619,12 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 // 2 at D 128 (3 CTAs: faster than 3 stages and 2 CTAs on every swept row but B1 x 32k skewed,
 // bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
+// Few work rows (a small batch, e.g. one long reasoning trace): bf16 / fp16 at D 128 take 6
+// stages per warp at one CTA per SM (196 KB): the range of a CTA is long, and 5 slices per warp
+// in flight hide the memory latency that 3 CTAs of 2 stages each did not. A/B on the H200
+// (bench/results/decode_ab_2026-11-30_deep.md): B1 x 128k 0.74-0.89x the time of the 2-stage
+// grid, B1 x 32k skewed 0.82x; B >= 8 and B64 x 8k rows 1.01-1.15x slower, hence the row cap.
+constexpr int kDeepStages = 6, kDeepMaxRows = 16;
 // fp8 pools: a stage is half the bytes and there is no conversion slice, so every head dim
 // takes 4 stages: D 64 at 4 CTAs (34 KB), D 128 at 3 CTAs (68 KB; 4 CTAs at 3 stages would
 // hold ptxas to 128 registers, which spills in the loop), D 256 at 1 CTA (136 KB). Not swept
@@ -626,7 +633,8 @@ template <int D> constexpr int kStagesFor8 = 4;
 template <int D> constexpr int ctas_for(bool fp8) {
   return fp8 ? Cfg<D, kStagesFor8<D>, true>::kCtasPerSm : Cfg<D, kStagesFor<D>>::kCtasPerSm;
 }
-int ctas_per_sm(int head_dim, bool fp8) {
+int ctas_per_sm(int head_dim, bool fp8, bool deep) {
+  if (deep) return Cfg<128, kDeepStages>::kCtasPerSm;
   switch (head_dim) {
     case 64: return ctas_for<64>(fp8);
     case 128: return ctas_for<128>(fp8);
@@ -639,7 +647,8 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows_v = (int64_t)p.batch * p.kv.num_kv_heads * r.head_tiles;
-  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype));
+  r.deep = !is_fp8(p.kv.dtype) && p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
+  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), r.deep);
   r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   // At least this many units per CTA: a piece of a row costs a query load and a partial write,
   // worth it only over a few tiles (bench/sweep_decode.py).
@@ -680,7 +689,9 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
   const bool f8 = is_fp8(p.kv.dtype);
   switch (p.kv.head_dim) {
     case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
-    case 128: return f8 ? launch<T, 128, kStagesFor8<128>, true>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
+    case 128:
+      if (f8) return launch<T, 128, kStagesFor8<128>, true>(p, r, s);
+      return r.deep ? launch<T, 128, kDeepStages, false>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
     case 256: return f8 ? launch<T, 256, kStagesFor8<256>, true>(p, r, s) : launch<T, 256, kStagesFor<256>, false>(p, r, s);
     default: return Status::kUnsupported;
   }
