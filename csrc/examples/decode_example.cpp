@@ -854,10 +854,44 @@ bool usable_gpu(std::string* why) {
   return false;
 }
 
+// Host only (runs without a GPU too): sparse_decode's workspace depends on head_dim, the pool
+// dtype, the SM count and max_splits, never on the batch or the table width, so an engine sizes
+// it once (the kernel's pipeline, and with it the grid, does change with the batch).
+bool workspace_fits_every_batch() {
+  using dms::DType;
+  bool ok = true;
+  for (int D : {64, 128, 256}) {
+    for (DType dt : {DType::kBFloat16, DType::kFloat8E4M3}) {
+      dms::SparseDecodeParams p;
+      p.kv.num_kv_heads = 8;
+      p.num_q_heads = 32;
+      p.kv.head_dim = D;
+      p.kv.dtype = dt;
+      p.kv.block_size = 64;
+      size_t first = 0;
+      for (int batch : {1, 2, 4, 16, 64, 1000}) {
+        for (int width : {1, 64, 4096}) {
+          p.batch = batch;
+          p.pages.max_blocks_per_head = width;
+          const size_t w = dms::sparse_decode_workspace_bytes(p, 132);
+          if (first == 0) first = w;
+          if (w == 0 || w != first) {
+            std::printf("FAIL: workspace D %d %s batch %d width %d: %zu bytes, batch 1: %zu\n", D,
+                        dt == DType::kBFloat16 ? "bf16" : "fp8", batch, width, w, first);
+            ok = false;
+          }
+        }
+      }
+    }
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  if (!workspace_fits_every_batch()) return 1;
   std::string why;
   if (!usable_gpu(&why)) {
     std::printf("SKIP: %s\n", why.c_str());

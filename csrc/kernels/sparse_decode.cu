@@ -650,13 +650,18 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.deep = !is_fp8(p.kv.dtype) && p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
   const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), r.deep);
   r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
+  // The workspace is sized for the standard pipeline's grid whatever this call takes (the deep
+  // one launches fewer CTAs), so that it depends on head_dim, pool dtype, the SM count and
+  // max_splits only: an engine may size it once and vary the batch.
+  const int resident_std = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), false);
+  const int ws_grid = std::max(r.grid, p.max_splits > 0 ? std::min(p.max_splits, resident_std) : resident_std);
   // At least this many units per CTA: a piece of a row costs a query load and a partial write,
   // worth it only over a few tiles (bench/sweep_decode.py).
   const int min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
-  r.ws = layout(r.grid, p.kv.head_dim);
+  r.ws = layout(ws_grid, p.kv.head_dim);
   return r;
 }
 
