@@ -17,10 +17,10 @@
 #                   and memcheck-graph (sparse_decode + decode_step captured in a CUDA graph and
 #                   replayed; caching allocator on) (one row per tool; SANITIZE_TOOLS to pick,
 #                   whole stage <= 270 s)
-#         reliability  the CUDA parts of the reliability suites (differential, soak, compile,
-#                   bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case counts), one pytest
-#                   per file, each <= 150 s (STAGE_TIMEOUT_reliability); the whole stage may need
-#                   a call of its own
+#         reliability  the CUDA parts of the reliability suites (hf, cache, differential, soak,
+#                   compile, bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case
+#                   counts), one pytest per file, all files side by side within one timeout
+#                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
@@ -300,23 +300,44 @@ stage_sanitize() {
   [ "$RC" != 0 ] && note_failures sanitize "$LOGS/sanitize.log" "^SANITIZE|^    "
 }
 
-stage_reliability() {  # one pytest per file (a timeout loses that file's count only)
-  local f base key dots
-  for f in tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py tests/test_demo.py \
-           tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py; do
+stage_reliability() {
+  # The files side by side, one pytest each (RELIABILITY_SERIAL=1: one after another, 150 s
+  # each): their cases are small and launch-bound, so 8 processes share the GPU well, and the
+  # whole stage fits one timeout (STAGE_TIMEOUT_reliability, default 400 s) instead of 8.
+  # A file stopped by the timeout reports how far its progress lines got.
+  local f base key dots to pids=() bases=() t
+  local files=(tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py
+               tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py)
+  to=$(stage_timeout reliability 400)
+  t=$(date +%s)
+  for f in "${files[@]}"; do
     base=rel_$(basename "$f" .py)
-    DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" $PY -m pytest -q -rfE \
-      -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
+    bases+=("$base")
+    if [ "${RELIABILITY_SERIAL:-0}" = 1 ]; then
+      DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" $PY -m pytest -q -rfE \
+        -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
+      echo "$RC $SECS" >"$LOGS/$base.rc"
+    else
+      ( s0=$(date +%s); echo "+ timeout $to pytest $f" >"$LOGS/$base.log"
+        DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider \
+          -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
+        rc=$?; [ $rc -eq 124 ] && rc="124(timeout ${to}s)"; echo "$rc $(( $(date +%s) - s0 ))" >"$LOGS/$base.rc" ) &
+      pids+=($!)
+    fi
+  done
+  [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
+  for base in "${bases[@]}"; do
+    read -r RC SECS <"$LOGS/$base.rc" 2>/dev/null || { RC=missing; SECS=0; }
     TEST_LOGS+=("$base (-m cuda, scale ${DMS_TEST_SCALE:-10})|$LOGS/$base.log")
     key=$(pytest_key "$LOGS/$base.log")
-    # Stopped by its timeout: what pytest -q's progress lines had reached.
-    if [ -z "$key" ]; then
+    if [ -z "$key" ]; then  # stopped by its timeout: what pytest -q's progress lines had reached
       dots=$(grep -E '^[.sxXFE]+( +\[ *[0-9]+%\])?$' "$LOGS/$base.log" | tr -d ' []%0-9\n')
       key="stopped after $(printf %s "$dots" | tr -cd '.' | wc -c) passed, $(printf %s "$dots" | tr -cd 'FE' | wc -c) failed"
     fi
     add_row "$base" "$RC" "$SECS" "$key"
     [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:"
   done
+  echo "reliability: $(( $(date +%s) - t )) s for ${#bases[@]} files" >>"$LOGS/reliability_wall.log"
 }
 
 stage_e2e() {
