@@ -74,8 +74,8 @@ template <int D, int S, bool F8 = false> struct Cfg {
   // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
   // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
   static constexpr int kBySmem = (228 * 1024) / (kSmemBytes + 1024);
-  static constexpr int kSwept = D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1);
-  static constexpr int kCtasPerSm = kBySmem < 1 ? 1 : (kBySmem < (F8 ? 4 : kSwept) ? kBySmem : (F8 ? 4 : kSwept));
+  static constexpr int kCap = F8 ? 4 : (D == 64 ? 4 : (D == 128 ? (S == 2 ? 3 : 2) : 1));
+  static constexpr int kCtasPerSm = kBySmem < 1 ? 1 : (kBySmem < kCap ? kBySmem : kCap);
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -189,9 +189,10 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     // block id and one 64-bit base per slice; the lane's rows are constant offsets from it
     // (rows past kend are not read: cp.async zero-fills them). Smaller blocks: an id per row.
     const bool one_block = bs_shift >= 4;
+    auto slice_block = [&](int t) { return slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0; };
     auto fetch_ids = [&](int t) {
       if (one_block) {
-        ids[0] = slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
+        ids[0] = slice_block(t);
         return;
       }
       const int s0 = slice0(t) + r0;
@@ -232,21 +233,20 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     // memory latency before the first copies, not one per stage).
     int pre[kStages];
 #pragma unroll
-    for (int t = 0; t < kStages; ++t)
-      pre[t] = one_block && t < ntiles && slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
+    for (int t = 0; t < kStages; ++t) pre[t] = one_block && t < ntiles ? slice_block(t) : 0;
+    auto take_ids = [&](int t) {  // t: a compile-time index of the unrolled prologue
+      if (one_block) ids[0] = pre[t];
+      else fetch_ids(t);
+    };
 #pragma unroll
     for (int t = 0; t < kStages - 1; ++t) {
       if (t < ntiles) {
-        if (one_block) ids[0] = pre[t];
-        else fetch_ids(t);
+        take_ids(t);
         load_slice(t);
       }
       cp_async_commit();  // the Q copies ride in group 0
     }
-    if (kStages - 1 < ntiles) {
-      if (one_block) ids[0] = pre[kStages - 1];
-      else fetch_ids(kStages - 1);
-    }
+    if (kStages - 1 < ntiles) take_ids(kStages - 1);
 
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
@@ -648,13 +648,16 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows_v = (int64_t)p.batch * p.kv.num_kv_heads * r.head_tiles;
   r.deep = !is_fp8(p.kv.dtype) && p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
-  const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), r.deep);
-  r.grid = p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
+  // The resident CTAs of a pipeline, capped by max_splits: the persistent grid.
+  auto grid_of = [&](bool deep) {
+    const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
+    return p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
+  };
+  r.grid = grid_of(r.deep);
   // The workspace is sized for the standard pipeline's grid whatever this call takes (the deep
   // one launches fewer CTAs), so that it depends on head_dim, pool dtype, the SM count and
   // max_splits only: an engine may size it once and vary the batch.
-  const int resident_std = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), false);
-  const int ws_grid = std::max(r.grid, p.max_splits > 0 ? std::min(p.max_splits, resident_std) : resident_std);
+  const int ws_grid = std::max(r.grid, grid_of(false));
   // At least this many units per CTA: a piece of a row costs a query load and a partial write,
   // worth it only over a few tiles (bench/sweep_decode.py).
   const int min_chunk = p.min_chunk > 0 ? p.min_chunk : 256;
