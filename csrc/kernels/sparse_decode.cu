@@ -625,6 +625,7 @@ template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
 // (bench/results/decode_ab_2026-11-30_deep.md): B1 x 128k 0.74-0.89x the time of the 2-stage
 // grid, B1 x 32k skewed 0.82x; B >= 8 and B64 x 8k rows 1.01-1.15x slower, hence the row cap.
 constexpr int kDeepStages = 6, kDeepMaxRows = 16;
+constexpr int kDeepStages8 = 12;  // fp8 pools: half the bytes per stage, the same 196 KB
 // fp8 pools: a stage is half the bytes and there is no conversion slice, so every head dim
 // takes 4 stages: D 64 at 4 CTAs (34 KB), D 128 at 3 CTAs (68 KB; 4 CTAs at 3 stages would
 // hold ptxas to 128 registers, which spills in the loop), D 256 at 1 CTA (136 KB). Not swept
@@ -634,7 +635,7 @@ template <int D> constexpr int ctas_for(bool fp8) {
   return fp8 ? Cfg<D, kStagesFor8<D>, true>::kCtasPerSm : Cfg<D, kStagesFor<D>>::kCtasPerSm;
 }
 int ctas_per_sm(int head_dim, bool fp8, bool deep) {
-  if (deep) return Cfg<128, kDeepStages>::kCtasPerSm;
+  if (deep) return fp8 ? Cfg<128, kDeepStages8, true>::kCtasPerSm : Cfg<128, kDeepStages>::kCtasPerSm;
   switch (head_dim) {
     case 64: return ctas_for<64>(fp8);
     case 128: return ctas_for<128>(fp8);
@@ -647,7 +648,7 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
   r.head_tiles = (G + kHeadTile - 1) / kHeadTile;
   r.rows_v = (int64_t)p.batch * p.kv.num_kv_heads * r.head_tiles;
-  r.deep = !is_fp8(p.kv.dtype) && p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
+  r.deep = p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
   // The resident CTAs of a pipeline, capped by max_splits: the persistent grid.
   auto grid_of = [&](bool deep) {
     const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
@@ -698,7 +699,7 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
   switch (p.kv.head_dim) {
     case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
     case 128:
-      if (f8) return launch<T, 128, kStagesFor8<128>, true>(p, r, s);
+      if (f8) return r.deep ? launch<T, 128, kDeepStages8, true>(p, r, s) : launch<T, 128, kStagesFor8<128>, true>(p, r, s);
       return r.deep ? launch<T, 128, kDeepStages, false>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
     case 256: return f8 ? launch<T, 256, kStagesFor8<256>, true>(p, r, s) : launch<T, 256, kStagesFor<256>, false>(p, r, s);
     default: return Status::kUnsupported;
