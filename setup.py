@@ -45,6 +45,8 @@ def extensions():
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     for a in archs:
         nvcc.append(f"-gencode=arch=compute_{a.strip()},code=sm_{a.strip()}")
+    # Tuning builds only, e.g. DMS_NVCC_EXTRA="-DDMS_DECODE_PROBE" (bench/decode_probe.py).
+    nvcc += os.environ.get("DMS_NVCC_EXTRA", "").split()
     sources += rel("csrc/kernels/*.cu")
     return [CUDAExtension("dms_ext._C", sources, include_dirs=include_dirs + [cutlass_include()],
                           define_macros=[("DMS_WITH_CUDA", "1")],

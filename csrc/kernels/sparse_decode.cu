@@ -33,6 +33,7 @@
 
 #include "dms/dms.h"
 #include "kernels/common.cuh"
+#include "kernels/decode_probe.cuh"
 #include "kernels/primitives.cuh"
 #include "kernels/streamk.cuh"
 
@@ -97,6 +98,7 @@ __host__ __device__ inline Layout layout(int grid, int D) {
 struct Resolved {
   int grid, head_tiles, min_units, bs_shift;
   bool deep;       // the deep-pipeline variant (kDeepStages, one CTA per SM): few work rows
+  int probe = 0;   // decode_probe.cuh builds: this launch prints its timeline
   int64_t rows_v;  // batch * num_kv_heads * head_tiles
   Layout ws;
 };
@@ -511,6 +513,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
+  DMS_PROBE(const unsigned long long pt0 = probe::gtime(); const long long pc0 = clock64();
+            long long p_main = 0, p_epi = 0; int p_seg = 0, p_keys = 0;)
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -519,8 +523,11 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   if (!pl) {
     if (tid == 0) cut[c] = streamk::no_cut_row();
+    DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I c %d sm %u t0 %llu t1 %llu cyc %lld\n", c, probe::smid(),
+                                               pt0, probe::gtime(), clock64() - pc0);)
     return;
   }
+  DMS_PROBE(const long long pc1 = clock64();)
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages
   // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
@@ -548,8 +555,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
       }
     }
     typename K::State st;
+    DMS_PROBE(const long long pm0 = clock64();)
     K::mainloop(p, p.pages.block_table + (int64_t)row * p.pages.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
     __syncthreads();  // every warp drained: the stages become merge scratch
+    DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg; p_keys += kend > kbeg ? kend - kbeg : 0;)
     K::merge_warps(st, scratch);
     __syncthreads();
 
@@ -569,6 +578,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
     }
+    DMS_PROBE(p_epi += clock64() - pm1;)
     a = seg_hi;
     if (a < pl->b0) {  // the next row (never past the last: a < b0 <= U)
       P = P_end;
@@ -576,6 +586,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
   }
   if (tid == 0) cut[c] = streamk::cut_record(*pl, c, v, P, P_end);  // v: the last segment's row
+  DMS_PROBE(if (rs.probe && tid == 0)
+              printf("PROBE A c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld tot %lld seg %d keys %d\n", c,
+                     probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, clock64() - pc0, p_seg, p_keys);)
 }
 
 
@@ -588,14 +601,20 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
+  DMS_PROBE(const unsigned long long pt0 = probe::gtime();)
   pdl_wait();  // the attention kernel's partials and direct outputs are written
+  DMS_PROBE(const unsigned long long pt1 = probe::gtime();)
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
   const int c = blockIdx.x;
   const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
-  if (cr.v < 0) return;
+  if (cr.v < 0) {
+    DMS_PROBE(if (rs.probe && threadIdx.x == 0 && c == 0)
+                printf("PROBE MI c %d sm %u t0 %llu tw %llu t1 %llu\n", c, probe::smid(), pt0, pt1, probe::gtime());)
+    return;
+  }
   const int row = (int)(cr.v / rs.head_tiles), ht = (int)(cr.v % rs.head_tiles);
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
@@ -612,6 +631,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
         if (p.lse && d == 0)
           p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
       });
+  DMS_PROBE(if (rs.probe && threadIdx.x == 0)
+              printf("PROBE M c %d sm %u t0 %llu tw %llu t1 %llu k %d\n", c, probe::smid(), pt0, pt1, probe::gtime(), cr.k);)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -651,10 +672,20 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.deep = p.kv.head_dim == 128 && r.rows_v <= kDeepMaxRows;
   // The resident CTAs of a pipeline, capped by max_splits: the persistent grid.
   auto grid_of = [&](bool deep) {
-    const int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
+    int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
+#ifdef DMS_DECODE_PROBE
+    if (deep == r.deep && probe::stages() && !is_fp8(p.kv.dtype) && p.kv.head_dim == 128) {
+      const int s = probe::stages();
+      resident = std::max(num_sms, 1) * (s == 3 ? Cfg<128, 3>::kCtasPerSm : s == 4 ? Cfg<128, 4>::kCtasPerSm
+                                         : s == 6 ? Cfg<128, 6>::kCtasPerSm : Cfg<128, 2>::kCtasPerSm);
+    }
+#endif
     return p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   };
   r.grid = grid_of(r.deep);
+#ifdef DMS_DECODE_PROBE
+  if (probe::stages() && !is_fp8(p.kv.dtype) && p.kv.head_dim == 128) r.deep = false;  // forced stages
+#endif
   // The workspace is sized for the standard pipeline's grid whatever this call takes (the deep
   // one launches fewer CTAs), so that it depends on head_dim, pool dtype, the SM count and
   // max_splits only: an engine may size it once and vary the batch.
@@ -670,7 +701,9 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
 }
 
 template <typename T, int D, int S, bool F8>
-Status launch(const SparseDecodeParams& p, const Resolved& r, cudaStream_t stream) {
+Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stream) {
+  Resolved r = r0;
+  DMS_PROBE(r.probe = probe::take_call();)
   constexpr int smem = Cfg<D, S, F8>::kSmemBytes;
   // Set on every launch (cheap host calls, legal during capture): the attributes are per device.
   const size_t merge_smem = merge_smem_bytes(r.grid);
@@ -700,6 +733,15 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
     case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
     case 128:
       if (f8) return r.deep ? launch<T, 128, kDeepStages8, true>(p, r, s) : launch<T, 128, kStagesFor8<128>, true>(p, r, s);
+#ifdef DMS_DECODE_PROBE
+      switch (probe::stages()) {
+        case 3: return launch<T, 128, 3, false>(p, r, s);
+        case 4: return launch<T, 128, 4, false>(p, r, s);
+        case 6: return launch<T, 128, 6, false>(p, r, s);
+        case 2: return launch<T, 128, 2, false>(p, r, s);
+        default: break;
+      }
+#endif
       return r.deep ? launch<T, 128, kDeepStages, false>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
     case 256: return f8 ? launch<T, 256, kStagesFor8<256>, true>(p, r, s) : launch<T, 256, kStagesFor<256>, false>(p, r, s);
     default: return Status::kUnsupported;
