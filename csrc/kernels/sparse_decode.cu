@@ -646,7 +646,10 @@ template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
 // (bench/results/decode_ab_2026-11-30_deep.md): B1 x 128k 0.74-0.89x the time of the 2-stage
 // grid, B1 x 32k skewed 0.82x; B >= 8 and B64 x 8k rows 1.01-1.15x slower, hence the row cap.
 constexpr int kDeepStages = 6, kDeepMaxRows = 16;
-constexpr int kDeepStages8 = 12;  // fp8 pools: half the bytes per stage, the same 196 KB
+// fp8 pools take the deep pipeline too, at 12 stages (half the bytes per stage, the same 196 KB):
+// B1 x 32k / 128k fp8 0.97x the time of 4 stages at 3 CTAs, B >= 16 equal
+// (bench/results/decode_ab_2026-11-30_d8deep.md).
+constexpr int kDeepStages8 = 12;
 // fp8 pools: a stage is half the bytes and there is no conversion slice, so every head dim
 // takes 4 stages: D 64 at 4 CTAs (34 KB), D 128 at 3 CTAs (68 KB; 4 CTAs at 3 stages would
 // hold ptxas to 128 registers, which spills in the loop), D 256 at 1 CTA (136 KB). Not swept
