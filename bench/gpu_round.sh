@@ -20,7 +20,8 @@
 #         reliability  the CUDA parts of the reliability suites (hf, cache, differential, soak,
 #                   compile, bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case
 #                   counts), one pytest per file, all files side by side within one timeout
-#                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one)
+#                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one;
+#                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
@@ -307,7 +308,8 @@ stage_reliability() {
   # A file stopped by the timeout reports how far its progress lines got.
   local f base key dots to pids=() bases=() t
   local files=(tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py
-               tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py)
+               tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
+               ${RELIABILITY_EXTRA_FILES:-})
   to=$(stage_timeout reliability 400)
   t=$(date +%s)
   for f in "${files[@]}"; do
