@@ -12,7 +12,9 @@ set so that about 7/8 of the tokens are evicted: CR ~8 like the public checkpoin
 * hf static + sdpa, same KV memory: the dense batch whose KV cache fits in the bytes the DMS
   pool uses after the prompt (at least 1).
 
-Decode tokens/s excludes the prefill (timed separately with one new token). Compare the dms
+Decode tokens/s and ms / step time the decode steps alone: hf.generate's own decode_s, and for
+transformers' generate a streamer that syncs and stamps every new token (StepTimer). The static
+peers are warmed up twice at the timed shape, and a timed call that compiles is refused. Compare the dms
 per-step time with bench_e2e's raw-op step time at the same batch (target: within 10%).
 Results: bench/results/hf_<date>.md (date, GPU, torch, transformers, commit, command).
 """
@@ -49,6 +51,44 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
+class StepTimer:
+    """A transformers streamer that times the decode steps of one generate() call: put() is
+    called with the prompt, then once per new token; the clock starts at the first new token
+    (the prefill's) and stops at the last, both after a device sync. (n - 1) steps / elapsed is
+    the decode rate without the prefill, whose run-to-run spread (seconds) would swamp a
+    difference of two whole-generate times."""
+
+    def __init__(self):
+        self.calls, self.t_first, self.t_last = 0, None, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls >= 2:                       # call 1 is the prompt
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.t_first = now if self.t_first is None else self.t_first
+            self.t_last = now
+
+    def end(self):
+        pass
+
+    def step_s(self) -> float:
+        steps = self.calls - 2                    # tokens after the first
+        if steps < 1:
+            raise RuntimeError("StepTimer: fewer than 2 new tokens")
+        return (self.t_last - self.t_first) / steps
+
+
+def _compiles() -> int:
+    """torch.compile graph count so far (a timed call that compiles is not a steady-state time)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(sum(counters["stats"].values()))
+    except Exception:  # pragma: no cover - dynamo internals moved
+        return -1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -78,8 +118,9 @@ def main() -> None:
     cache = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
     free0 = cache.dms.num_free_blocks
     hf.generate(model, prompts, max_new_tokens=8, cache=cache)          # warm-up, graphs
-    r, tot = _timed(lambda: hf.generate(model, prompts, max_new_tokens=n, cache=cache))
-    dec = max(tot - pre_s, 1e-9)
+    r = hf.generate(model, prompts, max_new_tokens=n, cache=cache)
+    # decode_s: the decode loop alone (synced wall clock inside generate), not total - prefill.
+    dec = max(r.decode_s, 1e-9)
     step_ms = dec / max(r.decode_steps, 1) * 1e3
     _log(f"hf.generate: {step_ms:.2f} ms / step")
     rows.append(["dms hf.generate (graphs)", b, r.decode_tokens / dec, step_ms,
@@ -117,10 +158,11 @@ def main() -> None:
     # DMS through transformers' own generate loop.
     ids = torch.tensor(prompts, device="cuda")
     c3 = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + n)
-    out, tot3 = _timed(lambda: model.generate(ids, **hf.cache_kwargs(model, c3), max_new_tokens=n,
-                                              min_new_tokens=n, do_sample=False, pad_token_id=0))
-    rows.append(["dms model.generate + DMSCacheHF", b, b * (n - 1) / max(tot3 - pre_s, 1e-9),
-                 (tot3 - pre_s) / (n - 1) * 1e3, c3.graph_replays])
+    st3 = StepTimer()
+    model.generate(ids, **hf.cache_kwargs(model, c3), max_new_tokens=n, min_new_tokens=n,
+                   do_sample=False, pad_token_id=0, streamer=st3)
+    rows.append(["dms model.generate + DMSCacheHF", b, b / st3.step_s(), st3.step_s() * 1e3,
+                 c3.graph_replays])
     del c3, free0
     _log(f"model.generate: {rows[-1][3]:.2f} ms / step")
     emit()
@@ -137,16 +179,29 @@ def main() -> None:
                       ("hf static + sdpa, same KV memory", max(1, int(dms_bytes // dense_per_seq)))):
         x = ids[:bb]
         try:
-            gen = lambda k: dense.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False,  # noqa: E731
-                                           cache_implementation="static", pad_token_id=0)
-            gen(2)
-            _, t1 = _timed(lambda: gen(1))
-            _, tn = _timed(lambda: gen(n))
-            rows.append([label, bb, bb * (n - 1) / (tn - t1), (tn - t1) / (n - 1) * 1e3, None])
+            gen = lambda k, **kw: dense.generate(x, max_new_tokens=k, min_new_tokens=k,  # noqa: E731
+                                                 do_sample=False, cache_implementation="static",
+                                                 pad_token_id=0, **kw)
+            # Warm up at the timed shape: the static cache is sized prompt + max_new_tokens, and
+            # a new size recompiles (the 08:37 run of 2026-11-30 timed gen(n) after warming gen(2)
+            # and measured the recompilation: 580 ms per step).
+            gen(n)
+            gen(n)
+            c0 = _compiles()
+            st = StepTimer()
+            gen(n, streamer=st)
+            if _compiles() != c0:
+                raise RuntimeError(f"{label}: torch.compile ran during the timed call")
+            rows.append([label, bb, bb / st.step_s(), st.step_s() * 1e3, "- (torch.compile)"])
             _log(f"{label}: batch {bb} done")
             emit()
         except torch.cuda.OutOfMemoryError:
             rows.append([label, bb, float("nan"), float("nan"), "OOM"])
+            emit()
+        except RuntimeError as e:
+            if "torch.compile ran" not in str(e):
+                raise
+            rows.append([label, bb, float("nan"), float("nan"), "compiled while timed"])
             emit()
         torch.cuda.empty_cache()
 
