@@ -21,7 +21,8 @@
 #                   compile, bad inputs: pytest -m cuda), DMS_TEST_SCALE=10 (10x today's case
 #                   counts), one pytest per file, all files side by side within one timeout
 #                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one;
-#                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side)
+#                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side;
+#                   test_differential in RELIABILITY_SHARDS processes (10), test_soak in 3)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
@@ -303,26 +304,39 @@ stage_sanitize() {
 
 stage_reliability() {
   # The files side by side, one pytest each (RELIABILITY_SERIAL=1: one after another, 150 s
-  # each): their cases are small and launch-bound, so 8 processes share the GPU well, and the
-  # whole stage fits one timeout (STAGE_TIMEOUT_reliability, default 400 s) instead of 8.
+  # each), within one timeout (STAGE_TIMEOUT_reliability, default 400 s). The random-case suites
+  # are CPU-bound (float64 references): test_differential runs as RELIABILITY_SHARDS processes
+  # (default 10) and test_soak as 3 (DMS_TEST_SHARD=i/n, tests/helpers.py), and every process
+  # gets OMP_NUM_THREADS = cores / processes (at least 1). Unsharded and at 16 threads each, 11
+  # processes starved one another on 16 cores (gpu_round_2026-11-30_0829.md).
   # A file stopped by the timeout reports how far its progress lines got.
-  local f base key dots to pids=() bases=() t
+  local f base key dots to pids=() bases=() jobs=() t n i threads
   local files=(tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py
                tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
                ${RELIABILITY_EXTRA_FILES:-})
   to=$(stage_timeout reliability 400)
   t=$(date +%s)
   for f in "${files[@]}"; do
-    base=rel_$(basename "$f" .py)
+    case "$f" in
+      */test_differential.py) n=${RELIABILITY_SHARDS:-10} ;;
+      */test_soak.py) n=3 ;;
+      *) n=1 ;;
+    esac
+    for (( i = 0; i < n; i++ )); do jobs+=("$f|$i/$n"); done
+  done
+  threads=$(( $(nproc) / ${#jobs[@]} )); [ "$threads" -lt 1 ] && threads=1
+  for job in "${jobs[@]}"; do
+    f=${job%%|*}; local sh=${job##*|}
+    base=rel_$(basename "$f" .py); [ "$sh" != 0/1 ] && base="${base}_s${sh%%/*}"
     bases+=("$base")
     if [ "${RELIABILITY_SERIAL:-0}" = 1 ]; then
-      DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" $PY -m pytest -q -rfE \
-        -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
+      DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" \
+        $PY -m pytest -q -rfE -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
       echo "$RC $SECS" >"$LOGS/$base.rc"
     else
-      ( s0=$(date +%s); echo "+ timeout $to pytest $f" >"$LOGS/$base.log"
-        DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider \
-          -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
+      ( s0=$(date +%s); echo "+ timeout $to pytest $f (DMS_TEST_SHARD $sh, OMP_NUM_THREADS $threads)" >"$LOGS/$base.log"
+        OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} \
+          timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
         rc=$?; [ $rc -eq 124 ] && rc="124(timeout ${to}s)"; echo "$rc $(( $(date +%s) - s0 ))" >"$LOGS/$base.rc" ) &
       pids+=($!)
     fi
@@ -339,7 +353,7 @@ stage_reliability() {
     add_row "$base" "$RC" "$SECS" "$key"
     [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:"
   done
-  echo "reliability: $(( $(date +%s) - t )) s for ${#bases[@]} files" >>"$LOGS/reliability_wall.log"
+  echo "reliability: $(( $(date +%s) - t )) s for ${#bases[@]} processes, OMP_NUM_THREADS $threads" >>"$LOGS/reliability_wall.log"
 }
 
 stage_e2e() {

@@ -44,6 +44,35 @@ from dms_state import (STATE_KEYS, assert_pool_consistent, assert_same_logical, 
 # GPU round (bench/gpu_round.sh sets it), default 1 (the CPU suite). DMS_DIFF_SCALE is the old name.
 SCALE = max(1, int(os.environ.get("DMS_TEST_SCALE", os.environ.get("DMS_DIFF_SCALE", "1"))))
 
+
+def _shard():
+    """DMS_TEST_SHARD="i/n": this process runs slice i of n of the sharded CUDA suites (the random
+    cases of test_differential and the CUDA soak), so that gpu_round.sh can spread 10x the cases
+    over n processes. Default "0/1": everything."""
+    text = os.environ.get("DMS_TEST_SHARD", "0/1")
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"DMS_TEST_SHARD must be 'i/n', got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"DMS_TEST_SHARD: need 0 <= i < n, got {text!r}")
+    return i, n
+
+
+SHARD, NSHARDS = _shard()
+
+
+def shard_range(n: int) -> range:
+    """Case indices of this shard: i, i + n_shards, ... below n (all of them when unsharded)."""
+    return range(SHARD, n, NSHARDS)
+
+
+def case_rngs(stream: int, i: int):
+    """(random.Random, torch.Generator) of case i of a sharded stream: each case seeds its own,
+    so a shard draws exactly the cases the unsharded run draws at those indices."""
+    seed = stream * 1_000_003 + i
+    return random.Random(seed), torch.Generator().manual_seed(seed)
+
 HAS_CUDA = torch.cuda.is_available()
 # `@pytest.mark.parametrize("device", DEVICES)`: "cpu" always, "cuda" marked `cuda` (conftest
 # skips it without a GPU; `-m cuda` selects it on the GPU machine).

@@ -23,7 +23,7 @@ import dms_ext  # noqa: F401
 from dms_ext import ops, reference
 from dms_ext.cache import DMSCache, OutOfBlocks
 from helpers import (COUNTS, SCALE, CacheModel, SpecState, assert_rounded, assert_within_bound,
-                     decode_bound, f32, one_thread, same_bits)
+                     case_rngs, decode_bound, f32, one_thread, same_bits, shard_range)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 HAS_CUDA = torch.cuda.is_available()
@@ -433,9 +433,8 @@ def test_long_sequence_all_or_none_evicted(rate, window, bs):
 
 @pytest.mark.cuda
 def test_cuda_sparse_decode_random_cases():
-    rng = random.Random(11)
-    gen = torch.Generator().manual_seed(11)
-    for i in range(N_DECODE):             # the CUDA configurations are larger
+    for i in shard_range(N_DECODE):       # the CUDA configurations are larger
+        rng, gen = case_rngs(11, i)       # one seed per case: DMS_TEST_SHARD splits the cases
         case = decode_case(rng, gen, cuda=True)
         q, kc, vc, bt, lens, scale = case
         dev = [x.cuda() for x in (q, kc, vc, bt, lens)]
@@ -443,7 +442,8 @@ def test_cuda_sparse_decode_random_cases():
         out2, lse = ops.sparse_decode_lse(*dev, scale)
         assert same_bits(out, out2), f"case {i}: sparse_decode and sparse_decode_lse differ"
         # The CPU twin on the same data is a second opinion with its own rounding.
-        # Case 2843 (fp16, q [33, 21, 256], scale 25, scores ~1e5) failed the old lse tolerance
+        # Case 2843 of the former single-stream draw (fp16, q [33, 21, 256], scale 25, scores
+        # ~1e5) failed the old lse tolerance
         # 1e-4 |lse| + 1e-3 by 0.216: heads of one key whose score ~130 is a sum of products
         # ~1e6 that cancel (condition ~1e4); attention_bound's score term admits ~20 there.
         check_decode_case(case, out, lse, f"cuda sparse_decode case {i} ({q.dtype}, "
@@ -453,9 +453,8 @@ def test_cuda_sparse_decode_random_cases():
 
 @pytest.mark.cuda
 def test_cuda_eviction_rope_random_cases():
-    rng = random.Random(12)
-    gen = torch.Generator().manual_seed(12)
-    for i in range(N_ROPE):
+    for i in shard_range(N_ROPE):
+        rng, gen = case_rngs(12, i)
         case = rope_case(rng, gen, cuda=True)
         q, k, pos, cs, a_s, a_o, qn, kn, eps = case
         q_out, k_out = q.cuda(), k.cuda()
@@ -470,11 +469,11 @@ def test_cuda_eviction_rope_random_cases():
 
 @pytest.mark.cuda
 def test_cuda_state_ops_random_schedules():
-    for i in range(2 * N_STATE_SCHEDULES):
+    for i in shard_range(2 * N_STATE_SCHEDULES):
         run_state_schedule(9000 + i, events=25, device="cuda")
 
 
 @pytest.mark.cuda
 def test_cuda_dms_cache_random_schedules():
-    for i in range(2 * N_CACHE_SCHEDULES):
+    for i in shard_range(2 * N_CACHE_SCHEDULES):
         run_cache_schedule(7000 + i, events=30, device="cuda", attn_check=None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dms_ext.cache import DMSCache, OutOfBlocks
-from helpers import COUNTS, SCALE, CacheModel, one_thread
+from helpers import COUNTS, NSHARDS, SCALE, SHARD, CacheModel, one_thread
 from test_differential import run_state_schedule
 
 CYCLES = 10000 * SCALE
@@ -114,5 +114,6 @@ def test_state_ops_soak():
 
 @pytest.mark.cuda
 def test_cuda_dms_cache_soak_no_leak_and_equal_to_reference():
-    soak(2, CYCLES, device="cuda", dtype=torch.bfloat16, head_dim=64,
+    # DMS_TEST_SHARD i/n: n independent soaks (seeds 2 + i) of CYCLES / n cycles each.
+    soak(2 + SHARD, -(-CYCLES // NSHARDS), device="cuda", dtype=torch.bfloat16, head_dim=64,
          bounded=True)
