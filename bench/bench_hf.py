@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--offset", type=float, default=None,
                     help="dms_initial_alpha_offset (default -115: q after q_norm is ~N(0, 1) with random weights, so P(100 q + 115 > 0) = 7/8, CR ~8)")
+    ap.add_argument("--no-static", action="store_true",
+                    help="skip transformers' static-cache peers (they compile for minutes)")
     args = ap.parse_args()
     common.require_cuda("bench_hf")
     import transformers
@@ -166,6 +168,10 @@ def main() -> None:
     del c3, free0
     _log(f"model.generate: {rows[-1][3]:.2f} ms / step")
     emit()
+    if args.no_static:
+        print(emit())
+        print("wrote", out_path[0])
+        return
     sd = {k: v for k, v in model.state_dict().items()}
     del model
     torch.cuda.empty_cache()
