@@ -22,7 +22,7 @@
 #                   counts), one pytest per file, all files side by side within one timeout
 #                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one;
 #                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side;
-#                   test_differential in RELIABILITY_SHARDS processes (10), test_soak in 3)
+#                   test_differential in RELIABILITY_SHARDS processes (12), test_soak in 3)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
@@ -306,7 +306,7 @@ stage_reliability() {
   # The files side by side, one pytest each (RELIABILITY_SERIAL=1: one after another, 150 s
   # each), within one timeout (STAGE_TIMEOUT_reliability, default 400 s). The random-case suites
   # are CPU-bound (float64 references): test_differential runs as RELIABILITY_SHARDS processes
-  # (default 10) and test_soak as 3 (DMS_TEST_SHARD=i/n, tests/helpers.py), and every process
+  # (default 12) and test_soak as 3 (DMS_TEST_SHARD=i/n, tests/helpers.py), and every process
   # gets OMP_NUM_THREADS = cores / processes (at least 1). Unsharded and at 16 threads each, 11
   # processes starved one another on 16 cores (gpu_round_2026-11-30_0829.md).
   # A file stopped by the timeout reports how far its progress lines got.
@@ -318,7 +318,7 @@ stage_reliability() {
   t=$(date +%s)
   for f in "${files[@]}"; do
     case "$f" in
-      */test_differential.py) n=${RELIABILITY_SHARDS:-10} ;;
+      */test_differential.py) n=${RELIABILITY_SHARDS:-12} ;;
       */test_soak.py) n=3 ;;
       *) n=1 ;;
     esac
