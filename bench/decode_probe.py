@@ -15,6 +15,11 @@ prints its timeline (csrc/kernels/decode_probe.cuh). One line per (case, config)
            measured from the same CTAs (cycles / globaltimer ns)
   m_wait   merge kernel: last grid-dependency wait end - attention end
   m_end    merge kernel: last CTA end - attention end
+--graph: three back-to-back calls captured in one CUDA graph, the second replay printed
+(launches 9-11, DMS_DECODE_PROBE_N=3): per call the attention span, the merge kernel's end after
+it (merge_end +), the gap to the next call's first attention CTA, and the period (attention
+start to the next attention start, which the bench's per-call time should match). Without
+--graph the merge numbers of one eager call include the host's launch gap.
 Rebuild without DMS_NVCC_EXTRA afterwards (the probe adds registers and printf)."""
 import argparse
 import os
@@ -32,26 +37,81 @@ import common  # noqa: E402
 import dms_ext  # noqa: E402,F401
 
 
-def child(name: str) -> None:
+def child(name: str, graph: bool) -> None:
     common.require_cuda()
     c = next(c for c in bd.CASES if c.name == name)
     gen = torch.Generator().manual_seed(0)
     gdev = torch.Generator(device="cuda").manual_seed(0)
     pg = bd.Paged(bd.make_lens(c, 8.0, gen), 64, c.D, torch.bfloat16, 1, gen, gdev)
     q = torch.randn(c.B, c.hq, c.D, device="cuda", dtype=torch.bfloat16)
-    for _ in range(12):
-        torch.ops.dms.sparse_decode(q, pg.k, pg.v, pg.tables[0], pg.lens, c.D ** -0.5)
+    call = lambda: torch.ops.dms.sparse_decode(q, pg.k, pg.v, pg.tables[0], pg.lens, c.D ** -0.5)  # noqa: E731
+    if not graph:
+        for _ in range(12):
+            call()
+        torch.cuda.synchronize()
+        return
+    # Launches 1-8 eager; 9-11 captured back to back in one graph (the parent sets
+    # DMS_DECODE_PROBE_CALL=9, DMS_DECODE_PROBE_N=3), replayed twice: the lines after the last
+    # separator are the second replay's, with no host gap between the calls.
+    for _ in range(8):
+        call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(3):
+            call()
+    for _ in range(2):
+        torch.cuda.synchronize()
+        print("PROBE_SEP", flush=True)
+        g.replay()
     torch.cuda.synchronize()
 
 
 def parse(text: str):
-    rec = {"A": [], "I": [], "M": [], "MI": []}
-    for line in text.splitlines():
+    """{call: {"A": [...], "I": [...], "M": [...], "MI": [...]}} from the PROBE lines after the
+    last PROBE_SEP (all of them when there is none)."""
+    lines = text.splitlines()
+    if "PROBE_SEP" in lines:
+        lines = lines[len(lines) - lines[::-1].index("PROBE_SEP"):]
+    calls = {}
+    for line in lines:
         m = re.match(r"PROBE (A|I|M|MI) (.*)", line)
         if m:
             kv = m.group(2).split()
-            rec[m.group(1)].append({kv[i]: int(kv[i + 1]) for i in range(0, len(kv) - 1, 2)})
-    return rec
+            d = {kv[i]: int(kv[i + 1]) for i in range(0, len(kv) - 1, 2)}
+            calls.setdefault(d.get("call", 1), {"A": [], "I": [], "M": [], "MI": []})[m.group(1)].append(d)
+    return calls
+
+
+def span(rec):
+    allc = rec["A"] + rec["I"]
+    return min(r["t0"] for r in allc), max(r["t1"] for r in allc)
+
+
+def merge_end(rec):
+    ends = [r["t1"] for r in rec["M"] + rec["MI"]]
+    return max(ends) if ends else None
+
+
+def graph_summary(calls) -> str:
+    """Back-to-back calls of one graph replay: per call the attention kernel's span, how long
+    after its end the merge kernel's last CTA finished, and the gap from that to the next call's
+    first attention CTA; `period` = attention start to the next attention start."""
+    ks = sorted(k for k in calls if calls[k]["A"])
+    out = []
+    for i, k in enumerate(ks):
+        a0, a1 = span(calls[k])
+        me = merge_end(calls[k])
+        s = f"call {k}: attn {(a1 - a0) / 1e3:5.2f}"
+        if me is not None:
+            s += f" merge_end +{(me - a1) / 1e3:5.2f}"
+        if i + 1 < len(ks):
+            n0, _ = span(calls[ks[i + 1]])
+            if me is not None:
+                s += f" gap {(n0 - me) / 1e3:5.2f}"
+            s += f" period {(n0 - a0) / 1e3:5.2f}"
+        out.append(s)
+    return " | ".join(out)
 
 
 def summary(rec) -> str:
@@ -77,19 +137,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="?", default="B1 x 32k,B1 x 128k,B1 x 32k skewed,B64 x 8k")
     ap.add_argument("--configs", default="0:0,2:0,2:132,3:0,4:0,6:0")
+    ap.add_argument("--graph", action="store_true",
+                    help="time 3 back-to-back calls inside one CUDA graph replay (launch gaps and "
+                         "the merge kernel's tail become meaningful) instead of one eager call")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child)
+        child(a.child, a.graph)
         return
     common.require_cuda()
     for name in a.cases.split(","):
         for cfg in a.configs.split(","):
             st, ms = cfg.split(":")
-            env = dict(os.environ, DMS_DECODE_STAGES=st, DMS_DECODE_MAX_SPLITS=ms, DMS_DECODE_PROBE_CALL="10")
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name], env=env,
-                               capture_output=True, text=True)
-            line = summary(parse(r.stdout)) if r.returncode == 0 else f"failed: {r.stderr.strip()[-300:]}"
+            env = dict(os.environ, DMS_DECODE_STAGES=st, DMS_DECODE_MAX_SPLITS=ms,
+                       DMS_DECODE_PROBE_CALL="9" if a.graph else "10",
+                       DMS_DECODE_PROBE_N="3" if a.graph else "1")
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name]
+                               + (["--graph"] if a.graph else []), env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                line = f"failed: {r.stderr.strip()[-300:]}"
+            else:
+                calls = parse(r.stdout)
+                if not calls:
+                    line = "no PROBE lines (is this a probe build?)"
+                elif a.graph:
+                    line = summary(calls[min(calls)]) + "  ||  " + graph_summary(calls)
+                else:
+                    line = summary(calls[min(calls)])
             print(f"PROBE {name:16s} stages {st} max_splits {ms:>3s}: {line}", flush=True)
 
 

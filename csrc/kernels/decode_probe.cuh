@@ -1,7 +1,7 @@
 // Timeline probe of sparse_decode for tuning on a GPU; compiled only into builds with
 // -DDMS_DECODE_PROBE (DMS_NVCC_EXTRA="-DDMS_DECODE_PROBE" python setup.py build_ext), never into
 // the library's normal build. With it, launch number DMS_DECODE_PROBE_CALL (default 10) of the
-// process prints one line per CTA of the attention kernel (globaltimer at start / end, clock64
+// process (and the DMS_DECODE_PROBE_N - 1 after it) prints one line per CTA of the attention kernel (globaltimer at start / end, clock64
 // cycles of locate, mainloops, epilogues) and per working CTA of the merge kernel (globaltimer at
 // start, after its grid-dependency wait, at the end); DMS_DECODE_STAGES = 2 / 3 / 4 / 6 forces
 // the stage count (and its resident grid) at D 128 bf16 / fp16. bench/decode_probe.py reads it.
@@ -30,10 +30,14 @@ inline int stages() {
   static const int s = env_int("DMS_DECODE_STAGES", 0);
   return s;
 }
-inline int take_call() {  // 1 on the probed launch
+// The probed launches: DMS_DECODE_PROBE_N (default 1) consecutive ones from launch number
+// DMS_DECODE_PROBE_CALL; returns 1, 2, ... on them (printed as `call`), 0 on the others.
+inline int take_call() {
   static int calls = 0;
   static const int at = env_int("DMS_DECODE_PROBE_CALL", 10);
-  return ++calls == at ? 1 : 0;
+  static const int n = env_int("DMS_DECODE_PROBE_N", 1);
+  ++calls;
+  return calls >= at && calls < at + n ? calls - at + 1 : 0;
 }
 }  // namespace probe
 }  // namespace dms

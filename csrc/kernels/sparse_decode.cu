@@ -523,8 +523,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   if (!pl) {
     if (tid == 0) cut[c] = streamk::no_cut_row();
-    DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I c %d sm %u t0 %llu t1 %llu cyc %lld\n", c, probe::smid(),
-                                               pt0, probe::gtime(), clock64() - pc0);)
+    DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
+                                               probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
     return;
   }
   DMS_PROBE(const long long pc1 = clock64();)
@@ -587,7 +587,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   }
   if (tid == 0) cut[c] = streamk::cut_record(*pl, c, v, P, P_end);  // v: the last segment's row
   DMS_PROBE(if (rs.probe && tid == 0)
-              printf("PROBE A c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld tot %lld seg %d keys %d\n", c,
+              printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, clock64() - pc0, p_seg, p_keys);)
 }
 
@@ -612,7 +612,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
   if (cr.v < 0) {
     DMS_PROBE(if (rs.probe && threadIdx.x == 0 && c == 0)
-                printf("PROBE MI c %d sm %u t0 %llu tw %llu t1 %llu\n", c, probe::smid(), pt0, pt1, probe::gtime());)
+                printf("PROBE MI call %d c %d sm %u t0 %llu tw %llu t1 %llu\n", rs.probe, c, probe::smid(), pt0, pt1,
+                       probe::gtime());)
     return;
   }
   const int row = (int)(cr.v / rs.head_tiles), ht = (int)(cr.v % rs.head_tiles);
@@ -632,7 +633,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
           p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
       });
   DMS_PROBE(if (rs.probe && threadIdx.x == 0)
-              printf("PROBE M c %d sm %u t0 %llu tw %llu t1 %llu k %d\n", c, probe::smid(), pt0, pt1, probe::gtime(), cr.k);)
+              printf("PROBE M call %d c %d sm %u t0 %llu tw %llu t1 %llu k %d\n", rs.probe, c, probe::smid(), pt0, pt1,
+                     probe::gtime(), cr.k);)
 }
 
 // ------------------------------------------------------------------------------------------------
