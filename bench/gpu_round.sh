@@ -370,7 +370,7 @@ for s in "${STAGES[@]}"; do
     decode) stage_decode ;;
     step) stage_bench step bench/bench_step.py 240 ;;
     prefill) stage_bench prefill bench/bench_prefill.py 240 ;;
-    hf) stage_bench hf bench/bench_hf.py 240 ${HF_ARGS:-} ;;
+    hf) stage_bench hf bench/bench_hf.py 470 ${HF_ARGS:-} ;;  # the static-cache peers compile for minutes
     e2e) stage_e2e ;;
     ncu) stage_ncu ;;
     memcheck) stage_memcheck ;;
