@@ -11,7 +11,8 @@ prints its timeline (csrc/kernels/decode_probe.cuh). One line per (case, config)
   span     first CTA start to last CTA end of the attention kernel (us, globaltimer)
   skew     last CTA start - first CTA start
   work     CTAs with work / grid
-  loc / main / epi / tot   median cycles of a working CTA's phases, shown in us at the clock
+  loc / main / epi / tot   median cycles of a working CTA's phases (epi: the warp merge, then
+           the output / partial stores), shown in us at the clock
            measured from the same CTAs (cycles / globaltimer ns)
   m_wait   merge kernel: last grid-dependency wait end - attention end
   m_end    merge kernel: last CTA end - attention end
@@ -125,7 +126,7 @@ def summary(rec) -> str:
     med = lambda k: statistics.median(r[k] for r in A)
     s = (f"span {(t1 - t0) / 1e3:6.2f} us  skew {(max(r['t0'] for r in allc) - t0) / 1e3:5.2f}  "
          f"work {len(A)}/{len(allc)}  loc {us(med('loc')):5.2f}  main {us(med('main')):5.2f}  "
-         f"epi {us(med('epi')):5.2f}  tot {us(med('tot')):5.2f} (max {us(max(r['tot'] for r in A)):5.2f})  "
+         f"epi {us(med('epi')):5.2f} (warp merge {us(med('mw')):5.2f})  tot {us(med('tot')):5.2f} (max {us(max(r['tot'] for r in A)):5.2f})  "
          f"keys {int(med('keys'))}  clk {ghz:.2f} GHz")
     if M:
         s += (f"  m_wait {(max(r['tw'] for r in M) - t1) / 1e3:5.2f}  "

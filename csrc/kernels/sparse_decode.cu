@@ -514,7 +514,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
   DMS_PROBE(const unsigned long long pt0 = probe::gtime(); const long long pc0 = clock64();
-            long long p_main = 0, p_epi = 0; int p_seg = 0, p_keys = 0;)
+            long long p_main = 0, p_epi = 0, p_mw = 0; int p_seg = 0, p_keys = 0;)
   pdl_launch_dependents();  // the merge kernel may launch; it waits for this grid to finish
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -561,6 +561,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg; p_keys += kend > kbeg ? kend - kbeg : 0;)
     K::merge_warps(st, scratch);
     __syncthreads();
+    DMS_PROBE(p_mw += clock64() - pm1;)
 
     // The whole row is ours: write it. A piece of a cut row: its partial, for the merge kernel.
     const bool whole = P >= pl->a0 && P_end <= pl->b0;
@@ -587,8 +588,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   }
   if (tid == 0) cut[c] = streamk::cut_record(*pl, c, v, P, P_end);  // v: the last segment's row
   DMS_PROBE(if (rs.probe && tid == 0)
-              printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld tot %lld seg %d keys %d\n", rs.probe, c,
-                     probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, clock64() - pc0, p_seg, p_keys);)
+              printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
+                     probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
 }
 
 
