@@ -14,8 +14,8 @@ set so that about 7/8 of the tokens are evicted: CR ~8 like the public checkpoin
 
 Decode tokens/s and ms / step time the decode steps alone: hf.generate's own decode_s, and for
 transformers' generate a streamer that syncs and stamps every new token (StepTimer). The static
-peers are warmed up twice at the timed shape, and a timed call that compiles is refused. Compare the dms
-per-step time with bench_e2e's raw-op step time at the same batch (target: within 10%).
+peers are warmed up twice at the timed shape; a timed call that compiles gives no number. Compare
+the dms per-step time with bench_e2e's raw-op step time at the same batch (target: within 10%).
 Results: bench/results/hf_<date>.md (date, GPU, torch, transformers, commit, command).
 """
 from __future__ import annotations
@@ -196,18 +196,14 @@ def main() -> None:
             c0 = _compiles()
             st = StepTimer()
             gen(n, streamer=st)
-            if _compiles() != c0:
-                raise RuntimeError(f"{label}: torch.compile ran during the timed call")
-            rows.append([label, bb, bb / st.step_s(), st.step_s() * 1e3, "- (torch.compile)"])
+            if _compiles() != c0:  # not a steady-state time: no number for this row
+                rows.append([label, bb, float("nan"), float("nan"), "compiled while timed"])
+            else:
+                rows.append([label, bb, bb / st.step_s(), st.step_s() * 1e3, "- (torch.compile)"])
             _log(f"{label}: batch {bb} done")
             emit()
         except torch.cuda.OutOfMemoryError:
             rows.append([label, bb, float("nan"), float("nan"), "OOM"])
-            emit()
-        except RuntimeError as e:
-            if "torch.compile ran" not in str(e):
-                raise
-            rows.append([label, bb, float("nan"), float("nan"), "compiled while timed"])
             emit()
         torch.cuda.empty_cache()
 

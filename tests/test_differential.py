@@ -444,9 +444,9 @@ def test_cuda_sparse_decode_random_cases():
         assert same_bits(out, out2), f"case {i}: sparse_decode and sparse_decode_lse differ"
         # The CPU twin on the same data is a second opinion with its own rounding.
         # Case 2843 of the former single-stream draw (fp16, q [33, 21, 256], scale 25, scores
-        # ~1e5) failed the old lse tolerance
-        # 1e-4 |lse| + 1e-3 by 0.216: heads of one key whose score ~130 is a sum of products
-        # ~1e6 that cancel (condition ~1e4); attention_bound's score term admits ~20 there.
+        # ~1e5) failed the old lse tolerance 1e-4 |lse| + 1e-3 by 0.216: heads of one key whose
+        # score ~130 is a sum of products ~1e6 that cancel (condition ~1e4); attention_bound's
+        # score term admits ~20 there.
         check_decode_case(case, out, lse, f"cuda sparse_decode case {i} ({q.dtype}, "
                           f"q {list(q.shape)}, bs {kc.shape[1]})", None, bound_device="cuda")
         COUNTS["cuda_sparse_decode"] += 1

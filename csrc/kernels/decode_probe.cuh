@@ -1,10 +1,11 @@
 // Timeline probe of sparse_decode for tuning on a GPU; compiled only into builds with
 // -DDMS_DECODE_PROBE (DMS_NVCC_EXTRA="-DDMS_DECODE_PROBE" python setup.py build_ext), never into
 // the library's normal build. With it, launch number DMS_DECODE_PROBE_CALL (default 10) of the
-// process (and the DMS_DECODE_PROBE_N - 1 after it) prints one line per CTA of the attention kernel (globaltimer at start / end, clock64
-// cycles of locate, mainloops, epilogues) and per working CTA of the merge kernel (globaltimer at
-// start, after its grid-dependency wait, at the end); DMS_DECODE_STAGES = 2 / 3 / 4 / 6 forces
-// the stage count (and its resident grid) at D 128 bf16 / fp16. bench/decode_probe.py reads it.
+// process (and the DMS_DECODE_PROBE_N - 1 after it) prints one line per CTA of the attention
+// kernel (globaltimer at start / end, clock64 cycles of locate, mainloops, warp merges,
+// epilogues) and per working CTA of the merge kernel (globaltimer at start, after its
+// grid-dependency wait, at the end); DMS_DECODE_STAGES = 2 / 3 / 4 / 6 forces the stage count
+// (and its resident grid) at D 128 bf16 / fp16. bench/decode_probe.py reads it.
 #pragma once
 #ifdef DMS_DECODE_PROBE
 #include <cstdio>
