@@ -22,7 +22,9 @@
 #                   counts), one pytest per file, all files side by side within one timeout
 #                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one;
 #                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side;
-#                   test_differential in RELIABILITY_SHARDS processes (12), test_soak in 3)
+#                   test_differential in RELIABILITY_SHARDS processes (12 per GPU), test_soak in
+#                   RELIABILITY_SOAK_SHARDS (3 per GPU); processes spread over every GPU, so on
+#                   nvidia-h200-x2 (32 cores, 2 GPUs) the 10x suites get twice the machine)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
@@ -316,17 +318,20 @@ stage_reliability() {
                ${RELIABILITY_EXTRA_FILES:-})
   to=$(stage_timeout reliability 400)
   t=$(date +%s)
+  local ngpu; ngpu=$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)
   for f in "${files[@]}"; do
     case "$f" in
-      */test_differential.py) n=${RELIABILITY_SHARDS:-12} ;;
-      */test_soak.py) n=3 ;;
+      */test_differential.py) n=${RELIABILITY_SHARDS:-$(( 12 * ngpu ))} ;;
+      */test_soak.py) n=${RELIABILITY_SOAK_SHARDS:-$(( 3 * ngpu ))} ;;
       *) n=1 ;;
     esac
     for (( i = 0; i < n; i++ )); do jobs+=("$f|$i/$n"); done
   done
   threads=$(( $(nproc) / ${#jobs[@]} )); [ "$threads" -lt 1 ] && threads=1
+  local j=0 gpu
   for job in "${jobs[@]}"; do
     f=${job%%|*}; local sh=${job##*|}
+    gpu=$(( j % ngpu )); j=$(( j + 1 ))    # processes spread over the GPUs (nvidia-h200-x2: 2)
     base=rel_$(basename "$f" .py); [ "$sh" != 0/1 ] && base="${base}_s${sh%%/*}"
     bases+=("$base")
     if [ "${RELIABILITY_SERIAL:-0}" = 1 ]; then
@@ -334,9 +339,9 @@ stage_reliability() {
         $PY -m pytest -q -rfE -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
       echo "$RC $SECS" >"$LOGS/$base.rc"
     else
-      ( s0=$(date +%s); echo "+ timeout $to pytest $f (DMS_TEST_SHARD $sh, OMP_NUM_THREADS $threads)" >"$LOGS/$base.log"
-        OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} \
-          timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
+      ( s0=$(date +%s); echo "+ timeout $to pytest $f (DMS_TEST_SHARD $sh, OMP_NUM_THREADS $threads, GPU $gpu)" >"$LOGS/$base.log"
+        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} \
+          timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider --durations=6 -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
         rc=$?; [ $rc -eq 124 ] && rc="124(timeout ${to}s)"; echo "$rc $(( $(date +%s) - s0 ))" >"$LOGS/$base.rc" ) &
       pids+=($!)
     fi
@@ -353,7 +358,7 @@ stage_reliability() {
     add_row "$base" "$RC" "$SECS" "$key"
     [ "$RC" != 0 ] && note_failures "$base" "$LOGS/$base.log" "^(FAILED|ERROR)|Error:|error:"
   done
-  echo "reliability: $(( $(date +%s) - t )) s for ${#bases[@]} processes, OMP_NUM_THREADS $threads" >>"$LOGS/reliability_wall.log"
+  echo "reliability: $(( $(date +%s) - t )) s for ${#bases[@]} processes on $ngpu GPU(s), OMP_NUM_THREADS $threads" >>"$LOGS/reliability_wall.log"
 }
 
 stage_e2e() {

@@ -17,6 +17,7 @@ from dms_ext import reference
 LAMBDA = 8.0     # probabilistic rounding-error bounds hold with probability >= 1 - 2 exp(-L^2 / 2)
 SAFETY = 2.0     # every modelled rounding may happen twice (see attention_bound)
 U32 = 2.0 ** -24
+FTZ32 = 2.0 ** -126   # float32's smallest normal: results below it may flush to zero (term 6)
 
 
 def unit_roundoff(dtype):
@@ -60,59 +61,72 @@ def attention_bound(q, k, v, scale, dtype, mask=None):
        LAMBDA sqrt(n) u32 + 4 u32 (exp2 / log2 approximations, 2 ulp each).
     5. Output rounding to dtype: u |o| + eta / 2 (exact, not multiplied by SAFETY); lse is
        float32: u32 |lse|.
+    6. float32 results below 2^-126 may flush to zero (ex2.approx.ftz for P, the final o = acc / l):
+       a P_j under 2^-126 may be lost entirely, a deterministic (not mean-zero) error of at most
+       sum_j min(p_j, tau) (|v_j| + |o|) with tau = 2^-126 e^{m - lse} (the flush threshold on the
+       normalised scale), and o itself loses up to 2^-126. This only matters for bf16 outputs
+       near 1e-38 (the 10x differential suites found heads whose output was such a remnant).
 
-    tol_o = SAFETY (term 2 + term 3 + term 4) + term 5, tol_lse likewise. SAFETY = 2 is not
+    tol_o = SAFETY (term 2 + term 3 + term 4 + term 6) + term 5, tol_lse likewise. SAFETY = 2 is not
     needed by any modelled term (their products, the second-order terms, are below 1%): it lets
     every modelled rounding happen twice (a kernel that rounds P once more, stores a partial
     result of a split in float32 and reloads it, or folds scale and log2 e into separate
     multiplies), and it is not tuned to any measured error.
+
+    Batched: leading dimensions broadcast (q [..., Q, D], k / v [..., n, D], mask [..., Q, n]),
+    so one call bounds every query head of a problem (dms_bound).
     """
     q64, k64, v64 = q.double(), k.double(), v.double()
-    Q, D = q64.shape
-    n = k64.shape[0]
+    Q, D = q64.shape[-2:]
+    n = k64.shape[-2]
     u = unit_roundoff(dtype)
     eta = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps   # smallest subnormal
     scale = abs(float(scale))
+    kt = k64.transpose(-1, -2)
+    s = (q64 @ kt) * scale                                     # [..., Q, n]
     if mask is None:
-        mask = torch.ones(Q, n, dtype=torch.bool, device=q64.device)
-    mask = mask.to(q64.device)
-    seen = mask.any(dim=1)
-    s = (q64 @ k64.t()) * scale
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q64.device)
+    mask = mask.to(q64.device).expand(s.shape)
+    seen = mask.any(dim=-1)
     s = s.masked_fill(~mask, -math.inf)
-    c = (q64.abs() @ k64.abs().t()) * scale
-    m = s.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    lse = torch.logsumexp(s, dim=1, keepdim=True)
+    c = (q64.abs() @ kt.abs()) * scale
+    m = s.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     logp = s - lse_safe
     p = logp.exp()                                             # 0 where masked
     o = p @ v64
     delta = U32 * ((D + 2) * c + (s - m).abs().nan_to_num(0.0, posinf=0.0))
     delta = delta.masked_fill(~mask, 0.0)
-    le_plus = torch.logsumexp(s + delta, dim=1, keepdim=True) - lse_safe     # log E+
-    le_minus = torch.logsumexp(s - delta, dim=1, keepdim=True) - lse_safe    # log E-
+    le_plus = torch.logsumexp(s + delta, dim=-1, keepdim=True) - lse_safe     # log E+
+    le_minus = torch.logsumexp(s - delta, dim=-1, keepdim=True) - lse_safe    # log E-
     dp = torch.maximum((logp + delta - le_minus).exp() - p, p - (logp - delta - le_plus).exp())
     dp = dp.masked_fill(~mask, 0.0).nan_to_num(0.0, posinf=math.inf)
     va = v64.abs()
-    # sum_j dp_j |v_jd - o_d| without materialising [Q, n, D] for long heads: chunks of keys
+    # sum_j dp_j |v_jd - o_d| without materialising [..., Q, n, D] for long heads: chunks of keys
     # (larger on a GPU, where each chunk is a launch; only the float64 summation order differs).
-    e_score = torch.zeros(Q, D, dtype=torch.float64, device=q64.device)
-    step = max(1, (1 << (22 if q64.device.type == "cpu" else 25)) // max(1, Q * D))
+    e_score = torch.zeros_like(o)
+    step = max(1, (1 << (22 if q64.device.type == "cpu" else 25)) // max(1, o.numel()))
     for a in range(0, n, step):
-        e_score += (dp[:, a:a + step, None] * (v64[None, a:a + step] - o[:, None]).abs()).sum(1)
+        e_score += (dp[..., a:a + step, None] * (v64[..., None, a:a + step, :] - o[..., None, :]).abs()).sum(-2)
     a_j = torch.maximum(u * p, (eta / 2) * (m - lse_safe).exp()).masked_fill(~mask, 0.0)
     a2 = a_j * a_j
     oa = o.abs()
     # sum_j a_j^2 (|v_jd| + |o_d|)^2 = a2 @ |v|^2 + 2 |o_d| (a2 @ |v|) + |o_d|^2 sum a2
-    e_p = LAMBDA * (a2 @ (va * va) + 2 * oa * (a2 @ va) + oa * oa * a2.sum(1, keepdim=True)).sqrt()
-    n_seen = mask.sum(1, keepdim=True).double()
+    e_p = LAMBDA * (a2 @ (va * va) + 2 * oa * (a2 @ va) + oa * oa * a2.sum(-1, keepdim=True)).sqrt()
+    n_seen = mask.sum(-1, keepdim=True).double()
     e_acc = LAMBDA * n_seen.sqrt() * U32 * (p @ va + oa)
-    tol_o = SAFETY * (e_score + e_p + e_acc) + u * oa + eta / 2
+    # term 6: P_j flushed below 2^-126 (on the normalised scale tau), and o flushed
+    p_ftz = torch.minimum(p, FTZ32 * (m - lse_safe).exp())
+    e_ftz = p_ftz @ va + oa * p_ftz.sum(-1, keepdim=True)
+    tol_o = SAFETY * (e_score + e_p + e_acc + e_ftz) + u * oa + torch.maximum(
+        torch.full_like(oa, eta / 2), (oa < FTZ32) * FTZ32)
     lse_err = torch.maximum(le_plus, -le_minus)
     tol_lse = SAFETY * (lse_err + LAMBDA * n_seen.sqrt() * U32 + 4 * U32) + U32 * lse_safe.abs()
-    o = torch.where(seen[:, None], o, torch.zeros_like(o))
-    tol_o = torch.where(seen[:, None], tol_o, torch.zeros_like(tol_o))
-    tol_lse = torch.where(seen[:, None], tol_lse, torch.zeros_like(tol_lse))
-    return o, lse[:, 0], tol_o, tol_lse[:, 0]
+    o = torch.where(seen[..., None], o, torch.zeros_like(o))
+    tol_o = torch.where(seen[..., None], tol_o, torch.zeros_like(tol_o))
+    tol_lse = torch.where(seen[..., None], tol_lse, torch.zeros_like(tol_lse))
+    return o, lse[..., 0], tol_o, tol_lse[..., 0]
 
 
 def paged_heads(q, k_cache, v_cache, block_table, seq_lens):
@@ -147,28 +161,30 @@ def decode_bound(q, k_cache, v_cache, block_table, seq_lens, scale, dtype=None, 
     return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
 
 
-def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None, device="cpu"):
+def dms_bound(q, k, v, logits, window, scale, dtype=None, rows=None, device=None):
     """attention_bound under the DMS visibility rule for one sequence: q [N, Hq, D], k, v
     [N, Hkv, D], logits [N, Hkv]; rows: the query positions to bound (default all). Returns
     (o, lse, tol_o, tol_lse) with o [R, Hq, D], float64 on the CPU. `device`: where the float64
-    math runs (as decode_bound)."""
-    q, k, v, logits = q.to(device), k.to(device), v.to(device), logits.to(device)
+    math runs (as decode_bound); None: a GPU when there is one and the problem is large
+    (R N Hq D > 2^22), else the CPU. One batched attention_bound call for every query head."""
     N, hq, D = q.shape
     hkv = k.shape[1]
     G = hq // hkv
-    rows = (torch.arange(N) if rows is None else torch.as_tensor(rows)).to(device)
+    rows = torch.arange(N) if rows is None else torch.as_tensor(rows)
+    R = rows.numel()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and R * N * hq * D > (1 << 22) else "cpu"
+    q, k, v, logits = q.to(device), k.to(device), v.to(device), logits.to(device)
+    rows = rows.to(device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dtype = dtype or q.dtype
     mask = reference.visibility_mask(logits, window)[:, rows]          # [Hkv, R, N]
-    R = rows.numel()
-    o = torch.zeros(R, hq, D, dtype=torch.float64, device=device)
-    lse = torch.zeros(R, hq, dtype=torch.float64, device=device)
-    tol_o, tol_lse = torch.zeros_like(o), torch.zeros_like(lse)
-    for h in range(hq):
-        g = h // G
-        o[:, h], lse[:, h], tol_o[:, h], tol_lse[:, h] = attention_bound(
-            q[rows, h], k[:, g], v[:, g], scale, dtype, mask[g])
-    return o.cpu(), lse.cpu(), tol_o.cpu(), tol_lse.cpu()
+    qh = q[rows].reshape(R, hkv, G, D).permute(1, 2, 0, 3)              # [Hkv, G, R, D]
+    kh, vh = k.permute(1, 0, 2)[:, None], v.permute(1, 0, 2)[:, None]  # [Hkv, 1, N, D]
+    o, lse, tol_o, tol_lse = attention_bound(qh, kh, vh, scale, dtype, mask[:, None])
+    o, tol_o = (x.permute(2, 0, 1, 3).reshape(R, hq, D).cpu() for x in (o, tol_o))
+    lse, tol_lse = (x.permute(2, 0, 1).reshape(R, hq).cpu() for x in (lse, tol_lse))
+    return o, lse, tol_o, tol_lse
 
 
 def bound_violations(out, ref, tol):
@@ -196,3 +212,40 @@ def assert_within_bound(out, ref, tol, what, lse=None, lse_ref=None, lse_tol=Non
         assert torch.equal(torch.isneginf(lse), empty), f"{what}: lse -inf pattern differs"
         nbad, worst, first = bound_violations(lse[~empty], lse_ref[~empty], lse_tol[~empty])
         assert nbad == 0, f"{what}: lse outside the bound ({nbad} heads, worst {worst:.3g} x bound)"
+
+
+def logit_interval(q, hkv, alpha_scale, alpha_offset, q_norm_weight=None, eps=1e-6, dtype=None):
+    """[lo, hi] (float64 [T, Hkv]) of the borrowed eviction logit (reference.eviction_rope's
+    rounding chain) that a kernel doing the RMSNorm in float32 may give; q [T, Hq, D].
+
+    Without a norm the chain is exact (lo = hi = the reference). With one, the donor is
+    round(round(x r) w) where the kernel's r = rsqrtf(sum(x^2) / D + eps) has relative error at
+    most delta = ((D + 2) / 2 + 5) u32 (D fma additions of positive terms, halved by the square
+    root, the division, the eps addition, rsqrtf's 2 ulp, the product x r): near a rounding tie
+    of x r the kernel's donor may sit one unit of `dtype` away from the float64 reference's, and
+    a_s magnifies that step (the 10x CUDA differential suite met 6 such cases in 30,000). The
+    chain is monotonic in r, so the ends are the logits of r (1 - delta) and r (1 + delta)."""
+    T, hq, D = q.shape
+    lt = dtype or q.dtype
+    donors = torch.arange(hkv) * (hq // hkv)
+    x = q[:, donors, D - 1].double().cpu()
+    if q_norm_weight is None:
+        l = reference.borrowed_logits(x.to(lt), alpha_scale, alpha_offset).double()
+        return l, l
+    r = torch.rsqrt(q[:, donors].double().cpu().pow(2).mean(dim=-1) + eps)
+    delta = ((D + 2) / 2 + 5) * U32
+    w = q_norm_weight.cpu()[D - 1].to(lt)
+    ends = [reference.borrowed_logits(((x * r * f).to(lt) * w).to(lt), alpha_scale,
+                                      alpha_offset).double() for f in (1 - delta, 1 + delta)]
+    return torch.minimum(*ends), torch.maximum(*ends)
+
+
+def assert_logits_within(logits, lo, hi, what, rtol=1e-5, atol=1e-3):
+    """Each logit in [lo - tol, hi + tol], tol = atol + rtol max(|lo|, |hi|) (logit_interval)."""
+    x = logits.double().cpu()
+    tol = atol + rtol * torch.maximum(lo.abs(), hi.abs())
+    err = torch.maximum(lo - x, x - hi).clamp_min(0.0)
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {x.numel()} logits outside the interval, "
+                           f"first at {bad.nonzero()[0].tolist()}: got {x[bad][0].item()!r}, "
+                           f"want [{lo[bad][0].item()!r}, {hi[bad][0].item()!r}]")

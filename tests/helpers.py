@@ -35,8 +35,9 @@ from dms_ext import ops, reference
 from dms_ext.cache import DMSCache, OutOfBlocks
 
 # Re-exported (one definition each, in its topic module): `from helpers import X` keeps working.
-from bounds import (LAMBDA, SAFETY, U32, assert_within_bound, attention_bound,  # noqa: F401
-                    bound_violations, decode_bound, dms_bound, paged_heads, unit_roundoff)
+from bounds import (LAMBDA, SAFETY, U32, assert_logits_within, assert_within_bound,  # noqa: F401
+                    attention_bound, bound_violations, decode_bound, dms_bound, logit_interval,
+                    paged_heads, unit_roundoff)
 from dms_state import (STATE_KEYS, assert_pool_consistent, assert_same_logical,  # noqa: F401
                        clone_state, compare_logical, logical_view, new_state, state_args)
 
@@ -339,7 +340,10 @@ class SpecState:
         if not done:
             return False
         assert same_bits(kd.cpu(), k), "decode_step wrote its k argument"
-        if given is None:
+        if given is None and self.float_math:    # float32 RMSNorm: bounds.logit_interval
+            lo, hi = logit_interval(q, self.hkv, alpha[0], alpha[1], qn, eps)
+            assert_logits_within(logits, lo, hi, "decode_step logits", self.logit_rtol, self.logit_atol)
+        elif given is None:
             torch.testing.assert_close(logits.cpu(), l_ref, rtol=self.logit_rtol, atol=self.logit_atol)
         else:
             assert same_bits(logits.cpu(), given), "adapter logits must come back unchanged"
