@@ -22,6 +22,8 @@
 #                   counts), one pytest per file, all files side by side within one timeout
 #                   (STAGE_TIMEOUT_reliability, default 400 s; RELIABILITY_SERIAL=1: one by one;
 #                   RELIABILITY_EXTRA_FILES="tests/a.py tests/b.py": more files side by side;
+#                   RELIABILITY_FILES: instead of the default files; RELIABILITY_K: a pytest -k
+#                   expression for every file of the stage, e.g. a rerun of one random suite;
 #                   test_differential in RELIABILITY_SHARDS processes (12 per GPU), test_soak in
 #                   RELIABILITY_SOAK_SHARDS (3 per GPU); processes spread over every GPU, so on
 #                   nvidia-h200-x2 (32 cores, 2 GPUs) the 10x suites get twice the machine)
@@ -313,9 +315,10 @@ stage_reliability() {
   # processes starved one another on 16 cores (gpu_round_2026-11-30_0829.md).
   # A file stopped by the timeout reports how far its progress lines got.
   local f base key dots to pids=() bases=() jobs=() t n i threads
-  local files=(tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py
-               tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py
+  local files=(${RELIABILITY_FILES:-tests/test_hf.py tests/test_hf_generate.py tests/test_cache.py
+               tests/test_differential.py tests/test_soak.py tests/test_compile.py tests/test_bad_inputs.py}
                ${RELIABILITY_EXTRA_FILES:-})
+  local kexpr=(); [ -n "${RELIABILITY_K:-}" ] && kexpr=(-k "$RELIABILITY_K")
   to=$(stage_timeout reliability 400)
   t=$(date +%s)
   local ngpu; ngpu=$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)
@@ -336,12 +339,12 @@ stage_reliability() {
     bases+=("$base")
     if [ "${RELIABILITY_SERIAL:-0}" = 1 ]; then
       DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} run_cmd reliability 150 "$LOGS/$base.log" \
-        $PY -m pytest -q -rfE -p no:cacheprovider -m cuda ${PYTEST_ARGS:-} "$f"
+        $PY -m pytest -q -rfE -p no:cacheprovider -m cuda "${kexpr[@]}" ${PYTEST_ARGS:-} "$f"
       echo "$RC $SECS" >"$LOGS/$base.rc"
     else
       ( s0=$(date +%s); echo "+ timeout $to pytest $f (DMS_TEST_SHARD $sh, OMP_NUM_THREADS $threads, GPU $gpu)" >"$LOGS/$base.log"
         CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads DMS_TEST_SHARD=$sh DMS_TEST_SCALE=${DMS_TEST_SCALE:-10} \
-          timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider --durations=6 -m cuda ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
+          timeout -k 10 "$to" $PY -m pytest -q -rfE -p no:cacheprovider --durations=6 -m cuda "${kexpr[@]}" ${PYTEST_ARGS:-} "$f" >>"$LOGS/$base.log" 2>&1
         rc=$?; [ $rc -eq 124 ] && rc="124(timeout ${to}s)"; echo "$rc $(( $(date +%s) - s0 ))" >"$LOGS/$base.rc" ) &
       pids+=($!)
     fi

@@ -244,8 +244,9 @@ def assert_logits_within(logits, lo, hi, what, rtol=1e-5, atol=1e-3):
     """Each logit in [lo - tol, hi + tol], tol = atol + rtol max(|lo|, |hi|) (logit_interval)."""
     x = logits.double().cpu()
     tol = atol + rtol * torch.maximum(lo.abs(), hi.abs())
+    inside = (x >= lo) & (x <= hi)                        # equal infinities included
     err = torch.maximum(lo - x, x - hi).clamp_min(0.0)
-    bad = ~(err <= tol)
+    bad = ~inside & ~(err <= tol)
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {x.numel()} logits outside the interval, "
                            f"first at {bad.nonzero()[0].tolist()}: got {x[bad][0].item()!r}, "
                            f"want [{lo[bad][0].item()!r}, {hi[bad][0].item()!r}]")

@@ -84,3 +84,17 @@ def test_logit_interval_holds_float32_norm_and_catches_one_unit():
                 assert torch.equal(l0, h0) and torch.equal(l0, ref)
     assert widened > 0, "no case near a rounding tie: the interval was never exercised"
     assert caught > 0
+
+
+def test_logit_interval_takes_infinite_logits():
+    """a_s * q overflowing the dtype gives +-inf logits: equal infinities are inside, a finite
+    logit where the reference is infinite (and NaN) is not."""
+    from bounds import assert_logits_within
+    import pytest
+    q = torch.tensor([[[0.0, 6e4], [0.0, -6e4], [0.0, 1.0]]], dtype=torch.float16)   # [1, 3, 2]
+    lo, hi = logit_interval(q, 3, 1e4, 5.0, None)
+    assert torch.isinf(lo[0, :2]).all() and torch.equal(lo, hi)
+    assert_logits_within(lo.float(), lo, hi, "inf")
+    for bad in (torch.tensor([[6e4, -torch.inf, 1e4 - 5]]), torch.tensor([[torch.nan, -torch.inf, 1e4 - 5]])):
+        with pytest.raises(AssertionError):
+            assert_logits_within(bad, lo, hi, "finite for inf")
