@@ -110,6 +110,47 @@ def test_generate_packs_forks_and_releases():
     assert r.decode_tokens == sum(len(s) - 1 for s in r.sequences[0])
 
 
+def test_read_ahead_gives_the_same_tokens_and_releases_everything(monkeypatch):
+    """generate() launches step t + 1 before it reads step t's tokens (_READ_AHEAD = 1). With EOS
+    stopping rows at different steps, forks and sampling, the sequences, token counts and the
+    pool equal the step-by-step loop's (_READ_AHEAD = 0, and a callback, which forces it)."""
+    import importlib
+    gmod = importlib.import_module("dms_ext.hf.generate")
+    m = make_model(seed=21)
+    gen = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist() for n in (4, 13, 7)]
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=6, max_tokens=40, block_size=4)
+    free0 = cache.dms.num_free_blocks
+    greedy = hf.generate(m, prompts, max_new_tokens=10, cache=cache)
+    eos = greedy.sequences[0][0][2]                   # stops prompt 0 early, others maybe not
+    runs = []
+    for ahead, cb in ((1, None), (0, None), (1, lambda *a: None)):
+        monkeypatch.setattr(gmod, "_READ_AHEAD", ahead)
+        for kw in (dict(), dict(do_sample=True, top_k=5, generator=torch.Generator().manual_seed(3))):
+            r = hf.generate(m, prompts, max_new_tokens=10, num_samples=2, eos_token_id=eos,
+                            cache=cache, callback=cb, **kw)
+            assert len(cache.dms) == 0 and cache.dms.num_free_blocks == free0, (ahead, kw)
+            runs.append((r.sequences, r.decode_tokens, r.decode_steps))
+    # Greedy: the same tokens, counts and steps whichever loop. Sampling draws one token per
+    # row of the batch from the generator, and read-ahead keeps a just-finished row one step
+    # longer, so only the step-by-step runs (ahead 0 and the callback's) must agree; the
+    # read-ahead run's rows stop at EOS or at 10 tokens and its counts add up.
+    assert runs[0] == runs[2] == runs[4] and runs[3] == runs[5]
+    assert runs[0][0][0][0][-1] == eos and len(runs[0][0][0][0]) == 3
+    # Read-ahead launches no step past max_new_tokens: one prefill call, then one call a step.
+    calls = []
+    hook = m.register_forward_pre_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(gmod, "_READ_AHEAD", 1)
+    r = hf.generate(m, prompts, max_new_tokens=10, cache=cache)
+    hook.remove()
+    assert r.sequences == greedy.sequences and len(calls) == 1 + r.decode_steps == 10
+    seqs, toks, _ = runs[1]
+    for samples in seqs:
+        for t in samples:
+            assert (t[-1] == eos and eos not in t[:-1]) or (len(t) == 10 and eos not in t)
+    assert toks == sum(len(t) - 1 for samples in seqs for t in samples)
+
+
 def test_cache_errors():
     m = make_model(seed=16)
     cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=16, block_size=4)

@@ -46,6 +46,26 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# Decode steps launched ahead of the token read-back (generate()); 0 reads every step's tokens
+# before the next launch (as any call with a callback does).
+_READ_AHEAD = 1
+
+
+def _read_later(tokens: torch.Tensor) -> Callable[[], List[int]]:
+    """Starts copying tokens to the host without waiting; the returned call waits and lists them."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> List[int]:
+        done.synchronize()
+        return host.tolist()
+    return read
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,7 +92,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
     again. The same batching is used with ``cuda_graphs=False`` on CUDA, so both give the same
     tokens. On the CPU a sequence is released as soon as it finishes.
 
-    ``callback(step, live_seq_ids, cache)`` runs after every decode step (before releases)."""
+    Each decode step is launched before the previous step's tokens are read back (its input
+    tokens stay on the device), so the host's per-step work overlaps the GPU's; a sequence that
+    stops at EOS thus takes part in one more step, whose token is dropped.
+    ``callback(step, live_seq_ids, cache)`` runs after every decode step (before releases); with
+    a callback every step's tokens are read before the next step is launched."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token lists")
     if num_samples < 1:
@@ -93,12 +117,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
     kw = cache_kwargs(model, cache)
     defer = cache.dms.device.type == "cuda"
 
-    def forward(seq_ids: List[int], chunks: List[List[int]]) -> torch.Tensor:
-        counts = [len(c) for c in chunks]
-        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)[None]
+    def forward(seq_ids: List[int], chunks: List[List[int]], ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """chunks: each sequence's new tokens; or ids [n] on the device, one per sequence."""
+        counts = [len(c) for c in chunks] if ids is None else [1] * len(seq_ids)
+        if ids is None:
+            ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
         last = torch.tensor(np.cumsum(counts) - 1, dtype=torch.long, device=dev)
         cache.set_packed(seq_ids, counts)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=last, **kw)
+        out = model(input_ids=ids[None], use_cache=True, logits_to_keep=last, **kw)
         return out.logits[0]                                   # [n, vocab]
 
     t0 = time.perf_counter()
@@ -152,19 +178,47 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
 
     steps = tokens = 0
     batch = prune(batch)
-    while batch:
-        sids = [s for s, _, _ in batch]
-        logits = forward(sids, [[seqs[i][j][-1]] for _, i, j in batch])
-        nxt = sample(logits, do_sample, temperature, top_k, top_p, generator).tolist()
-        steps += 1
-        live = [(sid, i, j) for sid, i, j in batch if not finished(i, j)]
-        tokens += len(live)
-        if callback is not None:
-            callback(steps, [s for s, _, _ in live], cache)
-        for (sid, i, j), tok in zip(batch, nxt):
-            if not finished(i, j):
-                seqs[i][j].append(int(tok))
-        batch = prune(batch)
+    # Read-ahead (without a callback): step t + 1 is launched before step t's tokens are read
+    # back. Its input tokens stay on the device (the sampled tensor), so on CUDA the host's work
+    # for a step (HF's forward, the plan, the launch) overlaps the GPU's instead of following a
+    # sync. A row that turns out to have finished (EOS) at step t gets one more token at step
+    # t + 1, ignored like every token of a finished row that stays in a captured batch (prune).
+    # The CPU runs the same loop (its read-back is immediate).
+    lag = _READ_AHEAD if callback is None else 0
+    inflight: List[tuple] = []                      # (rows, read_tokens) of launched steps
+    cur, cur_rows = None, []                        # the last step's sampled tokens (device)
+
+    def due(i, j) -> bool:                          # may still need a token after the launched steps
+        return not finished(i, j) and len(seqs[i][j]) + len(inflight) < max_new_tokens
+
+    while batch or inflight:
+        launched = False
+        if batch and any(due(i, j) for _, i, j in batch):
+            if cur is None:
+                ids = torch.tensor([seqs[i][j][-1] for _, i, j in batch], dtype=torch.long, device=dev)
+            else:                                    # the rows still in the batch, on the device
+                at = {r: k for k, r in enumerate(cur_rows)}
+                keep = [at[r] for r in batch]
+                ids = cur if keep == list(range(len(cur_rows))) else cur[torch.tensor(keep, device=dev)]
+            logits = forward([s for s, _, _ in batch], [[0]] * len(batch), ids)
+            cur = sample(logits, do_sample, temperature, top_k, top_p, generator)
+            cur_rows = list(batch)
+            inflight.append((cur_rows, _read_later(cur)))
+            launched = True
+        if inflight and (not launched or len(inflight) > lag):
+            rows, read = inflight.pop(0)
+            nxt = read()
+            live = [(sid, i, j) for sid, i, j in rows if not finished(i, j)]
+            steps += bool(live)                      # a read-ahead step past every EOS: not a step
+            tokens += len(live)
+            if callback is not None:
+                callback(steps, [s for s, _, _ in live], cache)
+            for (sid, i, j), tok in zip(rows, nxt):
+                if not finished(i, j):
+                    seqs[i][j].append(int(tok))
+            batch = prune(batch)
+        elif not launched:
+            break
     _sync(dev)
     t2 = time.perf_counter()
     return GenerationResult(sequences=seqs, prefill_s=t1 - t0, decode_s=t2 - t1,
