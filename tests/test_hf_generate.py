@@ -151,6 +151,38 @@ def test_read_ahead_gives_the_same_tokens_and_releases_everything(monkeypatch):
     assert toks == sum(len(t) - 1 for samples in seqs for t in samples)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_rms_norm_equals_the_module(model_type, dtype, device):
+    """graphs.rms_norm (two ops) against the transformers RMSNorm module it replaces in the
+    decode step: bitwise on the CPU; on CUDA within one unit of the dtype (the float32 rsqrt's
+    reduction order may move a value across a rounding tie), and equal almost everywhere."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA decode path runs bf16 / fp16")
+    from dms_ext.hf.graphs import rms_norm
+    m = make_model(seed=61, model_type=model_type, dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(62)
+    norms = [m.model.norm] + [n for layer in m.model.layers
+                              for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_((torch.rand(norm.weight.shape, generator=gen) + 0.5).to(dtype))
+            x = (torch.randn(33, norm.weight.shape[0], generator=gen) * 3).to(dtype).to(device)
+            want, got = norm(x), rms_norm(norm, x)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            if device == "cpu":
+                assert torch.equal(got, want)
+            else:
+                ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+                assert bool(((got.float() - want.float()).abs() <= ulp).all())
+                assert float((got != want).double().mean()) < 0.01
+            # Mutation: a norm without the weight product (or with eps 0) is not the module.
+            assert not torch.equal(torch.nn.functional.rms_norm(x, (x.shape[-1],), None, 1e-6), want)
+
+
 def test_cache_errors():
     m = make_model(seed=16)
     cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=16, block_size=4)

@@ -5,24 +5,40 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .attention import cached_attention
 from .cache import DMSCacheHF, ForwardPlan
 from .settings import ModelState
 
 
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """A transformers Qwen3 / Llama RMSNorm module's output in two ops instead of its eight
+    (to float32, pow, mean, add, rsqrt, mul, to the dtype, times the weight): F.rms_norm without
+    a weight gives round(x * rsqrt(mean(x^2) + eps)) in x's dtype, as the module's normalised
+    value, then the module's weight product rounds again. Bitwise equal to the module on the CPU
+    (tests/test_hf_generate.py); on CUDA the float32 rsqrt's reduction order may differ, so an
+    element can round one unit away near a tie (as docs/ops.md says of eviction_rope's norm)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * norm.weight
+
+
 def decode_hidden(model, state: ModelState, dms, plan: ForwardPlan,
                   tokens: torch.Tensor) -> torch.Tensor:
     """tokens [n] (one per sequence of ``plan``) -> the final-norm hidden states [n, hidden].
-    The decoder layers of Qwen3 / Llama, called module by module (capturable)."""
+    The decoder layers of Qwen3 / Llama, called module by module (capturable); the RMSNorms as
+    :func:`rms_norm` (two norms of eight small kernels each per layer were a visible share of a
+    decode step: 576 kernels per step at 36 layers)."""
     base = model.model
     x = base.embed_tokens(tokens)
     for layer in base.layers:
         attn = layer.self_attn
-        o = cached_attention(attn, state, dms, plan, layer.input_layernorm(x), x)
+        o = cached_attention(attn, state, dms, plan, rms_norm(layer.input_layernorm, x), x)
         x = x + attn.o_proj(o.to(x.dtype))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return base.norm(x)
+        x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+    return rms_norm(base.norm, x)
 
 
 class DecodeGraph:
