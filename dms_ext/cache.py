@@ -385,9 +385,16 @@ class DMSCache:
         if n == T:
             # Decode: after appending token t the cache holds exactly the keys query t sees.
             torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
-            out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache,
-                                              lay.block_table[:, :, :cols].index_select(0, slots),
-                                              lay.seq_lens.index_select(0, slots), scale, *kv_scales)
+            r0 = rows[0]
+            if rows == list(range(r0, r0 + n)):
+                # Consecutive rows (generate's usual batch): views of the state, no gather
+                # kernels (a decode step runs one attend per layer).
+                table, lens = lay.block_table[r0:r0 + n], lay.seq_lens[r0:r0 + n]
+            else:
+                table = lay.block_table[:, :, :cols].index_select(0, slots)
+                lens = lay.seq_lens.index_select(0, slots)
+            out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache, table, lens, scale,
+                                              *kv_scales)
         else:
             out = torch.ops.dms.sparse_prefill(q, k, v, logits, slots, cu_dev, lay.k_cache,
                                                lay.v_cache, lay.block_table, lay.seq_lens,
