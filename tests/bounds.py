@@ -247,9 +247,11 @@ def assert_within_bound(out, ref, tol, what, lse=None, lse_ref=None, lse_tol=Non
         assert nbad == 0, f"{what}: lse outside the bound ({nbad} heads, worst {worst:.3g} x bound)"
 
 
-def logit_interval(q, hkv, alpha_scale, alpha_offset, q_norm_weight=None, eps=1e-6, dtype=None):
+def logit_interval(q, hkv, alpha_scale, alpha_offset, q_norm_weight=None, eps=1e-6, dtype=None,
+                   float32_norm=True):
     """[lo, hi] (float64 [T, Hkv]) of the borrowed eviction logit (reference.eviction_rope's
     rounding chain) that a kernel doing the RMSNorm in float32 may give; q [T, Hq, D].
+    float32_norm False (the CPU twins, which match the float64 chain): lo = hi = the reference.
 
     Without a norm the chain is exact (lo = hi = the reference). With one, the donor is
     round(round(x r) w) where the kernel's r = rsqrtf(sum(x^2) / D + eps) has relative error at
@@ -266,7 +268,7 @@ def logit_interval(q, hkv, alpha_scale, alpha_offset, q_norm_weight=None, eps=1e
         l = reference.borrowed_logits(x.to(lt), alpha_scale, alpha_offset).double()
         return l, l
     r = torch.rsqrt(q[:, donors].double().cpu().pow(2).mean(dim=-1) + eps)
-    delta = ((D + 2) / 2 + 5) * U32
+    delta = ((D + 2) / 2 + 5) * U32 if float32_norm else 0.0
     w = q_norm_weight.cpu()[D - 1].to(lt)
     ends = [reference.borrowed_logits(((x * r * f).to(lt) * w).to(lt), alpha_scale,
                                       alpha_offset).double() for f in (1 - delta, 1 + delta)]
