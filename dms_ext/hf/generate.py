@@ -117,10 +117,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
     kw = cache_kwargs(model, cache)
     defer = cache.dms.device.type == "cuda"
 
-    def forward(seq_ids: List[int], chunks: List[List[int]], ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(seq_ids: List[int], chunks: Optional[List[List[int]]] = None,
+                ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """chunks: each sequence's new tokens; or ids [n] on the device, one per sequence."""
-        counts = [len(c) for c in chunks] if ids is None else [1] * len(seq_ids)
-        if ids is None:
+        if chunks is None:
+            counts = [1] * len(seq_ids)
+        else:
+            counts = [len(c) for c in chunks]
             ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
         last = torch.tensor(np.cumsum(counts) - 1, dtype=torch.long, device=dev)
         cache.set_packed(seq_ids, counts)
@@ -200,7 +203,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
                 at = {r: k for k, r in enumerate(cur_rows)}
                 keep = [at[r] for r in batch]
                 ids = cur if keep == list(range(len(cur_rows))) else cur[torch.tensor(keep, device=dev)]
-            logits = forward([s for s, _, _ in batch], [[0]] * len(batch), ids)
+            logits = forward([s for s, _, _ in batch], ids=ids)
             cur = sample(logits, do_sample, temperature, top_k, top_p, generator)
             cur_rows = list(batch)
             inflight.append((cur_rows, _read_later(cur)))
