@@ -339,6 +339,9 @@ def dms_fit(s: Shape, L: int, cr: float, window: int, bs: int, grow: int, budget
 
 # ----------------------------------------------------------------------------- timing
 
+PROFILES = []   # --profile: one kernel table per DMS row
+
+
 def time_step(fn, steps: int, device, graph: bool) -> tuple:
     """Median seconds per decode step: `steps` replays of a one-step CUDA graph (eager on CPU)."""
     if device.type != "cuda":
@@ -432,6 +435,16 @@ def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, ta
         tokens = torch.randint(0, s.vocab, (Bm,), device=device, generator=gen_dev)
         t, mode = time_step(lambda: dms_step(w, s, st, table, tokens, a.alpha_scale,
                                              a.alpha_offset), a.steps, device, not a.no_graph)
+        if a.profile and device.type == "cuda":
+            def steps(k):
+                for _ in range(k):
+                    dms_step(w, s, st, table, tokens, a.alpha_scale, a.alpha_offset)
+            prow, nk, us = common.kernel_profile(steps)
+            PROFILES.append(f"Kernels of one eager raw-op DMS step (L {L}, {dist}, {kvd}, B {Bm}; profile of 12 "
+                            f"steps minus 4, / 8): {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
+                            f"{nk / s.layers:.1f} kernels per layer\n\n"
+                            + common.md_table(["kernel", "per step", "us per step"], prow[:40]))
+            print(PROFILES[-1], flush=True)
         live1 = st.live_tokens()
         cap = st.layers[0]["block_table"].shape[-1] * a.block_size
         # Every head grows by at most one token a step and never past its block table.
@@ -542,6 +555,8 @@ def main():
                     help="comma list of per-head live-length distributions, one DMS row each "
                          f"(and each pool dtype): {', '.join(DISTS)} (bench_decode.make_lens)")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the GPU kernels of one eager DMS step (torch.profiler)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model on the CPU ops (or --device), 2 contexts, no results file")
@@ -581,6 +596,8 @@ def main():
               f"(CR {d['cr']:.2f}, {d['mode']})" for d in r["dms"]), flush=True)
         rows.append(r)
     body = report(rows, a, s, w.nbytes(), time.time() - t0, info)
+    if PROFILES:
+        body = body.rstrip() + "\n\n" + "\n\n".join(PROFILES) + "\n"
     print(body)
     print("SUMMARY: " + "; ".join(
         f"L{r['L']} dense B{r.get('dense_B')} {r.get('dense_tps') or 0:.0f} tok/s, " + ", ".join(

@@ -100,6 +100,9 @@ def main() -> None:
                     help="dms_initial_alpha_offset (default -207: q after q_norm is ~N(0, 1) with random weights, so "
                          "P(100 q + 207 > 0) = 0.981 and a head keeps its 512-token window plus 1.9%% of the rest: "
                          "about 582 of 4160 tokens, bench_e2e's uniform CR 8 rows (achieved CR 7.15); -115 kept 960)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the GPU kernels of one hf.generate decode step (torch.profiler; graphs "
+                         "and eager)")
     ap.add_argument("--no-static", action="store_true",
                     help="skip transformers' static-cache peers (they compile for minutes)")
     args = ap.parse_args()
@@ -130,6 +133,14 @@ def main() -> None:
     _log(f"hf.generate: {step_ms:.2f} ms / step")
     rows.append(["dms hf.generate (graphs)", b, r.decode_tokens / dec, step_ms,
                  r.stats.get("graph_replays")])
+    profiles = []
+    if args.profile:
+        for label, graphs in (("graphs", True), ("eager", False)):
+            pr = common.kernel_profile(lambda k: hf.generate(model, prompts, max_new_tokens=k, cache=cache,
+                                                      cuda_graphs=graphs))
+            profiles.append((label, pr))
+            _log(f"profile ({label}): {pr[1]:.1f} kernels, {pr[2]:.0f} us of kernels per step")
+        cache.cuda_graphs = True
     # KV bytes DMS holds right after the prompt (sequences kept: measure, then release).
     c2 = hf.DMSCacheHF.from_model(model, max_seqs=b, max_tokens=p + 1)
     sids = [c2.add_sequence() for _ in range(b)]
@@ -157,6 +168,11 @@ def main() -> None:
                 f"{dms_bytes / 2**30:.2f} GiB, achieved CR {achieved_cr:.2f} (dense: "
                 f"{dense_per_seq * b / 2**30:.2f} GiB at batch {b}); alpha offset {cfg['dms_initial_alpha_offset']}\n\n"
                 + table + "\n")
+        for label, (prow, nk, us) in profiles:
+            body += (f"\nKernels of one decode step ({label}; profile of generate(12) minus generate(4), "
+                     f"/ 8): {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
+                     f"{nk / 36:.1f} kernels per layer\n\n"
+                     + common.md_table(["kernel", "per step", "us per step"], prow[:40]) + "\n")
         out_path[0] = common.write_results("hf", "dms_ext.hf generate vs transformers static cache",
                                            body, path=out_path[0])
         return body

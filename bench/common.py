@@ -265,3 +265,37 @@ def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULT
     with open(path, "w") as f:
         f.write("\n".join(head) + "\n" + body_md.rstrip() + "\n")
     return path
+
+
+def kernel_profile(run, lo: int = 4, hi: int = 12) -> tuple:
+    """GPU kernels per step of ``run(k)`` (k decode steps, after the same fixed work): the
+    profiles (torch.profiler, CUDA activity) of run(hi) and run(lo) differ by hi - lo steps, so
+    the difference per kernel name / (hi - lo) is one step's count and time, whatever else run
+    does (a prefill, a warm-up). Returns (rows [name, per step, us per step] sorted by time,
+    kernels per step, kernel us per step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def stats(k):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(k)
+            torch.cuda.synchronize()
+        out = {}
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            c, t = out.get(e.name, (0, 0.0))
+            out[e.name] = (c + 1, t + e.time_range.elapsed_us())
+        return out
+
+    a, b = stats(lo), stats(hi)
+    steps = hi - lo
+    rows = []
+    for name in set(a) | set(b):
+        c = (b.get(name, (0, 0.0))[0] - a.get(name, (0, 0.0))[0]) / steps
+        t = (b.get(name, (0, 0.0))[1] - a.get(name, (0, 0.0))[1]) / steps
+        if c > 0.01 or t > 0.5:
+            rows.append([name[:90].replace("|", "/"), round(c, 2), round(t, 1)])
+    rows.sort(key=lambda r: -r[2])
+    return rows, sum(r[1] for r in rows), sum(r[2] for r in rows)
