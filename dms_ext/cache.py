@@ -6,6 +6,7 @@ mapping of sequence ids to state rows and the block reservations.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -174,7 +175,10 @@ class DMSCache:
         self._ahead = np.zeros(self.max_seqs, dtype=np.int64)  # see _Layer.ahead
         self._layers = [_Layer(self, ks[i], vs[i]) for i in range(self.num_layers)]
         self._rows: Dict[int, int] = {}
-        self._free_rows: List[int] = list(range(self.max_seqs - 1, -1, -1))
+        # A min-heap: a new sequence takes the lowest free row, so a batch added after a
+        # release of everything gets consecutive ascending rows, which attend's decode path
+        # reads as views (no per-layer gathers of the block table and lengths).
+        self._free_rows: List[int] = list(range(self.max_seqs))
         self._next_id = 0
         self._plans: List["DecodePlan"] = []  # open decode plans
 
@@ -217,7 +221,7 @@ class DMSCache:
         """A new empty sequence; its id is never reused."""
         if not self._free_rows:
             raise RuntimeError(f"max_seqs: all {self.max_seqs} sequences are live; release one first")
-        return self._take_row(self._free_rows.pop())
+        return self._take_row(heapq.heappop(self._free_rows))
 
     def fork(self, seq_id: int) -> int:
         """An independent copy of ``seq_id`` in every layer (e.g. parallel sampling of a prompt)."""
@@ -234,7 +238,7 @@ class DMSCache:
                 raise OutOfBlocks(f"fork: layer {i} needs {need} blocks to copy sequence {seq_id}, "
                                   f"{layer.free_known - layer.pending} are free (not reserved)")
             needs.append(need)
-        dst = self._free_rows.pop()
+        dst = heapq.heappop(self._free_rows)
         for layer, need in zip(self._layers, needs):
             torch.ops.dms.fork(src, dst, *layer.state())
             layer.free_known -= need
@@ -253,7 +257,7 @@ class DMSCache:
             layer.ub_len[row] = 0
         self._ahead[row] = 0
         del self._rows[seq_id]
-        self._free_rows.append(row)
+        heapq.heappush(self._free_rows, row)
 
     def live_tokens(self, layer: int, seq_id: int) -> torch.Tensor:
         """Tokens each KV head of ``seq_id`` keeps in ``layer``: int32 [Hkv] (a copy)."""
@@ -319,24 +323,117 @@ class DMSCache:
         accepted unread, and only for the ``seq_ids`` of an open :class:`DecodePlan`
         (:meth:`prepare_decode`; see the class docstring).
         """
+        lay, rows, T, hq = self._check_qkv(layer, seq_ids, q, k, v)
+        n, d = len(rows), self.head_dim
+        self._check_logits(eviction_logits, "eviction_logits", T)
+        plan, capturing = self._decode_plan(rows, T)
+        cu_host, cu_dev = self._check_cu_seqlens(cu_seqlens, n, T)
+        scale = self._check_scale(scale)
+        if n == 0:
+            return q.new_empty((0, hq, d))
+        lens = np.diff(cu_host) if cu_host is not None else np.ones(n, dtype=np.int64)
+        slots, cu_dev, cols, plan = self._begin_call(lay, layer, rows, lens, cu_host, cu_dev, plan,
+                                                     capturing)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        logits = eviction_logits.to(torch.float32).contiguous()
+        kv_scales = (lay.k_scale, lay.v_scale)   # an fp8 pool quantizes on the write
+        if n == T:
+            # Decode: after appending token t the cache holds exactly the keys query t sees.
+            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
+            return self._decode_attention(lay, rows, slots, cols, q, scale)
+        out = torch.ops.dms.sparse_prefill(q, k, v, logits, slots, cu_dev, lay.k_cache,
+                                           lay.v_cache, lay.block_table, lay.seq_lens,
+                                           lay.ring, lay.num_tokens, scale, *kv_scales)
+        torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
+        return out
+
+    def decode_step(self, layer: int, seq_ids: Sequence[int], q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, cos_sin_cache: torch.Tensor, alpha_scale: float = 100.0,
+                    alpha_offset: float = 5.0, q_norm_weight: Optional[torch.Tensor] = None,
+                    k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
+                    logits: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One decode token per sequence of ``seq_ids`` through the fused op
+        ``torch.ops.dms.decode_step`` (optional per-head RMSNorm, the borrowed-neuron logits or
+        the given ``logits``, RoPE, the append) and then ``sparse_decode``: what
+        ``eviction_rope`` + :meth:`attend` do, in one kernel fewer per layer.
+
+        q [n, Hq, D], k and v [n, Hkv, D] are the projections BEFORE norm and RoPE; q is normed
+        and roped in place. The position of each token is its sequence's token count in this
+        layer (the tokens appended so far), so ``cos_sin_cache`` (float32 [max_position, D], as
+        ``eviction_rope``) must have that row. ``logits`` float32 [n, Hkv] (the adapter variant;
+        q then keeps every channel) replaces the borrowed neuron. Returns (out [n, Hq, D],
+        logits float32 [n, Hkv]). Checked, reserved and capturable like a decode :meth:`attend`.
+        """
+        lay, rows, n, hq = self._check_qkv(layer, seq_ids, q, k, v)
+        if n != len(rows):
+            raise ValueError(f"q: decode_step takes one token per sequence: expected {len(rows)} "
+                             f"rows (len(seq_ids)), got {n}")
+        if logits is not None:
+            self._check_logits(logits, "logits", n)
+            logits = logits.to(torch.float32).contiguous()
+        if not q.is_contiguous():
+            raise ValueError("q: expected a contiguous tensor (decode_step norms and ropes it in place)")
+        if (not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2
+                or cos_sin_cache.dtype != torch.float32 or cos_sin_cache.device != self.device
+                or cos_sin_cache.shape[1] != self.head_dim):
+            raise ValueError(f"cos_sin_cache: expected a float32 [max_position, {self.head_dim}] tensor "
+                             f"on {self.device}, got "
+                             + (f"{cos_sin_cache.dtype} {list(cos_sin_cache.shape)} on {cos_sin_cache.device}"
+                                if isinstance(cos_sin_cache, torch.Tensor) else type(cos_sin_cache).__name__))
+        plan, capturing = self._decode_plan(rows, n)
+        scale = self._check_scale(scale)
+        if n == 0:
+            return q.new_empty((0, hq, self.head_dim)), q.new_empty((0, self.num_kv_heads),
+                                                                   dtype=torch.float32)
+        ones = np.ones(n, dtype=np.int64)
+        slots, _, cols, plan = self._begin_call(lay, layer, rows, ones, None, None, plan, capturing)
+        kv_scales = (lay.k_scale, lay.v_scale)
+        out_logits = torch.ops.dms.decode_step(
+            q, k.contiguous(), v.contiguous(), cos_sin_cache, slots, *lay.state(),
+            float(alpha_scale), float(alpha_offset), q_norm_weight, k_norm_weight, float(norm_eps),
+            logits, *kv_scales)
+        return self._decode_attention(lay, rows, slots, cols, q, scale), out_logits
+
+    # ---------------------------------------------------------------- attention internals
+
+    def _check_qkv(self, layer, seq_ids, q, k, v):
+        """(layer, rows, T, Hq) of a call with q [T, Hq, D], k and v [T, Hkv, D]."""
         lay = self._layer(layer)
         rows = self._rows_of(seq_ids)
-        n = len(rows)
         hkv, d = self.num_kv_heads, self.head_dim
         T = self._check_tensor(q, "q", 3, self.dtype)
         if q.shape[2] != d or q.shape[1] < 1 or q.shape[1] % hkv:
             raise ValueError(f"q: expected [T, Hq, {d}] with Hq a multiple of num_kv_heads={hkv}, "
                              f"got {list(q.shape)}")
-        hq = q.shape[1]
         for t, name in ((k, "k"), (v, "v")):
             self._check_tensor(t, name, 3, self.dtype)
             if list(t.shape) != [T, hkv, d]:
                 raise ValueError(f"{name}: expected [{T}, {hkv}, {d}], got {list(t.shape)}")
-        self._check_tensor(eviction_logits, "eviction_logits", 2, None)
-        if eviction_logits.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"eviction_logits: expected a float dtype, got {eviction_logits.dtype}")
-        if list(eviction_logits.shape) != [T, hkv]:
-            raise ValueError(f"eviction_logits: expected [{T}, {hkv}], got {list(eviction_logits.shape)}")
+        return lay, rows, T, q.shape[1]
+
+    def _check_logits(self, t, name: str, T: int) -> None:
+        self._check_tensor(t, name, 2, None)
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
+        if list(t.shape) != [T, self.num_kv_heads]:
+            raise ValueError(f"{name}: expected [{T}, {self.num_kv_heads}], got {list(t.shape)}")
+
+    def _check_scale(self, scale) -> float:
+        if scale is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float, got {scale}")
+        return scale
+
+    def _decode_plan(self, rows: List[int], T: int):
+        """(the open plan of a decode batch or None, whether a graph is being captured); under a
+        capture only a planned decode batch is accepted."""
+        n = len(rows)
         capturing = self._capturing()
         plan = self._plan_for(rows) if n == T else None
         if capturing and n:
@@ -348,59 +445,40 @@ class DMSCache:
                 raise ValueError("seq_ids: capturing attend in a CUDA graph needs an open plan for "
                                  "exactly these seq_ids, in this order: call "
                                  "cache.prepare_decode(seq_ids, steps) before the capture")
-        cu_host, cu_dev = self._check_cu_seqlens(cu_seqlens, n, T)
-        if scale is None:
-            scale = 1.0 / math.sqrt(d)
-        else:
-            try:
-                scale = float(scale)
-            except (TypeError, ValueError):
-                raise ValueError(f"scale: expected a float or None, got {type(scale).__name__}") from None
-            if not math.isfinite(scale):
-                raise ValueError(f"scale: expected a finite float, got {scale}")
-        if n == 0:
-            return q.new_empty((0, hq, d))
+        return plan, capturing
 
+    def _begin_call(self, lay: _Layer, layer: int, rows: List[int], lens: np.ndarray, cu_host,
+                    cu_dev, plan, capturing: bool):
+        """Reserves the call's tokens (outside a capture; a replay's step is paid by
+        DecodePlan.advance) and returns (slots, cu_seqlens on the device, block-table columns
+        a decode gathers, the plan still usable)."""
         if not capturing:
-            # A replay's step is paid by DecodePlan.advance; an eager step pays for itself.
-            lens = np.diff(cu_host) if cu_host is not None else np.ones(n, dtype=np.int64)
             self._reserve(lay, layer, rows, lens)
             if plan is not None and int(lay.ub_len[rows].max()) > plan.max_len:
                 plan = None  # this eager step may outgrow the plan's width: gather as below
-
         if plan is not None:
             # Only tensors that outlive a graph of this step, and a width fixed at prepare time.
-            slots, cu_dev, cols = plan.slots, plan.cu_seqlens, plan.cols
+            return plan.slots, plan.cu_seqlens, plan.cols, plan
+        slots = self._to_device(np.asarray(rows, dtype=np.int32))
+        if cu_dev is None and cu_host is not None:
+            cu_dev = self._to_device(cu_host.astype(np.int32))
+        # Gather only the block-table columns the rows can use (ub_len bounds seq_lens): the
+        # full width is num_blocks by default, and copying it per step would cost more than the
+        # attention itself.
+        cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
+        return slots, cu_dev, cols, plan
+
+    def _decode_attention(self, lay: _Layer, rows: List[int], slots, cols: int, q, scale: float):
+        r0, n = rows[0], len(rows)
+        if rows == list(range(r0, r0 + n)):
+            # Consecutive rows (generate's usual batch): views of the state, no gather kernels
+            # (a decode step runs one attention per layer).
+            table, lens = lay.block_table[r0:r0 + n], lay.seq_lens[r0:r0 + n]
         else:
-            slots = self._to_device(np.asarray(rows, dtype=np.int32))
-            if cu_dev is None:
-                cu_dev = self._to_device(cu_host.astype(np.int32))
-            # Gather only the block-table columns the rows can use (ub_len bounds seq_lens):
-            # the full width is num_blocks by default, and copying it per step would cost more
-            # than the attention itself.
-            cols = max(1, -(-int(lay.ub_len[rows].max()) // self.block_size))
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        logits = eviction_logits.to(torch.float32).contiguous()
-        kv_scales = (lay.k_scale, lay.v_scale)   # an fp8 pool quantizes on the write
-        if n == T:
-            # Decode: after appending token t the cache holds exactly the keys query t sees.
-            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
-            r0 = rows[0]
-            if rows == list(range(r0, r0 + n)):
-                # Consecutive rows (generate's usual batch): views of the state, no gather
-                # kernels (a decode step runs one attend per layer).
-                table, lens = lay.block_table[r0:r0 + n], lay.seq_lens[r0:r0 + n]
-            else:
-                table = lay.block_table[:, :, :cols].index_select(0, slots)
-                lens = lay.seq_lens.index_select(0, slots)
-            out = torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache, table, lens, scale,
-                                              *kv_scales)
-        else:
-            out = torch.ops.dms.sparse_prefill(q, k, v, logits, slots, cu_dev, lay.k_cache,
-                                               lay.v_cache, lay.block_table, lay.seq_lens,
-                                               lay.ring, lay.num_tokens, scale, *kv_scales)
-            torch.ops.dms.append(k, v, logits, slots, cu_dev, *lay.state(), *kv_scales)
-        return out
+            table = lay.block_table[:, :, :cols].index_select(0, slots)
+            lens = lay.seq_lens.index_select(0, slots)
+        return torch.ops.dms.sparse_decode(q, lay.k_cache, lay.v_cache, table, lens, scale,
+                                           lay.k_scale, lay.v_scale)
 
     # ---------------------------------------------------------------- internals
 

@@ -43,20 +43,42 @@ class Amax:
 
 @contextlib.contextmanager
 def record_amax(cache: DMSCache) -> Iterator[Amax]:
-    """Records the per-layer amax of the k / v every ``cache.attend`` gets inside the block
-    (reads each amax back to the host: a sync per call, so not inside a CUDA graph capture)."""
+    """Records the per-layer amax of the k / v every ``cache.attend`` and ``cache.decode_step``
+    gets inside the block (decode_step's k as stored: normed and roped at its position, redone
+    by eviction_rope on a copy). Reads each amax back to the host: a sync per call, so not
+    inside a CUDA graph capture."""
+    import torch
+
     amax = Amax(cache.num_layers)
-    attend = cache.attend
+    attend, step = cache.attend, cache.decode_step
+
+    def record(layer, k, v):
+        if k.numel():  # the call validated its arguments: layer is an int in range
+            amax.k[layer] = max(amax.k[layer], float(k.detach().abs().max()))
+            amax.v[layer] = max(amax.v[layer], float(v.detach().abs().max()))
 
     def recording(layer, seq_ids, cu_seqlens, q, k, v, *args, **kwargs):
         out = attend(layer, seq_ids, cu_seqlens, q, k, v, *args, **kwargs)
-        if k.numel():  # attend validated the call: layer is an int in range
-            amax.k[layer] = max(amax.k[layer], float(k.detach().abs().max()))
-            amax.v[layer] = max(amax.v[layer], float(v.detach().abs().max()))
+        record(layer, k, v)
         return out
 
-    cache.attend = recording
+    def recording_step(layer, seq_ids, q, k, v, cos_sin_cache, alpha_scale=100.0,
+                       alpha_offset=5.0, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6,
+                       logits=None, scale=None):
+        out = step(layer, seq_ids, q, k, v, cos_sin_cache, alpha_scale, alpha_offset,
+                   q_norm_weight, k_norm_weight, norm_eps, logits, scale)
+        if k.numel():
+            lay = cache._layers[layer]
+            pos = lay.num_tokens[cache._rows_of(seq_ids)] - 1     # the step appended one token
+            kk = k.to(cache.dtype).clone()
+            torch.ops.dms.eviction_rope(q.clone(), kk, pos, cos_sin_cache, float(alpha_scale),
+                                        float(alpha_offset), q_norm_weight, k_norm_weight,
+                                        float(norm_eps))
+            record(layer, kk, v)
+        return out
+
+    cache.attend, cache.decode_step = recording, recording_step
     try:
         yield amax
     finally:
-        del cache.attend
+        del cache.attend, cache.decode_step

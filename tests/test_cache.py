@@ -391,3 +391,111 @@ def test_cuda_cu_seqlens_on_device_and_out_of_blocks():
     assert_same_state(snapshot(cache), before)
     m.release(a)
     m.step([b], [30], atol=None, rtol=None)
+
+
+# ------------------------------------------------------------------ DMSCache.decode_step
+
+@pytest.mark.parametrize("device,dtype,kv8", [
+    ("cpu", torch.float32, False), ("cpu", torch.bfloat16, False), ("cpu", torch.float32, True),
+    pytest.param("cuda", torch.bfloat16, False, marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.float16, False, marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.bfloat16, True, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("given", [False, True])
+def test_decode_step_equals_its_unfused_twin(device, dtype, kv8, given):
+    """cache.decode_step (the fused op, then sparse_decode) against a twin cache fed the same
+    calls: for the borrowed neuron, eviction_rope then attend (the unfused chain; the kernels
+    share every rounding, so bit for bit); for given logits, the two ops called by hand on the
+    twin's state. Outputs, logits, q in place and every state tensor equal, over prefill
+    chunks, steps across block boundaries (block 4, window 3), G = 3, consecutive and
+    reordered rows, fp8 pools with scales != 1."""
+    hkv, d, hq, L = 2, 32, 6, 2
+    kw = dict(window=3, block_size=4, num_blocks=96, max_seqs=4, dtype=dtype, device=device)
+    if kv8:
+        kw.update(kv_dtype=torch.float8_e4m3fn, k_scale=[0.05, 0.08], v_scale=0.06)
+    a, b = DMSCache(L, hkv, d, **kw), DMSCache(L, hkv, d, **kw)
+    for c in (a, b):
+        poison_free(c)
+    gen = torch.Generator().manual_seed(31 + 2 * given + kv8)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)  # noqa: E731
+    ids = [(a.add_sequence(), b.add_sequence()) for _ in range(4)]
+    a.release(ids[1][0])
+    b.release(ids[1][1])
+    ids = [ids[0], ids[2], ids[3]]                      # rows 0, 2, 3
+    table = reference.rope_cache(64, d).to(device)
+    qn, kn = (None, None) if given else (rnd(d), rnd(d))
+    # Prefill chunks through attend, the same on both.
+    cu = torch.tensor([0, 5, 7, 13], dtype=torch.int32)
+    for layer in range(L):
+        q, k, v = rnd(13, hq, d), rnd(13, hkv, d), rnd(13, hkv, d)
+        lg = make_logits(gen, 13, hkv, 0.6).to(device)
+        for c, j in ((a, 0), (b, 1)):
+            c.attend(layer, [s[j] for s in ids], cu, q, k, v, lg)
+    orders = [[0, 1, 2]] * 3 + [[2, 0]] * 3 + [[1, 2, 0]] * 4 + [[2]] * 2
+    for order in orders:
+        sa, sb = [ids[i][0] for i in order], [ids[i][1] for i in order]
+        n = len(order)
+        for layer in range(L):
+            q, k, v = rnd(n, hq, d), rnd(n, hkv, d), rnd(n, hkv, d)
+            lg = make_logits(gen, n, hkv, 0.6).to(device) if given else None
+            qa, qb, kb = q.clone(), q.clone(), k.clone()
+            out_a, lg_a = a.decode_step(layer, sa, qa, k, v, table, 40.0, 1.5, qn, kn, 1e-6,
+                                        logits=lg, scale=0.3)
+            lay = b._layers[layer]
+            rows = b._rows_of(sb)
+            if given:
+                slots = torch.tensor(rows, dtype=torch.int32, device=device)
+                lg_b = torch.ops.dms.decode_step(qb, kb, v, table, slots, *lay.state(), 40.0, 1.5,
+                                                 qn, kn, 1e-6, lg, lay.k_scale, lay.v_scale)
+                out_b = torch.ops.dms.sparse_decode(qb, lay.k_cache, lay.v_cache,
+                                                    lay.block_table[rows], lay.seq_lens[rows], 0.3,
+                                                    lay.k_scale, lay.v_scale)
+            else:
+                pos = lay.num_tokens[rows]
+                lg_b = torch.ops.dms.eviction_rope(qb, kb, pos, table, 40.0, 1.5, qn, kn, 1e-6)
+                out_b = b.attend(layer, sb, torch.arange(n + 1, dtype=torch.int32), qb, kb, v, lg_b,
+                                 scale=0.3)
+            assert torch.isfinite(out_a).all()
+            assert torch.equal(out_a, out_b) and torch.equal(lg_a, lg_b) and torch.equal(qa, qb)
+    assert_same_state(snapshot(a), snapshot(b), "state after the decode steps")
+    assert max(int(a.live_tokens(0, s[0]).max()) for s in ids) > 4   # steps crossed blocks
+
+
+def test_decode_step_bad_arguments_raise_and_change_nothing():
+    c = cpu_cache(1, 2, 16, window=3, block_size=4, num_blocks=32, max_seqs=2)
+    poison_free(c)
+    m = Model(c, 4, 0.5, 5)
+    s = [m.add(), m.add()]
+    m.step(s, [3, 2])
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, h, 16, generator=g) for h in (4, 2, 2))
+    table = reference.rope_cache(32, 16)
+    before = snapshot(c)
+    cases = {"q": [dict(q=q.transpose(0, 1).contiguous().transpose(0, 1)), dict(q=q[:1], k=k[:1], v=v[:1]),
+                   dict(q=q.double())],
+             "k": [dict(k=k[:, :1])], "v": [dict(v=v.half())],
+             "cos_sin_cache": [dict(cos_sin_cache=table.double()), dict(cos_sin_cache=table[:, :8]),
+                               dict(cos_sin_cache=table[0]), dict(cos_sin_cache=None)],
+             "logits": [dict(logits=torch.zeros(2, 3)), dict(logits=torch.zeros(2, 2, dtype=torch.int32))],
+             "seq_ids": [dict(seq_ids=[s[0], s[0]]), dict(seq_ids=[99, s[0]])],
+             "scale": [dict(scale=float("inf"))], "layer": [dict(layer=1)]}
+    base = dict(layer=0, seq_ids=s, q=q, k=k, v=v, cos_sin_cache=table)
+    for name, variants in cases.items():
+        for change in variants:
+            with pytest.raises(ValueError, match=name):
+                c.decode_step(**{**base, **change})
+            assert_same_state(snapshot(c), before, name)
+    out, lg = c.decode_step(**base)
+    assert out.shape == (2, 4, 16) and lg.shape == (2, 2) and torch.isfinite(out).all()
+
+
+def test_a_batch_added_after_releasing_everything_gets_consecutive_rows():
+    """Rows come lowest first, so generate's batch is consecutive and decode reads the state's
+    block table and lengths as views (DMSCache._decode_attention)."""
+    c = cpu_cache(1, 1, 8, window=2, block_size=4, num_blocks=8, max_seqs=4)
+    first = [c.add_sequence() for _ in range(4)]
+    for s in first:
+        c.release(s)
+    again = [c.add_sequence() for _ in range(3)]
+    assert c._rows_of(again) == [0, 1, 2]
+    c.release(again[1])
+    assert c._rows_of([c.add_sequence()]) == [1]

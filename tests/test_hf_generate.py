@@ -183,6 +183,61 @@ def test_decode_rms_norm_equals_the_module(model_type, dtype, device):
             assert not torch.equal(torch.nn.functional.rms_norm(x, (x.shape[-1],), None, 1e-6), want)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_mlp_one_gemm_for_gate_and_up(dtype, device):
+    """graphs.mlp_forward: gate and up as halves of one stacked weight that IS the parameters'
+    storage (no copy, values unchanged), one batched GEMM, within the error bound of the module
+    (both are float32-accumulated GEMMs of the same products, rounded to the dtype, so each
+    differs from the exact result by at most the bound below; a swapped half fails it); a weight
+    replaced later is stacked again; under autograd the module runs as is."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from dms_ext.hf.graphs import gate_up_weight, mlp_forward
+    m = make_model(seed=63, dtype=dtype, device=device)
+    mlp = m.model.layers[0].mlp
+    with torch.enable_grad():
+        assert gate_up_weight(mlp) is None
+    gen = torch.Generator().manual_seed(64)
+    hdim, inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+    x = torch.randn(9, hdim, generator=gen).to(device, dtype)
+    before = [mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()]
+    with torch.no_grad():
+        want = mlp(x)
+        w = gate_up_weight(mlp)
+        assert w.shape == (2, inter, hdim)
+        assert w[0].data_ptr() == mlp.gate_proj.weight.data_ptr()
+        assert w[1].data_ptr() == mlp.up_proj.weight.data_ptr()
+        assert torch.equal(w[0], before[0]) and torch.equal(w[1], before[1])
+        assert gate_up_weight(mlp) is w                      # stacked once
+        got = mlp_forward(mlp, x)
+        # The bound: float32 accumulation (gamma_n = n u / (1 - n u), u = 2^-24) plus one
+        # rounding to the dtype per stored result (u_d), propagated through silu (|silu'| <= 1.1)
+        # and the product into down_proj; twice it (each side's own error).
+        u, ud = 2.0 ** -24, torch.finfo(dtype).eps / 2
+        gam = lambda n: n * u / (1 - n * u)  # noqa: E731
+        xd = x.double()
+        wg, wu, wd = (p.weight.double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        g, up = xd @ wg.T, xd @ wu.T
+        sg = torch.nn.functional.silu(g)
+        eg = gam(hdim) * (xd.abs() @ wg.abs().T) + ud * g.abs() * 1.01
+        eu = gam(hdim) * (xd.abs() @ wu.abs().T) + ud * up.abs() * 1.01
+        h = sg * up
+        eh = 1.1 * eg * up.abs() + (sg.abs() + 1.1 * eg) * eu + 2.02 * ud * h.abs()
+        bound = 2 * ((eh @ wd.abs().T) + gam(inter) * ((h.abs() + eh) @ wd.abs().T)
+                     + ud * (h @ wd.T).abs() * 1.01)
+        err = (got.double() - want.double()).abs()
+        assert bool((err <= bound).all()), float((err - bound).max())
+        # Mutation: gate and up swapped is far outside the bound.
+        bad = mlp.down_proj(torch.nn.functional.silu(x @ w[1].T) * (x @ w[0].T))
+        assert not bool(((bad.double() - want.double()).abs() <= bound).all())
+        # A replaced weight is noticed and stacked again (values of the new weight).
+        mlp.up_proj.weight = torch.nn.Parameter(before[1] * 2)
+        w2 = gate_up_weight(mlp)
+        assert w2 is not w and torch.equal(w2[1], before[1] * 2)
+        assert w2[1].data_ptr() == mlp.up_proj.weight.data_ptr()
+
+
 def test_cache_errors():
     m = make_model(seed=16)
     cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=16, block_size=4)
@@ -335,6 +390,19 @@ def test_dmscachehf_fp8_pools_generate_and_read_what_they_stored():
     attend = twin.dms.attend
     twin.dms.attend = lambda layer, sids, cu, q, k, v, lg, *a, **kw: attend(
         layer, sids, cu, q, rounded(k, ks[layer]), rounded(v, vs[layer]), lg, *a, **kw)
+
+    def step(layer, sids, q, k, v, table, a_s, a_o, qn=None, kn=None, eps=1e-6, logits=None,
+             scale=None):
+        # The fused step as its two documented halves (eviction_rope, then attend with the
+        # rounded k / v): the borrowed variant of make_model, positions = the token counts.
+        assert logits is None
+        pos = twin.dms._layers[layer].num_tokens[twin.dms._rows_of(sids)]
+        k = k.clone()
+        lg = torch.ops.dms.eviction_rope(q, k, pos, table, a_s, a_o, qn, kn, eps)
+        cu = torch.arange(len(sids) + 1, dtype=torch.int32)
+        return twin.dms.attend(layer, sids, cu, q, k, v, lg, scale=scale), lg
+
+    twin.dms.decode_step = step
     want = run_turns(m, twin, [0], [[ids[t:t + 1]] for t in range(6, len(ids))])[0]
     assert_close(pre, got[:6], 1e-4, "prefill, float32 pool vs fp8 pool")
     assert_close(got[6:], want, 1e-4, "fp8 decode steps vs fp8-rounded float32 pool")

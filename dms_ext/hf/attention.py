@@ -12,7 +12,9 @@ from ..reference import borrowed_logits, rope
 from .settings import DMSSettings, ModelState
 
 
-def adapter_logits(attn, h_pre: torch.Tensor, st: DMSSettings) -> torch.Tensor:
+def adapter_logits(attn, h_pre: Optional[torch.Tensor], st: DMSSettings) -> torch.Tensor:
+    if h_pre is None:
+        raise RuntimeError("adapter variant: the decoder layer's input was not captured")
     # In the model dtype, as NVIDIA's reference: round(round(a * scale) - offset) in bf16.
     return borrowed_logits(attn.dms_proj_alpha(attn.dms_proj_alpha_norm(h_pre)),
                            st.alpha_scale, st.alpha_offset)
@@ -50,6 +52,23 @@ def cached_attention(attn, state: ModelState, dms, plan, x: torch.Tensor,
     qn = getattr(attn, "q_norm", None)
     kn = getattr(attn, "k_norm", None)
     table = state.rope_table(x.device, plan.max_position + 1)
+    borrowed_in_kernel = st.variant == "borrowed" and st.evicts and st.alpha_per == "head"
+    if (t == len(plan.seq_ids) and (borrowed_in_kernel or st.variant != "borrowed")
+            and has_kernel("decode_step", x.device)):
+        # A decode step: norm, logits, RoPE and the append in one kernel (DMSCache.decode_step);
+        # the position of each token is its sequence's token count, as plan.positions.
+        given = None
+        if not borrowed_in_kernel:      # adapter / none: the logits come in, q keeps its channels
+            given = finish_logits(adapter_logits(attn, h_pre, st) if st.variant == "adapter" else None,
+                                  st, (t, hkv), x.device)
+        o, _ = dms.decode_step(
+            attn.layer_idx, plan.seq_ids, q.to(dtype).contiguous(), k.to(dtype).contiguous(), v,
+            table, float(st.alpha_scale), float(st.alpha_offset),
+            None if qn is None else qn.weight.to(dtype).contiguous(),
+            None if kn is None else kn.weight.to(dtype).contiguous(),
+            float(qn.variance_epsilon if qn is not None else 1e-6), logits=given, scale=attn.scaling)
+        plan.layers_done += 1
+        return o.reshape(t, hq * d)
     logits = None
     if st.variant == "borrowed" and has_kernel("eviction_rope", x.device):
         q = q.to(dtype).contiguous()
@@ -75,8 +94,6 @@ def cached_attention(attn, state: ModelState, dms, plan, x: torch.Tensor,
         q = q.to(dtype).contiguous()
         k = k.to(dtype).contiguous()
     if st.variant == "adapter":
-        if h_pre is None:
-            raise RuntimeError("adapter variant: the decoder layer's input was not captured")
         logits = adapter_logits(attn, h_pre, st)
     logits = finish_logits(logits, st, (t, hkv), x.device)
     o = dms.attend(attn.layer_idx, plan.seq_ids, plan.cu_seqlens, q, k, v, logits,
@@ -134,8 +151,6 @@ def dense_attention(attn, state: ModelState, past_key_values, hidden_states, h_p
         q = rope(q.float(), cos, sin)
     k = rope(k.float(), cos, sin)
     if st.variant == "adapter":
-        if h_pre is None:
-            raise RuntimeError("adapter variant: the decoder layer's input was not captured")
         logits = adapter_logits(attn, h_pre, st)
     logits = finish_logits(logits, st, (b, n, hkv), q.device)
     q = q.to(v.dtype).transpose(1, 2)                  # [B, Hq, N, D]

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import cached_attention
 from .cache import DMSCacheHF, ForwardPlan
@@ -25,6 +26,45 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), None, eps) * norm.weight
 
 
+def gate_up_weight(mlp) -> Optional[torch.Tensor]:
+    """A [2, I, H] tensor whose halves ARE the storage of a SwiGLU MLP's gate_proj and up_proj
+    weights (the first call stacks them once and points both parameters at the halves: same
+    values, no second copy), so a decode step reads both with one batched GEMM whose outputs
+    are contiguous. None where that does not apply (biases, another activation, a capture or
+    autograd in progress before the weights were stacked): then the module runs as is. A
+    weight moved or replaced since is noticed (storage pointers) and stacked again."""
+    g, u = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if (not isinstance(g, nn.Linear) or not isinstance(u, nn.Linear) or g.bias is not None
+            or u.bias is not None or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation")
+            or not hasattr(mlp, "down_proj") or torch.is_grad_enabled()):
+        return None
+    wg, wu = g.weight, u.weight
+    w = getattr(mlp, "_dms_gate_up", None)
+    if (w is not None and w.device == wg.device and w.dtype == wg.dtype
+            and w[0].data_ptr() == wg.data_ptr() and w[1].data_ptr() == wu.data_ptr()):
+        return w
+    if (wg.shape != wu.shape or wg.dtype != wu.dtype or wg.device != wu.device
+            or wg.device.type == "meta"
+            or (wg.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    w = torch.stack([wg.detach(), wu.detach()])
+    wg.data, wu.data = w[0], w[1]
+    mlp._dms_gate_up = w
+    return w
+
+
+def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` of a Qwen3 / Llama SwiGLU MLP, x [n, hidden]: with :func:`gate_up_weight`,
+    one batched GEMM for gate and up (instead of two), then silu and the product in place on
+    its contiguous halves; the same roundings as the module (silu(g) and g * u in x's dtype)."""
+    w = gate_up_weight(mlp)
+    if w is None:
+        return mlp(x)
+    gu = torch.matmul(x, w.transpose(1, 2))             # [2, n, I]
+    h = F.silu(gu[0], inplace=True).mul_(gu[1])
+    return mlp.down_proj(h)
+
+
 def decode_hidden(model, state: ModelState, dms, plan: ForwardPlan,
                   tokens: torch.Tensor) -> torch.Tensor:
     """tokens [n] (one per sequence of ``plan``) -> the final-norm hidden states [n, hidden].
@@ -37,7 +77,7 @@ def decode_hidden(model, state: ModelState, dms, plan: ForwardPlan,
         attn = layer.self_attn
         o = cached_attention(attn, state, dms, plan, rms_norm(layer.input_layernorm, x), x)
         x = x + attn.o_proj(o.to(x.dtype))
-        x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        x = x + mlp_forward(layer.mlp, rms_norm(layer.post_attention_layernorm, x))
     return rms_norm(base.norm, x)
 
 
