@@ -408,7 +408,7 @@ def test_decode_step_equals_its_unfused_twin(device, dtype, kv8, given):
     twin's state. Outputs, logits, q in place and every state tensor equal, over prefill
     chunks, steps across block boundaries (block 4, window 3), G = 3, consecutive and
     reordered rows, fp8 pools with scales != 1."""
-    hkv, d, hq, L = 2, 32, 6, 2
+    hkv, d, hq, L = 2, 64, 6, 2          # D 64: the smallest head_dim the CUDA kernels take
     kw = dict(window=3, block_size=4, num_blocks=96, max_seqs=4, dtype=dtype, device=device)
     if kv8:
         kw.update(kv_dtype=torch.float8_e4m3fn, k_scale=[0.05, 0.08], v_scale=0.06)

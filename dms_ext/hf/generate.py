@@ -14,7 +14,10 @@ from .settings import cache_kwargs, state_of
 
 @dataclass
 class GenerationResult:
-    """sequences[i][j]: the tokens generated for prompt i, sample j (the prompt excluded)."""
+    """sequences[i][j]: the tokens generated for prompt i, sample j (the prompt excluded).
+    decode_s covers every decode step, the first (eager) step and the graph capture included;
+    stats: graph_replays / graph_captures (the cache's counters), decode_wait_s (seconds the
+    loop blocked reading tokens back: near 0 when the host sets the pace)."""
     sequences: List[List[List[int]]]
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -51,8 +54,10 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int
 _READ_AHEAD = 1
 
 
-def _read_later(tokens: torch.Tensor) -> Callable[[], List[int]]:
-    """Starts copying tokens to the host without waiting; the returned call waits and lists them."""
+def _read_later(tokens: torch.Tensor, waited: List[float]) -> Callable[[], List[int]]:
+    """Starts copying tokens to the host without waiting; the returned call waits and lists them
+    (adding the seconds it blocked to waited[0]: near 0 means the host, not the GPU, sets the
+    pace of the loop)."""
     if tokens.device.type != "cuda":
         return tokens.tolist
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -61,7 +66,9 @@ def _read_later(tokens: torch.Tensor) -> Callable[[], List[int]]:
     done.record()
 
     def read() -> List[int]:
+        t = time.perf_counter()
         done.synchronize()
+        waited[0] += time.perf_counter() - t
         return host.tolist()
     return read
 
@@ -188,6 +195,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
     # t + 1, ignored like every token of a finished row that stays in a captured batch (prune).
     # The CPU runs the same loop (its read-back is immediate).
     lag = _READ_AHEAD if callback is None else 0
+    waited = [0.0]                                  # seconds the loop blocked on the GPU
     inflight: List[tuple] = []                      # (rows, read_tokens) of launched steps
     cur, cur_rows = None, []                        # the last step's sampled tokens (device)
 
@@ -206,7 +214,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
             logits = forward([s for s, _, _ in batch], ids=ids)
             cur = sample(logits, do_sample, temperature, top_k, top_p, generator)
             cur_rows = list(batch)
-            inflight.append((cur_rows, _read_later(cur)))
+            inflight.append((cur_rows, _read_later(cur, waited)))
             launched = True
         if inflight and (not launched or len(inflight) > lag):
             rows, read = inflight.pop(0)
@@ -227,4 +235,5 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
     return GenerationResult(sequences=seqs, prefill_s=t1 - t0, decode_s=t2 - t1,
                             decode_steps=steps, decode_tokens=tokens,
                             stats={"graph_replays": cache.graph_replays,
-                                   "graph_captures": cache.graph_captures})
+                                   "graph_captures": cache.graph_captures,
+                                   "decode_wait_s": waited[0]})
