@@ -8,6 +8,7 @@ import torch
 import dms_ext
 from dms_ext import reference
 from dms_ext.cache import DMSCache, OutOfBlocks, _Layer
+from dms_state import assert_same_logical
 from helpers import SequenceHistory, assert_same_state, assert_within_bound, dms_bound, make_logits, poison_free, snapshot
 
 
@@ -456,7 +457,17 @@ def test_decode_step_equals_its_unfused_twin(device, dtype, kv8, given):
                                  scale=0.3)
             assert torch.isfinite(out_a).all()
             assert torch.equal(out_a, out_b) and torch.equal(lg_a, lg_b) and torch.equal(qa, qb)
-    assert_same_state(snapshot(a), snapshot(b), "state after the decode steps")
+    if device == "cpu":
+        assert_same_state(snapshot(a), snapshot(b), "state after the decode steps")
+    else:
+        # CUDA CTAs pop free blocks in no fixed order, so block ids differ between the twins:
+        # the same logical content (tokens, lengths, ring entries, K / V of every live slot).
+        names = ("k_cache", "v_cache", "block_table", "seq_lens", "ring", "num_tokens",
+                 "free_stack", "free_top")
+        for la, lb in zip(a._layers, b._layers):
+            sa, sb = (dict(zip(names, (t.float() if t.dtype == torch.float8_e4m3fn else t
+                                       for t in lay.state()))) for lay in (la, lb))
+            assert_same_logical(sa, sb, where="after the decode steps")
     assert max(int(a.live_tokens(0, s[0]).max()) for s in ids) > 4   # steps crossed blocks
 
 
