@@ -298,13 +298,17 @@ class DMSCache:
         if width is None:
             top = max(int(lay.ub_len[rows].max()) for lay in self._layers)
             width = min(max(1, -(-top // bs)) * bs, cap)
-        for old in [p for p in self._plans if p._rows == rows]:
-            old.close()
         ids = {r: s for s, r in self._rows.items()}
         plan = DecodePlan(self, tuple(ids[r] for r in rows), rows, width // bs, steps)
-        self._ahead[rows] += steps
-        self._plans.append(plan)
+        self._open_plan(plan, steps)
         return plan
+
+    def _open_plan(self, plan: "DecodePlan", steps: int) -> None:
+        """Registers ``plan`` (its ``steps`` already reserved), closing any other plan of its rows."""
+        for old in [p for p in self._plans if p._rows == plan._rows and p is not plan]:
+            old.close()
+        self._ahead[plan._rows] += steps
+        self._plans.append(plan)
 
     # ---------------------------------------------------------------- attention
 
@@ -666,6 +670,35 @@ class DecodePlan:
             c._ahead[self._rows] += more
         self._credit -= steps
         self._inflight = steps
+
+    def reopen(self, seq_ids: Sequence[int], steps: int = 1) -> None:
+        """Re-opens this plan for ``seq_ids``: other sequences (or the same) that occupy exactly
+        the plan's state rows, in its order (a new batch gets the lowest free rows, so the next
+        batch of the same size lands on the rows of the last one). The device tensors, the
+        block-table width and so any graph captured with the plan stay valid; ``steps`` steps
+        are reserved as :meth:`DMSCache.prepare_decode` does. Raises ValueError (rows differ),
+        :class:`RecaptureNeeded` (a head could outgrow ``max_len``) or :class:`OutOfBlocks`,
+        changing nothing; an open plan is closed first only when it succeeds."""
+        c = self._cache
+        rows = c._rows_of(seq_ids)
+        if rows != self._rows:
+            raise ValueError(f"seq_ids: the plan's state rows are {self._rows}, these sequences "
+                             f"occupy {rows}")
+        steps = _positive(steps, "steps")
+        if self.open:
+            c._ahead[self._rows] -= self._credit + self._inflight
+        try:
+            c._reserve_steps(rows, steps, self.max_len)
+        except (OutOfBlocks, RecaptureNeeded):
+            if self.open:
+                c._ahead[self._rows] += self._credit + self._inflight
+            raise
+        if self.open:
+            c._plans.remove(self)
+        self.seq_ids = tuple(_as_int(s, "seq_ids") for s in seq_ids)
+        self._credit, self._inflight = steps, 0
+        self.open = True
+        c._open_plan(self, steps)
 
     def close(self) -> None:
         """Ends the plan: its unreplayed steps stop being held across syncs (their blocks come

@@ -135,6 +135,50 @@ def test_release_and_newer_plan_close_a_plan(monkeypatch):
         replay_step(m, [a], monkeypatch)
 
 
+def test_reopen_serves_the_next_batch_on_the_same_rows(monkeypatch):
+    """A plan re-opened for new sequences on its rows keeps its device tensors (so its graph
+    stays valid) and its replays match the reference; other rows, a head past max_len, or a
+    pool too small for the step raise and change nothing."""
+    cache = make(max_seqs=3)
+    m = Model(cache, 6, 0.5, 12)
+    a, b = m.add(), m.add()
+    m.step([a, b], [7, 3])
+    plan = cache.prepare_decode([a, b], steps=2, max_len=32)
+    slots, cu = plan.slots, plan.cu_seqlens
+    for _ in range(3):
+        plan.advance()
+        replay_step(m, [a, b], monkeypatch)
+    for s in (a, b):
+        m.release(s)
+    assert not plan.open and not cache._ahead.any()
+    c, d = m.add(), m.add()
+    m.step([c, d], [5, 9])                              # lowest rows first: c, d on a, b's rows
+    with pytest.raises(ValueError, match="seq_ids"):
+        plan.reopen([d, c])                             # same rows, another order
+    assert not plan.open
+    plan.reopen([c, d])
+    assert plan.open and plan.seq_ids == (c, d) and plan.slots is slots and plan.cu_seqlens is cu
+    assert cache._plan_for(cache._rows_of([c, d])) is plan
+    for _ in range(6):                                  # past the first credit: advance refills
+        plan.advance()
+        replay_step(m, [c, d], monkeypatch)
+    # Re-opening an open plan for its own batch holds: one plan, reservations not doubled.
+    plan.reopen([c, d])
+    assert cache._plans.count(plan) == 1 and int(cache._ahead[cache._rows_of([c, d])].max()) == 1
+    plan.advance()
+    replay_step(m, [c, d], monkeypatch)
+    # A head that could outgrow max_len: RecaptureNeeded, the plan stays closed.
+    m.release(c)
+    m.release(d)
+    e, f = m.add(), m.add()
+    m.step([e, f], [120, 2])                          # about 60 kept of 120: past 32
+    before = snapshot(cache)
+    with pytest.raises(RecaptureNeeded):
+        plan.reopen([e, f])
+    assert not plan.open and not cache._ahead.any()
+    assert_same_state(snapshot(cache), before)
+
+
 def test_advance_raises_out_of_blocks_before_damage_then_release_and_new_plan(monkeypatch):
     # 8 blocks of 4 tokens per layer, 2 heads, nothing evicted: growth is exact.
     cache = make(num_blocks=8, window=2, bs=4, G=2)

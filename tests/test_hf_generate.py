@@ -340,6 +340,26 @@ def test_cuda_graph_generate_equals_eager_token_for_token(variant):
     assert runs[1].stats["graph_replays"] > 0 and runs[0].stats["graph_replays"] == 0
 
 
+@pytest.mark.cuda
+def test_cuda_next_generate_on_the_same_rows_replays_the_captured_graph():
+    """A second generate of the same batch size on the same cache lands on the rows of the first
+    (lowest free rows), re-opens the captured graph's plan and replays it from its first step:
+    no capture, and the tokens of an eager run on a fresh cache."""
+    m = make_model(seed=49, dtype=torch.bfloat16, device="cuda", heads=8, kv_heads=2,
+                   head_dim=64, window=8)
+    gen = torch.Generator().manual_seed(50)
+    first, second = ([torch.randint(0, m.config.vocab_size, (n,), generator=gen).tolist()
+                      for n in lens] for lens in ((9, 30), (17, 4)))
+    cache = hf.DMSCacheHF.from_model(m, max_seqs=2, max_tokens=64, block_size=16)
+    hf.generate(m, first, max_new_tokens=12, cache=cache)
+    caps, reps = cache.graph_captures, cache.graph_replays
+    assert caps == 1
+    r = hf.generate(m, second, max_new_tokens=12, cache=cache)
+    assert cache.graph_captures == caps and cache.graph_replays - reps == r.decode_steps == 11
+    eager = hf.generate(m, second, max_new_tokens=12, cuda_graphs=False)
+    assert r.sequences == eager.sequences
+
+
 def test_dmscachehf_fp8_pools_generate_and_read_what_they_stored():
     """DMSCacheHF.from_model(kv_dtype=float8_e4m3fn, k_scale, v_scale) with per-layer scales from
     dms_ext.fp8.record_amax: the pools are fp8 with those scales, hf.generate runs and releases,

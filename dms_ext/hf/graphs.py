@@ -107,7 +107,21 @@ class DecodeGraph:
             self.out = decode_hidden(model, state, dms, fplan, self.tokens)
 
     def valid_for(self, seq_ids, max_position: int) -> bool:
-        return self.plan.open and tuple(seq_ids) == self.seq_ids and max_position < self.limit
+        """Whether this graph can run the step of ``seq_ids``: its own batch, or another batch
+        on the same state rows in the same order (the next generate call of the same size
+        gets the rows of the last one), whose plan is then re-opened (no capture)."""
+        from ..cache import RecaptureNeeded
+        if max_position >= self.limit:
+            return False
+        ids = tuple(seq_ids)
+        if self.plan.open and ids == self.seq_ids:
+            return True
+        try:
+            self.plan.reopen(list(ids))
+        except (ValueError, RecaptureNeeded):
+            return False
+        self.seq_ids = ids
+        return True
 
     def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.plan.advance()             # raises OutOfBlocks / RecaptureNeeded before the replay
@@ -120,7 +134,9 @@ class DecodeGraph:
 def decode_step(model, state: ModelState, cache: DMSCacheHF, plan: ForwardPlan,
                 tokens: torch.Tensor) -> torch.Tensor:
     """The step of ``plan`` (a decode plan from ``cache.begin``): [n, hidden]. On CUDA with
-    ``cache.cuda_graphs``: the first step of a batch runs eagerly (it is also the warm-up), the second captures, later ones replay; elsewhere always eager."""
+    ``cache.cuda_graphs``: the first step of a batch runs eagerly (it is also the warm-up), the
+    second captures, later ones replay, and so does the next batch on the same state rows
+    (DecodeGraph.valid_for); elsewhere always eager."""
     from ..cache import RecaptureNeeded
     dev = tokens.device
     ids = tuple(plan.seq_ids)
