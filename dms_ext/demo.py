@@ -329,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     a("--hidden-heads", type=_positive_int, default=8, help="query heads of the built-in model")
     a("--kv-heads", type=_positive_int, default=2, help="KV heads of the built-in model")
     a("--head-dim", type=_positive_int, default=64,
-      help="head dimension of the built-in model (even; 64 or 128 on CUDA)")
+      help="head dimension of the built-in model (even; 64, 128 or 256 on CUDA)")
     a("--prompt-len", type=_positive_int, default=256, help="tokens per random prompt")
     a("--new-tokens", type=_positive_int, default=256,
       help="tokens generated per sequence (the first comes from the prefill, so N - 1 decode "
@@ -404,8 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"argument --head-dim: must be even (rotate-half RoPE), got {a.head_dim}")
     device = _pick_device(ap, a.device)
     if device.type == "cuda" and not a.model:
-        if a.head_dim not in (64, 128):
-            ap.error(f"argument --head-dim: the CUDA kernels take 64 or 128, got {a.head_dim}")
+        if a.head_dim not in (64, 128, 256):
+            ap.error(f"argument --head-dim: the CUDA kernels take 64, 128 or 256, got {a.head_dim}")
     if device.type == "cuda" and a.block_size & (a.block_size - 1):
         ap.error(f"argument --block-size: must be a power of two on CUDA, got {a.block_size}")
 

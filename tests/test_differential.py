@@ -237,7 +237,7 @@ def run_state_schedule(seed: int, events: int, device="cpu"):
     hkv = rng.randint(1, 3)
     G = rng.choice([1, 2, 3, 5, 7])
     hq = hkv * G
-    d = rng.choice([64, 128]) if cuda else rng.choice([2, 4, 6, 8, 16])
+    d = rng.choice([64, 128, 256]) if cuda else rng.choice([2, 4, 6, 8, 16])
     w = rng.choice([1, 1, 2, 3, 5, 8, 17])
     bs = rng.choice([16, 1, 5, 64]) if cuda else rng.choice([1, 1, 2, 3, 4, 8])
     S = rng.randint(1, 5)
@@ -316,7 +316,7 @@ def run_cache_schedule(seed: int, events: int, device="cpu", attn_check=assert_r
     layers = rng.randint(1, 2)
     hkv = rng.randint(1, 3)
     G = rng.choice([1, 2, 3, 5, 7])
-    d = rng.choice([64, 128]) if cuda else rng.choice([1, 3, 8, 16])
+    d = rng.choice([64, 128, 256]) if cuda else rng.choice([1, 3, 8, 16])
     w = rng.choice([1, 1, 2, 4, 9, 33])
     bs = rng.choice([16, 32, 64]) if cuda else rng.choice([1, 2, 4, 8])
     max_seqs = rng.randint(1, 4)

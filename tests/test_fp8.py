@@ -372,7 +372,8 @@ def test_supported_separates_compute_and_pool_dtype():
     assert not s("sparse_decode", "cuda", torch.bfloat16, 96, kv_dtype=F8)
     assert s("sparse_prefill", "cuda", torch.float16, 64, 16, kv_dtype=F8)
     assert s("sparse_prefill", "cuda", torch.bfloat16, 128, 5, kv_dtype=F8)
-    assert not s("sparse_prefill", "cuda", torch.bfloat16, 256, kv_dtype=F8)
+    assert s("sparse_prefill", "cuda", torch.bfloat16, 256, kv_dtype=F8)
+    assert not s("sparse_prefill", "cuda", torch.bfloat16, 96, kv_dtype=F8)
     assert not s("sparse_prefill", "cuda", torch.float32, kv_dtype=F8)
     assert not s("eviction_rope", "cpu", torch.bfloat16, kv_dtype=F8)  # takes no pool
     assert s("fork", "cpu", F8) and s("fork", "cuda", F8)

@@ -181,7 +181,7 @@ def fp8_prefill_case(act, D, G, ks, vs, hist, chunks, window, rate=0.6, bs=16, a
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("G", [1, 4, 5])
 @pytest.mark.parametrize("ks,vs", SCALES)
 def test_cuda_sparse_prefill_fp8_matches_the_oracle(act, D, G, ks, vs):

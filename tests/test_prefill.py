@@ -163,12 +163,25 @@ def test_fresh_prompt_chunk_sizes_and_groups(length, group, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("group", [1, 7])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dtypes_and_head_dims(dtype, d, group, device):
+    if d == 256 and device == "cpu":
+        pytest.skip("D 256 is for the CUDA kernel's 64-row tiles; the CPU twin takes any D (20 s here)")
     run_case(f"dtype {dtype} D={d} G={group}", hist=[300], chunks=[333], hkv=2, group=group, d=d,
              window=64, rate=0.5, dtype=dtype, seed=d + group, device=device)
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 63, 64, 65, 200])
+@pytest.mark.parametrize("group", [1, 4, 5])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_head_dim_256_tile_edges(length, group, device):
+    """D 256 takes 64-row query tiles (one m-tile per warp; 128 rows at D 64 / 128): chunk
+    lengths around those edges for several G, over a cache of 130 tokens (blocks of 16)."""
+    run_case(f"D256 L={length} G={group}", hist=[130, 0], chunks=[length, max(1, length // 2)],
+             hkv=2, group=group, d=256, window=16, rate=0.6, seed=length * 7 + group,
+             device=device)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -333,7 +346,8 @@ def test_small_chunks(T, group, device):
 
 @pytest.mark.parametrize("T", [1, 4, 16])
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 64),
-                                     (torch.float16, 128)])
+                                     (torch.float16, 128), (torch.bfloat16, 256),
+                                     (torch.float16, 256)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_small_chunks_dtypes_head_dims(T, dtype, d, device):
     run_case(f"small T={T} {dtype} D={d}", hist=[40, 700, 3], chunks=[T, T, T], hkv=3, group=4,

@@ -40,8 +40,8 @@ constexpr Capability kCuda[kNumOps] = {
     {{false, true, true, false}, true, {64, 128, 256, 0}, 3, 1, true, "float16 or bfloat16",
      kAsQOrFp8, "64, 128 or 256", "a power of two"},
     // sparse_prefill: tensor-core kernels instantiated per head_dim (and per pool: fp8 or q's).
-    {{false, true, true, false}, true, {64, 128, 0, 0}, 2, 1, false, "float16 or bfloat16",
-     kAsQOrFp8, "64 or 128", "any"},
+    {{false, true, true, false}, true, {64, 128, 256, 0}, 3, 1, false, "float16 or bfloat16",
+     kAsQOrFp8, "64, 128 or 256", "any"},
     kAnyFp8,     // append
     kEven,       // eviction_rope (rotate-half RoPE)
     kEvenFp8,    // decode_step

@@ -59,10 +59,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 // 32 query rows (token, head) per warp, two 16-row m-tiles: every K/V fragment a warp reads
 // from shared memory feeds two MMAs per n-tile instead of one (the kernel is bound by
-// shared-memory reads, not by the tensor cores).
-constexpr int kMTiles = 2;
-constexpr int kWarpRows = 16 * kMTiles;
-constexpr int kTileRows = kWarpRows * kWarps;  // query rows per CTA
+// shared-memory reads, not by the tensor cores). At D 256 one m-tile (16 rows per warp, 64 per
+// CTA): two would hold 256 fp32 accumulators of O per thread.
+template <int D> constexpr int kMTilesFor = D >= 256 ? 1 : 2;
+template <int D> constexpr int kTileRowsFor = 16 * kMTilesFor<D> * kWarps;  // query rows per CTA
 constexpr int kTileKeys = 64;           // keys per tile
 constexpr int kPrepThreads = 1024;
 
@@ -195,7 +195,7 @@ struct TileCtx {
 // F8 (fp8 e4m3 pool): plus one stage of kTileKeys fp8 rows, shared by K and V (see the kernel).
 template <int D, bool F8 = false>
 constexpr int smem_bytes() {
-  return (kTileRows + 2 * kTileKeys) * D * 2 + kTileKeys * (int)(sizeof(int) + sizeof(int2)) +
+  return (kTileRowsFor<D> + 2 * kTileKeys) * D * 2 + kTileKeys * (int)(sizeof(int) + sizeof(int2)) +
          (F8 ? kTileKeys * D : 0);
 }
 
@@ -211,6 +211,9 @@ constexpr int smem_bytes() {
 // the cached keys' sum P.V_stored.
 template <typename T, int D, bool F8 = false>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(const SparsePrefillParams p, WsPtrs ws) {
+  constexpr int kMTiles = kMTilesFor<D>;                   // 16-row m-tiles per warp
+  constexpr int kWarpRows = 16 * kMTiles;
+  constexpr int kTileRows = kTileRowsFor<D>;
   constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;    // key rows per loader pass
   constexpr int kLoadPasses = kTileKeys / kRowsPerPass;     // loader passes per tile
@@ -725,7 +728,7 @@ Status launch(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t strea
                            bytes) != cudaSuccess)
     return Status::kCudaError;
   const int G = p.num_q_heads / p.kv.num_kv_heads;
-  const long long slots = (long long)p.total_tokens * G / kTileRows + p.num_seqs;
+  const long long slots = (long long)p.total_tokens * G / kTileRowsFor<D> + p.num_seqs;
   if (slots > INT_MAX) return Status::kUnsupported;
   prefill_kernel<T, D, F8><<<dim3((unsigned)slots, p.kv.num_kv_heads), kThreads, bytes, stream>>>(p, ws);
   return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
@@ -737,6 +740,7 @@ Status launch_d(const SparsePrefillParams& p, const WsPtrs& ws, cudaStream_t str
   switch (p.kv.head_dim) {
     case 64: return f8 ? launch<T, 64, true>(p, ws, stream) : launch<T, 64>(p, ws, stream);
     case 128: return f8 ? launch<T, 128, true>(p, ws, stream) : launch<T, 128>(p, ws, stream);
+    case 256: return f8 ? launch<T, 256, true>(p, ws, stream) : launch<T, 256>(p, ws, stream);
     default: return Status::kUnsupported;
   }
 }
@@ -753,8 +757,8 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
       !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0)
     return Status::kInvalidArgument;
-  // bf16 / fp16 q / k / v / out, head_dim 64 / 128; the pool of q's dtype or fp8 e4m3 (then
-  // q / k / v / out have act_dtype).
+  // bf16 / fp16 q / k / v / out, head_dim 64 / 128 / 256 (D 256: this kernel's 64-row tiles, not
+  // v2); the pool of q's dtype or fp8 e4m3 (then q / k / v / out have act_dtype).
   const DType act = compute_dtype(p.kv, p.act_dtype);
   if (!supported(Op::kSparsePrefill, Device::kCUDA, act, p.kv.head_dim, p.kv.block_size, p.kv.dtype))
     return Status::kUnsupported;

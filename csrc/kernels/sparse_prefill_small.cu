@@ -125,9 +125,7 @@ template <int D, int MT> int occupancy() {
   return n;
 }
 template <int MT> int ctas_per_sm(int D) {
-#ifdef DMS_PREFILL_SMALL_D256
   if (D == 256) return occupancy<256, MT>();
-#endif
   return D == 64 ? occupancy<64, MT>() : occupancy<128, MT>();
 }
 
@@ -656,9 +654,7 @@ Status launch_d(const SparsePrefillParams& p, const Resolved& r, cudaStream_t st
   switch (p.kv.head_dim) {
     case 64: return launch_mt<T, 64>(p, r, stream);
     case 128: return launch_mt<T, 128>(p, r, stream);
-#ifdef DMS_PREFILL_SMALL_D256  // not instantiated by default: sparse_prefill is 64 / 128 on CUDA
     case 256: return launch_mt<T, 256>(p, r, stream);
-#endif
     default: return Status::kUnsupported;
   }
 }
@@ -670,11 +666,7 @@ bool applies(const SparsePrefillParams& p) {
       p.num_q_heads <= 0 || p.state.window < 1)
     return false;
   if ((int64_t)p.total_tokens > (int64_t)kMaxAvgChunk * p.num_seqs) return false;
-#ifdef DMS_PREFILL_SMALL_D256
   if (p.kv.head_dim != 64 && p.kv.head_dim != 128 && p.kv.head_dim != 256) return false;
-#else
-  if (p.kv.head_dim != 64 && p.kv.head_dim != 128) return false;
-#endif
   if (p.kv.dtype != DType::kBFloat16 && p.kv.dtype != DType::kFloat16) return false;
   // The unit line is int32: every work row at its longest key line must fit.
   const int G = p.num_q_heads / p.kv.num_kv_heads;

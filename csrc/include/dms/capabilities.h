@@ -7,7 +7,7 @@
 //   sparse_decode   cpu     float32 float16 bfloat16  any                 any
 //                   cuda    float16 bfloat16          64, 128 or 256      a power of two
 //   sparse_prefill  cpu     float32 float16 bfloat16  any                 any
-//                   cuda    float16 bfloat16          64 or 128           any
+//                   cuda    float16 bfloat16          64, 128 or 256      any
 //   append          cpu     float32 float16 bfloat16  any                 any
 //                   cuda    float32 float16 bfloat16  any                 any
 //   eviction_rope   both    float32 float16 bfloat16  even                (none)

@@ -110,7 +110,7 @@ Status append(const AppendParams& p, cudaStream_t stream);
 
 // sparse_prefill: attention of packed chunks over (cache as it is) + (the chunk itself),
 // visibility rule of docs/semantics.md. Call it BEFORE append of the same chunk: it reads the cache, never
-// writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64 or 128; any
+// writes it, and takes the chunk's own keys from k / v. bf16 or fp16; head_dim 64, 128 or 256; any
 // block_size;
 // q, k, v, k_cache, v_cache, out and workspace 16-byte aligned (else kInvalidArgument);
 // q, k, v, out contiguous.
