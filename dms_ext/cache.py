@@ -37,6 +37,18 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SLOTS = 1 << 30
 
 
+def to_device(arr: np.ndarray, device) -> torch.Tensor:
+    """A host array on ``device`` without a stream sync: a plain ``.to(cuda)`` of pageable
+    memory waits for the stream (torch synchronizes blocking host copies), which would stop a
+    decode loop from launching step t + 1 while the GPU runs step t. Pinned (torch's caching
+    host allocator keeps the buffer until the copy is done) and non-blocking on CUDA."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _Layer:
     """Device state of one layer (layout: csrc/include/dms/params.h) + its host reservations."""
 
@@ -556,10 +568,7 @@ class DMSCache:
         return host, cu_dev
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(arr, self.device)
 
     def _reserve(self, lay: _Layer, layer_idx: int, rows: List[int], lens: np.ndarray) -> None:
         c = lens.astype(np.int64)[:, None]

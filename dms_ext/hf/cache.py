@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..cache import DMSCache
+from ..cache import DMSCache, to_device
 from .settings import state_of
+
 
 
 @dataclass
@@ -255,7 +256,7 @@ class DMSCacheHF(Cache):
                 seq_ids = [s for s, c in zip(self.seq_ids, counts_all) if c > 0]
                 counts = [int(c) for c in counts_all if c > 0]
                 flat = np.flatnonzero(valid.reshape(-1))
-                index = torch.from_numpy(flat).to(device)
+                index = to_device(flat, device)
             self._seen += n
         pos = np.concatenate([np.arange(self.positions[s], self.positions[s] + c)
                               for s, c in zip(seq_ids, counts)]) if seq_ids else np.zeros(0, np.int64)
@@ -265,7 +266,7 @@ class DMSCacheHF(Cache):
         if seq_ids:
             cu[1:] = torch.tensor(np.cumsum(counts), dtype=torch.int32)
         self._plan = ForwardPlan(seq_ids=seq_ids, cu_seqlens=cu,
-                                 positions=torch.from_numpy(pos.astype(np.int64)).to(device),
+                                 positions=to_device(pos.astype(np.int64), device),
                                  index=index, max_position=int(pos.max()) if pos.size else 0,
                                  counts=counts)
         return self._plan

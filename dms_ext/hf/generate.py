@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..cache import to_device
 from .cache import DMSCacheHF
 from .settings import cache_kwargs, state_of
 
@@ -131,8 +132,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
             counts = [1] * len(seq_ids)
         else:
             counts = [len(c) for c in chunks]
-            ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
-        last = torch.tensor(np.cumsum(counts) - 1, dtype=torch.long, device=dev)
+            ids = to_device(np.array([t for c in chunks for t in c], dtype=np.int64), dev)
+        last = to_device(np.cumsum(counts, dtype=np.int64) - 1, dev)   # no stream sync
         cache.set_packed(seq_ids, counts)
         out = model(input_ids=ids[None], use_cache=True, logits_to_keep=last, **kw)
         return out.logits[0]                                   # [n, vocab]
@@ -206,11 +207,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 3
         launched = False
         if batch and any(due(i, j) for _, i, j in batch):
             if cur is None:
-                ids = torch.tensor([seqs[i][j][-1] for _, i, j in batch], dtype=torch.long, device=dev)
+                ids = to_device(np.array([seqs[i][j][-1] for _, i, j in batch], dtype=np.int64), dev)
             else:                                    # the rows still in the batch, on the device
                 at = {r: k for k, r in enumerate(cur_rows)}
                 keep = [at[r] for r in batch]
-                ids = cur if keep == list(range(len(cur_rows))) else cur[torch.tensor(keep, device=dev)]
+                ids = cur if keep == list(range(len(cur_rows))) else cur[to_device(np.array(keep, dtype=np.int64), dev)]
             logits = forward([s for s, _, _ in batch], ids=ids)
             cur = sample(logits, do_sample, temperature, top_k, top_p, generator)
             cur_rows = list(batch)
