@@ -8,8 +8,8 @@
   append (decode and chunk kernels): one-token steps, chunks across blocks, a 2048-token chunk
     (1024-thread CTAs), block size 1, window 1, head_dim 36 (no 16-byte path), a pool that runs
     dry on the device (error path)
-  sparse_prefill (prepare + attention kernels): chunks 1/17/200 over history, windows 1/16/100,
-    block sizes 1/16, groups 1/5, head_dim 64/128
+  sparse_prefill (prepare + attention kernels): chunks 1/3/17/130/200 over history, windows 1/16/100, D 64/128/256,
+    block sizes 1/16, groups 1/5/2
   fork / release, decode_step (borrowed and adapter logits, norms, head_dim 40/64/128/256,
     batch 1..64, block size 1), and DMSCache: prefill, decode, fork, release, and a CUDA graph of
     a decode step (prepare_decode / advance / replay; only with the caching allocator on)
@@ -192,7 +192,8 @@ def group_prefill(quick):
     for hkv, G, D, bs, w, dt, hist, chunks in [
             (2, 1, 64, 16, 16, BF16, [40, 0], [17, 200]),
             (1, 5, 128, 1, 1, F16, [40, 3], [1, 17]),
-            (2, 3, 64, 16, 100, BF16, [150, 20], [200, 1])][: 2 if quick else None]:
+            (2, 3, 64, 16, 100, BF16, [150, 20], [200, 1]),
+            (2, 2, 256, 16, 16, F16, [40, 3], [3, 130])][: 2 if quick else None]:
         S = len(hist)
         M = -(-max(h + c for h, c in zip(hist, chunks)) // bs) + 1
         st = new_state(S, hkv, D, S * hkv * M, bs, w, M, dt)
@@ -367,13 +368,12 @@ def group_fp8(quick):
             k, v = rnd(T, hkv, D, dtype=dt, scale=20.0), rnd(T, hkv, D, dtype=dt)  # k saturates
             cu = i32([0] + list(torch.tensor(lens).cumsum(0)))
             lg = logits(T, hkv)
-            if D != 256:  # CUDA sparse_prefill takes head_dim 64 / 128
-                q = rnd(T, hkv * G, D, dtype=dt)
-                out = ops.sparse_prefill(q, k, v, lg, i32([0, 1]), cu, st["k_cache"], st["v_cache"],
-                                         st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"],
-                                         k_scale=ks, v_scale=vs)
-                sync()
-                check(bool(torch.isfinite(out.float()).all()), f"fp8 sparse_prefill D{D}: non-finite output")
+            q = rnd(T, hkv * G, D, dtype=dt)
+            out = ops.sparse_prefill(q, k, v, lg, i32([0, 1]), cu, st["k_cache"], st["v_cache"],
+                                     st["block_table"], st["seq_lens"], st["ring"], st["num_tokens"],
+                                     k_scale=ks, v_scale=vs)
+            sync()
+            check(bool(torch.isfinite(out.float()).all()), f"fp8 sparse_prefill D{D}: non-finite output")
             ops.append(k, v, lg, i32([0, 1]), cu, *st_args(st), k_scale=ks, v_scale=vs)
             sync()
             CASES[0] += 1
