@@ -185,7 +185,7 @@ def test_decode_rms_norm_equals_the_module(model_type, dtype, device):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_mlp_one_gemm_for_gate_and_up(dtype, device):
+def test_decode_mlp_one_gemm_for_gate_and_up(dtype, device, tmp_path):
     """graphs.mlp_forward: gate and up as halves of one stacked weight that IS the parameters'
     storage (no copy, values unchanged), one batched GEMM, within the error bound of the module
     (both are float32-accumulated GEMMs of the same products, rounded to the dtype, so each
@@ -236,6 +236,11 @@ def test_decode_mlp_one_gemm_for_gate_and_up(dtype, device):
         w2 = gate_up_weight(mlp)
         assert w2 is not w and torch.equal(w2[1], before[1] * 2)
         assert w2[1].data_ptr() == mlp.up_proj.weight.data_ptr()
+    # The stacked halves share one storage: save_pretrained and a reload still give the values.
+    m.save_pretrained(tmp_path)
+    again = hf.load_dms_model(str(tmp_path), dtype=dtype, device=device)
+    for name, p in m.state_dict().items():
+        assert torch.equal(again.state_dict()[name], p), name
 
 
 def test_cache_errors():
