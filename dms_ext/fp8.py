@@ -13,6 +13,7 @@ compute dtype, then build the fp8 cache with the scales::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Iterator, List
 
@@ -62,19 +63,22 @@ def record_amax(cache: DMSCache) -> Iterator[Amax]:
         record(layer, k, v)
         return out
 
-    def recording_step(layer, seq_ids, q, k, v, cos_sin_cache, alpha_scale=100.0,
-                       alpha_offset=5.0, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6,
-                       logits=None, scale=None):
-        out = step(layer, seq_ids, q, k, v, cos_sin_cache, alpha_scale, alpha_offset,
-                   q_norm_weight, k_norm_weight, norm_eps, logits, scale)
-        if k.numel():
+    step_sig = inspect.signature(step)
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        a = step_sig.bind(*args, **kwargs)   # the call validated its arguments
+        a.apply_defaults()
+        a = a.arguments
+        if a["k"].numel():
+            layer = a["layer"]
             lay = cache._layers[layer]
-            pos = lay.num_tokens[cache._rows_of(seq_ids)] - 1     # the step appended one token
-            kk = k.to(cache.dtype).clone()
-            torch.ops.dms.eviction_rope(q.clone(), kk, pos, cos_sin_cache, float(alpha_scale),
-                                        float(alpha_offset), q_norm_weight, k_norm_weight,
-                                        float(norm_eps))
-            record(layer, kk, v)
+            pos = lay.num_tokens[cache._rows_of(a["seq_ids"])] - 1   # the step appended one token
+            kk = a["k"].to(cache.dtype).clone()
+            torch.ops.dms.eviction_rope(a["q"].clone(), kk, pos, a["cos_sin_cache"],
+                                        float(a["alpha_scale"]), float(a["alpha_offset"]),
+                                        a["q_norm_weight"], a["k_norm_weight"], float(a["norm_eps"]))
+            record(layer, kk, a["v"])
         return out
 
     cache.attend, cache.decode_step = recording, recording_step

@@ -52,6 +52,11 @@ def cached_attention(attn, state: ModelState, dms, plan, x: torch.Tensor,
     qn = getattr(attn, "q_norm", None)
     kn = getattr(attn, "k_norm", None)
     table = state.rope_table(x.device, plan.max_position + 1)
+    # The trailing arguments of both kernels (decode_step, eviction_rope): alpha, norms, eps.
+    kernel_args = (float(st.alpha_scale), float(st.alpha_offset),
+                   None if qn is None else qn.weight.to(dtype).contiguous(),
+                   None if kn is None else kn.weight.to(dtype).contiguous(),
+                   float(qn.variance_epsilon if qn is not None else 1e-6))
     borrowed_in_kernel = st.variant == "borrowed" and st.evicts and st.alpha_per == "head"
     if (t == len(plan.seq_ids) and (borrowed_in_kernel or st.variant != "borrowed")
             and has_kernel("decode_step", x.device)):
@@ -61,23 +66,16 @@ def cached_attention(attn, state: ModelState, dms, plan, x: torch.Tensor,
         if not borrowed_in_kernel:      # adapter / none: the logits come in, q keeps its channels
             given = finish_logits(adapter_logits(attn, h_pre, st) if st.variant == "adapter" else None,
                                   st, (t, hkv), x.device)
-        o, _ = dms.decode_step(
-            attn.layer_idx, plan.seq_ids, q.to(dtype).contiguous(), k.to(dtype).contiguous(), v,
-            table, float(st.alpha_scale), float(st.alpha_offset),
-            None if qn is None else qn.weight.to(dtype).contiguous(),
-            None if kn is None else kn.weight.to(dtype).contiguous(),
-            float(qn.variance_epsilon if qn is not None else 1e-6), logits=given, scale=attn.scaling)
+        o, _ = dms.decode_step(attn.layer_idx, plan.seq_ids, q.to(dtype).contiguous(),
+                               k.to(dtype).contiguous(), v, table, *kernel_args, logits=given,
+                               scale=attn.scaling)
         plan.layers_done += 1
         return o.reshape(t, hq * d)
     logits = None
     if st.variant == "borrowed" and has_kernel("eviction_rope", x.device):
         q = q.to(dtype).contiguous()
         k = k.to(dtype).contiguous()
-        logits = torch.ops.dms.eviction_rope(
-            q, k, plan.positions, table, float(st.alpha_scale), float(st.alpha_offset),
-            None if qn is None else qn.weight.to(dtype).contiguous(),
-            None if kn is None else kn.weight.to(dtype).contiguous(),
-            float(qn.variance_epsilon if qn is not None else 1e-6))
+        logits = torch.ops.dms.eviction_rope(q, k, plan.positions, table, *kernel_args)
     else:
         if qn is not None:
             q, k = qn(q), kn(k)

@@ -12,7 +12,6 @@ from ..cache import DMSCache, to_device
 from .settings import state_of
 
 
-
 @dataclass
 class ForwardPlan:
     """What one forward with a DMSCacheHF feeds to every layer (packed chunks)."""
