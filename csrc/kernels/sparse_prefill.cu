@@ -71,7 +71,7 @@ constexpr int kPrepThreads = 1024;
 // idx [Hkv][T] int32 (chunk c at cu[c]), bitmap [n][Hkv][cap_words] uint32 (flagged ring slots),
 // flist [n][Hkv][w + 1] int2 (slot, position), fcount [n][Hkv] int32.
 struct WsLayout {
-  size_t cnt = 0, idx = 0, bitmap = 0, flist = 0, fcount = 0, total = 0;
+  size_t cnt = 0, idx = 0, bitmap = 0, flist = 0, fcount = 0, kpre = 0, vpre = 0, pre = 0, total = 0;
   long long cnt_stride = 0;
   long long cap_words = 0;
 };
@@ -90,6 +90,10 @@ WsLayout ws_layout(const SparsePrefillParams& p) {
   l.bitmap = off; off = align_up(off + sizeof(uint32_t) * n * H * l.cap_words);
   l.flist = off;  off = align_up(off + sizeof(int2) * n * H * (long long)(p.state.window + 1));
   l.fcount = off; off = align_up(off + sizeof(int32_t) * n * H);
+  // fp8 pools on the wgmma kernel: both pools dequantized to the compute dtype (sm90::PrefillWs).
+  l.pre = sm90::pre_pool_bytes(p);
+  l.kpre = off;   off = align_up(off + l.pre);
+  l.vpre = off;   off = align_up(off + l.pre);
   l.total = off;
   return l;
 }
@@ -102,13 +106,16 @@ struct WsPtrs {
   int32_t* fcount;
   long long cnt_stride;
   long long cap_words;
+  void* kpre;   // null when the layout has no dequantized pools
+  void* vpre;
 };
 
 WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
   char* base = static_cast<char*>(p.workspace);
   return WsPtrs{reinterpret_cast<int32_t*>(base + l.cnt), reinterpret_cast<int32_t*>(base + l.idx),
                 reinterpret_cast<uint32_t*>(base + l.bitmap), reinterpret_cast<int2*>(base + l.flist),
-                reinterpret_cast<int32_t*>(base + l.fcount), l.cnt_stride, l.cap_words};
+                reinterpret_cast<int32_t*>(base + l.fcount), l.cnt_stride, l.cap_words,
+                l.pre ? base + l.kpre : nullptr, l.pre ? base + l.vpre : nullptr};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -782,7 +789,8 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   // Hopper: the warp-specialized wgmma kernel (sparse_prefill_sm90.cu) for what it supports.
   if (sm90::prefill_v2_supported(p))
     return sm90::sparse_prefill_v2(
-        p, sm90::PrefillWs{ws.cnt, ws.idx, ws.bitmap, ws.flist, ws.fcount, ws.cnt_stride, ws.cap_words},
+        p, sm90::PrefillWs{ws.cnt, ws.idx, ws.bitmap, ws.flist, ws.fcount, ws.cnt_stride, ws.cap_words,
+                           ws.kpre, ws.vpre},
         stream);
   return act == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
                                  : launch_d<__half>(p, ws, stream);

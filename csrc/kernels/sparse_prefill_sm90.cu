@@ -89,8 +89,9 @@ struct SmemLayout {
   static constexpr int kBytes = kCtxP + 2 * (int)sizeof(TileCtx) + 1024; // + alignment slack
 };
 
-// F8: the pool is fp8 e4m3 (q / k / v / out are T). The producer converts the cached tiles
-// (tiles < end_flagged) exactly to T in shared memory (convert_rows); the consumers fold k_scale
+// F8: the pool is fp8 e4m3 (q / k / v / out are T). dequant_pools has converted the call's
+// cached blocks exactly to T (ws.kpre / ws.vpre, the stored values), so the producer gathers the
+// cached tiles (tiles < end_flagged) from there as from a T pool; the consumers fold k_scale
 // into those tiles' score scale and multiply the output accumulated over them by v_scale at the
 // first chunk tile (the cached tiles come first), or at the end when every tile is cached.
 template <typename T, int D, int KS, bool F8 = false>
@@ -158,10 +159,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // on across items). A TileCtx with ntiles 0 tells the consumers to stop.
     reg_dealloc<kProducerRegs>();
     const T* q = static_cast<const T*>(p.q);
-    const T* kc = static_cast<const T*>(p.kv.k_cache);  // !F8: the pools hold T
-    const T* vc = static_cast<const T*>(p.kv.v_cache);
-    const uint8_t* kc8 = static_cast<const uint8_t*>(p.kv.k_cache);  // F8
-    const uint8_t* vc8 = static_cast<const uint8_t*>(p.kv.v_cache);
+    // The cached rows in T: the pools themselves, or (F8) their dequantized copies.
+    const T* kc = static_cast<const T*>(F8 ? ws.kpre : p.kv.k_cache);
+    const T* vc = static_cast<const T*>(F8 ? ws.vpre : p.kv.v_cache);
     const T* kk = static_cast<const T*>(p.k);
     const T* vv = static_cast<const T*>(p.v);
     int item = 0, it = 0, cand = 0;
@@ -237,9 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
         if (tma && tile >= x.end_kept) {
           tma_tile(sK(s), &tm_k, k_full(s), tile);
-        } else if (F8 && tile < x.end_flagged) {
-          convert_rows<T, D, kBlockN, kKeyParts>(sK(s), kc8, mrow, warp, lane);
-          mbar_arrive(k_full(s));
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
           mbar_copies_arrive(k_full(s));
@@ -251,9 +248,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
         if (tma && tile >= x.end_kept) {
           tma_tile(sV(s), &tm_v, v_full(s), tile);
-        } else if (F8 && tile < x.end_flagged) {
-          convert_rows<T, D, kBlockN, kKeyParts>(sV(s), vc8, mrow, warp, lane);
-          mbar_arrive(v_full(s));
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
           mbar_copies_arrive(v_full(s));
@@ -558,6 +552,50 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   return Status::kSuccess;
 }
 
+// fp8 pools: the blocks (row c of the call, head g) holds, block j < ceil(seq_lens / bs), from
+// e4m3 to T at the same block id (exact: e4m3 values are T values). Grid (num_seqs * Hkv, y):
+// CTA (cg, y) takes blocks y, y + gridDim.y, ... of its head; 8 bytes per thread and step.
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillParams p, T* kpre, T* vpre) {
+  const int H = p.kv.num_kv_heads, bs = p.kv.block_size, D = p.kv.head_dim;
+  const int c = blockIdx.x / H, g = blockIdx.x % H;
+  const long long rg = (long long)p.rows[c] * H + g;
+  const int len = p.state.pages.seq_lens[rg];
+  const int nb = (len + bs - 1) / bs;
+  const int32_t* bt = p.state.pages.block_table + rg * p.state.pages.max_blocks_per_head;
+  const int per_block = bs * D / 8;  // uint2 chunks of 8 stored bytes
+  const uint8_t* k8 = static_cast<const uint8_t*>(p.kv.k_cache);
+  const uint8_t* v8 = static_cast<const uint8_t*>(p.kv.v_cache);
+  for (int j = blockIdx.y; j < nb; j += gridDim.y) {
+    const long long base = (long long)bt[j] * bs * D;  // element (= byte) offset of the block
+    for (int i = threadIdx.x; i < per_block; i += blockDim.x) {
+      const long long e = base + (long long)i * 8;
+      const uint2 xk = __ldg(reinterpret_cast<const uint2*>(k8 + e));
+      const uint2 xv = __ldg(reinterpret_cast<const uint2*>(v8 + e));
+      uint4 yk, yv;
+      dev::e4m3x4_to<T>(xk.x, yk.x, yk.y);
+      dev::e4m3x4_to<T>(xk.y, yk.z, yk.w);
+      dev::e4m3x4_to<T>(xv.x, yv.x, yv.y);
+      dev::e4m3x4_to<T>(xv.y, yv.z, yv.w);
+      *reinterpret_cast<uint4*>(kpre + e) = yk;
+      *reinterpret_cast<uint4*>(vpre + e) = yv;
+    }
+  }
+}
+
+template <typename T>
+Status dequant_pools(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
+  if (!ws.kpre || !ws.vpre) return Status::kInvalidArgument;
+  // Up to 64 CTAs along a head: enough to spread a long head over the SMs, few empty ones.
+  const int y = (int)std::min<long long>(64, std::max(1, p.state.pages.max_blocks_per_head));
+  const long long x = (long long)p.num_seqs * p.kv.num_kv_heads;
+  if (x > INT_MAX) return Status::kUnsupported;
+  dequant_pools_kernel<T><<<dim3((unsigned)x, (unsigned)y), 256, 0, stream>>>(
+      p, static_cast<T*>(ws.kpre), static_cast<T*>(ws.vpre));
+  DMS_LAUNCH_CHECK();
+  return Status::kSuccess;
+}
+
 bool v2_enabled() {
   static const bool on = !env_is("DMS_PREFILL_V2", "0");
   return on;
@@ -589,10 +627,18 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   return has_body;
 }
 
+size_t pre_pool_bytes(const SparsePrefillParams& p) {
+  if (!is_fp8(p.kv.dtype) || !prefill_v2_supported(p)) return 0;
+  return (size_t)p.kv.num_blocks * p.kv.block_size * p.kv.head_dim * 2;  // T is 2 bytes
+}
+
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {
   const bool deep = k_deep_enabled();
   const DType act = compute_dtype(p.kv, p.act_dtype);
   if (is_fp8(p.kv.dtype)) {  // one stage count (3 K stages at D 128): no KSTAGES A/B variant
+    const Status st = act == DType::kBFloat16 ? dequant_pools<__nv_bfloat16>(p, ws, stream)
+                                              : dequant_pools<__half>(p, ws, stream);
+    if (st != Status::kSuccess) return st;
     if (act == DType::kBFloat16) {
       if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128, k_stages_deep<128>(), true>(p, ws, stream);
       if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>(), true>(p, ws, stream);

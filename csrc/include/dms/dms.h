@@ -116,8 +116,11 @@ Status append(const AppendParams& p, cudaStream_t stream);
 // q, k, v, out contiguous.
 // Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,
 // num_q_heads, num_kv_heads, head_dim, window, max_blocks_per_head * block_size,
-// small_chunks and the current device's SM count only (never on device data). The workspace is
-// required (never null) whenever the call has tokens; it holds nothing between calls.
+// small_chunks and the current device's SM count only (never on device data); with an fp8 pool
+// on the sm_90 kernel also num_blocks: it then holds both pools dequantized to the compute dtype
+// (2 * num_blocks * block_size * head_dim * 2 bytes), written once per call for the blocks the
+// call's rows hold. The workspace is required (never null) whenever the call has tokens; it
+// holds nothing between calls.
 // Calls of short chunks (total_tokens <= 16 * num_seqs, small_chunks != 0) take a decode-style
 // kernel (stream-K over the heads' keys); the others the tiled prefill kernel.
 size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);

@@ -19,13 +19,25 @@ struct PrefillWs {
   int32_t* fcount;     // [n][Hkv]
   long long cnt_stride;
   long long cap_words;
+  // fp8 pools: the pools dequantized to the compute dtype T (stored values, exact; the scales
+  // stay with the kernel), [num_blocks, block_size, head_dim] each, written by dequant_pools
+  // for the blocks the call's rows hold (block ids as in the pool). Null otherwise.
+  void* kpre = nullptr;
+  void* vpre = nullptr;
 };
+
+// Bytes of one dequantized pool (kpre or vpre) for this call: num_blocks * block_size * head_dim
+// elements of the compute dtype when v2 takes an fp8-pool call, else 0.
+size_t pre_pool_bytes(const SparsePrefillParams& p);
 
 // Whether v2 takes this call: an sm_90 device, bf16 / fp16 pool, a head_dim it is built for,
 // and DMS_PREFILL_V2 not set to 0 (read once per process).
 bool prefill_v2_supported(const SparsePrefillParams& p);
 
-// Launches the v2 kernel (after prepare_kernel on the same stream).
+// Launches the v2 kernel (after prepare_kernel on the same stream). fp8 pools: first converts
+// the blocks the call's rows hold (block_table entries below ceil(seq_lens / block_size)) into
+// ws.kpre / ws.vpre, once per call, so the producer gathers T rows with cp.async as for a T pool
+// instead of converting every cached tile in every work item that reads it.
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream);
 
 }  // namespace sm90

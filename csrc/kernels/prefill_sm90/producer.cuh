@@ -105,45 +105,5 @@ __device__ __forceinline__ void copy_rows(uint32_t dst, const T* src, int mrow, 
   }
 }
 
-// copy_rows for an fp8 e4m3 pool (cached key tiles): the same keys and 16-byte destination
-// chunks, each read as its 8 stored bytes (8-byte loads into registers, a pass's loads issued
-// before any is used) and converted exactly to T (e4m3 -> f16 -> T: both exact) before a
-// 16-byte shared store. Rows < 0 are zero-filled. The caller signals the stage with a plain
-// mbarrier arrive (release: these generic stores), not a cp.async arrive.
-template <typename T, int D, int kBlockN, int kParts>
-__device__ __forceinline__ void convert_rows(uint32_t dst, const uint8_t* src, int mrow, int warp, int lane) {
-  using RC = RowChunks<D, kBlockN, kParts>;
-  constexpr int kBatch = RC::kPasses >= 4 ? 4 : RC::kPasses;  // passes whose loads are in flight at once
-  static_assert(RC::kPasses % kBatch == 0, "fp8 passes");
-#pragma unroll 1
-  for (int pass0 = 0; pass0 < RC::kPasses; pass0 += kBatch) {
-    uint2 x[kBatch][RC::kChunkIters];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int row = __shfl_sync(0xffffffffu, mrow, RC::kw(pass0 + b, lane));
-#pragma unroll
-      for (int ci = 0; ci < RC::kChunkIters; ++ci) {
-        const int c16 = RC::c16(ci, warp, lane);
-        x[b][ci] = row >= 0 ? __ldg(reinterpret_cast<const uint2*>(src + (long long)row * D + c16 * 8))
-                            : make_uint2(0u, 0u);
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int key = RC::key(RC::kw(pass0 + b, lane), warp);
-#pragma unroll
-      for (int ci = 0; ci < RC::kChunkIters; ++ci) {
-        uint32_t w0, w1, w2, w3;
-        dev::e4m3x4_to<T>(x[b][ci].x, w0, w1);
-        dev::e4m3x4_to<T>(x[b][ci].y, w2, w3);
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n"
-                     ::"r"(dst + tile_off<kBlockN>(key, RC::c16(ci, warp, lane))),
-                     "r"(w0), "r"(w1), "r"(w2), "r"(w3)
-                     : "memory");
-      }
-    }
-  }
-}
-
 }  // namespace sm90
 }  // namespace dms
