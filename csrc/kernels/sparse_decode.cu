@@ -68,9 +68,16 @@ template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
   static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
   static constexpr int kWarpBytes = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kHeadTile * D * 2 + kWarps * kWarpBytes;
-  static constexpr int kMergeBytes = kWarps * (kHeadTile * D + 2 * kHeadTile) * 4;
-  static_assert(kMergeBytes <= kWarps * kWarpBytes, "merge scratch must fit the stages");
+  // Two query buffers: the next segment's queries load while this one's epilogue runs.
+  static constexpr int kQBytes = kHeadTile * D * 2;
+  static constexpr int kSmemBytes = 2 * kQBytes + kWarps * kWarpBytes;
+  // A warp's fp32 state for the warp merge ([16][D]) lives in its own last kScratchStages
+  // stages; the next segment's first kPre slices go to the stages before them, so they can be
+  // in flight while the merge and the epilogue of this segment run.
+  static constexpr int kScratchBytes = kHeadTile * D * 4;
+  static constexpr int kScratchStages = (kScratchBytes + kStageBytes - 1) / kStageBytes;
+  static constexpr int kPre = kStages - kScratchStages < kStages - 1 ? kStages - kScratchStages : kStages - 1;
+  static_assert(kPre >= 0, "the merge scratch must fit a warp's stages");
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 1 KB reserved per CTA, 64K
   // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
   // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
@@ -171,29 +178,34 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     else return exp2f(x);
   }
 
-  // Mainloop: keys [kbeg, kend) of one (b, g) with the head tile's queries already in sQ's copy
-  // group. Streams this warp's slices; returns its softmax state (unreduced row sums).
-  // sW: this warp's stages (kStages x [K slice, V slice] of pool elements). An fp8 pool's
-  // k_scale is folded into the score scale here; v_scale is applied by the epilogue.
-  static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const int32_t* __restrict__ bt,
-                                                  int kbeg, int kend, int bs_shift, const T* sQ,
-                                                  unsigned char* sW, State& st) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const KV* __restrict__ kc = reinterpret_cast<const KV*>(p.kv.k_cache);
-    const KV* __restrict__ vc = reinterpret_cast<const KV*>(p.kv.v_cache);
-    KV* const stages = reinterpret_cast<KV*>(sW);
-    const int ntiles = kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
-    const int r0 = kChunks >= 32 ? 0 : lane / kChunks, cc = lane % kChunks;
-    const int bs_mask = (1 << bs_shift) - 1;
-    int ids[kRowsPerLane];
-    auto slice0 = [&](int t) { return kbeg + t * kTileKeys + warp * 16; };
+  // One warp's stream of slices over keys [kbeg, kend) of a row: slice t (16 keys from
+  // kbeg + t * kTileKeys + warp * 16) goes to stage t % kStages of the warp's stages sW.
+  struct Stream {
+    const KV* __restrict__ kc;
+    const KV* __restrict__ vc;
+    const int32_t* __restrict__ bt;
+    KV* stages;
+    int kbeg, kend, bs_shift, warp, r0, cc;
+
+    __device__ __forceinline__ Stream(const SparseDecodeParams& p, const int32_t* __restrict__ bt_,
+                                      int kbeg_, int kend_, int bs_shift_, unsigned char* sW)
+        : kc(reinterpret_cast<const KV*>(p.kv.k_cache)), vc(reinterpret_cast<const KV*>(p.kv.v_cache)),
+          bt(bt_), stages(reinterpret_cast<KV*>(sW)), kbeg(kbeg_), kend(kend_), bs_shift(bs_shift_),
+          warp(threadIdx.x >> 5), r0(kChunks >= 32 ? 0 : (threadIdx.x & 31) / kChunks),
+          cc((threadIdx.x & 31) % kChunks) {}
+    __device__ __forceinline__ int ntiles() const {
+      return kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
+    }
+    __device__ __forceinline__ int slice0(int t) const { return kbeg + t * kTileKeys + warp * 16; }
     // Blocks of >= 16 slots: a slice (16 slots from a multiple of 16) lies in one block, so one
     // block id and one 64-bit base per slice; the lane's rows are constant offsets from it
     // (rows past kend are not read: cp.async zero-fills them). Smaller blocks: an id per row.
-    const bool one_block = bs_shift >= 4;
-    auto slice_block = [&](int t) { return slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0; };
-    auto fetch_ids = [&](int t) {
-      if (one_block) {
+    __device__ __forceinline__ bool one_block() const { return bs_shift >= 4; }
+    __device__ __forceinline__ int slice_block(int t) const {
+      return slice0(t) < kend ? __ldg(bt + (slice0(t) >> bs_shift)) : 0;
+    }
+    __device__ __forceinline__ void fetch_ids(int t, int (&ids)[kRowsPerLane]) const {
+      if (one_block()) {
         ids[0] = slice_block(t);
         return;
       }
@@ -203,12 +215,13 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         const int slot = s0 + n * kRowStep;
         ids[n] = slot < kend ? __ldg(bt + (slot >> bs_shift)) : 0;
       }
-    };
-    auto load_slice = [&](int t) {
+    }
+    __device__ __forceinline__ void load_slice(int t, const int (&ids)[kRowsPerLane]) const {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
+      const int bs_mask = (1 << bs_shift) - 1;
       KV* sK = stages + (t % kStages) * 2 * kSliceElems;
       KV* sV = sK + kSliceElems;
-      if (one_block) {
+      if (one_block()) {
         const int sl = slice0(t);
         const int64_t base = (((int64_t)ids[0] << bs_shift) + (sl & bs_mask) + r0) * D + cc * kChunkElems;
 #pragma unroll
@@ -230,23 +243,55 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         cp_async16(sK + stage_off(r, cc), kc + off, valid);
         cp_async16(sV + stage_off(r, cc), vc + off, valid);
       }
-    };
-    // Prologue: one block id per slice, the ids of all kStages first slices loaded at once (one
-    // memory latency before the first copies, not one per stage).
-    int pre[kStages];
+    }
+  };
+
+  // The block ids of a segment's first kStages slices (one block per slice), loaded at once:
+  // one memory latency before the first copies, not one per stage.
+  struct Pre {
+    int id[kStages];
+  };
+
+  // The segment's first kPre slices, one cp.async group each (the caller's query copies ride in
+  // the first): issued before the previous segment's warp merge and epilogue, so that they are
+  // in flight while those run. `pre` keeps the ids of the later prologue slices for mainloop.
+  static __device__ __forceinline__ void begin(const Stream& w, Pre& pre) {
+    const int ntiles = w.ntiles();
 #pragma unroll
-    for (int t = 0; t < kStages; ++t) pre[t] = one_block && t < ntiles ? slice_block(t) : 0;
+    for (int t = 0; t < kStages; ++t) pre.id[t] = w.one_block() && t < ntiles ? w.slice_block(t) : 0;
+#pragma unroll
+    for (int t = 0; t < C::kPre; ++t) {
+      if (t < ntiles) {
+        int ids[kRowsPerLane];
+        if (w.one_block()) ids[0] = pre.id[t];
+        else w.fetch_ids(t, ids);
+        w.load_slice(t, ids);
+      }
+      cp_async_commit();
+    }
+  }
+
+  // Mainloop: the rest of the segment begun by begin(w, pre), with the head tile's queries in
+  // sQ's copy group (the first of begin's). Streams this warp's slices; returns its softmax
+  // state (unreduced row sums). An fp8 pool's k_scale is folded into the score scale here;
+  // v_scale is applied by the epilogue.
+  static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const Stream& w, const Pre& pre,
+                                                  const T* sQ, State& st) {
+    const int lane = threadIdx.x & 31;
+    const int ntiles = w.ntiles();
+    const int kend = w.kend;
+    int ids[kRowsPerLane];
     auto take_ids = [&](int t) {  // t: a compile-time index of the unrolled prologue
-      if (one_block) ids[0] = pre[t];
-      else fetch_ids(t);
+      if (w.one_block()) ids[0] = pre.id[t];
+      else w.fetch_ids(t, ids);
     };
 #pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) {
+    for (int t = C::kPre; t < kStages - 1; ++t) {
       if (t < ntiles) {
         take_ids(t);
-        load_slice(t);
+        w.load_slice(t, ids);
       }
-      cp_async_commit();  // the Q copies ride in group 0
+      cp_async_commit();
     }
     if (kStages - 1 < ntiles) take_ids(kStages - 1);
 
@@ -261,8 +306,8 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
       if (t + kStages - 1 < ntiles) {
-        load_slice(t + kStages - 1);
-        if (t + kStages < ntiles) fetch_ids(t + kStages);  // lands while this slice computes
+        w.load_slice(t + kStages - 1, ids);
+        if (t + kStages < ntiles) w.fetch_ids(t + kStages, ids);  // lands while this slice computes
       }
       cp_async_commit();
       cp_async_wait<kStages - 1>();  // this lane's copies of slice t (and Q) have landed
@@ -323,9 +368,9 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
           }
         }
       }
-      const int key0 = slice0(t);
+      const int key0 = w.slice0(t);
       if (key0 >= kend) continue;
-      const KV* sK = stages + (t % kStages) * 2 * kSliceElems;
+      const KV* sK = w.stages + (t % kStages) * 2 * kSliceElems;
       const KV* sV = sK + kSliceElems;
 
       // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
@@ -442,14 +487,14 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     }
   }
 
-  // Softmax merge of the 4 warp states through shared memory (the drained stages).
-  // After it, sO[0][r][d] = sum_w f_w o_w, sM[r] = max_w m_w, sL[r] = sum_w f_w l_w (log2 domain).
-  static __device__ __forceinline__ void merge_warps(const State& st, float* scratch) {
+  // The warp merge. Warp w's fp32 o [16][D] goes to its own last kScratchStages stages (those
+  // the next segment's begin() leaves alone), its m / l to sM / sL [warp][16] (log2 domain).
+  static __device__ __forceinline__ float* scratch_of(unsigned char* sStages, int w) {
+    return reinterpret_cast<float*>(sStages + w * C::kWarpBytes + (kStages - C::kScratchStages) * C::kStageBytes);
+  }
+  static __device__ __forceinline__ void merge_warps(const State& st, unsigned char* sStages, float* sM, float* sL) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* sO = scratch;                              // [warp][16][D]
-    float* sM = sO + kWarps * kHeadTile * D;          // [warp][16]
-    float* sL = sM + kWarps * kHeadTile;              // [warp][16]
-    float* wo = sO + warp * kHeadTile * D;
+    float* wo = scratch_of(sStages, warp);
     const int r = lane >> 2, c = 2 * (lane & 3);
     if constexpr (F8) {  // block j: st.o[2j] holds d = 16j + 4t + {0, 2}, st.o[2j + 1] d + 1
 #pragma unroll
@@ -474,27 +519,38 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     }
   }
 
-  // Value of head row r, column d after merge_warps: (o / l, lse log2) with empty -> (0, -inf).
-  static __device__ __forceinline__ float merged(const float* scratch, int r, int d, float* lse2) {
-    const float* sO = scratch;
-    const float* sM = sO + kWarps * kHeadTile * D;
-    const float* sL = sM + kWarps * kHeadTile;
+  // Per head row r < nrows (one thread each), after merge_warps: the weight of each warp's
+  // unnormalized o, sF[warp][r] = 2^(m_w - M) / l (0 for a warp without keys, and for a row
+  // without any key), and the row's lse (log2 domain, -inf when empty).
+  static __device__ __forceinline__ void row_factors(int nrows, const float* sM, const float* sL, float* sF,
+                                                     float* sLse) {
+    const int r = threadIdx.x;
+    if (r >= nrows) return;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sM[w * kHeadTile + r]);
-    if (M == -INFINITY) {  // no key in this segment
-      *lse2 = -INFINITY;
-      return 0.f;
-    }
-    float acc = 0.f, l = 0.f;
+    float f[kWarps], l = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float f = exp2f(sM[w * kHeadTile + r] - M);  // a warp with no keys has m = -inf: f = 0
-      acc += f * sO[(w * kHeadTile + r) * D + d];
-      l += f * sL[w * kHeadTile + r];
+      f[w] = M == -INFINITY ? 0.f : exp2f(sM[w * kHeadTile + r] - M);  // no keys: m = -inf, f = 0
+      l += f[w] * sL[w * kHeadTile + r];
     }
-    *lse2 = M + log2f(l);
-    return acc / l;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sF[w * kHeadTile + r] = f[w] * inv;
+    sLse[r] = l > 0.f ? M + log2f(l) : -INFINITY;
+  }
+
+  // Columns d .. d + 3 of merged head row r: sum over the warps of sF * o.
+  static __device__ __forceinline__ float4 merged4(unsigned char* sStages, const float* sF, int r, int d) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = sF[w * kHeadTile + r];
+      const float4 x = *reinterpret_cast<const float4*>(scratch_of(sStages, w) + r * D + d);
+      acc.x += f * x.x; acc.y += f * x.y; acc.z += f * x.z; acc.w += f * x.w;
+    }
+    return acc;
   }
 };
 
@@ -504,9 +560,9 @@ __global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   using K = Decode<T, D, S, F8>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  unsigned char* sStages = smem_raw + kHeadTile * D * sizeof(T);
-  float* scratch = reinterpret_cast<float*>(sStages);
+  T* const sQbuf = reinterpret_cast<T*>(smem_raw);  // [2][kHeadTile][D]: segments alternate
+  unsigned char* const sStages = smem_raw + 2 * K::C::kQBytes;
+  __shared__ float sM[kWarps * kHeadTile], sL[kWarps * kHeadTile], sF[kWarps * kHeadTile], sLse[kHeadTile];
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   streamk::CutRow* cut = reinterpret_cast<streamk::CutRow*>(ws + rs.ws.cut);
@@ -533,60 +589,102 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
   const float o_scale = F8 ? p.kv.v_scale : 1.f;
 
-  // The walk: row v = units [P, P_end), this segment [a, seg_hi). The range (pl->a0, pl->b0) is
-  // read from shared memory where used: fewer registers live across the mainloop.
-  int v = pl->v, P = pl->P, P_end = P, a = pl->a0;
-  while (a < pl->b0) {
-    P_end = P + cost(v);
-    const int seg_lo = a, seg_hi = min(pl->b0, P_end);
-    const int row = (int)(v / rs.head_tiles), ht = (int)(v % rs.head_tiles);
-    const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
-    const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-    const int L = p.pages.seq_lens[row];
-    const int kbeg = (int)(seg_lo - P - kRowCost > 0 ? seg_lo - P - kRowCost : 0) * kTileKeys;
-    const int kend = min(L, (int)(seg_hi - P - kRowCost > 0 ? seg_hi - P - kRowCost : 0) * kTileKeys);
-
-    __syncthreads();  // the previous segment is done with sQ and the scratch
-    {  // queries of the head tile; rows beyond the group are zero (finite, unused scores)
-      const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_stride_b + qh0 * p.q_stride_h;
-      for (int i = tid; i < kHeadTile * K::kQChunks; i += kThreads) {
-        const int r = i / K::kQChunks, cc = i % K::kQChunks;
-        cp_async16(sQ + dev::swz<D>(r, cc), r < nh ? q + r * p.q_stride_h + cc * 8 : q, r < nh);
-      }
+  // A segment: row v = units [P, P_end), this CTA's part of it [a, hi), its keys [kbeg, kend).
+  struct Seg {
+    int v, P, P_end, a, hi, row, b, qh0, nh, kbeg, kend;
+  };
+  auto segment = [&](int v, int P, int a) {
+    Seg s;
+    s.v = v;
+    s.P = P;
+    s.a = a;
+    s.P_end = P + cost(v);
+    s.hi = min(pl->b0, s.P_end);
+    s.row = (int)(v / rs.head_tiles);
+    const int ht = (int)(v % rs.head_tiles);
+    s.b = s.row / p.kv.num_kv_heads;
+    const int g = s.row % p.kv.num_kv_heads;
+    const int h0 = ht * kHeadTile;
+    s.nh = min(kHeadTile, G - h0);
+    s.qh0 = g * G + h0;
+    const int L = __ldg(seq_lens + s.row);
+    s.kbeg = (s.a - s.P - kRowCost > 0 ? s.a - s.P - kRowCost : 0) * kTileKeys;
+    s.kend = min(L, (s.hi - s.P - kRowCost > 0 ? s.hi - s.P - kRowCost : 0) * kTileKeys);
+    return s;
+  };
+  auto stream_of = [&](const Seg& s) {
+    return typename K::Stream(p, p.pages.block_table + (int64_t)s.row * p.pages.max_blocks_per_head, s.kbeg,
+                              s.kend, rs.bs_shift, sW);
+  };
+  // The queries of a segment's head tile (rows beyond the group are zero: finite, unused
+  // scores) into sQ, by the whole CTA, then the warp's first slices: one cp.async group.
+  auto begin = [&](const Seg& s, T* sQ, typename K::Pre& pre) {
+    const T* q = reinterpret_cast<const T*>(p.q) + s.b * p.q_stride_b + s.qh0 * p.q_stride_h;
+    for (int i = tid; i < kHeadTile * K::kQChunks; i += kThreads) {
+      const int r = i / K::kQChunks, cc = i % K::kQChunks;
+      cp_async16(sQ + dev::swz<D>(r, cc), r < s.nh ? q + r * p.q_stride_h + cc * 8 : q, r < s.nh);
     }
+    K::begin(stream_of(s), pre);
+  };
+
+  // The walk. Segment n + 1's queries and first slices are issued as soon as segment n's
+  // mainloop is done, before its warp merge and epilogue. A segment without keys (an empty row,
+  // or a piece holding only the row's fixed unit) loads nothing and writes zeros.
+  Seg cur = segment(pl->v, pl->P, pl->a0);
+  typename K::Pre pre;
+  int qb = 0;
+  if (cur.kend > cur.kbeg) begin(cur, sQbuf, pre);
+  for (;;) {
+    const bool has_keys = cur.kend > cur.kbeg;
     typename K::State st;
     DMS_PROBE(const long long pm0 = clock64();)
-    K::mainloop(p, p.pages.block_table + (int64_t)row * p.pages.max_blocks_per_head, kbeg, kend, rs.bs_shift, sQ, sW, st);
-    __syncthreads();  // every warp drained: the stages become merge scratch
-    DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg; p_keys += kend > kbeg ? kend - kbeg : 0;)
-    K::merge_warps(st, scratch);
-    __syncthreads();
+    if (has_keys) K::mainloop(p, stream_of(cur), pre, sQbuf + qb * kHeadTile * D, st);
+    DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg;
+              p_keys += has_keys ? cur.kend - cur.kbeg : 0;)
+    // The next segment (never past the range's last unit: a < b0 <= U) starts now.
+    const bool more = cur.hi < pl->b0;
+    Seg nxt = cur;
+    if (more) {
+      nxt = segment(cur.v + 1, cur.P_end, cur.hi);
+      __syncwarp();  // the warp's lanes are done with the stages the next slices overwrite
+      if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
+    }
+    const bool whole = cur.P >= pl->a0 && cur.P_end <= pl->b0;
+    const int64_t slot = 2 * (int64_t)c + (cur.a == pl->a0 ? 0 : 1);
+    if (has_keys) {
+      K::merge_warps(st, sStages, sM, sL);
+      __syncthreads();
+      K::row_factors(cur.nh, sM, sL, sF, sLse);
+      __syncthreads();
+    }
     DMS_PROBE(p_mw += clock64() - pm1;)
-
     // The whole row is ours: write it. A piece of a cut row: its partial, for the merge kernel.
-    const bool whole = P >= pl->a0 && P_end <= pl->b0;
-    const int64_t slot = 2 * (int64_t)c + (seg_lo == pl->a0 ? 0 : 1);
-    for (int i = tid; i < nh * D; i += kThreads) {
-      const int r = i / D, d = i % D;
-      float lse2;
-      float o = K::merged(scratch, r, d, &lse2);
-      if constexpr (F8) o *= o_scale;
+    for (int i = tid; i < cur.nh * (D / 4); i += kThreads) {
+      const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+      float4 o = has_keys ? K::merged4(sStages, sF, r, d) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float lse2 = has_keys ? sLse[r] : -INFINITY;
       if (whole) {
-        reinterpret_cast<T*>(p.out)[b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d] = dev::from_float<T>(o);
-        if (p.lse && d == 0) p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = lse2 / kLog2e;
+        T* out = reinterpret_cast<T*>(p.out) + cur.b * p.o_stride_b + (cur.qh0 + r) * p.o_stride_h + d;
+        out[0] = dev::from_float<T>(o.x * o_scale);
+        out[1] = dev::from_float<T>(o.y * o_scale);
+        out[2] = dev::from_float<T>(o.z * o_scale);
+        out[3] = dev::from_float<T>(o.w * o_scale);
+        if (p.lse && d == 0) p.lse[(int64_t)cur.b * p.num_q_heads + cur.qh0 + r] = lse2 / kLog2e;
       } else {
-        part_o[(slot * kHeadTile + r) * D + d] = o;
+        if constexpr (F8) {
+          o.x *= o_scale; o.y *= o_scale; o.z *= o_scale; o.w *= o_scale;
+        }
+        *reinterpret_cast<float4*>(part_o + (slot * kHeadTile + r) * D + d) = o;
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
     }
     DMS_PROBE(p_epi += clock64() - pm1;)
-    a = seg_hi;
-    if (a < pl->b0) {  // the next row (never past the last: a < b0 <= U)
-      P = P_end;
-      ++v;
-    }
+    if (!more) break;
+    if (has_keys) __syncthreads();  // the scratch and the factors are read before they are rewritten
+    cur = nxt;
+    qb ^= 1;
   }
-  if (tid == 0) cut[c] = streamk::cut_record(*pl, c, v, P, P_end);  // v: the last segment's row
+  if (tid == 0) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);  // the last segment's row
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
