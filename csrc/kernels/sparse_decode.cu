@@ -62,6 +62,16 @@ constexpr int kRowCost = 1;     // scheduling units charged per work row besides
 // two keys x two d per lane; a byte permute makes key pairs, one for the even d and one for
 // the odd d of the 16-d block, so the two n-tiles of a block hold the even and the odd d
 // (merge_warps writes them back in place).
+// Few work rows (a small batch, e.g. one long reasoning trace): bf16 / fp16 at D 128 take 6
+// stages per warp at one CTA per SM (196 KB): the range of a CTA is long, and 5 slices per warp
+// in flight hide the memory latency that 3 CTAs of 2 stages each did not. A/B on the H200
+// (bench/results/decode_ab_2026-11-30_deep.md): B1 x 128k 0.74-0.89x the time of the 2-stage
+// grid, B1 x 32k skewed 0.82x; B >= 8 and B64 x 8k rows 1.01-1.15x slower, hence the row cap.
+constexpr int kDeepStages = 6, kDeepMaxRows = 16;
+// fp8 pools take the deep pipeline too, at 12 stages (half the bytes per stage, the same 196 KB):
+// B1 x 32k / 128k fp8 0.97x the time of 4 stages at 3 CTAs, B >= 16 equal
+// (bench/results/decode_ab_2026-11-30_d8deep.md).
+constexpr int kDeepStages8 = 12;
 template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kStages = S;
   static constexpr int kSliceElems = 16 * D;  // one warp's 16 keys of K (or V)
@@ -78,6 +88,10 @@ template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kScratchStages = (kScratchBytes + kStageBytes - 1) / kStageBytes;
   static constexpr int kPre = kStages - kScratchStages < kStages - 1 ? kStages - kScratchStages : kStages - 1;
   static_assert(kPre >= 0, "the merge scratch must fit a warp's stages");
+  // The deep pipelines (one CTA per SM, few rows) issue the next segment after the epilogue:
+  // early, B1 rows ran 4-15 % slower (bench/results/decode_ab_2026-11-30_xseg.md); the
+  // many-CTA pipelines issue it before the warp merge.
+  static constexpr bool kEarlyNext = S != (F8 ? kDeepStages8 : kDeepStages);
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 1 KB reserved per CTA, 64K
   // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
   // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
@@ -646,8 +660,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     Seg nxt = cur;
     if (more) {
       nxt = segment(cur.v + 1, cur.P_end, cur.hi);
-      __syncwarp();  // the warp's lanes are done with the stages the next slices overwrite
-      if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
+      if constexpr (K::C::kEarlyNext) {
+        __syncwarp();  // the warp's lanes are done with the stages the next slices overwrite
+        if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
+      }
     }
     const bool whole = cur.P >= pl->a0 && cur.P_end <= pl->b0;
     const int64_t slot = 2 * (int64_t)c + (cur.a == pl->a0 ? 0 : 1);
@@ -681,6 +697,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     DMS_PROBE(p_epi += clock64() - pm1;)
     if (!more) break;
     if (has_keys) __syncthreads();  // the scratch and the factors are read before they are rewritten
+    if constexpr (!K::C::kEarlyNext) {
+      if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
+    }
     cur = nxt;
     qb ^= 1;
   }
@@ -741,16 +760,6 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
 // 2 at D 128 (3 CTAs: faster than 3 stages and 2 CTAs on every swept row but B1 x 32k skewed,
 // bench/results/sweep_2026-11-29_2120.txt), 2 at D 256 (1 CTA).
 template <int D> constexpr int kStagesFor = D == 64 ? 3 : 2;
-// Few work rows (a small batch, e.g. one long reasoning trace): bf16 / fp16 at D 128 take 6
-// stages per warp at one CTA per SM (196 KB): the range of a CTA is long, and 5 slices per warp
-// in flight hide the memory latency that 3 CTAs of 2 stages each did not. A/B on the H200
-// (bench/results/decode_ab_2026-11-30_deep.md): B1 x 128k 0.74-0.89x the time of the 2-stage
-// grid, B1 x 32k skewed 0.82x; B >= 8 and B64 x 8k rows 1.01-1.15x slower, hence the row cap.
-constexpr int kDeepStages = 6, kDeepMaxRows = 16;
-// fp8 pools take the deep pipeline too, at 12 stages (half the bytes per stage, the same 196 KB):
-// B1 x 32k / 128k fp8 0.97x the time of 4 stages at 3 CTAs, B >= 16 equal
-// (bench/results/decode_ab_2026-11-30_d8deep.md).
-constexpr int kDeepStages8 = 12;
 // fp8 pools: a stage is half the bytes and there is no conversion slice, so every head dim
 // takes 4 stages: D 64 at 4 CTAs (34 KB), D 128 at 3 CTAs (68 KB; 4 CTAs at 3 stages would
 // hold ptxas to 128 registers, which spills in the loop), D 256 at 1 CTA (136 KB). Not swept
