@@ -78,9 +78,13 @@ template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
   static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
   static constexpr int kWarpBytes = kStages * kStageBytes;
-  // Two query buffers: the next segment's queries load while this one's epilogue runs.
+  // The deep pipelines (one CTA per SM, few rows) issue the next segment after the epilogue:
+  // early, B1 rows ran 4-15 % slower (bench/results/decode_ab_2026-11-30_xseg.md); the
+  // many-CTA pipelines issue it before the warp merge, into a second query buffer.
+  static constexpr bool kEarlyNext = S != (F8 ? kDeepStages8 : kDeepStages);
   static constexpr int kQBytes = kHeadTile * D * 2;
-  static constexpr int kSmemBytes = 2 * kQBytes + kWarps * kWarpBytes;
+  static constexpr int kQBuffers = kEarlyNext ? 2 : 1;
+  static constexpr int kSmemBytes = kQBuffers * kQBytes + kWarps * kWarpBytes;
   // A warp's fp32 state for the warp merge ([16][D]) lives in its own last kScratchStages
   // stages; the next segment's first kPre slices go to the stages before them, so they can be
   // in flight while the merge and the epilogue of this segment run.
@@ -88,10 +92,6 @@ template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kScratchStages = (kScratchBytes + kStageBytes - 1) / kStageBytes;
   static constexpr int kPre = kStages - kScratchStages < kStages - 1 ? kStages - kScratchStages : kStages - 1;
   static_assert(kPre >= 0, "the merge scratch must fit a warp's stages");
-  // The deep pipelines (one CTA per SM, few rows) issue the next segment after the epilogue:
-  // early, B1 rows ran 4-15 % slower (bench/results/decode_ab_2026-11-30_xseg.md); the
-  // many-CTA pipelines issue it before the warp merge.
-  static constexpr bool kEarlyNext = S != (F8 ? kDeepStages8 : kDeepStages);
   // Resident CTAs per SM on H100/H200 (228 KB shared memory, 1 KB reserved per CTA, 64K
   // registers): the persistent grid. bf16 / fp16 pools as swept; fp8 ones from shared memory,
   // at most 4 (the register budget of 128-thread CTAs at up to 128 registers).
@@ -574,8 +574,8 @@ __global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   using K = Decode<T, D, S, F8>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* const sQbuf = reinterpret_cast<T*>(smem_raw);  // [2][kHeadTile][D]: segments alternate
-  unsigned char* const sStages = smem_raw + 2 * K::C::kQBytes;
+  T* const sQbuf = reinterpret_cast<T*>(smem_raw);  // [kQBuffers][kHeadTile][D]: segments alternate
+  unsigned char* const sStages = smem_raw + K::C::kQBuffers * K::C::kQBytes;
   __shared__ float sM[kWarps * kHeadTile], sL[kWarps * kHeadTile], sF[kWarps * kHeadTile], sLse[kHeadTile];
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
@@ -698,10 +698,11 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     if (!more) break;
     if (has_keys) __syncthreads();  // the scratch and the factors are read before they are rewritten
     if constexpr (!K::C::kEarlyNext) {
-      if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
+      if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf, pre);  // one query buffer
+    } else {
+      qb ^= 1;
     }
     cur = nxt;
-    qb ^= 1;
   }
   if (tid == 0) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);  // the last segment's row
   DMS_PROBE(if (rs.probe && tid == 0)
