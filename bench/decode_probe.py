@@ -134,6 +134,25 @@ def summary(rec) -> str:
     return s
 
 
+def dump(rec) -> str:
+    """Every working CTA of one call, slowest first, and the median total per segment count."""
+    A = rec["A"]
+    if not A:
+        return ""
+    t0 = min(r["t0"] for r in A + rec["I"])
+    ghz = statistics.median(r["tot"] / max(1, r["t1"] - r["t0"]) for r in A)
+    rows = sorted(A, key=lambda r: -(r["t1"] - t0))
+    out = [f"  c {r['c']:4d} sm {r['sm']:3d} seg {r['seg']} keys {r['keys']:6d} start {(r['t0'] - t0) / 1e3:6.2f} "
+           f"end {(r['t1'] - t0) / 1e3:6.2f} tot {r['tot'] / ghz / 1e3:6.2f} loc {r['loc'] / ghz / 1e3:5.2f} "
+           f"main {r['main'] / ghz / 1e3:6.2f} epi {r['epi'] / ghz / 1e3:5.2f}" for r in rows]
+    by = {}
+    for r in A:
+        by.setdefault(r["seg"], []).append(r["t1"] - t0)
+    out.append("  end by segments: " + ", ".join(f"{k} seg: n {len(v)} median {statistics.median(v) / 1e3:.2f} max {max(v) / 1e3:.2f}"
+                                                  for k, v in sorted(by.items())))
+    return "\n".join(out[:16] + out[-1:])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="?", default="B1 x 32k,B1 x 128k,B1 x 32k skewed,B64 x 8k")
@@ -141,6 +160,9 @@ def main():
     ap.add_argument("--graph", action="store_true",
                     help="time 3 back-to-back calls inside one CUDA graph replay (launch gaps and "
                          "the merge kernel's tail become meaningful) instead of one eager call")
+    ap.add_argument("--dump", action="store_true",
+                    help="also print every working CTA of the (first) call: c, segments, keys, start and end "
+                         "after the first CTA's start (us), total (us), slowest first")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -166,6 +188,8 @@ def main():
                 else:
                     line = summary(calls[min(calls)])
             print(f"PROBE {name:16s} stages {st} max_splits {ms:>3s}: {line}", flush=True)
+            if a.dump and r.returncode == 0 and calls:
+                print(dump(calls[min(calls)]), flush=True)
 
 
 if __name__ == "__main__":
