@@ -51,7 +51,12 @@ using dev::pdl_wait;
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
-constexpr int kRowCost = 1;     // scheduling units charged per work row besides its tiles
+// Scheduling units charged per work row besides its tiles (Resolved::row_cost): 1 for the
+// many-CTA pipelines; 4 for the deep one (one CTA per SM), where a CTA whose range holds a second
+// row waits for that row's queries, block ids and first slices with nothing else on the SM
+// (about 3 tiles' time at batch 1: bench/results/decode_probe_dump_2026-11-30_1325.md), so that
+// CTA was the call's slowest.
+constexpr int kRowCost = 1, kDeepRowCost = 4;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
 // bf16 / fp16 slice) that the MMA path reads directly, no converted copy in shared memory:
@@ -118,14 +123,15 @@ __host__ __device__ inline Layout layout(int grid, int D) {
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
   int grid, head_tiles, min_units, bs_shift;
+  int row_cost;    // scheduling units per work row besides its tiles (kRowCost / kDeepRowCost)
   bool deep;       // the deep-pipeline variant (kDeepStages, one CTA per SM): few work rows
   int probe = 0;   // decode_probe.cuh builds: this launch prints its timeline
   int64_t rows_v;  // batch * num_kv_heads * head_tiles
   Layout ws;
 };
 
-__device__ __forceinline__ int units_of(int L) {
-  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
+__device__ __forceinline__ int units_of(int L, int row_cost) {
+  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + row_cost;
 }
 using streamk::kMergeThreads;
 
@@ -589,7 +595,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
-  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
+  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles), rs.row_cost); };
   const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   if (!pl) {
     if (tid == 0) cut[c] = streamk::no_cut_row();
@@ -622,8 +628,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     s.nh = min(kHeadTile, G - h0);
     s.qh0 = g * G + h0;
     const int L = __ldg(seq_lens + s.row);
-    s.kbeg = (s.a - s.P - kRowCost > 0 ? s.a - s.P - kRowCost : 0) * kTileKeys;
-    s.kend = min(L, (s.hi - s.P - kRowCost > 0 ? s.hi - s.P - kRowCost : 0) * kTileKeys);
+    s.kbeg = (s.a - s.P - rs.row_cost > 0 ? s.a - s.P - rs.row_cost : 0) * kTileKeys;
+    s.kend = min(L, (s.hi - s.P - rs.row_cost > 0 ? s.hi - s.P - rs.row_cost : 0) * kTileKeys);
     return s;
   };
   auto stream_of = [&](const Seg& s) {
@@ -810,6 +816,7 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
+  r.row_cost = r.deep ? kDeepRowCost : kRowCost;
   r.ws = layout(ws_grid, p.kv.head_dim);
   return r;
 }
@@ -884,7 +891,7 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   const Resolved r = resolve(p, device_sms());
   if (!p.workspace) return Status::kInvalidArgument;
   // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
-  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + kRowCost);
+  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + r.row_cost);
   if (max_units >= INT32_MAX) return Status::kUnsupported;
   return act == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                  : dispatch_dim<__half>(p, r, stream);
