@@ -1,20 +1,24 @@
 // dms::sparse_decode v2: a persistent, length-balanced decode over the paged per-head KV layout.
 //
 // Pieces (top to bottom):
-//   Scheduler  every work row (b, g, head tile) costs one unit of fixed work plus one unit per
-//              64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
+//   Scheduler  every work row (b, g, head tile) costs row_cost units of fixed work (1; 4 in the
+//              deep pipeline) plus one unit per 64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
 //              persistent attention kernel, so every CTA gets the same number of tiles whatever
 //              the length distribution (stream-K). Each CTA scans seq_lens itself at its start
 //              (streamk::locate): no plan kernel, no host plan, no host sync; graph replays may
 //              change every length.
 //   Mainloop   a CTA walks its range row segment by row segment. For each segment it loads the
-//              group's queries once and streams the segment's keys: 4 warps, each with its own
+//              group's queries once and streams the segment's keys (the many-CTA pipelines issue
+//              the next segment's queries and first slices as soon as a segment's keys are
+//              consumed, before its warp merge and epilogue; a segment without keys loads
+//              nothing): 4 warps, each with its own
 //              16-key slice of every 64-key tile, gathered through the block table by 16-byte
 //              cp.async into XOR-swizzled shared memory, in a private kStages-deep pipeline
 //              (no CTA-wide barrier in the loop). The whole GQA group rides in the M dimension
 //              of m16n8k16 tensor-core MMAs, so each K/V byte is read once per group.
 //   Softmax    online softmax per warp in the log2 domain; the 4 warp states merge in shared
-//              memory at the end of a segment.
+//              memory at the end of a segment (each warp's o in its own last stages, one weight
+//              per warp and head row, float4 columns).
 //   Epilogue   a segment that covers its whole row writes the output (and lse) directly. A row
 //              cut by range boundaries gets one fp32 partial (o, lse) per CTA that touches it, at
 //              most two per CTA (its first and its last segment), and the attention kernel never
