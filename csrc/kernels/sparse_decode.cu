@@ -678,6 +678,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     const bool whole = cur.P >= pl->a0 && cur.P_end <= pl->b0;
     const int64_t slot = 2 * (int64_t)c + (cur.a == pl->a0 ? 0 : 1);
     if (has_keys) {
+      // The merge scratch is the warp's last stage(s): every lane's ldmatrix reads of them are
+      // done before any lane writes (compute-sanitizer racecheck reported the WAR at D 256
+      // without this barrier, gpu_round_2026-11-30_1332.md).
+      __syncwarp();
       K::merge_warps(st, sStages, sM, sL);
       __syncthreads();
       K::row_factors(cur.nh, sM, sL, sF, sLse);
