@@ -87,9 +87,10 @@ template <int D, int S, bool F8 = false> struct Cfg {
   static constexpr int kKVBytes = F8 ? 1 : 2;  // pool element size
   static constexpr int kStageBytes = 2 * kSliceElems * kKVBytes;     // K + V of one stage
   static constexpr int kWarpBytes = kStages * kStageBytes;
-  // The deep pipelines (one CTA per SM, few rows) issue the next segment after the epilogue:
-  // early, B1 rows ran 4-15 % slower (bench/results/decode_ab_2026-11-30_xseg.md); the
-  // many-CTA pipelines issue it before the warp merge, into a second query buffer.
+  // The many-CTA pipelines issue the next segment before the warp merge, into a second query
+  // buffer; the deep pipelines (one CTA per SM, few rows, mostly one segment per CTA) after the
+  // epilogue, into the one buffer: early or late measured the same on the B 1 rows
+  // (bench/results/decode_ab_2026-11-30_xseg.md vs _xseg2.md), and late saves 4 KB.
   static constexpr bool kEarlyNext = S != (F8 ? kDeepStages8 : kDeepStages);
   static constexpr int kQBytes = kHeadTile * D * 2;
   static constexpr int kQBuffers = kEarlyNext ? 2 : 1;
