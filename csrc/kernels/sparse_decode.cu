@@ -276,6 +276,12 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
   struct Pre {
     int id[kStages];
   };
+  // The ids of prologue slice t (a compile-time index): from pre (one block per slice) or
+  // loaded per row.
+  static __device__ __forceinline__ void take_ids(const Stream& w, const Pre& pre, int t, int (&ids)[kRowsPerLane]) {
+    if (w.one_block()) ids[0] = pre.id[t];
+    else w.fetch_ids(t, ids);
+  }
 
   // The segment's first kPre slices, one cp.async group each (the caller's query copies ride in
   // the first): issued before the previous segment's warp merge and epilogue, so that they are
@@ -288,8 +294,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     for (int t = 0; t < C::kPre; ++t) {
       if (t < ntiles) {
         int ids[kRowsPerLane];
-        if (w.one_block()) ids[0] = pre.id[t];
-        else w.fetch_ids(t, ids);
+        take_ids(w, pre, t, ids);
         w.load_slice(t, ids);
       }
       cp_async_commit();
@@ -306,19 +311,15 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     const int ntiles = w.ntiles();
     const int kend = w.kend;
     int ids[kRowsPerLane];
-    auto take_ids = [&](int t) {  // t: a compile-time index of the unrolled prologue
-      if (w.one_block()) ids[0] = pre.id[t];
-      else w.fetch_ids(t, ids);
-    };
 #pragma unroll
     for (int t = C::kPre; t < kStages - 1; ++t) {
       if (t < ntiles) {
-        take_ids(t);
+        take_ids(w, pre, t, ids);
         w.load_slice(t, ids);
       }
       cp_async_commit();
     }
-    if (kStages - 1 < ntiles) take_ids(kStages - 1);
+    if (kStages - 1 < ntiles) take_ids(w, pre, kStages - 1, ids);
 
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
@@ -623,16 +624,16 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     s.v = v;
     s.P = P;
     s.a = a;
-    s.P_end = P + cost(v);
-    s.hi = min(pl->b0, s.P_end);
     s.row = (int)(v / rs.head_tiles);
+    const int L = __ldg(seq_lens + s.row);
+    s.P_end = P + units_of(L, rs.row_cost);  // = P + cost(v)
+    s.hi = min(pl->b0, s.P_end);
     const int ht = (int)(v % rs.head_tiles);
     s.b = s.row / p.kv.num_kv_heads;
     const int g = s.row % p.kv.num_kv_heads;
     const int h0 = ht * kHeadTile;
     s.nh = min(kHeadTile, G - h0);
     s.qh0 = g * G + h0;
-    const int L = __ldg(seq_lens + s.row);
     s.kbeg = (s.a - s.P - rs.row_cost > 0 ? s.a - s.P - rs.row_cost : 0) * kTileKeys;
     s.kend = min(L, (s.hi - s.P - rs.row_cost > 0 ? s.hi - s.P - rs.row_cost : 0) * kTileKeys);
     return s;
@@ -693,18 +694,18 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     for (int i = tid; i < cur.nh * (D / 4); i += kThreads) {
       const int r = i / (D / 4), d = (i % (D / 4)) * 4;
       float4 o = has_keys ? K::merged4(sStages, sF, r, d) : make_float4(0.f, 0.f, 0.f, 0.f);
+      if constexpr (F8) {
+        o.x *= o_scale; o.y *= o_scale; o.z *= o_scale; o.w *= o_scale;
+      }
       const float lse2 = has_keys ? sLse[r] : -INFINITY;
       if (whole) {
         T* out = reinterpret_cast<T*>(p.out) + cur.b * p.o_stride_b + (cur.qh0 + r) * p.o_stride_h + d;
-        out[0] = dev::from_float<T>(o.x * o_scale);
-        out[1] = dev::from_float<T>(o.y * o_scale);
-        out[2] = dev::from_float<T>(o.z * o_scale);
-        out[3] = dev::from_float<T>(o.w * o_scale);
+        out[0] = dev::from_float<T>(o.x);
+        out[1] = dev::from_float<T>(o.y);
+        out[2] = dev::from_float<T>(o.z);
+        out[3] = dev::from_float<T>(o.w);
         if (p.lse && d == 0) p.lse[(int64_t)cur.b * p.num_q_heads + cur.qh0 + r] = lse2 / kLog2e;
       } else {
-        if constexpr (F8) {
-          o.x *= o_scale; o.y *= o_scale; o.z *= o_scale; o.w *= o_scale;
-        }
         *reinterpret_cast<float4*>(part_o + (slot * kHeadTile + r) * D + d) = o;
         if (d == 0) part_lse[slot * kHeadTile + r] = lse2;
       }
