@@ -206,7 +206,7 @@ def test_cuda_sparse_prefill_fp8_both_dequant_layouts(act, D):
     """On sm_90 the fp8 prefill first dequantizes the call rows' cached blocks into the
     workspace: at their pool block ids when the pool has no more blocks than chunks x heads x
     table width (the oracle cases above: 290 table entries, 111 blocks), else compactly by
-    (chunk, head, block index). The compact layout here (a pool of 1111 blocks), against the
+    (chunk, head, block index). The compact layout here (a pool of 1106 blocks), against the
     same oracle."""
     hist, chunks = [0, 7, 50, 300, 450], [37, 1, 200, 129, 65]
     nb = sum(2 * -(-h // 16) for h in hist)
