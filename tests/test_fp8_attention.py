@@ -123,19 +123,21 @@ def test_cache_fp8_arguments_are_checked():
 # ------------------------------------------------------------------------ CUDA
 
 
-def fp8_prefill_case(act, D, G, ks, vs, hist, chunks, window, rate=0.6, bs=16, amp=1.0, seed=0):
+def fp8_prefill_case(act, D, G, ks, vs, hist, chunks, window, rate=0.6, bs=16, amp=1.0, seed=0,
+                     spare_blocks=5):
     """One CUDA sparse_prefill call over packed chunks (chunk i continues sequence i, which
     holds hist[i] tokens appended to an fp8 pool with eviction: a prefill piece and single
     tokens, rows scattered, blocks shuffled, unowned slots NaN), against dms_bound on the
     history dequantized (the chunk as given), and the CPU twin on the same state likewise.
-    Output poisoned first; the state is read, never written. Returns the fp8 pool."""
+    Output poisoned first; the state is read, never written. The pool holds spare_blocks blocks
+    beyond the histories'. Returns the fp8 pool."""
     dev, hkv = "cuda", 2
     hq = hkv * G
     gen = torch.Generator().manual_seed(seed)
     n_seq = len(chunks)
     rows = [(3 * i + 1) % (n_seq + 2) for i in range(n_seq)]        # distinct, scattered
     max_blocks = max(1, max(-(-h // bs) for h in hist))
-    nb = sum(hkv * -(-h // bs) for h in hist) + 5
+    nb = sum(hkv * -(-h // bs) for h in hist) + spare_blocks
     st = new_state(n_seq + 2, hkv, D, nb, bs, window, max_blocks, F8, dev, gen=gen)
     full = []
     for i in range(n_seq):
@@ -195,6 +197,22 @@ def test_cuda_sparse_prefill_fp8_matches_the_oracle(act, D, G, ks, vs):
                           window=16, amp=amp, seed=hash((D, G)) & 0xffff)
     if ks < 0.01:
         assert (st["k_cache"].float().abs() == 448).any(), "the saturating case did not saturate"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_sparse_prefill_fp8_both_dequant_layouts(act, D):
+    """On sm_90 the fp8 prefill first dequantizes the call rows' cached blocks into the
+    workspace: at their pool block ids when the pool has no more blocks than chunks x heads x
+    table width (the oracle cases above: 290 table entries, 111 blocks), else compactly by
+    (chunk, head, block index). The compact layout here (a pool of 1106 blocks), against the
+    same oracle."""
+    hist, chunks = [0, 7, 50, 300, 450], [37, 1, 200, 129, 65]
+    nb = sum(2 * -(-h // 16) for h in hist)
+    assert len(chunks) * 2 * max(-(-h // 16) for h in hist) < nb + 1000  # compact
+    fp8_prefill_case(act, D, 4, 0.37, 2.5, hist=hist, chunks=chunks, window=16, seed=D,
+                     spare_blocks=1000)
 
 
 @pytest.mark.cuda

@@ -790,7 +790,7 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (sm90::prefill_v2_supported(p))
     return sm90::sparse_prefill_v2(
         p, sm90::PrefillWs{ws.cnt, ws.idx, ws.bitmap, ws.flist, ws.fcount, ws.cnt_stride, ws.cap_words,
-                           ws.kpre, ws.vpre},
+                           ws.kpre, ws.vpre, ws.kpre != nullptr && sm90::pre_compact(p)},
         stream);
   return act == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
                                  : launch_d<__half>(p, ws, stream);

@@ -553,10 +553,12 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
 }
 
 // fp8 pools: the blocks (row c of the call, head g) holds, block j < ceil(seq_lens / bs), from
-// e4m3 to T at the same block id (exact: e4m3 values are T values). Grid (num_seqs * Hkv, y):
+// e4m3 to T (exact: e4m3 values are T values), at (c * Hkv + g) * max_blocks_per_head + j when
+// compact, else at the same block id. Grid (num_seqs * Hkv, y):
 // CTA (cg, y) takes blocks y, y + gridDim.y, ... of its head; 8 bytes per thread and step.
 template <typename T>
-__global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillParams p, T* kpre, T* vpre) {
+__global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillParams p, T* kpre, T* vpre,
+                                                             bool compact) {
   const int H = p.kv.num_kv_heads, bs = p.kv.block_size, D = p.kv.head_dim;
   const int c = blockIdx.x / H, g = blockIdx.x % H;
   const long long rg = (long long)p.rows[c] * H + g;
@@ -566,10 +568,12 @@ __global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillP
   const int per_block = bs * D / 8;  // uint2 chunks of 8 stored bytes
   const uint8_t* k8 = static_cast<const uint8_t*>(p.kv.k_cache);
   const uint8_t* v8 = static_cast<const uint8_t*>(p.kv.v_cache);
+  const long long first = ((long long)c * H + g) * p.state.pages.max_blocks_per_head;  // compact
   for (int j = blockIdx.y; j < nb; j += gridDim.y) {
     const long long base = (long long)bt[j] * bs * D;  // element (= byte) offset of the block
+    const long long dst = compact ? (first + j) * bs * D : base;
     for (int i = threadIdx.x; i < per_block; i += blockDim.x) {
-      const long long e = base + (long long)i * 8;
+      const long long e = base + (long long)i * 8, o = dst + (long long)i * 8;
       const uint2 xk = __ldg(reinterpret_cast<const uint2*>(k8 + e));
       const uint2 xv = __ldg(reinterpret_cast<const uint2*>(v8 + e));
       uint4 yk, yv;
@@ -577,8 +581,8 @@ __global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillP
       dev::e4m3x4_to<T>(xk.y, yk.z, yk.w);
       dev::e4m3x4_to<T>(xv.x, yv.x, yv.y);
       dev::e4m3x4_to<T>(xv.y, yv.z, yv.w);
-      *reinterpret_cast<uint4*>(kpre + e) = yk;
-      *reinterpret_cast<uint4*>(vpre + e) = yv;
+      *reinterpret_cast<uint4*>(kpre + o) = yk;
+      *reinterpret_cast<uint4*>(vpre + o) = yv;
     }
   }
 }
@@ -591,7 +595,7 @@ Status dequant_pools(const SparsePrefillParams& p, const PrefillWs& ws, cudaStre
   const long long x = (long long)p.num_seqs * p.kv.num_kv_heads;
   if (x > INT_MAX) return Status::kUnsupported;
   dequant_pools_kernel<T><<<dim3((unsigned)x, (unsigned)y), 256, 0, stream>>>(
-      p, static_cast<T*>(ws.kpre), static_cast<T*>(ws.vpre));
+      p, static_cast<T*>(ws.kpre), static_cast<T*>(ws.vpre), ws.pre_compact);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
@@ -629,7 +633,9 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
 
 size_t pre_pool_bytes(const SparsePrefillParams& p) {
   if (!is_fp8(p.kv.dtype) || !prefill_v2_supported(p)) return 0;
-  return (size_t)p.kv.num_blocks * p.kv.block_size * p.kv.head_dim * 2;  // T is 2 bytes
+  const long long blocks = pre_compact(p) ? (long long)p.num_seqs * p.kv.num_kv_heads * p.state.pages.max_blocks_per_head
+                                          : p.kv.num_blocks;
+  return (size_t)blocks * p.kv.block_size * p.kv.head_dim * 2;  // T is 2 bytes
 }
 
 Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t stream) {

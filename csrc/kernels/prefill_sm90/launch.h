@@ -19,15 +19,23 @@ struct PrefillWs {
   int32_t* fcount;     // [n][Hkv]
   long long cnt_stride;
   long long cap_words;
-  // fp8 pools: the pools dequantized to the compute dtype T (stored values, exact; the scales
-  // stay with the kernel), [num_blocks, block_size, head_dim] each, written by dequant_pools
-  // for the blocks the call's rows hold (block ids as in the pool). Null otherwise.
+  // fp8 pools: the blocks the call's rows hold, dequantized to the compute dtype T (stored
+  // values, exact; the scales stay with the kernel) by dequant_pools; null otherwise. Two
+  // layouts of [blocks, block_size, head_dim] each, from sizes only (pre_compact): compact,
+  // block j of (chunk c, kv head g) at (c * Hkv + g) * max_blocks_per_head + j, when that is
+  // fewer blocks than the pool; else at its block id in the pool.
   void* kpre = nullptr;
   void* vpre = nullptr;
+  bool pre_compact = false;
 };
 
-// Bytes of one dequantized pool (kpre or vpre) for this call: num_blocks * block_size * head_dim
-// elements of the compute dtype when v2 takes an fp8-pool call, else 0.
+// Whether the dequantized blocks take the compact layout (PrefillWs::pre_compact).
+inline bool pre_compact(const SparsePrefillParams& p) {
+  return (long long)p.num_seqs * p.kv.num_kv_heads * p.state.pages.max_blocks_per_head < p.kv.num_blocks;
+}
+
+// Bytes of one dequantized pool (kpre or vpre) for this call when v2 takes an fp8-pool call, else
+// 0: block_size * head_dim elements of the compute dtype per block of its layout (pre_compact).
 size_t pre_pool_bytes(const SparsePrefillParams& p);
 
 // Whether v2 takes this call: an sm_90 device, bf16 / fp16 pool, a head_dim it is built for,

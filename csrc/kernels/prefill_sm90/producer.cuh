@@ -26,12 +26,15 @@ __device__ __forceinline__ void resolve_key(const SparsePrefillParams& p, const 
   const int H = p.kv.num_kv_heads, w = p.state.window;
   mrow = -1; ma = INT_MAX; mb = INT_MIN;
   const long long ch = (long long)x.c * H + g;
+  // The row of slot s in the pool, or (fp8 pools, compact layout) in the dequantized blocks.
   auto cache_row = [&](int s) -> int {
     const int32_t* bt = p.state.pages.block_table +
                         ((long long)x.r * H + g) * p.state.pages.max_blocks_per_head;
     const int bs = p.kv.block_size;
     const int blk = bt[s / bs];
-    return (blk >= 0 && blk < p.kv.num_blocks) ? blk * bs + s % bs : -1;
+    if (blk < 0 || blk >= p.kv.num_blocks) return -1;
+    if (ws.pre_compact) return (int)((ch * p.state.pages.max_blocks_per_head + s / bs) * bs + s % bs);
+    return blk * bs + s % bs;
   };
   if (tile < x.end_cached) {
     const int s = tile * kBlockN + key;
