@@ -1,12 +1,14 @@
 // dms::sparse_decode v2: a persistent, length-balanced decode over the paged per-head KV layout.
 //
 // Pieces (top to bottom):
-//   Scheduler  every work row (b, g, head tile) costs row_cost units of fixed work (1; 4 in the
-//              deep pipeline) plus one unit per 64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
+//   Scheduler  every work row (b, g, head tile) costs one unit of fixed work plus one unit per
+//              64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
 //              persistent attention kernel, so every CTA gets the same number of tiles whatever
 //              the length distribution (stream-K). Each CTA scans seq_lens itself at its start
 //              (streamk::locate): no plan kernel, no host plan, no host sync; graph replays may
-//              change every length.
+//              change every length. With few rows (at most 16) every CTA instead takes one
+//              piece of one row, the row's share of the grid set by its tiles
+//              (streamk::locate_rows): no CTA pays a second row's latencies.
 //   Mainloop   a CTA walks its range row segment by row segment. For each segment it loads the
 //              group's queries once and streams the segment's keys (the many-CTA pipelines issue
 //              the next segment's queries and first slices as soon as a segment's keys are
@@ -55,12 +57,9 @@ using dev::pdl_wait;
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
-// Scheduling units charged per work row besides its tiles (Resolved::row_cost): 1 for the
-// many-CTA pipelines; 4 for the deep one (one CTA per SM), where a CTA whose range holds a second
-// row waits for that row's queries, block ids and first slices with nothing else on the SM
-// (about 3 tiles' time at batch 1: bench/results/decode_probe_dump_2026-11-30_1325.md), so that
-// CTA was the call's slowest.
-constexpr int kRowCost = 1, kDeepRowCost = 4;
+// Scheduling units charged per work row besides its tiles: the query load, the warp merge and
+// the epilogue of a segment.
+constexpr int kRowCost = 1;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
 // bf16 / fp16 slice) that the MMA path reads directly, no converted copy in shared memory:
@@ -128,15 +127,15 @@ __host__ __device__ inline Layout layout(int grid, int D) {
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
   int grid, head_tiles, min_units, bs_shift;
-  int row_cost;    // scheduling units per work row besides its tiles (kRowCost / kDeepRowCost)
   bool deep;       // the deep-pipeline variant (kDeepStages, one CTA per SM): few work rows
+  bool aligned;    // few work rows: row-aligned pieces (streamk::locate_rows), one per CTA
   int probe = 0;   // decode_probe.cuh builds: this launch prints its timeline
   int64_t rows_v;  // batch * num_kv_heads * head_tiles
   Layout ws;
 };
 
-__device__ __forceinline__ int units_of(int L, int row_cost) {
-  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + row_cost;
+__device__ __forceinline__ int units_of(int L) {
+  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
 }
 using streamk::kMergeThreads;
 
@@ -601,9 +600,17 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
-  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles), rs.row_cost); };
-  const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
-  if (!pl) {
+  // Few rows: one piece of one row per CTA. Else a stream-K range of the unit line.
+  const streamk::Place* pl = nullptr;
+  const streamk::RowPiece* pc = nullptr;
+  if (rs.aligned) {
+    auto tiles = [&](int v) { return (__ldg(seq_lens + v / rs.head_tiles) + kTileKeys - 1) / kTileKeys; };
+    pc = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, c, tiles);
+  } else {
+    auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
+    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
+  }
+  if (!pl && !pc) {
     if (tid == 0) cut[c] = streamk::no_cut_row();
     DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
                                                probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
@@ -619,6 +626,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   struct Seg {
     int v, P, P_end, a, hi, row, b, qh0, nh, kbeg, kend;
   };
+  // Row v's heads and length (L), then this CTA's keys of it: units [a, hi) of a stream-K range
+  // or a row-aligned piece's tiles.
   auto segment = [&](int v, int P, int a) {
     Seg s;
     s.v = v;
@@ -626,16 +635,22 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     s.a = a;
     s.row = (int)(v / rs.head_tiles);
     const int L = __ldg(seq_lens + s.row);
-    s.P_end = P + units_of(L, rs.row_cost);  // = P + cost(v)
-    s.hi = min(pl->b0, s.P_end);
     const int ht = (int)(v % rs.head_tiles);
     s.b = s.row / p.kv.num_kv_heads;
     const int g = s.row % p.kv.num_kv_heads;
     const int h0 = ht * kHeadTile;
     s.nh = min(kHeadTile, G - h0);
     s.qh0 = g * G + h0;
-    s.kbeg = (s.a - s.P - rs.row_cost > 0 ? s.a - s.P - rs.row_cost : 0) * kTileKeys;
-    s.kend = min(L, (s.hi - s.P - rs.row_cost > 0 ? s.hi - s.P - rs.row_cost : 0) * kTileKeys);
+    if (pc) {
+      s.P_end = s.hi = 0;
+      s.kbeg = pc->t0 * kTileKeys;
+      s.kend = min(L, pc->t1 * kTileKeys);
+      return s;
+    }
+    s.P_end = P + units_of(L);  // = P + cost(v)
+    s.hi = min(pl->b0, s.P_end);
+    s.kbeg = (s.a - s.P - kRowCost > 0 ? s.a - s.P - kRowCost : 0) * kTileKeys;
+    s.kend = min(L, (s.hi - s.P - kRowCost > 0 ? s.hi - s.P - kRowCost : 0) * kTileKeys);
     return s;
   };
   auto stream_of = [&](const Seg& s) {
@@ -656,7 +671,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // The walk. Segment n + 1's queries and first slices are issued as soon as segment n's
   // mainloop is done, before its warp merge and epilogue. A segment without keys (an empty row,
   // or a piece holding only the row's fixed unit) loads nothing and writes zeros.
-  Seg cur = segment(pl->v, pl->P, pl->a0);
+  Seg cur = pc ? segment(pc->v, 0, 0) : segment(pl->v, pl->P, pl->a0);
   typename K::Pre pre;
   int qb = 0;
   if (cur.kend > cur.kbeg) begin(cur, sQbuf, pre);
@@ -668,7 +683,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg;
               p_keys += has_keys ? cur.kend - cur.kbeg : 0;)
     // The next segment (never past the range's last unit: a < b0 <= U) starts now.
-    const bool more = cur.hi < pl->b0;
+    const bool more = !pc && cur.hi < pl->b0;
     Seg nxt = cur;
     if (more) {
       nxt = segment(cur.v + 1, cur.P_end, cur.hi);
@@ -677,8 +692,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
       }
     }
-    const bool whole = cur.P >= pl->a0 && cur.P_end <= pl->b0;
-    const int64_t slot = 2 * (int64_t)c + (cur.a == pl->a0 ? 0 : 1);
+    const bool whole = pc ? pc->k == 1 : cur.P >= pl->a0 && cur.P_end <= pl->b0;
+    const int64_t slot = 2 * (int64_t)c + (pc || cur.a == pl->a0 ? 0 : 1);
     if (has_keys) {
       // The merge scratch is the warp's last stage(s): every lane's ldmatrix reads of them are
       // done before any lane writes (compute-sanitizer racecheck reported the WAR at D 256
@@ -720,7 +735,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     cur = nxt;
   }
-  if (tid == 0) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);  // the last segment's row
+  if (tid == 0)  // the last segment's row
+    cut[c] = pc ? streamk::piece_record(*pc) : streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
@@ -826,7 +842,9 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
-  r.row_cost = r.deep ? kDeepRowCost : kRowCost;
+  // Row-aligned pieces for as many rows as the deep pipeline takes (any head dim), when the grid
+  // has a CTA for each.
+  r.aligned = r.rows_v <= kDeepMaxRows && r.rows_v <= r.grid;
   r.ws = layout(ws_grid, p.kv.head_dim);
   return r;
 }
@@ -901,7 +919,7 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   const Resolved r = resolve(p, device_sms());
   if (!p.workspace) return Status::kInvalidArgument;
   // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
-  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + r.row_cost);
+  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + kRowCost);
   if (max_units >= INT32_MAX) return Status::kUnsupported;
   return act == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                  : dispatch_dim<__half>(p, r, stream);

@@ -128,6 +128,60 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
   return no_cut_row();
 }
 
+// ---- The row-aligned form, for few rows (at most 32, and no more than the grid): every CTA takes
+// one piece of one row, so no CTA pays a second row's query, block-id and first-slice latencies
+// after its first row (with one CTA per SM, the CTAs whose stream-K range held two rows ended
+// last: bench/results/decode_probe_dump_2026-11-30_1325.md). Row v of T_v tiles gets
+// n_v = max(1, ceil(T_v / lam)) CTAs, lam (tiles per CTA at most) the smallest value >= max(1,
+// min_tiles) with sum n_v <= grid: a binary search in one warp. Piece j of row v holds tiles
+// [j T_v / n_v, (j + 1) T_v / n_v) (possibly none, e.g. an empty row's one piece); the pieces of a
+// row are consecutive CTAs, so a cut row merges as streamk's own (slot 2c of each CTA).
+struct RowPiece {
+  int v, t0, t1, k, j;  // row, tiles [t0, t1), the row's pieces k, this CTA's index j among them
+};
+
+// Run by all kThreads threads of CTA c. tiles(v) >= 0; rows_v <= 32 and <= grid. Returns the
+// CTA's piece in shared memory, or nullptr: c gets none.
+template <int kThreads, typename Tiles>
+__device__ __forceinline__ const RowPiece* locate_rows(int rows_v, int grid, int min_tiles, int c, Tiles&& tiles) {
+  __shared__ RowPiece s_piece;
+  __shared__ int s_has;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const bool mine = lane < rows_v;
+    const int T = mine ? tiles(lane) : 0;
+    auto warp_sum = [](int x) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      return x;
+    };
+    auto pieces = [&](int lam) { return mine ? max(1, (T + lam - 1) / lam) : 0; };
+    int tmax = T;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    int lo = max(1, min_tiles), hi = max(lo, tmax);  // pieces(hi) = 1 per row: rows_v <= grid
+    while (lo < hi) {                               // uniform over the warp
+      const int mid = lo + (hi - lo) / 2;
+      if (warp_sum(pieces(mid)) <= grid) hi = mid;
+      else lo = mid + 1;
+    }
+    const int n = pieces(lo);
+    const int incl = warp_inclusive_scan(n, lane), excl = incl - n;
+    if (mine && excl <= c && c < incl) {
+      const int j = c - excl;
+      s_piece = RowPiece{lane, (int)((int64_t)j * T / n), (int)((int64_t)(j + 1) * T / n), n, j};
+    }
+    if (lane == 31) s_has = c < incl;  // incl of lane 31: the pieces of all rows
+  }
+  __syncthreads();
+  return s_has ? &s_piece : nullptr;
+}
+
+// The record of a row-aligned CTA: its row when that is cut and this is its first piece.
+__device__ __forceinline__ CutRow piece_record(const RowPiece& pc) {
+  return pc.k > 1 && pc.j == 0 ? CutRow{pc.v, 0, 0, pc.k} : no_cut_row();  // a0 = P: pieces in slots 2c
+}
+
 constexpr int kMergeThreads = 256;
 
 // ---- The plan-kernel form, for an op whose row cost is too dear to evaluate in every CTA (the
@@ -218,7 +272,9 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // Merges the k pieces of cut row `cr` (CTA c) for its first nrows rows: part_lse [slot][kRows]
 // (log2 domain), part_o [slot][kRows][D] (unnormalized). Two phases, each a few independent loads
 // per thread: the pieces' lse give per-row weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces. store(r, d, acc, inv) writes row r,
+// weighted float4 columns over a share of the pieces. A thread's first kUnroll pieces of the
+// first round of columns are loaded before the lse phase, so that both loads are in flight at
+// once (one memory latency, not two, when the row has few pieces). store(r, d, acc, inv) writes row r,
 // columns d .. d + 3 of the output: acc * inv; sSum[r] / sMax[r] hold the row's sum and max
 // (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece loop.
 template <int D, int kRows, int kUnroll, typename Store>
@@ -236,6 +292,21 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   // starts before the row (then it is c's last segment, slot 1).
   auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && cr.a0 < cr.P ? 1 : 0); };
 
+  // Phase 2's split, and its first column round's first loads.
+  const int E = nrows * kVec;
+  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  float4 pf[kUnroll];
+  {
+    const int e = groups > 1 ? tid % E : tid;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = grp + u * groups;
+      pf[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (e < E && grp < groups && j < k)
+        pf[u] = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + e / kVec) * D) + e % kVec);
+    }
+  }
   for (int i = tid; i < k * nrows; i += kMergeThreads) {  // phase 1: lse of every piece and row
     const int j = i / nrows, r = i % nrows;
     sW[j * kRows + r] = part_lse[slot_of(j) * kRows + r];
@@ -261,16 +332,23 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   }
   __syncthreads();
   // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
-  const int E = nrows * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
-  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
   for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
     const int e = e0 + (groups > 1 ? tid % E : tid);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (e < E && grp < groups) {
       const int r = e / kVec, d4 = e % kVec;
+      int j0 = grp;
+      if (e0 == 0) {  // the prefetched pieces (zeros past k)
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int j = grp + u * groups;
+          const float w = j < k ? sW[j * kRows + r] : 0.f;
+          acc.x += w * pf[u].x; acc.y += w * pf[u].y; acc.z += w * pf[u].z; acc.w += w * pf[u].w;
+        }
+        j0 = grp + kUnroll * groups;
+      }
 #pragma unroll kUnroll
-      for (int j = grp; j < k; j += groups) {
+      for (int j = j0; j < k; j += groups) {
         const float w = sW[j * kRows + r];
         const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + r) * D) + d4);
         acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
