@@ -272,7 +272,9 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // Merges the k pieces of cut row `cr` (CTA c) for its first nrows rows: part_lse [slot][kRows]
 // (log2 domain), part_o [slot][kRows][D] (unnormalized). Two phases, each a few independent loads
 // per thread: the pieces' lse give per-row weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces. store(r, d, acc, inv) writes row r,
+// weighted float4 columns over a share of the pieces. A thread's first kUnroll pieces of the
+// first round of columns are loaded before the lse phase, so that both loads are in flight at
+// once (one memory latency, not two, when the row has few pieces). store(r, d, acc, inv) writes row r,
 // columns d .. d + 3 of the output: acc * inv; sSum[r] / sMax[r] hold the row's sum and max
 // (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece loop.
 template <int D, int kRows, int kUnroll, typename Store>
@@ -290,6 +292,21 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   // starts before the row (then it is c's last segment, slot 1).
   auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && cr.a0 < cr.P ? 1 : 0); };
 
+  // Phase 2's split, and its first column round's first loads.
+  const int E = nrows * kVec;
+  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  float4 pf[kUnroll];
+  {
+    const int e = groups > 1 ? tid % E : tid;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = grp + u * groups;
+      pf[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (e < E && grp < groups && j < k)
+        pf[u] = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + e / kVec) * D) + e % kVec);
+    }
+  }
   for (int i = tid; i < k * nrows; i += kMergeThreads) {  // phase 1: lse of every piece and row
     const int j = i / nrows, r = i % nrows;
     sW[j * kRows + r] = part_lse[slot_of(j) * kRows + r];
@@ -315,16 +332,23 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   }
   __syncthreads();
   // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
-  const int E = nrows * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
-  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
   for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
     const int e = e0 + (groups > 1 ? tid % E : tid);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (e < E && grp < groups) {
       const int r = e / kVec, d4 = e % kVec;
+      int j0 = grp;
+      if (e0 == 0) {  // the prefetched pieces (zeros past k)
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int j = grp + u * groups;
+          const float w = j < k ? sW[j * kRows + r] : 0.f;
+          acc.x += w * pf[u].x; acc.y += w * pf[u].y; acc.z += w * pf[u].z; acc.w += w * pf[u].w;
+        }
+        j0 = grp + kUnroll * groups;
+      }
 #pragma unroll kUnroll
-      for (int j = grp; j < k; j += groups) {
+      for (int j = j0; j < k; j += groups) {
         const float w = sW[j * kRows + r];
         const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + r) * D) + d4);
         acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
