@@ -156,11 +156,19 @@ __device__ __forceinline__ const RowPiece* locate_rows(int rows_v, int grid, int
       return x;
     };
     auto pieces = [&](int lam) { return mine ? max(1, (T + lam - 1) / lam) : 0; };
-    int tmax = T;
+    // lam lies in [ceil(S / grid), ceil(S / (grid - rows_v))] (S the tiles of all rows): below,
+    // sum ceil(T_v / lam) >= S / lam > grid; at the top, sum (T_v / lam + 1) <= grid. Without a
+    // spare CTA the top is the longest row. A search of a few steps, not one over the lengths.
+    int S = T, tmax = T;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-    int lo = max(1, min_tiles), hi = max(lo, tmax);  // pieces(hi) = 1 per row: rows_v <= grid
-    while (lo < hi) {                               // uniform over the warp
+    for (int o = 16; o > 0; o >>= 1) {
+      S += __shfl_xor_sync(0xffffffffu, S, o);
+      tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    }
+    const int spare = grid - rows_v;
+    int lo = max(max(1, min_tiles), (S + grid - 1) / grid);
+    int hi = max(lo, spare > 0 ? (S + spare - 1) / spare : tmax);
+    while (lo < hi) {  // uniform over the warp
       const int mid = lo + (hi - lo) / 2;
       if (warp_sum(pieces(mid)) <= grid) hi = mid;
       else lo = mid + 1;
@@ -296,8 +304,12 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   const int E = nrows * kVec;
   const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
   const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  // Only rows whose pieces outnumber the groups (a thread sums several): with one piece per thread
+  // (most rows of a large batch) the A/B measured the prefetch 0-2% slower
+  // (bench/results/decode_ab_2026-11-30_x_pf.md).
+  const bool prefetch = k > groups;
   float4 pf[kUnroll];
-  {
+  if (prefetch) {
     const int e = groups > 1 ? tid % E : tid;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -338,7 +350,7 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
     if (e < E && grp < groups) {
       const int r = e / kVec, d4 = e % kVec;
       int j0 = grp;
-      if (e0 == 0) {  // the prefetched pieces (zeros past k)
+      if (prefetch && e0 == 0) {  // the prefetched pieces (zeros past k)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int j = grp + u * groups;
