@@ -601,17 +601,16 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int tid = threadIdx.x, warp = tid >> 5;
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
   // Few rows: one piece of one row per CTA. Else a stream-K range of the unit line.
-  const streamk::Place* pl = nullptr;
-  const streamk::RowPiece* pc = nullptr;
+  const streamk::Place* pl;
   if (rs.aligned) {
     auto tiles = [&](int v) { return (__ldg(seq_lens + v / rs.head_tiles) + kTileKeys - 1) / kTileKeys; };
-    pc = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, c, tiles);
+    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, tiles);
   } else {
     auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
     pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   }
-  if (!pl && !pc) {
-    if (tid == 0) cut[c] = streamk::no_cut_row();
+  if (!pl) {
+    if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: records by row
     DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
                                                probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
     return;
@@ -626,8 +625,6 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   struct Seg {
     int v, P, P_end, a, hi, row, b, qh0, nh, kbeg, kend;
   };
-  // Row v's heads and length (L), then this CTA's keys of it: units [a, hi) of a stream-K range
-  // or a row-aligned piece's tiles.
   auto segment = [&](int v, int P, int a) {
     Seg s;
     s.v = v;
@@ -635,20 +632,14 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     s.a = a;
     s.row = (int)(v / rs.head_tiles);
     const int L = __ldg(seq_lens + s.row);
+    s.P_end = P + units_of(L);  // = P + cost(v)
+    s.hi = min(pl->b0, s.P_end);
     const int ht = (int)(v % rs.head_tiles);
     s.b = s.row / p.kv.num_kv_heads;
     const int g = s.row % p.kv.num_kv_heads;
     const int h0 = ht * kHeadTile;
     s.nh = min(kHeadTile, G - h0);
     s.qh0 = g * G + h0;
-    if (pc) {
-      s.P_end = s.hi = 0;
-      s.kbeg = pc->t0 * kTileKeys;
-      s.kend = min(L, pc->t1 * kTileKeys);
-      return s;
-    }
-    s.P_end = P + units_of(L);  // = P + cost(v)
-    s.hi = min(pl->b0, s.P_end);
     s.kbeg = (s.a - s.P - kRowCost > 0 ? s.a - s.P - kRowCost : 0) * kTileKeys;
     s.kend = min(L, (s.hi - s.P - kRowCost > 0 ? s.hi - s.P - kRowCost : 0) * kTileKeys);
     return s;
@@ -671,7 +662,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // The walk. Segment n + 1's queries and first slices are issued as soon as segment n's
   // mainloop is done, before its warp merge and epilogue. A segment without keys (an empty row,
   // or a piece holding only the row's fixed unit) loads nothing and writes zeros.
-  Seg cur = pc ? segment(pc->v, 0, 0) : segment(pl->v, pl->P, pl->a0);
+  Seg cur = segment(pl->v, pl->P, pl->a0);
   typename K::Pre pre;
   int qb = 0;
   if (cur.kend > cur.kbeg) begin(cur, sQbuf, pre);
@@ -683,7 +674,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     DMS_PROBE(const long long pm1 = clock64(); p_main += pm1 - pm0; ++p_seg;
               p_keys += has_keys ? cur.kend - cur.kbeg : 0;)
     // The next segment (never past the range's last unit: a < b0 <= U) starts now.
-    const bool more = !pc && cur.hi < pl->b0;
+    const bool more = cur.hi < pl->b0;
     Seg nxt = cur;
     if (more) {
       nxt = segment(cur.v + 1, cur.P_end, cur.hi);
@@ -692,8 +683,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
         if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
       }
     }
-    const bool whole = pc ? pc->k == 1 : cur.P >= pl->a0 && cur.P_end <= pl->b0;
-    const int64_t slot = 2 * (int64_t)c + (pc || cur.a == pl->a0 ? 0 : 1);
+    const bool whole = cur.P >= pl->a0 && cur.P_end <= pl->b0;
+    const int64_t slot = 2 * (int64_t)c + (cur.a == pl->a0 ? 0 : 1);
     if (has_keys) {
       // The merge scratch is the warp's last stage(s): every lane's ldmatrix reads of them are
       // done before any lane writes (compute-sanitizer racecheck reported the WAR at D 256
@@ -735,8 +726,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     cur = nxt;
   }
-  if (tid == 0)  // the last segment's row
-    cut[c] = pc ? streamk::piece_record(*pc) : streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
+  if (tid == 0) {  // the last segment's row
+    if (!rs.aligned) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
+    else if (streamk::writes_piece_record(*pl)) cut[pl->v] = streamk::piece_record(*pl, c);
+  }
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
@@ -745,10 +738,14 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces.
+// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. Row-aligned
+// (kAligned): one CTA per row, row c's record, its pieces from the record's first CTA on; rows of
+// many pieces, so the pieces' loads are issued before the lse phase (kPrefetch: the A/B measured
+// it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the stream-K
+// merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md).
 inline size_t merge_smem_bytes(int grid) { return streamk::merge_smem_bytes(grid, kHeadTile); }
 
-template <typename T, int D>
+template <typename T, int D, bool kAligned>
 __global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
@@ -771,8 +768,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-  streamk::merge_pieces<D, kHeadTile, 8>(
-      cr, c, nh, part_o, part_lse, merge_smem,
+  streamk::merge_pieces<D, kHeadTile, 8, kAligned>(
+      cr, kAligned ? cr.P : c, nh, part_o, part_lse, merge_smem,
       [&](int r, int d, float4 acc, float inv, const float* sSum, const float* sMax) {
         T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
         out[0] = dev::from_float<T>(acc.x * inv);
@@ -858,19 +855,18 @@ Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stre
   const size_t merge_smem = merge_smem_bytes(r.grid);
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
+  auto merge = r.aligned ? sparse_decode_merge_kernel<T, D, true> : sparse_decode_merge_kernel<T, D, false>;
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
   // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
-                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   // A plain launch (the op's first kernel): launched programmatically after the previous call's
   // merge kernel, every row of bench_decode ran 4-20 us slower (bench/results/decode_ab_*.md).
   sparse_decode_kernel<T, D, S, F8><<<r.grid, kThreads, smem, stream>>>(p, r);
   DMS_LAUNCH_CHECK();
-  DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
+  DMS_CUDA_CHECK(launch_pdl(merge, dim3(r.aligned ? (int)r.rows_v : r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));
   return Status::kSuccess;
 }

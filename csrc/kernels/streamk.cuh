@@ -39,9 +39,11 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
+// first unit P (the row holding unit a0). int32: the ops keep U below 2^31. cut_k: the
+// row-aligned form's record (locate_rows).
 struct Place {
   int n, U, a0, b0, v, P;
+  int cut_k = 0;
 };
 
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
@@ -133,18 +135,19 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
 // after its first row (with one CTA per SM, the CTAs whose stream-K range held two rows ended
 // last: bench/results/decode_probe_dump_2026-11-30_1325.md). Row v of T_v tiles gets
 // n_v = max(1, ceil(T_v / lam)) CTAs, lam (tiles per CTA at most) the smallest value >= max(1,
-// min_tiles) with sum n_v <= grid: a binary search in one warp. Piece j of row v holds tiles
-// [j T_v / n_v, (j + 1) T_v / n_v) (possibly none, e.g. an empty row's one piece); the pieces of a
-// row are consecutive CTAs, so a cut row merges as streamk's own (slot 2c of each CTA).
-struct RowPiece {
-  int v, t0, t1, k, j;  // row, tiles [t0, t1), the row's pieces k, this CTA's index j among them
-};
-
+// min_tiles) with sum n_v <= grid: a search of a few steps in one warp. Piece j of row v holds
+// tiles [j T_v / n_v, (j + 1) T_v / n_v) (an empty row: one piece of none); the pieces of a row
+// are consecutive CTAs. The piece is returned as a Place of the stream-K walk over the row
+// alone (P = 0, the row's row_cost fixed units first, then its tiles): range [a0, b0) holds
+// exactly the piece's tiles (and the fixed units when j = 0), so the walk takes one segment,
+// writes the row directly when it has one piece, and its partial in slot 2c otherwise. cut_k:
+// the row's pieces when j = 0 (the CTA that writes the row's merge record), else 0.
 // Run by all kThreads threads of CTA c. tiles(v) >= 0; rows_v <= 32 and <= grid. Returns the
-// CTA's piece in shared memory, or nullptr: c gets none.
+// CTA's place in shared memory, or nullptr: c gets none.
 template <int kThreads, typename Tiles>
-__device__ __forceinline__ const RowPiece* locate_rows(int rows_v, int grid, int min_tiles, int c, Tiles&& tiles) {
-  __shared__ RowPiece s_piece;
+__device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int min_tiles, int row_cost, int c,
+                                                    Tiles&& tiles) {
+  __shared__ Place s_place;
   __shared__ int s_has;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -177,17 +180,21 @@ __device__ __forceinline__ const RowPiece* locate_rows(int rows_v, int grid, int
     const int incl = warp_inclusive_scan(n, lane), excl = incl - n;
     if (mine && excl <= c && c < incl) {
       const int j = c - excl;
-      s_piece = RowPiece{lane, (int)((int64_t)j * T / n), (int)((int64_t)(j + 1) * T / n), n, j};
+      const int t0 = (int)((int64_t)j * T / n), t1 = (int)((int64_t)(j + 1) * T / n);
+      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0, j == 0 ? n : 0};
     }
     if (lane == 31) s_has = c < incl;  // incl of lane 31: the pieces of all rows
   }
   __syncthreads();
-  return s_has ? &s_piece : nullptr;
+  return s_has ? &s_place : nullptr;
 }
 
-// The record of a row-aligned CTA: its row when that is cut and this is its first piece.
-__device__ __forceinline__ CutRow piece_record(const RowPiece& pc) {
-  return pc.k > 1 && pc.j == 0 ? CutRow{pc.v, 0, 0, pc.k} : no_cut_row();  // a0 = P: pieces in slots 2c
+// The row-aligned form's record of row v, written by the CTA c of its first piece (cut_k > 0) at
+// index v, so that the merge grid is one CTA per row: the row when it is cut, with P = a0 = c (the
+// merge reads piece j from CTA c + j's slot 2 (c + j)), else none.
+__device__ __forceinline__ bool writes_piece_record(const Place& pl) { return pl.cut_k > 0; }
+__device__ __forceinline__ CutRow piece_record(const Place& pl, int c) {
+  return pl.cut_k > 1 ? CutRow{pl.v, c, c, pl.cut_k} : no_cut_row();
 }
 
 constexpr int kMergeThreads = 256;
@@ -280,12 +287,12 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // Merges the k pieces of cut row `cr` (CTA c) for its first nrows rows: part_lse [slot][kRows]
 // (log2 domain), part_o [slot][kRows][D] (unnormalized). Two phases, each a few independent loads
 // per thread: the pieces' lse give per-row weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces. A thread's first kUnroll pieces of the
-// first round of columns are loaded before the lse phase, so that both loads are in flight at
-// once (one memory latency, not two, when the row has few pieces). store(r, d, acc, inv) writes row r,
+// weighted float4 columns over a share of the pieces. kPrefetch: a thread's first kUnroll pieces
+// of the first round of columns are loaded before the lse phase, so that both loads are in
+// flight at once (for rows of many pieces, where it measured faster; it costs registers). store(r, d, acc, inv) writes row r,
 // columns d .. d + 3 of the output: acc * inv; sSum[r] / sMax[r] hold the row's sum and max
 // (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece loop.
-template <int D, int kRows, int kUnroll, typename Store>
+template <int D, int kRows, int kUnroll, bool kPrefetch = false, typename Store>
 __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
                                              const float* part_o, const float* part_lse,
                                              float* merge_smem, Store&& store) {
@@ -304,12 +311,8 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   const int E = nrows * kVec;
   const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
   const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
-  // Only rows whose pieces outnumber the groups (a thread sums several): with one piece per thread
-  // (most rows of a large batch) the A/B measured the prefetch 0-2% slower
-  // (bench/results/decode_ab_2026-11-30_x_pf.md).
-  const bool prefetch = k > groups;
-  float4 pf[kUnroll];
-  if (prefetch) {
+  float4 pf[kPrefetch ? kUnroll : 1];
+  if constexpr (kPrefetch) {
     const int e = groups > 1 ? tid % E : tid;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -350,14 +353,16 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
     if (e < E && grp < groups) {
       const int r = e / kVec, d4 = e % kVec;
       int j0 = grp;
-      if (prefetch && e0 == 0) {  // the prefetched pieces (zeros past k)
+      if constexpr (kPrefetch) {
+        if (e0 == 0) {  // the prefetched pieces (zeros past k)
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int j = grp + u * groups;
-          const float w = j < k ? sW[j * kRows + r] : 0.f;
-          acc.x += w * pf[u].x; acc.y += w * pf[u].y; acc.z += w * pf[u].z; acc.w += w * pf[u].w;
+          for (int u = 0; u < kUnroll; ++u) {
+            const int j = grp + u * groups;
+            const float w = j < k ? sW[j * kRows + r] : 0.f;
+            acc.x += w * pf[u].x; acc.y += w * pf[u].y; acc.z += w * pf[u].z; acc.w += w * pf[u].w;
+          }
+          j0 = grp + kUnroll * groups;
         }
-        j0 = grp + kUnroll * groups;
       }
 #pragma unroll kUnroll
       for (int j = j0; j < k; j += groups) {
