@@ -1,12 +1,14 @@
 // dms::sparse_decode v2: a persistent, length-balanced decode over the paged per-head KV layout.
 //
 // Pieces (top to bottom):
-//   Scheduler  every work row (b, g, head tile) costs row_cost units of fixed work (1; 4 in the
-//              deep pipeline) plus one unit per 64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
+//   Scheduler  every work row (b, g, head tile) costs one unit of fixed work plus one unit per
+//              64-key tile; the line of units is cut into `n` equal ranges, one per CTA of the
 //              persistent attention kernel, so every CTA gets the same number of tiles whatever
 //              the length distribution (stream-K). Each CTA scans seq_lens itself at its start
 //              (streamk::locate): no plan kernel, no host plan, no host sync; graph replays may
-//              change every length.
+//              change every length. With few rows (at most 16) every CTA instead takes one
+//              piece of one row, the row's share of the grid set by its tiles
+//              (streamk::locate_rows): no CTA pays a second row's latencies.
 //   Mainloop   a CTA walks its range row segment by row segment. For each segment it loads the
 //              group's queries once and streams the segment's keys (the many-CTA pipelines issue
 //              the next segment's queries and first slices as soon as a segment's keys are
@@ -55,12 +57,9 @@ using dev::pdl_wait;
 constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
-// Scheduling units charged per work row besides its tiles (Resolved::row_cost): 1 for the
-// many-CTA pipelines; 4 for the deep one (one CTA per SM), where a CTA whose range holds a second
-// row waits for that row's queries, block ids and first slices with nothing else on the SM
-// (about 3 tiles' time at batch 1: bench/results/decode_probe_dump_2026-11-30_1325.md), so that
-// CTA was the call's slowest.
-constexpr int kRowCost = 1, kDeepRowCost = 4;
+// Scheduling units charged per work row besides its tiles: the query load, the warp merge and
+// the epilogue of a segment.
+constexpr int kRowCost = 1;
 
 // F8: the pool is fp8 e4m3. Each warp's stages then hold fp8 slices (half the bytes of a
 // bf16 / fp16 slice) that the MMA path reads directly, no converted copy in shared memory:
@@ -128,15 +127,15 @@ __host__ __device__ inline Layout layout(int grid, int D) {
 // Launch shape resolved on the host from sizes only (never from seq_lens).
 struct Resolved {
   int grid, head_tiles, min_units, bs_shift;
-  int row_cost;    // scheduling units per work row besides its tiles (kRowCost / kDeepRowCost)
   bool deep;       // the deep-pipeline variant (kDeepStages, one CTA per SM): few work rows
+  bool aligned;    // few work rows: row-aligned pieces (streamk::locate_rows), one per CTA
   int probe = 0;   // decode_probe.cuh builds: this launch prints its timeline
   int64_t rows_v;  // batch * num_kv_heads * head_tiles
   Layout ws;
 };
 
-__device__ __forceinline__ int units_of(int L, int row_cost) {
-  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + row_cost;
+__device__ __forceinline__ int units_of(int L) {
+  return (L > 0 ? (L + kTileKeys - 1) / kTileKeys : 0) + kRowCost;
 }
 using streamk::kMergeThreads;
 
@@ -601,10 +600,17 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int c = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
-  auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles), rs.row_cost); };
-  const streamk::Place* pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
+  // Few rows: one piece of one row per CTA. Else a stream-K range of the unit line.
+  const streamk::Place* pl;
+  if (rs.aligned) {
+    auto tiles = [&](int v) { return (__ldg(seq_lens + v / rs.head_tiles) + kTileKeys - 1) / kTileKeys; };
+    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, tiles);
+  } else {
+    auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
+    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
+  }
   if (!pl) {
-    if (tid == 0) cut[c] = streamk::no_cut_row();
+    if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: records by row
     DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
                                                probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
     return;
@@ -626,7 +632,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     s.a = a;
     s.row = (int)(v / rs.head_tiles);
     const int L = __ldg(seq_lens + s.row);
-    s.P_end = P + units_of(L, rs.row_cost);  // = P + cost(v)
+    s.P_end = P + units_of(L);  // = P + cost(v)
     s.hi = min(pl->b0, s.P_end);
     const int ht = (int)(v % rs.head_tiles);
     s.b = s.row / p.kv.num_kv_heads;
@@ -634,8 +640,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     const int h0 = ht * kHeadTile;
     s.nh = min(kHeadTile, G - h0);
     s.qh0 = g * G + h0;
-    s.kbeg = (s.a - s.P - rs.row_cost > 0 ? s.a - s.P - rs.row_cost : 0) * kTileKeys;
-    s.kend = min(L, (s.hi - s.P - rs.row_cost > 0 ? s.hi - s.P - rs.row_cost : 0) * kTileKeys);
+    s.kbeg = (s.a - s.P - kRowCost > 0 ? s.a - s.P - kRowCost : 0) * kTileKeys;
+    s.kend = min(L, (s.hi - s.P - kRowCost > 0 ? s.hi - s.P - kRowCost : 0) * kTileKeys);
     return s;
   };
   auto stream_of = [&](const Seg& s) {
@@ -720,7 +726,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     cur = nxt;
   }
-  if (tid == 0) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);  // the last segment's row
+  if (tid == 0) {  // the last segment's row
+    if (!rs.aligned) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
+    else if (streamk::writes_piece_record(*pl)) cut[pl->v] = streamk::piece_record(*pl, c);
+  }
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
@@ -729,10 +738,14 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces.
+// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. Row-aligned
+// (kAligned): one CTA per row, row c's record, its pieces from the record's first CTA on; rows of
+// many pieces, so the pieces' loads are issued before the lse phase (kPrefetch: the A/B measured
+// it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the stream-K
+// merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md).
 inline size_t merge_smem_bytes(int grid) { return streamk::merge_smem_bytes(grid, kHeadTile); }
 
-template <typename T, int D>
+template <typename T, int D, bool kAligned>
 __global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
@@ -755,8 +768,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   const int b = row / p.kv.num_kv_heads, g = row % p.kv.num_kv_heads;
   const int h0 = ht * kHeadTile, nh = min(kHeadTile, G - h0), qh0 = g * G + h0;
-  streamk::merge_pieces<D, kHeadTile, 8>(
-      cr, c, nh, part_o, part_lse, merge_smem,
+  streamk::merge_pieces<D, kHeadTile, 8, kAligned>(
+      cr, kAligned ? cr.P : c, nh, part_o, part_lse, merge_smem,
       [&](int r, int d, float4 acc, float inv, const float* sSum, const float* sMax) {
         T* out = reinterpret_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + r) * p.o_stride_h + d;
         out[0] = dev::from_float<T>(acc.x * inv);
@@ -826,7 +839,9 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   r.min_units = std::max(1, (min_chunk + kTileKeys - 1) / kTileKeys);
   r.bs_shift = 0;
   while ((1 << r.bs_shift) < p.kv.block_size) ++r.bs_shift;
-  r.row_cost = r.deep ? kDeepRowCost : kRowCost;
+  // Row-aligned pieces for as many rows as the deep pipeline takes (any head dim), when the grid
+  // has a CTA for each.
+  r.aligned = r.rows_v <= kDeepMaxRows && r.rows_v <= r.grid;
   r.ws = layout(ws_grid, p.kv.head_dim);
   return r;
 }
@@ -840,19 +855,18 @@ Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stre
   const size_t merge_smem = merge_smem_bytes(r.grid);
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
+  auto merge = r.aligned ? sparse_decode_merge_kernel<T, D, true> : sparse_decode_merge_kernel<T, D, false>;
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
   // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
   DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
                                       cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_merge_kernel<T, D>,
-                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   // A plain launch (the op's first kernel): launched programmatically after the previous call's
   // merge kernel, every row of bench_decode ran 4-20 us slower (bench/results/decode_ab_*.md).
   sparse_decode_kernel<T, D, S, F8><<<r.grid, kThreads, smem, stream>>>(p, r);
   DMS_LAUNCH_CHECK();
-  DMS_CUDA_CHECK(launch_pdl(sparse_decode_merge_kernel<T, D>, dim3(r.grid), dim3(kMergeThreads), merge_smem,
+  DMS_CUDA_CHECK(launch_pdl(merge, dim3(r.aligned ? (int)r.rows_v : r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));
   return Status::kSuccess;
 }
@@ -901,7 +915,7 @@ Status sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
   const Resolved r = resolve(p, device_sms());
   if (!p.workspace) return Status::kInvalidArgument;
   // The scheduler's unit line is int32: rows * (tiles per row + 1) must fit.
-  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + r.row_cost);
+  const int64_t max_units = r.rows_v * ((int64_t)p.pages.max_blocks_per_head * p.kv.block_size / kTileKeys + 1 + kRowCost);
   if (max_units >= INT32_MAX) return Status::kUnsupported;
   return act == DType::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, r, stream)
                                  : dispatch_dim<__half>(p, r, stream);

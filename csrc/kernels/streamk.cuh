@@ -39,9 +39,11 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
+// first unit P (the row holding unit a0). int32: the ops keep U below 2^31. cut_k: the
+// row-aligned form's record (locate_rows).
 struct Place {
   int n, U, a0, b0, v, P;
+  int cut_k = 0;
 };
 
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
@@ -126,6 +128,73 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
   if ((P_end > pl.b0 || P < pl.a0) && owner_of(P, pl.U, pl.n) == c)
     return CutRow{v, P, pl.a0, owner_of(P_end - 1, pl.U, pl.n) - c + 1};
   return no_cut_row();
+}
+
+// ---- The row-aligned form, for few rows (at most 32, and no more than the grid): every CTA takes
+// one piece of one row, so no CTA pays a second row's query, block-id and first-slice latencies
+// after its first row (with one CTA per SM, the CTAs whose stream-K range held two rows ended
+// last: bench/results/decode_probe_dump_2026-11-30_1325.md). Row v of T_v tiles gets
+// n_v = max(1, ceil(T_v / lam)) CTAs, lam (tiles per CTA at most) the smallest value >= max(1,
+// min_tiles) with sum n_v <= grid: a search of a few steps in one warp. Piece j of row v holds
+// tiles [j T_v / n_v, (j + 1) T_v / n_v) (an empty row: one piece of none); the pieces of a row
+// are consecutive CTAs. The piece is returned as a Place of the stream-K walk over the row
+// alone (P = 0, the row's row_cost fixed units first, then its tiles): range [a0, b0) holds
+// exactly the piece's tiles (and the fixed units when j = 0), so the walk takes one segment,
+// writes the row directly when it has one piece, and its partial in slot 2c otherwise. cut_k:
+// the row's pieces when j = 0 (the CTA that writes the row's merge record), else 0.
+// Run by all kThreads threads of CTA c. tiles(v) >= 0; rows_v <= 32 and <= grid. Returns the
+// CTA's place in shared memory, or nullptr: c gets none.
+template <int kThreads, typename Tiles>
+__device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int min_tiles, int row_cost, int c,
+                                                    Tiles&& tiles) {
+  __shared__ Place s_place;
+  __shared__ int s_has;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const bool mine = lane < rows_v;
+    const int T = mine ? tiles(lane) : 0;
+    auto warp_sum = [](int x) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      return x;
+    };
+    auto pieces = [&](int lam) { return mine ? max(1, (T + lam - 1) / lam) : 0; };
+    // lam lies in [ceil(S / grid), ceil(S / (grid - rows_v))] (S the tiles of all rows): below,
+    // sum ceil(T_v / lam) >= S / lam > grid; at the top, sum (T_v / lam + 1) <= grid. Without a
+    // spare CTA the top is the longest row. A search of a few steps, not one over the lengths.
+    int S = T, tmax = T;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      S += __shfl_xor_sync(0xffffffffu, S, o);
+      tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    }
+    const int spare = grid - rows_v;
+    int lo = max(max(1, min_tiles), (S + grid - 1) / grid);
+    int hi = max(lo, spare > 0 ? (S + spare - 1) / spare : tmax);
+    while (lo < hi) {  // uniform over the warp
+      const int mid = lo + (hi - lo) / 2;
+      if (warp_sum(pieces(mid)) <= grid) hi = mid;
+      else lo = mid + 1;
+    }
+    const int n = pieces(lo);
+    const int incl = warp_inclusive_scan(n, lane), excl = incl - n;
+    if (mine && excl <= c && c < incl) {
+      const int j = c - excl;
+      const int t0 = (int)((int64_t)j * T / n), t1 = (int)((int64_t)(j + 1) * T / n);
+      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0, j == 0 ? n : 0};
+    }
+    if (lane == 31) s_has = c < incl;  // incl of lane 31: the pieces of all rows
+  }
+  __syncthreads();
+  return s_has ? &s_place : nullptr;
+}
+
+// The row-aligned form's record of row v, written by the CTA c of its first piece (cut_k > 0) at
+// index v, so that the merge grid is one CTA per row: the row when it is cut, with P = a0 = c (the
+// merge reads piece j from CTA c + j's slot 2 (c + j)), else none.
+__device__ __forceinline__ bool writes_piece_record(const Place& pl) { return pl.cut_k > 0; }
+__device__ __forceinline__ CutRow piece_record(const Place& pl, int c) {
+  return pl.cut_k > 1 ? CutRow{pl.v, c, c, pl.cut_k} : no_cut_row();
 }
 
 constexpr int kMergeThreads = 256;
@@ -218,10 +287,12 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // Merges the k pieces of cut row `cr` (CTA c) for its first nrows rows: part_lse [slot][kRows]
 // (log2 domain), part_o [slot][kRows][D] (unnormalized). Two phases, each a few independent loads
 // per thread: the pieces' lse give per-row weights (shared memory), then every thread sums
-// weighted float4 columns over a share of the pieces. store(r, d, acc, inv) writes row r,
+// weighted float4 columns over a share of the pieces. kPrefetch: a thread's first kUnroll pieces
+// of the first round of columns are loaded before the lse phase, so that both loads are in
+// flight at once (for rows of many pieces, where it measured faster; it costs registers). store(r, d, acc, inv) writes row r,
 // columns d .. d + 3 of the output: acc * inv; sSum[r] / sMax[r] hold the row's sum and max
 // (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece loop.
-template <int D, int kRows, int kUnroll, typename Store>
+template <int D, int kRows, int kUnroll, bool kPrefetch = false, typename Store>
 __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
                                              const float* part_o, const float* part_lse,
                                              float* merge_smem, Store&& store) {
@@ -236,6 +307,21 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   // starts before the row (then it is c's last segment, slot 1).
   auto slot_of = [&](int j) { return 2 * (int64_t)(c + j) + (j == 0 && cr.a0 < cr.P ? 1 : 0); };
 
+  // Phase 2's split, and its first column round's first loads.
+  const int E = nrows * kVec;
+  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
+  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
+  float4 pf[kPrefetch ? kUnroll : 1];
+  if constexpr (kPrefetch) {
+    const int e = groups > 1 ? tid % E : tid;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = grp + u * groups;
+      pf[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (e < E && grp < groups && j < k)
+        pf[u] = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + e / kVec) * D) + e % kVec);
+    }
+  }
   for (int i = tid; i < k * nrows; i += kMergeThreads) {  // phase 1: lse of every piece and row
     const int j = i / nrows, r = i % nrows;
     sW[j * kRows + r] = part_lse[slot_of(j) * kRows + r];
@@ -261,16 +347,25 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
   }
   __syncthreads();
   // Phase 2: E float4 columns; groups of threads split the pieces when E < the CTA.
-  const int E = nrows * kVec;
-  const int groups = E >= kMergeThreads ? 1 : kMergeThreads / E;
-  const int grp = tid / E < groups ? tid / E : groups;  // threads past groups * E idle in the sum
   for (int e0 = 0; e0 < E; e0 += kMergeThreads) {
     const int e = e0 + (groups > 1 ? tid % E : tid);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (e < E && grp < groups) {
       const int r = e / kVec, d4 = e % kVec;
+      int j0 = grp;
+      if constexpr (kPrefetch) {
+        if (e0 == 0) {  // the prefetched pieces (zeros past k)
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int j = grp + u * groups;
+            const float w = j < k ? sW[j * kRows + r] : 0.f;
+            acc.x += w * pf[u].x; acc.y += w * pf[u].y; acc.z += w * pf[u].z; acc.w += w * pf[u].w;
+          }
+          j0 = grp + kUnroll * groups;
+        }
+      }
 #pragma unroll kUnroll
-      for (int j = grp; j < k; j += groups) {
+      for (int j = j0; j < k; j += groups) {
         const float w = sW[j * kRows + r];
         const float4 x = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + r) * D) + d4);
         acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
