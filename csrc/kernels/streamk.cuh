@@ -5,7 +5,8 @@
 // units; a row may cost 0). CTA c of the n working CTAs owns units [c U / n, (c + 1) U / n).
 // sparse_decode has no plan kernel: every CTA finds its own place on the line (locate: one
 // block scan of the row costs, loaded at once), then walks its range row by row, summing the
-// costs as it goes. The short-chunk sparse_prefill, whose row cost is a search over the chunks,
+// costs as it goes (with few rows, locate_rows instead gives every CTA one piece of one row,
+// as a Place of the same walk). The short-chunk sparse_prefill, whose row cost is a search over the chunks,
 // keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row
 // whole inside the range is written directly, a cut row's pieces go to float32 partials (two
 // slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the CTA
