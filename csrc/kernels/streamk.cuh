@@ -44,7 +44,7 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 // row-aligned form's record (locate_rows).
 struct Place {
   int n, U, a0, b0, v, P;
-  int cut_k = 0;
+  int cut_k;
 };
 
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
@@ -108,7 +108,7 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
         P = e;
       }
     }
-    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P};
+    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P, 0};
   }
   __syncthreads();
   return &s_place;
@@ -276,7 +276,7 @@ __device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* p
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
   // The rule of the in-kernel form: a row cut and starting in c (else whole in c, written
   // directly, or merged by the earlier CTA where it starts).
-  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0}, c, (int)v, (int)P, (int)P_end);
+  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0, 0}, c, (int)v, (int)P, (int)P_end);
   return out.v >= 0;
 }
 
