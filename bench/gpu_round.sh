@@ -30,7 +30,8 @@
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
-#                   string of bench_decode case names, e.g. "B1 x 32k,B1 x 32k skewed")
+#                   string of bench_decode case names, e.g. "B1 x 32k,B1 x 32k skewed"; SWEEP_KNOBS,
+#                   SWEEP_STAGES as in its docstring; stages need DMS_NVCC_EXTRA=-DDMS_DECODE_STAGES_KNOB)
 #         extra     bash -c "$EXTRA_CMD" (a one-off command, log in logs.tgz, last line in the summary)
 #         all       tests decode step prefill e2e ncu
 # It installs the carried nvidia-cutlass wheel, unpacks the FlashInfer sdist, builds dms_ext

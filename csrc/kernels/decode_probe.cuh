@@ -4,12 +4,31 @@
 // process (and the DMS_DECODE_PROBE_N - 1 after it) prints one line per CTA of the attention
 // kernel (globaltimer at start / end, clock64 cycles of locate, mainloops, warp merges,
 // epilogues) and per working CTA of the merge kernel (globaltimer at start, after its
-// grid-dependency wait, at the end); DMS_DECODE_STAGES = 2 / 3 / 4 / 6 forces the stage count
-// (and its resident grid) at D 128 bf16 / fp16. bench/decode_probe.py reads it.
+// grid-dependency wait, at the end). The stage knob alone, without the timelines' printf and
+// registers (for sweeps): -DDMS_DECODE_STAGES_KNOB. With either, DMS_DECODE_STAGES forces the
+// stage count (and its resident grid) at D 128: 2 / 3 / 4 / 6 for bf16 / fp16 pools, 3 / 4 / 5 /
+// 6 for fp8 ones. bench/decode_probe.py and bench/sweep_decode.py (SWEEP_STAGES) set it.
 #pragma once
+#if defined(DMS_DECODE_PROBE) && !defined(DMS_DECODE_STAGES_KNOB)
+#define DMS_DECODE_STAGES_KNOB
+#endif
+#ifdef DMS_DECODE_STAGES_KNOB
+#include <cstdlib>
+namespace dms {
+namespace probe {
+inline int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : dflt;
+}
+inline int stages() {
+  static const int s = env_int("DMS_DECODE_STAGES", 0);
+  return s;
+}
+}  // namespace probe
+}  // namespace dms
+#endif
 #ifdef DMS_DECODE_PROBE
 #include <cstdio>
-#include <cstdlib>
 #define DMS_PROBE(...) __VA_ARGS__
 namespace dms {
 namespace probe {
@@ -21,14 +40,6 @@ __device__ __forceinline__ unsigned long long gtime() {
 __device__ __forceinline__ unsigned smid() {
   unsigned s;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  return s;
-}
-inline int env_int(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : dflt;
-}
-inline int stages() {
-  static const int s = env_int("DMS_DECODE_STAGES", 0);
   return s;
 }
 // The probed launches: DMS_DECODE_PROBE_N (default 1) consecutive ones from launch number

@@ -816,18 +816,22 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   // The resident CTAs of a pipeline, capped by max_splits: the persistent grid.
   auto grid_of = [&](bool deep) {
     int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
-#ifdef DMS_DECODE_PROBE
-    if (deep == r.deep && probe::stages() && !is_fp8(p.kv.dtype) && p.kv.head_dim == 128) {
+#ifdef DMS_DECODE_STAGES_KNOB
+    if (deep == r.deep && probe::stages() && p.kv.head_dim == 128) {
       const int s = probe::stages();
-      resident = std::max(num_sms, 1) * (s == 3 ? Cfg<128, 3>::kCtasPerSm : s == 4 ? Cfg<128, 4>::kCtasPerSm
-                                         : s == 6 ? Cfg<128, 6>::kCtasPerSm : Cfg<128, 2>::kCtasPerSm);
+      resident = std::max(num_sms, 1) *
+                 (is_fp8(p.kv.dtype)
+                      ? (s == 3 ? Cfg<128, 3, true>::kCtasPerSm : s == 5 ? Cfg<128, 5, true>::kCtasPerSm
+                         : s == 6 ? Cfg<128, 6, true>::kCtasPerSm : Cfg<128, 4, true>::kCtasPerSm)
+                      : (s == 3 ? Cfg<128, 3>::kCtasPerSm : s == 4 ? Cfg<128, 4>::kCtasPerSm
+                         : s == 6 ? Cfg<128, 6>::kCtasPerSm : Cfg<128, 2>::kCtasPerSm));
     }
 #endif
     return p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   };
   r.grid = grid_of(r.deep);
-#ifdef DMS_DECODE_PROBE
-  if (probe::stages() && !is_fp8(p.kv.dtype) && p.kv.head_dim == 128) r.deep = false;  // forced stages
+#ifdef DMS_DECODE_STAGES_KNOB
+  if (probe::stages() && p.kv.head_dim == 128) r.deep = false;  // forced stages
 #endif
   // The workspace is sized for the standard pipeline's grid whatever this call takes (the deep
   // one launches fewer CTAs), so that it depends on head_dim, pool dtype, the SM count and
@@ -877,8 +881,19 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
   switch (p.kv.head_dim) {
     case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
     case 128:
+#ifdef DMS_DECODE_STAGES_KNOB
+      if (f8) {
+        switch (probe::stages()) {  // 3: 4 CTAs per SM, 4: 3 (the default), 5 / 6: 2
+          case 3: return launch<T, 128, 3, true>(p, r, s);
+          case 4: return launch<T, 128, 4, true>(p, r, s);
+          case 5: return launch<T, 128, 5, true>(p, r, s);
+          case 6: return launch<T, 128, 6, true>(p, r, s);
+          default: break;
+        }
+      }
+#endif
       if (f8) return r.deep ? launch<T, 128, kDeepStages8, true>(p, r, s) : launch<T, 128, kStagesFor8<128>, true>(p, r, s);
-#ifdef DMS_DECODE_PROBE
+#ifdef DMS_DECODE_STAGES_KNOB
       switch (probe::stages()) {
         case 3: return launch<T, 128, 3, false>(p, r, s);
         case 4: return launch<T, 128, 4, false>(p, r, s);
