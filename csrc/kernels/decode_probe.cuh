@@ -5,9 +5,9 @@
 // kernel (globaltimer at start / end, clock64 cycles of locate, mainloops, warp merges,
 // epilogues) and per working CTA of the merge kernel (globaltimer at start, after its
 // grid-dependency wait, at the end). The stage knob alone, without the timelines' printf and
-// registers (for sweeps): -DDMS_DECODE_STAGES_KNOB. With either, DMS_DECODE_STAGES forces the
-// stage count (and its resident grid) at D 128: 2 / 3 / 4 / 6 for bf16 / fp16 pools, 3 / 4 / 5 /
-// 6 for fp8 ones. bench/decode_probe.py and bench/sweep_decode.py (SWEEP_STAGES) set it.
+// registers (for sweeps): -DDMS_DECODE_STAGES_KNOB. With either, DMS_DECODE_STAGES = 2 .. 6
+// forces the stage count (and its resident grid) at D 128, any pool dtype.
+// bench/decode_probe.py and bench/sweep_decode.py (SWEEP_STAGES) set it.
 #pragma once
 #if defined(DMS_DECODE_PROBE) && !defined(DMS_DECODE_STAGES_KNOB)
 #define DMS_DECODE_STAGES_KNOB

@@ -807,6 +807,24 @@ int ctas_per_sm(int head_dim, bool fp8, bool deep) {
   }
 }
 
+// The stage knob (builds with -DDMS_DECODE_STAGES_KNOB, decode_probe.cuh): DMS_DECODE_STAGES
+// 2-6 forces that many stages at D 128, with its resident grid; 0 / other values: the rule above.
+#ifdef DMS_DECODE_STAGES_KNOB
+inline int knob_stages() {
+  const int s = probe::stages();
+  return s >= 2 && s <= 6 ? s : 0;
+}
+template <bool F8> int knob_ctas() {
+  switch (knob_stages()) {
+    case 2: return Cfg<128, 2, F8>::kCtasPerSm;
+    case 3: return Cfg<128, 3, F8>::kCtasPerSm;
+    case 4: return Cfg<128, 4, F8>::kCtasPerSm;
+    case 5: return Cfg<128, 5, F8>::kCtasPerSm;
+    default: return Cfg<128, 6, F8>::kCtasPerSm;
+  }
+}
+#endif
+
 Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   Resolved r;
   const int G = p.kv.num_kv_heads > 0 ? p.num_q_heads / p.kv.num_kv_heads : 1;
@@ -817,21 +835,14 @@ Resolved resolve(const SparseDecodeParams& p, int num_sms) {
   auto grid_of = [&](bool deep) {
     int resident = std::max(num_sms, 1) * ctas_per_sm(p.kv.head_dim, is_fp8(p.kv.dtype), deep);
 #ifdef DMS_DECODE_STAGES_KNOB
-    if (deep == r.deep && probe::stages() && p.kv.head_dim == 128) {
-      const int s = probe::stages();
-      resident = std::max(num_sms, 1) *
-                 (is_fp8(p.kv.dtype)
-                      ? (s == 3 ? Cfg<128, 3, true>::kCtasPerSm : s == 5 ? Cfg<128, 5, true>::kCtasPerSm
-                         : s == 6 ? Cfg<128, 6, true>::kCtasPerSm : Cfg<128, 4, true>::kCtasPerSm)
-                      : (s == 3 ? Cfg<128, 3>::kCtasPerSm : s == 4 ? Cfg<128, 4>::kCtasPerSm
-                         : s == 6 ? Cfg<128, 6>::kCtasPerSm : Cfg<128, 2>::kCtasPerSm));
-    }
+    if (deep == r.deep && knob_stages() && p.kv.head_dim == 128)
+      resident = std::max(num_sms, 1) * (is_fp8(p.kv.dtype) ? knob_ctas<true>() : knob_ctas<false>());
 #endif
     return p.max_splits > 0 ? std::min(p.max_splits, resident) : resident;
   };
   r.grid = grid_of(r.deep);
 #ifdef DMS_DECODE_STAGES_KNOB
-  if (probe::stages() && p.kv.head_dim == 128) r.deep = false;  // forced stages
+  if (knob_stages() && p.kv.head_dim == 128) r.deep = false;  // forced stages
 #endif
   // The workspace is sized for the standard pipeline's grid whatever this call takes (the deep
   // one launches fewer CTAs), so that it depends on head_dim, pool dtype, the SM count and
@@ -875,6 +886,19 @@ Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stre
   return Status::kSuccess;
 }
 
+#ifdef DMS_DECODE_STAGES_KNOB
+template <typename T, bool F8>
+Status launch_knob(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
+  switch (knob_stages()) {
+    case 2: return launch<T, 128, 2, F8>(p, r, s);
+    case 3: return launch<T, 128, 3, F8>(p, r, s);
+    case 4: return launch<T, 128, 4, F8>(p, r, s);
+    case 5: return launch<T, 128, 5, F8>(p, r, s);
+    default: return launch<T, 128, 6, F8>(p, r, s);
+  }
+}
+#endif
+
 template <typename T>
 Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t s) {
   const bool f8 = is_fp8(p.kv.dtype);
@@ -882,26 +906,9 @@ Status dispatch_dim(const SparseDecodeParams& p, const Resolved& r, cudaStream_t
     case 64: return f8 ? launch<T, 64, kStagesFor8<64>, true>(p, r, s) : launch<T, 64, kStagesFor<64>, false>(p, r, s);
     case 128:
 #ifdef DMS_DECODE_STAGES_KNOB
-      if (f8) {
-        switch (probe::stages()) {  // 3: 4 CTAs per SM, 4: 3 (the default), 5 / 6: 2
-          case 3: return launch<T, 128, 3, true>(p, r, s);
-          case 4: return launch<T, 128, 4, true>(p, r, s);
-          case 5: return launch<T, 128, 5, true>(p, r, s);
-          case 6: return launch<T, 128, 6, true>(p, r, s);
-          default: break;
-        }
-      }
+      if (knob_stages()) return f8 ? launch_knob<T, true>(p, r, s) : launch_knob<T, false>(p, r, s);
 #endif
       if (f8) return r.deep ? launch<T, 128, kDeepStages8, true>(p, r, s) : launch<T, 128, kStagesFor8<128>, true>(p, r, s);
-#ifdef DMS_DECODE_STAGES_KNOB
-      switch (probe::stages()) {
-        case 3: return launch<T, 128, 3, false>(p, r, s);
-        case 4: return launch<T, 128, 4, false>(p, r, s);
-        case 6: return launch<T, 128, 6, false>(p, r, s);
-        case 2: return launch<T, 128, 2, false>(p, r, s);
-        default: break;
-      }
-#endif
       return r.deep ? launch<T, 128, kDeepStages, false>(p, r, s) : launch<T, 128, kStagesFor<128>, false>(p, r, s);
     case 256: return f8 ? launch<T, 256, kStagesFor8<256>, true>(p, r, s) : launch<T, 256, kStagesFor<256>, false>(p, r, s);
     default: return Status::kUnsupported;
