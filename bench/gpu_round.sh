@@ -11,7 +11,8 @@
 #         step      bench/bench_step.py          prefill   bench/bench_prefill.py
 #         hf        bench/bench_hf.py (HF_ARGS: its flags): dms_ext.hf generate vs transformers
 #         e2e       bench/bench_e2e.py (E2E_ARGS: its flags) if present, else python -m dms_ext.demo --device cuda
-#         ncu       Nsight Compute on sparse_decode at B 64 x 8k: DRAM %, occupancy, time
+#         ncu       Nsight Compute on sparse_decode at B 64 x 8k (NCU_ROWS: other bench_decode rows,
+#                   comma-separated): DRAM %, occupancy, time of the attention and merge kernels
 #         memcheck  compute-sanitizer memcheck over sparse_decode edge cases
 #         sanitize  bench/sanitize.sh: memcheck, racecheck, initcheck, synccheck over every kernel,
 #                   and memcheck-graph (sparse_decode + decode_step captured in a CUDA graph and
@@ -234,10 +235,16 @@ find_tool() {  # ncu / compute-sanitizer on PATH or in the usual CUDA folders
 stage_ncu() {
   local NCU; NCU=$(find_tool ncu)
   if [ -z "$NCU" ]; then add_row ncu missing 0 "ncu not found"; return; fi
+  # NCU_ROWS: comma-separated bench_decode rows, one metrics pass each (default B 64 x 8k); the
+  # attention and merge kernels are reported apart (ncu serializes them: no PDL overlap).
+  local row rows; IFS=',' read -r -a rows <<<"${NCU_ROWS:-B64 x 8k}"
+  for row in "${rows[@]}"; do
+  local tag; tag=$(echo "$row" | tr -d ' ')
   rm -f "$LOGS/ncu_metrics.csv"
-  run_cmd ncu 180 "$LOGS/ncu.log" "$NCU" --clock-control none --csv --log-file "$LOGS/ncu_metrics.csv" \
+  run_cmd ncu 180 "$LOGS/ncu_$tag.log" "$NCU" --clock-control none --csv --log-file "$LOGS/ncu_metrics.csv" \
     --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
-    -k regex:sparse_decode $PY bench/bench_decode.py --ncu
+    -k regex:sparse_decode $PY bench/bench_decode.py --ncu --ncu-row "$row"
+  cp "$LOGS/ncu_metrics.csv" "$LOGS/ncu_metrics_$tag.csv" 2>/dev/null
   local rc=$RC secs=$SECS
   local key; key=$($PY - "$LOGS/ncu_metrics.csv" <<'EOF' 2>&1 | tail -n 1
 import csv, re, sys, collections
@@ -268,8 +275,9 @@ for (k, m), v in acc.items():
 print("; ".join(f"{k}: " + ", ".join(sorted(v)) for k, v in out.items()))
 EOF
 )
-  add_row ncu "$rc" "$secs" "$key"
-  [ "$rc" != 0 ] && note_failures ncu "$LOGS/ncu.log" "ERR|Error|error"
+  add_row "ncu $tag" "$rc" "$secs" "$key"
+  [ "$rc" != 0 ] && note_failures ncu "$LOGS/ncu_$tag.log" "ERR|Error|error"
+  done
   # The fuller `--set basic` report of the same calls, for the logs only.
   run_cmd ncu 120 "$LOGS/ncu_basic.log" "$NCU" --clock-control none --set basic -k regex:sparse_decode \
     -c 4 $PY bench/bench_decode.py --ncu
