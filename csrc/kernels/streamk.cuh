@@ -6,8 +6,8 @@
 // sparse_decode has no plan kernel: every CTA finds its own place on the line (locate: one
 // block scan of the row costs, loaded at once), then walks its range row by row, summing the
 // costs as it goes (with few rows, locate_rows instead gives every CTA one piece of one row,
-// as a Place of the same walk). The short-chunk sparse_prefill, whose row cost is a search over the chunks,
-// keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row
+// as a Place of the same walk). The short-chunk sparse_prefill, whose row cost is a search over
+// the chunks, keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row
 // whole inside the range is written directly, a cut row's pieces go to float32 partials (two
 // slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the CTA
 // where a cut row starts leaves a record (CutRow) for the merge kernel, which combines the
@@ -290,9 +290,10 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // per thread: the pieces' lse give per-row weights (shared memory), then every thread sums
 // weighted float4 columns over a share of the pieces. kPrefetch: a thread's first kUnroll pieces
 // of the first round of columns are loaded before the lse phase, so that both loads are in
-// flight at once (for rows of many pieces, where it measured faster; it costs registers). store(r, d, acc, inv) writes row r,
-// columns d .. d + 3 of the output: acc * inv; sSum[r] / sMax[r] hold the row's sum and max
-// (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece loop.
+// flight at once (for rows of many pieces, where it measured faster; it costs registers).
+// store(r, d, acc, inv) writes row r, columns d .. d + 3 of the output: acc * inv; sSum[r] /
+// sMax[r] hold the row's sum and max (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece
+// loop.
 template <int D, int kRows, int kUnroll, bool kPrefetch = false, typename Store>
 __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
                                              const float* part_o, const float* part_lse,
