@@ -117,9 +117,10 @@ Status append(const AppendParams& p, cudaStream_t stream);
 // Bytes of scratch sparse_prefill needs (p.workspace): depends on total_tokens, num_seqs,
 // num_q_heads, num_kv_heads, head_dim, window, max_blocks_per_head * block_size,
 // small_chunks and the current device's SM count only (never on device data); with an fp8 pool
-// on the sm_90 kernel also num_blocks: it then holds both pools dequantized to the compute dtype
-// (2 * num_blocks * block_size * head_dim * 2 bytes), written once per call for the blocks the
-// call's rows hold. The workspace is required (never null) whenever the call has tokens; it
+// on the sm_90 kernel also num_blocks: it then holds the blocks the call's rows hold, both pools,
+// dequantized to the compute dtype, written once per call (2 * B * block_size * head_dim * 2
+// bytes, B = num_seqs * num_kv_heads * max_blocks_per_head when that is fewer than num_blocks,
+// else num_blocks). The workspace is required (never null) whenever the call has tokens; it
 // holds nothing between calls.
 // Calls of short chunks (total_tokens <= 16 * num_seqs, small_chunks != 0) take a decode-style
 // kernel (stream-K over the heads' keys); the others the tiled prefill kernel.
