@@ -570,7 +570,11 @@ __global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillP
   const uint8_t* v8 = static_cast<const uint8_t*>(p.kv.v_cache);
   const long long first = ((long long)c * H + g) * p.state.pages.max_blocks_per_head;  // compact
   for (int j = blockIdx.y; j < nb; j += gridDim.y) {
-    const long long base = (long long)bt[j] * bs * D;  // element (= byte) offset of the block
+    // An id outside the pool: skipped, as the producer's cache_row reads such a slot as none
+    // (never read or written here, whatever the table holds).
+    const int blk = bt[j];
+    if (blk < 0 || blk >= p.kv.num_blocks) continue;
+    const long long base = (long long)blk * bs * D;  // element (= byte) offset of the block
     const long long dst = compact ? (first + j) * bs * D : base;
     for (int i = threadIdx.x; i < per_block; i += blockDim.x) {
       const long long e = base + (long long)i * 8, o = dst + (long long)i * 8;
