@@ -439,11 +439,9 @@ def run_dms(L: int, a, s: Shape, w: Weights, dtype, device, gen_cpu, gen_dev, ta
             def steps(k):
                 for _ in range(k):
                     dms_step(w, s, st, table, tokens, a.alpha_scale, a.alpha_offset)
-            prow, nk, us = common.kernel_profile(steps)
-            PROFILES.append(f"Kernels of one eager raw-op DMS step (L {L}, {dist}, {kvd}, B {Bm}; profile of 12 "
-                            f"steps minus 4, / 8): {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
-                            f"{nk / s.layers:.1f} kernels per layer\n\n"
-                            + common.md_table(["kernel", "per step", "us per step"], prow[:40]))
+            PROFILES.append(common.kernel_profile_md(
+                f"one eager raw-op DMS step (L {L}, {dist}, {kvd}, B {Bm}; profile of 12 steps minus 4, / 8)",
+                common.kernel_profile(steps), s.layers))
             print(PROFILES[-1], flush=True)
         live1 = st.live_tokens()
         cap = st.layers[0]["block_table"].shape[-1] * a.block_size

@@ -186,11 +186,10 @@ def main() -> None:
                 f"steps); the loop blocked on the GPU {wait_ms:.2f} ms per step (the rest of a step "
                 f"the host was busy)\n\n"
                 + table + "\n")
-        for label, (prow, nk, us) in profiles:
-            body += (f"\nKernels of one decode step ({label}; profile of generate(12) minus generate(4), "
-                     f"/ 8): {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
-                     f"{nk / 36:.1f} kernels per layer\n\n"
-                     + common.md_table(["kernel", "per step", "us per step"], prow[:40]) + "\n")
+        for label, pr in profiles:
+            body += "\n" + common.kernel_profile_md(
+                f"one decode step ({label}; profile of generate(12) minus generate(4), / 8)", pr,
+                CONFIG["num_hidden_layers"]) + "\n"
         out_path[0] = common.write_results("hf", "dms_ext.hf generate vs transformers static cache",
                                            body, path=out_path[0])
         return body

@@ -299,3 +299,12 @@ def kernel_profile(run, lo: int = 4, hi: int = 12) -> tuple:
             rows.append([name[:90].replace("|", "/"), round(c, 2), round(t, 1)])
     rows.sort(key=lambda r: -r[2])
     return rows, sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+
+def kernel_profile_md(what: str, profile: tuple, layers: int) -> str:
+    """A kernel_profile (rows, kernels, us) as a results paragraph: the counts of one step of
+    ``what`` and its table (the 40 costliest kernels)."""
+    rows, nk, us = profile
+    return (f"Kernels of {what}: {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
+            f"{nk / layers:.1f} kernels per layer\n\n" + md_table(["kernel", "per step", "us per step"], rows[:40]))
+
