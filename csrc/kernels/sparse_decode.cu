@@ -53,9 +53,7 @@
 namespace dms {
 namespace {
 
-using namespace decode;  // the pieces: config.cuh, mainloop.cuh, merge.cuh
-using dev::cp_async16;
-using dev::kLog2e;
+using namespace decode;  // the pieces (config.cuh, mainloop.cuh, merge.cuh; cp_async16, kLog2e)
 using dev::launch_pdl;
 using dev::pdl_launch_dependents;
 using dev::pdl_wait;
