@@ -220,11 +220,15 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
 // a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. Row-aligned
-// (kAligned): one CTA per row, row c's record, its pieces from the record's first CTA on; rows of
-// many pieces, so the pieces' loads are issued before the lse phase (kPrefetch: the A/B measured
-// it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the stream-K
-// merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md).
+// (kAligned): kMergeParts CTAs per row, each a share of its columns (a quarter at D 128), from
+// row blockIdx / kMergeParts's record, its pieces from the record's first CTA on; rows of many
+// pieces (B 1: 16-60), so the pieces' loads are issued before the lse phase (kPrefetch: the A/B
+// measured it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the
+// stream-K merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md), and
+// a thread sums about k / 8 pieces at G 4, not k / 2.
 inline size_t merge_smem_bytes(int grid) { return streamk::merge_smem_bytes(grid, kHeadTile); }
+
+template <int D> constexpr int kMergeParts = D / 32;  // 8 float4 columns of a row per part
 
 template <typename T, int D, bool kAligned>
 __global__ void __launch_bounds__(kMergeThreads)
@@ -237,7 +241,7 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const int c = blockIdx.x;
+  const int c = kAligned ? blockIdx.x / kMergeParts<D> : blockIdx.x;
   const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
   if (cr.v < 0) {
     DMS_PROBE(if (rs.probe && threadIdx.x == 0 && c == 0)
@@ -260,7 +264,8 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
         const float l = sSum[r];
         if (p.lse && d == 0)
           p.lse[(int64_t)b * p.num_q_heads + qh0 + r] = l > 0.f ? (sMax[r] + log2f(l)) / kLog2e : -INFINITY;
-      });
+      },
+      kAligned ? (int)(blockIdx.x % kMergeParts<D>) : 0, kAligned ? kMergeParts<D> : 1);
   DMS_PROBE(if (rs.probe && threadIdx.x == 0)
               printf("PROBE M call %d c %d sm %u t0 %llu tw %llu t1 %llu k %d\n", rs.probe, c, probe::smid(), pt0, pt1,
                      probe::gtime(), cr.k);)
@@ -362,7 +367,7 @@ Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stre
   // merge kernel, every row of bench_decode ran 4-20 us slower (bench/results/decode_ab_*.md).
   sparse_decode_kernel<T, D, S, F8><<<r.grid, kThreads, smem, stream>>>(p, r);
   DMS_LAUNCH_CHECK();
-  DMS_CUDA_CHECK(launch_pdl(merge, dim3(r.aligned ? (int)r.rows_v : r.grid), dim3(kMergeThreads), merge_smem,
+  DMS_CUDA_CHECK(launch_pdl(merge, dim3(r.aligned ? (int)r.rows_v * kMergeParts<D> : r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));
   return Status::kSuccess;
 }

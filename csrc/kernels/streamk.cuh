@@ -293,12 +293,15 @@ __host__ __device__ constexpr size_t merge_smem_bytes(int grid, int kRows) {
 // flight at once (for rows of many pieces, where it measured faster; it costs registers).
 // store(r, d, acc, inv) writes row r, columns d .. d + 3 of the output: acc * inv; sSum[r] /
 // sMax[r] hold the row's sum and max (lse = sMax + log2(sSum)). kUnroll: the unroll of the piece
-// loop.
+// loop. part / parts: this CTA merges float4 columns [part, part + 1) * D / 4 / parts of every
+// row (parts divides D / 4), so that `parts` CTAs share a row of many pieces, each thread summing
+// fewer of them.
 template <int D, int kRows, int kUnroll, bool kPrefetch = false, typename Store>
 __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
                                              const float* part_o, const float* part_lse,
-                                             float* merge_smem, Store&& store) {
-  constexpr int kVec = D / 4;  // float4 columns per row
+                                             float* merge_smem, Store&& store, int part = 0, int parts = 1) {
+  const int kVec = D / 4 / parts;  // float4 columns per row of this CTA
+  const int col0 = part * kVec;
   float4* sAcc = reinterpret_cast<float4*>(merge_smem);  // [kMergeThreads]
   float* sMax = merge_smem + kMergeThreads * 4;          // [kRows]
   float* sSum = sMax + kRows;                            // [kRows]
@@ -321,7 +324,7 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
       const int j = grp + u * groups;
       pf[u] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (e < E && grp < groups && j < k)
-        pf[u] = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + e / kVec) * D) + e % kVec);
+        pf[u] = __ldg(reinterpret_cast<const float4*>(part_o + (slot_of(j) * kRows + e / kVec) * D) + col0 + e % kVec);
     }
   }
   for (int i = tid; i < k * nrows; i += kMergeThreads) {  // phase 1: lse of every piece and row
@@ -353,7 +356,7 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
     const int e = e0 + (groups > 1 ? tid % E : tid);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (e < E && grp < groups) {
-      const int r = e / kVec, d4 = e % kVec;
+      const int r = e / kVec, d4 = col0 + e % kVec;
       int j0 = grp;
       if constexpr (kPrefetch) {
         if (e0 == 0) {  // the prefetched pieces (zeros past k)
@@ -384,7 +387,7 @@ __device__ __forceinline__ void merge_pieces(const CutRow& cr, int c, int nrows,
       }
     }
     if (e < E && (groups == 1 || tid < E)) {
-      const int r = e / kVec, d = (e % kVec) * 4;
+      const int r = e / kVec, d = (col0 + e % kVec) * 4;
       const float l = sSum[r], inv = l > 0.f ? 1.f / l : 0.f;
       store(r, d, acc, inv, sSum, sMax);
     }
