@@ -7,6 +7,9 @@
 #
 #   AB_PATCH=.carry/d5.patch bash bench/ab_decode.sh [bench_decode flags, e.g. --rows B1,B64]
 #
+# AB_BENCH: another bench command instead (e.g. "bench/bench_prefill.py --small"; it must take
+# --results-dir and write a markdown table), AB_COL its time column (default "ours us").
+#
 # Run it after a gpu_round.sh build (the in-place _C.so is A); it builds B incrementally, puts A's
 # library back and reverses the patch at the end. Writes $OUT/ab_decode_<patch name>.md (OUT default
 # /tmp/dms_round).
@@ -33,27 +36,27 @@ cp "$SO" "$AB/B.so"
 for run in A1 B1 A2 B2; do
   cp "$AB/${run:0:1}.so" "$SO"
   rm -rf "$AB/$run"; mkdir -p "$AB/$run"
-  $PY bench/bench_decode.py --no-peers --no-dense --results-dir "$AB/$run" "$@" >"$AB/$run.log" 2>&1 \
+  $PY ${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense} --results-dir "$AB/$run" "$@" >"$AB/$run.log" 2>&1 \
     || { echo "$run failed:"; tail -n 20 "$AB/$run.log"; }
 done
 cp "$AB/A.so" "$SO"
-$PY - "$AB" "$AB_PATCH" "$*" <<'EOF' | tee "$OUT/ab_decode_$(basename "$AB_PATCH" .patch).md"
+$PY - "$AB" "$AB_PATCH" "$*" "${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense}" "${AB_COL:-ours us}" <<'EOF' | tee "$OUT/ab_decode_$(basename "$AB_PATCH" .patch).md"
 import glob, os, sys
-ab, patch, flags = sys.argv[1:4]
+ab, patch, flags, bench, col = sys.argv[1:6]
 def rows(run):
-    f = sorted(glob.glob(os.path.join(ab, run, "decode_*.md")))
+    f = sorted(glob.glob(os.path.join(ab, run, "*.md")))
     out, cols = {}, None
     for line in (open(f[-1]).read().splitlines() if f else []):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == "case":
-            cols = cells if "ours us" in cells else None
+        if col in cells:
+            cols = cells
         elif cols and len(cells) == len(cols) and not set(cells[0]) <= set("-"):
-            out.setdefault(cells[0], cells[cols.index("ours us")])
+            out.setdefault(cells[0], cells[cols.index(col)])
     return out
 runs = {r: rows(r) for r in ("A1", "B1", "A2", "B2")}
-print(f"# sparse_decode A/B (bench/ab_decode.sh): A = tree, B = tree + {patch}\n")
-print(f"bench_decode.py --no-peers --no-dense {flags}; order A1 B1 A2 B2; us per call (medians)\n")
-print("| case | A1 us | B1 us | A2 us | B2 us | B / A |")
+print(f"# A/B (bench/ab_decode.sh): A = tree, B = tree + {patch}\n")
+print(f"{bench} {flags}; order A1 B1 A2 B2; column `{col}` (medians)\n")
+print("| case | A1 | B1 | A2 | B2 | B / A |")
 print("|---|---|---|---|---|---|")
 for case in runs["A1"]:
     v = [runs[r].get(case, "-") for r in ("A1", "B1", "A2", "B2")]

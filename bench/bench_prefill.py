@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--extra-crs", type=float, nargs="*", default=[1, 8])
     ap.add_argument("--flex-budget-s", type=float, default=150.0,
                     help="skip FlexAttention once the run is this old (its compiles dominate)")
+    ap.add_argument("--results-dir", default=common.RESULTS_DIR, help="where the results table goes")
     ap.add_argument("--small", action="store_true", help="the small-chunk table instead (see above)")
     ap.add_argument("--small-ts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--small-b", type=int, default=64)
@@ -319,7 +320,8 @@ def main():
     if errors:
         notes.append("Failures / OOM: " + "; ".join(errors))
     body = "\n\n".join(notes) + "\n\n" + md + "\n"
-    path = common.write_results("prefill", "sparse_prefill vs FlexAttention (DMS mask) and dense SDPA", body)
+    path = common.write_results("prefill", "sparse_prefill vs FlexAttention (DMS mask) and dense SDPA", body,
+                                results_dir=a.results_dir)
     print(f"\nwrote {path}")
     best = [r for r in rows if isinstance(r.get("ours"), float)]
     summ = ", ".join(f"{r['n'] // 1024}k D{r['D']} {r['dtype']} CR{r['cr']:g} {r['ours']:.2f}ms "
@@ -439,7 +441,7 @@ def small_main(a):
              f"DMS_PREFILL_SMALL={knob if knob is not None else '(unset)'}. FlashInfer: each "
              f"(sequence, kv head) a request, cached keys only, no mask."]
     write_report("prefill_small", "sparse_prefill, small chunks, vs sparse_decode", notes,
-                 "Failures", errors, md)
+                 "Failures", errors, md, results_dir=a.results_dir)
     summ = ", ".join(f"T{r['T']} {r['ours']:.3f}ms (x{ratio(r['ours'], dec) or 0:.2f} decode)"
                      for r in rows if isinstance(r.get("ours"), float))
     print(f"SUMMARY: {summ or 'no timings'}" + (f"; {len(errors)} failures" if errors else ""))
@@ -550,7 +552,7 @@ def chunked_main(a):
              f"max|diff|: the chunks' outputs against the one-shot output (bf16, rounding only)."]
     write_report("prefill_chunked", "sparse_prefill: chunked prefill into the cache vs one shot",
                  notes, "Failures / OOM", errors, md,
-                 **({"results_dir": tempfile.gettempdir()} if a.cpu_dry_run else {}))
+                 results_dir=tempfile.gettempdir() if a.cpu_dry_run else a.results_dir)
     summ = " ".join(f"CR{r['cr']:g} x{r['speed']:.2f}" for r in rows)
     kib = lambda x: f"{x // 1024}k" if x % 1024 == 0 else str(x)   # noqa: E731
     print(f"SUMMARY: chunked {kib(a.chunked_len)}/{kib(a.chunked_chunk)} {summ or 'no timings'}"

@@ -194,6 +194,16 @@ plan_kernel(const SparsePrefillParams p, const Resolved rs) {
       });
 }
 
+// The first row after v whose units end past unit a (prefix: inclusive unit prefix over rows_v
+// rows; a < U, so one exists), found by a converged warp, 32 rows per round of loads.
+__device__ __forceinline__ int64_t next_row(const int32_t* prefix, int64_t v, int64_t a, int64_t rows_v, int lane) {
+  for (int64_t base = v + 1;; base += 32) {
+    const int64_t u = base + lane;
+    const unsigned m = __ballot_sync(0xffffffffu, u >= rows_v || prefix[u] > a);
+    if (m) return base + __ffs(m) - 1;
+  }
+}
+
 // Scalars of the current work row, in shared memory (registers are kept for the accumulators).
 struct SegCtx {
   int start, L, n, seq_len, r, g, R0, nrows, i1, kbeg, kend, pstart, npos;
@@ -548,34 +558,50 @@ attn_kernel(const SparsePrefillParams p, const Resolved rs) {
       const bool whole = P >= a0 && P_end <= b0;
       const int64_t pslot = 2 * (int64_t)cta + (seg_lo == a0 ? 0 : 1);
       T* out = static_cast<T*>(p.out);
-      for (int e = tid; e < x.nrows * D; e += kThreads) {
-        const int row = e / D, d = e % D;
+      // Four columns per thread: float4 reads of the warp states, 8-byte output stores.
+      for (int e = tid; e < x.nrows * (D / 4); e += kThreads) {
+        const int row = e / (D / 4), d = (e % (D / 4)) * 4;
         const int tm = row >> 4, r16 = row & 15;
         float M = -INFINITY;
 #pragma unroll
         for (int k2 = 0; k2 < kKS; ++k2) M = fmaxf(M, sM[(k2 * MT + tm) * 16 + r16]);
-        float acc = 0.f, l = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        float l = 0.f;
         if (M != -INFINITY) {
 #pragma unroll
           for (int k2 = 0; k2 < kKS; ++k2) {
             const int wv = k2 * MT + tm;
             const float f = ex2(sM[wv * 16 + r16] - M);  // a warp with no keys: m = -inf, f = 0
-            acc += f * sO[(wv * 16 + r16) * D + d];
+            const float4 ov = *reinterpret_cast<const float4*>(sO + (wv * 16 + r16) * D + d);
+            acc.x += f * ov.x;
+            acc.y += f * ov.y;
+            acc.z += f * ov.z;
+            acc.w += f * ov.w;
             l += f * sL[wv * 16 + r16];
           }
         }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        acc.x *= inv;
+        acc.y *= inv;
+        acc.z *= inv;
+        acc.w *= inv;
         if (whole) {
           const int R = x.R0 + row, i = R / G, hh = R % G;
-          out[((int64_t)(x.start + i) * Hq + (int64_t)x.g * G + hh) * D + d] =
-              dev::from_float<T>(l > 0.f ? acc / l : 0.f);
+          uint2 pk;
+          pk.x = dev::pack2<T>(acc.x, acc.y);
+          pk.y = dev::pack2<T>(acc.z, acc.w);
+          *reinterpret_cast<uint2*>(out + ((int64_t)(x.start + i) * Hq + (int64_t)x.g * G + hh) * D + d) = pk;
         } else {
-          part_o[(pslot * kRows + row) * D + d] = l > 0.f ? acc / l : 0.f;
+          *reinterpret_cast<float4*>(part_o + (pslot * kRows + row) * D + d) = acc;
           if (d == 0) part_lse[pslot * kRows + row] = l > 0.f ? M + log2f(l) : -INFINITY;
         }
       }
     }
     a = seg_hi;
-    ++v;
+    // The next row holding unit a: the first v' > v with prefix[v'] > a, 32 rows per load round
+    // (unused slots cost no units and sit in runs of H rows, e.g. every other slot at G 4, T 4;
+    // skipping them one dependent load at a time kept a CTA several microseconds).
+    if (a < b0) v = next_row(prefix, v, a, rs.rows_v, lane);
   }
 }
 
