@@ -12,19 +12,26 @@
 namespace dms {
 namespace prefill_slots {
 
+// cu: the call's cu_seqlens, or a copy of it (e.g. in shared memory), num_seqs + 1 entries.
+__device__ __forceinline__ int64_t slot_start(const int32_t* cu, int c, int G, int rows) {
+  return (int64_t)cu[c] * G / rows + c;
+}
 __device__ __forceinline__ int64_t slot_start(const SparsePrefillParams& p, int c, int G, int rows) {
-  return (int64_t)p.cu_seqlens[c] * G / rows + c;
+  return slot_start(p.cu_seqlens, c, G, rows);
 }
 
 // The chunk owning `slot`: -1 when there is none (no chunks, or before chunk 0's first slot).
-__device__ __forceinline__ int chunk_of_slot(const SparsePrefillParams& p, int64_t slot, int G, int rows) {
-  if (p.num_seqs <= 0 || slot_start(p, 0, G, rows) > slot) return -1;
-  int lo = 0, hi = p.num_seqs - 1;
+__device__ __forceinline__ int chunk_of_slot(const int32_t* cu, int num_seqs, int64_t slot, int G, int rows) {
+  if (num_seqs <= 0 || slot_start(cu, 0, G, rows) > slot) return -1;
+  int lo = 0, hi = num_seqs - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (slot_start(p, mid, G, rows) <= slot) lo = mid; else hi = mid - 1;
+    if (slot_start(cu, mid, G, rows) <= slot) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+__device__ __forceinline__ int chunk_of_slot(const SparsePrefillParams& p, int64_t slot, int G, int rows) {
+  return chunk_of_slot(p.cu_seqlens, p.num_seqs, slot, G, rows);
 }
 
 }  // namespace prefill_slots

@@ -62,6 +62,7 @@ constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kTileKeys = 64;     // keys per pipeline tile
 constexpr int kRowCost = 1;       // scheduling units charged per work row besides its tiles
 constexpr int kPlanThreads = 1024;
+constexpr int kPlanSeqs = 2048;   // chunks whose cu_seqlens / rows the plan stages in shared memory
 using streamk::kMergeThreads;
 constexpr int kMaxExc = 64;       // ring positions listed in shared memory (more: read the ring)
 
@@ -168,6 +169,19 @@ plan_kernel(const SparsePrefillParams p, const Resolved rs) {
   int2* vinfo = reinterpret_cast<int2*>(ws + rs.ws.vinfo);
   pdl_launch_dependents();  // the attention kernel may launch; it waits for our writes
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H;
+  // cu_seqlens and rows in shared memory (one round of loads) when they fit: every work row's
+  // binary search over the chunks then reads shared memory, not a chain of dependent global loads.
+  __shared__ int32_t s_cu[kPlanSeqs + 1], s_rows[kPlanSeqs];
+  const bool staged = p.num_seqs <= kPlanSeqs;
+  if (staged) {
+    for (int i = threadIdx.x; i <= p.num_seqs; i += kPlanThreads) {
+      s_cu[i] = p.cu_seqlens[i];
+      if (i < p.num_seqs) s_rows[i] = p.rows[i];
+    }
+  }
+  __syncthreads();
+  const int32_t* cu = staged ? s_cu : p.cu_seqlens;
+  const int32_t* rows = staged ? s_rows : p.rows;
   streamk::plan_line<kPlanThreads>(
       rs.rows_v, rs.grid, rs.min_units, reinterpret_cast<int32_t*>(ws + rs.ws.prefix),
       reinterpret_cast<int32_t*>(ws + rs.ws.cta_row), reinterpret_cast<int32_t*>(ws + rs.ws.meta),
@@ -175,11 +189,11 @@ plan_kernel(const SparsePrefillParams p, const Resolved rs) {
         int x = 0;
         const int64_t slot = v / H;
         const int g = (int)(v % H);
-        const int c = chunk_of_slot(p, slot, G, rs.rows);
+        const int c = chunk_of_slot(cu, p.num_seqs, slot, G, rs.rows);
         int2 info = make_int2(-1, 0);
         if (c >= 0) {
-          const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
-          const int64_t rg = slot - slot_start(p, c, G, rs.rows);
+          const int start = cu[c], end = cu[c + 1], r = rows[c];
+          const int64_t rg = slot - slot_start(cu, c, G, rs.rows);
           const int64_t R0 = rg * rs.rows, L = end - start;
           if (start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs &&
               R0 < L * G) {
