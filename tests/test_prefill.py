@@ -415,6 +415,17 @@ def test_small_chunks_many_sequences(device):
              rate=0.85, seed=9, device=device)
 
 
+@pytest.mark.parametrize("hkv", [33, 40])
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_long_runs_of_unused_rows(hkv, device):
+    # Chunks of 4 tokens at G 1 fill 4 of the 16 rows of a query slot, and every 4th chunk owns a
+    # slot it does not use (prefill_slots.cuh): with 33 / 40 KV heads that is a run of 33 / 40
+    # unused work rows, so a CTA's walk skips past it in two 32-row search rounds (next_row).
+    hist = [300, 5, 40, 700, 9, 64, 0, 129, 17]
+    run_case(f"small unused-row runs H={hkv}", hist=hist, chunks=[4] * len(hist), hkv=hkv, group=1,
+             d=64, window=16, rate=0.8, seed=hkv, device=device)
+
+
 @pytest.mark.cuda
 def test_small_chunks_cuda_graph_capture_and_replay():
     # Chunks of 4, 1 and 16 tokens (the small-chunk kernel): the plan is made on the device, so
