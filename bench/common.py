@@ -307,4 +307,3 @@ def kernel_profile_md(what: str, profile: tuple, layers: int) -> str:
     rows, nk, us = profile
     return (f"Kernels of {what}: {nk:.1f} kernels, {us:.0f} us of kernel time per step, "
             f"{nk / layers:.1f} kernels per layer\n\n" + md_table(["kernel", "per step", "us per step"], rows[:40]))
-
