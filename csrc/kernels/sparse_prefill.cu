@@ -71,7 +71,8 @@ constexpr int kPrepThreads = 1024;
 // idx [Hkv][T] int32 (chunk c at cu[c]), bitmap [n][Hkv][cap_words] uint32 (flagged ring slots),
 // flist [n][Hkv][w + 1] int2 (slot, position), fcount [n][Hkv] int32.
 struct WsLayout {
-  size_t cnt = 0, idx = 0, bitmap = 0, flist = 0, fcount = 0, kpre = 0, vpre = 0, pre = 0, total = 0;
+  size_t cnt = 0, idx = 0, bitmap = 0, flist = 0, fcount = 0, kpre = 0, vpre = 0, pre = 0, ck = 0, cv = 0,
+         kept = 0, total = 0;
   long long cnt_stride = 0;
   long long cap_words = 0;
 };
@@ -94,6 +95,10 @@ WsLayout ws_layout(const SparsePrefillParams& p) {
   l.pre = sm90::pre_pool_bytes(p);
   l.kpre = off;   off = align_up(off + l.pre);
   l.vpre = off;   off = align_up(off + l.pre);
+  // The wgmma kernel's compacted kept chunk keys, K and V (sm90::PrefillWs::ck / cv).
+  l.kept = sm90::kept_bytes(p);
+  l.ck = off;     off = align_up(off + l.kept);
+  l.cv = off;     off = align_up(off + l.kept);
   l.total = off;
   return l;
 }
@@ -108,6 +113,8 @@ struct WsPtrs {
   long long cap_words;
   void* kpre;   // null when the layout has no dequantized pools
   void* vpre;
+  void* ck;     // null when the layout has no compacted kept keys
+  void* cv;
 };
 
 WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
@@ -115,7 +122,8 @@ WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
   return WsPtrs{reinterpret_cast<int32_t*>(base + l.cnt), reinterpret_cast<int32_t*>(base + l.idx),
                 reinterpret_cast<uint32_t*>(base + l.bitmap), reinterpret_cast<int2*>(base + l.flist),
                 reinterpret_cast<int32_t*>(base + l.fcount), l.cnt_stride, l.cap_words,
-                l.pre ? base + l.kpre : nullptr, l.pre ? base + l.vpre : nullptr};
+                l.pre ? base + l.kpre : nullptr, l.pre ? base + l.vpre : nullptr,
+                l.kept ? base + l.ck : nullptr, l.kept ? base + l.cv : nullptr};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -790,7 +798,7 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (sm90::prefill_v2_supported(p))
     return sm90::sparse_prefill_v2(
         p, sm90::PrefillWs{ws.cnt, ws.idx, ws.bitmap, ws.flist, ws.fcount, ws.cnt_stride, ws.cap_words,
-                           ws.kpre, ws.vpre, ws.kpre != nullptr && sm90::pre_compact(p)},
+                           ws.kpre, ws.vpre, ws.kpre != nullptr && sm90::pre_compact(p), ws.ck, ws.cv},
         stream);
   return act == DType::kBFloat16 ? launch_d<__nv_bfloat16>(p, ws, stream)
                                  : launch_d<__half>(p, ws, stream);

@@ -99,7 +99,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefill_v2_kernel(const SparsePrefillParams p, const PrefillWs ws, const int num_slots,
                       const int pingpong, const int debug, const int tma,
                       const __grid_constant__ CUtensorMap tm_k,
-                      const __grid_constant__ CUtensorMap tm_v) {
+                      const __grid_constant__ CUtensorMap tm_v,
+                      const __grid_constant__ CUtensorMap tm_ck,
+                      const __grid_constant__ CUtensorMap tm_cv) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = SmemLayout<D, KS>;
   constexpr int kS = L::kS, kSV = L::kSV;
@@ -212,20 +214,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       // (128 arrivals as on the cp.async path; their meta stores are released by the arrive).
       // Keys j >= i1 of the last band tile are loaded but masked (resolve_key: never visible);
       // rows past the tensor are zero-filled.
+      // Kept tiles of a compacted chunk (x.kept_row >= 0) likewise, from ws.ck / cv (head-major
+      // maps: coordinates (column, row, head)); keys past the list are masked (zero rows).
       auto tma_tile = [&](uint32_t dst, const CUtensorMap* tm, uint32_t bar, int tile) {
         if (t == 0) {
           mbar_arrive_expect_tx(bar, (uint32_t)(kBlockN * D * 2));
           // Order this stage's earlier reads / cp.async writes (generic proxy, completed: the
           // consumers released the stage after them) before the async-proxy writes.
           fence_proxy_async();
-          const int row = x.start + x.band_start + (tile - x.end_kept) * kBlockN;
+          const bool band = tile >= x.end_kept;
+          const int row = band ? x.start + x.band_start + (tile - x.end_kept) * kBlockN
+                               : x.kept_row + (tile - x.end_flagged) * kBlockN;
 #pragma unroll
-          for (int cb = 0; cb < D / 64; ++cb)
-            tma_load_3d(dst + (uint32_t)cb * (kBlockN * 128), tm, bar, cb * 64, g, row);
+          for (int cb = 0; cb < D / 64; ++cb) {
+            if (band) tma_load_3d(dst + (uint32_t)cb * (kBlockN * 128), tm, bar, cb * 64, g, row);
+            else tma_load_3d(dst + (uint32_t)cb * (kBlockN * 128), tm, bar, cb * 64, row, g);
+          }
         } else {
           mbar_arrive(bar);
         }
       };
+      auto by_tma = [&](int tile) { return tma && (tile >= x.end_kept || (tile >= x.end_flagged && x.kept_row >= 0)); };
       auto load_k = [&](int tile) -> int {
         const int s = (it + tile) % kS;
         int mrow, ma, mb;
@@ -235,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(k_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
         if (t < kBlockN) meta[s * kBlockN + t] = make_int2(ma, mb);
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
-        if (tma && tile >= x.end_kept) {
-          tma_tile(sK(s), &tm_k, k_full(s), tile);
+        if (by_tma(tile)) {
+          tma_tile(sK(s), tile >= x.end_kept ? &tm_k : &tm_ck, k_full(s), tile);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
           mbar_copies_arrive(k_full(s));
@@ -246,8 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto load_v = [&](int tile, int mrow) {
         const int s = (it + tile) % kSV;
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
-        if (tma && tile >= x.end_kept) {
-          tma_tile(sV(s), &tm_v, v_full(s), tile);
+        if (by_tma(tile)) {
+          tma_tile(sV(s), tile >= x.end_kept ? &tm_v : &tm_cv, v_full(s), tile);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
           mbar_copies_arrive(v_full(s));
@@ -498,14 +507,18 @@ EncodeTiledFn encode_tiled() {
 // Tensor map of the chunk's k or v, [T][Hkv][D] row-major, as the 3-D tensor (D, Hkv, T);
 // box (64, 1, kBlockN): 64 columns (128 bytes, the swizzle span) of kBlockN keys of one head,
 // 128-byte swizzle (= tile_off's layout per 64-column block). Rows past T are zero-filled.
+// head_major: the compacted kept keys instead, [Hkv][T][D] (T = their rows) as (D, T, Hkv), box
+// (64, kBlockN, 1): the same shared-memory tile.
 template <typename T, int D>
-bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int block_n) {
+bool make_kv_map(CUtensorMap* m, const void* ptr, int H, long long total_tokens, int block_n, bool head_major = false) {
   const EncodeTiledFn fn = encode_tiled();
   if (!fn || !ptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) || total_tokens <= 0 || H <= 0)
     return false;
-  const cuuint64_t dims[3] = {(cuuint64_t)D, (cuuint64_t)H, (cuuint64_t)total_tokens};
-  const cuuint64_t strides[2] = {(cuuint64_t)D * sizeof(T), (cuuint64_t)H * D * sizeof(T)};
-  const cuuint32_t box[3] = {64u, 1u, (cuuint32_t)block_n};
+  const cuuint64_t rows = (cuuint64_t)total_tokens;
+  const cuuint64_t dims[3] = {(cuuint64_t)D, head_major ? rows : (cuuint64_t)H, head_major ? (cuuint64_t)H : rows};
+  const cuuint64_t strides[2] = {(cuuint64_t)D * sizeof(T),
+                                 head_major ? rows * D * sizeof(T) : (cuuint64_t)H * D * sizeof(T)};
+  const cuuint32_t box[3] = {64u, head_major ? (cuuint32_t)block_n : 1u, head_major ? 1u : (cuuint32_t)block_n};
   const cuuint32_t estr[3] = {1u, 1u, 1u};
   const CUtensorMapDataType dt = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -517,6 +530,60 @@ bool make_kv_map(CUtensorMap* m, const void* ptr, int H, int total_tokens, int b
 bool k_deep_enabled() {
   static const bool on = !env_is("DMS_PREFILL_V2_KSTAGES", "2");
   return on;
+}
+
+// DMS_PREFILL_V2_KEPT=0: the kept tiles are gathered with cp.async (no compacted copy).
+bool kept_keys_enabled() {
+  static const bool on = !env_is("DMS_PREFILL_V2_KEPT", "0");
+  return on;
+}
+
+// The kept chunk keys of compacted chunks (kept_compacted) into ws.ck / cv (PrefillWs), with
+// kKeptPad zero rows after each list. Grid (num_seqs * Hkv, y): CTA (cg, y) moves 16-byte
+// pieces y * 256 + tid, + 256 * gridDim.y, ... of its (chunk, head)'s rows; a row's pieces are
+// consecutive threads (coalesced).
+template <typename T, int D>
+__global__ void __launch_bounds__(256) compact_kept_kernel(const SparsePrefillParams p, const PrefillWs ws,
+                                                            const long long rows) {
+  const int H = p.kv.num_kv_heads;
+  const int c = blockIdx.x / H, g = blockIdx.x % H;
+  const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
+  // A malformed chunk (prepare_kernel left its counts unset): make_tile skips it too.
+  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return;
+  const int L = end - start;
+  const int K = ws.cnt[(long long)g * ws.cnt_stride + start + c + L];
+  if (!kept_compacted(K, L)) return;
+  constexpr int kPieces = D / 8;  // 16-byte pieces of a row
+  const int32_t* idx = ws.idx + (long long)g * p.total_tokens + start;
+  const long long dst0 = ((long long)g * rows + start + (long long)kKeptPad * c) * D;
+  const uint4* k = static_cast<const uint4*>(p.k);
+  const uint4* v = static_cast<const uint4*>(p.v);
+  uint4* ck = static_cast<uint4*>(ws.ck) + dst0 / 8;
+  uint4* cv = static_cast<uint4*>(ws.cv) + dst0 / 8;
+  const long long n = (long long)(K + kKeptPad) * kPieces;
+  for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.y * blockDim.x) {
+    const int m = (int)(i / kPieces), pc = (int)(i % kPieces);
+    uint4 xk = make_uint4(0u, 0u, 0u, 0u), xv = xk;
+    if (m < K) {
+      const long long src = ((long long)(start + idx[m]) * H + g) * kPieces + pc;
+      xk = k[src];
+      xv = v[src];
+    }
+    ck[i] = xk;
+    cv[i] = xv;
+  }
+}
+
+template <typename T, int D>
+Status compact_kept(const SparsePrefillParams& p, const PrefillWs& ws, long long rows, cudaStream_t stream) {
+  const long long x = (long long)p.num_seqs * p.kv.num_kv_heads;
+  if (x > INT_MAX) return Status::kUnsupported;
+  // About 4 pieces per thread for an average chunk, at most 64 CTAs along one (chunk, head).
+  const long long per = ((long long)p.total_tokens / std::max(p.num_seqs, 1) + kKeptPad) * (D / 8);
+  const int y = (int)std::min<long long>(64, std::max<long long>(1, (per + 1023) / 1024));
+  compact_kept_kernel<T, D><<<dim3((unsigned)x, (unsigned)y), 256, 0, stream>>>(p, ws, rows);
+  DMS_LAUNCH_CHECK();
+  return Status::kSuccess;
 }
 
 template <typename T, int D, int KS, bool F8 = false>
@@ -540,14 +607,28 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     grid = std::min<long long>(items, std::max(sms, 1));
   }
   // TMA for the band (and merged kept list): both maps or neither; otherwise cp.async.
-  CUtensorMap tm_k, tm_v;
+  CUtensorMap tm_k, tm_v, tm_ck, tm_cv;
   std::memset(&tm_k, 0, sizeof(tm_k));
   std::memset(&tm_v, 0, sizeof(tm_v));
+  std::memset(&tm_ck, 0, sizeof(tm_ck));
+  std::memset(&tm_cv, 0, sizeof(tm_cv));
   const bool tma = tma_enabled() &&
                    make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, L::kBlockN) &&
                    make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, L::kBlockN);
+  // The compacted kept keys (TMA for the kept tiles of compacted chunks): with the band's maps
+  // only; without them (ws.ck null) make_tile leaves every kept tile to the gather.
+  PrefillWs w = ws;
+  const long long kept_rows = (long long)p.total_tokens + (long long)kKeptPad * p.num_seqs;
+  if (!tma || !kept_keys_enabled() ||
+      !make_kv_map<T, D>(&tm_ck, ws.ck, p.kv.num_kv_heads, kept_rows, L::kBlockN, true) ||
+      !make_kv_map<T, D>(&tm_cv, ws.cv, p.kv.num_kv_heads, kept_rows, L::kBlockN, true))
+    w.ck = w.cv = nullptr;
+  if (w.ck) {
+    const Status st = compact_kept<T, D>(p, w, kept_rows, stream);
+    if (st != Status::kSuccess) return st;
+  }
   prefill_v2_kernel<T, D, KS, F8><<<(unsigned)grid, kThreads, bytes, stream>>>(
-      p, ws, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v);
+      p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v, tm_ck, tm_cv);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
@@ -633,6 +714,12 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
            a.sharedSizeBytes > 0;
   }();
   return has_body;
+}
+
+size_t kept_bytes(const SparsePrefillParams& p) {
+  if (!prefill_v2_supported(p)) return 0;
+  return (size_t)((long long)p.total_tokens + (long long)kKeptPad * p.num_seqs) * p.kv.num_kv_heads *
+         p.kv.head_dim * 2;  // T is 2 bytes
 }
 
 size_t pre_pool_bytes(const SparsePrefillParams& p) {

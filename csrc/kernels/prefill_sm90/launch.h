@@ -27,7 +27,24 @@ struct PrefillWs {
   void* kpre = nullptr;
   void* vpre = nullptr;
   bool pre_compact = false;
+  // The kept chunk keys in T, compacted per (kv head, chunk) for TMA (compact_kept): [Hkv][rows]
+  // [head_dim] each, rows = T + kKeptPad * n; chunk c's kept key m (idx order) of head g at row
+  // cu[c] + kKeptPad * c + m; null when v2 does not take the call.
+  void* ck = nullptr;
+  void* cv = nullptr;
 };
+
+// Rows after a chunk's compacted kept keys (a kept tile's box reads up to a key tile past the
+// list; they are zeroed: masked scores give P = 0, and 0 * NaN would still poison P V).
+constexpr int kKeptPad = 128;
+
+// Whether chunk c's kept keys are compacted (its kept tiles then come by TMA): more than 1 / 32
+// of its keys evicted. At <= 1 / 32 every query tile's kept list merges into the band
+// (make_tile) or nearly so, and copying the chunk's keys would cost more than it saves.
+__host__ __device__ inline bool kept_compacted(int kept, int L) { return (long long)(L - kept) * 32 > L; }
+
+// Bytes of one compacted kept-key buffer (PrefillWs::ck or cv) when v2 takes the call, else 0.
+size_t kept_bytes(const SparsePrefillParams& p);
 
 // Whether the dequantized blocks take the compact layout (PrefillWs::pre_compact).
 inline bool pre_compact(const SparsePrefillParams& p) {

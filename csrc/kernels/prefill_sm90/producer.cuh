@@ -52,8 +52,8 @@ __device__ __forceinline__ void resolve_key(const SparsePrefillParams& p, const 
     }
   } else if (tile < x.end_kept) {
     const int m = (tile - x.end_flagged) * kBlockN + key;
-    if (m < x.num_kept) {
-      mrow = (x.start + ws.idx[(long long)g * p.total_tokens + x.start + m]) * H + g;
+    if (m < x.num_kept) {  // (TMA from the compacted keys: the row is not needed)
+      mrow = x.kept_row >= 0 ? 0 : (x.start + ws.idx[(long long)g * p.total_tokens + x.start + m]) * H + g;
       ma = 0; mb = INT_MAX;
     }
   } else {

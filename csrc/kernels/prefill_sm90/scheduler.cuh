@@ -29,6 +29,7 @@ struct TileCtx {
   int start, L, n, seq_len, num_flagged, num_kept, band_start;
   int end_cached, end_flagged, end_kept, ntiles;  // tile index where each key segment ends
   int i0, i1, r, c, g;
+  int kept_row;  // >= 0: the kept tiles come by TMA from ws.ck / cv, list row 0 at this row; -1: gathered
 };
 
 // Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
@@ -76,6 +77,10 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   x.end_kept = x.end_flagged + (num_kept + kBlockN - 1) / kBlockN;
   x.ntiles = x.end_kept + (i1 - band_start + kBlockN - 1) / kBlockN;
   x.i0 = i0; x.i1 = i1; x.r = r; x.c = c;
+  x.kept_row = -1;
+  if (merge && ws.ck && num_kept > 0 &&
+      kept_compacted(ws.cnt[(long long)g * ws.cnt_stride + start + c + L], L))
+    x.kept_row = start + kKeptPad * c;
   return true;
 }
 
