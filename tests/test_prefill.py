@@ -68,9 +68,11 @@ class State:
 
 
 def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfloat16,
-             block_size=16, seed=0, device="cuda", check_cpu=None, scale=None):
+             block_size=16, seed=0, device="cuda", check_cpu=None, scale=None, nan_free_memory=False):
     """hist[i] / chunks[i]: tokens already held / new chunk length of sequence i (chunk i of the
-    packed call). Returns the max error against the oracle."""
+    packed call). nan_free_memory (CUDA): the caching allocator's free memory is NaN when the op
+    allocates its workspace (a workspace row it reads but never wrote poisons the output).
+    Returns the max error against the oracle."""
     hq = hkv * group
     pairs = sum(c * (h + c) for h, c in zip(hist, chunks)) * hq
     if str(device) == "cpu" and pairs > CPU_PAIR_LIMIT:
@@ -114,6 +116,10 @@ def run_case(name, *, hist, chunks, hkv, group, d, window, rate, dtype=torch.bfl
     cu = torch.tensor(cu_list, dtype=torch.int32, device=device)
     slots = torch.tensor(rows, dtype=torch.int32, device=device)
     before = [t.clone() for t in st.tensors()]
+    if nan_free_memory and str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        poison_allocator(((256 << 20,), torch.bfloat16), copies=1)  # 512 MiB of NaN, freed
     poison_allocator(((q.numel(),), dtype))
     out = torch.ops.dms.sparse_prefill(q, k, v, lg, slots, cu, *st.tensors(), scale)
     if str(device).startswith("cuda"):
@@ -246,6 +252,23 @@ def test_many_sequences_fp16_d64_odd_heads(device):
 def test_long_chunks(length, window, rate):
     run_case(f"long L={length} w={window} rate={rate}", hist=[0], chunks=[length], hkv=2,
              group=4, d=128, window=window, rate=rate, seed=length + window, check_cpu=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rate", [0.02, 0.05, 0.5, 0.875, 0.97])
+@pytest.mark.parametrize("dtype,d,group", [(torch.bfloat16, 128, 4), (torch.float16, 64, 5),
+                                           (torch.bfloat16, 128, 1)])
+def test_compacted_kept_keys_by_tma(rate, dtype, d, group):
+    # The wgmma kernel's kept tiles of a chunk with more than 1 / 32 of its keys evicted come by
+    # TMA from a compacted copy (compact_kept_kernel; rates around that threshold leave some
+    # chunks gathered instead), read a key tile past the list (zero rows, masked): chunks of
+    # 1-3000 tokens, kept lists ending on / off the 128-key tile, behind histories (cached and
+    # flagged tiles first), and the workspace carved from NaN-filled free memory.
+    hist = [0, 0, 700, 0, 129, 3000, 0]
+    chunks = [3000, 1, 2049, 640, 255, 1500, 33]
+    run_case(f"kept by TMA rate={rate} {dtype} D{d} G{group}", hist=hist, chunks=chunks, hkv=2,
+             group=group, d=d, window=64, rate=rate, dtype=dtype, block_size=64,
+             seed=int(rate * 1000) + d + group, check_cpu=False, nan_free_memory=True)
 
 
 @pytest.mark.cuda
