@@ -272,6 +272,23 @@ def test_compacted_kept_keys_by_tma(rate, dtype, d, group):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [8, 16, 24, 32, 40, 64, 128, 256])
+@pytest.mark.parametrize("rate", [0.0, 0.7])
+def test_cached_tiles_by_tma(block_size, rate):
+    # The wgmma kernel loads a cached tile's warp of 32 keys as TMA boxes of min(block size, 32)
+    # rows when all 32 have a cached row (block sizes that are multiples of 8); a warp with a key
+    # past seq_len gathers. Histories ending on / off a block and a 128-key tile, several
+    # sequences in one call (each its own block table), flagged ring slots masked (rate 0.7),
+    # G 4 and 5, D 128 and 64.
+    hist = [1000, 129, 2 * block_size, 4000 + 7, 96]
+    chunks = [300, 1, 700, 64, 2049]
+    for d, group in ((128, 4), (64, 5)):
+        run_case(f"cached by TMA bs={block_size} rate={rate} D{d} G{group}", hist=hist, chunks=chunks,
+                 hkv=2, group=group, d=d, window=100, rate=rate, block_size=block_size,
+                 seed=block_size * 10 + d + int(rate * 10), check_cpu=False)
+
+
+@pytest.mark.cuda
 def test_long_chunk_over_long_history():
     run_case("long over history", hist=[3000], chunks=[2500], hkv=2, group=4, d=128, window=512,
              rate=0.8, block_size=64, seed=5, check_cpu=False)

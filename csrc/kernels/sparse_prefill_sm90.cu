@@ -101,7 +101,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                       const __grid_constant__ CUtensorMap tm_k,
                       const __grid_constant__ CUtensorMap tm_v,
                       const __grid_constant__ CUtensorMap tm_ck,
-                      const __grid_constant__ CUtensorMap tm_cv) {
+                      const __grid_constant__ CUtensorMap tm_cv,
+                      const __grid_constant__ CUtensorMap tm_kc,
+                      const __grid_constant__ CUtensorMap tm_vc, const int cbox) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = SmemLayout<D, KS>;
   constexpr int kS = L::kS, kSV = L::kSV;
@@ -235,6 +237,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       auto by_tma = [&](int tile) { return tma && (tile >= x.end_kept || (tile >= x.end_flagged && x.kept_row >= 0)); };
+      // Cached tiles (cbox > 0: TMA maps over the cached rows, kc / vc): a warp whose 32 keys all
+      // have a cached row (none past seq_len or in a block outside the pool) loads them as boxes
+      // of cbox rows (cbox divides the block size, so a box lies in one block: consecutive rows),
+      // lane 0 adding their bytes to the stage's transaction count before its arrival; the other
+      // warps gather. Masked keys there (flagged ring slots) are held rows: finite.
+      auto cached_by_tma = [&](int tile, int mrow) {
+        return cbox > 0 && tile < x.end_cached && __all_sync(0xffffffffu, mrow >= 0);
+      };
+      auto cached_tma = [&](uint32_t dst, const CUtensorMap* tm, uint32_t bar, int mrow) {
+        if (lane == 0) {
+          mbar_expect_tx(bar, (uint32_t)(32 * D * 2));
+          fence_proxy_async();
+        }
+        const uint32_t d0 = dst + (uint32_t)(warp % (kBlockN / 32)) * 32u * 128u;
+        for (int i = 0; i < 32; i += cbox) {
+          const int row = __shfl_sync(0xffffffffu, mrow, i);
+          if (lane == 0) {
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb)
+              tma_load_3d(d0 + (uint32_t)cb * (kBlockN * 128) + (uint32_t)i * 128u, tm, bar, cb * 64, row, 0);
+          }
+        }
+        mbar_arrive(bar);
+      };
       auto load_k = [&](int tile) -> int {
         const int s = (it + tile) % kS;
         int mrow, ma, mb;
@@ -246,6 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
         if (by_tma(tile)) {
           tma_tile(sK(s), tile >= x.end_kept ? &tm_k : &tm_ck, k_full(s), tile);
+        } else if (cached_by_tma(tile, mrow)) {
+          cached_tma(sK(s), &tm_kc, k_full(s), mrow);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sK(s), tile < x.end_flagged ? kc : kk, mrow, warp, lane);
           mbar_copies_arrive(k_full(s));
@@ -257,6 +285,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
         if (by_tma(tile)) {
           tma_tile(sV(s), tile >= x.end_kept ? &tm_v : &tm_cv, v_full(s), tile);
+        } else if (cached_by_tma(tile, mrow)) {
+          cached_tma(sV(s), &tm_vc, v_full(s), mrow);
         } else {
           copy_rows<T, D, kBlockN, kKeyParts>(sV(s), tile < x.end_flagged ? vc : vv, mrow, warp, lane);
           mbar_copies_arrive(v_full(s));
@@ -532,6 +562,12 @@ bool k_deep_enabled() {
   return on;
 }
 
+// DMS_PREFILL_V2_CACHED=0: the cached tiles are gathered with cp.async (no TMA boxes).
+bool cached_tma_enabled() {
+  static const bool on = !env_is("DMS_PREFILL_V2_CACHED", "0");
+  return on;
+}
+
 // DMS_PREFILL_V2_KEPT=0: the kept tiles are gathered with cp.async (no compacted copy).
 bool kept_keys_enabled() {
   static const bool on = !env_is("DMS_PREFILL_V2_KEPT", "0");
@@ -627,8 +663,26 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     const Status st = compact_kept<T, D>(p, w, kept_rows, stream);
     if (st != Status::kSuccess) return st;
   }
+  // The cached rows (the pools, or F8 their dequantized copies) as (D, rows, 1), boxes of cbox
+  // rows: block sizes that are multiples of 8 (a box then starts on a 1024-byte boundary of the
+  // 128-byte swizzle), cbox = min(block size, 32) (one warp's keys).
+  CUtensorMap tm_kc, tm_vc;
+  std::memset(&tm_kc, 0, sizeof(tm_kc));
+  std::memset(&tm_vc, 0, sizeof(tm_vc));
+  const int bs = p.kv.block_size;
+  int cbox = 0;
+  if (tma && cached_tma_enabled() && bs >= 8 && bs % 8 == 0) {
+    const long long rows = F8 ? (long long)(pre_pool_bytes(p) / ((size_t)D * 2)) : (long long)p.kv.num_blocks * bs;
+    const void* kc = F8 ? ws.kpre : p.kv.k_cache;
+    const void* vc = F8 ? ws.vpre : p.kv.v_cache;
+    const int box = std::min(bs, 32);
+    if (rows > 0 && rows < INT_MAX && make_kv_map<T, D>(&tm_kc, kc, 1, rows, box, true) &&
+        make_kv_map<T, D>(&tm_vc, vc, 1, rows, box, true))
+      cbox = box;
+  }
   prefill_v2_kernel<T, D, KS, F8><<<(unsigned)grid, kThreads, bytes, stream>>>(
-      p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v, tm_ck, tm_cv);
+      p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v, tm_ck, tm_cv,
+      tm_kc, tm_vc, cbox);
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }

@@ -69,6 +69,13 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
                : "memory");
 }
 
+// Adds `bytes` to the transaction count of the barrier's current phase without arriving (a
+// thread that issues TMA copies before its own counted arrival).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
 // TMA: box at coordinates (c0, c1, c2) of the 3-D tensor map `tmap` (the address of a
 // __grid_constant__ kernel parameter) into shared memory at `dst`; its bytes complete_tx on
 // mbarrier `bar`. Elements outside the tensor are zero-filled (and still counted).
