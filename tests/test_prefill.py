@@ -275,7 +275,7 @@ def test_compacted_kept_keys_by_tma(rate, dtype, d, group):
 @pytest.mark.parametrize("block_size", [8, 16, 24, 32, 40, 64, 128, 256])
 @pytest.mark.parametrize("rate", [0.0, 0.7])
 def test_cached_tiles_by_tma(block_size, rate):
-    # The wgmma kernel loads a cached tile's warp of 32 keys as TMA boxes of min(block size, 32)
+    # The wgmma kernel loads a cached tile's warp of 32 keys as TMA boxes of gcd(block size, 32)
     # rows when all 32 have a cached row (block sizes that are multiples of 8); a warp with a key
     # past seq_len gathers. Histories ending on / off a block and a 128-key tile, several
     # sequences in one call (each its own block table), flagged ring slots masked (rate 0.7),

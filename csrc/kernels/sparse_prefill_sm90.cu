@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto by_tma = [&](int tile) { return tma && (tile >= x.end_kept || (tile >= x.end_flagged && x.kept_row >= 0)); };
       // Cached tiles (cbox > 0: TMA maps over the cached rows, kc / vc): a warp whose 32 keys all
       // have a cached row (none past seq_len or in a block outside the pool) loads them as boxes
-      // of cbox rows (cbox divides the block size, so a box lies in one block: consecutive rows),
+      // of cbox rows (cbox divides 32 and the block size, so a box lies in one block: consecutive rows),
       // lane 0 adding their bytes to the stage's transaction count before its arrival; the other
       // warps gather. Masked keys there (flagged ring slots) are held rows: finite.
       auto cached_by_tma = [&](int tile, int mrow) {
@@ -665,7 +665,8 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   }
   // The cached rows (the pools, or F8 their dequantized copies) as (D, rows, 1), boxes of cbox
   // rows: block sizes that are multiples of 8 (a box then starts on a 1024-byte boundary of the
-  // 128-byte swizzle), cbox = min(block size, 32) (one warp's keys).
+  // 128-byte swizzle), cbox = gcd(block size, 32): it divides a warp's 32 keys and the block, so
+  // a box's keys (slot a multiple of cbox) lie in one block.
   CUtensorMap tm_kc, tm_vc;
   std::memset(&tm_kc, 0, sizeof(tm_kc));
   std::memset(&tm_vc, 0, sizeof(tm_vc));
@@ -675,7 +676,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     const long long rows = F8 ? (long long)(pre_pool_bytes(p) / ((size_t)D * 2)) : (long long)p.kv.num_blocks * bs;
     const void* kc = F8 ? ws.kpre : p.kv.k_cache;
     const void* vc = F8 ? ws.vpre : p.kv.v_cache;
-    const int box = std::min(bs, 32);
+    const int box = bs % 32 == 0 ? 32 : (bs % 16 == 0 ? 16 : 8);  // gcd(bs, 32)
     if (rows > 0 && rows < INT_MAX && make_kv_map<T, D>(&tm_kc, kc, 1, rows, box, true) &&
         make_kv_map<T, D>(&tm_vc, vc, 1, rows, box, true))
       cbox = box;
