@@ -494,20 +494,23 @@ int debug_bits() {
   return bits;
 }
 
-bool persistent_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_PERSISTENT", "0");
+// The A/B knobs (docs/ops.md), each read once per process: on unless its environment variable
+// is set to `off`.
+enum class Knob { kV2, kPersistent, kPingpong, kTma, kKDeep, kCached, kKept };
+template <Knob K> bool knob_on(const char* name, const char* off = "0") {
+  static const bool on = !env_is(name, off);
   return on;
 }
-
-bool pingpong_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_PINGPONG", "0");
-  return on;
-}
-
-bool tma_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_TMA", "0");
-  return on;
-}
+bool v2_enabled() { return knob_on<Knob::kV2>("DMS_PREFILL_V2"); }
+bool persistent_enabled() { return knob_on<Knob::kPersistent>("DMS_PREFILL_V2_PERSISTENT"); }
+bool pingpong_enabled() { return knob_on<Knob::kPingpong>("DMS_PREFILL_V2_PINGPONG"); }
+bool tma_enabled() { return knob_on<Knob::kTma>("DMS_PREFILL_V2_TMA"); }
+// DMS_PREFILL_V2_KSTAGES=2: 2 K stages at head_dim 128.
+bool k_deep_enabled() { return knob_on<Knob::kKDeep>("DMS_PREFILL_V2_KSTAGES", "2"); }
+// DMS_PREFILL_V2_CACHED=0: the cached tiles are gathered with cp.async (no TMA boxes).
+bool cached_tma_enabled() { return knob_on<Knob::kCached>("DMS_PREFILL_V2_CACHED"); }
+// DMS_PREFILL_V2_KEPT=0: the kept tiles are gathered with cp.async (no compacted copy).
+bool kept_keys_enabled() { return knob_on<Knob::kKept>("DMS_PREFILL_V2_KEPT"); }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda); null when the
 // driver does not have it (then the band is gathered with cp.async like the other segments).
@@ -555,23 +558,6 @@ bool make_kv_map(CUtensorMap* m, const void* ptr, int H, long long total_tokens,
   return fn(m, dt, 3, const_cast<void*>(ptr), dims, strides, box, estr,
             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-bool k_deep_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_KSTAGES", "2");
-  return on;
-}
-
-// DMS_PREFILL_V2_CACHED=0: the cached tiles are gathered with cp.async (no TMA boxes).
-bool cached_tma_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_CACHED", "0");
-  return on;
-}
-
-// DMS_PREFILL_V2_KEPT=0: the kept tiles are gathered with cp.async (no compacted copy).
-bool kept_keys_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2_KEPT", "0");
-  return on;
 }
 
 // The kept chunk keys of compacted chunks (kept_compacted) into ws.ck / cv (PrefillWs), with
@@ -740,10 +726,6 @@ Status dequant_pools(const SparsePrefillParams& p, const PrefillWs& ws, cudaStre
   return Status::kSuccess;
 }
 
-bool v2_enabled() {
-  static const bool on = !env_is("DMS_PREFILL_V2", "0");
-  return on;
-}
 
 }  // namespace
 
