@@ -120,8 +120,9 @@ Status append(const AppendParams& p, cudaStream_t stream);
 // on the sm_90 kernel also num_blocks: it then holds the blocks the call's rows hold, both pools,
 // dequantized to the compute dtype, written once per call (2 * B * block_size * head_dim * 2
 // bytes, B = num_seqs * num_kv_heads * max_blocks_per_head when that is fewer than num_blocks,
-// else num_blocks). The workspace is required (never null) whenever the call has tokens; it
-// holds nothing between calls.
+// else num_blocks). On the sm_90 kernel it also holds the chunks' kept keys compacted for TMA:
+// 2 * (total_tokens + 128 * num_seqs) * num_kv_heads * head_dim * 2 bytes. The workspace is
+// required (never null) whenever the call has tokens; it holds nothing between calls.
 // Calls of short chunks (total_tokens <= 16 * num_seqs, small_chunks != 0) take a decode-style
 // kernel (stream-K over the heads' keys); the others the tiled prefill kernel.
 size_t sparse_prefill_workspace_bytes(const SparsePrefillParams& p);
