@@ -641,7 +641,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   // only; without them (ws.ck null) make_tile leaves every kept tile to the gather.
   PrefillWs w = ws;
   const long long kept_rows = (long long)p.total_tokens + (long long)kKeptPad * p.num_seqs;
-  if (!tma || !kept_keys_enabled() ||
+  if (!tma || !kept_keys_enabled() || kept_rows >= INT_MAX ||  // (TMA coordinates are int32)
       !make_kv_map<T, D>(&tm_ck, ws.ck, p.kv.num_kv_heads, kept_rows, L::kBlockN, true) ||
       !make_kv_map<T, D>(&tm_cv, ws.cv, p.kv.num_kv_heads, kept_rows, L::kBlockN, true))
     w.ck = w.cv = nullptr;
