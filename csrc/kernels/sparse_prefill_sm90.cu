@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(256) compact_kept_kernel(const SparsePrefillPa
   // A malformed chunk (prepare_kernel left its counts unset): make_tile skips it too.
   if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return;
   const int L = end - start;
-  const int K = ws.cnt[(long long)g * ws.cnt_stride + start + c + L];
+  const int K = kept_before(ws, g, start, c, L);
   if (!kept_compacted(K, L)) return;
   constexpr int kPieces = D / 8;  // 16-byte pieces of a row
   const int32_t* idx = ws.idx + (long long)g * p.total_tokens + start;
@@ -640,13 +640,13 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   // The compacted kept keys (TMA for the kept tiles of compacted chunks): with the band's maps
   // only; without them (ws.ck null) make_tile leaves every kept tile to the gather.
   PrefillWs w = ws;
-  const long long kept_rows = (long long)p.total_tokens + (long long)kKeptPad * p.num_seqs;
-  if (!tma || !kept_keys_enabled() || kept_rows >= INT_MAX ||  // (TMA coordinates are int32)
-      !make_kv_map<T, D>(&tm_ck, ws.ck, p.kv.num_kv_heads, kept_rows, L::kBlockN, true) ||
-      !make_kv_map<T, D>(&tm_cv, ws.cv, p.kv.num_kv_heads, kept_rows, L::kBlockN, true))
+  const long long rows_k = kept_rows(p);
+  if (!tma || !kept_keys_enabled() || rows_k >= INT_MAX ||  // (TMA coordinates are int32)
+      !make_kv_map<T, D>(&tm_ck, ws.ck, p.kv.num_kv_heads, rows_k, L::kBlockN, true) ||
+      !make_kv_map<T, D>(&tm_cv, ws.cv, p.kv.num_kv_heads, rows_k, L::kBlockN, true))
     w.ck = w.cv = nullptr;
   if (w.ck) {
-    const Status st = compact_kept<T, D>(p, w, kept_rows, stream);
+    const Status st = compact_kept<T, D>(p, w, rows_k, stream);
     if (st != Status::kSuccess) return st;
   }
   // The cached rows (the pools, or F8 their dequantized copies) as (D, rows, 1), boxes of cbox
@@ -755,8 +755,7 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
 
 size_t kept_bytes(const SparsePrefillParams& p) {
   if (!prefill_v2_supported(p)) return 0;
-  return (size_t)((long long)p.total_tokens + (long long)kKeptPad * p.num_seqs) * p.kv.num_kv_heads *
-         p.kv.head_dim * 2;  // T is 2 bytes
+  return (size_t)kept_rows(p) * p.kv.num_kv_heads * p.kv.head_dim * 2;  // T is 2 bytes
 }
 
 size_t pre_pool_bytes(const SparsePrefillParams& p) {

@@ -43,6 +43,11 @@ constexpr int kKeptPad = 128;
 // (make_tile) or nearly so, and copying the chunk's keys would cost more than it saves.
 __host__ __device__ inline bool kept_compacted(int kept, int L) { return (long long)(L - kept) * 32 > L; }
 
+// Rows of one head in a compacted kept-key buffer: every chunk's keys and its kKeptPad rows.
+inline long long kept_rows(const SparsePrefillParams& p) {
+  return (long long)p.total_tokens + (long long)kKeptPad * p.num_seqs;
+}
+
 // Bytes of one compacted kept-key buffer (PrefillWs::ck or cv) when v2 takes the call, else 0.
 size_t kept_bytes(const SparsePrefillParams& p);
 

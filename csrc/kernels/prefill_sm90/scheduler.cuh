@@ -32,6 +32,12 @@ struct TileCtx {
   int kept_row;  // >= 0: the kept tiles come by TMA from ws.ck / cv, list row 0 at this row; -1: gathered
 };
 
+// The kept keys of chunk c (first token start) of kv head g before chunk key j (ws.cnt: chunk c's
+// L + 1 prefix counts at cu[c] + c); j = L: all of them.
+__device__ __forceinline__ int kept_before(const PrefillWs& ws, int g, int start, int c, int j) {
+  return ws.cnt[(long long)g * ws.cnt_stride + start + c + j];
+}
+
 // Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const PrefillWs& ws,
@@ -59,7 +65,7 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   // stops where the band starts: one partial tile instead of two.
   const int band_len = i1 - max(0, i0 - w);
   int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
-  int num_kept = band_start > 0 ? ws.cnt[(long long)g * ws.cnt_stride + start + c + band_start] : 0;
+  int num_kept = band_start > 0 ? kept_before(ws, g, start, c, band_start) : 0;
   // merge (the band is TMA-loaded): when (nearly) every chunk key before the band is kept, the
   // band starts at key 0 and the kept list is empty. Exact: for j < band_start <= i0 - w the
   // band's rule is "visible iff !d_j", the kept list's rule (kept = j < L - 1 && !d_j, and
@@ -79,7 +85,7 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   x.i0 = i0; x.i1 = i1; x.r = r; x.c = c;
   x.kept_row = -1;
   if (merge && ws.ck && num_kept > 0 &&
-      kept_compacted(ws.cnt[(long long)g * ws.cnt_stride + start + c + L], L))
+      kept_compacted(kept_before(ws, g, start, c, L), L))
     x.kept_row = start + kKeptPad * c;
   return true;
 }
