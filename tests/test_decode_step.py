@@ -177,6 +177,7 @@ def blocks_needed(cpu, row, c, bs):
 @pytest.mark.parametrize("dtype,hkv,dim,window,bs", [
     (torch.bfloat16, 8, 128, 512, 64),   # the public checkpoint's shape: decode + big chunks
     (torch.bfloat16, 4, 64, 300, 16),    # window + 1 > 256: chunk batches of 256 tokens
+    (torch.bfloat16, 3, 128, 1100, 32),  # window + 1 > 1024: long chunks in batches of 1024
     (torch.float16, 3, 64, 7, 4),        # small window: batches of w + 1 = 8 tokens
     (torch.bfloat16, 2, 24, 1, 2),       # w = 1, 48-byte rows (16-byte path, odd count)
     (torch.float16, 5, 20, 33, 8),       # 40-byte rows: scalar copy path
@@ -210,9 +211,10 @@ def test_cuda_append_fork_release_match_cpu_twin(dtype, hkv, dim, window, bs):
             releases += 1
         else:
             decode = u < 0.6
-            # One long chunk alone: >= 1024 tokens per chunk takes the 1024-thread kernel.
+            # Long chunks alone (one or two): >= 1024 tokens per chunk takes the 1024-thread
+            # kernel (on sm_90 a cluster of CTAs per chunk and head).
             long_one = not decode and rng.random() < 0.2
-            n = 1 if long_one else rng.randint(1, rows)
+            n = rng.randint(1, 2) if long_one else rng.randint(1, rows)
             chosen = rng.sample(range(rows), n)
             chunks, budget = [], int(cpu["free_top"][0])
             for r in chosen:

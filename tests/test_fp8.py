@@ -45,15 +45,16 @@ def append_one(st, k, v, rows, cu, logits, ks=1.0, vs=1.0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("decode_shape", [False, True])
+@pytest.mark.parametrize("shape", ["chunk", "long_chunk", "decode"])
 @pytest.mark.parametrize("act", ACT_DTYPES)
 @pytest.mark.parametrize("scale", [1.0, 0.37, 3.0])
-def test_append_stores_what_torch_cast_stores(scale, act, decode_shape, device):
+def test_append_stores_what_torch_cast_stores(scale, act, shape, device):
     """The C++ saturating round-to-nearest-even conversion against torch's cast (reference.
     quantize_fp8): every midpoint between neighbouring fp8 values (ties), points just off them,
     subnormals, +-448 and beyond, inf and NaN; bitwise. Written from each compute dtype (the
-    values rounded to it first), as one chunk or (decode_shape) one token per sequence: the CUDA
-    append's two kernels."""
+    values rounded to it first), as one chunk, one chunk of >= 1024 tokens (the values repeated;
+    on sm_90 the clustered chunk kernel) or one token per sequence (decode): the CUDA append's
+    kernels."""
     grid = all_e4m3()
     mid = (grid[1:] + grid[:-1]) / 2
     vals = torch.cat([grid, mid, mid * (1 + 2.0 ** -20), mid * (1 - 2.0 ** -20),
@@ -66,7 +67,10 @@ def test_append_stores_what_torch_cast_stores(scale, act, decode_shape, device):
     x = torch.zeros(n * D)
     x[:vals.numel()] = vals
     k = x.view(n, 1, D).to(act).to(device)
-    if decode_shape:  # n sequences of one token each
+    if shape == "long_chunk":
+        k = k.repeat(-(-1100 // n), 1, 1)
+        n = k.shape[0]
+    if shape == "decode":  # n sequences of one token each
         st = new_state(n, 1, D, n, 1, 4, 1, F8, device)
         append_one(st, k, -k, list(range(n)), list(range(n + 1)), -torch.ones(n, 1, device=device),
                    scale, scale)

@@ -10,8 +10,11 @@
 //   S = min(NT, w + 1) tokens (NT = 256 threads, 1024 for long chunks). Within a batch, token t reads only ring entries of tokens
 //   <= t - (w+1), i.e. written before the batch, so the whole batch is decided at once: a
 //   CTA-wide prefix count of the appended tokens gives their slots, and the blocks they open
-//   are popped with one atomic. Then all NT threads copy the batch's K/V rows. A second tiny
-//   kernel bumps num_tokens, since other heads' CTAs of the same row read it.
+//   are popped with one atomic. Then the batch's K/V rows are copied: by the same CTA's NT
+//   threads, or (chunks of >= 1024 tokens on sm_90) by the 7 other CTAs of a cluster of 8 per
+//   (chunk, KV head), reading the batch's cache rows from the deciding CTA's shared memory while
+//   it decides the next batch. A second tiny kernel bumps num_tokens, since other heads' CTAs of
+//   the same row read it.
 // An fp8 e4m3 pool stores saturate(x / scale) (dev::store_row_e4m3, bitwise as the CPU twin)
 // instead of raw bytes: the decode shape then skips the prefetch, the chunk shape converts a
 // token's rows per warp.
@@ -24,6 +27,8 @@ namespace dms {
 namespace {
 
 constexpr int kMaxDecodeWarps = 8;
+// CTAs per (chunk, KV head) of long chunks on sm_90: one runs the rule, the others copy.
+constexpr int kAppendCluster = 8;
 
 // Vector path. Raw copies: 16-byte rows. fp8 pools (rows converted, 8 values per access): D a
 // multiple of 8 (k / v rows then start 16-byte aligned, cache rows 8-byte aligned).
@@ -142,13 +147,27 @@ __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int* t
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-template <int NT>
+// A chunk's rows are decided batch by batch (the rule: one CTA), and copied by the CTAs of its
+// cluster. kCluster: a cluster of cluster_size() CTAs per (chunk, KV head), consecutive along x
+// (long chunks on sm_90: one CTA per head copies at a fraction of the bandwidth); CTA 0 runs the
+// rule and publishes each batch's cache rows in its shared memory, the others copy them
+// (reading them across the cluster) while CTA 0 decides the next batch. Otherwise one CTA per
+// (chunk, KV head) does both. The cache rows of batch b go to s_cache_row[b % 2]: the rule of
+// batch b + 1 writes the buffer the copies of batch b - 1 read, which all finished before the
+// barrier of batch b.
+template <int NT, bool kCluster>
 __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool vec16) {
   __shared__ int s_warp[NT / 32];
   __shared__ int s_base;
-  __shared__ int64_t s_cache_row[NT];
+  __shared__ int64_t s_cache_row[2][NT];
+  const int ncl = kCluster ? int(dev::cluster_size()) : 1;
+  const int rank = kCluster ? int(dev::cluster_rank()) : 0;
+  const bool rules = rank == 0;                 // this CTA runs the rule
+  const bool copies = ncl == 1 || rank > 0;     // ... and / or copies
+  const int crank = ncl == 1 ? 0 : rank - 1, ncopy = ncl == 1 ? 1 : ncl - 1;
   const int H = p.kv.num_kv_heads, D = p.kv.head_dim, es = dtype_size(p.kv.dtype);
-  const int c = blockIdx.x / H, g = blockIdx.x % H;
+  const int pair = blockIdx.x / ncl;
+  const int c = pair / H, g = pair % H;
   const int row = p.rows[c];
   const int start = p.cu_seqlens[c], len = p.cu_seqlens[c + 1] - start;
   const int t0 = p.state.num_tokens[row];
@@ -159,98 +178,123 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
   const float* logits = p.logits + int64_t(start) * H + g;  // logits[i * H]: token i of the chunk
   const int S = R < NT ? R : NT;
   const int i = threadIdx.x;
-  int seq_len = p.state.pages.seq_lens[rg];
+  int seq_len = rules ? p.state.pages.seq_lens[rg] : 0;
 
   // The chunk's first logit decides the previous call's last token.
-  if (i == 0 && t0 >= 1 && len > 0) {
+  if (rules && i == 0 && t0 >= 1 && len > 0) {
     int32_t& e = ring[(t0 - 1) % R];
     e = (e & ~1) | int32_t(logits[0] > 0.f);
   }
-  __syncthreads();
+  if (rules) __syncthreads();
 
   const int row_bytes = D * es;
-  for (int b0 = 0; b0 < len; b0 += S) {
+  for (int b0 = 0, it = 0; b0 < len; b0 += S, ++it) {
     const int nb = min(S, len - b0);
-    const bool active = i < nb;
-    const int t = t0 + b0 + i;
-    bool reuse = false;
-    int slot = 0;
-    if (active && t >= R) {
-      const int32_t old = ring[t % R];
-      reuse = old & 1;
-      slot = old >> 1;
-    }
-    int fresh;
-    const int rank = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);
-    if (active && !reuse) slot = seq_len + rank;
-    // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples of
-    // bs among them, popped together by one atomic.
-    const int have = (seq_len + bs - 1) / bs, need_total = (seq_len + fresh + bs - 1) / bs;
-    const int nblk = need_total - have;
-    if (i == 0) {
-      int base = 0;
-      if (need_total > M) {
-        dev::set_error(p.error, Status::kInvalidArgument);
-        base = -1;
-      } else if (nblk > 0) {
-        base = atomicSub(p.free.top, nblk);
-        if (base < nblk) {
-          atomicAdd(p.free.top, nblk);
-          dev::set_error(p.error, Status::kOutOfBlocks);
+    int64_t* cache_rows = s_cache_row[it & 1];
+    if (rules) {
+      const bool active = i < nb;
+      const int t = t0 + b0 + i;
+      bool reuse = false;
+      int slot = 0;
+      if (active && t >= R) {
+        const int32_t old = ring[t % R];
+        reuse = old & 1;
+        slot = old >> 1;
+      }
+      int fresh;
+      const int rank_ = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);
+      if (active && !reuse) slot = seq_len + rank_;
+      // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples
+      // of bs among them, popped together by one atomic.
+      const int have = (seq_len + bs - 1) / bs, need_total = (seq_len + fresh + bs - 1) / bs;
+      const int nblk = need_total - have;
+      if (i == 0) {
+        int base = 0;
+        if (need_total > M) {
+          dev::set_error(p.error, Status::kInvalidArgument);
           base = -1;
+        } else if (nblk > 0) {
+          base = atomicSub(p.free.top, nblk);
+          if (base < nblk) {
+            atomicAdd(p.free.top, nblk);
+            dev::set_error(p.error, Status::kOutOfBlocks);
+            base = -1;
+          }
         }
+        s_base = base;
       }
-      s_base = base;
-    }
-    __syncthreads();
-    const int base = s_base;
-    if (active && !reuse && slot % bs == 0 && base >= 0) {
-      blocks[slot / bs] = p.free.stack[base - 1 - (slot / bs - have)];
-    }
-    if (active) {
-      if (reuse && (slot < 0 || slot >= seq_len)) dev::set_error(p.error, Status::kInvalidArgument);
-      // Decision of token t comes with token t+1; the chunk's last token waits for the next call.
-      const bool d = b0 + i + 1 < len && logits[int64_t(b0 + i + 1) * H] > 0.f;
-      ring[t % R] = (slot << 1) | int32_t(d);
-    }
-    __syncthreads();  // popped block ids visible to the whole CTA
-    if (active) {
-      int64_t cr = -1;
-      const bool ok = base >= 0 && slot >= 0 && slot < seq_len + fresh;
-      if (ok) {
-        const int32_t blk = blocks[slot / bs];
-        if (blk >= 0 && blk < p.kv.num_blocks) cr = int64_t(blk) * bs + slot % bs;
-        else dev::set_error(p.error, Status::kInvalidArgument);
+      __syncthreads();
+      const int base = s_base;
+      if (active && !reuse && slot % bs == 0 && base >= 0) {
+        blocks[slot / bs] = p.free.stack[base - 1 - (slot / bs - have)];
       }
-      s_cache_row[i] = cr;
+      if (active) {
+        if (reuse && (slot < 0 || slot >= seq_len)) dev::set_error(p.error, Status::kInvalidArgument);
+        // Decision of token t comes with token t+1; the chunk's last token waits for the next call.
+        const bool d = b0 + i + 1 < len && logits[int64_t(b0 + i + 1) * H] > 0.f;
+        ring[t % R] = (slot << 1) | int32_t(d);
+      }
+      __syncthreads();  // popped block ids visible to the whole CTA
+      if (active) {
+        int64_t cr = -1;
+        const bool ok = base >= 0 && slot >= 0 && slot < seq_len + fresh;
+        if (ok) {
+          const int32_t blk = blocks[slot / bs];
+          if (blk >= 0 && blk < p.kv.num_blocks) cr = int64_t(blk) * bs + slot % bs;
+          else dev::set_error(p.error, Status::kInvalidArgument);
+        }
+        cache_rows[i] = cr;
+      }
+      seq_len += base >= 0 ? fresh : 0;
     }
-    seq_len += base >= 0 ? fresh : 0;
-    __syncthreads();
-    // All threads copy the batch's 2 * nb rows (fp8 pools: a warp converts a token's rows).
+    // The batch's cache rows (and ring entries) are visible to the copiers (and the next batch's
+    // rule).
+    if (kCluster) dev::cluster_sync();
+    else __syncthreads();
+    if (!copies) continue;
+    // This CTA's tokens of the batch: k = crank, crank + ncopy, ... (m of them).
+    const int m = nb > crank ? (nb - crank + ncopy - 1) / ncopy : 0;
+    auto cache_row = [&](int k) -> int64_t {
+      return kCluster ? dev::ld_cluster_s64(cache_rows + k, 0) : cache_rows[k];
+    };
+    // fp8 pools: a warp converts a token's rows.
     if (is_fp8(p.kv.dtype)) {
-      for (int k = i / 32; k < nb; k += NT / 32) {
-        const int64_t cr = s_cache_row[k];
+      for (int j = i / 32; j < m; j += NT / 32) {
+        const int k = crank + j * ncopy;
+        const int64_t cr = cache_row(k);
         if (cr >= 0) store_kv_e4m3(p, (int64_t(start) + b0 + k) * H + g, cr, vec16, i % 32, 32);
       }
     } else if (vec16) {
-      const int nvec = row_bytes / 16, per_tok = 2 * nvec;
-      for (int j = i; j < nb * per_tok; j += NT) {
-        const int k = j / per_tok, r = j % per_tok;
-        const int64_t cr = s_cache_row[k];
-        if (cr < 0) continue;
-        const int64_t src = (int64_t(start) + b0 + k) * H + g;
-        const bool is_k = r < nvec;
-        const int v = is_k ? r : r - nvec;
-        const uint4* sp = reinterpret_cast<const uint4*>(static_cast<const char*>(is_k ? p.k : p.v) +
-                                                         src * row_bytes);
-        uint4* dp = reinterpret_cast<uint4*>(
-            static_cast<char*>(is_k ? p.kv.k_cache : p.kv.v_cache) +
-                                             cr * row_bytes);
-        dp[v] = sp[v];
+      // 16-byte pieces j of the m tokens' K and V rows, kUnroll per thread at once: every load
+      // of a round is issued before its stores.
+      constexpr int kUnroll = 4;
+      const int nvec = row_bytes / 16, per_tok = 2 * nvec, total = m * per_tok;
+      for (int j0 = i; j0 < total; j0 += kUnroll * NT) {
+        uint4 x[kUnroll];
+        uint4* dp[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int j = j0 + u * NT;
+          dp[u] = nullptr;
+          if (j >= total) continue;
+          const int k = crank + (j / per_tok) * ncopy, r = j % per_tok;
+          const int64_t cr = cache_row(k);
+          if (cr < 0) continue;
+          const int64_t src = (int64_t(start) + b0 + k) * H + g;
+          const bool is_k = r < nvec;
+          const int v = is_k ? r : r - nvec;
+          x[u] = reinterpret_cast<const uint4*>(static_cast<const char*>(is_k ? p.k : p.v) + src * row_bytes)[v];
+          dp[u] = reinterpret_cast<uint4*>(static_cast<char*>(is_k ? p.kv.k_cache : p.kv.v_cache) +
+                                           cr * row_bytes) + v;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (dp[u]) *dp[u] = x[u];
       }
     } else {
-      for (int k = i / 32; k < nb; k += NT / 32) {
-        const int64_t cr = s_cache_row[k];
+      for (int j = i / 32; j < m; j += NT / 32) {
+        const int k = crank + j * ncopy;
+        const int64_t cr = cache_row(k);
         if (cr < 0) continue;
         const int64_t src = ((int64_t(start) + b0 + k) * H + g) * row_bytes;
         dev::copy_row(static_cast<char*>(p.kv.k_cache) + cr * row_bytes,
@@ -259,9 +303,9 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
                       static_cast<const char*>(p.v) + src, row_bytes, false, i % 32, 32);
       }
     }
-    __syncthreads();  // s_cache_row and ring entries are rewritten by the next batch
   }
-  if (i == 0) p.state.pages.seq_lens[rg] = seq_len;
+  if (rules && i == 0) p.state.pages.seq_lens[rg] = seq_len;
+  if (kCluster) dev::cluster_sync();  // CTA 0's shared memory outlives the other CTAs' reads
 }
 
 __global__ void advance_num_tokens_kernel(const int32_t* rows, const int32_t* cu_seqlens,
@@ -302,12 +346,21 @@ Status append(const AppendParams& p, cudaStream_t stream) {
   }
   const int64_t grid = int64_t(p.num_seqs) * p.kv.num_kv_heads;
   if (grid > INT32_MAX) return Status::kUnsupported;
-  // Long chunks: more tokens per batch and more copies in flight per CTA (prefill of one
-  // sequence has only Hkv CTAs). Short ones (mixed batches): small CTAs, more per SM.
+  // Long chunks: more tokens per batch and more copies in flight per CTA, and on sm_90 a cluster
+  // of kAppendCluster CTAs per (chunk, KV head) (one sequence's prefill has only Hkv of them).
+  // Short ones (mixed batches): small CTAs, more per SM.
   if (p.total_tokens / p.num_seqs >= 1024) {
-    append_chunk_kernel<1024><<<unsigned(grid), 1024, 0, stream>>>(p, vec16);
+    int dev_id = 0, major = 0;
+    DMS_CUDA_CHECK(cudaGetDevice(&dev_id));
+    DMS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id));
+    if (major >= 9 && grid * kAppendCluster <= INT32_MAX) {
+      DMS_CUDA_CHECK(dev::launch_cluster(append_chunk_kernel<1024, true>, dim3(unsigned(grid * kAppendCluster)),
+                                         dim3(1024), kAppendCluster, stream, p, vec16));
+    } else {
+      append_chunk_kernel<1024, false><<<unsigned(grid), 1024, 0, stream>>>(p, vec16);
+    }
   } else {
-    append_chunk_kernel<256><<<unsigned(grid), 256, 0, stream>>>(p, vec16);
+    append_chunk_kernel<256, false><<<unsigned(grid), 256, 0, stream>>>(p, vec16);
   }
   DMS_LAUNCH_CHECK();
   advance_num_tokens_kernel<<<(p.num_seqs + 255) / 256, 256, 0, stream>>>(

@@ -12,6 +12,8 @@
 //                MmaAtom<T> / mma_16x8x16
 //                (cute SM80 m16n8k16 fp32-accumulate atoms), kLog2e, ex2
 //   launches     launch_pdl, pdl_wait, pdl_launch_dependents (programmatic dependent launch)
+//   clusters     cluster_rank, cluster_size, cluster_sync, ld_cluster_s64 (a load from another
+//                CTA's shared memory), launch_cluster (sm_90)
 // Host-side macros (DMS_CUDA_CHECK, DMS_DISPATCH_DTYPE) are in kernels/common.cuh.
 #pragma once
 #include <cuda_bf16.h>
@@ -275,6 +277,67 @@ cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t s
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90): the CTAs of a cluster share their shared memory. Below sm_90
+// these trap (the host launches clusters only on sm_90+, launch_cluster).
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 1;
+#endif
+}
+// Every thread of every CTA of the cluster: shared (and global) writes before it are visible to
+// the cluster's threads after it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// The 8 bytes at `p`'s offset in the shared memory of the cluster's CTA `rank`.
+__device__ __forceinline__ long long ld_cluster_s64(const void* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t a;
+  long long v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
+  asm volatile("ld.shared::cluster.s64 %0, [%1];\n" : "=l"(v) : "r"(a) : "memory");
+  return v;
+#else
+  __trap();
+  return 0;
+#endif
+}
+// A launch in clusters of `cluster` CTAs along x (grid.x a multiple of it).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, unsigned cluster, cudaStream_t stream,
+                           Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
