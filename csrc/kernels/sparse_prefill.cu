@@ -8,8 +8,8 @@
 // the flagged entries need the rule (and only for queries i < w).
 //
 // Two launches on the caller's stream, no host sync, no allocation:
-//   prepare_kernel  one CTA per (chunk, kv head): compacted list + prefix counts of the kept
-//                   chunk keys, a bitmap of the flagged ring slots and a list of them with their
+//   prepare_kernel  CTAs per (chunk, kv head, segment of the chunk): compacted list + prefix
+//                   counts of the kept chunk keys, a bitmap of the flagged ring slots and a list of them with their
 //                   positions. Everything lives in the caller's workspace.
 //   prefill_kernel  one CTA per (query tile, kv head). Rows of a tile are (token, head in the
 //                   GQA group) pairs, row = token * G + head, so each K/V tile feeds the whole
@@ -129,8 +129,18 @@ WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
 // ---------------------------------------------------------------------------------------------
 // Per (chunk, kv head) preparation.
 
+// Kept chunk keys of chunk c / head g in [from, to): whether key j is kept (d_j == 0, d_j =
+// logits[start + j + 1] > 0; the chunk's last key has no decision yet and is never listed).
+__device__ __forceinline__ bool prep_kept(const SparsePrefillParams& p, int start, int L, int g, int j) {
+  return j < L - 1 && !(p.logits[(long long)(start + j + 1) * p.kv.num_kv_heads + g] > 0.f);
+}
+
+// Grid (chunk c, kv head g, segment z): segment z of gridDim.z lists the chunk keys
+// [z * seg, (z + 1) * seg), seg = ceil(L / gridDim.z) rounded up to 32, after counting the kept
+// keys before it itself (independent loads, one CTA reduction); segment 0 also lists the
+// flagged ring slots.
 __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefillParams p, WsPtrs ws) {
-  const int c = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+  const int c = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
   const int H = p.kv.num_kv_heads, w = p.state.window;
   const long long ch = (long long)c * H + g;
   __shared__ int s_fcount;
@@ -143,61 +153,72 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefi
   const bool ok =
       start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs;
   if (!ok) {  // malformed chunk: the main kernel skips it too
-    if (tid == 0) ws.fcount[ch] = 0;
+    if (tid == 0 && z == 0) ws.fcount[ch] = 0;
     return;
   }
   const int L = end - start;
-  const int n = p.state.num_tokens[r];
-  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
-  const int seq_len =
-      (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
-
-  // Cached side. The ring holds positions max(0, n-w-1) .. n-1; the flag of n-1 is decided by
-  // this chunk's first logit. Unflagged ring entries behave like survivors for every query of
-  // the chunk (t >= n), so only flagged ones are listed.
-  uint32_t* bm = ws.bitmap + ch * ws.cap_words;
-  int2* fl = ws.flist + ch * (long long)(w + 1);
-  const int words = (seq_len + 31) >> 5;
-  for (int i = tid; i < words; i += kPrepThreads) bm[i] = 0u;
-  __syncthreads();
-  if (L > 0 && n > 0) {
-    const int32_t* ring = p.state.ring + ((long long)r * H + g) * (w + 1);
-    const bool last_flag = p.logits[(long long)start * H + g] > 0.f;
-    for (int pos = max(0, n - w - 1) + tid; pos < n; pos += kPrepThreads) {
-      const int e = ring[pos % (w + 1)];
-      const int slot = e >> 1;
-      const bool flag = (pos == n - 1) ? last_flag : (e & 1) != 0;
-      if (flag && slot >= 0 && slot < seq_len) {
-        atomicOr(&bm[slot >> 5], 1u << (slot & 31));
-        const int k = atomicAdd(&s_fcount, 1);
-        fl[k] = make_int2(slot, pos);
+  const int lane = tid & 31, warp = tid >> 5;
+  if (z == 0) {
+    const int n = p.state.num_tokens[r];
+    const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
+    const int seq_len =
+        (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
+    // Cached side. The ring holds positions max(0, n-w-1) .. n-1; the flag of n-1 is decided by
+    // this chunk's first logit. Unflagged ring entries behave like survivors for every query of
+    // the chunk (t >= n), so only flagged ones are listed.
+    uint32_t* bm = ws.bitmap + ch * ws.cap_words;
+    int2* fl = ws.flist + ch * (long long)(w + 1);
+    const int words = (seq_len + 31) >> 5;
+    for (int i = tid; i < words; i += kPrepThreads) bm[i] = 0u;
+    __syncthreads();
+    if (L > 0 && n > 0) {
+      const int32_t* ring = p.state.ring + ((long long)r * H + g) * (w + 1);
+      const bool last_flag = p.logits[(long long)start * H + g] > 0.f;
+      for (int pos = max(0, n - w - 1) + tid; pos < n; pos += kPrepThreads) {
+        const int e = ring[pos % (w + 1)];
+        const int slot = e >> 1;
+        const bool flag = (pos == n - 1) ? last_flag : (e & 1) != 0;
+        if (flag && slot >= 0 && slot < seq_len) {
+          atomicOr(&bm[slot >> 5], 1u << (slot & 31));
+          const int k = atomicAdd(&s_fcount, 1);
+          fl[k] = make_int2(slot, pos);
+        }
       }
     }
+    __syncthreads();
+    if (tid == 0) ws.fcount[ch] = s_fcount;
   }
-  __syncthreads();
-  if (tid == 0) ws.fcount[ch] = s_fcount;
 
-  // Chunk side: key j is kept iff d_j == 0, d_j = logits[start + j + 1] > 0. The last token
-  // has no decision yet; it is never in a compacted list (it is in its own band).
+  // Chunk side: this segment's keys [j0, j1), after the kept count of [0, j0).
+  const int seg = ((L + (int)gridDim.z - 1) / (int)gridDim.z + 31) & ~31;
+  const int j0 = min(L, z * seg), j1 = min(L, j0 + seg);
+  if (j0 >= j1 && !(z == 0 && L == 0)) return;
   int32_t* cnt = ws.cnt + (long long)g * ws.cnt_stride + start + c;
   int32_t* idx = ws.idx + (long long)g * p.total_tokens + start;
-  const int lane = tid & 31, warp = tid >> 5;
-  for (int base = 0; base < L; base += kPrepThreads) {
+  if (j0 > 0) {
+    int mine = 0;
+    for (int j = tid; j < j0; j += kPrepThreads) mine += prep_kept(p, start, L, g, j) ? 1 : 0;
+    mine = __reduce_add_sync(0xffffffffu, mine);
+    __syncthreads();  // s_running's initial store is visible
+    if (lane == 0) atomicAdd(&s_running, mine);
+  }
+  __syncthreads();
+  for (int base = j0; base < j1; base += kPrepThreads) {
     const int j = base + tid;
-    const bool kept = j < L - 1 && !(p.logits[(long long)(start + j + 1) * H + g] > 0.f);
+    const bool kept = j < j1 && prep_kept(p, start, L, g, j);
     const unsigned ballot = __ballot_sync(0xffffffffu, kept);
     if (lane == 0) s_warp[warp] = __popc(ballot);
     __syncthreads();
     int before = s_running;
     for (int k = 0; k < warp; ++k) before += s_warp[k];
     before += __popc(ballot & ((1u << lane) - 1u));
-    if (j < L) cnt[j] = before;
+    if (j < j1) cnt[j] = before;
     if (kept) idx[before] = j;
     __syncthreads();  // everyone has read s_running and s_warp
     if (tid == kPrepThreads - 1) s_running = before + (kept ? 1 : 0);
     __syncthreads();
   }
-  if (tid == 0) cnt[L] = s_running;
+  if (tid == 0 && j1 == L) cnt[L] = s_running;
 }
 
 struct TileCtx {
@@ -792,7 +813,10 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
 
   const WsLayout l = ws_layout(p);
   const WsPtrs ws = ws_ptrs(p, l);
-  prepare_kernel<<<dim3(p.num_seqs, p.kv.num_kv_heads), kPrepThreads, 0, stream>>>(p, ws);
+  // Segments per chunk: about 512 keys each at the average chunk length, at most 64.
+  const long long avg = (long long)p.total_tokens / p.num_seqs;
+  const unsigned segs = (unsigned)std::min<long long>(64, std::max<long long>(1, (avg + 511) / 512));
+  prepare_kernel<<<dim3(p.num_seqs, p.kv.num_kv_heads, segs), kPrepThreads, 0, stream>>>(p, ws);
   if (cudaGetLastError() != cudaSuccess) return Status::kCudaError;
   // Hopper: the warp-specialized wgmma kernel (sparse_prefill_sm90.cu) for what it supports.
   if (sm90::prefill_v2_supported(p))
