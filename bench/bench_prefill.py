@@ -22,7 +22,8 @@ and a chunk: the first N - --fp8-chunk tokens (default 4096) are appended (dms a
 flags) to a float8_e4m3fn pool with k_scale = v_scale = 1/64 (a power of two, so the pool's
 values are exact in bf16), and the timed call prefills the last chunk over it. The same call
 on a bf16 pool holding those values dequantized is timed too ("bf16-pool ms"); their outputs
-are compared (max abs difference: rounding order only).
+are compared (max abs difference: rounding order only). The two calls are timed alternately
+(fp8, bf16 pool, bf16 pool, fp8, ...), so that clock drift over the run does not favour either.
 
   python3 bench/bench_prefill.py                 # the table (~1-3 min, mostly flex compiles)
   python3 bench/bench_prefill.py --lens 4096 --crs 1 8 --no-flex
@@ -130,6 +131,36 @@ def timed(fn, name, a):
     t = common.time_calls([fn], name, min_calls=1, target_s=a.target_s, min_replays=5,
                           max_replays=40, use_graph=False)
     return t.us / 1e3  # ms
+
+
+def timed_interleaved(fns, name, a, min_reps=15, max_reps=60):
+    """Median ms per call of each fn, timed alternately (A B, then B A, ...: one CUDA-event pair
+    per call), so that clock and power drift over the run weigh on every fn alike."""
+    common.warm_up(fns, rounds=2)
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    s, e = ev(), ev()
+    s.record()
+    for f in fns:
+        f()
+    e.record()
+    torch.cuda.synchronize()
+    reps = int(min(max_reps, max(min_reps, a.target_s / max(s.elapsed_time(e) * 1e-3, 1e-6))))
+    marks = [[] for _ in fns]
+    with torch.cuda.nvtx.range(name):
+        for i in range(reps):
+            order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+            for j in order:
+                s, e = ev(), ev()
+                s.record()
+                fns[j]()
+                e.record()
+                marks[j].append((s, e))
+        torch.cuda.synchronize()
+    out = []
+    for m in marks:
+        t = sorted(s.elapsed_time(e) for s, e in m)
+        out.append(t[len(t) // 2])
+    return out
 
 
 def main():
@@ -313,7 +344,8 @@ def main():
     if fp8_rows:
         notes.append(f"fp8 rows: the prompt's last {a.fp8_chunk} tokens prefilled over the rest, "
                      "appended first to a float8_e4m3fn pool (k_scale = v_scale = 1/64), against "
-                     "the same call on a bf16 pool of the dequantized values (exact).")
+                     "the same call on a bf16 pool of the dequantized values (exact); the two "
+                     "timed alternately, medians of CUDA-event timings of single calls.")
     flex_builds = [f"{r['n']}@CR{r['cr']:g}: {r['flex_build_s']:.1f} s" for r in rows if "flex_build_s" in r]
     if flex_builds:
         notes.append("Flex block-mask build (incl. compile on first use): " + ", ".join(flex_builds))
@@ -596,8 +628,10 @@ def fp8_cases(a, gen, errors):
 
                 def runb():
                     return torch.ops.dms.sparse_prefill(*chunk, kb, vb, *meta, scale)
-                r["fp8"] = _try(lambda: timed(run8, f"{n}/cr{cr}/fp8", a), f"{n} CR{cr} fp8", errors)
-                r["bf16"] = _try(lambda: timed(runb, f"{n}/cr{cr}/bf16pool", a), f"{n} CR{cr} bf16 pool", errors)
+                both = _try(lambda: timed_interleaved([run8, runb], f"{n}/cr{cr}/fp8-vs-bf16pool", a),
+                            f"{n} CR{cr} fp8 / bf16 pool", errors)
+                if both is not None:
+                    r["fp8"], r["bf16"] = both
                 if isinstance(r["fp8"], float) and isinstance(r["bf16"], float):
                     r["err"] = (run8().float() - runb().float()).abs().max().item()
                 del k8, v8, kb, vb

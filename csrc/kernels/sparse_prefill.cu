@@ -197,6 +197,7 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefi
   int32_t* idx = ws.idx + (long long)g * p.total_tokens + start;
   if (j0 > 0) {
     int mine = 0;
+#pragma unroll 8
     for (int j = tid; j < j0; j += kPrepThreads) mine += prep_kept(p, start, L, g, j) ? 1 : 0;
     mine = __reduce_add_sync(0xffffffffu, mine);
     __syncthreads();  // s_running's initial store is visible
