@@ -291,6 +291,18 @@ def test_cached_tiles_by_tma(block_size, rate):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("rate", [0.3, 0.9])
+def test_prepare_segments(rate):
+    # prepare_kernel splits each chunk's keys into gridDim.z segments (about 2048 keys each at the
+    # call's average chunk length): here 3, so a long chunk spans three, a short one a first
+    # segment of 32 keys and a second of 1, and the third segment of the short chunks is empty;
+    # each segment counts the kept keys before it itself.
+    run_case(f"prepare segments rate={rate}", hist=[0, 600, 0, 90], chunks=[9000, 4991, 33, 4500],
+             hkv=2, group=4, d=128, window=256, rate=rate, block_size=64, seed=int(rate * 100) + 7,
+             check_cpu=False)
+
+
+@pytest.mark.cuda
 def test_long_chunk_over_long_history():
     run_case("long over history", hist=[3000], chunks=[2500], hkv=2, group=4, d=128, window=512,
              rate=0.8, block_size=64, seed=5, check_cpu=False)
