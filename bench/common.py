@@ -267,27 +267,34 @@ def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULT
     return path
 
 
+def cuda_kernel_totals(run) -> dict:
+    """{kernel name: (launches, summed microseconds)} of the CUDA kernels run() launches
+    (torch.profiler, CUDA activity; synchronized before and after)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        c, t = out.get(e.name, (0, 0.0))
+        out[e.name] = (c + 1, t + e.time_range.elapsed_us())
+    return out
+
+
 def kernel_profile(run, lo: int = 4, hi: int = 12) -> tuple:
     """GPU kernels per step of ``run(k)`` (k decode steps, after the same fixed work): the
     profiles (torch.profiler, CUDA activity) of run(hi) and run(lo) differ by hi - lo steps, so
     the difference per kernel name / (hi - lo) is one step's count and time, whatever else run
     does (a prefill, a warm-up). Returns (rows [name, per step, us per step] sorted by time,
     kernels per step, kernel us per step)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     def stats(k):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(k)
-            torch.cuda.synchronize()
-        out = {}
-        for e in prof.events():
-            if e.device_type != DeviceType.CUDA:
-                continue
-            c, t = out.get(e.name, (0, 0.0))
-            out[e.name] = (c + 1, t + e.time_range.elapsed_us())
-        return out
+        return cuda_kernel_totals(lambda: run(k))
 
     a, b = stats(lo), stats(hi)
     steps = hi - lo

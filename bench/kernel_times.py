@@ -28,22 +28,13 @@ from bench_prefill import empty_state, eviction_logits, prompt_qkv  # noqa: E402
 
 def kernel_times(fn, calls):
     """[(kernel name, launches per call, mean us per launch)] of fn(), sorted by time per call."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    fn()
+    fn()
 
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def many():
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-    acc = {}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        c, t = acc.get(e.name, (0, 0.0))
-        acc[e.name] = (c + 1, t + e.time_range.elapsed_us())
+    acc = common.cuda_kernel_totals(many)
     rows = [(n, c / calls, t / c) for n, (c, t) in acc.items()]
     rows.sort(key=lambda r: -r[1] * r[2])
     return rows

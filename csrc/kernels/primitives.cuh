@@ -11,7 +11,8 @@
 //                ldsm_x4 / ldsm_x4_trans (cute SM75 ldmatrix atoms at a 32-bit shared address),
 //                MmaAtom<T> / mma_16x8x16
 //                (cute SM80 m16n8k16 fp32-accumulate atoms), kLog2e, ex2
-//   launches     launch_pdl, pdl_wait, pdl_launch_dependents (programmatic dependent launch)
+//   launches     launch_with (one launch attribute), launch_pdl, pdl_wait, pdl_launch_dependents
+//                (programmatic dependent launch)
 //   clusters     cluster_rank, cluster_size, cluster_sync, ld_cluster_s64 (a load from another
 //                CTA's shared memory), launch_cluster (sm_90)
 // Host-side macros (DMS_CUDA_CHECK, DMS_DISPATCH_DTYPE) are in kernels/common.cuh.
@@ -266,43 +267,45 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\
 __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
+// A launch with one launch attribute (launch_pdl, launch_cluster).
 template <typename... KArgs, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
+cudaError_t launch_with(const cudaLaunchAttribute& attr, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                        size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
+  cudaLaunchAttribute a[1] = {attr};
+  cfg.attrs = a;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+template <typename... KArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return launch_with(attr, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Thread-block clusters (sm_90): the CTAs of a cluster share their shared memory. Below sm_90
 // these trap (the host launches clusters only on sm_90+, launch_cluster).
-__device__ __forceinline__ unsigned cluster_rank() {
+// %cluster_nctarank (kSize: CTAs per cluster) or %cluster_ctarank (this CTA's rank in it).
+template <bool kSize> __device__ __forceinline__ unsigned cluster_reg() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  if constexpr (kSize) asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  else asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
   return r;
 #else
-  return 0;
+  return kSize ? 1 : 0;
 #endif
 }
-__device__ __forceinline__ unsigned cluster_size() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
-  return r;
-#else
-  return 1;
-#endif
-}
+__device__ __forceinline__ unsigned cluster_rank() { return cluster_reg<false>(); }
+__device__ __forceinline__ unsigned cluster_size() { return cluster_reg<true>(); }
 // Every thread of every CTA of the cluster: shared (and global) writes before it are visible to
 // the cluster's threads after it.
 __device__ __forceinline__ void cluster_sync() {
@@ -329,18 +332,12 @@ __device__ __forceinline__ long long ld_cluster_s64(const void* p, unsigned rank
 template <typename... KArgs, typename... Args>
 cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, unsigned cluster, cudaStream_t stream,
                            Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  return launch_with(attr, kernel, grid, block, 0, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace dev
