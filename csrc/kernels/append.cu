@@ -194,6 +194,8 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
     if (rules) {
       const bool active = i < nb;
       const int t = t0 + b0 + i;
+      // Decision of token t comes with token t+1; the chunk's last token waits for the next call.
+      const bool d = active && b0 + i + 1 < len && logits[int64_t(b0 + i + 1) * H] > 0.f;
       bool reuse = false;
       int slot = 0;
       if (active && t >= R) {
@@ -201,12 +203,18 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
         reuse = old & 1;
         slot = old >> 1;
       }
+      // Block ids the row held before this batch, loaded while the batch is counted: a reused
+      // slot's (held since an earlier batch) and the last block's when it is partly filled
+      // (where this batch's first fresh slots go).
+      const int have = (seq_len + bs - 1) / bs;
+      const int32_t held = reuse && slot >= 0 && slot < seq_len ? blocks[slot / bs] : -1;
+      const int32_t partial = seq_len % bs != 0 ? blocks[have - 1] : -1;
       int fresh;
       const int rank_ = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);
       if (active && !reuse) slot = seq_len + rank_;
       // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples
       // of bs among them, popped together by one atomic.
-      const int have = (seq_len + bs - 1) / bs, need_total = (seq_len + fresh + bs - 1) / bs;
+      const int need_total = (seq_len + fresh + bs - 1) / bs;
       const int nblk = need_total - have;
       if (i == 0) {
         int base = 0;
@@ -225,21 +233,19 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
       }
       __syncthreads();
       const int base = s_base;
-      if (active && !reuse && slot % bs == 0 && base >= 0) {
-        blocks[slot / bs] = p.free.stack[base - 1 - (slot / bs - have)];
-      }
       if (active) {
         if (reuse && (slot < 0 || slot >= seq_len)) dev::set_error(p.error, Status::kInvalidArgument);
-        // Decision of token t comes with token t+1; the chunk's last token waits for the next call.
-        const bool d = b0 + i + 1 < len && logits[int64_t(b0 + i + 1) * H] > 0.f;
         ring[t % R] = (slot << 1) | int32_t(d);
-      }
-      __syncthreads();  // popped block ids visible to the whole CTA
-      if (active) {
         int64_t cr = -1;
-        const bool ok = base >= 0 && slot >= 0 && slot < seq_len + fresh;
-        if (ok) {
-          const int32_t blk = blocks[slot / bs];
+        if (base >= 0 && slot >= 0 && slot < seq_len + fresh) {
+          const int bi = slot / bs;
+          int32_t blk;
+          if (bi >= have) {  // opened by this batch: popped (its first slot's thread enters it)
+            blk = p.free.stack[base - 1 - (bi - have)];
+            if (!reuse && slot % bs == 0) blocks[bi] = blk;
+          } else {  // held before: a reused slot's, or the partly filled last block
+            blk = reuse && slot < seq_len ? held : partial;
+          }
           if (blk >= 0 && blk < p.kv.num_blocks) cr = int64_t(blk) * bs + slot % bs;
           else dev::set_error(p.error, Status::kInvalidArgument);
         }
@@ -353,12 +359,15 @@ Status append(const AppendParams& p, cudaStream_t stream) {
     int dev_id = 0, major = 0;
     DMS_CUDA_CHECK(cudaGetDevice(&dev_id));
     DMS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id));
+    bool clustered = false;
     if (major >= 9 && grid * kAppendCluster <= INT32_MAX) {
-      DMS_CUDA_CHECK(dev::launch_cluster(append_chunk_kernel<1024, true>, dim3(unsigned(grid * kAppendCluster)),
-                                         dim3(1024), kAppendCluster, stream, p, vec16));
-    } else {
-      append_chunk_kernel<1024, false><<<unsigned(grid), 1024, 0, stream>>>(p, vec16);
+      clustered = dev::launch_cluster(append_chunk_kernel<1024, true>, dim3(unsigned(grid * kAppendCluster)),
+                                      dim3(1024), kAppendCluster, stream, p, vec16) == cudaSuccess;
+      // Not launched (clusters unavailable here): the one-CTA kernel below (a launch error
+      // leaves nothing to undo); an earlier sticky error fails that launch too.
+      if (!clustered) (void)cudaGetLastError();
     }
+    if (!clustered) append_chunk_kernel<1024, false><<<unsigned(grid), 1024, 0, stream>>>(p, vec16);
   } else {
     append_chunk_kernel<256, false><<<unsigned(grid), 256, 0, stream>>>(p, vec16);
   }
