@@ -210,8 +210,8 @@ __global__ void __launch_bounds__(NT) append_chunk_kernel(AppendParams p, bool v
       const int32_t held = reuse && slot >= 0 && slot < seq_len ? blocks[slot / bs] : -1;
       const int32_t partial = seq_len % bs != 0 ? blocks[have - 1] : -1;
       int fresh;
-      const int rank_ = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);
-      if (active && !reuse) slot = seq_len + rank_;
+      const int order = block_prefix_count<NT>(active && !reuse, s_warp, &fresh);  // among the fresh
+      if (active && !reuse) slot = seq_len + order;
       // Appended slots are seq_len .. seq_len+fresh-1; the blocks they open are the multiples
       // of bs among them, popped together by one atomic.
       const int need_total = (seq_len + fresh + bs - 1) / bs;
