@@ -129,8 +129,8 @@ WsPtrs ws_ptrs(const SparsePrefillParams& p, const WsLayout& l) {
 // ---------------------------------------------------------------------------------------------
 // Per (chunk, kv head) preparation.
 
-// Kept chunk keys of chunk c / head g in [from, to): whether key j is kept (d_j == 0, d_j =
-// logits[start + j + 1] > 0; the chunk's last key has no decision yet and is never listed).
+// Whether key j of the chunk starting at `start` (L keys) is kept for kv head g: d_j == 0, d_j =
+// logits[start + j + 1] > 0 (the chunk's last key has no decision yet and is never listed).
 __device__ __forceinline__ bool prep_kept(const SparsePrefillParams& p, int start, int L, int g, int j) {
   return j < L - 1 && !(p.logits[(long long)(start + j + 1) * p.kv.num_kv_heads + g] > 0.f);
 }

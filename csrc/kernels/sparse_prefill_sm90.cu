@@ -629,11 +629,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
     grid = std::min<long long>(items, std::max(sms, 1));
   }
   // TMA for the band (and merged kept list): both maps or neither; otherwise cp.async.
-  CUtensorMap tm_k, tm_v, tm_ck, tm_cv;
-  std::memset(&tm_k, 0, sizeof(tm_k));
-  std::memset(&tm_v, 0, sizeof(tm_v));
-  std::memset(&tm_ck, 0, sizeof(tm_ck));
-  std::memset(&tm_cv, 0, sizeof(tm_cv));
+  CUtensorMap tm_k{}, tm_v{}, tm_ck{}, tm_cv{};  // zero: unused where the maps are not made
   const bool tma = tma_enabled() &&
                    make_kv_map<T, D>(&tm_k, p.k, p.kv.num_kv_heads, p.total_tokens, L::kBlockN) &&
                    make_kv_map<T, D>(&tm_v, p.v, p.kv.num_kv_heads, p.total_tokens, L::kBlockN);
@@ -653,9 +649,7 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
   // rows: block sizes that are multiples of 8 (a box then starts on a 1024-byte boundary of the
   // 128-byte swizzle), cbox = gcd(block size, 32): it divides a warp's 32 keys and the block, so
   // a box's keys (slot a multiple of cbox) lie in one block.
-  CUtensorMap tm_kc, tm_vc;
-  std::memset(&tm_kc, 0, sizeof(tm_kc));
-  std::memset(&tm_vc, 0, sizeof(tm_vc));
+  CUtensorMap tm_kc{}, tm_vc{};
   const int bs = p.kv.block_size;
   int cbox = 0;
   if (tma && cached_tma_enabled() && bs >= 8 && bs % 8 == 0) {
@@ -725,7 +719,6 @@ Status dequant_pools(const SparsePrefillParams& p, const PrefillWs& ws, cudaStre
   DMS_LAUNCH_CHECK();
   return Status::kSuccess;
 }
-
 
 }  // namespace
 
