@@ -3,7 +3,8 @@
 # A2). A = the tree as it is; B = the tree with AB_PATCH applied (`patch -p1`; make it with
 # `git diff main..BRANCH -- csrc > .carry/x.patch`). Each variant is timed with
 # bench/bench_decode.py --no-peers --no-dense plus the flags given here; the table of `ours us`
-# per row comes last (B / A: below 1, B is faster).
+# per row comes last (B / A: below 1, B is faster). Several patches (AB_PATCH="x.patch y.patch"):
+# variants B, C, ..., each the tree + its patch, timed A B C A B C.
 #
 #   AB_PATCH=.carry/d5.patch bash bench/ab_decode.sh [bench_decode flags, e.g. --rows B1,B64]
 #
@@ -24,25 +25,38 @@ mkdir -p "$OUT" "$AB"
 SO=$(ls dms_ext/_C*.so 2>/dev/null | head -n 1)
 [ -n "$SO" ] || { echo "no dms_ext/_C*.so: build first (bash bench/gpu_round.sh extra with EXTRA_CMD=true)"; exit 2; }
 cp "$SO" "$AB/A.so"
-patch -p1 --forward <"$AB_PATCH" >"$AB/patch.log" 2>&1 || { cat "$AB/patch.log"; exit 2; }
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
-t=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} DMS_CUDA_ARCH=90a $PY setup.py build_ext --inplace >"$AB/build_B.log" 2>&1
-rc=$?
-patch -p1 -R <"$AB_PATCH" >>"$AB/patch.log" 2>&1
-echo "B built in $(( $(date +%s) - t )) s (rc $rc)"
-[ $rc = 0 ] || { grep -E "error" "$AB/build_B.log" | head -n 20; cp "$AB/A.so" "$SO"; exit 1; }
-cp "$SO" "$AB/B.so"
-for run in A1 B1 A2 B2; do
+# AB_PATCH may name several patches (space-separated): variants B, C, ..., each the tree + its patch.
+read -r -a PATCHES <<<"$AB_PATCH"
+LETTERS=(B C D E F G)
+VARS=(A)
+for i in "${!PATCHES[@]}"; do
+  V=${LETTERS[$i]}; P=${PATCHES[$i]}
+  patch -p1 --forward <"$P" >"$AB/patch.log" 2>&1 || { cat "$AB/patch.log"; cp "$AB/A.so" "$SO"; exit 2; }
+  t=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} DMS_CUDA_ARCH=90a $PY setup.py build_ext --inplace >"$AB/build_$V.log" 2>&1
+  rc=$?
+  patch -p1 -R <"$P" >>"$AB/patch.log" 2>&1
+  echo "$V built in $(( $(date +%s) - t )) s (rc $rc)"
+  [ $rc = 0 ] || { grep -E "error" "$AB/build_$V.log" | head -n 20; cp "$AB/A.so" "$SO"; exit 1; }
+  cp "$SO" "$AB/$V.so"
+  VARS+=("$V")
+done
+RUNS=()
+for k in 1 2; do for V in "${VARS[@]}"; do RUNS+=("$V$k"); done; done
+for run in "${RUNS[@]}"; do
   cp "$AB/${run:0:1}.so" "$SO"
   rm -rf "$AB/$run"; mkdir -p "$AB/$run"
   $PY ${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense} --results-dir "$AB/$run" "$@" >"$AB/$run.log" 2>&1 \
     || { echo "$run failed:"; tail -n 20 "$AB/$run.log"; }
 done
 cp "$AB/A.so" "$SO"
-$PY - "$AB" "$AB_PATCH" "$*" "${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense}" "${AB_COL:-ours us}" <<'EOF' | tee "$OUT/ab_decode_$(basename "$AB_PATCH" .patch).md"
+NAME=$(for P in "${PATCHES[@]}"; do basename "$P" .patch; done | paste -sd+)
+$PY - "$AB" "$AB_PATCH" "$*" "${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense}" "${AB_COL:-ours us}" "${RUNS[*]}" <<'EOF' | tee "$OUT/ab_decode_$NAME.md"
 import glob, os, sys
-ab, patch, flags, bench, col = sys.argv[1:6]
+ab, patches, flags, bench, col, order = sys.argv[1:7]
+order = order.split()
+variants = [r[0] for r in order[: len(order) // 2]]
 def rows(run):
     f = sorted(glob.glob(os.path.join(ab, run, "*.md")))
     out, cols = {}, None
@@ -53,18 +67,21 @@ def rows(run):
         elif cols and len(cells) == len(cols) and not set(cells[0]) <= set("-"):
             out.setdefault(cells[0], cells[cols.index(col)])
     return out
-runs = {r: rows(r) for r in ("A1", "B1", "A2", "B2")}
-print(f"# A/B (bench/ab_decode.sh): A = tree, B = tree + {patch}\n")
-print(f"{bench} {flags}; order A1 B1 A2 B2; column `{col}` (medians)\n")
-print("| case | A1 | B1 | A2 | B2 | B / A |")
-print("|---|---|---|---|---|---|")
-for case in runs["A1"]:
-    v = [runs[r].get(case, "-") for r in ("A1", "B1", "A2", "B2")]
-    try:
-        a = (float(v[0]) + float(v[2])) / 2
-        b = (float(v[1]) + float(v[3])) / 2
-        ratio = f"{b / a:.3f}"
-    except ValueError:
-        ratio = "-"
-    print(f"| {case} | " + " | ".join(v) + f" | {ratio} |")
+runs = {r: rows(r) for r in order}
+names = ", ".join(f"{v} = tree + {p}" for v, p in zip(variants[1:], patches.split()))
+print(f"# A/B (bench/ab_decode.sh): A = tree, {names}\n")
+print(f"{bench} {flags}; order {' '.join(order)}; column `{col}` (medians)\n")
+ratios = [f"{v} / A" for v in variants[1:]]
+print("| case | " + " | ".join(order) + " | " + " | ".join(ratios) + " |")
+print("|---" * (1 + len(order) + len(ratios)) + "|")
+for case in runs[order[0]]:
+    cells = [runs[r].get(case, "-") for r in order]
+    mean = {}
+    for var in variants:
+        try:
+            mean[var] = (float(runs[var + "1"][case]) + float(runs[var + "2"][case])) / 2
+        except (KeyError, ValueError):
+            mean[var] = None
+    rs = [f"{mean[x] / mean['A']:.3f}" if mean[x] and mean["A"] else "-" for x in variants[1:]]
+    print(f"| {case} | " + " | ".join(cells) + " | " + " | ".join(rs) + " |")
 EOF

@@ -100,7 +100,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages
   // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
-  const float o_scale = F8 ? p.kv.v_scale : 1.f;
+  const float o_scale = F8 ? p.kv.v_scale * K::kVUnit : 1.f;
 
   // A segment: row v = units [P, P_end), this CTA's part of it [a, hi), its keys [kbeg, kend).
   struct Seg {

@@ -36,6 +36,20 @@ __device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t
 #endif
 }
 
+// e4m3 bytes x = [b3 b2 b1 b0] by integer ops (shift and mask, no conversion unit): f16x2
+// even = {b0, b2}, odd = {b1, b3} (low half first), each 2^-8 times the e4m3 value: the 7 bits
+// below the sign go to f16 bits 13..7, so the e4m3 exponent (bias 7) reads with f16's bias 15;
+// subnormals land on f16 subnormals the same way. Exact for every finite byte; the NaN bytes
+// (0x7f, 0xff) read as +-480 * 2^-8.
+#ifndef DMS_F8_ALU
+#define DMS_F8_ALU 0  // 0: cvt for K and V; 1: V by integer ops; 2: K and V by integer ops
+#endif
+__device__ __forceinline__ void e4m3x4_to_f16_alu(uint32_t x, uint32_t& even, uint32_t& odd) {
+  odd = (x & 0x80008000u) | ((x >> 1) & 0x3f803f80u);
+  const uint32_t y = x << 8;
+  even = (y & 0x80008000u) | ((y >> 1) & 0x3f803f80u);
+}
+
 // One warp's stream and mainloop for a segment of keys (T: q / out dtype; D: head dim; S: stages
 // per warp; F8: an fp8 e4m3 pool).
 template <typename T, int D, int S, bool F8 = false> struct Decode {
@@ -47,6 +61,10 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
   // cvt per pair, -> bf16 four instructions); a bf16 q is rescaled per head row into f16.
   using MT = typename std::conditional<F8, __half, T>::type;
   static constexpr bool kScaledQ = F8 && std::is_same<T, __nv_bfloat16>::value;
+  // fp8 operands converted by integer ops (e4m3x4_to_f16_alu) read 2^-8 times their value: K's
+  // factor is folded into the score scale, V's into the epilogue's (kVUnit).
+  static constexpr bool kAluK = F8 && DMS_F8_ALU >= 2, kAluV = F8 && DMS_F8_ALU >= 1;
+  static constexpr float kVUnit = kAluV ? 256.f : 1.f;
   // fp8: the running max the state keeps is the true one minus kPOff, so that P = exp2(s - m)
   // lies in [0, 2^15] (f16 keeps 11 bits of P down to 2^-29 of the max, a bf16 P 8 bits). l
   // and o scale by 2^kPOff with it: o / l and m + log2(l) (the lse) are unchanged.
@@ -211,7 +229,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     st.l[0] = st.l[1] = 0.f;
     uint32_t qa[D / 16][4];
     float qf[2] = {1.f, 1.f};  // kScaledQ: the per-row factor of the scores (rows lane/4, +8)
-    const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
+    const float sl2 = F8 ? p.scale * p.kv.k_scale * (kAluK ? 256.f : 1.f) * kLog2e : p.scale * kLog2e;
 
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
@@ -232,8 +250,12 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
           for (int k = 0; k < D / 16; ++k) {
             const int g = lane >> 2, t4 = lane & 3;
             const int c = 2 * k + (t4 >> 1), e = (t4 & 1) * 4;
-            const uint2 x0 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g, c) + e);
-            const uint2 x1 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g + 8, c) + e);
+            uint2 x0 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g, c) + e);
+            uint2 x1 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g + 8, c) + e);
+            if constexpr (kAluK) {  // the K fragments hold d {4t, 4t + 2} and {4t + 1, 4t + 3}
+              x0 = make_uint2(__byte_perm(x0.x, x0.y, 0x5410), __byte_perm(x0.x, x0.y, 0x7632));
+              x1 = make_uint2(__byte_perm(x1.x, x1.y, 0x5410), __byte_perm(x1.x, x1.y, 0x7632));
+            }
             qa[k][0] = x0.x;
             qa[k][1] = x1.x;
             qa[k][2] = x0.y;
@@ -298,7 +320,8 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             uint32_t b0, b1;
-            e4m3x4_to_f16(kr[i], b0, b1);
+            if constexpr (kAluK) e4m3x4_to_f16_alu(kr[i], b0, b1);
+            else e4m3x4_to_f16(kr[i], b0, b1);
             dev::mma_16x8x16<MT>(s[i & 1], qa[k + (i >> 1)], b0, b1);
           }
         }
@@ -371,8 +394,13 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t e0, o0, e1, o1;
-            e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);     // keys 2t, 2t + 1
-            e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
+            if constexpr (kAluV) {  // even / odd bytes are the key pairs already
+              e4m3x4_to_f16_alu(vr[2 * h], e0, o0);
+              e4m3x4_to_f16_alu(vr[2 * h + 1], e1, o1);
+            } else {
+              e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);     // keys 2t, 2t + 1
+              e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
+            }
             dev::mma_16x8x16<MT>(st.o[2 * (j + h)], pa, e0, e1);
             dev::mma_16x8x16<MT>(st.o[2 * (j + h) + 1], pa, o0, o1);
           }
