@@ -121,6 +121,16 @@ class Paged:
         return self.k.view(-1, self.D)[rows], self.v.view(-1, self.D)[rows]
 
 
+def pools_for(c: Case, P: Paged) -> tuple:
+    """An fp8 row's pools: P's K / V quantized in place to e4m3 at FP8_SCALE; the trailing
+    (k_scale, v_scale) arguments of the op ((): the row's pools stay in q's dtype)."""
+    if c.kv != "fp8":
+        return ()
+    P.k = (P.k.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+    P.v = (P.v.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return (FP8_SCALE, FP8_SCALE)
+
+
 def live_bytes(tokens: int, D: int, esize: int) -> int:
     return tokens * 2 * D * esize
 
@@ -155,11 +165,7 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors, fi_fp8=None) -> 
     print(f"{c.name}: live {lb / 1e6:.1f} MB, lengths {int(lens.min())}..{int(lens.max())}, "
           f"{copies} input copies", flush=True)
     P = Paged(lens, a.block_size, c.D, dtype, copies, gen_cpu, gen_dev)
-    kv_scales = ()
-    if fp8:
-        P.k = (P.k.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
-        P.v = (P.v.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
-        kv_scales = (FP8_SCALE, FP8_SCALE)
+    kv_scales = pools_for(c, P)
     qs = [torch.randn(c.B, c.hq, c.D, device=DEV, dtype=dtype, generator=gen_dev)
           for _ in range(copies)]
 
@@ -389,13 +395,14 @@ def ncu_mode(a):
     gen_cpu = torch.Generator().manual_seed(a.seed)
     gen_dev = torch.Generator(device="cuda").manual_seed(a.seed)
     P = Paged(make_lens(c, a.cr, gen_cpu), a.block_size, c.D, dtype, 1, gen_cpu, gen_dev)
+    kv_scales = pools_for(c, P)
     q = torch.randn(c.B, c.hq, c.D, device="cuda", dtype=dtype, generator=gen_dev)
     for i in range(2 + a.ncu_calls):
         with torch.cuda.nvtx.range(f"sparse_decode {c.name} call {i}"):
-            torch.ops.dms.sparse_decode(q, P.k, P.v, P.tables[0], P.lens, c.D ** -0.5)
+            torch.ops.dms.sparse_decode(q, P.k, P.v, P.tables[0], P.lens, c.D ** -0.5, *kv_scales)
     torch.cuda.synchronize()
     print(f"ncu mode: {2 + a.ncu_calls} calls of sparse_decode at {c.name} "
-          f"({P.live_tokens * 2 * c.D * 2 / 1e6:.0f} MB live)")
+          f"({P.live_tokens * 2 * c.D * P.k.element_size() / 1e6:.0f} MB live)")
 
 
 def memcheck_mode(a):

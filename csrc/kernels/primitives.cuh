@@ -9,7 +9,7 @@
 //                cp_async_wait<N>
 //   tiles        swz<D> (16-byte chunks XOR-swizzled by row % 8, conflict-free ldmatrix),
 //                ldsm_x4 / ldsm_x4_trans (cute SM75 ldmatrix atoms at a 32-bit shared address),
-//                MmaAtom<T> / mma_16x8x16
+//                MmaAtom<T> / mma_16x8x16, movmatrix_trans
 //                (cute SM80 m16n8k16 fp32-accumulate atoms), kLog2e, ex2
 //   launches     launch_with (one launch attribute), launch_pdl, pdl_wait, pdl_launch_dependents
 //                (programmatic dependent launch)
@@ -244,6 +244,14 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
 // The transposed form: a [key][d] tile read as the B operand [d][key] of P.V.
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
   cute::SM75_U16x8_LDSM_T::copy(smem_ref(addr), r[0], r[1], r[2], r[3]);
+}
+
+// An 8x8 matrix of 16-bit elements transposed in registers (lane l holds row l / 4, columns
+// 2 (l % 4), + 1 in and out): an m16n8 accumulator pair, packed, into a B operand register.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
 }
 
 template <typename T> struct MmaAtom;

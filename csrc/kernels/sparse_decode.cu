@@ -60,10 +60,11 @@ using dev::pdl_wait;
 using streamk::kMergeThreads;
 
 // fp8: the residency the grid assumes is promised to ptxas (3 CTAs at D 128: <= 168 registers).
-template <typename T, int D, int S, bool F8>
+// NT: n-tiles of 8 head rows (1: G <= 8).
+template <typename T, int D, int S, bool F8, int NT>
 __global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
-  using K = Decode<T, D, S, F8>;
+  using K = Decode<T, D, S, F8, NT>;
   using W = WarpMerge<K>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* const sQbuf = reinterpret_cast<T*>(smem_raw);  // [kQBuffers][kHeadTile][D]: segments alternate
@@ -100,7 +101,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   const int G = p.num_q_heads / p.kv.num_kv_heads;
   unsigned char* const sW = sStages + warp * K::C::kWarpBytes;  // this warp's stages
   // An fp8 pool's V reads as stored * v_scale: o = v_scale * (P V_stored) / l, exactly.
-  const float o_scale = F8 ? p.kv.v_scale * K::kVUnit : 1.f;
+  const float o_scale = F8 ? p.kv.v_scale : 1.f;
 
   // A segment: row v = units [P, P_end), this CTA's part of it [a, hi), its keys [kbeg, kend).
   struct Seg {
@@ -354,18 +355,19 @@ Status launch(const SparseDecodeParams& p, const Resolved& r0, cudaStream_t stre
   constexpr int smem = Cfg<D, S, F8>::kSmemBytes;
   // Set on every launch (cheap host calls, legal during capture): the attributes are per device.
   const size_t merge_smem = merge_smem_bytes(r.grid);
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // A group of at most 8 query heads fills one n-tile of the MMAs; 9-16 take two.
+  const int G = p.num_q_heads / p.kv.num_kv_heads;
+  auto kernel = G <= 8 ? sparse_decode_kernel<T, D, S, F8, 1> : sparse_decode_kernel<T, D, S, F8, 2>;
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   auto merge = r.aligned ? sparse_decode_merge_kernel<T, D, true> : sparse_decode_merge_kernel<T, D, false>;
   DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_smem));
   // Both kernels prefer the largest shared-memory carveout: switching the L1 / shared split
   // between back-to-back kernels would drain the SMs.
-  DMS_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, D, S, F8>,
-                                      cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  DMS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   DMS_CUDA_CHECK(cudaFuncSetAttribute(merge, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   // A plain launch (the op's first kernel): launched programmatically after the previous call's
   // merge kernel, every row of bench_decode ran 4-20 us slower (bench/results/decode_ab_*.md).
-  sparse_decode_kernel<T, D, S, F8><<<r.grid, kThreads, smem, stream>>>(p, r);
+  kernel<<<r.grid, kThreads, smem, stream>>>(p, r);
   DMS_LAUNCH_CHECK();
   DMS_CUDA_CHECK(launch_pdl(merge, dim3(r.aligned ? (int)r.rows_v * kMergeParts<D> : r.grid), dim3(kMergeThreads), merge_smem,
                             stream, p, r));

@@ -36,24 +36,12 @@ __device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t
 #endif
 }
 
-// e4m3 bytes x = [b3 b2 b1 b0] by integer ops (shift and mask, no conversion unit): f16x2
-// even = {b0, b2}, odd = {b1, b3} (low half first), each 2^-8 times the e4m3 value: the 7 bits
-// below the sign go to f16 bits 13..7, so the e4m3 exponent (bias 7) reads with f16's bias 15;
-// subnormals land on f16 subnormals the same way. Exact for every finite byte; the NaN bytes
-// (0x7f, 0xff) read as +-480 * 2^-8.
-#ifndef DMS_F8_ALU
-#define DMS_F8_ALU 0  // 0: cvt for K and V; 1: V by integer ops; 2: K and V by integer ops
-#endif
-__device__ __forceinline__ void e4m3x4_to_f16_alu(uint32_t x, uint32_t& even, uint32_t& odd) {
-  odd = (x & 0x80008000u) | ((x >> 1) & 0x3f803f80u);
-  const uint32_t y = x << 8;
-  even = (y & 0x80008000u) | ((y >> 1) & 0x3f803f80u);
-}
-
 // One warp's stream and mainloop for a segment of keys (T: q / out dtype; D: head dim; S: stages
 // per warp; F8: an fp8 e4m3 pool).
-template <typename T, int D, int S, bool F8 = false> struct Decode {
+template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
   using C = Cfg<D, S, F8>;
+  static_assert(NT == 1 || NT == 2, "8 or 16 head rows per work row");
+  static constexpr int kNT = NT;
   static constexpr int kD = D;
   static constexpr bool kF8 = F8;
   using KV = typename std::conditional<F8, uint8_t, T>::type;  // pool element
@@ -61,10 +49,6 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
   // cvt per pair, -> bf16 four instructions); a bf16 q is rescaled per head row into f16.
   using MT = typename std::conditional<F8, __half, T>::type;
   static constexpr bool kScaledQ = F8 && std::is_same<T, __nv_bfloat16>::value;
-  // fp8 operands converted by integer ops (e4m3x4_to_f16_alu) read 2^-8 times their value: K's
-  // factor is folded into the score scale, V's into the epilogue's (kVUnit).
-  static constexpr bool kAluK = F8 && DMS_F8_ALU >= 2, kAluV = F8 && DMS_F8_ALU >= 1;
-  static constexpr float kVUnit = kAluV ? 256.f : 1.f;
   // fp8: the running max the state keeps is the true one minus kPOff, so that P = exp2(s - m)
   // lies in [0, 2^15] (f16 keeps 11 bits of P down to 2^-29 of the max, a bf16 P 8 bits). l
   // and o scale by 2^kPOff with it: o / l and m + log2(l) (the lse) are unchanged.
@@ -76,11 +60,17 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
   static constexpr int kRowsPerLane = 16 * kChunks / 32;         // rows of a slice one lane copies
   static constexpr int kRowStep = 32 / kChunks > 0 ? 32 / kChunks : 1;
 
-  // Per-warp softmax state over the keys it streamed. Accumulator layout (m16n8): c0,c1 -> head
-  // row lane/4, c2,c3 -> row lane/4 + 8.
+  // The head rows sit in the MMAs' N (NT tiles of 8), the keys (S^T = K Q^T) and the d (O^T =
+  // V^T P^T) in M: a group of G <= 8 heads fills one n-tile, where M = 16 head rows filled 4 of
+  // 16 at G 4. Lane (g = lane / 4, t = lane % 4) of an m16n8 accumulator holds c0 (M row g, head
+  // 8n + 2t), c1 (row g, head 8n + 2t + 1), c2 / c3 (row g + 8, the same heads).
+  // Per-warp softmax state over the keys it streamed: o = O^T, block j of d (M row g / g + 8 is
+  // d 16j + g / 16j + g + 8; fp8 pools 16j + 2g / 16j + 2g + 1, the key-pair layout of
+  // ldmatrix.trans on bytes); m / l per head 8n + 2t + i (l: this lane's keys only until the
+  // mainloop's end).
   struct State {
-    float o[D / 8][4];
-    float m[2], l[2];
+    float o[D / 16][NT][4];
+    float m[NT][2], l[NT][2];
   };
 
   // Chunk offset (in 16-byte chunks) of (row r, chunk c) of a warp's fp8 slice [16][D bytes]:
@@ -210,6 +200,7 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
   static __device__ __forceinline__ void mainloop(const SparseDecodeParams& p, const Stream& w, const Pre& pre,
                                                   const T* sQ, State& st) {
     const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
     const int ntiles = w.ntiles();
     const int kend = w.kend;
     int ids[kRowsPerLane];
@@ -224,12 +215,20 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
     if (kStages - 1 < ntiles) take_ids(w, pre, kStages - 1, ids);
 
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
-    st.m[0] = st.m[1] = -INFINITY;
-    st.l[0] = st.l[1] = 0.f;
-    uint32_t qa[D / 16][4];
-    float qf[2] = {1.f, 1.f};  // kScaledQ: the per-row factor of the scores (rows lane/4, +8)
-    const float sl2 = F8 ? p.scale * p.kv.k_scale * (kAluK ? 256.f : 1.f) * kLog2e : p.scale * kLog2e;
+    for (int j = 0; j < D / 16; ++j)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) st.o[j][n][0] = st.o[j][n][1] = st.o[j][n][2] = st.o[j][n][3] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      st.m[n][0] = st.m[n][1] = -INFINITY;
+      st.l[n][0] = st.l[n][1] = 0.f;
+    }
+    // Q^T as the B operand of S^T = K Q^T: block k of d, n-tile n: (b0, b1) of head 8n + g.
+    uint32_t qb[D / 16][NT][2];
+    float qf[NT][2];  // kScaledQ: the factor of the scores of heads 8n + 2t + i
+#pragma unroll
+    for (int n = 0; n < NT; ++n) qf[n][0] = qf[n][1] = 1.f;
+    const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
 
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
@@ -244,22 +243,17 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
         __syncthreads();  // Q was copied by the whole CTA
         if constexpr (F8) {
           // Block k's contraction index i (lane quad position t: i = 2t, 2t+1, 2t+8, 2t+9)
-          // is d = 16k + 4t + {0, 1, 2, 3}: the d order of the K fragments below. a0 / a2 are
-          // 4 consecutive d of head row lane/4 (one 8-byte load), a1 / a3 of row lane/4 + 8.
+          // is d = 16k + 4t + {0, 1, 2, 3}: the d order of the K fragments below. b0 / b1 are
+          // 4 consecutive d of head 8n + g (one 8-byte load).
 #pragma unroll
           for (int k = 0; k < D / 16; ++k) {
-            const int g = lane >> 2, t4 = lane & 3;
             const int c = 2 * k + (t4 >> 1), e = (t4 & 1) * 4;
-            uint2 x0 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g, c) + e);
-            uint2 x1 = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(g + 8, c) + e);
-            if constexpr (kAluK) {  // the K fragments hold d {4t, 4t + 2} and {4t + 1, 4t + 3}
-              x0 = make_uint2(__byte_perm(x0.x, x0.y, 0x5410), __byte_perm(x0.x, x0.y, 0x7632));
-              x1 = make_uint2(__byte_perm(x1.x, x1.y, 0x5410), __byte_perm(x1.x, x1.y, 0x7632));
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              const uint2 x = *reinterpret_cast<const uint2*>(sQ + dev::swz<D>(8 * n + g, c) + e);
+              qb[k][n][0] = x.x;
+              qb[k][n][1] = x.y;
             }
-            qa[k][0] = x0.x;
-            qa[k][1] = x1.x;
-            qa[k][2] = x0.y;
-            qa[k][3] = x1.y;
           }
           if constexpr (kScaledQ) {
             // bf16 q -> f16: head row r times 2^(14 - E_r), E_r = floor(log2 max_d |q_r|)
@@ -269,34 +263,43 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
             // at most 2^-39 of the max. The scores are scaled back by qf = 2^(E_r - 14), a
             // normal float, exactly: the fp32 sums are the bf16 MMA's times a power of two.
             const uint32_t kHi = 0xffff0000u;
-            float mq[2] = {0.f, 0.f};  // rows lane/4 (registers 0, 2) and lane/4 + 8 (1, 3)
 #pragma unroll
-            for (int k = 0; k < D / 16; ++k)
+            for (int n = 0; n < NT; ++n) {
+              float mq = 0.f;  // head 8n + g: the quad holds its D elements
 #pragma unroll
-              for (int i = 0; i < 4; ++i)
-                mq[i & 1] = fmaxf(mq[i & 1], fmaxf(fabsf(__uint_as_float(qa[k][i] << 16)),
-                                                   fabsf(__uint_as_float(qa[k][i] & kHi))));
-            float up[2];
+              for (int k = 0; k < D / 16; ++k)
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {  // the quad holds the row's D elements
-              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 1));
-              mq[i] = fmaxf(mq[i], __shfl_xor_sync(0xffffffffu, mq[i], 2));
-              const int eb = min(max(int((__float_as_uint(mq[i]) >> 23) & 0xffu), 15), 254);
-              up[i] = __uint_as_float(uint32_t(268 - eb) << 23);  // 2^(141 - eb) = 2^(14 - E)
-              qf[i] = __uint_as_float(uint32_t(eb - 14) << 23);   // 2^(eb - 141) = 2^(E - 14)
+                for (int i = 0; i < 2; ++i)
+                  mq = fmaxf(mq, fmaxf(fabsf(__uint_as_float(qb[k][n][i] << 16)),
+                                       fabsf(__uint_as_float(qb[k][n][i] & kHi))));
+              mq = fmaxf(mq, __shfl_xor_sync(0xffffffffu, mq, 1));
+              mq = fmaxf(mq, __shfl_xor_sync(0xffffffffu, mq, 2));
+              const int eb = min(max(int((__float_as_uint(mq) >> 23) & 0xffu), 15), 254);
+              const float up = __uint_as_float(uint32_t(268 - eb) << 23);  // 2^(141 - eb) = 2^(14 - E)
+              const float back = __uint_as_float(uint32_t(eb - 14) << 23);  // 2^(eb - 141) = 2^(E - 14)
+#pragma unroll
+              for (int k = 0; k < D / 16; ++k)
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                  qb[k][n][i] = dev::pack2<__half>(__uint_as_float(qb[k][n][i] << 16) * up,
+                                                   __uint_as_float(qb[k][n][i] & kHi) * up);
+              // The scores' columns are heads 2t, 2t + 1: their factors from lanes 4 (2t + i).
+              qf[n][0] = __shfl_sync(0xffffffffu, back, 8 * t4);
+              qf[n][1] = __shfl_sync(0xffffffffu, back, 8 * t4 + 4);
             }
-#pragma unroll
-            for (int k = 0; k < D / 16; ++k)
-#pragma unroll
-              for (int i = 0; i < 4; ++i)
-                qa[k][i] = dev::pack2<__half>(__uint_as_float(qa[k][i] << 16) * up[i & 1],
-                                              __uint_as_float(qa[k][i] & kHi) * up[i & 1]);
           }
         } else {
+          // Matrices (heads 0-7, d lo), (heads 0-7, d hi), (heads 8-15, d lo), (8-15, d hi).
 #pragma unroll
           for (int k = 0; k < D / 16; ++k) {
-            const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-            dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), qa[k]);
+            uint32_t x[4];
+            const int r = (lane & 7) + (lane >> 4) * 8, c = 2 * k + ((lane >> 3) & 1);
+            dev::ldsm_x4(dev::smem_u32(sQ + dev::swz<D>(r, c)), x);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              qb[k][n][0] = x[2 * n];
+              qb[k][n][1] = x[2 * n + 1];
+            }
           }
         }
       }
@@ -305,87 +308,101 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
       const KV* sK = w.stages + (t % kStages) * 2 * kSliceElems;
       const KV* sV = sK + kSliceElems;
 
-      // S = Q K^T over the warp's 16 keys: two n-tiles of 8 keys.
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      // S^T = K Q^T over the warp's 16 keys (M) and the head tiles (N).
+      float s[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
       if constexpr (F8) {
         // One ldmatrix.x4 per two 16-byte chunks (= d blocks k, k + 1): matrices (keys 0-7,
         // chunk k), (keys 8-15, k), (keys 0-7, k + 1), (keys 8-15, k + 1). Lane l gets key
-        // l / 4, bytes d = 16 chunk + 4 (l % 4) .. + 3: the B fragment (b0, b1) of its n-tile
-        // in Q's d order. swz8 keeps each matrix's 8 rows on 8 different bank groups.
+        // l / 4 (+ 8), bytes d = 16 chunk + 4 (l % 4) .. + 3: its A registers (a0, a2) / (a1,
+        // a3) in Q's d order. swz8 keeps each matrix's 8 rows on 8 different bank groups.
 #pragma unroll
         for (int k = 0; k < D / 16; k += 2) {
           uint32_t kr[4];
           const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = k + (lane >> 4);
           dev::ldsm_x4(dev::smem_u32(sK + swz8(r, c) * 16), kr);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            uint32_t b0, b1;
-            if constexpr (kAluK) e4m3x4_to_f16_alu(kr[i], b0, b1);
-            else e4m3x4_to_f16(kr[i], b0, b1);
-            dev::mma_16x8x16<MT>(s[i & 1], qa[k + (i >> 1)], b0, b1);
+          for (int h = 0; h < 2; ++h) {
+            uint32_t a[4];
+            e4m3x4_to_f16(kr[2 * h], a[0], a[2]);
+            e4m3x4_to_f16(kr[2 * h + 1], a[1], a[3]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) dev::mma_16x8x16<MT>(s[n], a, qb[k + h][n][0], qb[k + h][n][1]);
           }
         }
       } else {
+        // Matrices (keys 0-7, d lo), (keys 8-15, d lo), (keys 0-7, d hi), (keys 8-15, d hi).
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
-          uint32_t kb[4];
-          const int r = (lane & 7) + (lane >> 4) * 8;
-          const int c = 2 * k + ((lane >> 3) & 1);
-          dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), kb);
-          dev::mma_16x8x16<T>(s[0], qa[k], kb[0], kb[1]);
-          dev::mma_16x8x16<T>(s[1], qa[k], kb[2], kb[3]);
+          uint32_t a[4];
+          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
+          dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), a);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>(s[n], a, qb[k][n][0], qb[k][n][1]);
         }
       }
-      // Online softmax (log2 domain), keys past the segment end masked.
-      float mx[2] = {-INFINITY, -INFINITY};
+      // Online softmax (log2 domain) per head column, keys past the segment end masked: a
+      // column's 16 keys are c0 / c2 of the 8 lanes of one t.
+      float mx[NT][2];
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < NT; ++n) {
+        mx[n][0] = mx[n][1] = -INFINITY;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * (lane & 3) + (e & 1);
+          const int key = key0 + g + (e >> 1) * 8;
           float sv = s[n][e];
-          if constexpr (kScaledQ) sv *= qf[e >> 1];  // exact: the bf16 q's score
+          if constexpr (kScaledQ) sv *= qf[n][e & 1];  // exact: the bf16 q's score
           s[n][e] = key < kend ? sv * sl2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+          mx[n][e & 1] = fmaxf(mx[n][e & 1], s[n][e]);
         }
-      float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        const float m_new = fmaxf(st.m[i], mx[i] - kPOff);  // finite: key0 < kend gives one real key
-        alpha[i] = sexp2(st.m[i] - m_new);
-        st.m[i] = m_new;
-        st.l[i] *= alpha[i];
       }
-      uint32_t pa[4];
+      float alpha[NT][2];
+      bool moved = false;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const float p0 = sexp2(s[n][0] - st.m[0]), p1 = sexp2(s[n][1] - st.m[0]);
-        const float p2 = sexp2(s[n][2] - st.m[1]), p3 = sexp2(s[n][3] - st.m[1]);
-        st.l[0] += p0 + p1;
-        st.l[1] += p2 + p3;
-        pa[2 * n] = dev::pack2<MT>(p0, p1);
-        pa[2 * n + 1] = dev::pack2<MT>(p2, p3);
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mx[n][i] = fmaxf(mx[n][i], __shfl_xor_sync(0xffffffffu, mx[n][i], 4));
+          mx[n][i] = fmaxf(mx[n][i], __shfl_xor_sync(0xffffffffu, mx[n][i], 8));
+          mx[n][i] = fmaxf(mx[n][i], __shfl_xor_sync(0xffffffffu, mx[n][i], 16));
+          const float m_new = fmaxf(st.m[n][i], mx[n][i] - kPOff);  // finite: key0 < kend is a real key
+          alpha[n][i] = sexp2(st.m[n][i] - m_new);
+          moved |= alpha[n][i] != 1.f;
+          st.m[n][i] = m_new;
+          st.l[n][i] *= alpha[n][i];
+        }
+      // P^T as the B operand of O^T = V^T P^T: the accumulator pairs (key g or g + 8; heads 2t,
+      // 2t + 1) transposed in registers to (keys 2t, 2t + 1 (+ 8); head g).
+      uint32_t pb[NT][2];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const float p0 = sexp2(s[n][0] - st.m[n][0]), p1 = sexp2(s[n][1] - st.m[n][1]);
+        const float p2 = sexp2(s[n][2] - st.m[n][0]), p3 = sexp2(s[n][3] - st.m[n][1]);
+        st.l[n][0] += p0 + p2;
+        st.l[n][1] += p1 + p3;
+        pb[n][0] = dev::movmatrix_trans(dev::pack2<MT>(p0, p1));
+        pb[n][1] = dev::movmatrix_trans(dev::pack2<MT>(p2, p3));
       }
       // fp8: the rescale only when some lane's max moved (alpha != 1; o * 1 == o exactly):
-      // past the first tiles of a long row the max rarely moves, and the D / 2 FMULs are the
-      // largest item of the tile after the conversions.
-      if (!F8 || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+      // past the first tiles of a long row the max rarely moves, and the D / 4 FMULs per
+      // n-tile are the largest item of the tile after the conversions.
+      if (!F8 || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
-          st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
-        }
+        for (int j = 0; j < D / 16; ++j)
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            st.o[j][n][0] *= alpha[n][0]; st.o[j][n][1] *= alpha[n][1];
+            st.o[j][n][2] *= alpha[n][0]; st.o[j][n][3] *= alpha[n][1];
+          }
       }
-      // O += P V: V rows are [key][d], the B operand wants [d][key]: ldmatrix.trans.
+      // O^T += V^T P^T: V rows are [key][d], the A operand wants [d][key]: ldmatrix.trans.
       if constexpr (F8) {
         // Matrices (keys 0-7, chunk j), (keys 8-15, j), (keys 0-7, j + 1), (keys 8-15, j + 1)
         // of byte pairs, transposed: lane l (g = l / 4, t = l % 4) gets the bytes
         // [V(2t, 2g), V(2t, 2g + 1), V(2t + 1, 2g), V(2t + 1, 2g + 1)] (key, d within the
         // block). Permuted to [V(2t, 2g), V(2t + 1, 2g), V(2t, 2g + 1), V(2t + 1, 2g + 1)]
-        // and converted: the key pair of d = 2g (B fragment of the even-d n-tile, st.o[2 jj])
-        // and of d = 2g + 1 (the odd-d n-tile, st.o[2 jj + 1]).
+        // and converted: the key pair of d = 2g (A row g) and of d = 2g + 1 (A row g + 8).
 #pragma unroll
         for (int j = 0; j < D / 16; j += 2) {
           uint32_t vr[4];
@@ -393,36 +410,34 @@ template <typename T, int D, int S, bool F8 = false> struct Decode {
           dev::ldsm_x4_trans(dev::smem_u32(sV + swz8(r, c) * 16), vr);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            uint32_t e0, o0, e1, o1;
-            if constexpr (kAluV) {  // even / odd bytes are the key pairs already
-              e4m3x4_to_f16_alu(vr[2 * h], e0, o0);
-              e4m3x4_to_f16_alu(vr[2 * h + 1], e1, o1);
-            } else {
-              e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), e0, o0);     // keys 2t, 2t + 1
-              e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), e1, o1);  // keys 2t + 8, 2t + 9
-            }
-            dev::mma_16x8x16<MT>(st.o[2 * (j + h)], pa, e0, e1);
-            dev::mma_16x8x16<MT>(st.o[2 * (j + h) + 1], pa, o0, o1);
+            uint32_t a[4];
+            e4m3x4_to_f16(__byte_perm(vr[2 * h], 0u, 0x3120), a[0], a[1]);      // keys 2t, 2t + 1
+            e4m3x4_to_f16(__byte_perm(vr[2 * h + 1], 0u, 0x3120), a[2], a[3]);  // keys 2t + 8, 2t + 9
+#pragma unroll
+            for (int n = 0; n < NT; ++n) dev::mma_16x8x16<MT>(st.o[j + h][n], a, pb[n][0], pb[n][1]);
           }
         }
       } else {
+        // Matrices (keys 0-7, d lo), (keys 0-7, d hi), (keys 8-15, d lo), (keys 8-15, d hi).
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) {
-          uint32_t vb[4];
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-          const int c = 2 * j + (lane >> 4);
-          dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), vb);
-          dev::mma_16x8x16<T>(st.o[2 * j], pa, vb[0], vb[1]);
-          dev::mma_16x8x16<T>(st.o[2 * j + 1], pa, vb[2], vb[3]);
+          uint32_t a[4];
+          const int r = (lane & 7) + (lane >> 4) * 8, c = 2 * j + ((lane >> 3) & 1);
+          dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), a);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>(st.o[j][n], a, pb[n][0], pb[n][1]);
         }
       }
     }
     cp_async_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // row sums were kept per lane: finish them across the quad
-      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
-      st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
-    }
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {  // column sums were kept per lane: finish them over the 8 lanes of a t
+        st.l[n][i] += __shfl_xor_sync(0xffffffffu, st.l[n][i], 4);
+        st.l[n][i] += __shfl_xor_sync(0xffffffffu, st.l[n][i], 8);
+        st.l[n][i] += __shfl_xor_sync(0xffffffffu, st.l[n][i], 16);
+      }
   }
 };
 
