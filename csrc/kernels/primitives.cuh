@@ -9,7 +9,7 @@
 //                cp_async_wait<N>
 //   tiles        swz<D> (16-byte chunks XOR-swizzled by row % 8, conflict-free ldmatrix),
 //                ldsm_x4 / ldsm_x4_trans (cute SM75 ldmatrix atoms at a 32-bit shared address),
-//                MmaAtom<T> / mma_16x8x16, movmatrix_trans
+//                MmaAtom<T> / mma_16x8x16, movmatrix_trans, opaque
 //                (cute SM80 m16n8k16 fp32-accumulate atoms), kLog2e, ex2
 //   launches     launch_with (one launch attribute), launch_pdl, pdl_wait, pdl_launch_dependents
 //                (programmatic dependent launch)
@@ -204,6 +204,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                "l"(gmem), "r"(valid ? 16 : 0)
                : "memory");
 }
+// The same at a 32-bit shared address (smem_u32).
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -244,6 +249,13 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
 // The transposed form: a [key][d] tile read as the B operand [d][key] of P.V.
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
   cute::SM75_U16x8_LDSM_T::copy(smem_ref(addr), r[0], r[1], r[2], r[3]);
+}
+
+// x, opaque to the compiler: a value computed once (say, from the thread index) stays in its
+// register instead of being recomputed where it is used.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 // An 8x8 matrix of 16-bit elements transposed in registers (lane l holds row l / 4, columns

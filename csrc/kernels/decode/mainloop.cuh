@@ -103,13 +103,33 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     const int32_t* __restrict__ bt;
     KV* stages;
     int kbeg, kend, bs_shift, warp, r0, cc;
+    // Shared addresses of the lane's copies in stage 0 (K): rows r0 + n kRowStep for n < kPat;
+    // row n + kPat lies 8 rows below row n (the same swizzle), so a fixed offset from it. Held
+    // in registers (dev::opaque): the compiler otherwise recomputed them in every slice.
+    // More than 4 (bf16 / fp16 at D 256: 8) would cost registers that kernel does not have: those
+    // addresses are computed per copy.
+    static constexpr int kPat = kRowStep >= 8 ? 1 : (kRowsPerLane < 8 / kRowStep ? kRowsPerLane : 8 / kRowStep);
+    static constexpr bool kHold = kPat <= 4;
+    uint32_t dst[kHold ? kPat : 1];
 
     __device__ __forceinline__ Stream(const SparseDecodeParams& p, const int32_t* __restrict__ bt_,
                                       int kbeg_, int kend_, int bs_shift_, unsigned char* sW)
         : kc(reinterpret_cast<const KV*>(p.kv.k_cache)), vc(reinterpret_cast<const KV*>(p.kv.v_cache)),
           bt(bt_), stages(reinterpret_cast<KV*>(sW)), kbeg(kbeg_), kend(kend_), bs_shift(bs_shift_),
           warp(threadIdx.x >> 5), r0(kChunks >= 32 ? 0 : (threadIdx.x & 31) / kChunks),
-          cc((threadIdx.x & 31) % kChunks) {}
+          cc((threadIdx.x & 31) % kChunks) {
+      if constexpr (kHold) {
+#pragma unroll
+        for (int i = 0; i < kPat; ++i)
+          dst[i] = dev::opaque(dev::smem_u32(stages + stage_off(r0 + i * kRowStep, cc)));
+      }
+    }
+    // Shared address of row r0 + n kRowStep of slice t's K (V: + the slice's bytes).
+    __device__ __forceinline__ uint32_t dst_of(int t, int n) const {
+      const uint32_t stage = uint32_t((t % kStages) * 2 * kSliceElems * sizeof(KV));
+      if constexpr (kHold) return dst[n % kPat] + stage + uint32_t((n / kPat) * 8 * D * sizeof(KV));
+      else return dev::smem_u32(stages + stage_off(r0 + n * kRowStep, cc)) + stage;
+    }
     __device__ __forceinline__ int ntiles() const {
       return kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
     }
@@ -136,29 +156,29 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     __device__ __forceinline__ void load_slice(int t, const int (&ids)[kRowsPerLane]) const {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
       const int bs_mask = (1 << bs_shift) - 1;
-      KV* sK = stages + (t % kStages) * 2 * kSliceElems;
-      KV* sV = sK + kSliceElems;
+      constexpr uint32_t kV = kSliceElems * sizeof(KV);
       if (one_block()) {
         const int sl = slice0(t);
         const int64_t base = (((int64_t)ids[0] << bs_shift) + (sl & bs_mask) + r0) * D + cc * kChunkElems;
 #pragma unroll
         for (int n = 0; n < kRowsPerLane; ++n) {
-          const int r = r0 + n * kRowStep;
-          const bool valid = sl + r < kend;
-          cp_async16(sK + stage_off(r, cc), kc + base + n * kRowStep * D, valid);
-          cp_async16(sV + stage_off(r, cc), vc + base + n * kRowStep * D, valid);
+          const bool valid = sl + r0 + n * kRowStep < kend;
+          const uint32_t d = dst_of(t, n);
+          cp_async16(d, kc + base + n * kRowStep * D, valid);
+          cp_async16(d + kV, vc + base + n * kRowStep * D, valid);
         }
         return;
       }
       const int s0 = slice0(t) + r0;
 #pragma unroll
       for (int n = 0; n < kRowsPerLane; ++n) {
-        const int r = r0 + n * kRowStep, slot = s0 + n * kRowStep;
+        const int slot = s0 + n * kRowStep;
         const bool valid = slot < kend;
         const int64_t off =
             valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * kChunkElems : 0;
-        cp_async16(sK + stage_off(r, cc), kc + off, valid);
-        cp_async16(sV + stage_off(r, cc), vc + off, valid);
+        const uint32_t d = dst_of(t, n);
+        cp_async16(d, kc + off, valid);
+        cp_async16(d + kV, vc + off, valid);
       }
     }
   };
@@ -229,6 +249,20 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
 #pragma unroll
     for (int n = 0; n < NT; ++n) qf[n][0] = qf[n][1] = 1.f;
     const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
+    // ldmatrix addresses: this lane's row of its matrix in a slice (bytes). Block k of d (fp8:
+    // the block pair k, k + 1) XORs k << 5 (fp8: k << 4) into it: swz(r, 2k + b) = swz(r, b) ^
+    // (k << 4) elements, and swz8 alike; a slice starts at a multiple of its size, so the XOR
+    // may be applied to the whole address. fp8: K's and V's lanes read the same rows.
+    const int lr = (lane & 7) + ((lane >> 3) & 1) * 8;  // K (and fp8 V) matrices' row
+    const uint32_t lane_k = F8 ? uint32_t(swz8(lr, lane >> 4) * 16) : uint32_t(dev::swz<D>(lr, lane >> 4) * 2);
+    const uint32_t lane_v =
+        F8 ? lane_k : uint32_t(dev::swz<D>((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1) * 2);
+    const uint32_t stages_u32 = dev::smem_u32(w.stages);
+    // Kept in registers: without the opaque moves the compiler recomputed them from the thread
+    // index in every slice (about 20 instructions of a 200-instruction fp8 slice).
+    const uint32_t base_k = dev::opaque(stages_u32 + lane_k), base_v = F8 ? base_k : dev::opaque(stages_u32 + lane_v);
+    constexpr uint32_t kSliceBytes = kSliceElems * sizeof(KV);
+    static_assert((kSliceBytes & (kSliceBytes - 1)) == 0, "slices start at multiples of their size");
 
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
@@ -305,8 +339,8 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
       }
       const int key0 = w.slice0(t);
       if (key0 >= kend) continue;
-      const KV* sK = w.stages + (t % kStages) * 2 * kSliceElems;
-      const KV* sV = sK + kSliceElems;
+      const uint32_t aK = base_k + (t % kStages) * 2 * kSliceBytes;
+      const uint32_t aV = base_v + ((t % kStages) * 2 + 1) * kSliceBytes;
 
       // S^T = K Q^T over the warp's 16 keys (M) and the head tiles (N).
       float s[NT][4];
@@ -320,8 +354,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
 #pragma unroll
         for (int k = 0; k < D / 16; k += 2) {
           uint32_t kr[4];
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = k + (lane >> 4);
-          dev::ldsm_x4(dev::smem_u32(sK + swz8(r, c) * 16), kr);
+          dev::ldsm_x4(aK ^ (k << 4), kr);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t a[4];
@@ -336,8 +369,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
 #pragma unroll
         for (int k = 0; k < D / 16; ++k) {
           uint32_t a[4];
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * k + (lane >> 4);
-          dev::ldsm_x4(dev::smem_u32(sK + dev::swz<D>(r, c)), a);
+          dev::ldsm_x4(aK ^ (k << 5), a);
 #pragma unroll
           for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>(s[n], a, qb[k][n][0], qb[k][n][1]);
         }
@@ -406,8 +438,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
 #pragma unroll
         for (int j = 0; j < D / 16; j += 2) {
           uint32_t vr[4];
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = j + (lane >> 4);
-          dev::ldsm_x4_trans(dev::smem_u32(sV + swz8(r, c) * 16), vr);
+          dev::ldsm_x4_trans(aV ^ (j << 4), vr);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t a[4];
@@ -422,8 +453,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) {
           uint32_t a[4];
-          const int r = (lane & 7) + (lane >> 4) * 8, c = 2 * j + ((lane >> 3) & 1);
-          dev::ldsm_x4_trans(dev::smem_u32(sV + dev::swz<D>(r, c)), a);
+          dev::ldsm_x4_trans(aV ^ (j << 5), a);
 #pragma unroll
           for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>(st.o[j][n], a, pb[n][0], pb[n][1]);
         }
