@@ -342,10 +342,13 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
       const uint32_t aK = base_k + (t % kStages) * 2 * kSliceBytes;
       const uint32_t aV = base_v + ((t % kStages) * 2 + 1) * kSliceBytes;
 
-      // S^T = K Q^T over the warp's 16 keys (M) and the head tiles (N).
-      float s[NT][4];
+      // S^T = K Q^T over the warp's 16 keys (M) and the head tiles (N); the even and the odd
+      // blocks of d into two accumulators (two dependent MMA chains of D / 32, not one of D / 16).
+      float s[NT][4], s2[NT][4];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = s2[n][e] = 0.f;
       if constexpr (F8) {
         // One ldmatrix.x4 per two 16-byte chunks (= d blocks k, k + 1): matrices (keys 0-7,
         // chunk k), (keys 8-15, k), (keys 0-7, k + 1), (keys 8-15, k + 1). Lane l gets key
@@ -361,7 +364,8 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
             e4m3x4_to_f16(kr[2 * h], a[0], a[2]);
             e4m3x4_to_f16(kr[2 * h + 1], a[1], a[3]);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) dev::mma_16x8x16<MT>(s[n], a, qb[k + h][n][0], qb[k + h][n][1]);
+            for (int n = 0; n < NT; ++n)
+              dev::mma_16x8x16<MT>(h ? s2[n] : s[n], a, qb[k + h][n][0], qb[k + h][n][1]);
           }
         }
       } else {
@@ -371,9 +375,13 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
           uint32_t a[4];
           dev::ldsm_x4(aK ^ (k << 5), a);
 #pragma unroll
-          for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>(s[n], a, qb[k][n][0], qb[k][n][1]);
+          for (int n = 0; n < NT; ++n) dev::mma_16x8x16<T>((k & 1) ? s2[n] : s[n], a, qb[k][n][0], qb[k][n][1]);
         }
       }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] += s2[n][e];
       // Online softmax (log2 domain) per head column, keys past the segment end masked: a
       // column's 16 keys are c0 / c2 of the 8 lanes of one t.
       float mx[NT][2];
