@@ -51,7 +51,7 @@ for run in "${RUNS[@]}"; do
     || { echo "$run failed:"; tail -n 20 "$AB/$run.log"; }
 done
 cp "$AB/A.so" "$SO"
-NAME=$(for P in "${PATCHES[@]}"; do basename "$P" .patch; done | paste -sd+)
+NAME=$(for P in "${PATCHES[@]}"; do basename "$P" .patch; done | paste -sd_)
 $PY - "$AB" "$AB_PATCH" "$*" "${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense}" "${AB_COL:-ours us}" "${RUNS[*]}" <<'EOF' | tee "$OUT/ab_decode_$NAME.md"
 import glob, os, sys
 ab, patches, flags, bench, col, order = sys.argv[1:7]

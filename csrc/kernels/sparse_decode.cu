@@ -18,8 +18,10 @@
 //              warps, each with its own 16-key slice of every 64-key tile, gathered through the
 //              block table by 16-byte cp.async into XOR-swizzled shared memory, in a private
 //              kStages-deep pipeline (no CTA-wide barrier in the loop). The whole GQA group
-//              rides in the M dimension of m16n8k16 tensor-core MMAs, so each K/V byte is read
-//              once per group. Online softmax per warp in the log2 domain.
+//              rides in the N dimension of m16n8k16 tensor-core MMAs (S^T = K Q^T, O^T = V^T
+//              P^T: keys and d in M, one n-tile of 8 heads for G <= 8, two for 9-16), so each
+//              K/V byte is read once per group and a group of 4 fills half an n-tile, not a
+//              quarter of M. Online softmax per warp and head column in the log2 domain.
 //   Merge      decode/merge.cuh: the 4 warp states merge in shared memory at the end of a
 //              segment (each warp's o in its own last stages, one weight per warp and head row,
 //              float4 columns); streamk::merge_pieces: the merge kernel below, over the partials

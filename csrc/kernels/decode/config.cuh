@@ -11,7 +11,7 @@
 namespace dms {
 namespace decode {
 
-constexpr int kHeadTile = 16;   // query heads of one work row (MMA M)
+constexpr int kHeadTile = 16;   // query heads of one work row (MMA N: one or two n-tiles of 8)
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // keys per pipeline tile: 16 per warp
 // Scheduling units charged per work row besides its tiles: the query load, the warp merge and
