@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   using K = Decode<T, D, S, F8, NT>;
   using W = WarpMerge<K>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // 1024-aligned: the mainloop XORs block offsets into whole shared addresses (decode/mainloop.cuh).
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* const sQbuf = reinterpret_cast<T*>(smem_raw);  // [kQBuffers][kHeadTile][D]: segments alternate
   unsigned char* const sStages = smem_raw + K::C::kQBuffers * K::C::kQBytes;
   __shared__ float sM[kWarps * kHeadTile], sL[kWarps * kHeadTile], sF[kWarps * kHeadTile], sLse[kHeadTile];

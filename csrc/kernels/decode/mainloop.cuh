@@ -251,8 +251,9 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     const float sl2 = F8 ? p.scale * p.kv.k_scale * kLog2e : p.scale * kLog2e;
     // ldmatrix addresses: this lane's row of its matrix in a slice (bytes). Block k of d (fp8:
     // the block pair k, k + 1) XORs k << 5 (fp8: k << 4) into it: swz(r, 2k + b) = swz(r, b) ^
-    // (k << 4) elements, and swz8 alike; a slice starts at a multiple of its size, so the XOR
-    // may be applied to the whole address. fp8: K's and V's lanes read the same rows.
+    // (k << 4) elements, and swz8 alike. The XOR touches bits 5-8 only, and every slice starts
+    // 1024-aligned (smem_raw is __align__(1024); the query buffers and slices are multiples of
+    // 1 KB), so it may be applied to the whole address. fp8: K's and V's lanes read the same rows.
     const int lr = (lane & 7) + ((lane >> 3) & 1) * 8;  // K (and fp8 V) matrices' row
     const uint32_t lane_k = F8 ? uint32_t(swz8(lr, lane >> 4) * 16) : uint32_t(dev::swz<D>(lr, lane >> 4) * 2);
     const uint32_t lane_v =
@@ -262,7 +263,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     // index in every slice (about 20 instructions of a 200-instruction fp8 slice).
     const uint32_t base_k = dev::opaque(stages_u32 + lane_k), base_v = F8 ? base_k : dev::opaque(stages_u32 + lane_v);
     constexpr uint32_t kSliceBytes = kSliceElems * sizeof(KV);
-    static_assert((kSliceBytes & (kSliceBytes - 1)) == 0, "slices start at multiples of their size");
+    static_assert(kSliceBytes % 1024 == 0 && C::kQBytes % 1024 == 0, "slices start 1024-aligned");
 
     for (int t = 0; t < ntiles; ++t) {
       __syncwarp();  // every lane is done reading slice t-1 before it is overwritten
