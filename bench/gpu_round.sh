@@ -44,6 +44,10 @@
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
 # DECODE_ARGS (extra bench_decode flags), TEST_FILES (tests stage files, default tests/test_decode.py tests/test_prefill.py tests/test_decode_step.py tests/test_graph_api.py tests/test_validate.py tests/test_fp8.py tests/test_fp8_attention.py tests/test_hf_generate.py; those run with -m cuda, any other file whole), SKIP_BUILD=1, FI_WARM=0 (no background FlashInfer JIT).
+# A warm machine keeps the last call's build: a call whose EXTRA_CMD built a patched (mutated)
+# library leaves it in place, and the next call's incremental build may keep it (the copied
+# sources can be older than those objects). Touch the patched files first in that next call
+# (2026-11-30 19:32: a racecheck ran on a mutated sparse_decode that way; rerun at 19:34).
 set -u -o pipefail
 
 T0=$(date +%s)
