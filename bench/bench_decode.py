@@ -402,7 +402,7 @@ def ncu_mode(a):
             torch.ops.dms.sparse_decode(q, P.k, P.v, P.tables[0], P.lens, c.D ** -0.5, *kv_scales)
     torch.cuda.synchronize()
     print(f"ncu mode: {2 + a.ncu_calls} calls of sparse_decode at {c.name} "
-          f"({P.live_tokens * 2 * c.D * P.k.element_size() / 1e6:.0f} MB live)")
+          f"({live_bytes(P.live_tokens, c.D, P.k.element_size()) / 1e6:.0f} MB live)")
 
 
 def memcheck_mode(a):

@@ -54,6 +54,9 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
   // and o scale by 2^kPOff with it: o / l and m + log2(l) (the lse) are unchanged.
   static constexpr float kPOff = F8 ? 15.f : 0.f;
   static constexpr int kStages = C::kStages, kSliceElems = C::kSliceElems;
+  // A warp's stage t % kStages (C::kStageBytes) holds slice t: K, then V, kSliceBytes each.
+  static constexpr uint32_t kSliceBytes = C::kStageBytes / 2;
+  static __device__ __forceinline__ uint32_t stage_bytes(int t) { return uint32_t(t % kStages) * C::kStageBytes; }
   static constexpr int kQChunks = D / 8;                         // 16-byte chunks of a q row
   static constexpr int kChunkElems = 16 / int(sizeof(KV));       // pool elements per chunk
   static constexpr int kChunks = D / kChunkElems;                // 16-byte chunks per pool row
@@ -126,9 +129,8 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     }
     // Shared address of row r0 + n kRowStep of slice t's K (V: + the slice's bytes).
     __device__ __forceinline__ uint32_t dst_of(int t, int n) const {
-      const uint32_t stage = uint32_t((t % kStages) * 2 * kSliceElems * sizeof(KV));
-      if constexpr (kHold) return dst[n % kPat] + stage + uint32_t((n / kPat) * 8 * D * sizeof(KV));
-      else return dev::smem_u32(stages + stage_off(r0 + n * kRowStep, cc)) + stage;
+      if constexpr (kHold) return dst[n % kPat] + stage_bytes(t) + uint32_t((n / kPat) * 8 * D * sizeof(KV));
+      else return dev::smem_u32(stages + stage_off(r0 + n * kRowStep, cc)) + stage_bytes(t);
     }
     __device__ __forceinline__ int ntiles() const {
       return kend > kbeg ? (kend - kbeg + kTileKeys - 1) / kTileKeys : 0;
@@ -156,7 +158,6 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     __device__ __forceinline__ void load_slice(int t, const int (&ids)[kRowsPerLane]) const {
       if (slice0(t) >= kend) return;  // nothing of this warp in the tail tile
       const int bs_mask = (1 << bs_shift) - 1;
-      constexpr uint32_t kV = kSliceElems * sizeof(KV);
       if (one_block()) {
         const int sl = slice0(t);
         const int64_t base = (((int64_t)ids[0] << bs_shift) + (sl & bs_mask) + r0) * D + cc * kChunkElems;
@@ -165,7 +166,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
           const bool valid = sl + r0 + n * kRowStep < kend;
           const uint32_t d = dst_of(t, n);
           cp_async16(d, kc + base + n * kRowStep * D, valid);
-          cp_async16(d + kV, vc + base + n * kRowStep * D, valid);
+          cp_async16(d + kSliceBytes, vc + base + n * kRowStep * D, valid);
         }
         return;
       }
@@ -178,7 +179,7 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
             valid ? (((int64_t)ids[n] << bs_shift) + (slot & bs_mask)) * D + cc * kChunkElems : 0;
         const uint32_t d = dst_of(t, n);
         cp_async16(d, kc + off, valid);
-        cp_async16(d + kV, vc + off, valid);
+        cp_async16(d + kSliceBytes, vc + off, valid);
       }
     }
   };
@@ -262,7 +263,6 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
     // Kept in registers: without the opaque moves the compiler recomputed them from the thread
     // index in every slice (about 20 instructions of a 200-instruction fp8 slice).
     const uint32_t base_k = dev::opaque(stages_u32 + lane_k), base_v = F8 ? base_k : dev::opaque(stages_u32 + lane_v);
-    constexpr uint32_t kSliceBytes = kSliceElems * sizeof(KV);
     static_assert(kSliceBytes % 1024 == 0 && C::kQBytes % 1024 == 0, "slices start 1024-aligned");
 
     for (int t = 0; t < ntiles; ++t) {
@@ -340,8 +340,8 @@ template <typename T, int D, int S, bool F8 = false, int NT = 1> struct Decode {
       }
       const int key0 = w.slice0(t);
       if (key0 >= kend) continue;
-      const uint32_t aK = base_k + (t % kStages) * 2 * kSliceBytes;
-      const uint32_t aV = base_v + ((t % kStages) * 2 + 1) * kSliceBytes;
+      const uint32_t aK = base_k + stage_bytes(t);
+      const uint32_t aV = base_v + stage_bytes(t) + kSliceBytes;
 
       // S^T = K Q^T over the warp's 16 keys (M) and the head tiles (N); the even and the odd
       // blocks of d into two accumulators (two dependent MMA chains of D / 32, not one of D / 16).
