@@ -61,10 +61,12 @@ using dev::pdl_launch_dependents;
 using dev::pdl_wait;
 using streamk::kMergeThreads;
 
-// fp8: the residency the grid assumes is promised to ptxas (3 CTAs at D 128: <= 168 registers).
+// The residency the grid assumes (Cfg::kCtasPerSm) is promised to ptxas, on every pool dtype: at
+// most 168 registers at 3 CTAs per SM (D 128). Without it on bf16 / fp16 pools the D 128 kernel
+// for G 9-16 took 254 registers: 2 CTAs per SM under a grid of 3 per SM.
 // NT: n-tiles of 8 head rows (1: G <= 8).
 template <typename T, int D, int S, bool F8, int NT>
-__global__ void __launch_bounds__(kThreads, F8 ? Cfg<D, S, F8>::kCtasPerSm : 0)
+__global__ void __launch_bounds__(kThreads, Cfg<D, S, F8>::kCtasPerSm)
 sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   using K = Decode<T, D, S, F8, NT>;
   using W = WarpMerge<K>;
