@@ -175,12 +175,13 @@ def test_d128_both_pipelines(rows):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("G,D,bs", [(4, 128, 64), (3, 64, 16), (5, 256, 128)])
+@pytest.mark.parametrize("G,D,bs", [(4, 128, 64), (3, 64, 16), (5, 256, 128), (12, 128, 64), (20, 64, 32)])
 def test_few_rows_row_aligned_pieces(G, D, bs):
     # Up to 16 work rows take row-aligned pieces (each CTA one piece of one row, a row's share
     # of the grid set by its tiles; csrc/kernels/streamk.cuh locate_rows). One row long enough
     # for ~100 pieces beside a row of one tile, rows ending one key past / at a 64-key tile and a
-    # block boundary, and empty rows; its lse comes from the per-row merge.
+    # block boundary, and empty rows; its lse comes from the per-row merge. G 12: two n-tiles of
+    # head rows; G 20: two head tiles per kv head (16 work rows).
     torch.manual_seed(G * 1000 + D)
     lens = torch.tensor([[70000 + 3, 0, 1, 64], [65, bs * 7, 0, 4097]], dtype=torch.int32)
     c = make_case(lens, G, D, bs, torch.bfloat16)

@@ -82,11 +82,12 @@ namespace dms {
 //   q is read with 16-byte copies: q 16-byte aligned, q_stride_b and q_stride_h multiples of
 //   8 elements; k_cache / v_cache 16-byte aligned. out is written per element (any strides).
 //   An empty head (seq_lens 0) gives zeros and lse -inf. lse is optional (null: not written).
-//   The kernel is persistent and length-balanced: a scheduler kernel scans seq_lens on the
-//   device and cuts the (row, 64-key tile) work into equal ranges, one per resident CTA; rows
-//   cut between CTAs are merged in fp32 by a merge kernel (three launches, chained with
-//   programmatic dependent launch; no host plan, no sync).
-// Bytes of scratch sparse_decode needs for these sizes (the plan and the cut rows' partials;
+//   The kernel is persistent and length-balanced: every CTA scans seq_lens on the device and
+//   takes its equal range of the (row, 64-key tile) work, one range per resident CTA (with at
+//   most 16 work rows, one piece of one row per CTA); rows cut between CTAs are merged in fp32
+//   by a merge kernel (two launches, chained with programmatic dependent launch; no host plan,
+//   no sync).
+// Bytes of scratch sparse_decode needs for these sizes (the cut rows' records and partials;
 // params.max_splits and params.min_chunk resolved as the launcher resolves them). Depends on
 // sizes only, never on seq_lens, so a caller can allocate once and reuse it across graph
 // replays. num_sms MUST be the multiprocessor count of the device the call runs on
