@@ -196,18 +196,16 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy; valid == false copies 0 source bytes, i.e. zero-fills the destination
-// (masked rows must hold zeros, not stale bits: P = 0 times a NaN pattern still poisons P.V).
-// gmem must be a readable address either way.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-}
-// The same at a 32-bit shared address (smem_u32).
+// 16-byte async copy to a 32-bit shared address (smem_u32); valid == false copies 0 source
+// bytes, i.e. zero-fills the destination (masked rows must hold zeros, not stale bits: P = 0
+// times a NaN pattern still poisons P.V). gmem must be a readable address either way.
 __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
                : "memory");
+}
+// The same at a generic pointer into shared memory.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  cp_async16(smem_u32(smem), gmem, valid);
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -201,9 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int i = (int)(R / G), hh = (int)(R % G);
           gp = q + ((long long)(x.start + i) * Hq + (long long)g * G + hh) * D + c16 * 8;
         }
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sQ + tile_off<kBlockM>(row, c16)),
-                     "l"(gp), "r"(valid ? 16 : 0)
-                     : "memory");
+        dev::cp_async16(sQ + tile_off<kBlockM>(row, c16), gp, valid);
       }
       mbar_copies_arrive(q_full);
 

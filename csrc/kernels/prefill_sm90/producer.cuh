@@ -101,9 +101,7 @@ __device__ __forceinline__ void copy_rows(uint32_t dst, const T* src, int mrow, 
     for (int ci = 0; ci < RC::kChunkIters; ++ci) {
       const int c16 = RC::c16(ci, warp, lane);
       const T* gp = row >= 0 ? src + (long long)row * D + c16 * 8 : src;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + tile_off<kBlockN>(key, c16)),
-                   "l"(gp), "r"(row >= 0 ? 16 : 0)
-                   : "memory");
+      dev::cp_async16(dst + tile_off<kBlockN>(key, c16), gp, row >= 0);
     }
   }
 }
