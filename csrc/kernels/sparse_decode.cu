@@ -61,6 +61,15 @@ using dev::pdl_launch_dependents;
 using dev::pdl_wait;
 using streamk::kMergeThreads;
 
+// Tiles of work row v (row-aligned form; the attention and merge kernels' one rule).
+struct RowTiles {
+  const int32_t* seq_lens;
+  int head_tiles;
+  __device__ __forceinline__ int operator()(int v) const {
+    return (__ldg(seq_lens + v / head_tiles) + kTileKeys - 1) / kTileKeys;
+  }
+};
+
 // The residency the grid assumes (Cfg::kCtasPerSm) is promised to ptxas, on every pool dtype: at
 // most 168 registers at 3 CTAs per SM (D 128). Without it on bf16 / fp16 pools the D 128 kernel
 // for G 9-16 took 254 registers: 2 CTAs per SM under a grid of 3 per SM.
@@ -90,14 +99,13 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // Few rows: one piece of one row per CTA. Else a stream-K range of the unit line.
   const streamk::Place* pl;
   if (rs.aligned) {
-    auto tiles = [&](int v) { return (__ldg(seq_lens + v / rs.head_tiles) + kTileKeys - 1) / kTileKeys; };
-    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, tiles);
+    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, RowTiles{seq_lens, rs.head_tiles});
   } else {
     auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
     pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
   }
   if (!pl) {
-    if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: records by row
+    if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: no records
     DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
                                                probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
     return;
@@ -213,10 +221,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     cur = nxt;
   }
-  if (tid == 0) {  // the last segment's row
-    if (!rs.aligned) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
-    else if (streamk::writes_piece_record(*pl)) cut[pl->v] = streamk::piece_record(*pl, c);
-  }
+  // The last segment's row (row-aligned: the merge kernel finds its rows' pieces itself).
+  if (tid == 0 && !rs.aligned) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
@@ -226,8 +232,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
 // a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. Row-aligned
-// (kAligned): kMergeParts CTAs per row, each a share of its columns (a quarter at D 128), from
-// row blockIdx / kMergeParts's record, its pieces from the record's first CTA on; rows of many
+// (kAligned): kMergeParts CTAs per row, each a share of its columns (a quarter at D 128), row
+// blockIdx / kMergeParts's pieces found by the attention kernel's search (streamk::row_record,
+// before the wait: without it, the record the attention kernel wrote cost a dependent load after
+// the wait), its pieces from its first CTA on; rows of many
 // pieces (B 1: 16-60), so the pieces' loads are issued before the lse phase (kPrefetch: the A/B
 // measured it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the
 // stream-K merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md), and
@@ -241,14 +249,25 @@ __global__ void __launch_bounds__(kMergeThreads)
 sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   extern __shared__ __align__(16) float merge_smem[];
   DMS_PROBE(const unsigned long long pt0 = probe::gtime();)
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  const int c = kAligned ? blockIdx.x / kMergeParts<D> : blockIdx.x;
+  // Row-aligned: row c's pieces from the attention kernel's own search over seq_lens (an input,
+  // so before the wait: it overlaps the attention kernel when this CTA starts early).
+  __shared__ streamk::CutRow s_cr;
+  if constexpr (kAligned) {
+    if (threadIdx.x < 32) {
+      const streamk::CutRow r = streamk::row_record((int)rs.rows_v, rs.grid, rs.min_units, c,
+                                                    RowTiles{p.pages.seq_lens, rs.head_tiles});
+      if (threadIdx.x == 0) s_cr = r;
+    }
+    __syncthreads();
+  }
   pdl_wait();  // the attention kernel's partials and direct outputs are written
   DMS_PROBE(const unsigned long long pt1 = probe::gtime();)
 
-  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const int c = kAligned ? blockIdx.x / kMergeParts<D> : blockIdx.x;
-  const streamk::CutRow cr = reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
+  const streamk::CutRow cr = kAligned ? s_cr : reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
   if (cr.v < 0) {
     DMS_PROBE(if (rs.probe && threadIdx.x == 0 && c == 0)
                 printf("PROBE MI call %d c %d sm %u t0 %llu tw %llu t1 %llu\n", rs.probe, c, probe::smid(), pt0, pt1,

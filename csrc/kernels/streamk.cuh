@@ -40,11 +40,9 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0). int32: the ops keep U below 2^31. cut_k: the
-// row-aligned form's record (locate_rows).
+// first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
 struct Place {
   int n, U, a0, b0, v, P;
-  int cut_k;
 };
 
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
@@ -108,7 +106,7 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
         P = e;
       }
     }
-    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P, 0};
+    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P};
   }
   __syncthreads();
   return &s_place;
@@ -136,15 +134,53 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
 // after its first row (with one CTA per SM, the CTAs whose stream-K range held two rows ended
 // last: bench/results/decode_probe_dump_2026-11-30_1325.md). Row v of T_v tiles gets
 // n_v = max(1, ceil(T_v / lam)) CTAs, lam (tiles per CTA at most) the smallest value >= max(1,
-// min_tiles) with sum n_v <= grid: a search of a few steps in one warp. Piece j of row v holds
-// tiles [j T_v / n_v, (j + 1) T_v / n_v) (an empty row: one piece of none); the pieces of a row
-// are consecutive CTAs. The piece is returned as a Place of the stream-K walk over the row
-// alone (P = 0, the row's row_cost fixed units first, then its tiles): range [a0, b0) holds
-// exactly the piece's tiles (and the fixed units when j = 0), so the walk takes one segment,
-// writes the row directly when it has one piece, and its partial in slot 2c otherwise. cut_k:
-// the row's pieces when j = 0 (the CTA that writes the row's merge record), else 0.
-// Run by all kThreads threads of CTA c. tiles(v) >= 0; rows_v <= 32 and <= grid. Returns the
-// CTA's place in shared memory, or nullptr: c gets none.
+// min_tiles) with sum n_v <= grid: a search of a few steps in one warp (row_pieces). Piece j of
+// row v holds tiles [j T_v / n_v, (j + 1) T_v / n_v) (an empty row: one piece of none); the
+// pieces of a row are consecutive CTAs, from first_v = sum of n_u over u < v. The merge kernel
+// runs the same search for its row (the lengths are inputs, not written by the attention
+// kernel, so before its wait for the attention grid): no record between the kernels.
+
+// Row v's pieces: run by one converged warp, lane v < rows_v for row v (tiles(v) >= 0); lanes
+// past rows_v get n = 0. rows_v <= 32 and <= grid.
+struct RowPieces {
+  int T, n, first;
+};
+template <typename Tiles>
+__device__ __forceinline__ RowPieces row_pieces(int rows_v, int grid, int min_tiles, int lane, Tiles&& tiles) {
+  const bool mine = lane < rows_v;
+  const int T = mine ? tiles(lane) : 0;
+  auto warp_sum = [](int x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+  };
+  auto pieces = [&](int lam) { return mine ? max(1, (T + lam - 1) / lam) : 0; };
+  // lam lies in [ceil(S / grid), ceil(S / (grid - rows_v))] (S the tiles of all rows): below,
+  // sum ceil(T_v / lam) >= S / lam > grid; at the top, sum (T_v / lam + 1) <= grid. Without a
+  // spare CTA the top is the longest row. A search of a few steps, not one over the lengths.
+  int S = T, tmax = T;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    S += __shfl_xor_sync(0xffffffffu, S, o);
+    tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+  }
+  const int spare = grid - rows_v;
+  int lo = max(max(1, min_tiles), (S + grid - 1) / grid);
+  int hi = max(lo, spare > 0 ? (S + spare - 1) / spare : tmax);
+  while (lo < hi) {  // uniform over the warp
+    const int mid = lo + (hi - lo) / 2;
+    if (warp_sum(pieces(mid)) <= grid) hi = mid;
+    else lo = mid + 1;
+  }
+  const int n = pieces(lo);
+  return RowPieces{T, n, warp_inclusive_scan(n, lane) - n};
+}
+
+// CTA c's piece as a Place of the stream-K walk over the row alone (P = 0, the row's row_cost
+// fixed units first, then its tiles): range [a0, b0) holds exactly the piece's tiles (and the
+// fixed units when j = 0), so the walk takes one segment, writes the row directly when it has
+// one piece, and its partial in slot 2c otherwise. Run by all kThreads threads of CTA c.
+// Returns the CTA's place in shared memory, or nullptr: c gets none.
 template <int kThreads, typename Tiles>
 __device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int min_tiles, int row_cost, int c,
                                                     Tiles&& tiles) {
@@ -152,37 +188,12 @@ __device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int mi
   __shared__ int s_has;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    const bool mine = lane < rows_v;
-    const int T = mine ? tiles(lane) : 0;
-    auto warp_sum = [](int x) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-      return x;
-    };
-    auto pieces = [&](int lam) { return mine ? max(1, (T + lam - 1) / lam) : 0; };
-    // lam lies in [ceil(S / grid), ceil(S / (grid - rows_v))] (S the tiles of all rows): below,
-    // sum ceil(T_v / lam) >= S / lam > grid; at the top, sum (T_v / lam + 1) <= grid. Without a
-    // spare CTA the top is the longest row. A search of a few steps, not one over the lengths.
-    int S = T, tmax = T;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      S += __shfl_xor_sync(0xffffffffu, S, o);
-      tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-    }
-    const int spare = grid - rows_v;
-    int lo = max(max(1, min_tiles), (S + grid - 1) / grid);
-    int hi = max(lo, spare > 0 ? (S + spare - 1) / spare : tmax);
-    while (lo < hi) {  // uniform over the warp
-      const int mid = lo + (hi - lo) / 2;
-      if (warp_sum(pieces(mid)) <= grid) hi = mid;
-      else lo = mid + 1;
-    }
-    const int n = pieces(lo);
-    const int incl = warp_inclusive_scan(n, lane), excl = incl - n;
-    if (mine && excl <= c && c < incl) {
-      const int j = c - excl;
+    const RowPieces rp = row_pieces(rows_v, grid, min_tiles, lane, tiles);
+    const int T = rp.T, n = rp.n, incl = rp.first + n;
+    if (n > 0 && rp.first <= c && c < incl) {
+      const int j = c - rp.first;
       const int t0 = (int)((int64_t)j * T / n), t1 = (int)((int64_t)(j + 1) * T / n);
-      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0, j == 0 ? n : 0};
+      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0};
     }
     if (lane == 31) s_has = c < incl;  // incl of lane 31: the pieces of all rows
   }
@@ -190,12 +201,14 @@ __device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int mi
   return s_has ? &s_place : nullptr;
 }
 
-// The row-aligned form's record of row v, written by the CTA c of its first piece (cut_k > 0) at
-// index v, so that the merge grid is one CTA per row: the row when it is cut, with P = a0 = c (the
-// merge reads piece j from CTA c + j's slot 2 (c + j)), else none.
-__device__ __forceinline__ bool writes_piece_record(const Place& pl) { return pl.cut_k > 0; }
-__device__ __forceinline__ CutRow piece_record(const Place& pl, int c) {
-  return pl.cut_k > 1 ? CutRow{pl.v, c, c, pl.cut_k} : no_cut_row();
+// The row-aligned form's merge record of row v (run by one converged warp, every lane gets it):
+// the row when it is cut, with P = a0 = its first CTA (the merge reads piece j from CTA
+// P + j's slot 2 (P + j)), else none.
+template <typename Tiles>
+__device__ __forceinline__ CutRow row_record(int rows_v, int grid, int min_tiles, int v, Tiles&& tiles) {
+  const RowPieces rp = row_pieces(rows_v, grid, min_tiles, threadIdx.x & 31, tiles);
+  const int n = __shfl_sync(0xffffffffu, rp.n, v), first = __shfl_sync(0xffffffffu, rp.first, v);
+  return n > 1 ? CutRow{v, first, first, n} : no_cut_row();
 }
 
 constexpr int kMergeThreads = 256;
@@ -276,7 +289,7 @@ __device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* p
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
   // The rule of the in-kernel form: a row cut and starting in c (else whole in c, written
   // directly, or merged by the earlier CTA where it starts).
-  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0, 0}, c, (int)v, (int)P, (int)P_end);
+  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0}, c, (int)v, (int)P, (int)P_end);
   return out.v >= 0;
 }
 
