@@ -11,7 +11,8 @@
 // whole inside the range is written directly, a cut row's pieces go to float32 partials (two
 // slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the CTA
 // where a cut row starts leaves a record (CutRow) for the merge kernel, which combines the
-// pieces (merge_pieces). What differs between the ops (rows per work row, where an output row
+// pieces (merge_pieces); in the row-aligned form the merge kernel makes the record itself
+// (row_record). What differs between the ops (rows per work row, where an output row
 // is stored) stays with the op: the Store functor.
 #pragma once
 #include <cuda_runtime.h>
