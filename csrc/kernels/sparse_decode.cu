@@ -102,7 +102,13 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, RowTiles{seq_lens, rs.head_tiles});
   } else {
     auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
-    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost);
+    // One head tile per row (G <= 16) and 16-byte aligned lengths: four rows per load.
+    const bool vec4 = rs.head_tiles == 1 && (reinterpret_cast<uintptr_t>(seq_lens) & 15) == 0;
+    auto cost4 = [&](int64_t v) {
+      const int4 x = __ldg(reinterpret_cast<const int4*>(seq_lens + v));
+      return make_int4(units_of(x.x), units_of(x.y), units_of(x.z), units_of(x.w));
+    };
+    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost, vec4, cost4);
   }
   if (!pl) {
     if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: no records

@@ -52,9 +52,12 @@ struct Place {
 // finds its row. cost(v) >= 0, evaluated at most twice per row. Returns the CTA's place in
 // shared memory (read it where needed rather than keeping copies in registers across the
 // mainloop), or nullptr: c gets no work.
-template <int kThreads, typename Cost>
+// cost4(v) (used when vec4): the costs of rows v .. v + 3 as an int4, v a multiple of 4 (one 16-byte
+// load where cost(v) would take four: each thread's rows are consecutive, so the CTA's scalar loads
+// hit every line `per` times, and every CTA of the grid loads the same lines at its start).
+template <int kThreads, typename Cost, typename Cost4>
 __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c,
-                                               Cost&& cost) {
+                                               Cost&& cost, bool vec4, Cost4&& cost4) {
   // Up to kHeld rows per thread: all their costs are loaded at once (independent loads, one
   // memory latency) and kept in registers for the owner's search; more rows: a loop.
   constexpr int kHeld = 8;
@@ -66,8 +69,21 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   int held[kHeld];
   int sum = 0;
   if (per <= kHeld) {
+    if (vec4 && per % 4 == 0) {  // v_lo = tid * per: a multiple of 4
 #pragma unroll
-    for (int i = 0; i < kHeld; ++i) held[i] = v_lo + i < v_hi ? cost(v_lo + i) : 0;
+      for (int i = 0; i < kHeld; i += 4) {
+        if (v_lo + i + 3 < v_hi) {
+          const int4 x = cost4(v_lo + i);
+          held[i] = x.x; held[i + 1] = x.y; held[i + 2] = x.z; held[i + 3] = x.w;
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) held[i + j] = v_lo + i + j < v_hi ? cost(v_lo + i + j) : 0;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) held[i] = v_lo + i < v_hi ? cost(v_lo + i) : 0;
+    }
 #pragma unroll
     for (int i = 0; i < kHeld; ++i) sum += held[i];
   } else {
