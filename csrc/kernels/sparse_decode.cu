@@ -61,13 +61,15 @@ using dev::pdl_launch_dependents;
 using dev::pdl_wait;
 using streamk::kMergeThreads;
 
-// Tiles of work row v (row-aligned form; the attention and merge kernels' one rule).
-struct RowTiles {
+// Length of work row v, and the tiles of a length (row-aligned form; the attention and merge
+// kernels' one rule).
+struct RowLen {
   const int32_t* seq_lens;
   int head_tiles;
-  __device__ __forceinline__ int operator()(int v) const {
-    return (__ldg(seq_lens + v / head_tiles) + kTileKeys - 1) / kTileKeys;
-  }
+  __device__ __forceinline__ int operator()(int v) const { return __ldg(seq_lens + v / head_tiles); }
+};
+struct TilesOf {
+  __device__ __forceinline__ int operator()(int L) const { return (L + kTileKeys - 1) / kTileKeys; }
 };
 
 // The residency the grid assumes (Cfg::kCtasPerSm) is promised to ptxas, on every pool dtype: at
@@ -99,16 +101,15 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // Few rows: one piece of one row per CTA. Else a stream-K range of the unit line.
   const streamk::Place* pl;
   if (rs.aligned) {
-    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c, RowTiles{seq_lens, rs.head_tiles});
+    pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c,
+                                        RowLen{seq_lens, rs.head_tiles}, TilesOf{});
   } else {
-    auto cost = [&](int64_t v) { return units_of(__ldg(seq_lens + (int)v / rs.head_tiles)); };
+    auto len = [&](int64_t v) { return __ldg(seq_lens + (int)v / rs.head_tiles); };
+    auto units = [](int L) { return units_of(L); };
     // One head tile per row (G <= 16) and 16-byte aligned lengths: four rows per load.
     const bool vec4 = rs.head_tiles == 1 && (reinterpret_cast<uintptr_t>(seq_lens) & 15) == 0;
-    auto cost4 = [&](int64_t v) {
-      const int4 x = __ldg(reinterpret_cast<const int4*>(seq_lens + v));
-      return make_int4(units_of(x.x), units_of(x.y), units_of(x.z), units_of(x.w));
-    };
-    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, cost, vec4, cost4);
+    auto len4 = [&](int64_t v) { return __ldg(reinterpret_cast<const int4*>(seq_lens + v)); };
+    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, len, units, vec4, len4);
   }
   if (!pl) {
     if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: no records
@@ -126,13 +127,13 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   struct Seg {
     int v, P, P_end, a, hi, row, b, qh0, nh, kbeg, kend;
   };
-  auto segment = [&](int v, int P, int a) {
+  // L: the row's length (the first segment's from the place; else loaded).
+  auto segment = [&](int v, int P, int a, int L) {
     Seg s;
     s.v = v;
     s.P = P;
     s.a = a;
     s.row = (int)(v / rs.head_tiles);
-    const int L = __ldg(seq_lens + s.row);
     s.P_end = P + units_of(L);  // = P + cost(v)
     s.hi = min(pl->b0, s.P_end);
     const int ht = (int)(v % rs.head_tiles);
@@ -163,7 +164,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   // The walk. Segment n + 1's queries and first slices are issued as soon as segment n's
   // mainloop is done, before its warp merge and epilogue. A segment without keys (an empty row,
   // or a piece holding only the row's fixed unit) loads nothing and writes zeros.
-  Seg cur = segment(pl->v, pl->P, pl->a0);
+  Seg cur = segment(pl->v, pl->P, pl->a0, pl->x);
   typename K::Pre pre;
   int qb = 0;
   if (cur.kend > cur.kbeg) begin(cur, sQbuf, pre);
@@ -178,7 +179,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     const bool more = cur.hi < pl->b0;
     Seg nxt = cur;
     if (more) {
-      nxt = segment(cur.v + 1, cur.P_end, cur.hi);
+      nxt = segment(cur.v + 1, cur.P_end, cur.hi, __ldg(seq_lens + (cur.v + 1) / rs.head_tiles));
       if constexpr (K::C::kEarlyNext) {
         __syncwarp();  // the warp's lanes are done with the stages the next slices overwrite
         if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
@@ -263,7 +264,7 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   if constexpr (kAligned) {
     if (threadIdx.x < 32) {
       const streamk::CutRow r = streamk::row_record((int)rs.rows_v, rs.grid, rs.min_units, c,
-                                                    RowTiles{p.pages.seq_lens, rs.head_tiles});
+                                                    RowLen{p.pages.seq_lens, rs.head_tiles}, TilesOf{});
       if (threadIdx.x == 0) s_cr = r;
     }
     __syncthreads();

@@ -41,23 +41,25 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0). int32: the ops keep U below 2^31.
+// first unit P (the row holding unit a0) and length x (the value len(v) the search read, so that
+// the walk's first segment does not load it again; -1: not known). int32: the ops keep U below
+// 2^31.
 struct Place {
-  int n, U, a0, b0, v, P;
+  int n, U, a0, b0, v, P, x;
 };
 
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
-// Thread t sums cost(v) over its block of consecutive rows, a block scan gives each block's first
-// unit and U, then n = clamp(U / min_units, 1, grid) and the thread whose block holds unit a0
-// finds its row. cost(v) >= 0, evaluated at most twice per row. Returns the CTA's place in
-// shared memory (read it where needed rather than keeping copies in registers across the
-// mainloop), or nullptr: c gets no work.
-// cost4(v) (used when vec4): the costs of rows v .. v + 3 as an int4, v a multiple of 4 (one 16-byte
-// load where cost(v) would take four: each thread's rows are consecutive, so the CTA's scalar loads
-// hit every line `per` times, and every CTA of the grid loads the same lines at its start).
-template <int kThreads, typename Cost, typename Cost4>
-__device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c,
-                                               Cost&& cost, bool vec4, Cost4&& cost4) {
+// Row v costs units(len(v)) >= 0 units. Thread t sums the costs over its block of consecutive rows
+// (len(v) loaded at most twice per row), a block scan gives each block's first unit and U, then
+// n = clamp(U / min_units, 1, grid) and the thread whose block holds unit a0 finds its row.
+// Returns the CTA's place in shared memory (read it where needed rather than keeping copies in
+// registers across the mainloop), or nullptr: c gets no work.
+// len4(v) (used when vec4): len of rows v .. v + 3 as an int4, v a multiple of 4: one 16-byte
+// load where len(v) would take four. A thread's rows are consecutive, so its scalar loads hit
+// every line `per` times, and every CTA of the grid loads the same lines at its start.
+template <int kThreads, typename Len, typename Units, typename Len4>
+__device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c, Len&& len,
+                                               Units&& units, bool vec4, Len4&& len4) {
   // Up to kHeld rows per thread: all their costs are loaded at once (independent loads, one
   // memory latency) and kept in registers for the owner's search; more rows: a loop.
   constexpr int kHeld = 8;
@@ -69,25 +71,26 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   int held[kHeld];
   int sum = 0;
   if (per <= kHeld) {
+    // held[i]: len(v_lo + i) (rows past the block: 0 units, never found)
     if (vec4 && per % 4 == 0) {  // v_lo = tid * per: a multiple of 4
 #pragma unroll
       for (int i = 0; i < kHeld; i += 4) {
         if (v_lo + i + 3 < v_hi) {
-          const int4 x = cost4(v_lo + i);
+          const int4 x = len4(v_lo + i);
           held[i] = x.x; held[i + 1] = x.y; held[i + 2] = x.z; held[i + 3] = x.w;
         } else {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) held[i + j] = v_lo + i + j < v_hi ? cost(v_lo + i + j) : 0;
+          for (int j = 0; j < 4; ++j) held[i + j] = v_lo + i + j < v_hi ? len(v_lo + i + j) : 0;
         }
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < kHeld; ++i) held[i] = v_lo + i < v_hi ? cost(v_lo + i) : 0;
+      for (int i = 0; i < kHeld; ++i) held[i] = v_lo + i < v_hi ? len(v_lo + i) : 0;
     }
 #pragma unroll
-    for (int i = 0; i < kHeld; ++i) sum += held[i];
+    for (int i = 0; i < kHeld; ++i) sum += v_lo + i < v_hi ? units(held[i]) : 0;
   } else {
-    for (int64_t v = v_lo; v < v_hi; ++v) sum += cost(v);
+    for (int64_t v = v_lo; v < v_hi; ++v) sum += units(len(v));
   }
   const int x = warp_inclusive_scan(sum, lane);  // then over the CTA
   if (lane == 31) s_warp[warp] = x;
@@ -104,26 +107,29 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   if (U == 0 || c >= n) return nullptr;  // uniform over the CTA
   const int a0 = (int)range_begin(c, U, n);
   if (excl <= a0 && a0 < excl + sum) {  // exactly one thread: the blocks partition the units
-    int P = excl;
+    int P = excl, x = 0;
     int64_t v = v_lo;
     if (per <= kHeld) {
       bool found = false;
 #pragma unroll
       for (int i = 0; i < kHeld; ++i) {
-        if (!found && P + held[i] > a0) {
+        const int u = v_lo + i < v_hi ? units(held[i]) : 0;
+        if (!found && P + u > a0) {
           v = v_lo + i;
+          x = held[i];
           found = true;
         }
-        if (!found) P += held[i];
+        if (!found) P += u;
       }
     } else {
       for (;; ++v) {
-        const int e = P + cost(v);
+        x = len(v);
+        const int e = P + units(x);
         if (e > a0) break;
         P = e;
       }
     }
-    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P};
+    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P, x};
   }
   __syncthreads();
   return &s_place;
@@ -157,15 +163,17 @@ __device__ __forceinline__ CutRow cut_record(const Place& pl, int c, int v, int 
 // runs the same search for its row (the lengths are inputs, not written by the attention
 // kernel, so before its wait for the attention grid): no record between the kernels.
 
-// Row v's pieces: run by one converged warp, lane v < rows_v for row v (tiles(v) >= 0); lanes
-// past rows_v get n = 0. rows_v <= 32 and <= grid.
+// Row v's pieces: run by one converged warp, lane v < rows_v for row v (L = len(v), T =
+// tiles(L) >= 0 tiles); lanes past rows_v get n = 0. rows_v <= 32 and <= grid.
 struct RowPieces {
-  int T, n, first;
+  int T, n, first, L;
 };
-template <typename Tiles>
-__device__ __forceinline__ RowPieces row_pieces(int rows_v, int grid, int min_tiles, int lane, Tiles&& tiles) {
+template <typename Len, typename Tiles>
+__device__ __forceinline__ RowPieces row_pieces(int rows_v, int grid, int min_tiles, int lane, Len&& len,
+                                                Tiles&& tiles) {
   const bool mine = lane < rows_v;
-  const int T = mine ? tiles(lane) : 0;
+  const int L = mine ? len(lane) : 0;
+  const int T = mine ? tiles(L) : 0;
   auto warp_sum = [](int x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -190,7 +198,7 @@ __device__ __forceinline__ RowPieces row_pieces(int rows_v, int grid, int min_ti
     else lo = mid + 1;
   }
   const int n = pieces(lo);
-  return RowPieces{T, n, warp_inclusive_scan(n, lane) - n};
+  return RowPieces{T, n, warp_inclusive_scan(n, lane) - n, L};
 }
 
 // CTA c's piece as a Place of the stream-K walk over the row alone (P = 0, the row's row_cost
@@ -198,19 +206,19 @@ __device__ __forceinline__ RowPieces row_pieces(int rows_v, int grid, int min_ti
 // fixed units when j = 0), so the walk takes one segment, writes the row directly when it has
 // one piece, and its partial in slot 2c otherwise. Run by all kThreads threads of CTA c.
 // Returns the CTA's place in shared memory, or nullptr: c gets none.
-template <int kThreads, typename Tiles>
+template <int kThreads, typename Len, typename Tiles>
 __device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int min_tiles, int row_cost, int c,
-                                                    Tiles&& tiles) {
+                                                    Len&& len, Tiles&& tiles) {
   __shared__ Place s_place;
   __shared__ int s_has;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    const RowPieces rp = row_pieces(rows_v, grid, min_tiles, lane, tiles);
+    const RowPieces rp = row_pieces(rows_v, grid, min_tiles, lane, len, tiles);
     const int T = rp.T, n = rp.n, incl = rp.first + n;
     if (n > 0 && rp.first <= c && c < incl) {
       const int j = c - rp.first;
       const int t0 = (int)((int64_t)j * T / n), t1 = (int)((int64_t)(j + 1) * T / n);
-      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0};
+      s_place = Place{grid, row_cost + T, j == 0 ? 0 : row_cost + t0, row_cost + t1, lane, 0, rp.L};
     }
     if (lane == 31) s_has = c < incl;  // incl of lane 31: the pieces of all rows
   }
@@ -221,9 +229,9 @@ __device__ __forceinline__ const Place* locate_rows(int rows_v, int grid, int mi
 // The row-aligned form's merge record of row v (run by one converged warp, every lane gets it):
 // the row when it is cut, with P = a0 = its first CTA (the merge reads piece j from CTA
 // P + j's slot 2 (P + j)), else none.
-template <typename Tiles>
-__device__ __forceinline__ CutRow row_record(int rows_v, int grid, int min_tiles, int v, Tiles&& tiles) {
-  const RowPieces rp = row_pieces(rows_v, grid, min_tiles, threadIdx.x & 31, tiles);
+template <typename Len, typename Tiles>
+__device__ __forceinline__ CutRow row_record(int rows_v, int grid, int min_tiles, int v, Len&& len, Tiles&& tiles) {
+  const RowPieces rp = row_pieces(rows_v, grid, min_tiles, threadIdx.x & 31, len, tiles);
   const int n = __shfl_sync(0xffffffffu, rp.n, v), first = __shfl_sync(0xffffffffu, rp.first, v);
   return n > 1 ? CutRow{v, first, first, n} : no_cut_row();
 }
@@ -306,7 +314,7 @@ __device__ __forceinline__ bool cut_row_of(const int32_t* meta, const int32_t* p
   const int64_t P = v > 0 ? prefix[v - 1] : 0, P_end = prefix[v];
   // The rule of the in-kernel form: a row cut and starting in c (else whole in c, written
   // directly, or merged by the earlier CTA where it starts).
-  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0}, c, (int)v, (int)P, (int)P_end);
+  out = cut_record(Place{n, (int)U, (int)a0, (int)b0, 0, 0, -1}, c, (int)v, (int)P, (int)P_end);
   return out.v >= 0;
 }
 
