@@ -316,6 +316,25 @@ def test_large_batch_beyond_992_rows():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("B,hkv,D,offset", [(64, 8, 128, 0), (128, 8, 64, 0), (449, 2, 128, 0), (64, 8, 64, 1)])
+def test_many_rows_lengths_loaded_four_at_a_time(B, hkv, D, offset):
+    # 385-512 and 897-1024 work rows: each thread of the scheduler's scan holds 4 or 8 rows and
+    # loads their lengths 16 bytes at a time (898 rows: the last thread's block is partial, its
+    # rows loaded one by one); offset 1: seq_lens 4 bytes past a 16-byte boundary (scalar loads).
+    lens = random_lens(B, hkv, 0, 300, specials=(0, 1, 16, 17, 64, 65, 900))
+    c = make_case(lens, 4, D, 16, torch.bfloat16)
+    if offset:
+        buf = torch.zeros(B * hkv + offset, dtype=torch.int32, device="cuda")
+        buf[offset:] = c.lens.reshape(-1)
+        c.lens = buf[offset:].view(B, hkv)
+        assert c.lens.data_ptr() % 16 != 0
+    out, lse = run_op(c, D ** -0.5, with_lse=True)
+    torch.cuda.synchronize()
+    check_out(out, c, D ** -0.5, f"{B * hkv} rows D{D} offset {offset}")
+    check_lse(lse, c, D ** -0.5, f"{B * hkv} rows D{D} offset {offset}")
+
+
+@pytest.mark.cuda
 def test_q_views_with_other_strides():
     lens = torch.tensor([[100, 0, 2000], [1, 64, 65]], dtype=torch.int32)
     c = make_case(lens, 4, 128, 64, torch.bfloat16)
