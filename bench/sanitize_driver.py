@@ -102,6 +102,7 @@ def group_decode(quick):
     decode_case(torch.zeros(2, 2, dtype=torch.int32), 2, 64, 16, BF16)             # all empty
     decode_case(torch.zeros(0, 2, dtype=torch.int32), 2, 64, 16, BF16)             # empty batch
     decode_case(torch.randint(0, 4, (1000, 1), generator=GEN, dtype=torch.int32), 1, 64, 16, BF16)
+    decode_case(torch.randint(0, 40, (225, 2), generator=GEN, dtype=torch.int32), 2, 128, 16, F16)  # 450 rows: 4 per scan thread
     decode_case(torch.tensor([[5, 40]], dtype=torch.int32), 3, 128, 32, BF16, strided=True)
 
 
