@@ -72,6 +72,20 @@ struct TilesOf {
   __device__ __forceinline__ int operator()(int L) const { return (L + kTileKeys - 1) / kTileKeys; }
 };
 
+// The stream-K place of CTA c (run by all kThreads threads): the attention kernel's (kLast false:
+// the row holding c's first unit) and the merge kernel's (kLast: the row of c's last segment, the
+// one c may have cut). One head tile per row (G <= 16) and 16-byte aligned lengths: the scan loads
+// four rows per load.
+template <int kThreads, bool kLast>
+__device__ __forceinline__ const streamk::Place* line_place(const SparseDecodeParams& p, const Resolved& rs, int c) {
+  const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
+  auto len = [&](int64_t v) { return __ldg(seq_lens + (int)v / rs.head_tiles); };
+  auto units = [](int L) { return units_of(L); };
+  const bool vec4 = rs.head_tiles == 1 && (reinterpret_cast<uintptr_t>(seq_lens) & 15) == 0;
+  auto len4 = [&](int64_t v) { return __ldg(reinterpret_cast<const int4*>(seq_lens + v)); };
+  return streamk::locate<kThreads, kLast>(rs.rows_v, rs.grid, rs.min_units, c, len, units, vec4, len4);
+}
+
 // The residency the grid assumes (Cfg::kCtasPerSm) is promised to ptxas, on every pool dtype: at
 // most 168 registers at 3 CTAs per SM (D 128). Without it on bf16 / fp16 pools the D 128 kernel
 // for G 9-16 took 254 registers: 2 CTAs per SM under a grid of 3 per SM.
@@ -88,7 +102,6 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
   __shared__ float sM[kWarps * kHeadTile], sL[kWarps * kHeadTile], sF[kWarps * kHeadTile], sLse[kHeadTile];
 
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
-  streamk::CutRow* cut = reinterpret_cast<streamk::CutRow*>(ws + rs.ws.cut);
   float* part_o = reinterpret_cast<float*>(ws + rs.ws.part_o);
   float* part_lse = reinterpret_cast<float*>(ws + rs.ws.part_lse);
 
@@ -104,15 +117,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     pl = streamk::locate_rows<kThreads>((int)rs.rows_v, rs.grid, rs.min_units, kRowCost, c,
                                         RowLen{seq_lens, rs.head_tiles}, TilesOf{});
   } else {
-    auto len = [&](int64_t v) { return __ldg(seq_lens + (int)v / rs.head_tiles); };
-    auto units = [](int L) { return units_of(L); };
-    // One head tile per row (G <= 16) and 16-byte aligned lengths: four rows per load.
-    const bool vec4 = rs.head_tiles == 1 && (reinterpret_cast<uintptr_t>(seq_lens) & 15) == 0;
-    auto len4 = [&](int64_t v) { return __ldg(reinterpret_cast<const int4*>(seq_lens + v)); };
-    pl = streamk::locate<kThreads>(rs.rows_v, rs.grid, rs.min_units, c, len, units, vec4, len4);
+    pl = line_place<kThreads, false>(p, rs, c);
   }
   if (!pl) {
-    if (tid == 0 && !rs.aligned) cut[c] = streamk::no_cut_row();  // row-aligned: no records
     DMS_PROBE(if (rs.probe && tid == 0) printf("PROBE I call %d c %d sm %u t0 %llu t1 %llu cyc %lld\n", rs.probe, c,
                                                probe::smid(), pt0, probe::gtime(), clock64() - pc0);)
     return;
@@ -228,8 +235,6 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     }
     cur = nxt;
   }
-  // The last segment's row (row-aligned: the merge kernel finds its rows' pieces itself).
-  if (tid == 0 && !rs.aligned) cut[c] = streamk::cut_record(*pl, c, cur.v, cur.P, cur.P_end);
   DMS_PROBE(if (rs.probe && tid == 0)
               printf("PROBE A call %d c %d sm %u t0 %llu t1 %llu loc %lld main %lld epi %lld mw %lld tot %lld seg %d keys %d\n", rs.probe, c,
                      probe::smid(), pt0, probe::gtime(), pc1 - pc0, p_main, p_epi, p_mw, clock64() - pc0, p_seg, p_keys);)
@@ -238,7 +243,10 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 
 // ------------------------------------------------------------------------------------------------
 // Merge: CTA c combines the partials of the row that starts in c's range and is cut (at most one:
-// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. Row-aligned
+// a cut row extends past c's end, so it is c's last segment): streamk::merge_pieces. The row and
+// its pieces come from the attention kernel's own scan of seq_lens, repeated here before the wait
+// (line_place with kLast; row_record in the row-aligned form): nothing passes between the two
+// kernels but the partials, and no record load follows the wait. Row-aligned
 // (kAligned): kMergeParts CTAs per row, each a share of its columns (a quarter at D 128), row
 // blockIdx / kMergeParts's pieces found by the attention kernel's search (streamk::row_record,
 // before the wait: without it, the record the attention kernel wrote cost a dependent load after
@@ -258,8 +266,9 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
   DMS_PROBE(const unsigned long long pt0 = probe::gtime();)
   unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
   const int c = kAligned ? blockIdx.x / kMergeParts<D> : blockIdx.x;
-  // Row-aligned: row c's pieces from the attention kernel's own search over seq_lens (an input,
-  // so before the wait: it overlaps the attention kernel when this CTA starts early).
+  // Row c's pieces (row-aligned) or CTA c's cut row (stream-K) from the attention kernel's own
+  // search over seq_lens (an input, so before the wait: it overlaps the attention kernel's tail
+  // when this CTA starts early).
   __shared__ streamk::CutRow s_cr;
   if constexpr (kAligned) {
     if (threadIdx.x < 32) {
@@ -267,14 +276,18 @@ sparse_decode_merge_kernel(const SparseDecodeParams p, const Resolved rs) {
                                                     RowLen{p.pages.seq_lens, rs.head_tiles}, TilesOf{});
       if (threadIdx.x == 0) s_cr = r;
     }
-    __syncthreads();
+  } else {
+    const streamk::Place* pl = line_place<kMergeThreads, true>(p, rs, c);
+    if (threadIdx.x == 0)
+      s_cr = pl ? streamk::cut_record(*pl, c, pl->v, pl->P, pl->P + units_of(pl->x)) : streamk::no_cut_row();
   }
+  __syncthreads();
   pdl_wait();  // the attention kernel's partials and direct outputs are written
   DMS_PROBE(const unsigned long long pt1 = probe::gtime();)
 
   const float* part_o = reinterpret_cast<const float*>(ws + rs.ws.part_o);
   const float* part_lse = reinterpret_cast<const float*>(ws + rs.ws.part_lse);
-  const streamk::CutRow cr = kAligned ? s_cr : reinterpret_cast<const streamk::CutRow*>(ws + rs.ws.cut)[c];
+  const streamk::CutRow cr = s_cr;
   if (cr.v < 0) {
     DMS_PROBE(if (rs.probe && threadIdx.x == 0 && c == 0)
                 printf("PROBE MI call %d c %d sm %u t0 %llu tw %llu t1 %llu\n", rs.probe, c, probe::smid(), pt0, pt1,

@@ -9,10 +9,11 @@
 // as a Place of the same walk). The short-chunk sparse_prefill, whose row cost is a search over
 // the chunks, keeps a one-CTA plan kernel (plan_line, cta_range, cut_row_of at the end of this file). A row
 // whole inside the range is written directly, a cut row's pieces go to float32 partials (two
-// slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the CTA
-// where a cut row starts leaves a record (CutRow) for the merge kernel, which combines the
-// pieces (merge_pieces); in the row-aligned form the merge kernel makes the record itself
-// (row_record). What differs between the ops (rows per work row, where an output row
+// slots per CTA: slot 2c for the first piece of c's range, 2c + 1 for the last), and the merge
+// kernel combines the pieces of the row cut in CTA c (merge_pieces over its CutRow): sparse_decode's
+// merge kernel finds that row with the attention kernel's own search before it waits (locate with
+// kLast, cut_record; row_record in the row-aligned form), the plan-kernel form reads it from the
+// plan (cut_row_of). What differs between the ops (rows per work row, where an output row
 // is stored) stays with the op: the Store functor.
 #pragma once
 #include <cuda_runtime.h>
@@ -41,7 +42,7 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0) and length x (the value len(v) the search read, so that
+// first unit P (the row holding unit a0; locate<..., kLast>: the row holding b0 - 1) and length x (the value len(v) the search read, so that
 // the walk's first segment does not load it again; -1: not known). int32: the ops keep U below
 // 2^31.
 struct Place {
@@ -57,7 +58,9 @@ struct Place {
 // len4(v) (used when vec4): len of rows v .. v + 3 as an int4, v a multiple of 4: one 16-byte
 // load where len(v) would take four. A thread's rows are consecutive, so its scalar loads hit
 // every line `per` times, and every CTA of the grid loads the same lines at its start.
-template <int kThreads, typename Len, typename Units, typename Len4>
+// kLast: the place's row is the one holding c's last unit b0 - 1 instead of a0 (the row of c's
+// last segment: what the merge kernel needs, cut_record).
+template <int kThreads, bool kLast = false, typename Len, typename Units, typename Len4>
 __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min_units, int c, Len&& len,
                                                Units&& units, bool vec4, Len4&& len4) {
   // Up to kHeld rows per thread: all their costs are loaded at once (independent loads, one
@@ -105,8 +108,9 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   int n = U / (min_units > 0 ? min_units : 1);
   n = n < 1 ? 1 : (n > grid ? grid : n);
   if (U == 0 || c >= n) return nullptr;  // uniform over the CTA
-  const int a0 = (int)range_begin(c, U, n);
-  if (excl <= a0 && a0 < excl + sum) {  // exactly one thread: the blocks partition the units
+  const int a0 = (int)range_begin(c, U, n), b0 = (int)range_begin(c + 1, U, n);
+  const int t = kLast ? b0 - 1 : a0;  // the unit whose row is searched (a0 < b0: c has work)
+  if (excl <= t && t < excl + sum) {  // exactly one thread: the blocks partition the units
     int P = excl, x = 0;
     int64_t v = v_lo;
     if (per <= kHeld) {
@@ -114,7 +118,7 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
 #pragma unroll
       for (int i = 0; i < kHeld; ++i) {
         const int u = v_lo + i < v_hi ? units(held[i]) : 0;
-        if (!found && P + u > a0) {
+        if (!found && P + u > t) {
           v = v_lo + i;
           x = held[i];
           found = true;
@@ -125,20 +129,19 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
       for (;; ++v) {
         x = len(v);
         const int e = P + units(x);
-        if (e > a0) break;
+        if (e > t) break;
         P = e;
       }
     }
-    s_place = Place{n, U, a0, (int)range_begin(c + 1, U, n), (int)v, P, x};
+    s_place = Place{n, U, a0, b0, (int)v, P, x};
   }
   __syncthreads();
   return &s_place;
 }
 
-// The cut row a CTA leaves for the merge kernel (v < 0: none): row v, its first unit P, the
-// CTA's first unit a0 and the row's number of pieces k (CTAs c .. c + k - 1). Every CTA of the
-// grid writes its record every call (those without work too), so nothing is left from a
-// previous call.
+// The cut row CTA c starts, for the merge kernel (v < 0: none): row v, its first unit P, the
+// CTA's first unit a0 and the row's number of pieces k (CTAs c .. c + k - 1). Computed from the
+// lengths each call (never stored between the kernels), so nothing is left from a previous call.
 struct CutRow {
   int v, P, a0, k;
 };

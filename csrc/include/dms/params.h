@@ -107,8 +107,8 @@ struct SparseDecodeParams {
   int batch = 0, num_q_heads = 0;
   float scale = 1.f;
   DType act_dtype = DType::kBFloat16;  // q / out dtype when kv.dtype is fp8 (compute_dtype())
-  // CUDA only: the scheduler's plan and the partials of rows cut between CTAs. Size from
-  // sparse_decode_workspace_bytes() (> 0 whenever batch > 0); required.
+  // CUDA only: the partials of rows cut between CTAs. Size from sparse_decode_workspace_bytes()
+  // (> 0 whenever batch > 0); required.
   void* workspace = nullptr;
   int max_splits = 0;     // > 0: at most this many CTAs in the persistent grid (0: all resident)
   int min_chunk = 0;      // > 0: the fewest keys a CTA's range holds (0: library default, 256)

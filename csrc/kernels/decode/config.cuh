@@ -69,13 +69,12 @@ template <int D, int S, bool F8 = false> struct Cfg {
 // ------------------------------------------------------------------------------------------------
 // Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
 struct Layout {
-  int64_t cut, part_o, part_lse, bytes;
+  int64_t part_o, part_lse, bytes;
 };
 __host__ __device__ inline int64_t align256(int64_t x) { return (x + 255) & ~int64_t(255); }
 __host__ __device__ inline Layout layout(int grid, int D) {
   Layout l;
-  l.cut = 0;                                            // streamk::CutRow [grid]
-  l.part_o = align256((int64_t)grid * sizeof(streamk::CutRow));  // f32 [2 grid][16][D]
+  l.part_o = 0;                                         // f32 [2 grid][16][D]
   l.part_lse = align256(l.part_o + (int64_t)2 * grid * kHeadTile * D * 4);  // f32 [2 grid][16]
   l.bytes = align256(l.part_lse + (int64_t)2 * grid * kHeadTile * 4);
   return l;
