@@ -29,6 +29,9 @@
 #                   RELIABILITY_SOAK_SHARDS (3 per GPU); processes spread over every GPU, so on
 #                   nvidia-h200-x2 (32 cores, 2 GPUs) the 10x suites get twice the machine)
 #         smoke     bench/prefill_v2_smoke.py (SMOKE_ARGS)   mutation  tests/mutation_check.py --device cuda
+#         kmutation bench/kernel_mutations.py: each kernel mutation built and run against the CUDA
+#                   tests it must fail, the source restored (KMUT_ONLY=name,name: some of them)
+#         matched   bench/decode_matched.py: the uniform CR 8 decode rows beside readers of the same bytes
 #         bvalidate bench/bench_validate.py (DMS_VALIDATE cost)
 #         sweep     bench/sweep_decode.py: the scheduler knobs on SWEEP_CASES (one comma-separated
 #                   string of bench_decode case names, e.g. "B1 x 32k,B1 x 32k skewed"; SWEEP_KNOBS,
@@ -389,6 +392,7 @@ for s in "${STAGES[@]}"; do
     tests) stage_tests ;;
     cputests) stage_cputests ;;
     decode) stage_decode ;;
+    matched) PYTHONPATH="$PYTHONPATH:$FI_DIR" stage_bench matched bench/decode_matched.py 150 ;;
     step) stage_bench step bench/bench_step.py 240 ;;
     prefill) stage_bench prefill bench/bench_prefill.py 240 ;;
     hf) stage_bench hf bench/bench_hf.py 470 ${HF_ARGS:-} ;;  # the static-cache peers compile for minutes
@@ -408,6 +412,7 @@ for s in "${STAGES[@]}"; do
           [ "$RC" != 0 ] && note_failures retrofit "$LOGS/retrofit.log" "Error|error|Traceback" ;;
     smoke) stage_bench smoke bench/prefill_v2_smoke.py 200 ${SMOKE_ARGS:-} ;;
     mutation) stage_bench mutation tests/mutation_check.py 150 --device cuda ;;
+    kmutation) stage_bench kmutation bench/kernel_mutations.py 540 ;;
     bvalidate) stage_bench bvalidate bench/bench_validate.py 120 ;;
     extra) run_cmd extra 300 "$LOGS/extra.log" bash -c "${EXTRA_CMD:-echo no EXTRA_CMD}"
            add_row extra "$RC" "$SECS" "$(bench_key "$LOGS/extra.log")"
