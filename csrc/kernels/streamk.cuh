@@ -42,9 +42,9 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
 }
 
 // CTA c's place on the line: n CTAs get work, c's units are [a0, b0), its first row is v with
-// first unit P (the row holding unit a0; locate<..., kLast>: the row holding b0 - 1) and length x (the value len(v) the search read, so that
-// the walk's first segment does not load it again; -1: not known). int32: the ops keep U below
-// 2^31.
+// first unit P (the row holding unit a0; locate<..., kLast>: the row holding b0 - 1) and length
+// x (the value len(v) the search read, so that the walk's first segment does not load it again;
+// -1: not known). int32: the ops keep U below 2^31.
 struct Place {
   int n, U, a0, b0, v, P, x;
 };
@@ -52,7 +52,8 @@ struct Place {
 // Run by all kThreads threads of CTA c (barriers inside; call it where every thread does).
 // Row v costs units(len(v)) >= 0 units. Thread t sums the costs over its block of consecutive rows
 // (len(v) loaded at most twice per row), a block scan gives each block's first unit and U, then
-// n = clamp(U / min_units, 1, grid) and the thread whose block holds unit a0 finds its row.
+// n = clamp(U / min_units, 1, grid) and the thread whose block holds unit a0 (kLast: b0 - 1)
+// finds its row.
 // Returns the CTA's place in shared memory (read it where needed rather than keeping copies in
 // registers across the mainloop), or nullptr: c gets no work.
 // len4(v) (used when vec4): len of rows v .. v + 3 as an int4, v a multiple of 4: one 16-byte
@@ -111,7 +112,7 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
   const int a0 = (int)range_begin(c, U, n), b0 = (int)range_begin(c + 1, U, n);
   const int t = kLast ? b0 - 1 : a0;  // the unit whose row is searched (a0 < b0: c has work)
   if (excl <= t && t < excl + sum) {  // exactly one thread: the blocks partition the units
-    int P = excl, x = 0;
+    int P = excl, L = 0;  // the row's first unit and length
     int64_t v = v_lo;
     if (per <= kHeld) {
       bool found = false;
@@ -120,20 +121,20 @@ __device__ __forceinline__ const Place* locate(int64_t rows_v, int grid, int min
         const int u = v_lo + i < v_hi ? units(held[i]) : 0;
         if (!found && P + u > t) {
           v = v_lo + i;
-          x = held[i];
+          L = held[i];
           found = true;
         }
         if (!found) P += u;
       }
     } else {
       for (;; ++v) {
-        x = len(v);
-        const int e = P + units(x);
+        L = len(v);
+        const int e = P + units(L);
         if (e > t) break;
         P = e;
       }
     }
-    s_place = Place{n, U, a0, b0, (int)v, P, x};
+    s_place = Place{n, U, a0, b0, (int)v, P, L};
   }
   __syncthreads();
   return &s_place;
