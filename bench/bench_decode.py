@@ -484,12 +484,7 @@ def main():
         import flashinfer_peer as fp
         dims = sorted({c.D for c in cases if c.kv != "fp8"})  # the fp8 rows' modules: below
         tc_dims = [d for d in dims if d in fi_tc_dims]
-        fi_ok, msg = fp.ensure_built(a.fi_timeout, head_dims=dims, dtypes=(a.dtype,), tc_head_dims=tc_dims)
-        if fi_ok and fp.load() is None:
-            fi_ok, msg = False, f"import failed: {fp.reason()}"
-        fi_note = f"0.2.14.post1 from the sdist, {msg}" if fi_ok else f"unavailable: {msg}"
-        if fi_ok and fp.stubs():
-            fi_note += f" (stubbed missing modules: {', '.join(fp.stubs())})"
+        fi_ok, fi_note = fp.ready(a.fi_timeout, head_dims=dims, dtypes=(a.dtype,), tc_head_dims=tc_dims)
         fp8_dims = sorted({c.D for c in cases if c.kv == "fp8"})
         if fi_ok and fp8_dims:
             # Its own warm-up call: an fp8 JIT failure or timeout loses the fp8 peer only.

@@ -63,10 +63,7 @@ def main():
     fi_ok, fi_note = False, "disabled (--no-flashinfer)"
     if a.flashinfer:
         import flashinfer_peer as fp
-        fi_ok, msg = fp.ensure_built(a.fi_timeout, head_dims=(128,), dtypes=("bf16",), tc_head_dims=(128,))
-        if fi_ok and fp.load() is None:
-            fi_ok, msg = False, f"import failed: {fp.reason()}"
-        fi_note = f"0.2.14.post1, {msg}" if fi_ok else f"unavailable: {msg}"
+        fi_ok, fi_note = fp.ready(a.fi_timeout, head_dims=(128,), dtypes=("bf16",), tc_head_dims=(128,))
         print("FlashInfer:", fi_note, flush=True)
 
     def timed(fns, label):

@@ -165,6 +165,18 @@ def ensure_built(timeout_s: float = 240.0, head_dims=(64, 128), dtypes=("bf16",)
     return True, f"ready after {dt:.0f} s ({tail[-1] if tail else ''})"
 
 
+def ready(timeout_s: float, **kw) -> tuple[bool, str]:
+    """ensure_built(timeout_s, **kw), then load(): (usable, what to print: the build's message,
+    or why the peer is unavailable, with any modules stubbed on import)."""
+    ok, msg = ensure_built(timeout_s, **kw)
+    if ok and load() is None:
+        return False, f"unavailable: import failed: {reason()}"
+    if not ok:
+        return False, f"unavailable: {msg}"
+    return True, f"0.2.14.post1 from the sdist, {msg}" + (
+        f" (stubbed missing modules: {', '.join(stubs())})" if stubs() else "")
+
+
 def fp8_modes() -> dict:
     """{(q dtype name, head dim, use_tensor_cores): None if usable, else why not} for the
     fp8-KV modes an ensure_built() call asked for."""

@@ -61,8 +61,8 @@ using dev::pdl_launch_dependents;
 using dev::pdl_wait;
 using streamk::kMergeThreads;
 
-// Length of work row v, and the tiles of a length (row-aligned form; the attention and merge
-// kernels' one rule).
+// Length of work row v (every place the kernels read one), and the tiles of a length (row-aligned
+// form).
 struct RowLen {
   const int32_t* seq_lens;
   int head_tiles;
@@ -79,7 +79,7 @@ struct TilesOf {
 template <int kThreads, bool kLast>
 __device__ __forceinline__ const streamk::Place* line_place(const SparseDecodeParams& p, const Resolved& rs, int c) {
   const int32_t* __restrict__ seq_lens = p.pages.seq_lens;
-  auto len = [&](int64_t v) { return __ldg(seq_lens + (int)v / rs.head_tiles); };
+  auto len = [&](int64_t v) { return RowLen{seq_lens, rs.head_tiles}((int)v); };
   auto units = [](int L) { return units_of(L); };
   const bool vec4 = rs.head_tiles == 1 && (reinterpret_cast<uintptr_t>(seq_lens) & 15) == 0;
   auto len4 = [&](int64_t v) { return __ldg(reinterpret_cast<const int4*>(seq_lens + v)); };
@@ -186,7 +186,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
     const bool more = cur.hi < pl->b0;
     Seg nxt = cur;
     if (more) {
-      nxt = segment(cur.v + 1, cur.P_end, cur.hi, __ldg(seq_lens + (cur.v + 1) / rs.head_tiles));
+      nxt = segment(cur.v + 1, cur.P_end, cur.hi, RowLen{seq_lens, rs.head_tiles}(cur.v + 1));
       if constexpr (K::C::kEarlyNext) {
         __syncwarp();  // the warp's lanes are done with the stages the next slices overwrite
         if (nxt.kend > nxt.kbeg) begin(nxt, sQbuf + (qb ^ 1) * kHeadTile * D, pre);
@@ -248,9 +248,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const Resolved rs) {
 // (line_place with kLast; row_record in the row-aligned form): nothing passes between the two
 // kernels but the partials, and no record load follows the wait. Row-aligned
 // (kAligned): kMergeParts CTAs per row, each a share of its columns (a quarter at D 128), row
-// blockIdx / kMergeParts's pieces found by the attention kernel's search (streamk::row_record,
-// before the wait: without it, the record the attention kernel wrote cost a dependent load after
-// the wait), its pieces from its first CTA on; rows of many
+// blockIdx / kMergeParts's pieces from its first CTA on; rows of many
 // pieces (B 1: 16-60), so the pieces' loads are issued before the lse phase (kPrefetch: the A/B
 // measured it 4-7% faster on the B 1 rows, and 0-4% slower on large batches where it ran the
 // stream-K merge at twice the registers, bench/results/decode_ab_2026-11-30_x_pf.md, _y.md), and

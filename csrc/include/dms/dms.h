@@ -87,7 +87,7 @@ namespace dms {
 //   most 16 work rows, one piece of one row per CTA); rows cut between CTAs are merged in fp32
 //   by a merge kernel (two launches, chained with programmatic dependent launch; no host plan,
 //   no sync).
-// Bytes of scratch sparse_decode needs for these sizes (the cut rows' records and partials;
+// Bytes of scratch sparse_decode needs for these sizes (the cut rows' partials;
 // params.max_splits and params.min_chunk resolved as the launcher resolves them). Depends on
 // sizes only, never on seq_lens, so a caller can allocate once and reuse it across graph
 // replays. num_sms MUST be the multiprocessor count of the device the call runs on

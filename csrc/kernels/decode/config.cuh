@@ -67,7 +67,7 @@ template <int D, int S, bool F8 = false> struct Cfg {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Workspace: sizes only, never data. Everything the scheduler writes is rewritten every call.
+// Workspace: sizes only, never data. The partials are rewritten every call before they are read.
 struct Layout {
   int64_t part_o, part_lse, bytes;
 };
