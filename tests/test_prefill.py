@@ -259,7 +259,7 @@ def test_long_chunks(length, window, rate):
 @pytest.mark.cuda
 @pytest.mark.parametrize("rate", [0.02, 0.05, 0.5, 0.875, 0.97])
 @pytest.mark.parametrize("dtype,d,group", [(torch.bfloat16, 128, 4), (torch.float16, 64, 5),
-                                           (torch.bfloat16, 128, 1)])
+                                           (torch.bfloat16, 128, 1), (torch.bfloat16, 256, 3)])
 def test_compacted_kept_keys_by_tma(rate, dtype, d, group):
     # The wgmma kernel's kept tiles of a chunk with more than 1 / 32 of its keys evicted come by
     # TMA from a compacted copy (compact_kept_kernel; rates around that threshold leave some
@@ -281,10 +281,11 @@ def test_cached_tiles_by_tma(block_size, rate):
     # rows when all 32 have a cached row (block sizes that are multiples of 8); a warp with a key
     # past seq_len gathers. Histories ending on / off a block and a 128-key tile, several
     # sequences in one call (each its own block table), flagged ring slots masked (rate 0.7),
-    # G 4 and 5, D 128 and 64.
+    # G 4, 5 and 3, D 128, 64 and 256 (64-key tiles: of the two producer warps holding 32 keys,
+    # one loads them).
     hist = [1000, 129, 2 * block_size, 4000 + 7, 96]
     chunks = [300, 1, 700, 64, 2049]
-    for d, group in ((128, 4), (64, 5)):
+    for d, group in ((128, 4), (64, 5), (256, 3)):
         run_case(f"cached by TMA bs={block_size} rate={rate} D{d} G{group}", hist=hist, chunks=chunks,
                  hkv=2, group=group, d=d, window=100, rate=rate, block_size=block_size,
                  seed=block_size * 10 + d + int(rate * 10), check_cpu=False)

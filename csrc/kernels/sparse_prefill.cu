@@ -23,8 +23,8 @@
 //                     2 kept chunk keys j < i0 - w (list)  always visible
 //                     3 band j in [max(0, i0 - w), i1)     j <= i and (i - j <= w or !d_j)
 //                   Every key of a tile carries [a, b]: query i sees it iff a <= i <= b.
-//                   (On sm_90a, head_dim 64 / 128, any of these pools, fp8 included: v2 runs
-//                   instead, sparse_prefill_sm90.cu.)
+//                   (On sm_90a, head_dim 64 / 128 with any of these pools, fp8 included, and
+//                   head_dim 256 with bf16 / fp16 pools: v2 runs instead, sparse_prefill_sm90.cu.)
 //                   An fp8 e4m3 pool (q / k / v / out bf16 or fp16): segments 0 and 1 are
 //                   copied as fp8 bytes and converted (exactly) in shared memory before the
 //                   ldmatrix path; k_scale scales their scores, v_scale their share of O.
@@ -794,8 +794,8 @@ Status sparse_prefill(const SparsePrefillParams& p, cudaStream_t stream) {
   if (p.num_seqs < 0 || p.total_tokens < 0 || p.num_q_heads <= 0 || !valid_sizes(p.kv) ||
       !valid_sizes(p.state) || p.num_q_heads % p.kv.num_kv_heads != 0)
     return Status::kInvalidArgument;
-  // bf16 / fp16 q / k / v / out, head_dim 64 / 128 / 256 (D 256: this kernel's 64-row tiles, not
-  // v2); the pool of q's dtype or fp8 e4m3 (then q / k / v / out have act_dtype).
+  // bf16 / fp16 q / k / v / out, head_dim 64 / 128 / 256 (D 256 off sm_90a or with fp8 pools:
+  // this kernel's 64-row tiles); the pool of q's dtype or fp8 e4m3 (then q / k / v / out have act_dtype).
   const DType act = compute_dtype(p.kv, p.act_dtype);
   if (!supported(Op::kSparsePrefill, Device::kCUDA, act, p.kv.head_dim, p.kv.block_size, p.kv.dtype))
     return Status::kUnsupported;

@@ -1,7 +1,8 @@
 // sparse_prefill v2: warp-specialized wgmma kernel for Hopper (sm_90a). Same op, same DMS rule
 // and same key segments as sparse_prefill.cu (see prefill_sm90/scheduler.cuh); the launcher of
 // sparse_prefill.cu dispatches here after its prepare_kernel (sm_90 device, bf16 / fp16, head_dim
-// 64 / 128; DMS_PREFILL_V2=0 forces the old kernel).
+// 64 / 128 (pools of q's dtype or fp8 e4m3) or 256 (pools of q's dtype: 64-key tiles, two
+// producer threads per key); DMS_PREFILL_V2=0 forces the old kernel).
 //
 // Work items are (query tile of kBlockM = 128 (token, head) rows, kv head); a CTA of 3
 // warpgroups (384 threads) walks items blockIdx.x, then snake order over rounds of gridDim.x
@@ -244,12 +245,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         return cbox > 0 && tile < x.end_cached && __all_sync(0xffffffffu, mrow >= 0);
       };
       auto cached_tma = [&](uint32_t dst, const CUtensorMap* tm, uint32_t bar, int mrow) {
-        if (lane == 0) {
+        if (lane == 0 && warp < kBlockN / 32) {
           mbar_expect_tx(bar, (uint32_t)(32 * D * 2));
           fence_proxy_async();
         }
         const uint32_t d0 = dst + (uint32_t)(warp % (kBlockN / 32)) * 32u * 128u;
-        for (int i = 0; i < 32; i += cbox) {
+        // kKeyParts 2 (D 256, 64 keys): warps 2 and 3 hold the keys of warps 0 and 1 (the same
+        // rows, so the same __all_sync verdict): they only arrive.
+        for (int i = 0; i < (warp < kBlockN / 32 ? 32 : 0); i += cbox) {
           const int row = __shfl_sync(0xffffffffu, mrow, i);
           if (lane == 0) {
 #pragma unroll
@@ -726,8 +729,10 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   const DType act = compute_dtype(p.kv, p.act_dtype);
   if (act != DType::kBFloat16 && act != DType::kFloat16) return false;
   if (p.kv.dtype != act && !is_fp8(p.kv.dtype)) return false;
-  // D 256 (64-key tiles) compiles but spills at the 224 / 56 register split: not taken yet.
-  if (p.kv.head_dim != 64 && p.kv.head_dim != 128) return false;
+  // D 64 / 128 / 256 (64-key tiles at D 256); fp8 pools at D 64 / 128 only (D 256 fp8: the
+  // mma.sync kernel, which converts in shared memory).
+  if (p.kv.head_dim != 64 && p.kv.head_dim != 128 && p.kv.head_dim != 256) return false;
+  if (p.kv.head_dim == 256 && is_fp8(p.kv.dtype)) return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -777,11 +782,13 @@ Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cuda
       return deep ? launch<__nv_bfloat16, 128, k_stages_deep<128>()>(p, ws, stream)
                   : launch<__nv_bfloat16, 128, stages<128>()>(p, ws, stream);
     if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>()>(p, ws, stream);
+    if (p.kv.head_dim == 256) return launch<__nv_bfloat16, 256, stages<256>()>(p, ws, stream);
   } else if (p.kv.dtype == DType::kFloat16) {
     if (p.kv.head_dim == 128)
       return deep ? launch<__half, 128, k_stages_deep<128>()>(p, ws, stream)
                   : launch<__half, 128, stages<128>()>(p, ws, stream);
     if (p.kv.head_dim == 64) return launch<__half, 64, stages<64>()>(p, ws, stream);
+    if (p.kv.head_dim == 256) return launch<__half, 256, stages<256>()>(p, ws, stream);
   }
   return Status::kUnsupported;
 }
