@@ -8,7 +8,7 @@
   append (decode and chunk kernels): one-token steps, chunks across blocks, a 2048-token chunk
     (1024-thread CTAs), block size 1, window 1, head_dim 36 (no 16-byte path), a pool that runs
     dry on the device (error path)
-  sparse_prefill (prepare + attention kernels): chunks 1/3/17/130/200 over history, windows 1/16/100, D 64/128/256,
+  sparse_prefill (prepare + attention kernels): chunks 1/3/17/130/200/500/700 over history, windows 1/16/100, D 64/128/256,
     block sizes 1/16, groups 1/5/2
   fork / release, decode_step (borrowed and adapter logits, norms, head_dim 40/64/128/256,
     batch 1..64, block size 1), and DMSCache: prefill, decode, fork, release, and a CUDA graph of
@@ -194,7 +194,10 @@ def group_prefill(quick):
             (2, 1, 64, 16, 16, BF16, [40, 0], [17, 200]),
             (1, 5, 128, 1, 1, F16, [40, 3], [1, 17]),
             (2, 3, 64, 16, 100, BF16, [150, 20], [200, 1]),
-            (2, 2, 256, 16, 16, F16, [40, 3], [3, 130])][: 2 if quick else None]:
+            (2, 2, 256, 16, 16, F16, [40, 3], [3, 130]),
+            # D 256 on the wgmma kernel: cached tiles by TMA (blocks of 64), long chunks whose
+            # kept lists are compacted, a fresh prompt beside a later turn.
+            (2, 4, 256, 64, 16, BF16, [300, 0], [700, 500])][: 2 if quick else None]:
         S = len(hist)
         M = -(-max(h + c for h, c in zip(hist, chunks)) // bs) + 1
         st = new_state(S, hkv, D, S * hkv * M, bs, w, M, dt)
