@@ -63,6 +63,11 @@ MUTATIONS = [
              "e4m3x4_to_f16(kr[2 * h + 1], a[3], a[1]);",
              ("tests/test_fp8_attention.py",), "fp8 K: two converted register pairs of the MMA's A operand swapped",
              k="decode"),
+    Mutation("d256_row_halves", "csrc/kernels/prefill_sm90/producer.cuh",
+             "return (warp / (kBlockN / 32)) * kChunks + lane % kLanesPerKey + ci * kLanesPerKey;",
+             "return (warp % kParts) * kChunks + lane % kLanesPerKey + ci * kLanesPerKey;",
+             ("tests/test_prefill.py",), "prefill D 256 gathers: both producer warps of a key's row copy "
+             "the same half of it (the other half stays what the stage held)", k="256"),
 ]
 
 
