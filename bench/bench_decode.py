@@ -261,24 +261,17 @@ def run_case(c: Case, a, ceil, fi_ok: bool, fi_tc_dims, errors, fi_fp8=None) -> 
 
         if fi_ok:
             import flashinfer_peer as fp
-            ps = a.block_size
-            npg = c.ctx // ps
-            kp = torch.randn(c.B * npg * dc, ps, c.hkv, c.D, device=DEV, dtype=dtype, generator=gen_dev)
-            vp = torch.randn_like(kp)
-            perm = torch.randperm(c.B * npg * dc, generator=gen_cpu).to(torch.int32).cuda()
-            indptr = (torch.arange(c.B + 1, dtype=torch.int32) * npg).cuda()
-            last = torch.full((c.B,), ps, dtype=torch.int32, device=DEV)
+            pages = fp.DensePages(c.B, c.ctx, c.hkv, c.D, a.block_size, dc, dtype, gen_cpu, gen_dev)
             for tc in (True, False):
                 if tc and c.D not in fi_tc_dims:
                     continue
                 key = "fi_dense_tc" if tc else "fi_dense_cc"
                 label = f"FlashInfer dense tc={tc}"
-                wr = _try(lambda: [fp.DenseDecode(kp, vp, indptr, perm[i * c.B * npg:(i + 1) * c.B * npg],
-                                                  last, c.hq, scale, tc) for i in range(dc)], label, errors)
+                wr = _try(lambda: pages.decoders(c.hq, scale, tc), label, errors)
                 if wr:
                     timed(key, [lambda i=i: wr[i](qs[i % copies]) for i in range(dc)], label)
                 del wr
-            del kp, vp
+            del pages
             torch.cuda.empty_cache()
 
         # Our op over the same uncompressed cache.

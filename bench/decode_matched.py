@@ -23,7 +23,6 @@ of the run: torch.sum over 4 GiB, our CR 1 kernel at B 8 x 128k, and every row h
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -121,22 +120,14 @@ def main():
             torch.cuda.empty_cache()
             if fi_ok:
                 import flashinfer_peer as fp
-                ps = a.block_size
-                npg = -(-L // ps)
-                kp = torch.randn(B * npg * copies, ps, 8, 128, device=dev, dtype=dt, generator=g_dev)
-                vp = torch.randn_like(kp)
-                perm = torch.randperm(B * npg * copies, generator=g_cpu).to(torch.int32).to(dev)
-                indptr = (torch.arange(B + 1, dtype=torch.int32) * npg).to(dev)
-                last = torch.full((B,), L - (npg - 1) * ps, dtype=torch.int32, device=dev)
+                pages = fp.DensePages(B, L, 8, 128, a.block_size, copies, dt, g_cpu, g_dev)
                 for tc in (True, False):
-                    wr = common.try_peer(lambda: [fp.DenseDecode(kp, vp, indptr, perm[i * B * npg:(i + 1) * B * npg],
-                                                                 last, 32, 128 ** -0.5, tc) for i in range(copies)],
-                                         f"FI dense tc={tc}", errors)
+                    wr = common.try_peer(lambda: pages.decoders(32, 128 ** -0.5, tc), f"FI dense tc={tc}", errors)
                     if wr:
                         r["t"][f"fi_{'tc' if tc else 'cc'}"] = timed([lambda i=i: wr[i](qs[i]) for i in range(copies)],
                                                                       f"{c.name} FI dense tc={tc}")
                     del wr
-                del kp, vp
+                del pages
                 torch.cuda.empty_cache()
             from torch.nn.attention import SDPBackend, sdpa_kernel
             kvd = [torch.randn(2, B, 8, L, 128, device=dev, dtype=dt, generator=g_dev) for _ in range(copies)]

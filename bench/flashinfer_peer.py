@@ -262,6 +262,29 @@ class DenseDecode:
         return self._w.w.run(q, self.kv)
 
 
+class DensePages:
+    """A dense paged cache for DenseDecode: B sequences of L tokens each (Hkv heads, head dim d,
+    pages of page_size), `copies` independent page sets in one pool with shuffled page ids (so
+    rotating the copies reads past L2). indices[i]: copy i's page ids."""
+
+    def __init__(self, B: int, L: int, hkv: int, d: int, page_size: int, copies: int, dtype,
+                 gen_cpu, gen_dev):
+        import torch
+        dev = gen_dev.device
+        npg = -(-L // page_size)
+        self.k = torch.randn(B * npg * copies, page_size, hkv, d, device=dev, dtype=dtype, generator=gen_dev)
+        self.v = torch.randn_like(self.k)
+        perm = torch.randperm(B * npg * copies, generator=gen_cpu).to(torch.int32).to(dev)
+        self.indices = [perm[i * B * npg:(i + 1) * B * npg] for i in range(copies)]
+        self.indptr = (torch.arange(B + 1, dtype=torch.int32) * npg).to(dev)
+        self.last = torch.full((B,), L - (npg - 1) * page_size, dtype=torch.int32, device=dev)
+
+    def decoders(self, num_q_heads: int, scale: float, use_tensor_cores: bool) -> list:
+        """One planned DenseDecode per copy."""
+        return [DenseDecode(self.k, self.v, self.indptr, ix, self.last, num_q_heads, scale, use_tensor_cores)
+                for ix in self.indices]
+
+
 def _self_check(dtype, d: int, modes=(False, True), fp8: bool = False) -> str:
     """Small per-head decode vs float32 torch math in the given modes; raises on a mismatch.
     fp8: the pools are float8_e4m3fn with k_scale = v_scale = FP8_SCALE, q / out in dtype."""
