@@ -109,7 +109,8 @@ def run(m: Mutation) -> tuple:
             cmd += ["-k", m.k]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         last = (p.stdout.strip().splitlines() or [""])[-1]
-        failed = int(re.search(r"(\d+) failed", last).group(1)) if re.search(r"(\d+) failed", last) else 0
+        hit = re.search(r"(\d+) failed", last)
+        failed = int(hit.group(1)) if hit else 0
         return p.returncode != 0 and failed > 0, failed, f"{last} ({time.time() - t:.0f} s)"
     finally:
         with open(path, "w") as f:
