@@ -49,6 +49,8 @@ for run in "${RUNS[@]}"; do
   rm -rf "$AB/$run"; mkdir -p "$AB/$run"
   $PY ${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense} --results-dir "$AB/$run" "$@" >"$AB/$run.log" 2>&1 \
     || { echo "$run failed:"; tail -n 20 "$AB/$run.log"; }
+  ls "$AB/$run"/*.md >/dev/null 2>&1 || { echo "$run wrote no table:"; tail -n 20 "$AB/$run.log"; }
+  mkdir -p "$OUT/ab_logs"; cp "$AB/$run.log" "$OUT/ab_logs/" 2>/dev/null
 done
 cp "$AB/A.so" "$SO"
 NAME=$(for P in "${PATCHES[@]}"; do basename "$P" .patch; done | paste -sd_)
