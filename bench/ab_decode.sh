@@ -9,7 +9,8 @@
 #   AB_PATCH=.carry/d5.patch bash bench/ab_decode.sh [bench_decode flags, e.g. --rows B1,B64]
 #
 # AB_BENCH: another bench command instead (e.g. "bench/bench_prefill.py --small"; it must take
-# --results-dir and write a markdown table), AB_COL its time column (default "ours us").
+# --results-dir and write a markdown table), AB_COL its time column (default "ours us"), AB_KEYS
+# how many leading cells name a row (default 1; bench_prefill's main table: 4 = N, D, dtype, CR).
 #
 # Run it after a gpu_round.sh build (the in-place _C.so is A); it builds B incrementally, puts A's
 # library back and reverses the patch at the end. Writes $OUT/ab_decode_<patch name>.md (OUT default
@@ -57,6 +58,7 @@ NAME=$(for P in "${PATCHES[@]}"; do basename "$P" .patch; done | paste -sd_)
 $PY - "$AB" "$AB_PATCH" "$*" "${AB_BENCH:-bench/bench_decode.py --no-peers --no-dense}" "${AB_COL:-ours us}" "${RUNS[*]}" <<'EOF' | tee "$OUT/ab_decode_$NAME.md"
 import glob, os, sys
 ab, patches, flags, bench, col, order = sys.argv[1:7]
+keys = int(os.environ.get("AB_KEYS", "1"))
 order = order.split()
 variants = [r[0] for r in order[: len(order) // 2]]
 def rows(run):
@@ -64,10 +66,13 @@ def rows(run):
     out, cols = {}, None
     for line in (open(f[-1]).read().splitlines() if f else []):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if col in cells:
+        if not line.strip():
+            cols = None  # a table ends at a blank line
+        elif col in cells:
             cols = cells
-        elif cols and len(cells) == len(cols) and not set(cells[0]) <= set("-"):
-            out.setdefault(cells[0], cells[cols.index(col)])
+        elif cols and len(cells) > cols.index(col) and not set(cells[0]) <= set("-"):
+            # (len(cells) may differ from the header's: a header like max|a-b| splits in three)
+            out.setdefault(" ".join(cells[:keys]), cells[cols.index(col)])
     return out
 runs = {r: rows(r) for r in order}
 names = ", ".join(f"{v} = tree + {p}" for v, p in zip(variants[1:], patches.split()))
