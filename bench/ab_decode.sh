@@ -4,7 +4,7 @@
 # `git diff main..BRANCH -- csrc > .carry/x.patch`). Each variant is timed with
 # bench/bench_decode.py --no-peers --no-dense plus the flags given here; the table of `ours us`
 # per row comes last (B / A: below 1, B is faster). Several patches (AB_PATCH="x.patch y.patch"):
-# variants B, C, ..., each the tree + its patch, timed A B C A B C.
+# variants B, C, ..., each the tree + its patch, timed A B C A B C (AB_REPS rounds, default 2).
 #
 #   AB_PATCH=.carry/d5.patch bash bench/ab_decode.sh [bench_decode flags, e.g. --rows B1,B64]
 #
@@ -44,7 +44,7 @@ for i in "${!PATCHES[@]}"; do
   VARS+=("$V")
 done
 RUNS=()
-for k in 1 2; do for V in "${VARS[@]}"; do RUNS+=("$V$k"); done; done
+for k in $(seq 1 "${AB_REPS:-2}"); do for V in "${VARS[@]}"; do RUNS+=("$V$k"); done; done
 for run in "${RUNS[@]}"; do
   cp "$AB/${run:0:1}.so" "$SO"
   rm -rf "$AB/$run"; mkdir -p "$AB/$run"
@@ -60,7 +60,7 @@ import glob, os, sys
 ab, patches, flags, bench, col, order = sys.argv[1:7]
 keys = int(os.environ.get("AB_KEYS", "1"))
 order = order.split()
-variants = [r[0] for r in order[: len(order) // 2]]
+variants = list(dict.fromkeys(r[0] for r in order))
 def rows(run):
     f = sorted(glob.glob(os.path.join(ab, run, "*.md")))
     out, cols = {}, None
@@ -86,7 +86,8 @@ for case in runs[order[0]]:
     mean = {}
     for var in variants:
         try:
-            mean[var] = (float(runs[var + "1"][case]) + float(runs[var + "2"][case])) / 2
+            reps = [r for r in order if r[0] == var]
+            mean[var] = sum(float(runs[r][case]) for r in reps) / len(reps)
         except (KeyError, ValueError):
             mean[var] = None
     rs = [f"{mean[x] / mean['A']:.3f}" if mean[x] and mean["A"] else "-" for x in variants[1:]]
