@@ -68,6 +68,22 @@ constexpr int kThreads = 384;
 [[maybe_unused]] constexpr int kDebugAlwaysMask = 1;  // mask every key tile (no fully-visible fast path)
 [[maybe_unused]] constexpr int kDebugSerial = 2;      // wait for every wgmma batch at once (no GEMM / softmax overlap)
 
+// Timeline probe (tuning builds only: DMS_NVCC_EXTRA="-DDMS_PREFILL_PROBE", bench/prefill_probe.py):
+// with DMS_PREFILL_V2_DEBUG bit 4 (16), lane 0 of each consumer warpgroup's first warp sums clock64
+// cycles per phase of its work items (waiting for Q, tile 0, the steady loop and the mbarrier
+// waits inside it, the last P V, the epilogue) and prints one line per warpgroup at the end.
+[[maybe_unused]] constexpr int kDebugProbe = 16;
+#ifdef DMS_PREFILL_PROBE
+#include <cstdio>
+#define DMS_PP(...) __VA_ARGS__
+// Per (CTA, consumer warpgroup): ns, cycles, tiles, the cycles of the phases, items; written by the
+// kernel (no device printf: a call would serialize every wgmma), printed by launch() after it.
+constexpr int kProbeCtas = 1024, kProbeFields = 10;
+__device__ long long g_prefill_probe[2 * kProbeCtas][kProbeFields];
+#else
+#define DMS_PP(...)
+#endif
+
 template <int D> constexpr int stages() { return D <= 64 ? 3 : 2; }  // D 256: 64-key tiles, 2
 // K stages: the V stage count, or (D 128, DMS_PREFILL_V2_KSTAGES unset / not 2) one more: K(j)
 // is needed a tile before V(j), and the gathered kept list is latency-bound (~197 KB smem).
@@ -377,8 +393,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   T* const out = static_cast<T*>(p.out);
+  DMS_PP(const bool probe = (debug & kDebugProbe) && warp == 0 && lane == 0;
+         long long pc = 0, pq = 0, pfirst = 0, ploop = 0, pwait = 0, plast = 0, pepi = 0, ptiles = 0, pitems = 0;
+         long long pstart = clock64(); unsigned long long gt0;
+         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt0));
+         auto ptick = [&](long long& acc) { if (probe) { const long long c = clock64(); acc += c - pc; pc = c; } };)
   for (int item = 0, it = 0;; ++item) {
+    DMS_PP(if (probe) pc = clock64();)
     mbar_wait(q_full, (uint32_t)item & 1u);
+    DMS_PP(ptick(pq);)
     const TileCtx* const ctx = ctxs + (item & 1);
     const int ntiles = ctx->ntiles;
     if (ntiles == 0) break;
@@ -414,11 +437,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(k_empty(st));
       pack_p();
     }
+    DMS_PP(ptick(pfirst); ptiles += ntiles; ++pitems;)
 #pragma unroll 1
     for (int j = 1; j < ntiles; ++j) {
       const int st = (it + j) % kS, sp = (it + j - 1) % kSV;
+      DMS_PP(const long long pw0 = probe ? clock64() : 0;)
       mbar_wait(k_full(st), (uint32_t)((it + j) / kS) & 1u);
       mbar_wait(v_full(sp), (uint32_t)((it + j - 1) / kSV) & 1u);
+      DMS_PP(if (probe) pwait += clock64() - pw0;)
       fence_proxy_async();
       turn_wait();
       gemm_s(st);
@@ -444,6 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       pack_p();
       rescale_o(alpha);
     }
+    DMS_PP(ptick(ploop);)
     {
       const int sp = (it + ntiles - 1) % kSV;
       mbar_wait(v_full(sp), (uint32_t)((it + ntiles - 1) / kSV) & 1u);
@@ -453,6 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_regs(o);
       mbar_arrive(v_empty(sp));
     }
+    DMS_PP(ptick(plast);)
     it += ntiles;
 
     // Epilogue: O / l straight from the accumulators (the Q tile may already hold the next
@@ -476,7 +504,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    DMS_PP(ptick(pepi);)
   }
+  DMS_PP(if (probe && blockIdx.x < kProbeCtas) {
+    unsigned long long gt1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt1));
+    long long* r = g_prefill_probe[blockIdx.x * 2 + cw];
+    r[0] = (long long)(gt1 - gt0); r[1] = clock64() - pstart; r[2] = ptiles; r[3] = pq; r[4] = pfirst;
+    r[5] = ploop; r[6] = pwait; r[7] = plast; r[8] = pepi; r[9] = pitems;
+  })
 #endif
 }
 
@@ -666,6 +702,17 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
       p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v, tm_ck, tm_cv,
       tm_kc, tm_vc, cbox);
   DMS_LAUNCH_CHECK();
+  DMS_PP(if (debug_bits() & kDebugProbe) {
+    static long long host[2 * kProbeCtas][kProbeFields];
+    DMS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    DMS_CUDA_CHECK(cudaMemcpyFromSymbol(host, g_prefill_probe, sizeof(host)));
+    for (long long c = 0; c < std::min<long long>(grid, kProbeCtas) * 2; ++c) {
+      const long long* r = host[c];
+      std::printf("PPROBE cta %lld wg %lld ns %lld cyc %lld tiles %lld q %lld first %lld loop %lld wait %lld "
+                  "last %lld epi %lld items %lld\n", c / 2, c % 2, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]);
+    }
+    std::fflush(stdout);
+  })
   return Status::kSuccess;
 }
 
