@@ -71,7 +71,8 @@ constexpr int kThreads = 384;
 // Timeline probe (tuning builds only: DMS_NVCC_EXTRA="-DDMS_PREFILL_PROBE", bench/prefill_probe.py):
 // with DMS_PREFILL_V2_DEBUG bit 4 (16), lane 0 of each consumer warpgroup's first warp sums clock64
 // cycles per phase of its work items (waiting for Q, tile 0, the steady loop and the mbarrier
-// waits inside it, the last P V, the epilogue) and prints one line per warpgroup at the end.
+// waits inside it, the last P V, the epilogue) into g_prefill_probe; launch() prints one PPROBE
+// line per warpgroup after the kernel.
 [[maybe_unused]] constexpr int kDebugProbe = 16;
 #ifdef DMS_PREFILL_PROBE
 #include <cstdio>
