@@ -6,7 +6,9 @@ With DMS_PREFILL_V2_DEBUG=16 every v2 launch then prints one PPROBE line per (CT
 warpgroup) after it ends: the clock64 cycles lane 0 of the warpgroup's first warp spent per phase of
 its work items (q: waiting for the item's Q; first: tile 0, its S and softmax with no GEMM to
 overlap; loop: the steady tiles, of which wait: the K / V mbarrier waits; last: the last P V;
-epi: the epilogue's stores), its tiles and items, and the globaltimer span. This script runs
+epi: the epilogue's stores), its tiles and items, and the globaltimer span; and one PPROD line per CTA, the producer's thread 0:
+cycles working items out (make), waiting for the consumers' release of Q (qe), issuing Q (q), and
+waiting for free K / V stages (ke, ve). This script runs
 bench_prefill.py's fresh-prompt rows under that setting, keeps the last launch of each row and
 prints, per row, the kernel span and the phases per work item and per steady tile (microseconds
 at the clock the probe measured: cycles / ns of the same warpgroups).
@@ -24,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"PPROBE cta (\d+) wg (\d+) ns (\d+) cyc (\d+) tiles (\d+) q (\d+) first (\d+) loop (\d+) "
                   r"wait (\d+) last (\d+) epi (\d+) items (\d+)")
 FIELDS = ("cta", "wg", "ns", "cyc", "tiles", "q", "first", "loop", "wait", "last", "epi", "items")
+PROD = re.compile(r"PPROD cta (\d+) cyc (\d+) make (\d+) qe (\d+) q (\d+) ke (\d+) ve (\d+)")
+PROD_FIELDS = ("cta", "cyc", "make", "qe", "q", "ke", "ve")
 
 
 def last_launch(text: str) -> list:
@@ -36,6 +40,30 @@ def last_launch(text: str) -> list:
         if launches:
             launches[-1].append(r)
     return launches[-1] if launches else []
+
+
+def last_producers(text: str) -> list:
+    """The PPROD records (one per CTA, the producer's thread 0) of the last launch in text."""
+    launches = []
+    for m in PROD.finditer(text):
+        r = dict(zip(PROD_FIELDS, (int(x) for x in m.groups())))
+        if r["cta"] == 0:
+            launches.append([])
+        if launches:
+            launches[-1].append(r)
+    return launches[-1] if launches else []
+
+
+def summarize_producers(prods: list, recs: list, ghz: float) -> dict:
+    """Per work item (the CTA's items: its first consumer warpgroup's) and per key tile, in us."""
+    items = {r["cta"]: r["items"] for r in recs if r["wg"] == 0}
+    tiles = {r["cta"]: r["tiles"] for r in recs if r["wg"] == 0}
+    n_items = sum(items.get(p["cta"], 0) for p in prods)
+    n_tiles = sum(tiles.get(p["cta"], 0) for p in prods)
+    us = lambda k: sum(p[k] for p in prods) / ghz / 1e3  # noqa: E731
+    return {"make_per_item": us("make") / max(1, n_items), "qe_per_item": us("qe") / max(1, n_items),
+            "q_per_item": us("q") / max(1, n_items), "ke_per_tile": us("ke") / max(1, n_tiles),
+            "ve_per_tile": us("ve") / max(1, n_tiles)}
 
 
 def summarize(recs: list) -> dict:
@@ -62,8 +90,9 @@ def main():
     a = ap.parse_args()
     env = dict(os.environ, DMS_PREFILL_V2_DEBUG="16")
     print("| N | CR | span us | GHz | items / wg | tiles / item | steady tile us | of it K/V wait us "
-          "| per item: q / first / last / epi us | item overhead in steady tiles |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| per item: q / first / last / epi us | item overhead in steady tiles "
+          "| producer per item: make / Q-release wait / Q issue us | producer per tile: K / V stage wait us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in a.lens:
         for cr in a.crs:
             with tempfile.TemporaryDirectory() as tmp:
@@ -76,10 +105,14 @@ def main():
                       f"{out.stderr.strip().splitlines()[-1:] if out.stderr.strip() else ''}) |")
                 continue
             s = summarize(recs)
+            prods = last_producers(out.stdout)
+            pr = summarize_producers(prods, recs, s["ghz"]) if prods else None
+            prod = (f"{pr['make_per_item']:.2f} / {pr['qe_per_item']:.2f} / {pr['q_per_item']:.2f} | "
+                    f"{pr['ke_per_tile']:.3f} / {pr['ve_per_tile']:.3f}") if pr else "- | -"
             print(f"| {n} | {cr:g} | {s['span_us']:.0f} | {s['ghz']:.2f} | {s['items_per_wg']:.1f} | "
                   f"{s['tiles_per_item']:.1f} | {s['loop_per_tile']:.3f} | {s['wait_per_tile']:.3f} | "
                   f"{s['q_per_item']:.2f} / {s['first_per_item']:.2f} / {s['last_per_item']:.2f} / "
-                  f"{s['epi_per_item']:.2f} | {s['item_overhead'] / s['loop_per_tile']:.2f} |", flush=True)
+                  f"{s['epi_per_item']:.2f} | {s['item_overhead'] / s['loop_per_tile']:.2f} | {prod} |", flush=True)
 
 
 if __name__ == "__main__":

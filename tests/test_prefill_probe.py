@@ -35,3 +35,17 @@ def test_summary_figures():
     assert s["loop_per_tile"] == pytest.approx(0.1)
     assert s["q_per_item"] == pytest.approx(0.025)
     assert s["item_overhead"] == pytest.approx((200 + 400 + 100 + 80) / 2000 / 4)
+
+
+def test_producer_figures_per_item_and_tile():
+    recs = pp.last_launch("\n".join([line(0, 0, items=4, tiles=40), line(0, 1, items=4, tiles=40)]))
+    prods = pp.last_producers("PPROD cta 0 cyc 9 make 8000 qe 4000 q 2000 ke 40000 ve 20000\n"
+                              "PPROD cta 0 cyc 9 make 800 qe 400 q 200 ke 4000 ve 2000")
+    assert len(prods) == 1 and prods[0]["make"] == 800  # the last launch's
+    # At 2 GHz: 800 cycles over the CTA's 4 items = 0.1 us; 4000 cycles over its 40 tiles = 0.05 us.
+    f = pp.summarize_producers(prods, recs, 2.0)
+    assert f["make_per_item"] == pytest.approx(0.1)
+    assert f["qe_per_item"] == pytest.approx(0.05)
+    assert f["q_per_item"] == pytest.approx(0.025)
+    assert f["ke_per_tile"] == pytest.approx(0.05)
+    assert f["ve_per_tile"] == pytest.approx(0.025)

@@ -81,6 +81,11 @@ constexpr int kThreads = 384;
 // kernel (no device printf: a call would serialize every wgmma), printed by launch() after it.
 constexpr int kProbeCtas = 1024, kProbeFields = 10;
 __device__ long long g_prefill_probe[2 * kProbeCtas][kProbeFields];
+// Per CTA, the producer's thread 0: cycles in all, working items out (make_tile), waiting for the
+// consumers' release of Q, issuing Q, waiting for free K stages, waiting for free V stages. (The
+// probe build spills a few producer registers at D 64 / 128: its producer times run a bit slow.)
+constexpr int kProdFields = 6;
+__device__ long long g_prefill_probe_prod[kProbeCtas][kProdFields];
 #else
 #define DMS_PP(...)
 #endif
@@ -180,6 +185,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the item's TileCtx, load Q, then the K / V tiles (stage / parity from a counter that runs
     // on across items). A TileCtx with ntiles 0 tells the consumers to stop.
     reg_dealloc<kProducerRegs>();
+    DMS_PP(const bool pprobe = (debug & kDebugProbe) && t == 0;
+           long long pp_make = 0, pp_qe = 0, pp_q = 0, pp_ke = 0, pp_ve = 0; const long long pp0 = clock64();)
     const T* q = static_cast<const T*>(p.q);
     // The cached rows in T: the pools themselves, or (F8) their dequantized copies.
     const T* kc = static_cast<const T*>(F8 ? ws.kpre : p.kv.k_cache);
@@ -200,12 +207,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       // fit the producer's 56).
       TileCtx& x = ctxp[cand++ & 1];
       if (t == 0) {
+        DMS_PP(const long long c0 = clock64();)
         if (make_tile<kBlockM, kBlockN>(p, ws, num_slots - 1 - w / H, g, x, tma != 0)) x.g = g;
         else x.ntiles = -1;
+        DMS_PP(if (pprobe) pp_make += clock64() - c0;)
       }
       named_sync(5, 128);
       if (x.ntiles < 0) continue;
+      DMS_PP(long long pc0 = clock64();)
       mbar_wait(q_empty, ((uint32_t)item & 1u) ^ 1u);
+      DMS_PP(if (pprobe) { const long long c = clock64(); pp_qe += c - pc0; pc0 = c; })
       if (t == 0) ctxs[item & 1] = x;
       // Q rows: row = token * G + head; rows past the chunk are zero-filled and never stored.
 #pragma unroll 4
@@ -222,6 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         dev::cp_async16(sQ + tile_off<kBlockM>(row, c16), gp, valid);
       }
       mbar_copies_arrive(q_full);
+      DMS_PP(if (pprobe) pp_q += clock64() - pc0;)
 
       // K runs one tile ahead of V (FA3's order): K(j + 1) needs only the K stage of tile
       // j + 1 - kS, so it is in flight while the consumers still wait for V(j).
@@ -285,7 +297,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         resolve_key<kBlockN>(p, ws, x, g, tile, t % kBlockN, mrow, ma, mb);
         const bool vis = mrow >= 0 && ma <= x.i0 && mb >= x.i1 - 1;
         const bool all_vis = __all_sync(0xffffffffu, vis);
+        DMS_PP(const long long kc0 = pprobe ? clock64() : 0;)
         mbar_wait(k_empty(s), ((uint32_t)((it + tile) / kS) & 1u) ^ 1u);
+        DMS_PP(if (pprobe) pp_ke += clock64() - kc0;)
         if (t < kBlockN) meta[s * kBlockN + t] = make_int2(ma, mb);
         if (lane == 0) fullf[s * 4 + warp] = all_vis ? 1 : 0;
         if (by_tma(tile)) {
@@ -300,7 +314,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       auto load_v = [&](int tile, int mrow) {
         const int s = (it + tile) % kSV;
+        DMS_PP(const long long vc0 = pprobe ? clock64() : 0;)
         mbar_wait(v_empty(s), ((uint32_t)((it + tile) / kSV) & 1u) ^ 1u);
+        DMS_PP(if (pprobe) pp_ve += clock64() - vc0;)
         if (by_tma(tile)) {
           tma_tile(sV(s), tile >= x.end_kept ? &tm_v : &tm_cv, v_full(s), tile);
         } else if (cached_by_tma(tile, mrow)) {
@@ -322,6 +338,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(q_empty, ((uint32_t)item & 1u) ^ 1u);
     if (t == 0) ctxs[item & 1].ntiles = 0;
     mbar_arrive(q_full);
+    DMS_PP(if (pprobe && blockIdx.x < kProbeCtas) {
+      long long* r = g_prefill_probe_prod[blockIdx.x];
+      r[0] = clock64() - pp0; r[1] = pp_make; r[2] = pp_qe; r[3] = pp_q; r[4] = pp_ke; r[5] = pp_ve;
+    })
     // Keep the CTA alive until the copies have landed (the consumers wait on them anyway).
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
@@ -712,6 +732,11 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
       std::printf("PPROBE cta %lld wg %lld ns %lld cyc %lld tiles %lld q %lld first %lld loop %lld wait %lld "
                   "last %lld epi %lld items %lld\n", c / 2, c % 2, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]);
     }
+    static long long prod[kProbeCtas][kProdFields];
+    DMS_CUDA_CHECK(cudaMemcpyFromSymbol(prod, g_prefill_probe_prod, sizeof(prod)));
+    for (long long c = 0; c < std::min<long long>(grid, kProbeCtas); ++c)
+      std::printf("PPROD cta %lld cyc %lld make %lld qe %lld q %lld ke %lld ve %lld\n", c, prod[c][0], prod[c][1],
+                  prod[c][2], prod[c][3], prod[c][4], prod[c][5]);
     std::fflush(stdout);
   })
   return Status::kSuccess;
