@@ -30,28 +30,27 @@ PROD = re.compile(r"PPROD cta (\d+) cyc (\d+) make (\d+) qe (\d+) q (\d+) ke (\d
 PROD_FIELDS = ("cta", "cyc", "make", "qe", "q", "ke", "ve")
 
 
-def last_launch(text: str) -> list:
-    """The PPROBE records of the last launch in text (a launch starts at cta 0 wg 0)."""
+def _last_records(pattern, fields, text: str) -> list:
+    """The records `pattern` matches in text (dicts of fields), of the last launch only: a launch
+    starts at its record of CTA 0 (PPROBE: warpgroup 0)."""
     launches = []
-    for m in LINE.finditer(text):
-        r = dict(zip(FIELDS, (int(x) for x in m.groups())))
-        if r["cta"] == 0 and r["wg"] == 0:
+    for m in pattern.finditer(text):
+        r = dict(zip(fields, (int(x) for x in m.groups())))
+        if r["cta"] == 0 and r.get("wg", 0) == 0:
             launches.append([])
         if launches:
             launches[-1].append(r)
     return launches[-1] if launches else []
+
+
+def last_launch(text: str) -> list:
+    """The PPROBE records (one per consumer warpgroup) of the last launch in text."""
+    return _last_records(LINE, FIELDS, text)
 
 
 def last_producers(text: str) -> list:
     """The PPROD records (one per CTA, the producer's thread 0) of the last launch in text."""
-    launches = []
-    for m in PROD.finditer(text):
-        r = dict(zip(PROD_FIELDS, (int(x) for x in m.groups())))
-        if r["cta"] == 0:
-            launches.append([])
-        if launches:
-            launches[-1].append(r)
-    return launches[-1] if launches else []
+    return _last_records(PROD, PROD_FIELDS, text)
 
 
 def summarize_producers(prods: list, recs: list, ghz: float) -> dict:
