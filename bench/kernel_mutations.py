@@ -68,6 +68,16 @@ MUTATIONS = [
              "return (warp % kParts) * kChunks + lane % kLanesPerKey + ci * kLanesPerKey;",
              ("tests/test_prefill.py",), "prefill D 256 gathers: both producer warps of a key's row copy "
              "the same half of it (the other half stays what the stage held)", k="256"),
+    Mutation("q_step_carry", "csrc/kernels/sparse_prefill_sm90.cu",
+             "            gp += carry;\n",
+             "",
+             ("tests/test_prefill.py",), "prefill v2's Q loads: a row whose head wraps past the group's last "
+             "keeps the previous token (the stepped pointer misses its carry)"),
+    Mutation("out_second_row_head", "csrc/kernels/sparse_prefill_sm90.cu",
+             "qh[1] = qh[0] + 8 % G;",
+             "qh[1] = qh[0] + 8 / G;",
+             ("tests/test_prefill.py",), "prefill v2's epilogue: a thread's second row (R + 8) is stored at "
+             "the wrong head of its token"),
 ]
 
 

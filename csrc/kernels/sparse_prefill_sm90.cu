@@ -1,8 +1,8 @@
 // sparse_prefill v2: warp-specialized wgmma kernel for Hopper (sm_90a). Same op, same DMS rule
 // and same key segments as sparse_prefill.cu (see prefill_sm90/scheduler.cuh); the launcher of
 // sparse_prefill.cu dispatches here after its prepare_kernel (sm_90 device, bf16 / fp16, head_dim
-// 64 / 128 (pools of q's dtype or fp8 e4m3) or 256 (pools of q's dtype: 64-key tiles, two
-// producer threads per key); DMS_PREFILL_V2=0 forces the old kernel).
+// 64 / 128 / 256 (pools of q's dtype or fp8 e4m3; 64-key tiles at 256, two producer threads
+// per key); DMS_PREFILL_V2=0 forces the old kernel).
 //
 // Work items are (query tile of kBlockM = 128 (token, head) rows, kv head); a CTA of 3
 // warpgroups (384 threads) walks items blockIdx.x, then snake order over rounds of gridDim.x
@@ -219,18 +219,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       DMS_PP(if (pprobe) { const long long c = clock64(); pp_qe += c - pc0; pc0 = c; })
       if (t == 0) ctxs[item & 1] = x;
       // Q rows: row = token * G + head; rows past the chunk are zero-filled and never stored.
+      // This thread copies chunk c16 of rows row0, row0 + kQStep, ...: their (token, head) =
+      // (i, hh) come from one division and then step by (kQStep / G, kQStep % G) with a carry
+      // (a division per row cost ~77 instructions, 16 rows per item at D 128, on the SM's
+      // MUFU pipe the consumers' exponentials use: the probe measured 4.3 us per item waiting
+      // for Q, prefill_probe_2026-12-01.md).
+      {
+        constexpr int kQStep = 128 / kChunks;
+        const int row0 = t / kChunks, c16 = t % kChunks;
+        const long long R0 = x.r0 + row0;
+        const int i0 = (int)(R0 / G);
+        int hh = (int)(R0 - (long long)i0 * G);
+        const int dh = kQStep % G;
+        // q row (token start + i, head g G + hh); a step moves it by (kQStep / G) tokens and dh
+        // heads, a carry by one more token and G heads back.
+        const T* gp = q + ((long long)(x.start + i0) * Hq + (long long)g * G + hh) * D + c16 * 8;
+        const long long step = ((long long)(kQStep / G) * Hq + dh) * D, carry = (long long)(Hq - G) * D;
+        const long long left = x.rows_total - x.r0;
+        const int valid_rows = left < kBlockM ? (int)left : kBlockM;
 #pragma unroll 4
-      for (int i8 = 0; i8 < kBlockM * kChunks / 128; ++i8) {
-        const int e = t + i8 * 128;
-        const int row = e / kChunks, c16 = e % kChunks;
-        const long long R = x.r0 + row;
-        const bool valid = R < x.rows_total;
-        const T* gp = q;
-        if (valid) {
-          const int i = (int)(R / G), hh = (int)(R % G);
-          gp = q + ((long long)(x.start + i) * Hq + (long long)g * G + hh) * D + c16 * 8;
+        for (int i8 = 0; i8 < kBlockM * kChunks / 128; ++i8) {
+          const int row = row0 + i8 * kQStep;
+          const bool valid = row < valid_rows;
+          dev::cp_async16(sQ + tile_off<kBlockM>(row, c16), valid ? gp : q, valid);
+          gp += step;
+          hh += dh;
+          if (hh >= G) {
+            hh -= G;
+            gp += carry;
+          }
         }
-        dev::cp_async16(sQ + tile_off<kBlockM>(row, c16), gp, valid);
       }
       mbar_copies_arrive(q_full);
       DMS_PP(if (pprobe) pp_q += clock64() - pc0;)
@@ -429,11 +447,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     const long long r0 = ctx->r0, rows_total = ctx->rows_total;
     const int o_start = ctx->start, g = ctx->g;
     const int ef = F8 ? ctx->end_flagged : 0;  // F8: tiles [0, ef) come from the fp8 pool
-    int qi[2];
+    // This thread's rows R and R + 8: token qi (-1 past the chunk) and head qh, one division.
+    int qi[2], qh[2];
+    {
+      const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2);
+      qi[0] = (int)(R / G);
+      qh[0] = (int)(R - (long long)qi[0] * G);
+      qi[1] = qi[0] + 8 / G;
+      qh[1] = qh[0] + 8 % G;
+      if (qh[1] >= G) {
+        qh[1] -= G;
+        ++qi[1];
+      }
 #pragma unroll
-    for (int rs = 0; rs < 2; ++rs) {
-      const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2) + rs * 8;
-      qi[rs] = R < rows_total ? (int)(R / G) : -1;
+      for (int rs = 0; rs < 2; ++rs)
+        if (R + rs * 8 >= rows_total) qi[rs] = -1;
     }
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -512,17 +540,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       inv[0] *= p.kv.v_scale;
       inv[1] *= p.kv.v_scale;
     }
+    // Lane q of a quad holds columns 8c + 2q, 8c + 2q + 1 of every 8-column block c. Lanes q and
+    // q ^ 1 swap one pair per two blocks, so that each holds 4 consecutive columns: the even
+    // lane 8c + 2q .. + 3 of block c, the odd one 8(c + 1) + 2(q - 1) .. + 3 of block c + 1; one
+    // 8-byte store each, half the store instructions of 4-byte ones (the probe measured 1.3 us
+    // per item in this epilogue, prefill_probe_2026-12-01.md). Every lane takes part in the
+    // shuffles; rows past the chunk store nothing (both lanes of a pair hold the same row).
+    // (D 256 keeps 4-byte stores: the shuffled form made ptxas spill more of its 128-register O.)
+    const bool odd = (lane & 1) != 0;
 #pragma unroll
     for (int rs = 0; rs < 2; ++rs) {
       const long long R = r0 + cw * 64 + warp * 16 + (lane >> 2) + rs * 8;
-      if (R < rows_total) {
-        const int i = (int)(R / G), hh = (int)(R % G);
-        T* const orow = out + ((long long)(o_start + i) * Hq + (long long)g * G + hh) * D + (lane & 3) * 2;
+      const bool row_ok = R < rows_total;
+      if constexpr (D > 128) {
+        if (row_ok) {
+          T* const orow = out + ((long long)(o_start + qi[rs]) * Hq + (long long)g * G + qh[rs]) * D + (lane & 3) * 2;
 #pragma unroll
-        for (int c = 0; c < D / 8; ++c) {
-          const uint32_t v = dev::pack2<T>(o[4 * c + 2 * rs] * inv[rs], o[4 * c + 2 * rs + 1] * inv[rs]);
-          *reinterpret_cast<uint32_t*>(orow + c * 8) = v;
+          for (int c = 0; c < D / 8; ++c)
+            *reinterpret_cast<uint32_t*>(orow + c * 8) =
+                dev::pack2<T>(o[4 * c + 2 * rs] * inv[rs], o[4 * c + 2 * rs + 1] * inv[rs]);
         }
+        continue;
+      }
+      T* const orow = out + (row_ok ? ((long long)(o_start + qi[rs]) * Hq + (long long)g * G + qh[rs]) * D : 0);
+#pragma unroll
+      for (int c = 0; c < D / 8; c += 2) {
+        const uint32_t v0 = dev::pack2<T>(o[4 * c + 2 * rs] * inv[rs], o[4 * c + 2 * rs + 1] * inv[rs]);
+        const uint32_t v1 = dev::pack2<T>(o[4 * c + 4 + 2 * rs] * inv[rs], o[4 * c + 4 + 2 * rs + 1] * inv[rs]);
+        const uint32_t recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 1);
+        const int col = odd ? 8 * c + 8 + 2 * ((lane & 3) - 1) : 8 * c + 2 * (lane & 3);
+        if (row_ok) *reinterpret_cast<uint2*>(orow + col) = odd ? make_uint2(recv, v1) : make_uint2(v0, recv);
       }
     }
     DMS_PP(ptick(pepi);)
@@ -802,10 +849,8 @@ bool prefill_v2_supported(const SparsePrefillParams& p) {
   const DType act = compute_dtype(p.kv, p.act_dtype);
   if (act != DType::kBFloat16 && act != DType::kFloat16) return false;
   if (p.kv.dtype != act && !is_fp8(p.kv.dtype)) return false;
-  // D 64 / 128 / 256 (64-key tiles at D 256); fp8 pools at D 64 / 128 only (D 256 fp8: the
-  // mma.sync kernel, which converts in shared memory).
+  // D 64 / 128 / 256 (64-key tiles at D 256), any of these pools.
   if (p.kv.head_dim != 64 && p.kv.head_dim != 128 && p.kv.head_dim != 256) return false;
-  if (p.kv.head_dim == 256 && is_fp8(p.kv.dtype)) return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -844,9 +889,11 @@ Status sparse_prefill_v2(const SparsePrefillParams& p, const PrefillWs& ws, cuda
     if (act == DType::kBFloat16) {
       if (p.kv.head_dim == 128) return launch<__nv_bfloat16, 128, k_stages_deep<128>(), true>(p, ws, stream);
       if (p.kv.head_dim == 64) return launch<__nv_bfloat16, 64, stages<64>(), true>(p, ws, stream);
+      if (p.kv.head_dim == 256) return launch<__nv_bfloat16, 256, stages<256>(), true>(p, ws, stream);
     } else if (act == DType::kFloat16) {
       if (p.kv.head_dim == 128) return launch<__half, 128, k_stages_deep<128>(), true>(p, ws, stream);
       if (p.kv.head_dim == 64) return launch<__half, 64, stages<64>(), true>(p, ws, stream);
+      if (p.kv.head_dim == 256) return launch<__half, 256, stages<256>(), true>(p, ws, stream);
     }
     return Status::kUnsupported;
   }
