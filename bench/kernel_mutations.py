@@ -78,6 +78,11 @@ MUTATIONS = [
              "qh[1] = qh[0] + 8 / G;",
              ("tests/test_prefill.py",), "prefill v2's epilogue: a thread's second row (R + 8) is stored at "
              "the wrong head of its token"),
+    Mutation("kept_before_band", "csrc/kernels/prefill_sm90/scheduler.cuh",
+             "kept_before(ws, g, start, c, band_start)",
+             "kept_before(ws, g, start, c, band_start - 1)",
+             ("tests/test_prefill.py",), "prefill v2's work item counts the kept keys before the band one "
+             "key short (the last kept key before the band is never seen)"),
 ]
 
 

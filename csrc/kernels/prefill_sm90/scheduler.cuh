@@ -39,33 +39,42 @@ __device__ __forceinline__ int kept_before(const PrefillWs& ws, int g, int start
 }
 
 // Fills x for CTA slot `bx` (already counted down) of kv head g; false: nothing to do.
+// make_tile sits between a work item's last key loads and the next item's Q (the producer's thread
+// 0; 2.4 us per item in the probe, prefill_probe_2026-12-01.md): its global loads are issued in three
+// dependent rounds (the chunk of the slot; the chunk's bounds and row; the row's counts, the
+// chunk's flagged count and both kept-key prefix counts), each predicated on what makes its address valid, and
+// the checks come after them, not between (a return between two loads serializes them).
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const PrefillWs& ws,
                                           long long b, int g, TileCtx& x, bool merge) {
   const int H = p.kv.num_kv_heads, G = p.num_q_heads / H, w = p.state.window;
   const int c = prefill_slots::chunk_of_slot(p, b, G, kBlockM);
   if (c < 0) return false;
+  // Round 2: the chunk's bounds and row.
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1];
   const int r = p.rows[c];
-  if (start < 0 || end < start || end > p.total_tokens || r < 0 || r >= p.state.max_seqs) return false;
+  const bool chunk_ok = start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs;
   const int L = end - start;
   const long long rows_total = (long long)L * G;
-  const long long r0 = (b - prefill_slots::slot_start(p, c, G, kBlockM)) * kBlockM;
-  if (r0 >= rows_total) return false;
-
-  const int n = p.state.num_tokens[r];
-  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
-  const int seq_len = (int)min((long long)max(p.state.pages.seq_lens[(long long)r * H + g], 0), cap);
+  const long long r0 = ((long long)b - ((long long)start * G / kBlockM + c)) * kBlockM;  // slot_start
+  const bool ok = chunk_ok && r0 < rows_total;
   const int i0 = (int)(r0 / G);
   const int i1 = (int)min((long long)L, (r0 + kBlockM - 1) / G + 1);
-  const long long ch = (long long)c * H + g;
-  const int num_flagged = i0 < w ? ws.fcount[ch] : 0;
   // The band must cover [i0 - w, i1); it is stretched down to whole key tiles ending at i1
   // (the per-key rule holds for any j, so a longer band is still exact), and the kept list
   // stops where the band starts: one partial tile instead of two.
   const int band_len = i1 - max(0, i0 - w);
   int band_start = max(0, i1 - (band_len + kBlockN - 1) / kBlockN * kBlockN);
-  int num_kept = band_start > 0 ? kept_before(ws, g, start, c, band_start) : 0;
+  // Round 3: the row's counts, the chunk's flagged count, the kept keys before the band and in
+  // the whole chunk.
+  const long long cap = (long long)p.state.pages.max_blocks_per_head * p.kv.block_size;
+  const int n = ok ? p.state.num_tokens[r] : 0;
+  const int sl = ok ? p.state.pages.seq_lens[(long long)r * H + g] : 0;
+  const int num_flagged = ok && i0 < w ? ws.fcount[(long long)c * H + g] : 0;
+  int num_kept = ok && band_start > 0 ? kept_before(ws, g, start, c, band_start) : 0;
+  const int kept_all = ok && merge && ws.ck ? kept_before(ws, g, start, c, L) : 0;
+  if (!ok) return false;
+  const int seq_len = (int)min((long long)max(sl, 0), cap);
   // merge (the band is TMA-loaded): when (nearly) every chunk key before the band is kept, the
   // band starts at key 0 and the kept list is empty. Exact: for j < band_start <= i0 - w the
   // band's rule is "visible iff !d_j", the kept list's rule (kept = j < L - 1 && !d_j, and
@@ -84,8 +93,7 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   x.ntiles = x.end_kept + (i1 - band_start + kBlockN - 1) / kBlockN;
   x.i0 = i0; x.i1 = i1; x.r = r; x.c = c;
   x.kept_row = -1;
-  if (merge && ws.ck && num_kept > 0 &&
-      kept_compacted(kept_before(ws, g, start, c, L), L))
+  if (merge && ws.ck && num_kept > 0 && kept_compacted(kept_all, L))
     x.kept_row = start + kKeptPad * c;
   return true;
 }
