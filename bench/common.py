@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from source_digest import source_digest  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
 # H200: 60 MB of L2 (brief). Take the larger of this and what the driver reports, so
@@ -226,11 +229,13 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def commit_id() -> str:
     """The commit the numbers belong to: $GIT_COMMIT (the device copy of the tree has no .git;
     bench/gpu_round.sh users set it), else `git rev-parse --short HEAD`, with "+ local changes"
-    when the tracked files differ from it."""
+    when the tracked files differ from it; either way with the build sources' digest
+    (bench/source_digest.py), which a checkout can recompute."""
     env = os.environ.get("GIT_COMMIT")
-    if env:
-        return f"{env} (GIT_COMMIT; working tree of that commit)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = f"source digest {source_digest(root)}"
+    if env:
+        return f"{env} (GIT_COMMIT; working tree of that commit; {digest})"
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -238,7 +243,7 @@ def commit_id() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (head or "unknown") + (" + local changes" if dirty else "")
+    return (head or "unknown") + (" + local changes" if dirty else "") + f" ({digest})"
 
 
 def write_results(kind: str, title: str, body_md: str, results_dir: str = RESULTS_DIR,

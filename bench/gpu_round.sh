@@ -42,7 +42,9 @@
 # in place for sm_90a, runs the stages (each under `timeout`, continuing past failures) and
 # prints a summary table LAST. $OUT gets: summary.md, build.log, logs.tgz (every stage log),
 # bench/results/gpu_round_<UTC date>_<HHMM>.md (commit, per test file pass/fail/skip counts,
-# sanitizer verdicts; GIT_COMMIT=<id> names the commit where the tree has no .git) and the
+# sanitizer verdicts, the build sources' digest (bench/source_digest.py); GIT_COMMIT=<id> names the
+# commit where the tree has no .git or a stale one: give it literally, `$(git rev-parse HEAD)` inside
+# the device command runs on the device's copy) and the
 # bench/results/*.md this round wrote.
 # Env: OUT (default /tmp/dms_round), PYTHON (python3), ROUND_BUDGET_S (whole round, default 570:
 # the device runner stops a command at 600 s), STAGE_TIMEOUT_<stage> (seconds), PYTEST_ARGS,
@@ -305,7 +307,9 @@ SANITIZE_LINES=()  # "tool|verdict" for the gpu_round report
 stage_sanitize() {
   # Each tool gets an equal share of the stage's time; one summary row per tool.
   local to; to=$(stage_timeout sanitize 270)
-  local tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck memcheck-graph})
+  local st=${SANITIZE_TOOLS:-}
+  local tools=(${st//,/ })  # space- or comma-separated
+  [ ${#tools[@]} -gt 0 ] || tools=(memcheck racecheck initcheck synccheck memcheck-graph)
   local per=$(( (to - 5) / ${#tools[@]} ))
   run_cmd sanitize "$to" "$LOGS/sanitize.log" env SANITIZE_TIMEOUT_S=$per \
     SANITIZE_LOG_DIR="$LOGS/sanitize" PYTHON="$PY" bash bench/sanitize.sh "${tools[@]}"
@@ -437,6 +441,7 @@ if [ ${#TEST_LOGS[@]} -gt 0 ] || [ ${#SANITIZE_LINES[@]} -gt 0 ]; then
     echo "# GPU round $(date -u '+%Y-%m-%d %H:%M') UTC"
     echo
     echo "commit: $commit  "
+    echo "source digest: $($PY bench/source_digest.py 2>/dev/null || echo unknown) (bench/source_digest.py: recompute it on a checkout)  "
     echo "stages: ${STAGES[*]}; $(grep -E '^torch ' "$LOGS/env.log" | head -n 1)"
     if [ ${#TEST_LOGS[@]} -gt 0 ]; then
       echo; echo "| tests | passed | failed | errors | skipped | summary |"; echo "|---|---|---|---|---|---|"
