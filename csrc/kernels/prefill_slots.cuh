@@ -12,9 +12,13 @@
 namespace dms {
 namespace prefill_slots {
 
+// Chunk c's first slot from its first token `start` (cu[c]).
+__device__ __forceinline__ int64_t slot_start_at(int start, int c, int G, int rows) {
+  return (int64_t)start * G / rows + c;
+}
 // cu: the call's cu_seqlens, or a copy of it (e.g. in shared memory), num_seqs + 1 entries.
 __device__ __forceinline__ int64_t slot_start(const int32_t* cu, int c, int G, int rows) {
-  return (int64_t)cu[c] * G / rows + c;
+  return slot_start_at(cu[c], c, G, rows);
 }
 __device__ __forceinline__ int64_t slot_start(const SparsePrefillParams& p, int c, int G, int rows) {
   return slot_start(p.cu_seqlens, c, G, rows);

@@ -56,7 +56,7 @@ __device__ __forceinline__ bool make_tile(const SparsePrefillParams& p, const Pr
   const bool chunk_ok = start >= 0 && end >= start && end <= p.total_tokens && r >= 0 && r < p.state.max_seqs;
   const int L = end - start;
   const long long rows_total = (long long)L * G;
-  const long long r0 = ((long long)b - ((long long)start * G / kBlockM + c)) * kBlockM;  // slot_start
+  const long long r0 = (b - prefill_slots::slot_start_at(start, c, G, kBlockM)) * kBlockM;
   const bool ok = chunk_ok && r0 < rows_total;
   const int i0 = (int)(r0 / G);
   const int i1 = (int)min((long long)L, (r0 + kBlockM - 1) / G + 1);
