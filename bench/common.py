@@ -18,8 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from source_digest import source_digest  # noqa: E402
+from source_digest import source_digest  # bench/, on sys.path for every bench script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
@@ -232,14 +231,13 @@ def commit_id() -> str:
     when the tracked files differ from it; either way with the build sources' digest
     (bench/source_digest.py), which a checkout can recompute."""
     env = os.environ.get("GIT_COMMIT")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = f"source digest {source_digest(root)}"
+    digest = f"source digest {source_digest(REPO)}"
     if env:
         return f"{env} (GIT_COMMIT; working tree of that commit; {digest})"
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
