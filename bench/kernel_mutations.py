@@ -78,6 +78,11 @@ MUTATIONS = [
              "qh[1] = qh[0] + 8 / G;",
              ("tests/test_prefill.py",), "prefill v2's epilogue: a thread's second row (R + 8) is stored at "
              "the wrong head of its token"),
+    Mutation("prefill_pdl_wait", "csrc/kernels/sparse_prefill_sm90.cu",
+             "  dev::pdl_wait();  // the chain's previous kernel (prepare / dequant / compact) has finished\n",
+             "",
+             ("tests/test_prefill.py",), "prefill v2's attention kernel, launched programmatically, reads the "
+             "prepare kernel's counts (and the kept-key copies) without waiting for the kernels before it"),
     Mutation("kept_before_band", "csrc/kernels/prefill_sm90/scheduler.cuh",
              "kept_before(ws, g, start, c, band_start)",
              "kept_before(ws, g, start, c, band_start - 1)",
