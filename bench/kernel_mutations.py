@@ -34,6 +34,12 @@ class Mutation:
     tests: tuple    # test files run with -m cuda
     what: str
     k: str = ""     # a pytest -k expression (empty: every cuda case of the files)
+    # More (path, old, new) edits built with it: a stressor that widens a timing window so that a
+    # race the mutation opens shows on every run (each text also found exactly once).
+    also: tuple = ()
+
+    def edits(self) -> list:
+        return [(self.path, self.old, self.new), *self.also]
 
 
 MUTATIONS = [
@@ -78,6 +84,16 @@ MUTATIONS = [
              "qh[1] = qh[0] + 8 / G;",
              ("tests/test_prefill.py",), "prefill v2's epilogue: a thread's second row (R + 8) is stored at "
              "the wrong head of its token"),
+    Mutation("prefill_pdl_wait", "csrc/kernels/sparse_prefill_sm90.cu",
+             "  dev::pdl_wait();  // the chain's previous kernel (prepare / dequant / compact) has finished\n",
+             "",
+             ("tests/test_prefill.py",), "prefill v2's attention kernel, launched programmatically, reads the "
+             "prepare kernel's counts (and the kept-key copies) without waiting for the kernels before it "
+             "(prepare_kernel made ~200 us slow after its trigger: without that, the window is too short "
+             "for the tests to see, 313 passed at a7521df)",
+             also=(("csrc/kernels/sparse_prefill.cu", "  dev::pdl_launch_dependents();\n  const int c = blockIdx.x",
+                    "  dev::pdl_launch_dependents();\n  for (int i = 0; i < 20; ++i) __nanosleep(10000);\n"
+                    "  const int c = blockIdx.x"),)),
     Mutation("kept_before_band", "csrc/kernels/prefill_sm90/scheduler.cuh",
              "kept_before(ws, g, start, c, band_start)",
              "kept_before(ws, g, start, c, band_start - 1)",
@@ -90,10 +106,11 @@ def check_sources(root: str = ROOT) -> list:
     """(mutation, count of its text in the file) for every mutation whose text is not found exactly once."""
     bad = []
     for m in MUTATIONS:
-        with open(os.path.join(root, m.path)) as f:
-            n = f.read().count(m.old)
-        if n != 1:
-            bad.append((m.name, n))
+        for path, old, _ in m.edits():
+            with open(os.path.join(root, path)) as f:
+                n = f.read().count(old)
+            if n != 1:
+                bad.append((m.name, n))
     return bad
 
 
@@ -108,13 +125,21 @@ def build(log: str) -> int:
 
 def run(m: Mutation) -> tuple:
     """(caught, failed count, summary line)."""
-    path = os.path.join(ROOT, m.path)
-    with open(path) as f:
-        src = f.read()
-    assert src.count(m.old) == 1, f"{m.name}: its line is not found exactly once in {m.path}"
+    srcs = {}
+    for rel, old, _ in m.edits():
+        path = os.path.join(ROOT, rel)
+        if path not in srcs:
+            with open(path) as f:
+                srcs[path] = f.read()
+        assert srcs[path].count(old) == 1, f"{m.name}: its line is not found exactly once in {rel}"
     try:
-        with open(path, "w") as f:
-            f.write(src.replace(m.old, m.new))
+        mutated = dict(srcs)
+        for rel, old, new in m.edits():
+            path = os.path.join(ROOT, rel)
+            mutated[path] = mutated[path].replace(old, new)
+        for path, text in mutated.items():
+            with open(path, "w") as f:
+                f.write(text)
         t = time.time()
         rc = build(f"/tmp/kmut_build_{m.name}.log")
         if rc != 0:
@@ -128,9 +153,10 @@ def run(m: Mutation) -> tuple:
         failed = int(hit.group(1)) if hit else 0
         return p.returncode != 0 and failed > 0, failed, f"{last} ({time.time() - t:.0f} s)"
     finally:
-        with open(path, "w") as f:
-            f.write(src)
-        os.utime(path)
+        for path, text in srcs.items():
+            with open(path, "w") as f:
+                f.write(text)
+            os.utime(path)
 
 
 def main() -> int:

@@ -17,6 +17,8 @@ def test_each_mutation_changes_its_line_and_names_existing_tests():
     root = km.ROOT
     for m in km.MUTATIONS:
         assert m.old != m.new, m.name
+        for path, old, new in m.also:
+            assert old != new and os.path.exists(os.path.join(root, path)), (m.name, path)
         for t in m.tests:
             assert os.path.exists(os.path.join(root, t)), (m.name, t)
     assert len({m.name for m in km.MUTATIONS}) == len(km.MUTATIONS)
@@ -26,3 +28,11 @@ def test_check_sources_reports_a_missing_line(monkeypatch):
     gone = km.Mutation("gone", km.MUTATIONS[0].path, "this text is in no kernel", "x", ("tests/test_decode.py",), "-")
     monkeypatch.setattr(km, "MUTATIONS", [*km.MUTATIONS, gone])
     assert km.check_sources() == [("gone", 0)]
+
+
+def test_check_sources_reports_a_missing_second_edit(monkeypatch):
+    m0 = km.MUTATIONS[0]
+    two = km.Mutation("two", m0.path, m0.old, m0.new, m0.tests, "-",
+                      also=((m0.path, "this text is in no kernel", "x"),))
+    monkeypatch.setattr(km, "MUTATIONS", [*km.MUTATIONS, two])
+    assert km.check_sources() == [("two", 0)]

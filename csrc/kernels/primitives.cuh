@@ -281,9 +281,16 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4
 // Programmatic dependent launch (sm_90): a kernel launched with launch_pdl may start while the
 // previous kernel on the stream still runs; pdl_wait() blocks until that kernel has finished and
 // its memory is visible, pdl_launch_dependents() lets the next kernel start launching early.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// Both are no-ops below sm_90 (no programmatic launch there).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 // A launch with one launch attribute (launch_pdl, launch_cluster).
 template <typename... KArgs, typename... Args>

@@ -140,6 +140,10 @@ __device__ __forceinline__ bool prep_kept(const SparsePrefillParams& p, int star
 // keys before it itself (independent loads, one CTA reduction); segment 0 also lists the
 // flagged ring slots.
 __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(const SparsePrefillParams p, WsPtrs ws) {
+  // The sm_90a chain after this kernel (dequant_pools, compact_kept, the attention kernel) is
+  // launched programmatically: those kernels may start launching now; each waits (pdl_wait)
+  // for its predecessor to finish before it touches global memory.
+  dev::pdl_launch_dependents();
   const int c = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
   const int H = p.kv.num_kv_heads, w = p.state.window;
   const long long ch = (long long)c * H + g;

@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  dev::pdl_wait();  // the chain's previous kernel (prepare / dequant / compact) has finished
 
   const int wg = tid / 128;
   const int t = tid % 128, warp = t / 32, lane = t % 32;
@@ -672,6 +673,8 @@ bool make_kv_map(CUtensorMap* m, const void* ptr, int H, long long total_tokens,
 template <typename T, int D>
 __global__ void __launch_bounds__(256) compact_kept_kernel(const SparsePrefillParams p, const PrefillWs ws,
                                                             const long long rows) {
+  dev::pdl_launch_dependents();  // the chain's next kernel may launch (it waits for this one)
+  dev::pdl_wait();               // prepare_kernel's counts / lists are written
   const int H = p.kv.num_kv_heads;
   const int c = blockIdx.x / H, g = blockIdx.x % H;
   const int start = p.cu_seqlens[c], end = p.cu_seqlens[c + 1], r = p.rows[c];
@@ -708,8 +711,8 @@ Status compact_kept(const SparsePrefillParams& p, const PrefillWs& ws, long long
   // About 4 pieces per thread for an average chunk, at most 64 CTAs along one (chunk, head).
   const long long per = ((long long)p.total_tokens / std::max(p.num_seqs, 1) + kKeptPad) * (D / 8);
   const int y = (int)std::min<long long>(64, std::max<long long>(1, (per + 1023) / 1024));
-  compact_kept_kernel<T, D><<<dim3((unsigned)x, (unsigned)y), 256, 0, stream>>>(p, ws, rows);
-  DMS_LAUNCH_CHECK();
+  DMS_CUDA_CHECK(dev::launch_pdl(compact_kept_kernel<T, D>, dim3((unsigned)x, (unsigned)y), dim3(256), 0, stream,
+                                 p, ws, rows));
   return Status::kSuccess;
 }
 
@@ -766,10 +769,11 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
         make_kv_map<T, D>(&tm_vc, vc, 1, rows, box, true))
       cbox = box;
   }
-  prefill_v2_kernel<T, D, KS, F8><<<(unsigned)grid, kThreads, bytes, stream>>>(
-      p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v, tm_ck, tm_cv,
-      tm_kc, tm_vc, cbox);
-  DMS_LAUNCH_CHECK();
+  // Launched programmatically after the chain's previous kernel: its CTAs set up their barriers
+  // while that kernel's last CTAs run, then wait for it (pdl_wait).
+  DMS_CUDA_CHECK(dev::launch_pdl(prefill_v2_kernel<T, D, KS, F8>, dim3((unsigned)grid), dim3(kThreads), bytes, stream,
+                                 p, w, (int)slots, pingpong_enabled() ? 1 : 0, debug_bits(), tma ? 1 : 0, tm_k, tm_v,
+                                 tm_ck, tm_cv, tm_kc, tm_vc, cbox));
   DMS_PP(if (debug_bits() & kDebugProbe) {
     static long long host[2 * kProbeCtas][kProbeFields];
     DMS_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -796,6 +800,8 @@ Status launch(const SparsePrefillParams& p, const PrefillWs& ws, cudaStream_t st
 template <typename T>
 __global__ void __launch_bounds__(256) dequant_pools_kernel(const SparsePrefillParams p, T* kpre, T* vpre,
                                                              bool compact) {
+  dev::pdl_launch_dependents();  // the chain's next kernel may launch (it waits for this one)
+  dev::pdl_wait();               // the previous kernel (prepare_kernel) has finished
   const int H = p.kv.num_kv_heads, bs = p.kv.block_size, D = p.kv.head_dim;
   const int c = blockIdx.x / H, g = blockIdx.x % H;
   const long long rg = (long long)p.rows[c] * H + g;
@@ -835,9 +841,8 @@ Status dequant_pools(const SparsePrefillParams& p, const PrefillWs& ws, cudaStre
   const int y = (int)std::min<long long>(64, std::max(1, p.state.pages.max_blocks_per_head));
   const long long x = (long long)p.num_seqs * p.kv.num_kv_heads;
   if (x > INT_MAX) return Status::kUnsupported;
-  dequant_pools_kernel<T><<<dim3((unsigned)x, (unsigned)y), 256, 0, stream>>>(
-      p, static_cast<T*>(ws.kpre), static_cast<T*>(ws.vpre), ws.pre_compact);
-  DMS_LAUNCH_CHECK();
+  DMS_CUDA_CHECK(dev::launch_pdl(dequant_pools_kernel<T>, dim3((unsigned)x, (unsigned)y), dim3(256), 0, stream, p,
+                                 static_cast<T*>(ws.kpre), static_cast<T*>(ws.vpre), ws.pre_compact));
   return Status::kSuccess;
 }
 
